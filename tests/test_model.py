@@ -1,0 +1,280 @@
+import math
+
+import pytest
+import torch
+
+from vlcluster.model import (
+    ARCHS,
+    ModelConfig,
+    MultiwayTransformer,
+    expand_to_experts,
+    experts_for,
+    load_into,
+    parse_layer_key,
+    preset,
+)
+
+B, L = 3, 10
+
+
+def tiny(arch: str, **kw) -> ModelConfig:
+    return preset("tiny", arch, **kw)
+
+
+def build(arch: str, seed: int = 0, **kw) -> MultiwayTransformer:
+    torch.manual_seed(seed)
+    return MultiwayTransformer(tiny(arch), **kw).eval()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    cfg = tiny("agnostic")
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 6:] = False  # one padded row exercises the key-padding mask
+    return images, ids, mask
+
+
+def layer_experts(model: MultiwayTransformer) -> dict[tuple[int, str], set[str]]:
+    out: dict[tuple[int, str], set[str]] = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("layers."):
+            parsed = parse_layer_key(name)
+            assert parsed is not None, name
+            out.setdefault(parsed[:2], set()).add(parsed[2])
+    return out
+
+
+# --- config ---------------------------------------------------------------
+
+
+def test_config_roundtrip_and_validation():
+    cfg = tiny("specific")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.with_arch("agnostic").arch == "agnostic"
+    assert (cfg.bottom_layers, cfg.num_patches) == (3, 16)
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        ModelConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+    with pytest.raises(ValueError, match="unknown model size"):
+        preset("huge", "specific")
+    with pytest.raises(ValueError, match="unknown arch"):
+        preset("tiny", "moe")
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        preset("tiny", "specific", depht=3)
+
+
+def test_experts_for():
+    spec, ln = tiny("specific"), tiny("custom_ln")
+    assert experts_for(spec, 0, "attn") == ("v", "l")
+    assert experts_for(spec, 3, "attn") == ("v", "l", "vl")
+    assert experts_for(ln, 3, "attn") == ("shared",)
+    assert experts_for(ln, 3, "ln2") == ("v", "l", "vl")
+    assert experts_for(tiny("agnostic"), 3, "ln1") == ("shared",)
+
+
+# --- naming ----------------------------------------------------------------
+
+
+def test_naming_specific():
+    names = set(dict(build("specific").named_parameters()))
+    assert "layers.3.attn.vl.qkv.weight" in names
+    assert "layers.2.attn.vl.qkv.weight" not in names
+    assert {"layers.0.attn.v.qkv.weight", "layers.0.ffn.l.fc1.weight", "layers.2.ln1.v.weight"} <= names
+    assert not any(".shared." in n or ".experts." in n for n in names)
+
+
+def test_naming_agnostic():
+    experts = layer_experts(build("agnostic"))
+    assert set(map(frozenset, experts.values())) == {frozenset({"shared"})}
+    assert len(experts) == 4 * 4  # depth x parts
+
+
+@pytest.mark.parametrize(
+    "arch, custom",
+    [("custom_attn", {"attn"}), ("custom_ffn", {"ffn"}), ("custom_ln", {"ln1", "ln2"}), ("specific", None)],
+)
+def test_naming_shared_weight_variants(arch, custom):
+    model = build(arch)
+    top = model.config.bottom_layers
+    for (layer, part), experts in layer_experts(model).items():
+        if custom is not None and part not in custom:
+            assert experts == {"shared"}, (layer, part)
+        else:
+            assert experts == ({"v", "l", "vl"} if layer >= top else {"v", "l"}), (layer, part)
+    assert layer_experts(model) == {
+        (i, p): set(experts_for(model.config, i, p)) for i in range(4) for p in ("attn", "ffn", "ln1", "ln2")
+    }
+
+
+def test_non_layer_names():
+    names = set(dict(build("specific").named_parameters()))
+    assert {"embed.image.cls", "embed.image.pos", "embed.image.patch.weight", "embed.text.word.weight",
+            "embed.text.pos", "embed.token_type.weight", "norm.weight", "heads.itc.logit_scale",
+            "heads.itc.image.weight", "heads.itc.text.weight", "heads.itm.pool.weight",
+            "heads.itm.classifier.weight", "heads.mlm.decoder.weight", "heads.vqa.fc2.weight"} <= names
+    no_vqa = MultiwayTransformer(tiny("specific", num_answers=0))
+    assert "vqa" not in no_vqa.heads
+
+
+def test_init():
+    model = build("specific")
+    assert model.heads["itc"].logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert torch.equal(model.layers[0].ln1["v"].weight, torch.ones(128))
+    assert torch.count_nonzero(model.layers[0].attn["v"].qkv.bias) == 0
+    assert model.layers[0].attn["v"].qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    # meta-built models initialise after materialisation (FSDP / checkpoint-loading path)
+    with torch.device("meta"):
+        meta = MultiwayTransformer(tiny("specific"))
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    assert meta.heads["itc"].logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert torch.equal(meta.norm.weight, torch.ones(128))
+
+
+# --- forward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_shapes(arch, batch):
+    images, ids, mask = batch
+    model = build(arch)
+    P1 = model.config.num_patches + 1
+    img, txt = model.encode_image(images), model.encode_text(ids, mask)
+    fused = model.fusion(images, ids, mask)
+    assert img.shape == (B, P1, 128) and txt.shape == (B, L, 128)
+    assert fused.shape == (B, P1 + L, 128)
+    heads = model.heads
+    zi, zt = heads["itc"](img[:, 0], txt[:, 0])
+    assert zi.shape == zt.shape == (B, 128)
+    assert heads["itm"](fused[:, 0]).shape == (B, 2)
+    assert heads["vqa"](fused[:, 0]).shape == (B, 15)
+    assert heads["mlm"](fused[:, P1:]).shape == (B, L, 64)
+    assert all(t.isfinite().all() for t in (img, txt, fused))
+
+
+@pytest.mark.parametrize("arch", ["specific", "agnostic"])
+def test_padding_mask_respected(arch, batch):
+    images, ids, mask = batch
+    model = build(arch)
+    ids2 = ids.clone()
+    ids2[0, 6:] = (ids2[0, 6:] + 1) % model.config.vocab_size  # change only padded tokens
+    real = mask[0]
+    torch.testing.assert_close(model.encode_text(ids, mask)[0, real], model.encode_text(ids2, mask)[0, real])
+    P1 = model.config.num_patches + 1
+    f1, f2 = model.fusion(images, ids, mask)[0], model.fusion(images, ids2, mask)[0]
+    torch.testing.assert_close(f1[:P1], f2[:P1])
+    torch.testing.assert_close(f1[P1:][real], f2[P1:][real])
+    assert not torch.allclose(model.encode_text(ids, None)[0, :6], model.encode_text(ids2, None)[0, :6])
+
+
+def test_routing_errors(batch):
+    images, _, _ = batch
+    model = build("specific")
+    x = model.embed_image(images)
+    with pytest.raises(KeyError, match="no 'vl' expert"):
+        model.run_layers(x, "vl", 0, 1)
+    with pytest.raises(ValueError, match="unknown modality"):
+        build("agnostic").run_layers(x, "image", 0, 1)
+
+
+def test_fusion_gradients_follow_routes(batch):
+    images, ids, mask = batch
+    model = build("specific")
+    model.fusion(images, ids, mask).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert "layers.2.attn.v.qkv.weight" in grads and "layers.2.ffn.l.fc1.weight" in grads
+    assert "layers.3.attn.vl.qkv.weight" in grads
+    # the top layer's unimodal experts are only on the retrieval route
+    assert "layers.3.attn.v.qkv.weight" not in grads and "layers.3.ffn.l.fc1.weight" not in grads
+
+
+def test_agnostic_routes_share_weights(batch):
+    images, ids, mask = batch
+    model = build("agnostic")
+    x = model.embed_image(images)
+    depth = model.config.depth
+    outs = [model.run_layers(x, m, 0, depth) for m in ("v", "l", "vl")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(model.encode_image(images), model.norm(outs[0]), rtol=0, atol=0)
+    # the fusion route is the same computation as concatenated bottom outputs through "vl"
+    bi, bt = model.bottom_image(images), model.bottom_text(ids, mask)
+    torch.testing.assert_close(model.fuse(bi, bt, mask), model.fusion(images, ids, mask), rtol=0, atol=0)
+    torch.testing.assert_close(model.finish(bt, "l", mask), model.encode_text(ids, mask), rtol=0, atol=0)
+
+
+# --- conversion ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["specific", "custom_attn", "custom_ffn", "custom_ln"])
+def test_expand_from_agnostic_is_exact(arch, batch):
+    images, ids, mask = batch
+    src, dst = build("agnostic", seed=0), build(arch, seed=1)
+    load_into(dst, expand_to_experts(src.state_dict(), dst))
+    with torch.no_grad():
+        assert torch.equal(src.encode_image(images), dst.encode_image(images))
+        assert torch.equal(src.encode_text(ids, mask), dst.encode_text(ids, mask))
+        f_src, f_dst = src.fusion(images, ids, mask), dst.fusion(images, ids, mask)
+        assert torch.equal(f_src, f_dst)
+        assert torch.equal(src.heads["vqa"](f_src[:, 0]), dst.heads["vqa"](f_dst[:, 0]))
+
+
+def test_expand_clones_and_keeps_same_experts():
+    src, dst = build("specific", seed=0), build("specific", seed=1)
+    state = expand_to_experts(src.state_dict(), dst)
+    for k, v in src.state_dict().items():
+        assert torch.equal(state[k], v)
+    ptrs = {t.data_ptr() for t in state.values()}
+    assert len(ptrs) == len(state) and not ptrs & {t.data_ptr() for t in src.state_dict().values()}
+    # agnostic -> specific: every expert of one part is its own copy of the shared weight
+    state = expand_to_experts(build("agnostic").state_dict(), dst)
+    v, l = state["layers.3.attn.v.qkv.weight"], state["layers.3.attn.l.qkv.weight"]
+    assert torch.equal(v, l) and v.data_ptr() != l.data_ptr()
+
+
+def test_expand_refuses_collapsing_experts():
+    with pytest.raises(ValueError, match="needs a merge"):
+        expand_to_experts(build("specific").state_dict(), build("agnostic"))
+    with pytest.raises(ValueError, match="needs a merge"):
+        expand_to_experts(build("custom_ln").state_dict(), build("custom_attn"))
+    with pytest.raises(ValueError, match="depth mismatch"):
+        expand_to_experts(build("agnostic").state_dict(), MultiwayTransformer(tiny("agnostic", depth=3)))
+
+
+def test_parse_layer_key():
+    assert parse_layer_key("layers.3.attn.vl.qkv.weight") == (3, "attn", "vl", "qkv.weight")
+    assert parse_layer_key("layers.2.ln1.v.weight") == (2, "ln1", "v", "weight")
+    assert parse_layer_key("embed.text.word.weight") is None
+    assert parse_layer_key("heads.mlm.norm.weight") is None
+
+
+def test_load_into_errors():
+    model = build("specific")
+    state = model.state_dict()
+    without_vqa = {k: v for k, v in state.items() if not k.startswith("heads.vqa.")}
+    load_into(model, without_vqa)  # fresh task head is fine
+    with pytest.raises(ValueError, match="unexpected keys: bogus.weight"):
+        load_into(model, {**state, "bogus.weight": torch.zeros(1)})
+    missing = dict(state)
+    del missing["layers.0.attn.v.qkv.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: layers\.0\.attn\.v\.qkv\.weight"):
+        load_into(model, missing)
+    with pytest.raises(ValueError, match="missing keys: heads.vqa"):
+        load_into(model, without_vqa, allow_missing_prefixes=())
+
+
+# --- size ------------------------------------------------------------------
+
+# Sung et al. 2023, ViT-B/16 backbone + embeddings + VQA head.
+PAPER_PARAMS_M = {"specific": 217, "agnostic": 118, "custom_attn": 151, "custom_ffn": 184, "custom_ln": 118}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_base_param_counts_on_meta(arch):
+    with torch.device("meta"):
+        model = MultiwayTransformer(preset("base", arch), heads=("vqa",))
+    assert all(p.is_meta for p in model.parameters())
+    n = model.num_params() / 1e6
+    print(f"{arch}: {n:.1f}M (paper {PAPER_PARAMS_M[arch]}M), non-embedding {model.num_params(True) / 1e6:.1f}M")
+    assert abs(n - PAPER_PARAMS_M[arch]) / PAPER_PARAMS_M[arch] < 0.10

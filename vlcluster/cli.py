@@ -1,0 +1,229 @@
+"""``vlcluster``: submit, plan, status, logs, schema, data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vlcluster.spec.load import SpecError
+
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
+    from vlcluster.graph import build_graph
+    from vlcluster.spec.load import load_pipeline
+
+    pipeline = load_pipeline(path, overrides)
+    graph = build_graph(pipeline, path)
+    return graph, Path(run_dir or pipeline.resolved_run_dir)
+
+
+def print_plan(graph, plans, run_dir: Path) -> None:
+    table = Table(title=f"{graph.pipeline.name} -> {run_dir}", title_justify="left")
+    for column in ("stage", "kind", "after", "ranks", "action"):
+        table.add_column(column)
+    for plan in plans:
+        table.add_row(plan.name, plan.kind, ", ".join(plan.deps) or "-", f"{plan.nodes}x{plan.ranks // plan.nodes}", plan.describe())
+    console.print(table)
+
+
+def resolved_details(graph) -> list[str]:
+    """Per-stage facts a user checks before spending cluster time."""
+    from vlcluster.data.shards import expand_urls
+    from vlcluster.train.loop import rank_batch_sizes
+
+    lines = []
+    for name in graph.order:
+        spec = graph.pipeline.stages[name]
+        res = spec.resources
+        facts = [f"{res.nodes} node(s) x {res.ranks_per_node} rank(s)", f"{res.gpus_per_node} GPU/node"]
+        if res.time_min:
+            facts.append(f"time {res.time_min} min")
+        train = getattr(spec, "train", None)
+        if train is not None:
+            sizes = rank_batch_sizes(train.batch_size, res.world_size)
+            per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+            facts.append(f"{train.steps} steps, batch {train.batch_size} ({per_rank}/rank), lr {train.lr:g}, warm-up {train.warmup_steps}")
+            if spec.data.train:
+                facts.append(f"{len(expand_urls(spec.data.train))} train shards")
+        lines.append(f"{name}: " + "; ".join(facts))
+    return lines
+
+
+def cmd_plan(args) -> int:
+    from vlcluster.plan import check_inputs, make_plan
+
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    check_inputs(graph, args.file, include_remote=False)
+    print_plan(graph, make_plan(graph, run_dir), run_dir)
+    for line in resolved_details(graph):
+        console.print(f"  {line}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from vlcluster.backends import get_backend
+    from vlcluster.context import save_pipeline
+    from vlcluster.plan import check_inputs, make_plan
+
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    backend = get_backend(args.backend)
+    backend.validate(graph, args.file)
+    check_inputs(graph, args.file, include_remote=not args.dry_run)
+    plans = make_plan(graph, run_dir)
+    print_plan(graph, plans, run_dir)
+    if args.dry_run:
+        return 0
+    save_pipeline(run_dir, graph)
+    started = time.perf_counter()
+    ok = backend.submit(graph, plans, run_dir)
+    elapsed = time.perf_counter() - started
+    for plan in plans:
+        report = run_dir / plan.name / "report.md"
+        if plan.kind == "report" and report.is_file():
+            console.print(report.read_text())
+    verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
+    console.print(f"{verdict} in {elapsed:.1f} s")
+    return 0 if ok else 1
+
+
+def cmd_status(args) -> int:
+    from vlcluster.context import load_graph
+    from vlcluster.plan import make_plan
+    from vlcluster.rundir import stage_dir
+
+    run_dir = Path(args.run_dir)
+    graph = load_graph(run_dir)
+    table = Table(title=f"{graph.pipeline.name} ({run_dir})", title_justify="left")
+    for column in ("stage", "kind", "state", "detail"):
+        table.add_column(column)
+    for plan in make_plan(graph, run_dir):
+        record = stage_dir(run_dir, plan.name).read_state()
+        state, detail = describe_state(plan, record)
+        table.add_row(plan.name, plan.kind, state, detail)
+    console.print(table)
+    return 0
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        import os
+
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_state(plan, record: dict) -> tuple[str, str]:
+    if plan.status == "done":
+        return "done", ""
+    recorded = record.get("state")
+    if recorded == "running" and not pid_alive(record.get("pid")):
+        recorded = "interrupted"
+    resume = f"checkpoint at step {plan.resume_step}" if plan.resume_step is not None else ""
+    if recorded == "failed":
+        return "failed", f"exit {record.get('returncode')}; log {Path(plan.name) / 'logs' / 'stage.log'}"
+    if recorded == "blocked":
+        return "blocked", "upstream failed: " + ", ".join(record.get("blocked_by", []))
+    if recorded in {"running", "interrupted"}:
+        return recorded, resume
+    return ("stale" if plan.status == "stale" else "pending"), resume
+
+
+def cmd_logs(args) -> int:
+    from vlcluster.rundir import stage_dir
+
+    log_file = stage_dir(args.run_dir, args.stage).log_file
+    if not log_file.is_file():
+        raise SpecError(f"{log_file}: no log (has stage {args.stage!r} started?)")
+    sys.stdout.write(log_file.read_text())
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from vlcluster.spec.load import json_schema
+
+    print(json_schema())
+    return 0
+
+
+def cmd_data(args) -> int:
+    from vlcluster.data.synthetic import build_dataset
+
+    summary = build_dataset(
+        args.out, args.n_train, args.n_val, args.shard_size, args.image_size, args.seed,
+        progress=lambda split, done, total: console.print(f"{split}: {done}/{total} shards"),
+    )
+    console.print(f"wrote {summary['n_train']} train and {summary['n_val']} val samples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def spec_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", help="pipeline YAML file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. stages.seed.train.steps=100")
+        p.add_argument("--run-dir", help="run directory (default: the file's run_dir, or runs/<name>)")
+
+    submit = sub.add_parser("submit", help="run a pipeline (skips finished stages, resumes the rest)")
+    spec_args(submit)
+    submit.add_argument("--backend", default="local", choices=["local"])
+    submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
+    submit.set_defaults(func=cmd_submit)
+
+    plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
+    spec_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    status = sub.add_parser("status", help="state of every stage of a run")
+    status.add_argument("run_dir")
+    status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", help="print a stage's log")
+    logs.add_argument("run_dir")
+    logs.add_argument("stage")
+    logs.set_defaults(func=cmd_logs)
+
+    schema = sub.add_parser("schema", help="print the JSON schema of pipeline files")
+    schema.set_defaults(func=cmd_schema)
+
+    data = sub.add_parser("data", help="write the synthetic image-text benchmark as WebDataset shards")
+    data.add_argument("out")
+    data.add_argument("--n-train", type=int, default=20000)
+    data.add_argument("--n-val", type=int, default=500)
+    data.add_argument("--shard-size", type=int, default=2000)
+    data.add_argument("--image-size", type=int, default=32)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        errors.print("[red]error:[/] " + escape(str(exc)))
+        return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

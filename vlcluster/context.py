@@ -1,0 +1,102 @@
+"""What a running stage knows: its spec, its directory, and its upstream.
+
+A stage process is started as ``python -m vlcluster.run RUN_DIR STAGE`` on
+any backend; it rebuilds this context from ``RUN_DIR/pipeline.json``, which
+the submitting CLI wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlcluster.graph import Graph, build_graph
+from vlcluster.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
+from vlcluster.spec.models import DataSpec, DataStage, Pipeline
+
+
+@dataclass(frozen=True)
+class DataSources:
+    train: list[str]
+    val: list[str]
+    tokenizer: str | None
+    answers: str | None
+    shuffle_buffer: int
+
+
+def split_shards(out_dir: Path, split: str, count: int, shard_size: int) -> list[str]:
+    """Shard paths a data stage writes (see vlcluster.data.synthetic)."""
+    shards = math.ceil(count / shard_size)
+    return [str(out_dir / f"{split}-{index:06d}.tar") for index in range(shards)]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    run_dir: Path
+    name: str
+    graph: Graph
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.graph.pipeline
+
+    @property
+    def spec(self):
+        return self.pipeline.stages[self.name]
+
+    @property
+    def spec_hash(self) -> str:
+        return self.graph.hashes[self.name]
+
+    @property
+    def dir(self) -> StageDir:
+        return stage_dir(self.run_dir, self.name)
+
+    def upstream_dir(self, name: str) -> StageDir:
+        return stage_dir(self.run_dir, name)
+
+    def data_sources(self, data: DataSpec) -> DataSources:
+        from vlcluster.data.shards import expand_urls
+
+        if data.from_ is None:
+            return DataSources(
+                train=expand_urls(data.train) if data.train else [],
+                val=expand_urls(data.val) if data.val else [],
+                tokenizer=data.tokenizer,
+                answers=data.answers,
+                shuffle_buffer=data.shuffle_buffer,
+            )
+        producer: DataStage = self.pipeline.stages[data.from_]
+        out = self.upstream_dir(data.from_).root
+        return DataSources(
+            train=split_shards(out, "train", producer.n_train, producer.shard_size),
+            val=split_shards(out, "val", producer.n_val, producer.shard_size),
+            tokenizer=str(out / "tokenizer.json"),
+            answers=str(out / "answers.json"),
+            shuffle_buffer=data.shuffle_buffer,
+        )
+
+
+def save_pipeline(run_dir: Path, graph: Graph) -> None:
+    payload = {
+        "pipeline": graph.pipeline.model_dump(mode="json", by_alias=True),
+        "order": list(graph.order),
+        "hashes": graph.hashes,
+    }
+    write_json_atomic(pipeline_file(run_dir), payload)
+
+
+def load_graph(run_dir: Path) -> Graph:
+    payload = read_json(pipeline_file(run_dir))
+    if payload is None:
+        raise FileNotFoundError(f"{run_dir}: not a vlcluster run directory (no pipeline.json)")
+    pipeline = Pipeline.model_validate(payload["pipeline"])
+    return build_graph(pipeline, str(pipeline_file(run_dir)))
+
+
+def load_context(run_dir: str | Path, name: str) -> StageContext:
+    graph = load_graph(Path(run_dir))
+    if name not in graph.pipeline.stages:
+        raise KeyError(f"stage {name!r} is not in {run_dir}/pipeline.json")
+    return StageContext(run_dir=Path(run_dir), name=name, graph=graph)

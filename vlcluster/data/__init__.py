@@ -1,0 +1,1 @@
+"""Synthetic image-text data: scene generation, tokenizers, WebDataset shards."""

@@ -1,0 +1,143 @@
+"""The dependency graph of a pipeline.
+
+Edges come from references inside stage specs (``init.from``, ``data.from``,
+``source``, ``seed``, report ``rows``) plus explicit ``after:``. Each stage
+gets a spec hash that also covers its upstream hashes, so changing a stage
+invalidates everything downstream of it and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
+
+from vlcluster.spec.load import SpecError
+from vlcluster.spec.models import Pipeline
+
+MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
+
+# Which kinds each reference field may point at.
+REFERENCE_TARGETS: dict[str, frozenset[str]] = {
+    "init.from": MODEL_KINDS,
+    "data.from": frozenset({"data"}),
+    "source": MODEL_KINDS,
+    "seed": MODEL_KINDS,
+    "rows": frozenset({"eval"}),
+}
+
+# Fields that say how a stage runs, not what it computes: changing them must
+# not re-run finished work.
+NON_IDENTITY_FIELDS = {"resources", "after"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    field: str  # e.g. "init.from", "rows.merged"
+    target: str
+
+    @property
+    def kind_rule(self) -> str:
+        return self.field.split(".")[0] if self.field.startswith("rows.") else self.field
+
+
+def references(stage) -> list[Reference]:
+    refs: list[Reference] = []
+    init = getattr(stage, "init", None)
+    if init is not None:
+        refs.append(Reference("init.from", init.from_))
+    data = getattr(stage, "data", None)
+    if data is not None and data.from_ is not None:
+        refs.append(Reference("data.from", data.from_))
+    for field in ("source", "seed"):
+        target = getattr(stage, field, None)
+        if isinstance(target, str):
+            refs.append(Reference(field, target))
+    for label, target in getattr(stage, "rows", {}).items():
+        refs.append(Reference(f"rows.{label}", target))
+    return refs
+
+
+@dataclass(frozen=True)
+class Graph:
+    pipeline: Pipeline
+    deps: dict[str, tuple[str, ...]]
+    order: tuple[str, ...]
+    hashes: dict[str, str]
+
+    def upstream(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        stack = list(self.deps[name])
+        while stack:
+            dep = stack.pop()
+            if dep not in seen:
+                seen.add(dep)
+                stack.extend(self.deps[dep])
+        return seen
+
+
+def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, ...]]:
+    problems: list[str] = []
+    deps: dict[str, tuple[str, ...]] = {}
+    for name, stage in pipeline.stages.items():
+        targets: list[str] = []
+        for ref in references(stage):
+            target = pipeline.stages.get(ref.target)
+            if target is None:
+                problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}")
+            elif target.kind not in REFERENCE_TARGETS[ref.kind_rule]:
+                allowed = ", ".join(sorted(REFERENCE_TARGETS[ref.kind_rule]))
+                problems.append(
+                    f"stages.{name}.{ref.field}: stage {ref.target!r} is a {target.kind} stage; expected {allowed}"
+                )
+            targets.append(ref.target)
+        for index, after in enumerate(stage.after):
+            if after not in pipeline.stages:
+                problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}")
+            targets.append(after)
+        if name in targets:
+            problems.append(f"stages.{name}: a stage cannot depend on itself")
+        deps[name] = tuple(dict.fromkeys(t for t in targets if t in pipeline.stages and t != name))
+    if problems:
+        raise SpecError(f"{source}: invalid references:\n  " + "\n  ".join(problems))
+    return deps
+
+
+def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[str, ...]:
+    """Dependencies first; otherwise the order of the file, so runs and
+    listings follow what the user wrote."""
+    try:
+        TopologicalSorter(deps).prepare()
+    except CycleError as exc:
+        cycle = " -> ".join(reversed(exc.args[1]))
+        raise SpecError(f"{source}: the stages form a cycle: {cycle}") from None
+    order: list[str] = []
+    placed: set[str] = set()
+    while len(order) < len(deps):
+        name = next(n for n in deps if n not in placed and placed.issuperset(deps[n]))
+        order.append(name)
+        placed.add(name)
+    return tuple(order)
+
+
+def stage_identity(stage) -> dict:
+    return stage.model_dump(mode="json", by_alias=True, exclude=NON_IDENTITY_FIELDS)
+
+
+def _hashes(pipeline: Pipeline, deps: dict[str, tuple[str, ...]], order: tuple[str, ...]) -> dict[str, str]:
+    hashes: dict[str, str] = {}
+    for name in order:
+        payload = {
+            "stage": stage_identity(pipeline.stages[name]),
+            "upstream": {dep: hashes[dep] for dep in sorted(deps[name])},
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        hashes[name] = hashlib.sha256(blob).hexdigest()[:16]
+    return hashes
+
+
+def build_graph(pipeline: Pipeline, source: str = "<pipeline>") -> Graph:
+    deps = _check_references(pipeline, source)
+    order = _topological_order(deps, source)
+    return Graph(pipeline=pipeline, deps=deps, order=order, hashes=_hashes(pipeline, deps, order))

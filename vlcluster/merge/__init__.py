@@ -1,0 +1,1 @@
+"""Merging modality experts into one modality-agnostic transformer."""

@@ -1,0 +1,108 @@
+"""Model configuration and the arch -> expert layout rule.
+
+The layout rule (`experts_for`) is the single source of truth for which
+expert weights exist; the model, the checkpoint converter and the merge
+engine all derive parameter names from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ARCHS = ("specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln")
+PARTS = ("attn", "ffn", "ln1", "ln2")
+MODALITIES = ("v", "l", "vl")
+SHARED = "shared"
+
+# Parts that keep one expert per modality; every other part is one shared weight.
+CUSTOM_PARTS: dict[str, frozenset[str]] = {
+    "specific": frozenset(PARTS),
+    "agnostic": frozenset(),
+    "custom_attn": frozenset({"attn"}),
+    "custom_ffn": frozenset({"ffn"}),
+    "custom_ln": frozenset({"ln1", "ln2"}),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    dim: int
+    depth: int  # N: layers per modality
+    heads: int
+    vl_layers: int  # M: top layers that also have a vision-language expert
+    image_size: int
+    patch_size: int
+    vocab_size: int
+    max_text_len: int
+    num_answers: int  # VQA classes; 0 = no VQA head
+    itc_dim: int
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if not 0 <= self.vl_layers <= self.depth:
+            raise ValueError(f"vl_layers must be in [0, depth={self.depth}], got {self.vl_layers}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def bottom_layers(self) -> int:
+        return self.depth - self.vl_layers
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def with_arch(self, arch: str) -> ModelConfig:
+        return dataclasses.replace(self, arch=arch)
+
+
+def experts_for(config: ModelConfig, layer: int, part: str) -> tuple[str, ...]:
+    """Expert keys of `part` in `layer`: ("shared",) or the modality experts."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+    if not 0 <= layer < config.depth:
+        raise ValueError(f"layer {layer} out of range for depth {config.depth}")
+    if part not in CUSTOM_PARTS[config.arch]:
+        return (SHARED,)
+    return ("v", "l", "vl") if layer >= config.bottom_layers else ("v", "l")
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        dim=128, depth=4, heads=4, vl_layers=1, image_size=32, patch_size=8, mlp_ratio=4.0,
+        itc_dim=128, vocab_size=64, max_text_len=32, num_answers=15,
+    ),
+    # ViT-B/16 with the bert-base-uncased vocabulary and VQA v2 answers (paper setting).
+    "base": dict(
+        dim=768, depth=12, heads=12, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
+        itc_dim=768, vocab_size=30522, max_text_len=40, num_answers=3129,
+    ),
+}
+
+
+def preset(size: str, arch: str, **overrides: Any) -> ModelConfig:
+    if size not in _PRESETS:
+        raise ValueError(f"unknown model size {size!r}; expected one of {tuple(_PRESETS)}")
+    return ModelConfig.from_dict({**_PRESETS[size], "arch": arch, **overrides})

@@ -1,0 +1,45 @@
+"""Stage outputs: model checkpoints other stages consume, results, done-marker."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlcluster.model.config import ModelConfig
+from vlcluster.rundir import StageDir, read_json, write_json_atomic
+
+
+def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` + ``model.json`` atomically (temp file, rename)."""
+    out.root.mkdir(parents=True, exist_ok=True)
+    tmp = out.model_weights.with_name(f".{out.model_weights.name}.tmp")
+    tensors = {key: value.contiguous() for key, value in state.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out.model_weights)
+    write_json_atomic(out.model_config, {"config": config.to_dict(), "provenance": provenance})
+
+
+def read_model(stage: StageDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    record = read_json(stage.model_config)
+    if record is None or not stage.model_weights.is_file():
+        raise FileNotFoundError(f"{stage.root}: no model output (model.safetensors/model.json); did the stage finish?")
+    return load_file(str(stage.model_weights)), ModelConfig.from_dict(record["config"])
+
+
+def finish_stage(ctx, result: dict[str, Any]) -> None:
+    """Record the result, then the done-marker (last, so 'done' implies all outputs exist)."""
+    write_json_atomic(ctx.dir.result_file, {"stage": ctx.name, "kind": ctx.spec.kind, **result})
+    ctx.dir.mark_done(ctx.spec_hash)
+
+
+def read_result(stage: StageDir) -> dict | None:
+    return read_json(stage.result_file)
+
+
+def dumps(payload: Any) -> str:
+    return json.dumps(payload, indent=2, sort_keys=True)

@@ -1,0 +1,89 @@
+"""What a submit would do: resolved stages, their state in the run
+directory, and the checks that must pass before anything is launched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlcluster.graph import Graph
+from vlcluster.rundir import stage_dir
+from vlcluster.spec.load import SpecError
+from vlcluster.train.checkpoint import latest_checkpoint
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    kind: str
+    deps: tuple[str, ...]
+    spec_hash: str
+    status: str  # done | stale | resume | new
+    resume_step: int | None
+    ranks: int
+    nodes: int
+
+    @property
+    def runs(self) -> bool:
+        return self.status != "done"
+
+    def describe(self) -> str:
+        if self.status == "resume":
+            return f"resume from step {self.resume_step}"
+        return {"done": "skip (done)", "stale": "re-run (spec changed)", "new": "run"}[self.status]
+
+
+def stage_status(run_dir: Path, name: str, spec_hash: str, checkpoint_dir: str | None) -> tuple[str, int | None]:
+    directory = stage_dir(run_dir, name)
+    done = directory.done_hash()
+    if done == spec_hash:
+        return "done", None
+    checkpoint = latest_checkpoint(Path(checkpoint_dir) if checkpoint_dir else directory.checkpoints, spec_hash)
+    if checkpoint is not None:
+        return "resume", checkpoint.step
+    return ("stale" if done else "new"), None
+
+
+def make_plan(graph: Graph, run_dir: Path) -> list[StagePlan]:
+    plans = []
+    for name in graph.order:
+        spec = graph.pipeline.stages[name]
+        checkpoint = getattr(spec, "checkpoint", None)
+        status, step = stage_status(run_dir, name, graph.hashes[name], checkpoint.dir if checkpoint else None)
+        plans.append(
+            StagePlan(name, spec.kind, graph.deps[name], graph.hashes[name], status, step,
+                      spec.resources.world_size, spec.resources.nodes)
+        )
+    return plans
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
+    """Shards and tokenizers named directly in the spec must exist before
+    anything runs (outputs of upstream stages are checked by those stages)."""
+    from vlcluster.data.shards import expand_urls, missing_shards
+
+    problems = []
+    for name, spec in graph.pipeline.stages.items():
+        data = getattr(spec, "data", None)
+        if data is None or data.from_ is not None:
+            continue
+        for field in ("train", "val"):
+            pattern = getattr(data, field)
+            if not pattern:
+                continue
+            urls = [url for url in expand_urls(pattern) if include_remote or not is_remote(url)]
+            missing = missing_shards(urls) if urls else []
+            if missing:
+                problems.append(
+                    f"stages.{name}.data.{field}: {len(missing)} of {len(urls)} shard files missing (first: {missing[0]})"
+                )
+        for field in ("tokenizer", "answers"):
+            path = getattr(data, field)
+            if path and not is_remote(path) and not Path(path).is_file():
+                problems.append(f"stages.{name}.data.{field}: file not found: {path}")
+    if problems:
+        raise SpecError(f"{source}: missing input files:\n  " + "\n  ".join(problems))

@@ -1,0 +1,110 @@
+"""Layout of a run directory and the small JSON records kept in it.
+
+```
+<run_dir>/pipeline.json            the resolved pipeline (what `status` reads)
+<run_dir>/<stage>/stage.json       the resolved stage handed to the stage process
+<run_dir>/<stage>/state.json       backend record: state, pid/job id, exit code, times
+<run_dir>/<stage>/_SUCCESS         done marker holding the stage's spec hash
+<run_dir>/<stage>/logs/stage.log   stdout+stderr of the stage
+<run_dir>/<stage>/checkpoints/     resumable training checkpoints
+<run_dir>/<stage>/tb/              TensorBoard events
+<run_dir>/<stage>/model.safetensors, model.json, result.json   stage outputs
+```
+All writes go through :func:`write_json_atomic` so a crash never leaves a
+half-written record behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUCCESS = "_SUCCESS"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """Paths of one stage inside a run directory."""
+
+    root: Path
+
+    @property
+    def spec_file(self) -> Path:
+        return self.root / "stage.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def success_file(self) -> Path:
+        return self.root / SUCCESS
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "stage.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def model_weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "model.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.root / "result.json"
+
+    def done_hash(self) -> str | None:
+        marker = read_json(self.success_file)
+        return marker.get("spec_hash") if isinstance(marker, dict) else None
+
+    def mark_done(self, spec_hash: str) -> None:
+        write_json_atomic(self.success_file, {"spec_hash": spec_hash, "finished": time.time()})
+
+    def read_state(self) -> dict:
+        return read_json(self.state_file) or {}
+
+    def write_state(self, **fields: Any) -> None:
+        state = self.read_state()
+        state.update(fields)
+        write_json_atomic(self.state_file, state)
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> StageDir:
+    return StageDir(Path(run_dir) / stage)
+
+
+def pipeline_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "pipeline.json"

@@ -1,0 +1,204 @@
+"""Pydantic models of a vlcluster pipeline.
+
+A pipeline file holds named stages; every stage is one member of a union
+discriminated on ``kind``. Models are strict about unknown keys so a typo in
+a job file is an error at load time, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
+Size = Literal["tiny", "base"]
+Precision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StageRef(Strict):
+    """A reference to another stage's output (``{from: seed}``)."""
+
+    from_: str = Field(alias="from", description="name of the stage whose output is used")
+
+
+class ModelSpec(Strict):
+    arch: Arch = "agnostic"
+    size: Size = "tiny"
+    vl_layers: int | None = Field(None, ge=0, description="top M layers with a VL expert (default from size)")
+    image_size: int | None = Field(None, gt=0, description="input resolution (default from size)")
+    max_text_len: int | None = Field(None, gt=0)
+
+
+class DataSpec(Strict):
+    """Where a training or evaluation stage reads from.
+
+    Either ``from:`` names a ``data`` stage (shards, tokenizer and answer list
+    come from its output), or the URLs are given directly.
+    """
+
+    from_: str | None = Field(None, alias="from", description="a data stage to read from")
+    train: str | list[str] | None = Field(None, description="shard URL pattern(s), brace expansion allowed")
+    val: str | list[str] | None = None
+    tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
+    answers: str | None = Field(None, description="JSON list of VQA answers")
+    shuffle_buffer: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _source_given(self) -> DataSpec:
+        if self.from_ is None and self.train is None and self.val is None:
+            raise ValueError("give either 'from' (a data stage) or shard URLs in 'train'/'val'")
+        if self.from_ is not None and (self.train or self.val or self.tokenizer):
+            raise ValueError("'from' and explicit URLs/tokenizer are exclusive")
+        return self
+
+
+class LossWeights(Strict):
+    itc: float = Field(1.0, ge=0)
+    itm: float = Field(1.0, ge=0)
+    mlm: float = Field(0.25, ge=0)
+    vqa: float = Field(0.0, ge=0)
+
+
+class TrainSpec(Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0, description="global batch over all ranks")
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    loss_weights: LossWeights = LossWeights()
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="MLM masking rate")
+    precision: Precision = "fp32"
+    device: Device = "auto"
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+
+
+class ResourcesSpec(Strict):
+    """What one stage asks of the cluster. Not part of the stage's identity:
+    changing resources never invalidates a finished stage."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    procs_per_node: int | None = Field(None, ge=1, description="ranks per node (default: gpus_per_node, or 1)")
+    cpus_per_node: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int | None = Field(None, gt=0)
+    profile: str | None = Field(None, description="cluster profile in slurm/")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+class CheckpointSpec(Strict):
+    dir: str | None = Field(None, description="default: <run_dir>/<stage>/checkpoints")
+    every: int = Field(100, gt=0, description="steps between checkpoints")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept")
+
+
+class StageBase(Strict):
+    after: list[str] = Field(default_factory=list, description="extra dependencies")
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class DataStage(StageBase):
+    kind: Literal["data"]
+    n_train: int = Field(20000, gt=0)
+    n_val: int = Field(500, gt=0)
+    shard_size: int = Field(2000, gt=0)
+    image_size: int = Field(32, gt=0)
+    seed: int = 0
+
+
+class TrainStageBase(StageBase):
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    train: TrainSpec
+    init: StageRef | None = None
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+
+class PretrainStage(TrainStageBase):
+    """Seed pre-training (arch agnostic) or VL pre-training (arch specific,
+    ``init`` from the seed stage)."""
+
+    kind: Literal["pretrain"]
+
+
+class FinetuneStage(TrainStageBase):
+    """Downstream fine-tuning: VQA head plus contrastive retrieval by default."""
+
+    kind: Literal["finetune"]
+    init: StageRef
+    train: TrainSpec
+
+    @field_validator("train")
+    @classmethod
+    def _finetune_has_task_loss(cls, train: TrainSpec) -> TrainSpec:
+        weights = train.loss_weights
+        if weights.vqa == 0 and weights.itc == 0:
+            raise ValueError("fine-tuning needs a task loss: set loss_weights.vqa and/or loss_weights.itc")
+        return train
+
+
+class MergeStage(StageBase):
+    kind: Literal["merge"]
+    source: str = Field(description="stage holding the modality-specific checkpoint")
+    seed: str | None = Field(None, description="stage holding W0 (for modality arithmetic)")
+    method: Literal["interpolation"] = "interpolation"
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the vision expert")
+
+
+class MetricsStage(StageBase):
+    kind: Literal["metrics"]
+    source: str
+
+
+class EvalStage(StageBase):
+    kind: Literal["eval"]
+    source: str = Field(description="stage whose model is evaluated")
+    data: DataSpec
+    tasks: list[Literal["vqa", "retrieval"]] = Field(default_factory=lambda: ["vqa", "retrieval"])
+    batch_size: int = Field(128, gt=0)
+
+
+class ReportStage(StageBase):
+    kind: Literal["report"]
+    rows: dict[str, str] = Field(description="row label -> eval stage")
+    title: str = "Results"
+
+
+Stage = Annotated[
+    Union[DataStage, PretrainStage, FinetuneStage, MergeStage, MetricsStage, EvalStage, ReportStage],
+    Field(discriminator="kind"),
+]
+
+TRAINING_KINDS = frozenset({"pretrain", "finetune"})
+
+
+class Pipeline(Strict):
+    name: str
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    stages: dict[str, Stage]
+
+    @field_validator("stages")
+    @classmethod
+    def _not_empty(cls, stages: dict) -> dict:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        return stages
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"

@@ -1,0 +1,51 @@
+"""Turn decoded samples into model-ready tensors (tokenise, pick VQA pairs)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from vlcluster.data.tokenizer import TextEncoder
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, H, W]
+    text_ids: torch.Tensor  # [B, L] captions
+    text_mask: torch.Tensor  # [B, L] True = real token
+    question_ids: torch.Tensor | None = None
+    question_mask: torch.Tensor | None = None
+    answers: torch.Tensor | None = None  # [B] answer index
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {name: (value.to(device, non_blocking=True) if value is not None else None) for name, value in vars(self).items()}
+        return Batch(**moved)
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
+
+
+class BatchBuilder:
+    """Tokenises captions and, for VQA, draws one question per image.
+
+    The question draw uses its own seeded RNG whose state is checkpointed,
+    so a resumed run asks the same questions as an uninterrupted one.
+    """
+
+    def __init__(self, encoder: TextEncoder, max_text_len: int, answers: list[str] | None, seed: int):
+        self.encoder = encoder
+        self.max_text_len = max_text_len
+        self.answer_index = {answer: index for index, answer in enumerate(answers or [])}
+        self.rng = random.Random(seed)
+
+    def __call__(self, samples: dict, with_questions: bool) -> Batch:
+        text_ids, text_mask = self.encoder.encode(samples["caption"], self.max_text_len)
+        batch = Batch(images=samples["image"], text_ids=text_ids, text_mask=text_mask)
+        if with_questions:
+            pairs = [self.rng.choice(qa) for qa in samples["qa"]]
+            batch.question_ids, batch.question_mask = self.encoder.encode([q for q, _ in pairs], self.max_text_len)
+            batch.answers = torch.tensor([self.answer_index[a] for _, a in pairs], dtype=torch.long)
+        return batch

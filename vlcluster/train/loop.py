@@ -1,0 +1,236 @@
+"""The training loop shared by seed pre-training, VL pre-training and
+fine-tuning: one Trainer, configured by the stage spec, run under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from vlcluster.context import StageContext
+from vlcluster.data.shards import BatchLoader, SampleStream
+from vlcluster.data.tokenizer import TextEncoder
+from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
+from vlcluster.model.config import ModelConfig
+from vlcluster.outputs import finish_stage, read_model, write_model
+from vlcluster.train import checkpoint as ckpt
+from vlcluster.train.batches import BatchBuilder
+from vlcluster.train.dist import DistEnv, exit_process, init_distributed
+from vlcluster.train.model_config import build_model_config
+from vlcluster.train.objective import Objective
+from vlcluster.train.optim import build_optimizer, build_scheduler
+from vlcluster.train.parallelize import parallelize
+from vlcluster.train.tb import MetricsWriter
+
+log = logging.getLogger("vlcluster.train")
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL_STATE_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def rank_batch_sizes(global_batch: int, world_size: int) -> list[int]:
+    """Split a global batch over ranks as evenly as possible."""
+    base, extra = divmod(global_batch, world_size)
+    if base < 2:
+        raise ValueError(f"train.batch_size {global_batch} gives fewer than 2 samples per rank over {world_size} ranks")
+    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
+
+
+class Trainer:
+    def __init__(self, ctx: StageContext, env: DistEnv):
+        self.ctx, self.env = ctx, env
+        spec = ctx.spec
+        self.train = spec.train
+        self.sources = ctx.data_sources(spec.data)
+        self.encoder = TextEncoder(self.sources.tokenizer)
+        self.answers = json.loads(Path(self.sources.answers).read_text()) if self.sources.answers else []
+        self.config = build_model_config(ctx, self.encoder.vocab_size, len(self.answers))
+        self.rank_sizes = rank_batch_sizes(self.train.batch_size, env.world_size)
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
+        self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
+        stream = SampleStream(self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer)
+        self.loader = BatchLoader(stream, self.rank_sizes[env.rank], self.config.image_size)
+
+        torch.manual_seed(self.train.seed)  # identical initial weights on every rank
+        model = MultiwayTransformer(self.config, heads=self.head_names())
+        self.objective = Objective(
+            model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
+            self.train.mask_prob, self.rank_sizes,
+        )
+        resume = ckpt.latest_checkpoint(self.checkpoint_root, ctx.spec_hash)
+        if resume is None and spec.init is not None:
+            self.load_init(model)
+        self.objective.to(env.device)
+        parallelize(self.objective, self.train.precision)
+        self.optimizer = build_optimizer(self.objective, self.train)
+        self.scheduler = build_scheduler(self.optimizer, self.train)
+        if resume is not None:
+            self.restore(resume)
+        self.metrics = MetricsWriter(ctx.dir.tensorboard, env.is_main, purge_step=self.step)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        configured = self.ctx.spec.checkpoint.dir
+        return Path(configured) if configured else self.ctx.dir.checkpoints
+
+    def head_names(self) -> tuple[str, ...]:
+        weights = self.train.loss_weights
+        names = [name for name in ("itc", "itm", "mlm", "vqa") if getattr(weights, name) > 0]
+        if "itm" in names and "itc" not in names:
+            names.append("itc")  # ITM mines its negatives from ITC similarities
+        return tuple(names)
+
+    def load_init(self, model: MultiwayTransformer) -> None:
+        source = self.ctx.spec.init.from_
+        state, source_config = read_model(self.ctx.upstream_dir(source))
+        state = expand_to_experts(state, model)
+        state = {key: value for key, value in state.items() if key in model.state_dict() or not key.startswith("heads.")}
+        load_into(model, state, allow_missing_prefixes=tuple(f"heads.{name}" for name in model.heads))
+        if self.env.is_main:
+            log.info("initialised from stage %r (%s -> %s)", source, source_config.arch, self.config.arch)
+
+    # ---- checkpoints -------------------------------------------------------
+
+    def save(self) -> None:
+        model_state = get_model_state_dict(self.objective, options=FULL_STATE)
+        optim_state = get_optimizer_state_dict(self.objective, self.optimizer, options=FULL_STATE)
+        rank_tensors = {"torch_rng": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if torch.cuda.is_available() and self.env.device.type == "cuda":
+            rank_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.env.device)
+        rank_info = {"loader": self.loader.state_dict(), "questions_rng": _jsonable(self.builder.rng.getstate())}
+        meta = {
+            "spec_hash": self.ctx.spec_hash,
+            "world_size": self.env.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "model_config": self.config.to_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.checkpoint_root, self.step, self.env, model_state, optim_state, meta,
+            rank_tensors, rank_info, self.ctx.spec.checkpoint.keep,
+        )
+        if self.env.is_main:
+            log.info("checkpoint saved: %s", path)
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        loaded = ckpt.load_checkpoint(checkpoint, self.env.rank)
+        saved_world = loaded.meta.get("world_size")
+        if saved_world != self.env.world_size:
+            raise RuntimeError(
+                f"{checkpoint.path} was written by {saved_world} ranks, this run has {self.env.world_size}; "
+                "resuming with a different world size would change the data order"
+            )
+        set_model_state_dict(self.objective, loaded.model_state, options=FULL_STATE_LOAD)
+        set_optimizer_state_dict(self.objective, self.optimizer, loaded.optim_state, options=FULL_STATE_LOAD)
+        self.scheduler.load_state_dict(loaded.meta["scheduler"])
+        torch.set_rng_state(loaded.rank_tensors["torch_rng"])
+        self.generator.set_state(loaded.rank_tensors["generator"])
+        if "cuda_rng" in loaded.rank_tensors and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(loaded.rank_tensors["cuda_rng"], self.env.device)
+        self.loader.load_state_dict(loaded.rank_info["loader"])
+        self.builder.rng.setstate(_tupled(loaded.rank_info["questions_rng"]))
+        self.step = loaded.step
+        if self.env.is_main:
+            log.info("resuming from checkpoint %s (step %d of %d)", checkpoint.path.name, self.step, self.train.steps)
+
+    # ---- the loop ------------------------------------------------------------
+
+    def fit(self) -> dict:
+        total = self.train.steps
+        with_questions = self.train.loss_weights.vqa > 0
+        window_start, window_samples = time.perf_counter(), 0
+        history: dict[str, float] = {}
+        if self.env.is_main:
+            log.info(
+                "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, from step %d",
+                self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6 if hasattr(self.objective.model, "num_params") else float("nan"),
+                total, self.train.batch_size, self.env.world_size, self.step,
+            )
+        started = time.perf_counter()
+        first_step = self.step
+        while self.step < total:
+            batch = self.builder(self.loader.next_batch(), with_questions).to(self.env.device)
+            out = self.objective(batch, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            window_samples += self.train.batch_size
+            if self.step % self.train.log_every == 0 or self.step == total:
+                history = self.log_step(out, window_samples / (time.perf_counter() - window_start))
+                window_start, window_samples = time.perf_counter(), 0
+            if self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total:
+                self.save()
+        elapsed = time.perf_counter() - started
+        steps_run = self.step - first_step
+        return {
+            "steps": self.step,
+            "final": history,
+            "samples_per_s": steps_run * self.train.batch_size / elapsed if steps_run else None,
+        }
+
+    def log_step(self, out: dict[str, torch.Tensor], samples_per_s: float) -> dict[str, float]:
+        names = sorted(out)
+        values = torch.stack([out[name].detach().float() for name in names]).cpu()
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
+        scalars["lr"] = self.scheduler.get_last_lr()[0]
+        scalars["throughput/samples_per_s"] = samples_per_s
+        self.metrics.add(scalars, self.step)
+        if self.env.is_main:
+            losses = " ".join(f"{name} {scalars[f'loss/{name}']:.3f}" for name in names)
+            pct = 100 * self.step / self.train.steps
+            log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s)
+        return scalars
+
+    def export(self, summary: dict) -> None:
+        state = get_model_state_dict(self.objective.model, options=FULL_STATE)
+        if self.env.is_main:
+            write_model(self.ctx.dir, state, self.config, {"stage": self.ctx.name, "steps": self.step})
+            finish_stage(self.ctx, summary)
+        self.metrics.close()
+
+
+def _jsonable(state):
+    return json.loads(json.dumps(state))
+
+
+def _tupled(value):
+    return tuple(_tupled(item) for item in value) if isinstance(value, list) else value
+
+
+def run_training(ctx: StageContext) -> None:
+    """Entry point of a training stage on every rank; never returns."""
+    env = init_distributed(ctx.spec.train.device)
+    code = 0
+    try:
+        if env.is_main:
+            removed = ckpt.discard_foreign(ctx.dir.checkpoints, ctx.spec_hash)
+            if removed:
+                log.info("removed checkpoints of an earlier spec of this stage (steps %s)", removed)
+        if dist.is_initialized():
+            dist.barrier()
+        trainer = Trainer(ctx, env)
+        summary = trainer.fit()
+        trainer.export(summary)
+    except BaseException:  # noqa: BLE001 - report, then exit with failure below
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

@@ -1,0 +1,110 @@
+"""Pre-training and fine-tuning objectives: ITC, ITM, MLM, VQA.
+
+Pure tensor functions; the objective module in ``objective.py`` wires them
+to the model's routes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+
+def gather_padded(features: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, int]:
+    """All-gather rows from every rank with gradients flowing back.
+
+    Ranks may hold different batch sizes (a global batch of 1024 over 48 GPUs),
+    so rows are padded to the largest size first; returns the concatenation of
+    the real rows and the offset of this rank's rows in it.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return features, 0
+    longest = max(sizes)
+    padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
+    gathered = all_gather(padded)
+    rank = dist.get_rank()
+    real = torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
+    return real, sum(sizes[:rank])
+
+
+def itc_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    scale: torch.Tensor,
+    rank_sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE with in-batch negatives gathered across ranks, on
+    L2-normalised features.
+
+    Returns the loss and the local image->text similarity matrix (detached),
+    which ITM uses to mine hard negatives.
+    """
+    all_images, offset = gather_padded(image_features, rank_sizes)
+    all_texts, _ = gather_padded(text_features, rank_sizes)
+    logits_i2t = scale * image_features @ all_texts.t()
+    logits_t2i = scale * text_features @ all_images.t()
+    targets = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    loss = (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
+    local_sim = (image_features @ text_features.t()).detach()
+    return loss, local_sim
+
+
+def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every image a negative caption and for every caption a negative
+    image, sampled in proportion to softmax similarity (the true pair excluded)."""
+    batch = similarity.shape[0]
+    if batch < 2:
+        raise ValueError("ITM hard negatives need at least 2 pairs per rank")
+    mask = torch.eye(batch, dtype=torch.bool, device=similarity.device)
+    weights_i2t = similarity.float().softmax(dim=1).masked_fill(mask, 0) + 1e-6 * (~mask)
+    weights_t2i = similarity.t().float().softmax(dim=1).masked_fill(mask, 0) + 1e-6 * (~mask)
+    negative_text = torch.multinomial(weights_i2t.cpu(), 1, generator=generator).squeeze(1)
+    negative_image = torch.multinomial(weights_t2i.cpu(), 1, generator=generator).squeeze(1)
+    return negative_text.to(similarity.device), negative_image.to(similarity.device)
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    real: torch.Tensor,
+    special: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    prob: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose ``prob`` of the real, non-special tokens; of those
+    80% become [MASK], 10% a random token, 10% stay. Labels are -100 elsewhere.
+    At least one token per sequence is chosen so no row is wasted."""
+    candidates = real & ~torch.isin(ids, special)
+    draws = torch.rand(ids.shape, generator=generator).to(ids.device)
+    chosen = candidates & (draws < prob)
+    # Force one masked token in rows that drew none (short captions).
+    empty = ~chosen.any(dim=1) & candidates.any(dim=1)
+    if empty.any():
+        first = torch.where(candidates, draws, torch.full_like(draws, 2.0)).argmin(dim=1)
+        chosen[empty, first[empty]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    action = torch.rand(ids.shape, generator=generator).to(ids.device)
+    masked = ids.clone()
+    masked[chosen & (action < 0.8)] = mask_id
+    random_tokens = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    masked[swap] = random_tokens[swap]
+    return masked, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def vqa_loss(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy against answer scores, as in VQA v2 training;
+    scaled by the number of answers as is customary so it is not tiny."""
+    targets = F.one_hot(answers, logits.shape[-1]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets) * logits.shape[-1]
