@@ -54,7 +54,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
 
     def validate(self, graph: Graph, source: str) -> None:
         for name, spec in graph.pipeline.stages.items():

@@ -15,6 +15,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from vlcluster.spec.models import Pipeline
 
+STAGE_KINDS = ("data", "pretrain", "finetune", "merge", "metrics", "eval", "report")
+
 
 class SpecError(Exception):
     """A job file that cannot be run; the message is meant for the user."""
@@ -53,7 +55,7 @@ def format_location(loc: tuple) -> str:
         if isinstance(item, int):
             parts.append(f"[{item}]")
             continue
-        if item in {"data", "pretrain", "finetune", "merge", "metrics", "eval", "report"} and parts[:1] == ["stages"] and len(parts) == 2:
+        if item in STAGE_KINDS and parts[:1] == ["stages"] and len(parts) == 2:
             continue  # the discriminator tag pydantic inserts after the stage name
         parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"
@@ -67,11 +69,21 @@ def describe_validation_error(source: str, exc: ValidationError) -> str:
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {error.get('input')!r}; expected one of data, pretrain, finetune, merge, metrics, eval, report"
+            message = f"unknown stage kind {error.get('ctx', {}).get('tag')!r}; expected one of {', '.join(STAGE_KINDS)}"
         elif error["type"] == "union_tag_not_found":
-            message = "missing 'kind' (data, pretrain, finetune, merge, metrics, eval or report)"
+            message = f"missing 'kind' (one of {', '.join(STAGE_KINDS)})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+def unshare(node: Any) -> Any:
+    """Copy the YAML tree so that aliases (``*anchor``) become independent
+    values: ``--set`` on one stage must not change every stage sharing it."""
+    if isinstance(node, dict):
+        return {key: unshare(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [unshare(value) for value in node]
+    return node
 
 
 def read_yaml(path: Path) -> dict:
@@ -85,7 +97,7 @@ def read_yaml(path: Path) -> dict:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job file must be a mapping with 'name' and 'stages'")
-    return raw
+    return unshare(raw)
 
 
 def validate(raw: dict, source: str) -> Pipeline:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
 def gather_padded(features: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, int]:
@@ -23,7 +23,7 @@ def gather_padded(features: torch.Tensor, sizes: list[int]) -> tuple[torch.Tenso
         return features, 0
     longest = max(sizes)
     padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
-    gathered = all_gather(padded)
+    gathered = all_gather_single_autograd(padded, 0, dist.group.WORLD).split(longest)
     rank = dist.get_rank()
     real = torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
     return real, sum(sizes[:rank])

@@ -1,0 +1,204 @@
+"""End to end through the real CLI: jobs/quickstart.yaml at its smallest,
+real torchrun ranks (2, gloo, FSDP2), SIGKILL and resume, skipping finished
+stages, failure propagation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
+TRAINING_STAGES = ("seed", "vlpt", "maa", "ft_merged", "ft_msa", "ft_maa")
+
+# The quickstart shrunk to seconds per stage; every stage and code path stays.
+SMALL = [
+    "stages.data.n_train=640",
+    "stages.data.shard_size=160",
+    "stages.data.n_val=40",
+    *(f"stages.{stage}.train.batch_size=16" for stage in TRAINING_STAGES),
+    *(f"stages.{stage}.train.log_every=2" for stage in TRAINING_STAGES),
+    *(f"stages.{stage}.train.warmup_steps=2" for stage in TRAINING_STAGES),
+    "stages.seed.train.steps=4",
+    "stages.maa.train.steps=8",
+    "stages.vlpt.train.steps=24",
+    "stages.vlpt.checkpoint.every=4",
+    *(f"stages.{stage}.train.steps=3" for stage in ("ft_merged", "ft_msa", "ft_maa")),
+]
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+
+
+def submit_small(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["submit", QUICKSTART, "--run-dir", str(run_dir)]
+    for override in SMALL:
+        args += ["--set", override]
+    return cli(*args, *extra)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("quickstart")
+    started = time.perf_counter()
+    result = submit_small(run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result, time.perf_counter() - started
+
+
+def test_quickstart_runs_every_stage_and_prints_table1(finished_run):
+    run_dir, result, _ = finished_run
+    for row in ("| MAA |", "| MSA |", "| merged |"):
+        assert row in result.stdout
+    assert "VQA acc | TR | IR" in result.stdout
+    for stage in ("data", "seed", "vlpt", "merge", "maa", "ft_merged", "ft_msa", "ft_maa", "eval_merged", "table1"):
+        assert (run_dir / stage / "_SUCCESS").is_file(), stage
+    assert "initialised from stage 'seed' (agnostic -> specific)" in result.stdout
+
+
+def test_training_ran_on_two_ranks_and_logged_tensorboard(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, result, _ = finished_run
+    assert "over 2 ranks" in result.stdout
+    events = EventAccumulator(str(run_dir / "seed" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/itc", "loss/itm", "loss/mlm", "loss/loss", "lr", "throughput/samples_per_s"} <= tags
+    assert [event.step for event in events.Scalars("loss/itc")] == [2, 4]
+
+
+def test_vl_pretraining_starts_from_seed_weights_in_every_expert(finished_run):
+    run_dir, _, _ = finished_run
+    seed = load_file(str(run_dir / "seed" / "model.safetensors"))
+    vlpt = load_file(str(run_dir / "vlpt" / "model.safetensors"))
+    assert "layers.3.attn.vl.qkv.weight" in vlpt and "layers.0.attn.shared.qkv.weight" in seed
+    # After training the experts have moved away from the seed and from each other.
+    assert not torch.equal(vlpt["layers.0.ffn.v.fc1.weight"], vlpt["layers.0.ffn.l.fc1.weight"])
+
+
+def test_merged_checkpoint_is_agnostic(finished_run):
+    run_dir, _, _ = finished_run
+    merged = load_file(str(run_dir / "merge" / "model.safetensors"))
+    layer_keys = [key for key in merged if key.startswith("layers.")]
+    assert layer_keys and all(".shared." in key for key in layer_keys)
+
+
+def test_resubmit_skips_every_stage_in_seconds(finished_run):
+    run_dir, _, _ = finished_run
+    started = time.perf_counter()
+    again = submit_small(run_dir)
+    elapsed = time.perf_counter() - started
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped (done)") == 12
+    assert "| merged |" in again.stdout
+    assert elapsed < 15, f"resubmit took {elapsed:.1f} s"
+
+
+def test_status_and_logs(finished_run):
+    run_dir, _, _ = finished_run
+    status = cli("status", str(run_dir))
+    assert status.returncode == 0
+    assert status.stdout.count("done") >= 12
+    logs = cli("logs", str(run_dir), "vlpt")
+    assert logs.returncode == 0 and "step 24/24" in logs.stdout
+    missing = cli("logs", str(run_dir), "nope")
+    assert missing.returncode == 2 and "no log" in missing.stderr
+
+
+def live_processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
+            except (OSError, StopIteration):
+                continue
+            if text in cmdline and "zombie" not in state:
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_checkpoint(run_dir: Path, stage: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    checkpoints = run_dir / stage / "checkpoints"
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any((entry / "meta.json").is_file() for entry in checkpoints.iterdir()):
+            return
+        assert process.poll() is None, "submit ended before a checkpoint of the stage was written"
+        time.sleep(0.1)
+    raise AssertionError(f"no {stage} checkpoint within {timeout} s")
+
+
+def test_sigkill_during_vl_pretraining_then_resume_matches_uninterrupted_run(finished_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "vlcluster.cli", "submit", QUICKSTART, "--run-dir", str(run_dir)]
+    for override in SMALL:
+        args += ["--set", override]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        wait_for_checkpoint(run_dir, "vlpt", process, timeout=300)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 20
+    while live_processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_processes_mentioning(str(run_dir)) == [], "stage processes outlived the killed submit"
+    assert not (run_dir / "vlpt" / "_SUCCESS").exists()
+
+    resumed = submit_small(run_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "skipped (done)" in resumed.stdout  # data and seed were finished before the kill
+    assert "resuming from checkpoint step_" in resumed.stdout
+    resumed_from = int(resumed.stdout.split("resuming from checkpoint step_")[1][:8])
+    assert 4 <= resumed_from < 24
+
+    # Model, optimizer, RNG and data position all came back: the resumed
+    # stage ends with exactly the weights of the uninterrupted run.
+    reference = load_file(str(finished_run[0] / "vlpt" / "model.safetensors"))
+    recovered = load_file(str(run_dir / "vlpt" / "model.safetensors"))
+    assert reference.keys() == recovered.keys()
+    for key in reference:
+        assert torch.equal(reference[key], recovered[key]), key
+
+
+FAILING = """
+name: failing
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
+  seed:
+    kind: pretrain
+    data: {from: data}
+    train: {steps: 2, batch_size: 8}
+    resources: {procs_per_node: 2}
+  vqa_on_pretrained: {kind: eval, source: seed, data: {from: data}, tasks: [vqa]}
+  table: {kind: report, rows: {seed: vqa_on_pretrained}}
+"""
+
+
+def test_failed_stage_blocks_its_dependants(write_job, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("submit", str(write_job(FAILING)), "--run-dir", str(run_dir))
+    assert result.returncode == 1
+    assert "vqa_on_pretrained: failed" in result.stdout
+    assert "table: not started, upstream failed: vqa_on_pretrained" in result.stdout
+    assert not (run_dir / "table" / "report.md").exists()
+    status = cli("status", str(run_dir)).stdout
+    assert "failed" in status and "blocked" in status
+    assert "no VQA head" in cli("logs", str(run_dir), "vqa_on_pretrained").stdout

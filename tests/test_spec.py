@@ -1,0 +1,117 @@
+"""Job-spec loading: strict validation, overrides, messages naming file and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlcluster.spec.load import SpecError, json_schema, load_pipeline
+from vlcluster.spec.models import FinetuneStage, PretrainStage
+
+MINIMAL = """
+name: t
+x-train: &train {steps: 10, batch_size: 8}
+stages:
+  data: {kind: data, n_train: 100, n_val: 10, shard_size: 50}
+  seed:
+    kind: pretrain
+    data: {from: data}
+    train: *train
+  vlpt:
+    kind: pretrain
+    model: {arch: specific}
+    init: {from: seed}
+    data: {from: data}
+    train: *train
+"""
+
+
+def test_loads_union_by_kind_and_drops_anchor_keys(write_job):
+    pipeline = load_pipeline(write_job(MINIMAL))
+    assert isinstance(pipeline.stages["vlpt"], PretrainStage)
+    assert pipeline.stages["vlpt"].init.from_ == "seed"
+    assert pipeline.stages["vlpt"].model.arch == "specific"
+    assert pipeline.resolved_run_dir == "runs/t"
+
+
+def test_override_changes_one_stage_even_through_an_alias(write_job):
+    pipeline = load_pipeline(write_job(MINIMAL), ["stages.vlpt.train.steps=3", "stages.seed.train.lr=0.5"])
+    assert pipeline.stages["vlpt"].train.steps == 3
+    assert pipeline.stages["seed"].train.steps == 10
+    assert pipeline.stages["seed"].train.lr == 0.5
+
+
+def test_override_creates_nested_mappings(write_job):
+    pipeline = load_pipeline(write_job(MINIMAL), ["stages.seed.train.loss_weights.mlm=0.5"])
+    assert pipeline.stages["seed"].train.loss_weights.mlm == 0.5
+    assert pipeline.stages["seed"].train.loss_weights.itc == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stages.seed.train.stpes=3", "stages.seed.train.stpes: unknown key"),
+        ("stages.seed.train.steps=many", "stages.seed.train.steps: Input should be a valid integer"),
+        ("stages.seed.kind=pretrian", "stages.seed: unknown stage kind 'pretrian'"),
+        ("stages.seed.model.arch=wide", "stages.seed.model.arch: Input should be"),
+        ("stages.seed.train.steps=0", "stages.seed.train.steps: Input should be greater than 0"),
+    ],
+)
+def test_errors_name_file_and_field(write_job, override, expected):
+    path = write_job(MINIMAL)
+    with pytest.raises(SpecError) as info:
+        load_pipeline(path, [override])
+    message = str(info.value)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_finetune_requires_init_and_a_task_loss(write_job):
+    text = MINIMAL + """
+  ft:
+    kind: finetune
+    data: {from: data}
+    train: {steps: 5, loss_weights: {itc: 0, vqa: 0}}
+"""
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write_job(text))
+    assert "stages.ft.init: Field required" in str(info.value)
+    assert "fine-tuning needs a task loss" in str(info.value)
+
+
+def test_defaults_of_finetune_stage(write_job):
+    text = MINIMAL + """
+  ft:
+    kind: finetune
+    init: {from: vlpt}
+    data: {from: data}
+    train: {steps: 5, loss_weights: {itm: 0, mlm: 0, vqa: 1}}
+"""
+    stage = load_pipeline(write_job(text)).stages["ft"]
+    assert isinstance(stage, FinetuneStage)
+    assert stage.train.loss_weights.vqa == 1 and stage.train.loss_weights.itc == 1
+
+
+def test_bad_yaml_and_non_mapping(write_job):
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_pipeline(write_job("name: [unclosed"))
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_pipeline(write_job("- a\n- b\n"))
+    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
+        load_pipeline(write_job(MINIMAL), ["novalue"])
+
+
+def test_yaml_is_loaded_safely(write_job):
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_pipeline(write_job("name: !!python/object/apply:os.system ['true']\nstages: {}\n"))
+
+
+def test_schema_is_json_with_the_stage_union():
+    schema = json.loads(json_schema())
+    kinds = {
+        definition["properties"]["kind"]["const"]
+        for definition in schema["$defs"].values()
+        if "kind" in definition.get("properties", {})
+    }
+    assert kinds == {"data", "pretrain", "finetune", "merge", "metrics", "eval", "report"}
