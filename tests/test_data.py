@@ -280,7 +280,9 @@ def test_text_encoder_on_generated_tokenizer(dataset: dict) -> None:
     texts = [s["caption"] for s in eval_samples(dataset["train_shards"][:1])]
     texts += [q for s in eval_samples(dataset["val_shards"][:1]) for q, _ in s["qa"]]
     ids, mask = encoder.encode(texts, max_len=48)
-    assert ids.shape == mask.shape == (len(texts), 48)
+    longest = max(encoder.encode([t], max_len=48)[0].shape[1] for t in texts)
+    assert ids.shape == mask.shape == (len(texts), longest)
+    assert mask.all(dim=0).sum() >= 2 and mask[:, -1].any()  # padded to the longest text, no further
     assert ids.dtype == torch.long and mask.dtype == torch.bool
     assert (ids[:, 0] == encoder.cls_id).all()
     assert (ids[~mask] == encoder.pad_id).all()

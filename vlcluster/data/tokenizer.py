@@ -82,16 +82,20 @@ class TextEncoder:
         if max_len != self._max_len:
             # Truncation budgets for the post-processor's specials, so [SEP] stays last.
             self.tokenizer.enable_truncation(max_length=max_len)
-            self.tokenizer.enable_padding(length=max_len, pad_id=self.pad_id, pad_token=PAD)
+            # Pad to the longest text of the batch, not to max_len: short
+            # captions and questions then cost no compute for padding.
+            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=PAD)
             self._max_len = max_len
 
     def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return token ids ``[B, max_len]`` (long) and a mask ``[B, max_len]`` (True = real token)."""
+        """Return token ids ``[B, L]`` (long) and a mask ``[B, L]`` (True = real
+        token), L = the longest text of the batch, at most ``max_len``."""
         self._set_length(max_len)
         encodings = self.tokenizer.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
-        return ids.reshape(len(encodings), max_len), mask.reshape(len(encodings), max_len)
+        length = len(encodings[0].ids) if encodings else 0
+        return ids.reshape(len(encodings), length), mask.reshape(len(encodings), length)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` without special tokens (for logging)."""
