@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vlcluster.tasks.retrieval import recall_at_k, retrieval_scores
 from vlcluster.train import losses
-from vlcluster.train.loop import rank_batch_sizes
+from vlcluster.spec.models import TrainSpec
 from vlcluster.train.optim import lr_factor
 
 
@@ -88,7 +88,7 @@ def test_retrieval_scores_perfect_and_mean_of_recalls():
 
 
 def test_rank_batch_sizes_split_a_global_batch_exactly():
-    sizes = rank_batch_sizes(1024, 48)
+    sizes = TrainSpec(steps=1, batch_size=1024).rank_batch_sizes(48)
     assert sum(sizes) == 1024 and set(sizes) == {21, 22}
 
 

@@ -115,3 +115,8 @@ def test_schema_is_json_with_the_stage_union():
         if "kind" in definition.get("properties", {})
     }
     assert kinds == {"data", "pretrain", "finetune", "merge", "metrics", "eval", "report"}
+
+
+def test_batch_must_give_each_rank_two_samples(write_job):
+    with pytest.raises(SpecError, match="stages.seed: Value error, train.batch_size 8 gives fewer than 2 samples per rank over 8 ranks"):
+        load_pipeline(write_job(MINIMAL), ["stages.seed.resources.procs_per_node=8"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vlcluster.backends import BACKENDS
 from vlcluster.spec.load import SpecError
 
 console = Console(highlight=False, soft_wrap=True)
@@ -38,7 +40,6 @@ def print_plan(graph, plans, run_dir: Path) -> None:
 def resolved_details(graph) -> list[str]:
     """Per-stage facts a user checks before spending cluster time."""
     from vlcluster.data.shards import expand_urls
-    from vlcluster.train.loop import rank_batch_sizes
 
     lines = []
     for name in graph.order:
@@ -49,13 +50,21 @@ def resolved_details(graph) -> list[str]:
             facts.append(f"time {res.time_min} min")
         train = getattr(spec, "train", None)
         if train is not None:
-            sizes = rank_batch_sizes(train.batch_size, res.world_size)
+            sizes = train.rank_batch_sizes(res.world_size)
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             facts.append(f"{train.steps} steps, batch {train.batch_size} ({per_rank}/rank), lr {train.lr:g}, warm-up {train.warmup_steps}")
             if spec.data.train:
                 facts.append(f"{len(expand_urls(spec.data.train))} train shards")
         lines.append(f"{name}: " + "; ".join(facts))
     return lines
+
+
+def check_runnable(graph, source: str) -> None:
+    from vlcluster.run import RUNNERS
+
+    missing = [f"stages.{name}: kind {spec.kind!r}" for name, spec in graph.pipeline.stages.items() if spec.kind not in RUNNERS]
+    if missing:
+        raise SpecError(f"{source}: this version of vlcluster cannot run these stages yet: " + "; ".join(missing))
 
 
 def cmd_plan(args) -> int:
@@ -78,6 +87,7 @@ def cmd_submit(args) -> int:
     from vlcluster.plan import check_inputs, make_plan
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    check_runnable(graph, args.file)
     backend = get_backend(args.backend)
     backend.validate(graph, args.file)
     check_inputs(graph, args.file, include_remote=not args.dry_run)
@@ -109,8 +119,8 @@ def cmd_status(args) -> int:
     for column in ("stage", "kind", "state", "detail"):
         table.add_column(column)
     for plan in make_plan(graph, run_dir):
-        record = stage_dir(run_dir, plan.name).read_state()
-        state, detail = describe_state(plan, record)
+        directory = stage_dir(run_dir, plan.name)
+        state, detail = describe_state(plan, directory.read_state(), directory.log_file)
         table.add_row(plan.name, plan.kind, state, detail)
     console.print(table)
     return 0
@@ -120,8 +130,6 @@ def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        import os
-
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -130,7 +138,7 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-def describe_state(plan, record: dict) -> tuple[str, str]:
+def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:
     if plan.status == "done":
         return "done", ""
     recorded = record.get("state")
@@ -138,7 +146,7 @@ def describe_state(plan, record: dict) -> tuple[str, str]:
         recorded = "interrupted"
     resume = f"checkpoint at step {plan.resume_step}" if plan.resume_step is not None else ""
     if recorded == "failed":
-        return "failed", f"exit {record.get('returncode')}; log {Path(plan.name) / 'logs' / 'stage.log'}"
+        return "failed", f"exit {record.get('returncode')}; log {log_file}"
     if recorded == "blocked":
         return "blocked", "upstream failed: " + ", ".join(record.get("blocked_by", []))
     if recorded in {"running", "interrupted"}:
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="run a pipeline (skips finished stages, resumes the rest)")
     spec_args(submit)
-    submit.add_argument("--backend", default="local", choices=["local"])
+    submit.add_argument("--backend", default="local", choices=sorted(BACKENDS))
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
     submit.set_defaults(func=cmd_submit)
 

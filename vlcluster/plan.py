@@ -9,7 +9,7 @@ from pathlib import Path
 from vlcluster.graph import Graph
 from vlcluster.rundir import stage_dir
 from vlcluster.spec.load import SpecError
-from vlcluster.train.checkpoint import latest_checkpoint
+from vlcluster.train.checkpoint_index import latest_checkpoint
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
 from vlcluster.backends.base import Backend
+
+# name -> "module:Class"; imported only when chosen, so the CLI does not pay
+# for cluster client libraries it does not use.
+BACKENDS: dict[str, str] = {
+    "local": "vlcluster.backends.local:LocalBackend",
+}
 
 
 def get_backend(name: str) -> Backend:
-    if name == "local":
-        from vlcluster.backends.local import LocalBackend
-
-        return LocalBackend()
-    raise ValueError(f"unknown backend {name!r}; available: local")
+    target = BACKENDS.get(name)
+    if target is None:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -103,6 +103,9 @@ class LocalBackend:
                 log.flush()
                 self.console.print(f"  [dim]{escape(line.rstrip())}[/]")
             code = process.wait()
+        if code == 0 and directory.done_hash() != plan.spec_hash:
+            code = 1  # exited cleanly without its outputs: never let dependants start on that
+            self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
         elapsed = time.time() - started
         state = "done" if code == 0 else "failed"
         directory.write_state(state=state, returncode=code, ended=time.time())

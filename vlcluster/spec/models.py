@@ -79,6 +79,15 @@ class TrainSpec(Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
 
+    def rank_batch_sizes(self, world_size: int) -> list[int]:
+        """The global batch split over ranks as evenly as possible."""
+        base, extra = divmod(self.batch_size, world_size)
+        if base < 2:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} gives fewer than 2 samples per rank over {world_size} ranks"
+            )
+        return [base + (1 if rank < extra else 0) for rank in range(world_size)]
+
 
 class ResourcesSpec(Strict):
     """What one stage asks of the cluster. Not part of the stage's identity:
@@ -127,6 +136,12 @@ class TrainStageBase(StageBase):
     train: TrainSpec
     init: StageRef | None = None
     checkpoint: CheckpointSpec = CheckpointSpec()
+
+
+    @model_validator(mode="after")
+    def _batch_fits_ranks(self) -> TrainStageBase:
+        self.train.rank_batch_sizes(self.resources.world_size)
+        return self
 
 
 class PretrainStage(TrainStageBase):

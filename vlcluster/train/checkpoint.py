@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,62 +26,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlcluster.rundir import read_json, write_json_atomic
+from vlcluster.rundir import write_json_atomic
+from vlcluster.train.checkpoint_index import (  # noqa: F401 - re-exported for callers
+    Checkpoint,
+    complete_checkpoints,
+    discard_foreign,
+    latest_checkpoint,
+    prune,
+    step_dir_name,
+)
 from vlcluster.train.dist import DistEnv, barrier
 
 log = logging.getLogger(__name__)
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    step: int
-
-    def meta(self) -> dict:
-        return read_json(self.path / "meta.json") or {}
-
-
-def complete_checkpoints(root: Path) -> list[Checkpoint]:
-    """Finished checkpoints, oldest first (``.partial`` ones are ignored)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = STEP_DIR.match(entry.name)
-        if match and (entry / "meta.json").is_file():
-            found.append(Checkpoint(entry, int(match.group(1))))
-    return sorted(found, key=lambda ckpt: ckpt.step)
-
-
-def latest_checkpoint(root: Path, spec_hash: str) -> Checkpoint | None:
-    """Newest checkpoint written for this exact stage spec."""
-    for ckpt in reversed(complete_checkpoints(root)):
-        if ckpt.meta().get("spec_hash") == spec_hash:
-            return ckpt
-    return None
-
-
-def discard_foreign(root: Path, spec_hash: str) -> list[int]:
-    """Remove checkpoints of an earlier, different spec of this stage, and
-    leftovers of interrupted writes. Returns the steps removed."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for entry in root.iterdir():
-        if entry.name.endswith(".partial"):
-            shutil.rmtree(entry, ignore_errors=True)
-    for ckpt in complete_checkpoints(root):
-        if ckpt.meta().get("spec_hash") != spec_hash:
-            shutil.rmtree(ckpt.path, ignore_errors=True)
-            removed.append(ckpt.step)
-    return removed
-
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors = {}
@@ -143,11 +98,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def prune(root: Path, keep: int) -> None:
-    for ckpt in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
 @dataclass

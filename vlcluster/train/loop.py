@@ -42,14 +42,6 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_LOAD = StateDictOptions(full_state_dict=True)
 
 
-def rank_batch_sizes(global_batch: int, world_size: int) -> list[int]:
-    """Split a global batch over ranks as evenly as possible."""
-    base, extra = divmod(global_batch, world_size)
-    if base < 2:
-        raise ValueError(f"train.batch_size {global_batch} gives fewer than 2 samples per rank over {world_size} ranks")
-    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
-
-
 class Trainer:
     def __init__(self, ctx: StageContext, env: DistEnv):
         self.ctx, self.env = ctx, env
@@ -59,7 +51,7 @@ class Trainer:
         self.encoder = TextEncoder(self.sources.tokenizer)
         self.answers = json.loads(Path(self.sources.answers).read_text()) if self.sources.answers else []
         self.config = build_model_config(ctx, self.encoder.vocab_size, len(self.answers))
-        self.rank_sizes = rank_batch_sizes(self.train.batch_size, env.world_size)
+        self.rank_sizes = self.train.rank_batch_sizes(env.world_size)
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)

@@ -1,0 +1,1 @@
+"""vlcluster: multimodal model-merging research pipelines on local machines and clusters."""

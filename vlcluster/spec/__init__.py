@@ -1,0 +1,1 @@
+"""Job specs: pydantic models and YAML loading."""

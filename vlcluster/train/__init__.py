@@ -1,0 +1,1 @@
+"""Training: objective, FSDP2 wrapping, optimizer, checkpoints, the loop."""
