@@ -66,10 +66,14 @@ def test_mask_tokens_respects_specials_padding_and_rate():
     assert torch.equal(masked[~chosen], ids[~chosen])
 
 
-def test_vqa_loss_prefers_the_right_answer():
+def test_vqa_losses_prefer_the_right_answer():
     answers = torch.tensor([1, 0])
     right = torch.tensor([[-5.0, 5.0, -5.0], [5.0, -5.0, -5.0]])
-    assert losses.vqa_loss(right, answers) < losses.vqa_loss(-right, answers)
+    for kind in ("softmax", "bce"):
+        assert losses.vqa_loss(right, answers, kind) < losses.vqa_loss(-right, answers, kind)
+    assert torch.isclose(losses.vqa_loss(right, answers, "softmax"), F.cross_entropy(right, answers))
+    bce = F.binary_cross_entropy_with_logits(right, F.one_hot(answers, 3).float()) * 3
+    assert torch.isclose(losses.vqa_loss(right, answers, "bce"), bce)
 
 
 def test_recall_at_k_by_hand():

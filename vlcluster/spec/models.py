@@ -74,6 +74,9 @@ class TrainSpec(Strict):
     betas: tuple[float, float] = (0.9, 0.98)
     loss_weights: LossWeights = LossWeights()
     mask_prob: float = Field(0.15, gt=0, lt=1, description="MLM masking rate")
+    vqa_loss: Literal["softmax", "bce"] = Field(
+        "softmax", description="bce: the paper's loss for VQA v2 soft scores; softmax: for single-answer data"
+    )
     precision: Precision = "fp32"
     device: Device = "auto"
     seed: int = 0

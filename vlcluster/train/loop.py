@@ -62,7 +62,7 @@ class Trainer:
         model = MultiwayTransformer(self.config, heads=self.head_names())
         self.objective = Objective(
             model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
-            self.train.mask_prob, self.rank_sizes,
+            self.train.mask_prob, self.rank_sizes, self.train.vqa_loss,
         )
         resume = ckpt.latest_checkpoint(self.checkpoint_root, ctx.spec_hash)
         if resume is None and spec.init is not None:

@@ -27,6 +27,7 @@ class Objective(nn.Module):
         mask_id: int,
         mask_prob: float,
         rank_sizes: list[int],
+        vqa_loss: str = "softmax",
     ):
         super().__init__()
         self.model = model
@@ -35,6 +36,7 @@ class Objective(nn.Module):
         self.mask_id = mask_id
         self.mask_prob = mask_prob
         self.rank_sizes = rank_sizes
+        self.vqa_loss = vqa_loss
 
     def forward(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         model, weights = self.model, self.weights
@@ -55,7 +57,7 @@ class Objective(nn.Module):
         if weights.vqa > 0:
             question_bottom = model.bottom_text(batch.question_ids, batch.question_mask)
             fused = model.fuse(image_bottom, question_bottom, batch.question_mask)
-            out["vqa"] = losses.vqa_loss(heads.vqa(fused[:, 0]), batch.answers)
+            out["vqa"] = losses.vqa_loss(heads.vqa(fused[:, 0]), batch.answers, self.vqa_loss)
         out["loss"] = sum(getattr(weights, name) * value for name, value in out.items())
         return out
 
