@@ -149,7 +149,7 @@ class Trainer:
         if self.env.is_main:
             log.info(
                 "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, from step %d",
-                self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6 if hasattr(self.objective.model, "num_params") else float("nan"),
+                self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
                 total, self.train.batch_size, self.env.world_size, self.step,
             )
         started = time.perf_counter()
