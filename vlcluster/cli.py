@@ -156,12 +156,13 @@ def describe_slurm_state(plan, record: dict, job, graph, states: dict[str, str])
         return "done", ""
     if job is None:
         return "unknown", f"job {record.get('job_id')} not in accounting"
-    resume = f"; checkpoint at step {plan.resume_step}" if plan.resume_step is not None else ""
-    restarts = f", requeued {job.restarts}x" if job.restarts else ""
+    facts = [f"requeued {job.restarts}x"] if job.restarts else []
+    if plan.resume_step is not None:
+        facts.append(f"checkpoint at step {plan.resume_step}")
     if job.state == "PENDING":
-        return "pending", f"{job.reason}{restarts}{resume}"
+        return "pending", "; ".join([f"waiting: {job.reason}", *facts])
     if job.state in {"RUNNING", "COMPLETING", "REQUEUED"}:
-        return job.state.lower(), f"{restarts.lstrip(', ')}{resume}"
+        return job.state.lower(), "; ".join(facts)
     failed_upstream = sorted(dep for dep in graph.upstream(plan.name) if states.get(dep) == "failed")
     if job.state == "CANCELLED" and failed_upstream:
         return "blocked", "never started, upstream failed: " + ", ".join(failed_upstream)

@@ -17,7 +17,7 @@ class JobState:
     state: str  # sacct's State, first word ("CANCELLED by 0" -> CANCELLED)
     exit_code: str
     reason: str
-    restarts: int = 0
+    restarts: int = 0  # how often it was requeued
 
     @property
     def active(self) -> bool:
@@ -29,17 +29,18 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids or shutil.which("sacct") is None:
         return {}
     result = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,ExitCode,Reason,Restarts"],
+        ["sacct", "-X", "-n", "-P", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,ExitCode,Reason"],
         capture_output=True, text=True, timeout=30,
     )
     states: dict[str, JobState] = {}
     for line in result.stdout.splitlines():
         fields = line.split("|")
-        if len(fields) < 5:
+        if len(fields) < 4:
             continue
-        job_id, state, exit_code, reason, restarts = fields[:5]
-        # -D lists every requeue of a job; the last line is the current one.
-        states[job_id] = JobState(job_id, state.split()[0], exit_code, reason, int(restarts or 0))
+        job_id, state, exit_code, reason = fields[:4]
+        # -D lists every run of a requeued job; the last line is the current one.
+        restarts = states[job_id].restarts + 1 if job_id in states else 0
+        states[job_id] = JobState(job_id, state.split()[0], exit_code, reason, restarts)
     return states
 
 
