@@ -110,6 +110,9 @@ def cmd_submit(args) -> int:
         report = run_dir / plan.name / "report.md"
         if plan.kind == "report" and report.is_file():
             console.print(report.read_text())
+    if getattr(backend, "queues", False):  # e.g. slurm: submit returns once every job is queued
+        console.print(f"queued in {elapsed:.1f} s")
+        return 0
     verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
     console.print(f"{verdict} in {elapsed:.1f} s")
     return 0 if ok else 1
@@ -222,14 +225,16 @@ def cmd_cancel(args) -> int:
     import signal
 
     from vlcluster.context import load_graph
+    from vlcluster.plan import make_plan
     from vlcluster.rundir import stage_dir
 
     run_dir = Path(args.run_dir)
     graph = load_graph(run_dir)
     records = {name: stage_dir(run_dir, name).read_state() for name in graph.order}
-    slurm_states = slurm_job_states(records)
-    to_cancel = [name for name, r in records.items() if r.get("backend") == "slurm" and r.get("job_id") in slurm_states
-                 and slurm_states[r["job_id"]].active]
+    done = {plan.name for plan in make_plan(graph, run_dir) if plan.status == "done"}
+    # Every recorded job of a stage not done, without asking accounting first
+    # (it lags a just-submitted job); SLURM ignores ids of ended jobs.
+    to_cancel = [name for name, r in records.items() if r.get("backend") == "slurm" and r.get("job_id") and name not in done]
     if to_cancel:
         from vlcluster.backends.slurm_queue import cancel
 

@@ -115,6 +115,7 @@ def dependency_flag(job_ids: list[str]) -> dict:
 
 class SlurmBackend:
     name = "slurm"
+    queues = True  # submit returns once the jobs are queued; no driver stays alive
 
     def __init__(self, console: Console | None = None, python: str | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
