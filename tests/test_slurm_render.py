@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.test_cli import GOOD
 from vlcluster.graph import build_graph
 from vlcluster.spec.load import SpecError, load_pipeline
 
@@ -95,12 +96,7 @@ def test_more_gpus_than_the_profile_has_is_a_spec_error(tmp_path):
     assert "gpus_per_node is 16; profile 'v100' nodes have 8" in result.stderr
 
 
-SWEEP = """
-name: sw
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
-  seed: {kind: pretrain, data: {from: data}, train: {steps: 5}}
-  vlpt: {kind: pretrain, model: {arch: specific}, init: {from: seed}, data: {from: data}, train: {steps: 5}}
+SWEEP = GOOD + """\
   merge: {kind: merge, source: vlpt, sweep: {alpha: [0, 0.5, 1.0]}}
   after_all: {kind: data, n_train: 16, n_val: 8, shard_size: 8, after: [merge]}
 """
@@ -118,7 +114,7 @@ def test_sweep_becomes_one_stage_per_value_with_its_own_hash(write_job):
 
 def test_sweep_over_a_nested_field_and_bad_references(write_job):
     path = write_job(SWEEP.replace("sweep: {alpha: [0, 0.5, 1.0]}", "alpha: 0.5")
-                     .replace("train: {steps: 5}}\n  vlpt", "train: {steps: 5}, sweep: {train.steps: [5, 10]}}\n  vlpt"))
+                     .replace("train: {steps: 2}}\n  vlpt", "train: {steps: 2}, sweep: {train.steps: [5, 10]}}\n  vlpt"))
     with pytest.raises(SpecError, match=r"stage 'seed' is a sweep of 2; name one element, e.g. 'seed\[train.steps=5\]'"):
         build_graph(load_pipeline(path), str(path))
     graph = build_graph(load_pipeline(path, ["stages.vlpt.init.from=seed[train.steps=10]"]), str(path))
