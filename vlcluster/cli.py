@@ -185,7 +185,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed stage whose parent died stays a zombie until init reaps it: that is not running
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
 
 
 def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:

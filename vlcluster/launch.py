@@ -18,9 +18,9 @@ class Rendezvous:
     ``node_rank * procs_per_node + local_rank``."""
 
     nnodes: int
-    node_rank: int
+    node_rank: int | str  # a str only when rendered for --dry-run ("$SLURM_NODEID")
     master_addr: str
-    master_port: int
+    master_port: int | str
 
 
 def is_distributed(kind: str) -> bool:

@@ -17,6 +17,7 @@ at once and no driver process stays alive.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from vlcluster.spec.models import ClusterProfile
 PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
 
 
+@functools.lru_cache(maxsize=None)
 def load_profile(name: str) -> ClusterProfile:
     """``slurm/<name>.yaml`` (next to the job, then in the vlcluster checkout),
     or a path to a YAML file; validated like job files."""
