@@ -12,29 +12,23 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.test_e2e import cli
+from tests.test_e2e import FAILING, cli
 from vlcluster.rundir import read_json
 
 pytestmark = pytest.mark.slow
 
-JOB = """
-name: stop
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
-  seed:
-    kind: pretrain
-    data: {from: data}
-    train: {steps: 400, batch_size: 8, log_every: 1}
-    checkpoint: {every: 1000}
-    resources: {procs_per_node: 2}
-"""
+# The e2e failure pipeline's seed stage, made long enough to be stopped mid-run.
+JOB = FAILING
+LONG = ["stages.seed.train.steps=400", "stages.seed.train.log_every=1", "stages.seed.checkpoint.every=1000"]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_next_submit_resumes(write_job, tmp_path):
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_next_submit_resumes(write_job, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # plan's table unwrapped
     run_dir = tmp_path / "run"
     job = str(write_job(JOB))
     log = run_dir / "seed" / "logs" / "stage.log"
-    submit = subprocess.Popen([sys.executable, "-m", "vlcluster.cli", "submit", job, "--run-dir", str(run_dir)],
+    overrides = [arg for override in LONG for arg in ("--set", override)]
+    submit = subprocess.Popen([sys.executable, "-m", "vlcluster.cli", "submit", job, "--run-dir", str(run_dir), *overrides],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.monotonic() + 180
     while not (log.is_file() and "step 3/400" in log.read_text()):
@@ -46,4 +40,4 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_next_submit_resumes
     text = log.read_text()
     step = int(text.split("stop requested: checkpoint at step ")[1].split()[0])
     assert 3 <= step < 400 and (run_dir / "seed" / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
-    assert f"resume from step {step}" in cli("plan", job, "--run-dir", str(run_dir)).stdout
+    assert f"resume from step {step}" in cli("plan", job, "--run-dir", str(run_dir), *overrides).stdout
