@@ -18,3 +18,42 @@ def write_job(tmp_path):
         return path
 
     return write
+
+
+SLURM_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
+
+
+def _missing_slurm_binaries() -> list[str]:
+    import shutil
+
+    return [name for name in SLURM_BINARIES if not (shutil.which(name) or Path(f"/usr/sbin/{name}").exists())]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster with accounting (tools/slurm-local),
+    brought up once per session and down at the end if this session started
+    it. Skips only where the SLURM packages are not installed (CI installs
+    them, so CI never skips)."""
+    import os
+    import subprocess
+
+    missing = _missing_slurm_binaries()
+    if missing:
+        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge slurmdbd mariadb-server")
+    if os.geteuid() != 0:
+        pytest.skip("tools/slurm-local runs the SLURM daemons as root")
+    tool = str(REPO / "tools" / "slurm-local")
+    conf = subprocess.run([tool, "env"], capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+    already_up = subprocess.run([tool, "status"], capture_output=True, text=True).returncode == 0
+    if not already_up:
+        subprocess.run([tool, "up"], check=True, timeout=120)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # for the CLI subprocesses and the sacct calls of the tests
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not already_up:
+        subprocess.run([tool, "down"], check=False, timeout=120)

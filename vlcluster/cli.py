@@ -1,4 +1,4 @@
-"""``vlcluster``: submit, plan, status, logs, schema, data."""
+"""``vlcluster``: submit, plan, status, logs, cancel, schema, data."""
 
 from __future__ import annotations
 
@@ -90,10 +90,17 @@ def cmd_submit(args) -> int:
     check_runnable(graph, args.file)
     backend = get_backend(args.backend)
     backend.validate(graph, args.file)
-    check_inputs(graph, args.file, include_remote=not args.dry_run)
+    try:
+        check_inputs(graph, args.file, include_remote=not args.dry_run)
+    except SpecError as exc:
+        if not args.dry_run:
+            raise
+        errors.print(f"[yellow]warning:[/] {escape(str(exc))}")  # a dry run still shows what would be queued
     plans = make_plan(graph, run_dir)
     print_plan(graph, plans, run_dir)
     if args.dry_run:
+        if hasattr(backend, "render"):  # e.g. the sbatch scripts of the slurm backend
+            sys.stdout.write(backend.render(graph, plans, run_dir))
         return 0
     save_pipeline(run_dir, graph)
     started = time.perf_counter()
@@ -103,6 +110,9 @@ def cmd_submit(args) -> int:
         report = run_dir / plan.name / "report.md"
         if plan.kind == "report" and report.is_file():
             console.print(report.read_text())
+    if getattr(backend, "queues", False):  # e.g. slurm: submit returns once every job is queued
+        console.print(f"queued in {elapsed:.1f} s")
+        return 0
     verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
     console.print(f"{verdict} in {elapsed:.1f} s")
     return 0 if ok else 1
@@ -115,15 +125,55 @@ def cmd_status(args) -> int:
 
     run_dir = Path(args.run_dir)
     graph = load_graph(run_dir)
+    plans = make_plan(graph, run_dir)
+    records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
+    slurm_states = slurm_job_states(records)
     table = Table(title=f"{graph.pipeline.name} ({run_dir})", title_justify="left")
-    for column in ("stage", "kind", "state", "detail"):
+    for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
-    for plan in make_plan(graph, run_dir):
+    states: dict[str, str] = {}
+    for plan in plans:
         directory = stage_dir(run_dir, plan.name)
-        state, detail = describe_state(plan, directory.read_state(), directory.log_file)
-        table.add_row(plan.name, plan.kind, state, detail)
+        record = records[plan.name]
+        if record.get("backend") == "slurm":
+            state, detail = describe_slurm_state(plan, record, slurm_states.get(record.get("job_id")), graph, states)
+        else:
+            state, detail = describe_state(plan, record, directory.log_file)
+        states[plan.name] = state
+        job = f"slurm {record['job_id']}" if record.get("backend") == "slurm" else ""
+        table.add_row(plan.name, plan.kind, job, state, detail)
     console.print(table)
     return 0
+
+
+def slurm_job_states(records: dict[str, dict]) -> dict:
+    from vlcluster.backends.slurm_queue import job_states
+
+    return job_states([r["job_id"] for r in records.values() if r.get("backend") == "slurm" and r.get("job_id")])
+
+
+def describe_slurm_state(plan, record: dict, job, graph, states: dict[str, str]) -> tuple[str, str]:
+    """A stage submitted to SLURM: its job's state in accounting, and for a
+    job that never ran, which upstream stage failed."""
+    if plan.status == "done":
+        return "done", ""
+    if job is None:
+        return "unknown", f"job {record.get('job_id')} not in accounting"
+    facts = [f"requeued {job.restarts}x"] if job.restarts else []
+    if plan.resume_step is not None:
+        facts.append(f"checkpoint at step {plan.resume_step}")
+    if job.state == "PENDING":
+        return "pending", "; ".join([f"waiting: {job.reason}", *facts])
+    if job.state in {"RUNNING", "COMPLETING", "REQUEUED"}:
+        return job.state.lower(), "; ".join(facts)
+    failed_upstream = sorted(dep for dep in graph.upstream(plan.name) if states.get(dep) == "failed")
+    if job.state == "CANCELLED" and failed_upstream:
+        return "blocked", "never started, upstream failed: " + ", ".join(failed_upstream)
+    if job.state == "COMPLETED":  # exited 0 without its done-marker
+        return "failed", f"no done-marker; log {record.get('log')}"
+    return ("failed" if job.state != "CANCELLED" else "cancelled"), (
+        f"{job.state} exit {job.exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})"
+    )
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -135,7 +185,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed stage whose parent died stays a zombie until init reaps it: that is not running
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
 
 
 def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:
@@ -157,10 +210,45 @@ def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:
 def cmd_logs(args) -> int:
     from vlcluster.rundir import stage_dir
 
-    log_file = stage_dir(args.run_dir, args.stage).log_file
-    if not log_file.is_file():
+    directory = stage_dir(args.run_dir, args.stage)
+    log_file = directory.log_file
+    slurm_log = directory.read_state().get("slurm_log")
+    if not log_file.is_file() and not (slurm_log and Path(slurm_log).is_file()):
         raise SpecError(f"{log_file}: no log (has stage {args.stage!r} started?)")
-    sys.stdout.write(log_file.read_text())
+    if log_file.is_file():
+        sys.stdout.write(log_file.read_text())
+    if slurm_log and Path(slurm_log).is_file():  # the job wrapper's own output (submitit, tracebacks)
+        sys.stdout.write(f"==== slurm job log {slurm_log}\n" + Path(slurm_log).read_text())
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    """Cancel every queued or running job of a run (slurm), or the running
+    stage of a local submit."""
+    import signal
+
+    from vlcluster.context import load_graph
+    from vlcluster.plan import make_plan
+    from vlcluster.rundir import stage_dir
+
+    run_dir = Path(args.run_dir)
+    graph = load_graph(run_dir)
+    records = {name: stage_dir(run_dir, name).read_state() for name in graph.order}
+    done = {plan.name for plan in make_plan(graph, run_dir) if plan.status == "done"}
+    # Every recorded job of a stage not done, without asking accounting first
+    # (it lags a just-submitted job); SLURM ignores ids of ended jobs.
+    to_cancel = [name for name, r in records.items() if r.get("backend") == "slurm" and r.get("job_id") and name not in done]
+    if to_cancel:
+        from vlcluster.backends.slurm_queue import cancel
+
+        cancel([records[name]["job_id"] for name in to_cancel])
+    for name, record in records.items():
+        if record.get("backend") == "local" and record.get("state") == "running" and pid_alive(record.get("pid")):
+            os.kill(record["pid"], signal.SIGTERM)
+            to_cancel.append(name)
+    for name in to_cancel:
+        stage_dir(run_dir, name).write_state(state="cancelled", cancelled=time.time())
+    console.print(f"cancelled {len(to_cancel)} stage(s)" + (f": {', '.join(to_cancel)}" if to_cancel else ""))
     return 0
 
 
@@ -204,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="state of every stage of a run")
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)
+
+    cancel = sub.add_parser("cancel", help="cancel every queued or running job of a run")
+    cancel.add_argument("run_dir")
+    cancel.set_defaults(func=cmd_cancel)
 
     logs = sub.add_parser("logs", help="print a stage's log")
     logs.add_argument("run_dir")

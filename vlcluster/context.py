@@ -91,7 +91,10 @@ def load_graph(run_dir: Path) -> Graph:
     payload = read_json(pipeline_file(run_dir))
     if payload is None:
         raise FileNotFoundError(f"{run_dir}: not a vlcluster run directory (no pipeline.json)")
-    pipeline = Pipeline.model_validate(payload["pipeline"])
+    raw = payload["pipeline"]
+    # JSON records are written with sorted keys: restore the file's stage order.
+    raw["stages"] = {name: raw["stages"][name] for name in payload.get("order", [])} or raw["stages"]
+    pipeline = Pipeline.model_validate(raw)
     return build_graph(pipeline, str(pipeline_file(run_dir)))
 
 

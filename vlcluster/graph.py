@@ -8,12 +8,15 @@ invalidates everything downstream of it and nothing else.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
+from typing import Any
 
-from vlcluster.spec.load import SpecError
+from vlcluster.spec.load import SpecError, validate
 from vlcluster.spec.models import Pipeline
 
 MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
@@ -29,7 +32,46 @@ REFERENCE_TARGETS: dict[str, frozenset[str]] = {
 
 # Fields that say how a stage runs, not what it computes: changing them must
 # not re-run finished work.
-NON_IDENTITY_FIELDS = {"resources", "after"}
+NON_IDENTITY_FIELDS = {"resources", "after", "sweep"}
+
+
+def sweep_base(name: str) -> str:
+    """``merge[alpha=0.25]`` -> ``merge``; other names are their own base."""
+    return name.split("[", 1)[0] if name.endswith("]") else name
+
+
+def sweep_element_name(base: str, assignment: dict[str, Any]) -> str:
+    return base + "[" + ",".join(f"{key}={json.dumps(value)}" for key, value in assignment.items()) + "]"
+
+
+def _set_path(raw: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    for key in keys[:-1]:
+        raw = raw.setdefault(key, {})
+    raw[keys[-1]] = value
+
+
+def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
+    """Replace every stage with a ``sweep`` by one stage per combination of
+    its values, named ``base[key=value,...]``, each with its own directory
+    and spec hash; every backend then runs them as ordinary stages."""
+    if not any(stage.sweep for stage in pipeline.stages.values()):
+        return pipeline
+    stages: dict[str, dict] = {}
+    for name, stage in pipeline.stages.items():
+        raw = stage.model_dump(mode="json", by_alias=True, exclude={"sweep"}, exclude_unset=True)
+        raw["kind"] = stage.kind
+        if not stage.sweep:
+            stages[name] = raw
+            continue
+        keys = list(stage.sweep)
+        for values in itertools.product(*(stage.sweep[key] for key in keys)):
+            element = copy.deepcopy(raw)
+            for key, value in zip(keys, values):
+                _set_path(element, key, value)
+            stages[sweep_element_name(name, dict(zip(keys, values)))] = element
+    payload = pipeline.model_dump(mode="json", by_alias=True, exclude={"stages"})
+    return validate({**payload, "stages": stages}, source)
 
 
 @dataclass(frozen=True)
@@ -80,11 +122,20 @@ class Graph:
 def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, ...]]:
     problems: list[str] = []
     deps: dict[str, tuple[str, ...]] = {}
+    sweeps: dict[str, list[str]] = {}
+    for element in pipeline.stages:
+        if sweep_base(element) != element:
+            sweeps.setdefault(sweep_base(element), []).append(element)
     for name, stage in pipeline.stages.items():
         targets: list[str] = []
         for ref in references(stage):
             target = pipeline.stages.get(ref.target)
-            if target is None:
+            if target is None and ref.target in sweeps:
+                problems.append(
+                    f"stages.{name}.{ref.field}: stage {ref.target!r} is a sweep of {len(sweeps[ref.target])}; "
+                    f"name one element, e.g. {sweeps[ref.target][0]!r} (or depend on all with after: [{ref.target}])"
+                )
+            elif target is None:
                 problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}")
             elif target.kind not in REFERENCE_TARGETS[ref.kind_rule]:
                 allowed = ", ".join(sorted(REFERENCE_TARGETS[ref.kind_rule]))
@@ -93,9 +144,12 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
                 )
             targets.append(ref.target)
         for index, after in enumerate(stage.after):
-            if after not in pipeline.stages:
+            if after in sweeps:  # the whole sweep: downstream waits for every element
+                targets.extend(sweeps[after])
+            elif after not in pipeline.stages:
                 problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}")
-            targets.append(after)
+            else:
+                targets.append(after)
         if name in targets:
             problems.append(f"stages.{name}: a stage cannot depend on itself")
         deps[name] = tuple(dict.fromkeys(t for t in targets if t in pipeline.stages and t != name))
@@ -138,6 +192,7 @@ def _hashes(pipeline: Pipeline, deps: dict[str, tuple[str, ...]], order: tuple[s
 
 
 def build_graph(pipeline: Pipeline, source: str = "<pipeline>") -> Graph:
+    pipeline = expand_sweeps(pipeline, source)
     deps = _check_references(pipeline, source)
     order = _topological_order(deps, source)
     return Graph(pipeline=pipeline, deps=deps, order=order, hashes=_hashes(pipeline, deps, order))

@@ -64,13 +64,15 @@ def is_remote(url: str) -> bool:
 def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
     """Shards and tokenizers named directly in the spec must exist before
     anything runs (outputs of upstream stages are checked by those stages)."""
-    from vlcluster.data.shards import expand_urls, missing_shards
-
     problems = []
     for name, spec in graph.pipeline.stages.items():
         data = getattr(spec, "data", None)
         if data is None or data.from_ is not None:
             continue
+        # Imported only here: the shard reader pulls in torch (~2 s), which a
+        # pipeline reading only its own data stages never needs at submit time.
+        from vlcluster.data.shards import expand_urls, missing_shards
+
         for field in ("train", "val"):
             pattern = getattr(data, field)
             if not pattern:

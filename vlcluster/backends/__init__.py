@@ -10,6 +10,7 @@ from vlcluster.backends.base import Backend
 # for cluster client libraries it does not use.
 BACKENDS: dict[str, str] = {
     "local": "vlcluster.backends.local:LocalBackend",
+    "slurm": "vlcluster.backends.slurm:SlurmBackend",
 }
 
 

@@ -7,7 +7,7 @@ a job file is an error at load time, not a silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -122,6 +122,21 @@ class CheckpointSpec(Strict):
 class StageBase(Strict):
     after: list[str] = Field(default_factory=list, description="extra dependencies")
     resources: ResourcesSpec = ResourcesSpec()
+    sweep: dict[str, list[Any]] | None = Field(
+        None,
+        description="field path within the stage -> values; the stage runs once per combination "
+        "as 'name[key=value,...]' (one SLURM job array)",
+    )
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_fields(cls, sweep: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        for key, values in (sweep or {}).items():
+            if key.split(".")[0] in {"kind", "sweep", "after", "resources"}:
+                raise ValueError(f"{key!r} cannot be swept (only fields that change what the stage computes)")
+            if not values:
+                raise ValueError(f"sweep over {key!r} has no values")
+        return sweep
 
 
 class DataStage(StageBase):
@@ -203,6 +218,28 @@ Stage = Annotated[
 ]
 
 TRAINING_KINDS = frozenset({"pretrain", "finetune"})
+
+
+class ClusterProfile(Strict):
+    """A SLURM cluster profile (``slurm/<name>.yaml``): where jobs go and the
+    per-GPU defaults a stage's ``resources`` is completed with."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = Field(None, description="sbatch --constraint, e.g. a GPU model feature")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs a node of this cluster has")
+    gpu_type: str | None = Field(None, description="GRES type, e.g. v100 -> --gpus-per-node=v100:8")
+    cpus_per_gpu: int | None = Field(None, ge=1)
+    mem_gb_per_gpu: float | None = Field(None, gt=0)
+    cpus_per_node: int | None = Field(None, ge=1, description="default CPUs for a stage without GPUs")
+    mem_gb: float | None = Field(None, gt=0, description="default memory for a stage without GPUs")
+    time_min: int = Field(60, gt=0, description="default time limit")
+    signal_delay_s: int = Field(120, ge=10, description="USR2 this long before the time limit: checkpoint and requeue")
+    max_requeues: int = Field(20, ge=0, description="time-outs a stage may be requeued after")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the stage (module load, ...)")
+    python: str | None = Field(None, description="python on the nodes (default: the submitting interpreter)")
+    sbatch: dict[str, str | int | bool] = Field(default_factory=dict, description="further sbatch flags")
 
 
 class Pipeline(Strict):

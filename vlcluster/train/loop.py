@@ -33,7 +33,9 @@ from vlcluster.train.dist import DistEnv, exit_process, init_distributed
 from vlcluster.train.model_config import build_model_config
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
+from vlcluster.launch import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
+from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
 
 log = logging.getLogger("vlcluster.train")
@@ -43,8 +45,9 @@ FULL_STATE_LOAD = StateDictOptions(full_state_dict=True)
 
 
 class Trainer:
-    def __init__(self, ctx: StageContext, env: DistEnv):
+    def __init__(self, ctx: StageContext, env: DistEnv, stop: StopFlag | None = None):
         self.ctx, self.env = ctx, env
+        self.stop = stop or StopFlag()
         spec = ctx.spec
         self.train = spec.train
         self.sources = ctx.data_sources(spec.data)
@@ -166,8 +169,15 @@ class Trainer:
             if self.step % self.train.log_every == 0 or self.step == total:
                 history = self.log_step(out, window_samples / (time.perf_counter() - window_start))
                 window_start, window_samples = time.perf_counter(), 0
-            if self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total:
+            saved = self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total
+            if saved:
                 self.save()
+            if self.step < total and self.stop.agreed(self.env.device):
+                if not saved:
+                    self.save()
+                if self.env.is_main:
+                    log.info("stop requested: checkpoint at step %d saved, exiting to be requeued", self.step)
+                raise StopRequested
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {
@@ -210,6 +220,7 @@ def _tupled(value):
 
 def run_training(ctx: StageContext) -> None:
     """Entry point of a training stage on every rank; never returns."""
+    stop = StopFlag().install()  # before the process group exists: a signal during set-up is kept
     env = init_distributed(ctx.spec.train.device)
     code = 0
     try:
@@ -219,9 +230,11 @@ def run_training(ctx: StageContext) -> None:
                 log.info("removed checkpoints of an earlier spec of this stage (steps %s)", removed)
         if dist.is_initialized():
             dist.barrier()
-        trainer = Trainer(ctx, env)
+        trainer = Trainer(ctx, env, stop)
         summary = trainer.fit()
         trainer.export(summary)
+    except StopRequested:
+        code = EXIT_REQUEUE
     except BaseException:  # noqa: BLE001 - report, then exit with failure below
         traceback.print_exc()
         code = 1

@@ -1,0 +1,134 @@
+"""What the SLURM backend would submit, without a cluster: golden sbatch
+scripts (as submitit tests its own), the per-node torchrun command for
+6 nodes x 8 GPUs, cluster profiles, and sweeps expanded into stages.
+
+Regenerate the golden files after an intended change with
+``VLCLUSTER_REGEN_GOLDEN=1 python -m pytest tests/test_slurm_render.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cli import GOOD
+from vlcluster.graph import build_graph
+from vlcluster.spec.load import SpecError, load_pipeline
+
+GOLDEN = REPO / "tests" / "golden"
+RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout
+
+
+def dry_run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", "submit", *args, "--backend", "slurm", "--dry-run"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    scripts = result.stdout[result.stdout.index("# ---- "):]
+    return scripts.replace(sys.executable, "python")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("VLCLUSTER_REGEN_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; regenerate with VLCLUSTER_REGEN_GOLDEN=1 if intended"
+
+
+def test_seed_100k_on_v100_golden_sbatch():
+    script = dry_run("jobs/seed_100k.yaml", "--run-dir", RUN_DIR)
+    check_golden("seed_100k.v100.sbatch", script)
+    for line in ("#SBATCH --nodes=6", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=v100:8",
+                 "#SBATCH --partition=gpu", "#SBATCH --constraint=volta32gb", "#SBATCH --signal=USR2@180",
+                 "#SBATCH --requeue", "#SBATCH --time=2880"):
+        assert line in script
+
+
+def test_quickstart_dry_run_chains_every_stage_with_afterok():
+    script = dry_run("jobs/quickstart.yaml", "--run-dir", "/scratch/vl/runs/quickstart")
+    assert script.count("#!/bin/bash") == 12
+    assert "#SBATCH --dependency=afterok:'<job:seed>:<job:data>'" in script or "--dependency='afterok:<job:seed>:<job:data>'" in script
+    assert script.count("#SBATCH --kill-on-invalid-dep=yes") == 11  # every stage but data
+
+
+def test_torchrun_command_for_six_nodes_of_eight_gpus(monkeypatch):
+    """The command each node's task runs, from a real SLURM environment of
+    node 3 of a 6-node allocation (parsed by submitit, as on the cluster)."""
+    import submitit
+
+    from vlcluster.backends.slurm_job import StageJob
+
+    for key, value in {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "6", "SLURM_NODEID": "3", "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "0", "SLURM_NTASKS": "6", "SLURM_JOB_NODELIST": "v100-[017-020,031],v100-040",
+        "SUBMITIT_EXECUTOR": "slurm",
+    }.items():
+        monkeypatch.setenv(key, value)
+    job = StageJob("/runs/seed_100k", "seed", "abc", "pretrain", 8, "python")
+    assert job.command(submitit.JobEnvironment()) == [
+        "python", "-m", "torch.distributed.run", "--nnodes=6", "--node_rank=3", "--nproc_per_node=8",
+        "--master_addr=v100-017", "--master_port=24242", "-m", "vlcluster.run", "/runs/seed_100k", "seed",
+    ]
+
+
+def test_profiles_are_validated():
+    from vlcluster.backends.slurm import load_profile
+
+    assert load_profile("v100").gpus_per_node == 8
+    assert load_profile("local").partition == "debug"
+    with pytest.raises(SpecError, match="cluster profile 'nope' not found"):
+        load_profile("nope")
+
+
+def test_more_gpus_than_the_profile_has_is_a_spec_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", "submit", "jobs/seed_100k.yaml", "--backend", "slurm", "--dry-run",
+         "--set", "stages.seed.resources.gpus_per_node=16"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "gpus_per_node is 16; profile 'v100' nodes have 8" in result.stderr
+
+
+SWEEP = GOOD + """\
+  merge: {kind: merge, source: vlpt, sweep: {alpha: [0, 0.5, 1.0]}}
+  after_all: {kind: data, n_train: 16, n_val: 8, shard_size: 8, after: [merge]}
+"""
+
+
+def test_sweep_becomes_one_stage_per_value_with_its_own_hash(write_job):
+    path = write_job(SWEEP)
+    graph = build_graph(load_pipeline(path), str(path))
+    elements = ("merge[alpha=0]", "merge[alpha=0.5]", "merge[alpha=1.0]")
+    assert graph.order == ("data", "seed", "vlpt", *elements, "after_all")
+    assert [graph.pipeline.stages[name].alpha for name in elements] == [0, 0.5, 1.0]
+    assert len({graph.hashes[name] for name in elements}) == 3
+    assert set(graph.deps["after_all"]) == set(elements)  # downstream waits for the whole sweep
+
+
+def test_sweep_over_a_nested_field_and_bad_references(write_job):
+    path = write_job(SWEEP.replace("sweep: {alpha: [0, 0.5, 1.0]}", "alpha: 0.5")
+                     .replace("train: {steps: 2}}\n  vlpt", "train: {steps: 2}, sweep: {train.steps: [5, 10]}}\n  vlpt"))
+    with pytest.raises(SpecError, match=r"stage 'seed' is a sweep of 2; name one element, e.g. 'seed\[train.steps=5\]'"):
+        build_graph(load_pipeline(path), str(path))
+    graph = build_graph(load_pipeline(path, ["stages.vlpt.init.from=seed[train.steps=10]"]), str(path))
+    assert graph.pipeline.stages["seed[train.steps=10]"].train.steps == 10
+    assert graph.deps["vlpt"] == ("seed[train.steps=10]", "data")
+    with pytest.raises(SpecError, match="'resources.nodes' cannot be swept"):
+        load_pipeline(path, ["stages.data.sweep={resources.nodes: [1, 2]}"])
+
+
+def test_sweep_survives_the_run_directory_round_trip(write_job, tmp_path):
+    from vlcluster.context import load_graph, save_pipeline
+
+    path = write_job(SWEEP)
+    graph = build_graph(load_pipeline(path), str(path))
+    save_pipeline(tmp_path, graph)
+    again = load_graph(tmp_path)
+    assert again.order == graph.order and again.hashes == graph.hashes

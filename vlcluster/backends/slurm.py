@@ -1,0 +1,249 @@
+"""SLURM backend: every stage one SLURM job, submitted through submitit,
+chained with ``--dependency=afterok:<ids>``; the whole pipeline is queued
+at once and no driver process stays alive.
+
+- A stage's ``resources`` plus its cluster profile (``slurm/<name>.yaml``,
+  chosen by ``resources.profile`` or ``$VLCLUSTER_SLURM_PROFILE``, default
+  ``local``) give nodes, GPUs, CPUs, memory and time.
+- Training stages run one task per node; the task starts torchrun with the
+  rendezvous on the first host of the allocation (``slurm_job.py``).
+- The elements of a sweep are one job array; a stage after any element
+  waits for the whole array (``afterok:<array id>``).
+- ``--kill-on-invalid-dep=yes``: a failed job's dependants are cancelled,
+  never started.
+- Stages already done are not submitted; the job id of every submitted stage
+  goes to its ``state.json`` (what ``status``, ``logs`` and ``cancel`` read).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from vlcluster.backends import slurm_queue
+from vlcluster.graph import Graph, sweep_base
+from vlcluster.plan import StagePlan
+from vlcluster.rundir import read_json, stage_dir, write_json_atomic
+from vlcluster.spec.load import SpecError, read_yaml
+from vlcluster.spec.models import ClusterProfile
+
+PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
+
+
+@functools.lru_cache(maxsize=None)
+def load_profile(name: str) -> ClusterProfile:
+    """``slurm/<name>.yaml`` (next to the job, then in the vlcluster checkout),
+    or a path to a YAML file; validated like job files."""
+    from pydantic import ValidationError
+
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in PROFILE_DIRS]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+    try:
+        return ClusterProfile.model_validate(read_yaml(path))
+    except ValidationError as exc:
+        from vlcluster.spec.load import describe_validation_error
+
+        raise SpecError(describe_validation_error(str(path), exc)) from None
+
+
+def profile_name(spec) -> str:
+    return spec.resources.profile or os.environ.get("VLCLUSTER_SLURM_PROFILE", "local")
+
+
+def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
+    """submitit SlurmExecutor parameters for one stage (dependencies apart)."""
+    res = spec.resources
+    gpus = res.gpus_per_node
+    if gpus:
+        cpus = res.cpus_per_node or (profile.cpus_per_gpu or 1) * gpus
+        mem_gb = res.mem_gb or (profile.mem_gb_per_gpu * gpus if profile.mem_gb_per_gpu else None)
+    else:
+        cpus = res.cpus_per_node or max(profile.cpus_per_node or 1, res.ranks_per_node if spec.kind in ("pretrain", "finetune") else 1)
+        mem_gb = res.mem_gb or profile.mem_gb
+    params: dict = {
+        "job_name": job_name,
+        "nodes": res.nodes,
+        "ntasks_per_node": 1,  # one torchrun (or one python) per node
+        "cpus_per_task": cpus,
+        "time": res.time_min or profile.time_min,
+        "signal_delay_s": profile.signal_delay_s,
+        "stderr_to_stdout": True,
+        "setup": list(profile.setup),
+        "additional_parameters": {"requeue": True, **profile.sbatch},
+    }
+    if gpus:
+        params["gpus_per_node"] = f"{profile.gpu_type}:{gpus}" if profile.gpu_type else gpus
+    if mem_gb:
+        params["mem"] = f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
+    for field in ("partition", "account", "qos", "constraint"):
+        if getattr(profile, field):
+            params[field] = getattr(profile, field)
+    return params
+
+
+@dataclass
+class Unit:
+    """One SLURM submission: a stage, or the elements of a sweep as an array."""
+
+    base: str
+    plans: list[StagePlan]
+
+    @property
+    def is_array(self) -> bool:
+        return len(self.plans) > 1 or self.plans[0].name != self.base
+
+
+def submission_units(plans: list[StagePlan]) -> list[Unit]:
+    units: dict[str, Unit] = {}
+    for plan in plans:
+        if plan.runs:
+            units.setdefault(sweep_base(plan.name), Unit(sweep_base(plan.name), [])).plans.append(plan)
+    return list(units.values())
+
+
+def dependency_flag(job_ids: list[str]) -> dict:
+    if not job_ids:
+        return {}
+    return {"dependency": "afterok:" + ":".join(dict.fromkeys(job_ids)), "kill-on-invalid-dep": "yes"}
+
+
+class SlurmBackend:
+    name = "slurm"
+    queues = True  # submit returns once the jobs are queued; no driver stays alive
+
+    def __init__(self, console: Console | None = None, python: str | None = None):
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.python = python
+
+    def validate(self, graph: Graph, source: str) -> None:
+        for name, spec in graph.pipeline.stages.items():
+            profile = load_profile(profile_name(spec))
+            gpus = spec.resources.gpus_per_node
+            if gpus and gpus > profile.gpus_per_node:
+                raise SpecError(
+                    f"{source}: stages.{name}.resources.gpus_per_node is {gpus}; "
+                    f"profile {profile_name(spec)!r} nodes have {profile.gpus_per_node}"
+                )
+
+    # ---- what each job is ------------------------------------------------
+
+    def folder(self, run_dir: Path, unit: Unit) -> Path:
+        return run_dir.resolve() / "slurm" / unit.base
+
+    def parameters(self, graph: Graph, unit: Unit, deps: list[str]) -> dict:
+        spec = graph.pipeline.stages[unit.plans[0].name]
+        params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.base}")
+        params["additional_parameters"].update(dependency_flag(deps))
+        return params
+
+    def python_for(self, graph: Graph, unit: Unit) -> str:
+        profile = load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name]))
+        return self.python or profile.python or sys.executable
+
+    def jobs(self, graph: Graph, unit: Unit, run_dir: Path):
+        from vlcluster.backends.slurm_job import StageJob
+
+        python = self.python_for(graph, unit)
+        return [
+            StageJob(str(run_dir.resolve()), plan.name, plan.spec_hash, plan.kind,
+                     graph.pipeline.stages[plan.name].resources.ranks_per_node, python)
+            for plan in unit.plans
+        ]
+
+    def upstream_jobs(self, graph: Graph, unit: Unit, submitted: dict[str, str]) -> list[str]:
+        """Job ids this unit waits for; an element of an array stands for the
+        whole array (afterok on an array id waits for every task)."""
+        ids = []
+        for plan in unit.plans:
+            for dep in graph.deps[plan.name]:
+                if dep in submitted:
+                    ids.append(submitted[dep].split("_")[0])
+        return ids
+
+    # ---- dry run ---------------------------------------------------------------
+
+    def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
+        """The sbatch scripts submit would write, dependencies as <job:stage>."""
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        from vlcluster.launch import Rendezvous, stage_command
+
+        out, submitted = [], {}
+        for unit in submission_units(plans):
+            params = self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted))
+            for plan in unit.plans:
+                submitted[plan.name] = f"<job:{unit.base}>"
+            folder = self.folder(run_dir, unit)
+            if unit.is_array:
+                params["map_count"] = len(unit.plans)
+            python = self.python_for(graph, unit)
+            command = f"{python} -u -m submitit.core._submit {folder}"
+            spec = graph.pipeline.stages[unit.plans[0].name]
+            res = spec.resources
+            rendezvous = Rendezvous(res.nodes, "$SLURM_NODEID", "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>") if res.nodes > 1 else None
+            launch = " ".join(stage_command(spec.kind, str(run_dir.resolve()), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
+            elements = "".join(f"#   task {index}: {plan.name}\n" for index, plan in enumerate(unit.plans)) if unit.is_array else ""
+            out.append(
+                f"# ---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
+                f" ({spec.kind}, profile {profile_name(spec)})\n{elements}"
+                f"# each task runs: {launch}\n"
+                + _make_sbatch_string(command=command, folder=folder, **params)
+            )
+        return "\n".join(out)
+
+    # ---- submit ----------------------------------------------------------------
+
+    def submit(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> bool:
+        import submitit
+
+        self.refuse_if_queued(run_dir, plans)
+        submitted: dict[str, str] = {}
+        for index, unit in enumerate(submission_units(plans), start=1):
+            executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
+                                              python=self.python_for(graph, unit))
+            executor.update_parameters(**self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted)))
+            jobs = self.jobs(graph, unit, run_dir)
+            if unit.is_array:
+                with executor.batch():
+                    handles = [executor.submit(job) for job in jobs]
+            else:
+                handles = [executor.submit(jobs[0])]
+            for plan, handle in zip(unit.plans, handles):
+                submitted[plan.name] = handle.job_id
+                self.record(run_dir, plan, handle.job_id, handle.paths.stdout)
+            ids = ", ".join(handle.job_id for handle in handles)
+            self.console.print(f"[bold]{unit.base}[/]: submitted as job {ids}")
+        for plan in plans:
+            if not plan.runs:
+                self.console.print(f"[dim]{plan.name}: skipped (done)[/]")
+        self.console.print(f"queued {len(submitted)} stage(s); follow with: vlcluster status {run_dir}")
+        return True
+
+    def max_requeues(self, graph: Graph, unit: Unit) -> int:
+        return load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name])).max_requeues
+
+    @staticmethod
+    def record(run_dir: Path, plan: StagePlan, job_id: str, slurm_log: Path) -> None:
+        directory = stage_dir(run_dir, plan.name)
+        write_json_atomic(directory.state_file, {
+            "backend": "slurm", "state": "submitted", "job_id": job_id, "submitted": time.time(),
+            "slurm_log": str(slurm_log), "log": str(directory.log_file),
+        })
+
+    @staticmethod
+    def refuse_if_queued(run_dir: Path, plans: list[StagePlan]) -> None:
+        records = {plan.name: read_json(stage_dir(run_dir, plan.name).state_file) or {} for plan in plans}
+        ids = {name: record["job_id"] for name, record in records.items() if record.get("backend") == "slurm" and record.get("job_id")}
+        states = slurm_queue.job_states(list(ids.values()))
+        active = [f"{name} (job {job_id})" for name, job_id in ids.items() if job_id in states and states[job_id].active]
+        if active:
+            raise SpecError(f"{run_dir}: jobs of this run are still queued or running: {', '.join(active)}; "
+                            f"wait, or `vlcluster cancel {run_dir}` first")

@@ -1,0 +1,75 @@
+"""What SLURM says about a run's jobs: states from accounting (sacct), and
+cancelling. Plain subprocess calls, no submitit, so `status` stays light."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED"})
+UNSUCCESSFUL = frozenset({"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    state: str  # sacct's State, first word ("CANCELLED by 0" -> CANCELLED)
+    exit_code: str
+    reason: str
+    restarts: int = 0  # how often it was requeued
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+def job_states(job_ids: list[str]) -> dict[str, JobState]:
+    """States from accounting (one sacct call, array elements as ``123_4``),
+    completed from the live queue for jobs slurmdbd has not recorded yet
+    (right after a submit)."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    states = _parse(_run(["sacct", "-X", "-n", "-P", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,ExitCode,Reason"]))
+    missing = set(job_ids) - set(states)
+    if missing:
+        queued = _parse(_run(["squeue", "-h", "--me", "-o", "%i|%T|0:0|%r"]))
+        states.update({job_id: queued[job_id] for job_id in missing if job_id in queued})
+    return {job_id: states[job_id] for job_id in job_ids if job_id in states}
+
+
+def _run(command: list[str]) -> str:
+    return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+
+
+def _parse(table: str) -> dict[str, JobState]:
+    states: dict[str, JobState] = {}
+    for line in table.splitlines():
+        fields = line.split("|")
+        if len(fields) < 4:
+            continue
+        job_id, state, exit_code, reason = fields[:4]
+        for element in pending_array_elements(job_id):  # "12_[0-2]": array tasks not started yet
+            states[element] = JobState(element, state.split()[0], exit_code, reason)
+        # sacct -D lists every run of a requeued job; the last line is the current one.
+        restarts = states[job_id].restarts + 1 if job_id in states else 0
+        states[job_id] = JobState(job_id, state.split()[0], exit_code, reason, restarts)
+    return states
+
+
+def pending_array_elements(job_id: str) -> list[str]:
+    match = re.fullmatch(r"(\d+)_\[([\d,\-]+)(%\d+)?\]", job_id)
+    if not match:
+        return []
+    elements = []
+    for part in match.group(2).split(","):
+        first, _, last = part.partition("-")
+        elements += [f"{match.group(1)}_{index}" for index in range(int(first), int(last or first) + 1)]
+    return elements
+
+
+def cancel(job_ids: list[str]) -> None:
+    """scancel every id; ids of jobs that already ended are ignored by SLURM."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=30)
