@@ -32,11 +32,27 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids or shutil.which("sacct") is None:
         return {}
     states = _parse(_run(["sacct", "-X", "-n", "-P", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,ExitCode,Reason"]))
+    states.update(_unstarted_array_elements([job_id for job_id in job_ids if job_id not in states]))
     missing = set(job_ids) - set(states)
     if missing:
         queued = _parse(_run(["squeue", "-h", "--me", "-o", "%i|%T|0:0|%r"]))
         states.update({job_id: queued[job_id] for job_id in missing if job_id in queued})
     return {job_id: states[job_id] for job_id in job_ids if job_id in states}
+
+
+def _unstarted_array_elements(job_ids: list[str]) -> dict[str, JobState]:
+    """An array cancelled before any task started is recorded only under its
+    bare id ("49"), never as "49_0": elements take the array's state."""
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids if "_" in job_id})
+    if not arrays:
+        return {}
+    recorded = _parse(_run(["sacct", "-X", "-n", "-P", "-j", ",".join(arrays), "-o", "JobID,State,ExitCode,Reason"]))
+    found = {}
+    for job_id in job_ids:
+        array = recorded.get(job_id.split("_")[0])
+        if array is not None:
+            found[job_id] = JobState(job_id, array.state, array.exit_code, array.reason)
+    return found
 
 
 def _run(command: list[str]) -> str:
