@@ -1,7 +1,7 @@
 """The dependency graph of a pipeline.
 
 Edges come from references inside stage specs (``init.from``, ``data.from``,
-``source``, ``seed``, report ``rows``) plus explicit ``after:``. Each stage
+``source``, ``seed``, ``grams``, report ``rows``) plus explicit ``after:``. Each stage
 gets a spec hash that also covers its upstream hashes, so changing a stage
 invalidates everything downstream of it and nothing else.
 """
@@ -24,6 +24,7 @@ REFERENCE_TARGETS: dict[str, frozenset[str]] = {
     "data.from": frozenset({"data"}),
     "source": MODEL_KINDS,
     "seed": MODEL_KINDS,
+    "grams": frozenset({"grams"}),
     "rows": frozenset({"eval"}),
 }
 
@@ -50,7 +51,7 @@ def references(stage) -> list[Reference]:
     data = getattr(stage, "data", None)
     if data is not None and data.from_ is not None:
         refs.append(Reference("data.from", data.from_))
-    for field in ("source", "seed"):
+    for field in ("source", "seed", "grams"):
         target = getattr(stage, field, None)
         if isinstance(target, str):
             refs.append(Reference(field, target))
