@@ -238,10 +238,22 @@ class EvalStage(StageBase):
     batch_size: int = Field(128, gt=0)
 
 
+class MergeabilityPoint(Strict):
+    """One model for the metric/merge-drop correlation."""
+
+    metrics: str = Field(description="metrics stage of the modality-specific model")
+    merged: str = Field(description="eval stage of the merged (then fine-tuned) model")
+    unmerged: str = Field(description="eval stage of the unmerged (fine-tuned) model")
+
+
 class ReportStage(StageBase):
     kind: Literal["report"]
     rows: dict[str, str] = Field(description="row label -> eval stage")
     title: str = "Results"
+    mergeability: dict[str, MergeabilityPoint] = Field(
+        default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
+    )
+    drop_score: Literal["retrieval", "tr", "ir", "vqa_acc"] = "retrieval"
 
 
 Stage = Annotated[
