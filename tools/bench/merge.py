@@ -101,7 +101,7 @@ def main() -> None:
         if Path(args.mergekit).exists():
             config = mergekit_inputs(src, root)
             try:
-                rows["mergekit-pytorch linear (b)"] = best_of([args.mergekit, str(config), str(root / "mk"), "--lazy-unpickle"], 1)
+                rows["mergekit-pytorch linear (b)"] = best_of([args.mergekit, str(config), str(root / "mk"), "--quiet"], 1)
             except RuntimeError as exc:
                 print(f"mergekit: could not run here ({str(exc).splitlines()[-1][:200]})")
         else:
