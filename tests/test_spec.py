@@ -114,7 +114,7 @@ def test_schema_is_json_with_the_stage_union():
         for definition in schema["$defs"].values()
         if "kind" in definition.get("properties", {})
     }
-    assert kinds == {"data", "pretrain", "finetune", "merge", "metrics", "eval", "report"}
+    assert kinds == {"data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report"}
 
 
 def test_batch_must_give_each_rank_two_samples(write_job):

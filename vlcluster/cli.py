@@ -1,4 +1,4 @@
-"""``vlcluster``: submit, plan, status, logs, cancel, schema, data."""
+"""``vlcluster``: submit, plan, status, logs, cancel, schema, merge, metrics, report, data."""
 
 from __future__ import annotations
 
@@ -199,7 +199,9 @@ def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:
         recorded = "interrupted"
     resume = f"checkpoint at step {plan.resume_step}" if plan.resume_step is not None else ""
     if recorded == "failed":
-        return "failed", f"exit {record.get('returncode')}; log {log_file}"
+        gated = (record.get("gate") or {}).get("passed") is False
+        reason = f"{record['reason']}; " if record.get("reason") else ""
+        return ("gated" if gated else "failed"), f"{reason}exit {record.get('returncode')}; log {log_file}"
     if recorded == "blocked":
         return "blocked", "upstream failed: " + ", ".join(record.get("blocked_by", []))
     if recorded in {"running", "interrupted"}:
@@ -270,6 +272,53 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from vlcluster.merge.apply import merge_checkpoint, method_params
+
+    values = {
+        "alpha": args.alpha, "lam": args.lam, "gamma": args.gamma, "density": args.density,
+        "random_seed": args.random_seed,
+        "part_alpha": {"attn": args.alpha_attn, "ffn": args.alpha_ffn, "ln": args.alpha_ln},
+    }
+    record = merge_checkpoint(
+        Path(args.source), Path(args.out), args.method, method_params(args.method, values),
+        base=Path(args.base) if args.base else None, grams=Path(args.grams) if args.grams else None,
+    )
+    console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    import json
+
+    from vlcluster.metrics.distance import checkpoint_distances
+    from vlcluster.metrics.stage import format_metrics
+
+    path = Path(args.checkpoint)
+    result = checkpoint_distances(path / "model.safetensors" if path.is_dir() else path, args.density)
+    print(json.dumps(result, indent=2) if args.json else format_metrics(result))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from vlcluster.metrics.correlation import correlation_table, point
+    from vlcluster.outputs import read_result
+    from vlcluster.rundir import stage_dir
+
+    def result(run_dir: str, stage: str) -> dict:
+        found = read_result(stage_dir(run_dir, stage))
+        if found is None:
+            raise FileNotFoundError(f"{run_dir}/{stage}: no result.json (has the stage finished?)")
+        return found
+
+    points = {
+        run_dir: point(result(run_dir, args.metrics), result(run_dir, args.merged), result(run_dir, args.unmerged), args.score)
+        for run_dir in args.run_dirs
+    }
+    console.print(correlation_table(points, args.score)[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +353,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON schema of pipeline files")
     schema.set_defaults(func=cmd_schema)
+
+    merge = sub.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
+    merge.add_argument("source", help="directory with model.safetensors + model.json (a stage output)")
+    merge.add_argument("-o", "--out", required=True, help="output directory")
+    merge.add_argument("--method", default="interpolation", choices=["interpolation", "arithmetic", "regmean", "ties", "dare"])
+    merge.add_argument("--alpha", type=float, default=0.5, help="interpolation: weight of the V expert")
+    for part in ("attn", "ffn", "ln"):
+        merge.add_argument(f"--alpha-{part}", type=float, default=None, help=f"interpolation: alpha for {part} only")
+    merge.add_argument("--lam", type=float, default=0.5, help="arithmetic/ties/dare: lambda")
+    merge.add_argument("--gamma", type=float, default=1.0, help="regmean: off-diagonal scale")
+    merge.add_argument("--density", type=float, default=0.5, help="ties: kept fraction; dare: keep probability")
+    merge.add_argument("--random-seed", type=int, default=0, help="dare: mask seed")
+    merge.add_argument("--base", help="seed checkpoint directory (W0)")
+    merge.add_argument("--grams", help="grams stage directory (grams.safetensors)")
+    merge.set_defaults(func=cmd_merge)
+
+    metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")
+    metrics.add_argument("checkpoint", help="model.safetensors or a stage directory")
+    metrics.add_argument("--density", type=float, default=0.5, help="TSSD: fraction kept by magnitude")
+    metrics.add_argument("--json", action="store_true")
+    metrics.set_defaults(func=cmd_metrics)
+
+    report = sub.add_parser("report", help="Pearson r of each metric with the merge drop across runs")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--metrics", default="metrics", help="metrics stage name in each run")
+    report.add_argument("--merged", default="eval_merged", help="eval stage of the merged model")
+    report.add_argument("--unmerged", default="eval_msa", help="eval stage of the unmerged model")
+    report.add_argument("--score", default="retrieval", choices=["retrieval", "tr", "ir", "vqa_acc"])
+    report.set_defaults(func=cmd_report)
 
     data = sub.add_parser("data", help="write the synthetic image-text benchmark as WebDataset shards")
     data.add_argument("out")

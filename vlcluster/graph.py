@@ -1,7 +1,7 @@
 """The dependency graph of a pipeline.
 
 Edges come from references inside stage specs (``init.from``, ``data.from``,
-``source``, ``seed``, report ``rows``) plus explicit ``after:``. Each stage
+``source``, ``seed``, ``grams``, report ``rows``, ``mergeability``) plus ``after:``. Each stage
 gets a spec hash that also covers its upstream hashes, so changing a stage
 invalidates everything downstream of it and nothing else.
 """
@@ -27,7 +27,11 @@ REFERENCE_TARGETS: dict[str, frozenset[str]] = {
     "data.from": frozenset({"data"}),
     "source": MODEL_KINDS,
     "seed": MODEL_KINDS,
+    "grams": frozenset({"grams"}),
     "rows": frozenset({"eval"}),
+    "metrics": frozenset({"metrics"}),
+    "merged": frozenset({"eval"}),
+    "unmerged": frozenset({"eval"}),
 }
 
 # Fields that say how a stage runs, not what it computes: changing them must
@@ -76,12 +80,14 @@ def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
 
 @dataclass(frozen=True)
 class Reference:
-    field: str  # e.g. "init.from", "rows.merged"
+    field: str  # e.g. "init.from", "rows.merged", "mergeability.k100.metrics"
     target: str
 
     @property
     def kind_rule(self) -> str:
-        return self.field.split(".")[0] if self.field.startswith("rows.") else self.field
+        if self.field.startswith("rows."):
+            return "rows"
+        return self.field.rsplit(".", 1)[1] if self.field.startswith("mergeability.") else self.field
 
 
 def references(stage) -> list[Reference]:
@@ -92,12 +98,14 @@ def references(stage) -> list[Reference]:
     data = getattr(stage, "data", None)
     if data is not None and data.from_ is not None:
         refs.append(Reference("data.from", data.from_))
-    for field in ("source", "seed"):
+    for field in ("source", "seed", "grams"):
         target = getattr(stage, field, None)
         if isinstance(target, str):
             refs.append(Reference(field, target))
     for label, target in getattr(stage, "rows", {}).items():
         refs.append(Reference(f"rows.{label}", target))
+    for label, point in getattr(stage, "mergeability", {}).items():
+        refs.extend(Reference(f"mergeability.{label}.{role}", getattr(point, role)) for role in ("metrics", "merged", "unmerged"))
     return refs
 
 

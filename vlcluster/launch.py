@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from vlcluster.spec.models import TRAINING_KINDS
+from vlcluster.spec.models import DISTRIBUTED_KINDS
 
 # A rank that saved a checkpoint because it was told to stop (SIGTERM from a
 # requeue or preemption) exits with this code: "resume me", not "I failed".
@@ -24,14 +24,14 @@ class Rendezvous:
 
 
 def is_distributed(kind: str) -> bool:
-    return kind in TRAINING_KINDS
+    return kind in DISTRIBUTED_KINDS
 
 
 def stage_command(
     kind: str, run_dir: str, stage: str, procs_per_node: int, python: str = sys.executable,
     rendezvous: Rendezvous | None = None,
 ) -> list[str]:
-    """Training stages start under torchrun (one process per rank on this
+    """Training and grams stages start under torchrun (one process per rank on this
     node); every other stage is a single Python process."""
     entry = ["-m", "vlcluster.run", run_dir, stage]
     if not is_distributed(kind):

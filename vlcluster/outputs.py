@@ -21,7 +21,19 @@ def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConf
     tensors = {key: value.contiguous() for key, value in state.items()}
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out.model_weights)
-    write_json_atomic(out.model_config, {"config": config.to_dict(), "provenance": provenance})
+    write_model_record(out.root, config, provenance)
+
+
+def write_model_record(out_dir: Path, config: ModelConfig, provenance: dict[str, Any]) -> None:
+    """``model.json`` beside a ``model.safetensors`` (written by write_model or a streaming writer)."""
+    write_json_atomic(Path(out_dir) / "model.json", {"config": config.to_dict(), "provenance": provenance})
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    record = read_json(Path(model_dir) / "model.json")
+    if record is None:
+        raise FileNotFoundError(f"{model_dir}: no model.json (expected a stage output with model.safetensors + model.json)")
+    return ModelConfig.from_dict(record["config"])
 
 
 def read_model(stage: StageDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -24,18 +24,38 @@ def format_table(title: str, rows: dict[str, dict]) -> str:
 
 
 def collect(ctx: StageContext) -> dict[str, dict]:
-    rows = {}
-    for label, stage in ctx.spec.rows.items():
-        result = read_result(ctx.upstream_dir(stage))
-        if result is None:
-            raise FileNotFoundError(f"stages.{ctx.name}.rows.{label}: stage {stage!r} has no result.json")
-        rows[label] = result
-    return rows
+    return {label: stage_result(ctx, f"rows.{label}", stage) for label, stage in ctx.spec.rows.items()}
+
+
+def stage_result(ctx: StageContext, field: str, stage: str) -> dict:
+    result = read_result(ctx.upstream_dir(stage))
+    if result is None:
+        raise FileNotFoundError(f"stages.{ctx.name}.{field}: stage {stage!r} has no result.json")
+    return result
+
+
+def mergeability(ctx: StageContext) -> tuple[str, dict[str, float]] | None:
+    """Pearson r between each metric and the merge drop over the spec's points."""
+    from vlcluster.metrics.correlation import correlation_table, point
+
+    if not ctx.spec.mergeability:
+        return None
+    points = {
+        label: point(*(stage_result(ctx, f"mergeability.{label}.{role}", getattr(spec, role)) for role in ("metrics", "merged", "unmerged")), ctx.spec.drop_score)
+        for label, spec in ctx.spec.mergeability.items()
+    }
+    return correlation_table(points, ctx.spec.drop_score)
 
 
 def run_report_stage(ctx: StageContext) -> None:
     rows = collect(ctx)
     table = format_table(ctx.spec.title, rows)
+    correlation = mergeability(ctx)
+    if correlation:
+        table += "\n\n" + correlation[0]
     (ctx.dir.root / "report.md").write_text(table + "\n")
     log.info("\n%s", table)
-    finish_stage(ctx, {"rows": {label: {key: r.get(key) for _, key in COLUMNS} for label, r in rows.items()}, "table": table})
+    result = {"rows": {label: {key: r.get(key) for _, key in COLUMNS} for label, r in rows.items()}, "table": table}
+    if correlation:
+        result["pearson"] = correlation[1]
+    finish_stage(ctx, result)

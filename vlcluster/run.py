@@ -18,6 +18,8 @@ from vlcluster.context import StageContext, load_context
 
 log = logging.getLogger("vlcluster.run")
 
+GATE_CLOSED = 3  # exit status of a merge stage stopped by its mergeability gate
+
 
 def _run_data(ctx: StageContext) -> None:
     from vlcluster.data.stage import run_data_stage
@@ -37,6 +39,18 @@ def _run_merge(ctx: StageContext) -> None:
     run_merge_stage(ctx)
 
 
+def _run_grams(ctx: StageContext) -> None:
+    from vlcluster.merge.grams import run_grams_stage
+
+    run_grams_stage(ctx)
+
+
+def _run_metrics(ctx: StageContext) -> None:
+    from vlcluster.metrics.stage import run_metrics_stage
+
+    run_metrics_stage(ctx)
+
+
 def _run_eval(ctx: StageContext) -> None:
     from vlcluster.tasks.evaluate import run_eval_stage
 
@@ -53,7 +67,9 @@ RUNNERS: dict[str, Callable[[StageContext], None]] = {
     "data": _run_data,
     "pretrain": _run_training,
     "finetune": _run_training,
+    "grams": _run_grams,
     "merge": _run_merge,
+    "metrics": _run_metrics,
     "eval": _run_eval,
     "report": _run_report,
 }
@@ -83,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     if runner is None:
         log.error("stage kind %r has no runner yet", ctx.spec.kind)
         return 2
-    runner(ctx)
+    from vlcluster.metrics.gate import GateClosed
+
+    try:
+        runner(ctx)
+    except GateClosed as exc:
+        log.error("%s; stopping here so no fine-tuning is spent on it", exc)
+        return GATE_CLOSED
     return 0
 
 

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from vlcluster.backends import slurm_queue
 from vlcluster.graph import Graph, sweep_base
+from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
 from vlcluster.spec.load import SpecError, read_yaml
@@ -66,7 +67,7 @@ def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
         cpus = res.cpus_per_node or (profile.cpus_per_gpu or 1) * gpus
         mem_gb = res.mem_gb or (profile.mem_gb_per_gpu * gpus if profile.mem_gb_per_gpu else None)
     else:
-        cpus = res.cpus_per_node or max(profile.cpus_per_node or 1, res.ranks_per_node if spec.kind in ("pretrain", "finetune") else 1)
+        cpus = res.cpus_per_node or max(profile.cpus_per_node or 1, res.ranks_per_node if is_distributed(spec.kind) else 1)
         mem_gb = res.mem_gb or profile.mem_gb
     params: dict = {
         "job_name": job_name,

@@ -22,7 +22,7 @@ import time
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from vlcluster.launch import EXIT_REQUEUE, Rendezvous, stage_command
+from vlcluster.launch import EXIT_REQUEUE, Rendezvous, is_distributed, stage_command
 from vlcluster.rundir import stage_dir
 
 STOP_TIMEOUT_S = 60
@@ -82,7 +82,7 @@ class StageJob(Checkpointable):
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {env.job_id} (restart {restarts}) {' '.join(command)}\n")
             log.flush()
             child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if self.kind in ("pretrain", "finetune"):
+            if is_distributed(self.kind):
                 child_env.setdefault("OMP_NUM_THREADS", "1")
             self._child = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=_child_setup, start_new_session=True

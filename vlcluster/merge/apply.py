@@ -1,78 +1,101 @@
-"""Apply a merge method to a multiway checkpoint: every
-``layers.{i}.{part}.{v,l,vl}.…`` group becomes ``layers.{i}.{part}.shared.…``.
-Embeddings, the final norm and heads are copied unchanged; the result is a
-checkpoint of the ``agnostic`` arch that the same model class loads.
+"""The ``merge`` stage and the in-memory merge.
+
+``merge_state`` merges a state dict held in memory (tests, small models);
+the stage streams from and to safetensors (:mod:`vlcluster.merge.stream`)
+through the same per-tensor code. The output is a checkpoint of the
+``agnostic`` arch plus provenance (sources and their hashes, method,
+hyper-parameters) in ``model.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlcluster.context import StageContext
-from vlcluster.merge.methods import METHODS, GroupInfo
-from vlcluster.model import SHARED, layer_key, parse_layer_key
+from vlcluster.merge.engine import MergeInputs, StateSource, merge_steps
+from vlcluster.merge.methods import get_method
+from vlcluster.merge.plan import plan_merge
+from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
-from vlcluster.outputs import finish_stage, read_model, write_model
+from vlcluster.outputs import finish_stage, read_model_config, write_model_record
 
 log = logging.getLogger("vlcluster.merge")
 
 
-def group_experts(state: dict[str, torch.Tensor]) -> tuple[dict[GroupInfo, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Split a state dict into expert groups and the keys that pass through."""
-    groups: dict[GroupInfo, dict[str, torch.Tensor]] = defaultdict(dict)
-    passthrough: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        parsed = parse_layer_key(key)
-        if parsed is None:
-            passthrough[key] = tensor
-            continue
-        layer, part, expert, rest = parsed
-        groups[GroupInfo(layer, part, rest)][expert] = tensor
-    return groups, passthrough
+def merge_state(
+    state: dict[str, torch.Tensor], method: str, *, base: dict[str, torch.Tensor] | None = None,
+    grams: dict[str, torch.Tensor] | None = None, **params: Any,
+) -> dict[str, torch.Tensor]:
+    inputs = MergeInputs(
+        get_method(method), params,
+        base=None if base is None else StateSource(base),
+        grams=None if grams is None else StateSource(grams),
+    )
+    return dict(merge_steps(plan_merge(state), StateSource(state), inputs))
 
 
-def merge_state(state: dict[str, torch.Tensor], method: str, **params: Any) -> dict[str, torch.Tensor]:
-    fn = METHODS.get(method)
-    if fn is None:
-        raise ValueError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
-    groups, merged = group_experts(state)
-    for info, experts in groups.items():
-        target = layer_key(info.layer, info.part, SHARED, info.rest)
-        if set(experts) == {SHARED}:
-            merged[target] = experts[SHARED]  # already shared in this arch: nothing to merge
-        elif SHARED in experts or not {"v", "l"} <= set(experts):
-            raise ValueError(f"layers.{info.layer}.{info.part}.*.{info.rest}: cannot merge experts {sorted(experts)}")
-        else:
-            merged[target] = fn(experts, info, **params).to(experts["v"].dtype)
-    return merged
-
-
-def file_digest(path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def run_merge_stage(ctx: StageContext) -> None:
-    spec = ctx.spec
-    source = ctx.upstream_dir(spec.source)
-    state, config = read_model(source)
-    params = {"alpha": spec.alpha}
-    merged = merge_state(state, spec.method, **params)
-    out_config: ModelConfig = config.with_arch("agnostic")
-    provenance = {
-        "stage": ctx.name,
-        "method": spec.method,
+def method_params(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters ``method`` reads, from a dict of every knob."""
+    return {name: values[name] for name in get_method(method).params if name in values}
+
+
+def merge_checkpoint(
+    source: Path, out_dir: Path, method: str, params: dict[str, Any], base: Path | None = None,
+    grams: Path | None = None, provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge ``source/model.safetensors`` into ``out_dir`` (weights + model.json); returns the provenance.
+
+    Inputs are hashed on a second thread while the merge runs (hashlib
+    releases the GIL), so provenance costs little wall time."""
+    config: ModelConfig = read_model_config(source)
+    inputs = {"source": source, "base": base, "grams": grams}
+    files = {name: path / ("grams.safetensors" if name == "grams" else "model.safetensors") for name, path in inputs.items() if path}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digests = pool.submit(lambda: {name: file_digest(path) for name, path in files.items()})
+        count = merge_files(
+            files["source"], out_dir / "model.safetensors", get_method(method), params,
+            base=files.get("base"), grams=files.get("grams"), metadata={"format": "pt"},
+        )
+        hashes = digests.result()
+    record = {
+        **(provenance or {}),
+        "method": method,
         "params": params,
-        "source": {"stage": spec.source, "arch": config.arch, "sha256": file_digest(source.model_weights)},
+        "inputs": {name: {"path": str(path), "sha256": hashes[name]} for name, path in files.items()},
+        "source_arch": config.arch,
+        "tensors": count,
     }
-    write_model(ctx.dir, merged, out_config, provenance)
-    log.info("merged %s (%s) with %s %s -> agnostic", spec.source, config.arch, spec.method, params)
-    finish_stage(ctx, {"method": spec.method, "params": params, "source": spec.source, "tensors": len(merged)})
+    write_model_record(out_dir, config.with_arch("agnostic"), record)
+    return record
+
+
+def run_merge_stage(ctx: StageContext) -> None:
+    from vlcluster.metrics.gate import check_gate
+
+    spec = ctx.spec
+    source = ctx.upstream_dir(spec.source).root
+    gate = check_gate(ctx, source / "model.safetensors") if spec.gate else None
+    params = method_params(spec.method, spec.method_values())
+    record = merge_checkpoint(
+        source, ctx.dir.root, spec.method, params,
+        base=ctx.upstream_dir(spec.seed).root if spec.seed else None,
+        grams=ctx.upstream_dir(spec.grams).root if spec.grams else None,
+        provenance={"stage": ctx.name, "sources": {"source": spec.source, "seed": spec.seed, "grams": spec.grams}},
+    )
+    log.info("merged %s (%s) with %s %s -> agnostic", spec.source, record["source_arch"], spec.method, params)
+    finish_stage(ctx, {"method": spec.method, "params": params, "source": spec.source, "tensors": record["tensors"], "gate": gate})

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from vlcluster.spec.models import Pipeline
 
-STAGE_KINDS = ("data", "pretrain", "finetune", "merge", "metrics", "eval", "report")
+STAGE_KINDS = ("data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report")
 
 
 class SpecError(Exception):

@@ -185,17 +185,67 @@ class FinetuneStage(TrainStageBase):
         return train
 
 
+class PartAlpha(Strict):
+    """Per-part α overrides for interpolation sweeps (unset parts use ``alpha``)."""
+
+    attn: float | None = Field(None, ge=0, le=1)
+    ffn: float | None = Field(None, ge=0, le=1)
+    ln: float | None = Field(None, ge=0, le=1, description="both LayerNorms of a block")
+
+
+MergeMetric = Literal["l2", "cosine", "ssd", "tssd"]
+
+
+class GateSpec(Strict):
+    """Stop the pipeline before merging (and fine-tuning) an unmergeable model."""
+
+    metric: MergeMetric = "tssd"
+    max: float = Field(description="largest overall value of `metric` that may be merged")
+
+
 class MergeStage(StageBase):
     kind: Literal["merge"]
     source: str = Field(description="stage holding the modality-specific checkpoint")
-    seed: str | None = Field(None, description="stage holding W0 (for modality arithmetic)")
-    method: Literal["interpolation"] = "interpolation"
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the vision expert")
+    seed: str | None = Field(None, description="stage holding W0 (arithmetic, ties, dare)")
+    grams: str | None = Field(None, description="grams stage (regmean)")
+    method: Literal["interpolation", "arithmetic", "regmean", "ties", "dare"] = "interpolation"
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the vision expert (interpolation)")
+    part_alpha: PartAlpha | None = Field(None, description="per-part alpha (interpolation)")
+    lam: float = Field(0.5, ge=0, description="lambda: scale of the summed modality vectors")
+    gamma: float = Field(1.0, ge=0, le=1, description="RegMean: scale of the Grams' off-diagonal")
+    density: float = Field(0.5, gt=0, le=1, description="TIES: kept fraction; DARE: keep probability")
+    random_seed: int = Field(0, description="DARE drop masks")
+    gate: GateSpec | None = None
+
+    @model_validator(mode="after")
+    def _inputs_for_method(self) -> MergeStage:
+        if self.method in ("arithmetic", "ties", "dare") and self.seed is None:
+            raise ValueError(f"method {self.method} needs 'seed' (the stage holding W0)")
+        if self.method == "regmean" and self.grams is None:
+            raise ValueError("method regmean needs 'grams' (a grams stage)")
+        return self
+
+    def method_values(self) -> dict:
+        values = self.model_dump(include={"alpha", "lam", "gamma", "density", "random_seed"})
+        values["part_alpha"] = self.part_alpha.model_dump() if self.part_alpha else None
+        return values
+
+
+class GramsStage(StageBase):
+    """RegMean statistics: Gram matrices of the inputs of every expert's linear layers."""
+
+    kind: Literal["grams"]
+    source: str = Field(description="stage holding the modality-specific checkpoint")
+    data: DataSpec
+    split: Literal["train", "val"] = "train"
+    batches: int = Field(8, gt=0, description="global batches of image-text pairs")
+    batch_size: int = Field(64, gt=0, description="global batch over all ranks")
 
 
 class MetricsStage(StageBase):
     kind: Literal["metrics"]
-    source: str
+    source: str = Field(description="stage holding the modality-specific checkpoint")
+    density: float = Field(0.5, gt=0, lt=1, description="TSSD: fraction of entries kept by magnitude")
 
 
 class EvalStage(StageBase):
@@ -206,18 +256,32 @@ class EvalStage(StageBase):
     batch_size: int = Field(128, gt=0)
 
 
+class MergeabilityPoint(Strict):
+    """One model for the metric/merge-drop correlation."""
+
+    metrics: str = Field(description="metrics stage of the modality-specific model")
+    merged: str = Field(description="eval stage of the merged (then fine-tuned) model")
+    unmerged: str = Field(description="eval stage of the unmerged (fine-tuned) model")
+
+
 class ReportStage(StageBase):
     kind: Literal["report"]
     rows: dict[str, str] = Field(description="row label -> eval stage")
     title: str = "Results"
+    mergeability: dict[str, MergeabilityPoint] = Field(
+        default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
+    )
+    drop_score: Literal["retrieval", "tr", "ir", "vqa_acc"] = "retrieval"
 
 
 Stage = Annotated[
-    Union[DataStage, PretrainStage, FinetuneStage, MergeStage, MetricsStage, EvalStage, ReportStage],
+    Union[DataStage, PretrainStage, FinetuneStage, GramsStage, MergeStage, MetricsStage, EvalStage, ReportStage],
     Field(discriminator="kind"),
 ]
 
 TRAINING_KINDS = frozenset({"pretrain", "finetune"})
+# Kinds started under torchrun, one process per rank.
+DISTRIBUTED_KINDS = TRAINING_KINDS | {"grams"}
 
 
 class ClusterProfile(Strict):

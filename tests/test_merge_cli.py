@@ -1,0 +1,71 @@
+"""`vlcluster merge`, `vlcluster metrics` and `vlcluster report` (Pearson r) on small inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.merge_fixtures import random_state, tiny_config
+from vlcluster.cli import main
+from vlcluster.merge.apply import merge_state
+from vlcluster.metrics import METRICS
+from vlcluster.metrics.correlation import correlation_table, pearson
+from vlcluster.outputs import write_model
+from vlcluster.rundir import StageDir, write_json_atomic
+
+
+def test_merge_command_writes_the_ties_merge(tmp_path):
+    state, seed = random_state("specific"), random_state("agnostic", seed=7)
+    write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})
+    write_model(StageDir(tmp_path / "seed"), seed, tiny_config("agnostic"), {})
+    code = main(["merge", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "ties",
+                 "--base", str(tmp_path / "seed"), "--lam", "1", "--density", "0.3"])
+    assert code == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = merge_state(state, "ties", base=seed, lam=1.0, density=0.3)
+    assert all(torch.equal(merged[key], value) for key, value in expected.items())
+
+
+def test_merge_command_without_seed_is_a_clear_error(tmp_path, capsys):
+    write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
+    assert main(["merge", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "arithmetic"]) == 2
+    assert "needs the seed checkpoint" in capsys.readouterr().err
+
+
+def test_metrics_command_prints_every_metric(tmp_path, capsys):
+    write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
+    assert main(["metrics", str(tmp_path / "src"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(METRICS) <= set(result["overall"]) and len(result["layers"]) == 4
+
+
+def test_pearson_matches_numpy():
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=7), rng.normal(size=7)
+    assert pearson(list(xs), list(ys)) == pytest.approx(np.corrcoef(xs, ys)[0, 1], abs=1e-12)
+
+
+def test_report_command_correlates_metrics_with_merge_drop(tmp_path, capsys):
+    # Table 5 of the paper: K_seed 0/50k/100k/150k; drop in COCO retrieval.
+    table5 = {"l2": [580.6, 496.8, 388.5, 284.6], "cosine": [.371, .264, .163, .098],
+              "ssd": [.198, .161, .125, .104], "tssd": [.066, .037, .015, .006]}
+    drops = [9.16, 4.50, 2.80, 2.60]
+    runs = []
+    for index, drop in enumerate(drops):
+        run = tmp_path / f"k{index}"
+        write_json_atomic(run / "metrics" / "result.json", {"overall": {name: values[index] for name, values in table5.items()}})
+        write_json_atomic(run / "eval_msa" / "result.json", {"tr": 80.0, "ir": 70.0})
+        write_json_atomic(run / "eval_merged" / "result.json", {"tr": 80.0 - drop, "ir": 70.0 - drop})
+        runs.append(str(run))
+    assert main(["report", *runs]) == 0
+    out = capsys.readouterr().out
+    _, correlations = correlation_table(
+        {run: {"metrics": {n: v[i] for n, v in table5.items()}, "drop": drops[i]} for i, run in enumerate(runs)}, "retrieval")
+    for name, values in table5.items():
+        assert correlations[name] == pytest.approx(np.corrcoef(values, drops)[0, 1], abs=1e-9)
+        assert f"{correlations[name]:.3f}" in out
+    assert correlations["tssd"] > correlations["l2"]  # the paper's finding: TSSD predicts the drop best

@@ -1,0 +1,50 @@
+"""Does a metric predict the merge drop? Pearson correlation across runs.
+
+A point is one modality-specific model: its mergeability metrics (a metrics
+stage's result) and the drop merging caused (score of the unmerged model
+minus score of the merged one, both from eval stages after fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from vlcluster.metrics import METRICS
+
+SCORES = ("retrieval", "tr", "ir", "vqa_acc")  # retrieval = mean of TR and IR (the paper's COCO drop)
+
+
+def score_of(result: dict, score: str) -> float:
+    if score == "retrieval":
+        return (result["tr"] + result["ir"]) / 2
+    return result[score]
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    if n < 2 or n != len(ys):
+        return float("nan")
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    spread = math.sqrt(sum((x - mean_x) ** 2 for x in xs) * sum((y - mean_y) ** 2 for y in ys))
+    return cov / spread if spread else float("nan")
+
+
+def correlation_table(points: dict[str, dict], score: str) -> tuple[str, dict[str, float]]:
+    """``points``: label -> {"metrics": overall metrics, "drop": float}. Markdown + r per metric."""
+    drops = [point["drop"] for point in points.values()]
+    correlations = {name: pearson([p["metrics"][name] for p in points.values()], drops) for name in METRICS}
+    lines = [
+        f"### Mergeability vs merge drop ({score})", "",
+        "| run | " + " | ".join(METRICS) + " | drop |", "|---|" + "---:|" * (len(METRICS) + 1),
+    ]
+    for label, point in points.items():
+        cells = [f"{point['metrics'][name]:.4g}" for name in METRICS] + [f"{point['drop']:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| Pearson r | " + " | ".join(f"{correlations[name]:.3f}" for name in METRICS) + " | |")
+    return "\n".join(lines), correlations
+
+
+def point(metrics_result: dict, merged: dict, unmerged: dict, score: str) -> dict:
+    return {"metrics": metrics_result["overall"], "drop": score_of(unmerged, score) - score_of(merged, score)}

@@ -1,0 +1,41 @@
+"""The ``metrics`` stage: mergeability of a modality-specific checkpoint,
+written to ``result.json`` and TensorBoard (overall at step 0, per layer as
+a curve over the layer index)."""
+
+from __future__ import annotations
+
+import logging
+
+from vlcluster.context import StageContext
+from vlcluster.metrics import METRICS
+from vlcluster.metrics.distance import checkpoint_distances
+from vlcluster.outputs import finish_stage
+
+log = logging.getLogger("vlcluster.metrics")
+
+
+def format_metrics(result: dict) -> str:
+    header = "| scope | " + " | ".join(METRICS) + " |"
+    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    scopes = [("overall", result["overall"])] + [(f"layer {layer}", values) for layer, values in result["layers"].items()]
+    for scope, values in scopes:
+        lines.append(f"| {scope} | " + " | ".join(f"{values[name]:.4g}" for name in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def write_tensorboard(log_dir, result: dict) -> None:
+    from vlcluster.train.tb import MetricsWriter
+
+    writer = MetricsWriter(log_dir, enabled=True)
+    writer.add({f"mergeability/{name}": result["overall"][name] for name in METRICS}, step=0)
+    for layer, values in result["layers"].items():
+        writer.add({f"mergeability_per_layer/{name}": values[name] for name in METRICS}, step=int(layer))
+    writer.close()
+
+
+def run_metrics_stage(ctx: StageContext) -> None:
+    spec = ctx.spec
+    result = checkpoint_distances(ctx.upstream_dir(spec.source).model_weights, spec.density)
+    write_tensorboard(ctx.dir.tensorboard, result)
+    log.info("mergeability of %s:\n%s", spec.source, format_metrics(result))
+    finish_stage(ctx, {"source": spec.source, "density": spec.density, **result})
