@@ -1,4 +1,4 @@
-"""``vlcluster``: submit, plan, status, logs, cancel, schema, merge, metrics, report, data."""
+"""``vlcluster``: submit, plan, render, status, logs, cancel, schema, merge, metrics, report, data."""
 
 from __future__ import annotations
 
@@ -116,6 +116,30 @@ def cmd_submit(args) -> int:
     verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
     console.print(f"{verdict} in {elapsed:.1f} s")
     return 0 if ok else 1
+
+
+def cmd_render(args) -> int:
+    """The manifests a pipeline becomes on Kubernetes (KubeRay); nothing is applied."""
+    from vlcluster.backends.k8s import dump, load_profile, manifest_file, render_manifests
+
+    graph, _ = load_graph_from_file(args.file, args.set, args.run_dir)
+    manifests = render_manifests(graph, args.file, args.set, args.run_dir, load_profile(args.profile))
+    if args.validate:
+        from vlcluster.backends.k8s_schema import validation_errors
+
+        problems = validation_errors(manifests)
+        if problems:
+            raise SpecError(f"{args.file}: rendered manifests do not validate: " + "; ".join(problems))
+    if args.out is None:
+        sys.stdout.write(dump(manifests))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for manifest in manifests:
+        path = out / manifest_file(manifest)
+        path.write_text(dump([manifest]))
+        console.print(f"wrote {path}")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -333,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--backend", default="local", choices=sorted(BACKENDS))
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
     submit.set_defaults(func=cmd_submit)
+
+    render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
+    spec_args(render)
+    render.add_argument("--backend", default="k8s", choices=["k8s"])
+    render.add_argument("-o", "--out", help="directory for one file per object (default: all to stdout)")
+    render.add_argument("--profile", help="site profile (default: k8s/profile.yaml)")
+    render.add_argument("--validate", action="store_true", help="check against the Kubernetes and KubeRay schemas (k8s extra)")
+    render.set_defaults(func=cmd_render)
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
     spec_args(plan)

@@ -102,6 +102,7 @@ class ResourcesSpec(Strict):
     cpus_per_node: int | None = Field(None, ge=1)
     mem_gb: float | None = Field(None, gt=0)
     time_min: int | None = Field(None, gt=0)
+    shm_gb: float | None = Field(None, gt=0, description="/dev/shm per node for data-loader workers (k8s; default: a share of mem_gb)")
     profile: str | None = Field(None, description="cluster profile in slurm/")
 
     @property
