@@ -23,6 +23,7 @@ only one entry survives, r = 1).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,13 +40,22 @@ def magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().reshape(-1).view(torch.int32) & 0x7FFFFFFF
 
 
+def high_half(bits: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each int32 as a strided int16 view (no copy), which
+    is the histogram bin; values fit int16 because the sign bit is cleared."""
+    if sys.byteorder == "little":
+        return bits.view(torch.int16)[1::2]
+    return bits >> 16
+
+
 @dataclass
 class Pair:
     """One V/L tensor pair, reduced to what every metric needs.
 
     SSD/TSSD sums are kept as a count minus Σ(1 − r): where x and y have the
-    same sign (or one is zero) 1 − r is exactly 0, so a kept position with
-    one survivor needs no ratio at all."""
+    same sign (or one is zero) 1 − r is exactly 0, so 1 − r is computed and
+    kept only at the positions whose signs differ (``differ``); a kept
+    position anywhere else needs no ratio at all."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -53,15 +63,18 @@ class Pair:
     bits_y: torch.Tensor = field(init=False)
     top_x: torch.Tensor = field(init=False)  # histogram bin of each entry (top bits of |x|)
     top_y: torch.Tensor = field(init=False)
-    loss: torch.Tensor = field(init=False)  # 1 − r, 0 where both are zero
+    differ: torch.Tensor = field(init=False)  # indices where the signs differ
+    loss: torch.Tensor = field(init=False)  # 1 − r at those indices (0 where both are ±0)
 
     def __post_init__(self) -> None:
         self.x, self.y = self.x.float().reshape(-1), self.y.float().reshape(-1)
         self.bits_x, self.bits_y = magnitude_bits(self.x), magnitude_bits(self.y)
-        self.top_x, self.top_y = self.bits_x >> 16, self.bits_y >> 16
+        self.top_x, self.top_y = high_half(self.bits_x), high_half(self.bits_y)
         # Same signs add exactly to |x| + |y| in floating point, so 1 − r is exactly 0 there.
-        ratio = (self.x + self.y).abs_().div_(self.x.abs().add_(self.y.abs()))
-        self.loss = ratio.neg_().add_(1).nan_to_num_(0.0)  # 0/0 only where both are zero
+        self.differ = torch.nonzero(torch.signbit(self.x) != torch.signbit(self.y)).squeeze(1)
+        x, y = self.x[self.differ], self.y[self.differ]
+        ratio = (x + y).abs_().div_(x.abs().add_(y.abs()))
+        self.loss = ratio.neg_().add_(1).nan_to_num_(0.0)  # 0/0 only for -0.0 against +0.0
 
 
 def histogram(top: torch.Tensor) -> torch.Tensor:
@@ -122,9 +135,8 @@ class Sums:
         keep_x, keep_y = pair.bits_x > threshold[0], pair.bits_y > threshold[1]
         kept = int(torch.count_nonzero(keep_x)) + int(torch.count_nonzero(keep_y))
         both = keep_x.logical_and_(keep_y)
-        # Where only one survives the ratio is |x + 0|/(|x| + 0) = 1: no loss. A float32
-        # sum of values in [0, 1] per tensor is accurate far below the metric's precision.
-        self.tssd_loss += float(torch.where(both, pair.loss, 0.0).sum())
+        # Where only one survives the ratio is |x + 0|/(|x| + 0) = 1: no loss.
+        self.tssd_loss += float(pair.loss[both[pair.differ]].sum(dtype=torch.float64))
         self.tssd_count += kept - int(torch.count_nonzero(both))
 
     def result(self) -> dict[str, float]:
