@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,3 @@ def finish_stage(ctx, result: dict[str, Any]) -> None:
 def read_result(stage: StageDir) -> dict | None:
     return read_json(stage.result_file)
 
-
-def dumps(payload: Any) -> str:
-    return json.dumps(payload, indent=2, sort_keys=True)

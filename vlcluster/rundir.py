@@ -2,7 +2,6 @@
 
 ```
 <run_dir>/pipeline.json            the resolved pipeline (what `status` reads)
-<run_dir>/<stage>/stage.json       the resolved stage handed to the stage process
 <run_dir>/<stage>/state.json       backend record: state, pid/job id, exit code, times
 <run_dir>/<stage>/_SUCCESS         done marker holding the stage's spec hash
 <run_dir>/<stage>/logs/stage.log   stdout+stderr of the stage
@@ -49,10 +48,6 @@ class StageDir:
     """Paths of one stage inside a run directory."""
 
     root: Path
-
-    @property
-    def spec_file(self) -> Path:
-        return self.root / "stage.json"
 
     @property
     def state_file(self) -> Path:

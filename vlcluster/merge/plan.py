@@ -70,6 +70,3 @@ def plan_merge(keys: Iterable[str]) -> list[PlanStep]:
             steps.append(_step_for(info, groups[info]))
     return steps
 
-
-def merged_keys(steps: list[PlanStep]) -> list[str]:
-    return [step.key for step in steps if isinstance(step, MergeTensor)]

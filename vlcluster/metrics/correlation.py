@@ -7,28 +7,24 @@ minus score of the merged one, both from eval stages after fine-tuning).
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Sequence
 
 from vlcluster.metrics import METRICS
 
-SCORES = ("retrieval", "tr", "ir", "vqa_acc")  # retrieval = mean of TR and IR (the paper's COCO drop)
-
-
 def score_of(result: dict, score: str) -> float:
+    """``retrieval`` is the mean of TR and IR (the paper's COCO drop)."""
     if score == "retrieval":
         return (result["tr"] + result["ir"]) / 2
     return result[score]
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    n = len(xs)
-    if n < 2 or n != len(ys):
+    """Pearson r; NaN when it is undefined (fewer than 2 points, or a constant series)."""
+    try:
+        return statistics.correlation(list(xs), list(ys))
+    except statistics.StatisticsError:
         return float("nan")
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
-    spread = math.sqrt(sum((x - mean_x) ** 2 for x in xs) * sum((y - mean_y) ** 2 for y in ys))
-    return cov / spread if spread else float("nan")
 
 
 def correlation_table(points: dict[str, dict], score: str) -> tuple[str, dict[str, float]]:

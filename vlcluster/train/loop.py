@@ -94,7 +94,6 @@ class Trainer:
         source = self.ctx.spec.init.from_
         state, source_config = read_model(self.ctx.upstream_dir(source))
         state = expand_to_experts(state, model)
-        state = {key: value for key, value in state.items() if key in model.state_dict() or not key.startswith("heads.")}
         load_into(model, state, allow_missing_prefixes=tuple(f"heads.{name}" for name in model.heads))
         if self.env.is_main:
             log.info("initialised from stage %r (%s -> %s)", source, source_config.arch, self.config.arch)
