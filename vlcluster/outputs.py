@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,46 @@ def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConf
     tensors = {key: value.contiguous() for key, value in state.items()}
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out.model_weights)
-    write_model_record(out.root, config, provenance)
+    write_model_record(out.root, config, provenance, weights=_weights_record(out.model_weights))
 
 
-def write_model_record(out_dir: Path, config: ModelConfig, provenance: dict[str, Any]) -> None:
-    """``model.json`` beside a ``model.safetensors`` (written by write_model or a streaming writer)."""
-    write_json_atomic(Path(out_dir) / "model.json", {"config": config.to_dict(), "provenance": provenance})
+def write_model_record(out_dir: Path, config: ModelConfig, provenance: dict[str, Any], weights: dict[str, Any] | None = None) -> None:
+    """``model.json`` beside a ``model.safetensors`` (written by write_model or a streaming writer).
+
+    ``weights`` (sha256, size, mtime of the weights file) lets consumers that
+    record provenance, like merges, skip re-hashing the file."""
+    record = {"config": config.to_dict(), "provenance": provenance}
+    if weights is not None:
+        record["weights"] = weights
+    write_json_atomic(Path(out_dir) / "model.json", record)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _weights_record(path: Path) -> dict[str, Any]:
+    # Hashed right after writing, while the file is in the page cache.
+    return {"sha256": file_sha256(path), **_file_identity(path)}
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 of ``model_dir/model.safetensors``: the digest recorded when it was
+    written if the file is unchanged since (same size and mtime), else computed."""
+    path = Path(model_dir) / "model.safetensors"
+    recorded = (read_json(Path(model_dir) / "model.json") or {}).get("weights")
+    if recorded and all(recorded.get(k) == v for k, v in _file_identity(path).items()):
+        return recorded["sha256"]
+    return file_sha256(path)
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

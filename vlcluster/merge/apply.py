@@ -9,7 +9,6 @@ hyper-parameters) in ``model.json``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from vlcluster.merge.methods import get_method
 from vlcluster.merge.plan import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
-from vlcluster.outputs import finish_stage, read_model_config, write_model_record
+from vlcluster.outputs import file_sha256, finish_stage, read_model_config, weights_sha256, write_model_record
 
 log = logging.getLogger("vlcluster.merge")
 
@@ -40,14 +39,6 @@ def merge_state(
     return dict(merge_steps(plan_merge(state), StateSource(state), inputs))
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def method_params(method: str, values: dict[str, Any]) -> dict[str, Any]:
     """The hyper-parameters ``method`` reads, from a dict of every knob."""
     return {name: values[name] for name in get_method(method).params if name in values}
@@ -59,14 +50,17 @@ def merge_checkpoint(
 ) -> dict[str, Any]:
     """Merge ``source/model.safetensors`` into ``out_dir`` (weights + model.json); returns the provenance.
 
-    Inputs are hashed on a second thread while the merge runs (hashlib
-    releases the GIL), so provenance costs little wall time."""
+    Input digests come from the records written with the inputs; an input
+    without one (or changed since) is hashed on a second thread while the merge
+    runs (hashlib releases the GIL)."""
     config: ModelConfig = read_model_config(source)
     inputs = {"source": source, "base": base, "grams": grams}
     files = {name: path / ("grams.safetensors" if name == "grams" else "model.safetensors") for name, path in inputs.items() if path}
     out_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digests = pool.submit(lambda: {name: file_digest(path) for name, path in files.items()})
+        digests = pool.submit(lambda: {
+            name: file_sha256(path) if name == "grams" else weights_sha256(path.parent) for name, path in files.items()
+        })
         count = merge_files(
             files["source"], out_dir / "model.safetensors", get_method(method), params,
             base=files.get("base"), grams=files.get("grams"), metadata={"format": "pt"},
