@@ -140,8 +140,7 @@ def publish(local: Path, dest: Path) -> None:
 def upload_tree(local: Path, dest: Path) -> None:
     """Copy every file under ``local`` to the same relative path under ``dest``."""
     for file in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs, key = _fs_path(dest / file.relative_to(local).as_posix())
-        fs.put_file(str(file), key)
+        upload_file(file, dest / file.relative_to(local).as_posix())
 
 
 def remove_tree(path: Path) -> None:
@@ -160,3 +159,28 @@ def ensure_dir(path: Path) -> None:
     s3fs's mkdir would create a missing bucket, which must be an error)."""
     if not is_remote(path):
         Path(path).mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def fetched(path: Path) -> Iterator[Path]:
+    """A local file with the content of ``path`` for the duration of the block
+    (a temporary download when remote, not kept: checkpoints are large and read once)."""
+    if not is_remote(path):
+        yield Path(path)
+        return
+    staging = local_side(path.parent)
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".download", dir=staging)
+    os.close(fd)
+    try:
+        fs, key = _fs_path(path)
+        fs.get_file(key, tmp)
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def upload_file(local: Path, dest: Path) -> None:
+    """Copy the local file ``local`` to ``dest`` (kept locally, unlike :func:`publish`)."""
+    fs, key = _fs_path(dest)
+    fs.put_file(str(local), key)

@@ -44,6 +44,11 @@ def _listed(url: str) -> list[str]:
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
 
 
+def needs_listing(pattern: str) -> bool:
+    """Whether ``pattern`` names its shards only through a listing (glob or prefix)."""
+    return pattern.endswith("/") or any(char in pattern for char in GLOB_CHARS)
+
+
 def expand(spec: str | Sequence[str]) -> list[str]:
     """Every shard URL of one pattern or several, keeping their order."""
     active()
@@ -51,8 +56,7 @@ def expand(spec: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for pattern in specs:
         for url in braceexpand(pattern):
-            needs_listing = url.endswith("/") or any(char in url for char in GLOB_CHARS)
-            urls.extend(_listed(url) if needs_listing else [url])
+            urls.extend(_listed(url) if needs_listing(url) else [url])
     return urls
 
 
