@@ -123,12 +123,16 @@ def activate(spec: StorageSpec | None) -> StorageSpec:
     """Use ``spec`` in this process and in every process it starts."""
     import fsspec.config
 
+    import logging
+
     global _active, _inherited_s3_conf
     if _inherited_s3_conf is None:
         _inherited_s3_conf = dict(fsspec.config.conf.get("s3", {}))
     _active = spec or StorageSpec()
     fsspec.config.conf["s3"] = {**_inherited_s3_conf, **s3_options(_active)}
     os.environ[ENV] = _active.model_dump_json(exclude_defaults=True)
+    for name in ("botocore", "aiobotocore", "s3fs"):  # their INFO lines ("Found credentials in ...") are noise in stage logs
+        logging.getLogger(name).setLevel(logging.WARNING)
     return _active
 
 

@@ -146,10 +146,13 @@ def upload_tree(local: Path, dest: Path) -> None:
 def remove_tree(path: Path) -> None:
     if is_remote(path):
         fs, key = _fs_path(path)
-        try:
-            fs.rm(key, recursive=True)
-        except FileNotFoundError:
-            pass
+        for target, recursive in ((key, True), (key.rstrip("/") + "/", False)):
+            # The second delete drops the folder entry that stores with real
+            # directories (SeaweedFS) keep; on S3 proper it is a no-op.
+            try:
+                fs.rm(target, recursive=recursive)
+            except FileNotFoundError:
+                pass
     else:
         shutil.rmtree(path, ignore_errors=True)
 
