@@ -47,6 +47,12 @@ def run_path(url: str | os.PathLike) -> Path:
     return UPath(str(url))
 
 
+def absolute(path: Path) -> str:
+    """``path`` as other processes on other hosts should see it: an absolute
+    local path, or the URL of a remote one."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
+
+
 def cache_root() -> Path:
     configured = active().cache_dir
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vlcluster"
