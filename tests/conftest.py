@@ -73,15 +73,16 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
+def s3_env(s3_server, monkeypatch, tmp_path):
     """This process talks to the test server: credentials in the environment,
-    the endpoint through vlcluster's storage settings (as a job file's would)."""
+    the endpoint through vlcluster's storage settings (as a job file's would),
+    local copies and staging under tmp_path (not ~/.cache)."""
     from vlcluster.storage import config
 
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(config, "_active", None)
     monkeypatch.setenv(config.ENV, "")  # restored (removed) after the test, whatever activate() sets
-    spec = config.activate(config.StorageSpec(endpoint_url=s3_server.endpoint))
+    spec = config.activate(config.StorageSpec(endpoint_url=s3_server.endpoint, cache_dir=str(tmp_path / "vlcluster-cache")))
     yield spec
     monkeypatch.setattr(config, "_active", None)

@@ -94,6 +94,19 @@ def test_redact_hides_userinfo_and_credential_values(monkeypatch):
     assert "http://***@10.0.0.1:9000/b" in text and "<AWS_SECRET_ACCESS_KEY>" in text
 
 
+def test_only_storage_client_failures_are_explained_as_storage_errors():
+    from vlcluster.storage.errors import explain
+
+    def raise_local():
+        open("/proc/version", "w")  # a local PermissionError (or OSError), not the object store's
+
+    try:
+        raise_local()
+    except OSError as exc:
+        assert explain(exc, "s3://bucket/run") is None
+    assert explain(FileNotFoundError("s3://bucket/x"), "s3://bucket/x") is None
+
+
 def test_rendered_jobs_and_plan_carry_no_credentials(write_job, tmp_path):
     secret = {"AWS_ACCESS_KEY_ID": "AKIATESTKEYID000", "AWS_SECRET_ACCESS_KEY": "S3CR3T-VALUE-123", "AWS_SESSION_TOKEN": "T0KEN-VALUE-456"}
     job = write_job(GOOD_DATA + "storage: {endpoint_url: 'http://127.0.0.1:9000', region: us-east-1}\nrun_dir: s3://runs/x\n")
@@ -279,7 +292,7 @@ def test_shard_cache_makes_the_second_epoch_download_nothing(s3_env, s3_dataset,
     from vlcluster.storage import config
 
     config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url, cache_dir=str(tmp_path / "cache")))
-    fs = fsspec.filesystem("s3")  # the instance fsspec.open and filecache use (same options)
+    fs = fsspec.filesystem("s3")  # the instance every vlcluster read uses (same options)
     fs.connect()
     counts = _count_gets(fs)
     urls = expand_urls(f"{s3_dataset}/train-*.tar")
@@ -298,3 +311,26 @@ def test_shard_cache_makes_the_second_epoch_download_nothing(s3_env, s3_dataset,
     assert after_first["requests"] >= len(urls) and after_first["bytes"] >= len(first)
     assert counts == after_first  # epoch 2: no GetObject at all, only HEADs to check the ETags
     assert len(list((tmp_path / "cache" / "shards").iterdir())) >= len(urls)
+
+
+def test_ranks_sharing_a_cache_never_read_a_partial_copy(s3_env, tmp_path):
+    """Four processes fetch the same 8 MiB object into one cache at once (as
+    the ranks of a stage do with its init model); each must see it whole."""
+    import hashlib
+
+    import fsspec
+
+    payload = os.urandom(8 << 20)
+    fsspec.filesystem("s3").pipe_file("runs/cache-race/model.safetensors", payload)
+    script = (
+        "import hashlib, sys; from vlcluster.storage.paths import local_copy; "
+        "print(hashlib.sha256(local_copy('s3://runs/cache-race/model.safetensors').read_bytes()).hexdigest())"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(4)]
+    digests = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    assert digests == {hashlib.sha256(payload).hexdigest()}
+    # a rewritten object is a new version: fetched again, not served stale
+    fsspec.filesystem("s3").pipe_file("runs/cache-race/model.safetensors", b"v2")
+    from vlcluster.storage.paths import local_copy
+
+    assert local_copy("s3://runs/cache-race/model.safetensors").read_bytes() == b"v2"

@@ -6,7 +6,9 @@
   per-protocol defaults), and the refusal of anything that looks like a secret.
 - :mod:`.paths`: run-directory paths (``pathlib.Path`` locally,
   ``upath.UPath`` on object stores), single-PUT records, local copies of
-  remote files (fsspec ``filecache``), publishing files written locally.
+  remote files, publishing files written locally.
+- :mod:`.cache`: local copies of remote objects keyed by URL and ETag, safe
+  for several ranks on one machine.
 - :mod:`.shardlist`: shard lists from brace patterns, globs and prefixes.
 - :mod:`.errors`: botocore/s3fs failures as one-paragraph errors; redaction.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from vlcluster.spec.load import SpecError
 from vlcluster.storage.config import active
 from vlcluster.storage.paths import is_remote
 
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE)
 
@@ -58,15 +60,22 @@ def explain(exc: BaseException, url: str) -> str | None:
         return f"{where}: no credentials found. Set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or storage.profile, or storage.anon: true for a public bucket"
     if name == "ProfileNotFound":
         return f"{where}: the profile does not exist in ~/.aws/config or ~/.aws/credentials"
+    if isinstance(exc, FileNotFoundError) or not (module.startswith(STORAGE_MODULES) or _raised_in_storage_client(exc)):
+        return None  # a missing object is the caller's to explain; a local PermissionError is not a storage error
     if isinstance(exc, PermissionError) or any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
         return f"{where}: access denied; the credentials are wrong or lack permission for this bucket"
-    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} or (
-        module.startswith(("botocore", "aiohttp")) and isinstance(exc, (ConnectionError, OSError))
-    ):
+    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"}:
         return f"{where}: cannot reach the storage endpoint ({name}); check storage.endpoint_url and the network"
-    if module.startswith(("botocore", "aiobotocore", "s3fs")):
-        return f"{where}: storage request failed: {redact(text)}"
-    return None
+    return f"{where}: storage request failed: {redact(text)}"
+
+
+def _raised_in_storage_client(exc: BaseException) -> bool:
+    """s3fs raises builtin exceptions (PermissionError, FileNotFoundError, OSError)."""
+    return any(
+        f"{os.sep}{name}{os.sep}" in frame.f_code.co_filename
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+        for name in STORAGE_MODULES
+    )
 
 
 @contextmanager

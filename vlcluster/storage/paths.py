@@ -9,8 +9,8 @@ is handled here, in one place:
   written locally and uploaded (:func:`writable`), a directory of files is
   committed by a marker uploaded last (see ``train/checkpoint.py``);
 - no local file for libraries that need one (safetensors, tokenizers,
-  ``preadv``): :func:`local_copy` downloads through fsspec's ``filecache``,
-  which keeps the copy until the object's ETag changes;
+  ``preadv``): :func:`local_copy` keeps a copy per object version
+  (:mod:`vlcluster.storage.cache`);
 - no flock and no appendable logs: :func:`local_side` is a local directory
   mirroring the run directory for locks, logs in progress and scratch files.
 """
@@ -104,17 +104,13 @@ def local_copy(path: str | os.PathLike) -> Path:
     """A local file with the content of ``path`` (``path`` itself when local).
 
     Remote files are fetched once into ``<cache_root>/objects`` and fetched
-    again only when their ETag changed (a stage that was re-run)."""
+    again only when they changed (see :mod:`vlcluster.storage.cache`)."""
     if not is_remote(path):
         return Path(path)
-    import fsspec
+    from vlcluster.storage.cache import cached_copy
 
     active()
-    local = fsspec.open_local(
-        f"filecache::{path}",
-        filecache={"cache_storage": str(cache_root() / "objects"), "check_files": True},
-    )
-    return Path(local)
+    return cached_copy(str(path), cache_root() / "objects")
 
 
 @contextmanager

@@ -11,9 +11,10 @@ Globs and prefixes are listed once per pattern and sorted, so every rank
 and every restart sees the same list in the same order (the per-rank split
 and the resume position depend on it).
 
-Reads go through fsspec's ``filecache`` when ``storage.cache_dir`` is set: a
-shard is downloaded once and later epochs, other stages and requeued jobs on
-the same machine read the local copy (re-fetched only when its ETag changed).
+With ``storage.cache_dir`` set, a shard is downloaded once
+(:mod:`vlcluster.storage.cache`) and later epochs, other stages and requeued
+jobs on the same machine read the local copy (one HEAD request per open
+checks that the object did not change).
 """
 
 from __future__ import annotations
@@ -82,14 +83,9 @@ def open_input(url: str) -> IO[bytes]:
     """Open a shard for binary reading, through the local cache when one is configured."""
     spec = active()
     if spec.cache_dir and "://" in url and not url.startswith("file://"):
-        return fsspec.open(
-            f"filecache::{url}", "rb",
-            filecache={"cache_storage": str(_shard_cache(spec.cache_dir)), "check_files": True},
-        ).open()
+        from pathlib import Path
+
+        from vlcluster.storage.cache import cached_copy
+
+        return open(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards"), "rb")
     return fsspec.open(url, "rb").open()
-
-
-def _shard_cache(cache_dir: str):
-    from pathlib import Path
-
-    return Path(cache_dir).expanduser() / "shards"
