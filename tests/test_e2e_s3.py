@@ -4,6 +4,7 @@ test_e2e) with its shards and its run directory on a real S3-compatible server
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,14 @@ def test_wrong_credentials_stop_before_anything_runs(s3_run):
     assert "Traceback" not in result.stdout + result.stderr
     assert "not-the-secret-4711" not in result.stdout + result.stderr
     assert s3_run["env"]["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+
+def test_merge_and_metrics_commands_read_and_write_s3(s3_run):
+    endpoint = {"AWS_ENDPOINT_URL": s3_run["endpoint"]}
+    metrics = s3_run["cli"]("metrics", f"{RUN_DIR}/vlpt", "--json", extra_env=endpoint)
+    assert metrics.returncode == 0, metrics.stderr
+    assert set(json.loads(metrics.stdout)["overall"]) >= {"l2", "cosine", "ssd", "tssd"}
+    merged = s3_run["cli"]("merge", f"{RUN_DIR}/vlpt", "-o", "s3://runs/merged-by-cli", "--alpha", "0.5", extra_env=endpoint)
+    assert merged.returncode == 0, merged.stderr
+    fs = _fs(s3_run)
+    assert fs.exists("runs/merged-by-cli/model.safetensors") and fs.exists("runs/merged-by-cli/model.json")

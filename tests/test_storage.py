@@ -120,6 +120,7 @@ def test_rendered_jobs_and_plan_carry_no_credentials(write_job, tmp_path):
         for value in secret.values():
             assert value not in result.stdout + result.stderr
     assert "http://127.0.0.1:9000" in outputs[1].stdout  # the non-secret settings are rendered
+    assert "--run-dir s3://runs/x" in outputs[1].stdout  # pods reach an object-store run dir directly
 
 
 def test_settings_reach_child_processes(monkeypatch):

@@ -45,8 +45,6 @@ def print_plan(graph, plans, run_dir: Path) -> None:
 
 def resolved_details(graph) -> list[str]:
     """Per-stage facts a user checks before spending cluster time."""
-    from vlcluster.data.shards import expand_urls
-
     lines = []
     for name in graph.order:
         spec = graph.pipeline.stages[name]
@@ -329,9 +327,11 @@ def cmd_merge(args) -> int:
         "random_seed": args.random_seed,
         "part_alpha": {"attn": args.alpha_attn, "ffn": args.alpha_ffn, "ln": args.alpha_ln},
     }
-    record = merge_checkpoint(
-        Path(args.source), Path(args.out), args.method, method_params(args.method, values),
-        base=Path(args.base) if args.base else None, grams=Path(args.grams) if args.grams else None,
+    from vlcluster.storage.paths import run_path
+
+    record = merge_checkpoint(  # local directories or object-store URLs
+        run_path(args.source), run_path(args.out), args.method, method_params(args.method, values),
+        base=run_path(args.base) if args.base else None, grams=run_path(args.grams) if args.grams else None,
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
@@ -343,8 +343,10 @@ def cmd_metrics(args) -> int:
     from vlcluster.metrics.distance import checkpoint_distances
     from vlcluster.metrics.stage import format_metrics
 
-    path = Path(args.checkpoint)
-    result = checkpoint_distances(path / "model.safetensors" if path.is_dir() else path, args.density)
+    from vlcluster.storage.paths import local_copy, run_path
+
+    path = run_path(args.checkpoint)
+    result = checkpoint_distances(local_copy(path / "model.safetensors" if path.is_dir() else path), args.density)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
     return 0
 
