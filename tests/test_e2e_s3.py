@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,14 +25,14 @@ STAGES = ("data", "seed", "vlpt", "merge", "maa", "ft_merged", "ft_msa", "ft_maa
 @pytest.fixture(scope="module")
 def s3_run(s3_server, tmp_path_factory):
     cache = tmp_path_factory.mktemp("s3-cache")
-    env = {**os.environ, **s3_server.env}
-    env.pop("VLCLUSTER_STORAGE", None)
+    env = dict(s3_server.env)
     storage = [f"storage.endpoint_url={s3_server.endpoint}", f"storage.cache_dir={cache}"]
 
     def cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        inherited = {k: v for k, v in os.environ.items() if k != "VLCLUSTER_STORAGE"}  # SLURM_CONF may come later
         return subprocess.run(
             [sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=900,
-            env={**env, **(extra_env or {})},
+            env={**inherited, **env, **(extra_env or {})},
         )
 
     def submit(*extra: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -137,3 +138,43 @@ def test_merge_and_metrics_commands_read_and_write_s3(s3_run):
     assert merged.returncode == 0, merged.stderr
     fs = _fs(s3_run)
     assert fs.exists("runs/merged-by-cli/model.safetensors") and fs.exists("runs/merged-by-cli/model.json")
+
+
+SLURM_ON_S3 = """
+name: slurm-s3
+stages:
+  data: {kind: data, n_train: 32, n_val: 8, shard_size: 16}
+  seed:
+    kind: pretrain
+    model: {arch: agnostic}
+    data: {from: data}
+    train: {steps: 2, batch_size: 8, log_every: 1}
+    checkpoint: {every: 1, keep: 1}
+    resources: {procs_per_node: 2}
+"""
+
+
+def test_slurm_jobs_get_the_storage_settings_and_write_to_s3(s3_run, slurm_cluster, write_job):
+    """SLURM jobs inherit the submitting environment: the storage settings
+    (VLCLUSTER_STORAGE) and the credentials; nothing secret is in the job."""
+    from vlcluster.backends.slurm_queue import job_states
+
+    run_dir = "s3://runs/slurm-e2e"
+    endpoint = {"AWS_ENDPOINT_URL": s3_run["endpoint"]}
+    job = write_job(SLURM_ON_S3 + f"storage: {{endpoint_url: '{s3_run['endpoint']}'}}\n")
+    result = s3_run["cli"]("submit", str(job), "--backend", "slurm", "--run-dir", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fs = _fs(s3_run)
+    ids = [json.loads(fs.cat(f"runs/slurm-e2e/{stage}/state.json"))["job_id"] for stage in ("data", "seed")]
+    deadline = time.monotonic() + 300
+    while any(state.active for state in job_states(ids).values()) or len(job_states(ids)) < 2:
+        assert time.monotonic() < deadline, job_states(ids)
+        time.sleep(1)
+    status = s3_run["cli"]("status", run_dir, extra_env=endpoint)
+    assert status.stdout.count(" done ") == 2, status.stdout + status.stderr
+    assert fs.exists("runs/slurm-e2e/seed/checkpoints/step_00000002/meta.json")
+    logs = s3_run["cli"]("logs", run_dir, "seed", extra_env=endpoint)
+    assert "step 2/2 (100%)" in logs.stdout
+    for stage in ("data", "seed"):
+        script = next(Path(p) for p in Path(json.loads(fs.cat(f"runs/slurm-e2e/{stage}/state.json"))["slurm_log"]).parent.glob("*_submission.sh"))
+        assert s3_run["env"]["AWS_SECRET_ACCESS_KEY"] not in script.read_text()
