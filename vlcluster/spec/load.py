@@ -105,7 +105,10 @@ def validate(raw: dict, source: str) -> Pipeline:
 
     secrets = secret_fields(raw)
     if secrets:  # named by field only: the value is never echoed
-        raise SpecError(f"{source}: {', '.join(secrets)}: looks like a credential (a secret-looking key, or a URL with user:password@); {WHERE_CREDENTIALS}")
+        raise SpecError(
+            f"{source}: {', '.join(secrets)}: looks like a credential "
+            f"(a secret-looking key, or a URL with user:password@); {WHERE_CREDENTIALS}"
+        )
     # Top-level "x-" keys hold YAML anchors shared by stages (as in compose files).
     raw = {key: value for key, value in raw.items() if not str(key).startswith("x-")}
     try:

@@ -97,7 +97,7 @@ def bucket_of(url: str) -> str:
 
 
 def check_bucket(url: str | os.PathLike, field: str) -> None:
-    """The bucket of ``url`` exists and the credentials may list it.
+    """The bucket of ``url`` exists and the credentials are accepted.
     vlcluster never creates buckets: a typo must not become a new bucket."""
     if not is_remote(url):
         return
@@ -109,7 +109,7 @@ def check_bucket(url: str | os.PathLike, field: str) -> None:
     fs = fsspec.filesystem(scheme)
     with storage_errors(url):
         try:
-            fs.ls(bucket, detail=False)
+            fs.info(bucket)  # one HEAD of the bucket (a listing could page through a huge bucket)
         except FileNotFoundError:
             raise StorageError(
                 f"{field}: bucket {bucket!r} of {redact(str(url))} does not exist at {redact(_endpoint())} "
