@@ -335,3 +335,18 @@ def test_ranks_sharing_a_cache_never_read_a_partial_copy(s3_env, tmp_path):
     from vlcluster.storage.paths import local_copy
 
     assert local_copy("s3://runs/cache-race/model.safetensors").read_bytes() == b"v2"
+
+
+def test_a_growing_log_is_mirrored_to_s3(s3_env, tmp_path):
+    from vlcluster.storage.paths import Mirror, run_path
+
+    local, dest = tmp_path / "stage.log", run_path("s3://runs/mirror/seed/logs/stage.log")
+    mirror = Mirror(local, dest, every_s=0.0)
+    local.write_text("step 1\n")
+    mirror.maybe_sync()
+    assert dest.read_text() == "step 1\n"
+    with open(local, "a") as log:
+        log.write("step 2\n")
+    mirror.sync()
+    assert dest.read_text() == "step 1\nstep 2\n"
+    assert not Mirror(local, local).active  # a local run dir's log is the file itself

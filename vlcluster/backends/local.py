@@ -26,7 +26,7 @@ from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir
 from vlcluster.spec.load import SpecError
 from vlcluster.storage.errors import redact
-from vlcluster.storage.paths import local_side, upload_file
+from vlcluster.storage.paths import Mirror, local_side
 
 PR_SET_PDEATHSIG = 1
 
@@ -87,9 +87,10 @@ class LocalBackend:
     def run_stage(self, plan: StagePlan, run_dir: Path, prefix: str) -> bool:
         directory = stage_dir(run_dir, plan.name)
         # The log is appended line by line: locally (beside a remote run
-        # directory) and uploaded when the stage ends.
+        # directory), uploaded every 30 s while it grows and when the stage ends.
         log_file = local_side(directory.root) / "logs" / "stage.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        mirror = Mirror(log_file, directory.log_file)
         command = stage_command(plan.kind, str(run_dir), plan.name, plan.ranks)
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
         self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()}")
@@ -109,9 +110,9 @@ class LocalBackend:
                 log.write(line)
                 log.flush()
                 self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]")
+                mirror.maybe_sync()
             code = process.wait()
-        if log_file != directory.log_file:
-            upload_file(log_file, directory.log_file)
+        mirror.sync()
         if code == 0 and directory.done_hash() != plan.spec_hash:
             code = 1  # exited cleanly without its outputs: never let dependants start on that
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,3 +190,26 @@ def upload_file(local: Path, dest: Path) -> None:
     """Copy the local file ``local`` to ``dest`` (kept locally, unlike :func:`publish`)."""
     fs, key = _fs_path(dest)
     fs.put_file(str(local), key)
+
+
+class Mirror:
+    """Keeps a remote copy of a local file that grows (a stage log): uploaded
+    at most every ``every_s`` seconds while it grows and once at the end.
+    A no-op when ``dest`` is the local file itself."""
+
+    def __init__(self, local: Path, dest: Path, every_s: float = 30.0):
+        self.local, self.dest, self.every_s = Path(local), dest, every_s
+        self.active = is_remote(dest)
+        self.synced = time.monotonic()
+
+    def maybe_sync(self) -> None:
+        if self.active and time.monotonic() - self.synced > self.every_s:
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - a hiccup of the store must not stop the stage; the final sync retries
+                self.synced = time.monotonic()
+
+    def sync(self) -> None:
+        if self.active and self.local.is_file():
+            upload_file(self.local, self.dest)
+            self.synced = time.monotonic()
