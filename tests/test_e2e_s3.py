@@ -29,10 +29,12 @@ def s3_run(s3_server, tmp_path_factory):
     storage = [f"storage.endpoint_url={s3_server.endpoint}", f"storage.cache_dir={cache}"]
 
     def cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        inherited = {k: v for k, v in os.environ.items() if k != "VLCLUSTER_STORAGE"}  # SLURM_CONF may come later
+        inherited = dict(os.environ)  # read now: SLURM_CONF is set by a later fixture
+        # Commands without a job file (status, logs, metrics, merge) keep their local copies under the test's cache too.
+        local_settings = {"VLCLUSTER_STORAGE": json.dumps({"cache_dir": str(cache)})}
         return subprocess.run(
             [sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=900,
-            env={**inherited, **env, **(extra_env or {})},
+            env={**inherited, **env, **local_settings, **(extra_env or {})},
         )
 
     def submit(*extra: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -161,7 +163,7 @@ def test_slurm_jobs_get_the_storage_settings_and_write_to_s3(s3_run, slurm_clust
 
     run_dir = "s3://runs/slurm-e2e"
     endpoint = {"AWS_ENDPOINT_URL": s3_run["endpoint"]}
-    job = write_job(SLURM_ON_S3 + f"storage: {{endpoint_url: '{s3_run['endpoint']}'}}\n")
+    job = write_job(SLURM_ON_S3 + f"storage: {{endpoint_url: '{s3_run['endpoint']}', cache_dir: '{s3_run['cache']}'}}\n")
     result = s3_run["cli"]("submit", str(job), "--backend", "slurm", "--run-dir", run_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     fs = _fs(s3_run)
