@@ -23,6 +23,7 @@ from vlcluster.merge.plan import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
 from vlcluster.outputs import file_sha256, finish_stage, read_model_config, weights_sha256, write_model_record
+from vlcluster.storage.paths import ensure_dir, local_copy, writable
 
 log = logging.getLogger("vlcluster.merge")
 
@@ -56,14 +57,15 @@ def merge_checkpoint(
     config: ModelConfig = read_model_config(source)
     inputs = {"source": source, "base": base, "grams": grams}
     files = {name: path / ("grams.safetensors" if name == "grams" else "model.safetensors") for name, path in inputs.items() if path}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    local = {name: local_copy(path) for name, path in files.items()}  # the streaming merge reads local files
+    ensure_dir(out_dir)
+    with ThreadPoolExecutor(max_workers=1) as pool, writable(out_dir / "model.safetensors") as out_file:
         digests = pool.submit(lambda: {
-            name: file_sha256(path) if name == "grams" else weights_sha256(path.parent) for name, path in files.items()
+            name: file_sha256(local[name]) if name == "grams" else weights_sha256(files[name].parent) for name in files
         })
         count = merge_files(
-            files["source"], out_dir / "model.safetensors", get_method(method), params,
-            base=files.get("base"), grams=files.get("grams"), metadata={"format": "pt"},
+            local["source"], out_file, get_method(method), params,
+            base=local.get("base"), grams=local.get("grams"), metadata={"format": "pt"},
         )
         hashes = digests.result()
     record = {
@@ -83,7 +85,7 @@ def run_merge_stage(ctx: StageContext) -> None:
 
     spec = ctx.spec
     source = ctx.upstream_dir(spec.source).root
-    gate = check_gate(ctx, source / "model.safetensors") if spec.gate else None
+    gate = check_gate(ctx, local_copy(source / "model.safetensors")) if spec.gate else None
     params = method_params(spec.method, spec.method_values())
     record = merge_checkpoint(
         source, ctx.dir.root, spec.method, params,
