@@ -88,7 +88,9 @@ def cmd_submit(args) -> int:
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     check_runnable(graph, args.file)
-    backend = get_backend(args.backend)
+    if args.address and args.backend != "ray":
+        raise SpecError(f"--address is for --backend ray (not {args.backend})")
+    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))
     backend.validate(graph, args.file)
     try:
         check_inputs(graph, args.file, include_remote=not args.dry_run)
@@ -152,6 +154,7 @@ def cmd_status(args) -> int:
     plans = make_plan(graph, run_dir)
     records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
     slurm_states = slurm_job_states(records)
+    ray_states = ray_job_states(records)
     table = Table(title=f"{graph.pipeline.name} ({run_dir})", title_justify="left")
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
@@ -161,10 +164,12 @@ def cmd_status(args) -> int:
         record = records[plan.name]
         if record.get("backend") == "slurm":
             state, detail = describe_slurm_state(plan, record, slurm_states.get(record.get("job_id")), graph, states)
+        elif record.get("backend") == "ray":
+            state, detail = describe_ray_state(plan, record, ray_states.get(plan.name), directory.log_file)
         else:
             state, detail = describe_state(plan, record, directory.log_file)
         states[plan.name] = state
-        job = f"slurm {record['job_id']}" if record.get("backend") == "slurm" else ""
+        job = f"{record['backend']} {record['job_id']}" if record.get("backend") in {"slurm", "ray"} and record.get("job_id") else ""
         table.add_row(plan.name, plan.kind, job, state, detail)
     console.print(table)
     return 0
@@ -198,6 +203,40 @@ def describe_slurm_state(plan, record: dict, job, graph, states: dict[str, str])
     return ("failed" if job.state != "CANCELLED" else "cancelled"), (
         f"{job.state} exit {job.exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})"
     )
+
+
+def ray_job_states(records: dict[str, dict]) -> dict[str, str | None]:
+    from vlcluster.backends.ray_queue import job_statuses, ray_records
+
+    return job_statuses(records) if ray_records(records) else {}
+
+
+def describe_ray_state(plan, record: dict, job_status: str | None, log_file: Path) -> tuple[str, str]:
+    """A stage run as a Ray job: the live job status where the stage may
+    still run, its recorded outcome otherwise."""
+    from vlcluster.backends.ray import describe_progress
+
+    if plan.status == "done":
+        return "done", ""
+    recorded = record.get("state")
+    facts = [describe_progress(record.get("progress"))]
+    if record.get("worker_restarts"):
+        facts.append(f"workers restarted {record['worker_restarts']}x")
+    if plan.resume_step is not None:
+        facts.append(f"checkpoint at step {plan.resume_step}")
+    if recorded in {"submitted", "running"}:
+        recorded = {"PENDING": "pending", "RUNNING": "running", "STOPPED": "cancelled", "FAILED": "failed",
+                    "SUCCEEDED": "failed"}.get(job_status or "", "interrupted")
+        if job_status is None:
+            facts.append(f"Ray at {record.get('address')} does not know the job")
+        elif job_status == "SUCCEEDED":
+            facts.append("no done-marker")
+    if recorded in {"failed", "cancelled"}:
+        facts.append(f"{record['reason']}" if record.get("reason") else "")
+        facts.append(f"log {log_file}")
+    if recorded == "blocked":
+        facts = ["upstream failed: " + ", ".join(record.get("blocked_by", []))]
+    return recorded or "pending", "; ".join(fact for fact in facts if fact)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -238,7 +277,15 @@ def cmd_logs(args) -> int:
 
     directory = stage_dir(args.run_dir, args.stage)
     log_file = directory.log_file
-    slurm_log = directory.read_state().get("slurm_log")
+    record = directory.read_state()
+    slurm_log = record.get("slurm_log")
+    if not log_file.is_file() and record.get("backend") == "ray":  # run dir not shared with the node: ask Ray
+        from vlcluster.backends.ray_queue import job_logs
+
+        text = job_logs(record)
+        if text is not None:
+            sys.stdout.write(text)
+            return 0
     if not log_file.is_file() and not (slurm_log and Path(slurm_log).is_file()):
         raise SpecError(f"{log_file}: no log (has stage {args.stage!r} started?)")
     if log_file.is_file():
@@ -249,7 +296,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    """Cancel every queued or running job of a run (slurm), or the running
+    """Cancel every queued or running job of a run (slurm, ray), or the running
     stage of a local submit."""
     import signal
 
@@ -268,6 +315,11 @@ def cmd_cancel(args) -> int:
         from vlcluster.backends.slurm_queue import cancel
 
         cancel([records[name]["job_id"] for name in to_cancel])
+    pending_ray = {name: record for name, record in records.items() if name not in done}
+    if any(record.get("backend") == "ray" for record in pending_ray.values()):
+        from vlcluster.backends.ray_queue import stop
+
+        to_cancel += stop(pending_ray)
     for name, record in records.items():
         if record.get("backend") == "local" and record.get("state") == "running" and pid_alive(record.get("pid")):
             os.kill(record["pid"], signal.SIGTERM)
@@ -356,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec_args(submit)
     submit.add_argument("--backend", default="local", choices=sorted(BACKENDS))
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
+    submit.add_argument("--address", help="ray: cluster to join (auto, host:port or http://host:8265); "
+                        "default: a local Ray cluster started for the run")
     submit.set_defaults(func=cmd_submit)
 
     render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
