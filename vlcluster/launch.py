@@ -29,18 +29,14 @@ def is_distributed(kind: str) -> bool:
 
 def stage_command(
     kind: str, run_dir: str, stage: str, procs_per_node: int, python: str = sys.executable,
-    rendezvous: Rendezvous | None = None, max_restarts: int = 0,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
     """Training and grams stages start under torchrun (one process per rank on this
-    node); every other stage is a single Python process. With ``max_restarts``
-    torchrun restarts the whole group of ranks when one dies (the trainer then
-    resumes from its latest checkpoint)."""
+    node); every other stage is a single Python process."""
     entry = ["-m", "vlcluster.run", run_dir, stage]
     if not is_distributed(kind):
         return [python, *entry]
     torchrun = [python, "-m", "torch.distributed.run", f"--nproc_per_node={procs_per_node}"]
-    if max_restarts:
-        torchrun.append(f"--max_restarts={max_restarts}")
     if rendezvous is None or rendezvous.nnodes == 1:
         return [*torchrun[:3], "--standalone", "--nnodes=1", *torchrun[3:], *entry]
     return [

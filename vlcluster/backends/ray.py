@@ -16,13 +16,15 @@ side by side as far as the cluster's resources allow.
   SLURM backends, not under Ray Train's ``TorchTrainer``: the same entry
   point, checkpoint format and resume path serve every backend; the
   trainer's exit handling (``os._exit`` after leaving the process group,
-  see ``train/dist.py``) would kill a Ray Train worker actor; and the
-  rendezvous stays under vlcluster's control (torchrun ``--standalone``
-  rendezvous on the job's own node). Ray Train would set ``MASTER_ADDR`` to
-  the node IP Ray reports, which on a host with several interfaces is not
-  necessarily the one the ranks should use (on a test machine, not
-  loopback). Fault tolerance is torchrun's ``--max_restarts``: a dead rank
-  restarts the group, which resumes from the latest checkpoint.
+  see ``train/dist.py``) would take a Ray Train worker actor down with it;
+  and the rendezvous stays under vlcluster's control: torchrun's
+  ``--standalone`` rendezvous on the job's own node, on the loopback
+  interface. Ray Train would set ``MASTER_ADDR`` to the node IP Ray reports,
+  which Ray takes from the host's primary interface even on a head started
+  with ``--node-ip-address=127.0.0.1``.
+- Fault tolerance (``ray_stage.py``): a rank killed mid-training makes the
+  job start the stage's torchrun again (``--max-restarts``, default 3), and
+  the trainer resumes from the stage's latest checkpoint under its run dir.
 - A failed or cancelled stage's dependants are never submitted (state
   ``blocked``). ``submit`` returns when every stage has ended, like the local
   backend (a KubeRay RayJob's entrypoint is this driver); interrupting it

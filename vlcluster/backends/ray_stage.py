@@ -7,11 +7,17 @@ Training lines ("step 8/24 ... loss 8.93 | lr ... | 410 samples/s") are also
 parsed into ``state.json``'s ``progress``, which ``vlcluster status`` shows
 and the driver prints.
 
-Fault tolerance is torchrun's: it runs with ``--max_restarts``, so when a rank
-dies (killed, OOM, a lost worker process) torchrun stops the other ranks and
-starts the group again, and the trainer resumes from the stage's latest
-checkpoint in ``<stage>/checkpoints/``. Only when the restarts are used up
-does the job fail.
+Fault tolerance: when a rank of a training stage dies by a signal (killed,
+OOM-killed, a crashed worker process) or stops with ``EXIT_REQUEUE``,
+torchrun stops the other ranks and exits; this wrapper then starts torchrun
+again, up to ``--max-restarts`` times, and the trainer resumes from the
+stage's latest checkpoint in ``<stage>/checkpoints/``. A rank that fails
+with an ordinary error (exit 1: a bug, bad data) fails the job at once.
+Restarting the whole torchrun, not torchrun's own ``--max_restarts``, is
+deliberate: a restarted worker group of a ``--standalone`` torchrun (torch
+2.13) reconnects to the old rendezvous store, whose keys still name the
+dead ranks' addresses, and hangs in ``init_process_group``; a fresh torchrun
+has a fresh store.
 
 On ``ray job stop`` (``vlcluster cancel``) Ray sends SIGTERM to this process
 and all its descendants: the ranks save a checkpoint at the next step
@@ -32,13 +38,14 @@ import time
 
 from vlcluster.backends.local import _die_with_parent
 from vlcluster.context import load_context
-from vlcluster.launch import is_distributed, stage_command
+from vlcluster.launch import EXIT_REQUEUE, is_distributed, stage_command
 from vlcluster.rundir import StageDir
 
 DEFAULT_MAX_RESTARTS = 3
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \(\d+%\) (.*?) \| lr (\S+) \| ([\d.]+) samples/s")
 LOSS = re.compile(r"\bloss ([-\d.e]+|nan|inf)")
-RESTART_LINE = "will restart worker group"  # torchrun's warning when it restarts the ranks
+# torchrun's report of a rank that ended badly: "failed (exitcode: -9) local_rank: 1 (pid: ...)"
+RANK_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank")
 
 
 def parse_progress(line: str) -> dict | None:
@@ -67,11 +74,35 @@ class Stopping:
         self.requested = True
 
 
+def restartable(rank_exit_codes: list[int]) -> bool:
+    """A rank was lost (killed by a signal) or asked to be resumed, rather
+    than failing on an error that a restart would only repeat."""
+    return any(code < 0 or code == EXIT_REQUEUE for code in rank_exit_codes)
+
+
+def run_once(command: list[str], env: dict, directory: StageDir, log) -> tuple[int, list[int]]:
+    """One torchrun (or python) start; its exit code and the ranks' failed exit codes."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                               bufsize=1, preexec_fn=_die_with_parent)
+    rank_codes = []
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        log.write(line)
+        log.flush()
+        progress = parse_progress(line)
+        if progress is not None:
+            directory.write_state(progress=progress)
+        elif (failed := RANK_FAILED.search(line)) is not None:
+            rank_codes.append(int(failed.group(1)))
+    return process.wait(), rank_codes
+
+
 def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     ctx = load_context(run_dir, stage)
     directory: StageDir = ctx.dir
     spec = ctx.spec
-    command = stage_command(spec.kind, run_dir, stage, spec.resources.ranks_per_node, max_restarts=max_restarts)
+    command = stage_command(spec.kind, run_dir, stage, spec.resources.ranks_per_node)
     stopping = Stopping()
     # Ranks die with torchrun, torchrun with this wrapper: a SIGKILLed job leaves nothing behind.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLCLUSTER_DIE_WITH_PARENT": "1"}
@@ -81,22 +112,18 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), command=command)
     restarts = 0
     with open(directory.log_file, "a") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} ray job on {socket.gethostname()}: {' '.join(command)}\n")
-        log.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                   bufsize=1, preexec_fn=_die_with_parent)
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            log.write(line)
+        while True:
+            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} ray job on {socket.gethostname()}: {' '.join(command)}\n")
             log.flush()
-            progress = parse_progress(line)
-            if progress is not None:
-                directory.write_state(progress=progress)
-            elif RESTART_LINE in line:
-                restarts += 1
-                directory.write_state(worker_restarts=restarts)
-        code = process.wait()
+            code, rank_codes = run_once(command, env, directory, log)
+            if code == 0 or stopping.requested or restarts >= max_restarts or not restartable(rank_codes):
+                break
+            restarts += 1
+            notice = (f"==== rank exit codes {rank_codes}: restarting the ranks ({restarts}/{max_restarts}), "
+                      "they resume from the latest checkpoint\n")
+            sys.stdout.write(notice)
+            log.write(notice)
+            directory.write_state(worker_restarts=restarts, restarted=time.time())
     if code == 0 and directory.done_hash() == ctx.spec_hash:
         directory.write_state(state="done", returncode=0, ended=time.time())
         return 0
