@@ -231,3 +231,32 @@ def test_trainer_step_lines_become_progress():
     assert {key: progress[key] for key in ("step", "steps", "loss", "lr", "samples_per_s")} == {
         "step": 8, "steps": 24, "loss": 9.12, "lr": 1e-3, "samples_per_s": 412.0}
     assert parse_progress("[vlpt] resuming from checkpoint step_00000008 (step 8 of 24)") is None
+
+
+TWO_NODES = """
+name: twonode
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
+  seed:
+    kind: pretrain
+    data: {from: data}
+    train: {steps: 4, batch_size: 8, log_every: 2, warmup_steps: 1}
+    checkpoint: {every: 2}
+    resources: {nodes: 2, procs_per_node: 1}
+"""
+
+
+@pytest.mark.slow
+def test_multi_node_stage_runs_one_torchrun_per_ray_node(ray_cluster, write_job, tmp_path, monkeypatch):
+    ray_cluster.add_node(num_cpus=2)  # a second raylet on this host: STRICT_SPREAD needs two nodes
+    monkeypatch.setenv("VLCLUSTER_RAY_MASTER_ADDR", "127.0.0.1")  # keep the rendezvous on loopback
+    run_dir = tmp_path / "run"
+    result = subprocess.run(submit_args(str(write_job(TWO_NODES)), run_dir, ray_cluster.dashboard_url),
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (run_dir / "seed" / "_SUCCESS").is_file()
+    logs = run_dir / "seed" / "logs"
+    first = re.search(r"==== node 0/2 on Ray node (\w+)", (logs / "stage.log").read_text()).group(1)
+    second = re.search(r"==== node 1/2 on Ray node (\w+)", (logs / "node_1.log").read_text()).group(1)
+    assert first != second
+    assert "over 2 ranks" in (logs / "stage.log").read_text() and "--master_addr=127.0.0.1" in (logs / "stage.log").read_text()

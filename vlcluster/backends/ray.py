@@ -29,8 +29,8 @@ side by side as far as the cluster's resources allow.
   ``blocked``). ``submit`` returns when every stage has ended, like the local
   backend (a KubeRay RayJob's entrypoint is this driver); interrupting it
   stops the jobs it started.
-- One training stage spans one node: ``resources.nodes > 1`` is refused
-  with a clear error (use the SLURM backend for multi-node stages).
+- A stage with ``resources.nodes > 1`` runs one torchrun per node from its
+  job, each in a bundle of a STRICT_SPREAD placement group (``ray_nodes.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vlcluster.backends.local import run_lock
+from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
@@ -99,12 +100,7 @@ class RayBackend:
         self.max_restarts = max_restarts
 
     def validate(self, graph: Graph, source: str) -> None:
-        for name, spec in graph.pipeline.stages.items():
-            if spec.resources.nodes > 1:
-                raise SpecError(
-                    f"{source}: stages.{name}.resources.nodes is {spec.resources.nodes}; "
-                    "the ray backend runs each stage on one node (use --backend slurm for multi-node stages)"
-                )
+        """Any stage fits: resources are checked by Ray when it places the job."""
 
     # ---- the cluster ---------------------------------------------------------
 
@@ -135,8 +131,18 @@ class RayBackend:
     @staticmethod
     def entrypoint_resources(graph: Graph, plan: StagePlan) -> dict:
         res = graph.pipeline.stages[plan.name].resources
+        if res.nodes > 1:  # the job only drives one task per node; the tasks hold the resources
+            return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0}
         cpus = res.cpus_per_node or (res.ranks_per_node if is_distributed(plan.kind) else 1)
         return {"entrypoint_num_cpus": cpus, "entrypoint_num_gpus": res.gpus_per_node}
+
+    @staticmethod
+    def job_env() -> dict[str, str]:
+        # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
+        env = {"RAY_JOB_STOP_WAIT_TIME_S": "60"}
+        if os.environ.get(MASTER_ADDR_ENV):
+            env[MASTER_ADDR_ENV] = os.environ[MASTER_ADDR_ENV]
+        return env
 
     def launch(self, client, graph: Graph, plan: StagePlan, run_dir: Path, address: str, prefix: str) -> Launched:
         job_id = submission_id(graph.pipeline.name, plan.name)
@@ -151,7 +157,7 @@ class RayBackend:
             submission_id=job_id,
             metadata={"vlcluster_run": str(run_dir), "pipeline": graph.pipeline.name, "stage": plan.name, "kind": plan.kind},
             # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
-            runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}},
+            runtime_env={"env_vars": self.job_env()},
             **self.entrypoint_resources(graph, plan),
         )
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"

@@ -29,11 +29,11 @@ from pathlib import Path
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
 # Ray ports with fixed defaults (6379, 8265, 10001, 52365, ...): each gets a free one.
-PORT_FLAGS = (
-    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-    "--node-manager-port", "--object-manager-port",
+NODE_PORT_FLAGS = (
+    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+    "--metrics-export-port", "--node-manager-port", "--object-manager-port",
 )
+HEAD_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", *NODE_PORT_FLAGS)
 
 
 def free_ports(count: int) -> list[int]:
@@ -57,14 +57,22 @@ def dashboard_answers(url: str) -> bool:
         return False
 
 
+def ray_start() -> list[str]:
+    """``ray start`` of this Python's environment, in the foreground, on loopback."""
+    ray = Path(sys.executable).with_name("ray")
+    return [str(ray) if ray.exists() else "ray", "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+
+
 class LocalRayCluster:
-    """``with LocalRayCluster(num_cpus=4) as cluster: cluster.dashboard_url``"""
+    """``with LocalRayCluster(num_cpus=4) as cluster: cluster.dashboard_url``;
+    ``add_node`` joins more nodes on this host (multi-node stages in tests)."""
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, log: Path | None = None):
         self.num_cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
         self.num_gpus = num_gpus
         self.log = log
         self.process: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
         self.temp_dir: str | None = None
         self.ports: dict[str, int] = {}
 
@@ -77,25 +85,47 @@ class LocalRayCluster:
         return f"127.0.0.1:{self.ports['--port']}"
 
     def command(self) -> list[str]:
-        ray = str(Path(sys.executable).with_name("ray"))
         command = [
-            ray if os.path.exists(ray) else "ray", "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+            *ray_start(), "--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}",
         ]
         if self.num_gpus is not None:
             command.append(f"--num-gpus={self.num_gpus}")
         return command + [f"{flag}={port}" for flag, port in self.ports.items()]
 
+    def spawn(self, command: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)  # inside another Ray job this would point the new node at that cluster
+        out = open(self.log, "a") if self.log else subprocess.DEVNULL
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def alive_nodes(self) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?detail=false", timeout=5) as response:
+                nodes = json.loads(response.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return sum(node.get("state") == "ALIVE" for node in nodes)
+
+    def add_node(self, num_cpus: int) -> None:
+        """Another node on this host, joined to the head; returns once Ray lists it."""
+        expected = self.alive_nodes() + 1
+        ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS))))
+        node = self.spawn([*ray_start(), f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                           *(f"{flag}={port}" for flag, port in ports.items())])
+        self.nodes.append(node)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.alive_nodes() < expected:
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray node did not join (ray start exit {node.returncode}); log: {self.log}")
+            time.sleep(0.3)
+
     def start(self) -> LocalRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        env.pop("RAY_ADDRESS", None)  # inside another Ray job this would point the new head at that cluster
-        out = open(self.log, "a") if self.log else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.ports = dict(zip(HEAD_PORT_FLAGS, free_ports(len(HEAD_PORT_FLAGS))))
+        self.process = self.spawn(self.command())
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not dashboard_answers(self.dashboard_url):
+        while not dashboard_answers(self.dashboard_url) or self.alive_nodes() < 1:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"local Ray head did not come up (ray start exit {self.process.returncode}); log: {self.log}")
@@ -103,13 +133,14 @@ class LocalRayCluster:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        for process in [*reversed(self.nodes), self.process]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+                try:
+                    process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 

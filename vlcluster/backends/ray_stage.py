@@ -80,8 +80,18 @@ def restartable(rank_exit_codes: list[int]) -> bool:
     return any(code < 0 or code == EXIT_REQUEUE for code in rank_exit_codes)
 
 
-def run_once(command: list[str], env: dict, directory: StageDir, log) -> tuple[int, list[int]]:
-    """One torchrun (or python) start; its exit code and the ranks' failed exit codes."""
+def child_env(kind: str) -> dict:
+    # Ranks die with torchrun, torchrun with its parent: a SIGKILLed job leaves nothing behind.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLCLUSTER_DIE_WITH_PARENT": "1"}
+    if is_distributed(kind):
+        env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the node's cores
+    return env
+
+
+def run_once(command: list[str], env: dict, directory: StageDir | None, log) -> tuple[int, list[int]]:
+    """One torchrun (or python) start, its output copied to stdout and
+    ``log``; its exit code and the exit codes torchrun reported for failed
+    ranks. Progress goes to ``directory``'s state (None: not this node's job)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                bufsize=1, preexec_fn=_die_with_parent)
     rank_codes = []
@@ -91,31 +101,38 @@ def run_once(command: list[str], env: dict, directory: StageDir, log) -> tuple[i
         log.write(line)
         log.flush()
         progress = parse_progress(line)
-        if progress is not None:
+        if progress is not None and directory is not None:
             directory.write_state(progress=progress)
         elif (failed := RANK_FAILED.search(line)) is not None:
             rank_codes.append(int(failed.group(1)))
     return process.wait(), rank_codes
 
 
+def attempt(ctx, log, stopping: Stopping) -> tuple[int, list[int]]:
+    """Run the stage once: here, or for a multi-node stage on one Ray task per node."""
+    spec = ctx.spec
+    if spec.resources.nodes > 1:
+        from vlcluster.backends.ray_nodes import run_nodes
+
+        results = run_nodes(str(ctx.run_dir), ctx.name, spec, lambda: stopping.requested)
+        code = next((result.code for result in results if result.code != 0), 0)
+        return code, [rank_code for result in results for rank_code in result.rank_codes]
+    command = stage_command(spec.kind, str(ctx.run_dir), ctx.name, spec.resources.ranks_per_node)
+    log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} ray job on {socket.gethostname()}: {' '.join(command)}\n")
+    log.flush()
+    return run_once(command, child_env(spec.kind), ctx.dir, log)
+
+
 def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     ctx = load_context(run_dir, stage)
     directory: StageDir = ctx.dir
-    spec = ctx.spec
-    command = stage_command(spec.kind, run_dir, stage, spec.resources.ranks_per_node)
     stopping = Stopping()
-    # Ranks die with torchrun, torchrun with this wrapper: a SIGKILLed job leaves nothing behind.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLCLUSTER_DIE_WITH_PARENT": "1"}
-    if is_distributed(spec.kind):
-        env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the node's cores
     directory.log_file.parent.mkdir(parents=True, exist_ok=True)
-    directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time(), command=command)
+    directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time())
     restarts = 0
     with open(directory.log_file, "a") as log:
         while True:
-            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} ray job on {socket.gethostname()}: {' '.join(command)}\n")
-            log.flush()
-            code, rank_codes = run_once(command, env, directory, log)
+            code, rank_codes = attempt(ctx, log, stopping)
             if code == 0 or stopping.requested or restarts >= max_restarts or not restartable(rank_codes):
                 break
             restarts += 1
@@ -123,6 +140,7 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
                       "they resume from the latest checkpoint\n")
             sys.stdout.write(notice)
             log.write(notice)
+            log.flush()
             directory.write_state(worker_restarts=restarts, restarted=time.time())
     if code == 0 and directory.done_hash() == ctx.spec_hash:
         directory.write_state(state="done", returncode=0, ended=time.time())
