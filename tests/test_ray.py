@@ -240,23 +240,40 @@ stages:
   seed:
     kind: pretrain
     data: {from: data}
-    train: {steps: 4, batch_size: 8, log_every: 2, warmup_steps: 1}
+    train: {steps: 12, batch_size: 8, log_every: 2, warmup_steps: 1}
     checkpoint: {every: 2}
     resources: {nodes: 2, procs_per_node: 1}
 """
 
 
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(item for item in environ if item.startswith(b"RANK="))[5:])
+
+
 @pytest.mark.slow
-def test_multi_node_stage_runs_one_torchrun_per_ray_node(ray_cluster, write_job, tmp_path, monkeypatch):
+def test_multi_node_stage_runs_one_torchrun_per_ray_node_and_survives_a_lost_rank(ray_cluster, write_job, tmp_path, monkeypatch):
     ray_cluster.add_node(num_cpus=2)  # a second raylet on this host: STRICT_SPREAD needs two nodes
     monkeypatch.setenv("VLCLUSTER_RAY_MASTER_ADDR", "127.0.0.1")  # keep the rendezvous on loopback
     run_dir = tmp_path / "run"
-    result = subprocess.run(submit_args(str(write_job(TWO_NODES)), run_dir, ray_cluster.dashboard_url),
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (run_dir / "seed" / "_SUCCESS").is_file()
+    killed = None
+    with open(tmp_path / "submit.log", "w") as log:
+        process = subprocess.Popen(submit_args(str(write_job(TWO_NODES)), run_dir, ray_cluster.dashboard_url),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            ranks = training_ranks(run_dir, "seed")
+            if killed is None and latest_checkpoint_step(run_dir, "seed") is not None and len(ranks) == 2:
+                killed = next(pid for pid in ranks if rank_of(pid) == 1)  # the rank on the second node
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.1)
+        assert process.wait(timeout=10) == 0, (tmp_path / "submit.log").read_text()
+    assert killed is not None and (run_dir / "seed" / "_SUCCESS").is_file()
     logs = run_dir / "seed" / "logs"
-    first = re.search(r"==== node 0/2 on Ray node (\w+)", (logs / "stage.log").read_text()).group(1)
+    main_log = (logs / "stage.log").read_text()
+    first = re.search(r"==== node 0/2 on Ray node (\w+)", main_log).group(1)
     second = re.search(r"==== node 1/2 on Ray node (\w+)", (logs / "node_1.log").read_text()).group(1)
     assert first != second
-    assert "over 2 ranks" in (logs / "stage.log").read_text() and "--master_addr=127.0.0.1" in (logs / "stage.log").read_text()
+    assert "over 2 ranks" in main_log and "--master_addr=127.0.0.1" in main_log
+    assert "restarting the ranks (1/3)" in main_log
+    assert 2 <= int(re.search(r"resuming from checkpoint step_(\d+)", main_log).group(1)) < 12

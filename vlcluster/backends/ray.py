@@ -109,8 +109,13 @@ class RayBackend:
         """The dashboard URL of the cluster the run uses."""
         if self.address:
             from ray.dashboard.utils import get_address_for_submission_client
+            from ray.exceptions import RayError
 
-            yield get_address_for_submission_client(self.address)
+            try:
+                url = get_address_for_submission_client(self.address)
+            except (ConnectionError, ValueError, RuntimeError, RayError) as exc:
+                raise SpecError(f"--address {self.address}: no Ray cluster found there ({exc})") from None
+            yield url
             return
         from vlcluster.backends.ray_cluster import LocalRayCluster
 
@@ -208,7 +213,10 @@ class RayBackend:
         from ray.job_submission import JobSubmissionClient
 
         self.console.print(f"Ray dashboard: [bold]{address}[/] (jobs vlcluster-{graph.pipeline.name}-*)")
-        client = JobSubmissionClient(address)
+        try:
+            client = JobSubmissionClient(address)
+        except ConnectionError as exc:
+            raise SpecError(f"Ray dashboard {address} does not answer ({exc})") from None
         self.refuse_if_running(client, run_dir, plans)
         return self.schedule(client, graph, plans, run_dir, address)
 

@@ -10,15 +10,17 @@ Ray reports a host's primary interface as its IP even when the node was
 started with ``--node-ip-address=127.0.0.1``, so several nodes on one host
 (the tests) set it to 127.0.0.1 to keep the ranks' traffic on loopback.
 
-When any node ends badly the tasks of the other nodes are cancelled (their
-ranks would wait on the lost peers); a lost node or a rank killed by a signal
-lets the caller start all nodes again, from the latest checkpoint.
+When a node ends badly the others get a grace period to fail on their own
+(their ranks lose their peers), then their tasks are cancelled; a lost node
+or a rank killed by a signal lets the caller start all nodes again, from the
+latest checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from vlcluster.launch import Rendezvous, stage_command
 
 MASTER_ADDR_ENV = "VLCLUSTER_RAY_MASTER_ADDR"
 READY_TIMEOUT_S = 600
+PEER_GRACE_S = 45  # > torchrun's 30 s grace between SIGTERM and SIGKILL of its ranks
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ def _gather(tasks: dict, stopping: Callable[[], bool]) -> list[NodeResult]:
     import ray
 
     results, pending, cancelled = [], list(tasks), set()
+    failed_at: float | None = None
 
     def cancel_pending() -> None:
         for ref in pending:
@@ -113,7 +117,10 @@ def _gather(tasks: dict, stopping: Callable[[], bool]) -> list[NodeResult]:
 
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        if stopping():
+        # Peers of a failed node usually fail on their own within seconds and
+        # report how (a rank killed by a signal is what makes a restart
+        # worthwhile); only ranks stuck on the lost ones are cancelled.
+        if stopping() or (failed_at is not None and time.monotonic() - failed_at > PEER_GRACE_S):
             cancel_pending()
         if not done:
             continue
@@ -125,6 +132,6 @@ def _gather(tasks: dict, stopping: Callable[[], bool]) -> list[NodeResult]:
             lost = done[0] not in cancelled
             result = NodeResult(tasks[done[0]], -9 if lost else 1, [-9] if lost else [], "")
         results.append(result)
-        if result.code != 0:
-            cancel_pending()  # their ranks would wait for the lost ones
+        if result.code != 0 and failed_at is None:
+            failed_at = time.monotonic()
     return sorted(results, key=lambda result: result.node_rank)
