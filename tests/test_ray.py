@@ -212,15 +212,33 @@ def test_without_address_a_private_cluster_runs_the_pipeline_and_stops(write_job
     assert " done " in cli("status", str(run_dir)).stdout
 
 
+@pytest.mark.slow
+def test_a_killed_submit_takes_its_private_cluster_and_stages_along(write_job, tmp_path):
+    pytest.importorskip("ray.job_submission")
+    from vlcluster.backends.ray_cluster import dashboard_answers
+
+    run_dir = tmp_path / "run"
+    job = str(write_job(FAILING))
+    with open(tmp_path / "submit.log", "w") as log:
+        process = subprocess.Popen(submit_args(job, run_dir, None, "stages.seed.train.steps=500"),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 300
+        while not training_ranks(run_dir, "seed"):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "submit.log").read_text()
+            time.sleep(0.2)
+        url = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", (tmp_path / "submit.log").read_text()).group(1)
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 60
+    while (dashboard_answers(url) or live_processes_mentioning(str(run_dir))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not dashboard_answers(url)
+    assert live_processes_mentioning(str(run_dir)) == []
+
+
 def test_address_is_only_for_the_ray_backend(write_job, tmp_path):
     result = cli("submit", str(write_job(SWEEP)), "--address", "auto", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2 and "--address is for --backend ray" in result.stderr
-
-
-def test_multi_node_stage_is_refused_with_a_clear_error(write_job, tmp_path):
-    job = write_job(FAILING.replace("resources: {procs_per_node: 2}", "resources: {procs_per_node: 2, nodes: 2}"))
-    result = cli("submit", str(job), "--backend", "ray", "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 2 and "stages.seed.resources.nodes is 2" in result.stderr
 
 
 def test_trainer_step_lines_become_progress():

@@ -165,7 +165,9 @@ def cmd_status(args) -> int:
         if record.get("backend") == "slurm":
             state, detail = describe_slurm_state(plan, record, slurm_states.get(record.get("job_id")), graph, states)
         elif record.get("backend") == "ray":
-            state, detail = describe_ray_state(plan, record, ray_states.get(plan.name), directory.log_file)
+            from vlcluster.backends.ray_queue import describe
+
+            state, detail = describe(plan, record, ray_states.get(plan.name), directory.log_file)
         else:
             state, detail = describe_state(plan, record, directory.log_file)
         states[plan.name] = state
@@ -209,34 +211,6 @@ def ray_job_states(records: dict[str, dict]) -> dict[str, str | None]:
     from vlcluster.backends.ray_queue import job_statuses, ray_records
 
     return job_statuses(records) if ray_records(records) else {}
-
-
-def describe_ray_state(plan, record: dict, job_status: str | None, log_file: Path) -> tuple[str, str]:
-    """A stage run as a Ray job: the live job status where the stage may
-    still run, its recorded outcome otherwise."""
-    from vlcluster.backends.ray import describe_progress
-
-    if plan.status == "done":
-        return "done", ""
-    recorded = record.get("state")
-    facts = [describe_progress(record.get("progress"))]
-    if record.get("worker_restarts"):
-        facts.append(f"workers restarted {record['worker_restarts']}x")
-    if plan.resume_step is not None:
-        facts.append(f"checkpoint at step {plan.resume_step}")
-    if recorded in {"submitted", "running"}:
-        recorded = {"PENDING": "pending", "RUNNING": "running", "STOPPED": "cancelled", "FAILED": "failed",
-                    "SUCCEEDED": "failed"}.get(job_status or "", "interrupted")
-        if job_status is None:
-            facts.append(f"Ray at {record.get('address')} does not know the job")
-        elif job_status == "SUCCEEDED":
-            facts.append("no done-marker")
-    if recorded in {"failed", "cancelled"}:
-        facts.append(f"{record['reason']}" if record.get("reason") else "")
-        facts.append(f"log {log_file}")
-    if recorded == "blocked":
-        facts = ["upstream failed: " + ", ".join(record.get("blocked_by", []))]
-    return recorded or "pending", "; ".join(fact for fact in facts if fact)
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -52,6 +52,7 @@ from rich.markup import escape
 
 from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
+from vlcluster.backends.ray_queue import describe_progress
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
@@ -71,13 +72,6 @@ def submission_id(pipeline: str, stage: str) -> str:
 
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
-
-
-def describe_progress(progress: dict | None) -> str:
-    if not progress:
-        return ""
-    loss = f", loss {progress['loss']:.3f}" if progress.get("loss") is not None else ""
-    return f"step {progress['step']}/{progress['steps']}{loss}, {progress['samples_per_s']:.0f} samples/s"
 
 
 @dataclass

@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vlcluster.backends.local import _die_with_parent
+
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
 # Ray ports with fixed defaults (6379, 8265, 10001, 52365, ...): each gets a free one.
@@ -97,7 +99,10 @@ class LocalRayCluster:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)  # inside another Ray job this would point the new node at that cluster
         out = open(self.log, "a") if self.log else subprocess.DEVNULL
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Its own session (a Ctrl-C of the submit reaches the cluster only through
+        # stop()), but SIGTERMed when its parent dies: a killed submit takes its cluster along.
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
     def alive_nodes(self) -> int:
         try:

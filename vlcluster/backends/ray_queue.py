@@ -6,6 +6,7 @@ dashboard). Ray is imported only when a run has Ray records."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 # Recorded states whose job may still be queued or running.
 LIVE = frozenset({"submitted", "running"})
@@ -88,3 +89,36 @@ def job_logs(record: dict) -> str | None:
         return client.get_job_logs(record["job_id"])
     except RuntimeError:
         return None
+
+
+def describe_progress(progress: dict | None) -> str:
+    if not progress:
+        return ""
+    loss = f", loss {progress['loss']:.3f}" if progress.get("loss") is not None else ""
+    return f"step {progress['step']}/{progress['steps']}{loss}, {progress['samples_per_s']:.0f} samples/s"
+
+
+def describe(plan, record: dict, job_status: str | None, log_file: Path) -> tuple[str, str]:
+    """A stage run as a Ray job: the live job status where the stage may
+    still run, its recorded outcome otherwise."""
+    if plan.status == "done":
+        return "done", ""
+    recorded = record.get("state")
+    facts = [describe_progress(record.get("progress"))]
+    if record.get("worker_restarts"):
+        facts.append(f"workers restarted {record['worker_restarts']}x")
+    if plan.resume_step is not None:
+        facts.append(f"checkpoint at step {plan.resume_step}")
+    if recorded in {"submitted", "running"}:
+        recorded = {"PENDING": "pending", "RUNNING": "running", "STOPPED": "cancelled", "FAILED": "failed",
+                    "SUCCEEDED": "failed"}.get(job_status or "", "interrupted")
+        if job_status is None:
+            facts.append(f"Ray at {record.get('address')} does not know the job")
+        elif job_status == "SUCCEEDED":
+            facts.append("no done-marker")
+    if recorded in {"failed", "cancelled"}:
+        facts.append(f"{record['reason']}" if record.get("reason") else "")
+        facts.append(f"log {log_file}")
+    if recorded == "blocked":
+        facts = ["upstream failed: " + ", ".join(record.get("blocked_by", []))]
+    return recorded or "pending", "; ".join(fact for fact in facts if fact)
