@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +235,9 @@ def test_a_killed_submit_takes_its_private_cluster_and_stages_along(write_job, t
         time.sleep(0.5)
     assert not dashboard_answers(url)
     assert live_processes_mentioning(str(run_dir)) == []
+    # Nobody was left to remove the cluster's session directory.
+    session = re.search(r"(/tmp/ray-[^/\s]+)/session_", (run_dir / "ray" / "head.log").read_text()).group(1)
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def test_address_is_only_for_the_ray_backend(write_job, tmp_path):
