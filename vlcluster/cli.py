@@ -104,7 +104,9 @@ def cmd_submit(args) -> int:
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     check_runnable(graph, args.file)
-    backend = get_backend(args.backend)
+    if args.address and args.backend != "ray":
+        raise SpecError(f"--address is for --backend ray (not {args.backend})")
+    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))
     backend.validate(graph, args.file)
     if not args.dry_run:
         from vlcluster.storage.errors import check_run_dir
@@ -174,6 +176,7 @@ def cmd_status(args) -> int:
     plans = make_plan(graph, run_dir)
     records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
     slurm_states = slurm_job_states(records)
+    ray_states = ray_job_states(records)
     table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
@@ -183,10 +186,14 @@ def cmd_status(args) -> int:
         record = records[plan.name]
         if record.get("backend") == "slurm":
             state, detail = describe_slurm_state(plan, record, slurm_states.get(record.get("job_id")), graph, states)
+        elif record.get("backend") == "ray":
+            from vlcluster.backends.ray_queue import describe
+
+            state, detail = describe(plan, record, ray_states.get(plan.name), directory.log_file)
         else:
             state, detail = describe_state(plan, record, directory.log_file)
         states[plan.name] = state
-        job = f"slurm {record['job_id']}" if record.get("backend") == "slurm" else ""
+        job = f"{record['backend']} {record['job_id']}" if record.get("backend") in {"slurm", "ray"} and record.get("job_id") else ""
         table.add_row(plan.name, plan.kind, job, state, detail)
     console.print(table)
     return 0
@@ -220,6 +227,12 @@ def describe_slurm_state(plan, record: dict, job, graph, states: dict[str, str])
     return ("failed" if job.state != "CANCELLED" else "cancelled"), (
         f"{job.state} exit {job.exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})"
     )
+
+
+def ray_job_states(records: dict[str, dict]) -> dict[str, str | None]:
+    from vlcluster.backends.ray_queue import job_statuses, ray_records
+
+    return job_statuses(records) if ray_records(records) else {}
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -260,7 +273,15 @@ def cmd_logs(args) -> int:
 
     directory = stage_dir(args.run_dir, args.stage)
     log_file = directory.log_file
-    slurm_log = directory.read_state().get("slurm_log")
+    record = directory.read_state()
+    slurm_log = record.get("slurm_log")
+    if not log_file.is_file() and record.get("backend") == "ray":  # run dir not shared with the node: ask Ray
+        from vlcluster.backends.ray_queue import job_logs
+
+        text = job_logs(record)
+        if text is not None:
+            sys.stdout.write(text)
+            return 0
     if not log_file.is_file() and not (slurm_log and Path(slurm_log).is_file()):
         raise SpecError(f"{log_file}: no log (has stage {args.stage!r} started?)")
     if log_file.is_file():
@@ -271,7 +292,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    """Cancel every queued or running job of a run (slurm), or the running
+    """Cancel every queued or running job of a run (slurm, ray), or the running
     stage of a local submit."""
     import signal
 
@@ -291,6 +312,11 @@ def cmd_cancel(args) -> int:
         from vlcluster.backends.slurm_queue import cancel
 
         cancel([records[name]["job_id"] for name in to_cancel])
+    pending_ray = {name: record for name, record in records.items() if name not in done}
+    if any(record.get("backend") == "ray" for record in pending_ray.values()):
+        from vlcluster.backends.ray_queue import stop
+
+        to_cancel += stop(pending_ray)
     for name, record in records.items():
         if record.get("backend") == "local" and record.get("state") == "running" and pid_alive(record.get("pid")):
             os.kill(record["pid"], signal.SIGTERM)
@@ -383,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec_args(submit)
     submit.add_argument("--backend", default="local", choices=sorted(BACKENDS))
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
+    submit.add_argument("--address", help="ray: cluster to join (auto, host:port or http://host:8265); "
+                        "default: a local Ray cluster started for the run")
     submit.set_defaults(func=cmd_submit)
 
     render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")

@@ -11,12 +11,13 @@ from vlcluster.backends.base import Backend
 BACKENDS: dict[str, str] = {
     "local": "vlcluster.backends.local:LocalBackend",
     "slurm": "vlcluster.backends.slurm:SlurmBackend",
+    "ray": "vlcluster.backends.ray:RayBackend",
 }
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, **options) -> Backend:
     target = BACKENDS.get(name)
     if target is None:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(**options)

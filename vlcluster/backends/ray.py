@@ -1,0 +1,269 @@
+"""Ray backend: every stage one Ray job (Jobs API), started by this driver as
+soon as the stages it depends on are done, so independent stages (seed
+pre-training and the MAA reference, the three fine-tunings, the evals) run
+side by side as far as the cluster's resources allow.
+
+- ``--address ADDR`` joins a running cluster (``auto``, the GCS
+  ``host:port`` or the dashboard ``http://host:8265``, as ``ray job submit``
+  takes them); without it a private one-node cluster is started on
+  127.0.0.1 for the run and stopped at its end (``ray_cluster.py``).
+- Each job runs ``python -m vlcluster.backends.ray_stage RUN_DIR STAGE`` and
+  reserves the stage's CPUs and GPUs as entrypoint resources; Ray starts it
+  when a node has them free. The job's metadata names the run and the stage,
+  and its log, on the dashboard, shows the trainer's step, loss and
+  throughput lines (also parsed into ``state.json`` for ``vlcluster status``).
+- Training runs under torchrun inside the job, exactly as on the local and
+  SLURM backends, not under Ray Train's ``TorchTrainer``: the same entry
+  point, checkpoint format and resume path serve every backend; the
+  trainer's exit handling (``os._exit`` after leaving the process group,
+  see ``train/dist.py``) would take a Ray Train worker actor down with it;
+  and the rendezvous stays under vlcluster's control: torchrun's
+  ``--standalone`` rendezvous on the job's own node, on the loopback
+  interface. Ray Train would set ``MASTER_ADDR`` to the node IP Ray reports,
+  which Ray takes from the host's primary interface even on a head started
+  with ``--node-ip-address=127.0.0.1``.
+- Fault tolerance (``ray_stage.py``): a rank killed mid-training makes the
+  job start the stage's torchrun again (``--max-restarts``, default 3), and
+  the trainer resumes from the stage's latest checkpoint under its run dir.
+- A failed or cancelled stage's dependants are never submitted (state
+  ``blocked``). ``submit`` returns when every stage has ended, like the local
+  backend (a KubeRay RayJob's entrypoint is this driver); interrupting it
+  stops the jobs it started.
+- A stage with ``resources.nodes > 1`` runs one torchrun per node from its
+  job, each in a bundle of a STRICT_SPREAD placement group (``ray_nodes.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from vlcluster.backends.local import run_lock
+from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
+from vlcluster.backends.ray_queue import describe_progress
+from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
+from vlcluster.graph import Graph
+from vlcluster.launch import is_distributed
+from vlcluster.plan import StagePlan
+from vlcluster.rundir import stage_dir, write_json_atomic
+from vlcluster.spec.load import SpecError
+
+POLL_S = 1.0
+FAILED = frozenset({"failed", "cancelled", "blocked"})
+
+
+def submission_id(pipeline: str, stage: str) -> str:
+    """Unique per submit (a resumed stage is a new job); readable on the dashboard."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{pipeline}-{stage}").strip("_")
+    return f"vlcluster-{readable}-{uuid.uuid4().hex[:8]}"
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class Launched:
+    plan: StagePlan
+    job_id: str
+    prefix: str
+    started: float
+    progress_shown: str = ""
+    running: bool = False
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, console: Console | None = None, address: str | None = None,
+                 max_restarts: int = DEFAULT_MAX_RESTARTS):
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.address = address
+        self.max_restarts = max_restarts
+
+    def validate(self, graph: Graph, source: str) -> None:
+        """Any stage fits: resources are checked by Ray when it places the job."""
+
+    # ---- the cluster ---------------------------------------------------------
+
+    @contextmanager
+    def cluster(self, run_dir: Path) -> Iterator[str]:
+        """The dashboard URL of the cluster the run uses."""
+        if self.address:
+            from ray.dashboard.utils import get_address_for_submission_client
+            from ray.exceptions import RayError
+
+            try:
+                url = get_address_for_submission_client(self.address)
+            except (ConnectionError, ValueError, RuntimeError, RayError) as exc:
+                raise SpecError(f"--address {self.address}: no Ray cluster found there ({exc})") from None
+            yield url
+            return
+        from vlcluster.backends.ray_cluster import LocalRayCluster
+
+        log = run_dir / "ray" / "head.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.console.print("starting a local Ray cluster for this run (pass --address to use a running one)")
+        with LocalRayCluster(log=log) as local:
+            yield local.dashboard_url
+
+    # ---- one job ---------------------------------------------------------------
+
+    def entrypoint(self, run_dir: Path, plan: StagePlan) -> str:
+        return shlex.join([
+            sys.executable, "-m", "vlcluster.backends.ray_stage", str(run_dir), plan.name,
+            f"--max-restarts={self.max_restarts}", f"--workdir={os.getcwd()}",
+        ])
+
+    @staticmethod
+    def entrypoint_resources(graph: Graph, plan: StagePlan) -> dict:
+        res = graph.pipeline.stages[plan.name].resources
+        if res.nodes > 1:  # the job only drives one task per node; the tasks hold the resources
+            return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0}
+        cpus = res.cpus_per_node or (res.ranks_per_node if is_distributed(plan.kind) else 1)
+        return {"entrypoint_num_cpus": cpus, "entrypoint_num_gpus": res.gpus_per_node}
+
+    @staticmethod
+    def job_env() -> dict[str, str]:
+        # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
+        env = {"RAY_JOB_STOP_WAIT_TIME_S": "60"}
+        if os.environ.get(MASTER_ADDR_ENV):
+            env[MASTER_ADDR_ENV] = os.environ[MASTER_ADDR_ENV]
+        return env
+
+    def launch(self, client, graph: Graph, plan: StagePlan, run_dir: Path, address: str, prefix: str) -> Launched:
+        job_id = submission_id(graph.pipeline.name, plan.name)
+        directory = stage_dir(run_dir, plan.name)
+        # Recorded before the job exists, so the job's own state updates always land on this record.
+        write_json_atomic(directory.state_file, {
+            "backend": "ray", "state": "submitted", "job_id": job_id, "address": address,
+            "submitted": time.time(), "log": str(directory.log_file),
+        })
+        client.submit_job(
+            entrypoint=self.entrypoint(run_dir, plan),
+            submission_id=job_id,
+            metadata={"vlcluster_run": str(run_dir), "pipeline": graph.pipeline.name, "stage": plan.name, "kind": plan.kind},
+            # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
+            runtime_env={"env_vars": self.job_env()},
+            **self.entrypoint_resources(graph, plan),
+        )
+        how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
+        self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()} -> Ray job {job_id}")
+        return Launched(plan, job_id, prefix, time.time())
+
+    def follow(self, client, job: Launched, run_dir: Path) -> str | None:
+        """Print what changed; the stage's outcome once its job has ended."""
+        from ray.job_submission import JobStatus
+
+        status = client.get_job_status(job.job_id)
+        directory = stage_dir(run_dir, job.plan.name)
+        if status == JobStatus.RUNNING and not job.running:
+            job.running = True
+            self.console.print(f"  [dim]{escape(job.plan.name)}: running[/]")
+        record = directory.read_state()
+        shown = describe_progress(record.get("progress"))
+        if shown and shown != job.progress_shown:
+            job.progress_shown = shown
+            restarts = f" (workers restarted {record['worker_restarts']}x)" if record.get("worker_restarts") else ""
+            self.console.print(f"  [dim]{escape(job.plan.name)}: {shown}{restarts}[/]")
+        if not status.is_terminal():
+            return None
+        elapsed = time.time() - job.started
+        if status == JobStatus.SUCCEEDED and directory.done_hash() == job.plan.spec_hash:
+            directory.write_state(state="done", ended=time.time())
+            self.console.print(f"[green]{job.prefix}: done in {elapsed:.1f} s[/]")
+            return "done"
+        info = client.get_job_info(job.job_id)
+        state = "cancelled" if status == JobStatus.STOPPED else "failed"
+        directory.write_state(state=state, returncode=info.driver_exit_code, ended=time.time(), reason=info.message)
+        self.console.print(f"[red]{job.prefix}: {state} ({info.message}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
+        return state
+
+    # ---- the pipeline ------------------------------------------------------------
+
+    def submit(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> bool:
+        run_dir = run_dir.resolve()
+        # A stopped RayJob sends its driver SIGTERM: unwind like Ctrl-C, stopping the stage jobs.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with run_lock(run_dir), self.cluster(run_dir) as address:
+                return self.run(graph, plans, run_dir, address)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def run(self, graph: Graph, plans: list[StagePlan], run_dir: Path, address: str) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        self.console.print(f"Ray dashboard: [bold]{address}[/] (jobs vlcluster-{graph.pipeline.name}-*)")
+        try:
+            client = JobSubmissionClient(address)
+        except ConnectionError as exc:
+            raise SpecError(f"Ray dashboard {address} does not answer ({exc})") from None
+        self.refuse_if_running(client, run_dir, plans)
+        return self.schedule(client, graph, plans, run_dir, address)
+
+    def schedule(self, client, graph: Graph, plans: list[StagePlan], run_dir: Path, address: str) -> bool:
+        outcome = {plan.name: "done" for plan in plans if not plan.runs}
+        numbers = {plan.name: escape(f"[{index}/{len(plans)}] {plan.name}") for index, plan in enumerate(plans, start=1)}
+        for plan in plans:
+            if not plan.runs:
+                self.console.print(f"[dim]{numbers[plan.name]}: skipped (done)[/]")
+        waiting = [plan for plan in plans if plan.runs]
+        running: dict[str, Launched] = {}
+        try:
+            while waiting or running:
+                for plan in list(waiting):
+                    deps = graph.deps[plan.name]
+                    blocked = sorted(dep for dep in deps if outcome.get(dep) in FAILED)
+                    if blocked:
+                        waiting.remove(plan)
+                        outcome[plan.name] = "blocked"
+                        stage_dir(run_dir, plan.name).write_state(backend="ray", state="blocked", blocked_by=blocked)
+                        self.console.print(f"[yellow]{numbers[plan.name]}: not started, upstream failed: {', '.join(blocked)}[/]")
+                    elif all(outcome.get(dep) == "done" for dep in deps):
+                        waiting.remove(plan)
+                        running[plan.name] = self.launch(client, graph, plan, run_dir, address, numbers[plan.name])
+                for name, job in list(running.items()):
+                    ended = self.follow(client, job, run_dir)
+                    if ended is not None:
+                        outcome[name] = ended
+                        del running[name]
+                if waiting or running:
+                    time.sleep(POLL_S)
+        except BaseException:
+            self.stop(client, running.values(), run_dir)  # Ctrl-C / SIGTERM of the driver: its jobs go too
+            raise
+        return all(state == "done" for state in outcome.values())
+
+    def stop(self, client, jobs, run_dir: Path) -> None:
+        for job in jobs:
+            try:
+                client.stop_job(job.job_id)
+            except RuntimeError:
+                continue  # already ended
+            stage_dir(run_dir, job.plan.name).write_state(state="cancelled", cancelled=time.time())
+            self.console.print(f"[yellow]{job.prefix}: stopped Ray job {job.job_id}[/]")
+
+    @staticmethod
+    def refuse_if_running(client, run_dir: Path, plans: list[StagePlan]) -> None:
+        """A job of an earlier submit that still runs would write the same checkpoints."""
+        from vlcluster.backends.ray_queue import active_jobs
+
+        records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
+        active = active_jobs(client, records)
+        if active:
+            listed = ", ".join(f"{name} (job {job_id})" for name, job_id in active.items())
+            raise SpecError(f"{run_dir}: Ray jobs of this run are still running: {listed}; "
+                            f"wait, or `vlcluster cancel {run_dir}` first")

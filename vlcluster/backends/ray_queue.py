@@ -1,0 +1,124 @@
+"""What Ray says about a run's jobs (for ``status``, ``cancel`` and a second
+``submit``), from the records the Ray backend keeps in ``state.json``
+(``backend: ray``, ``job_id``: the submission id, ``address``: the
+dashboard). Ray is imported only when a run has Ray records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+# Recorded states whose job may still be queued or running.
+LIVE = frozenset({"submitted", "running"})
+
+
+def ray_records(records: dict[str, dict]) -> dict[str, dict]:
+    return {name: r for name, r in records.items() if r.get("backend") == "ray" and r.get("job_id") and r.get("address")}
+
+
+def client_for(address: str):
+    """A client, or None when nothing answers there (e.g. the private
+    cluster of a run that has ended)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError):
+        return None
+
+
+def job_statuses(records: dict[str, dict]) -> dict[str, str | None]:
+    """Stage -> Ray job status ("PENDING", "RUNNING", "SUCCEEDED", "FAILED",
+    "STOPPED"), or None where the cluster does not answer or forgot the job.
+    Only records that may still be live are asked about."""
+    by_address: dict[str, list[str]] = defaultdict(list)
+    for name, record in ray_records(records).items():
+        if record.get("state") in LIVE:
+            by_address[record["address"]].append(name)
+    statuses: dict[str, str | None] = {}
+    for address, names in by_address.items():
+        client = client_for(address)
+        for name in names:
+            statuses[name] = _status(client, records[name]["job_id"]) if client else None
+    return statuses
+
+
+def _status(client, job_id: str) -> str | None:
+    try:
+        return str(client.get_job_status(job_id).value)
+    except (RuntimeError, ConnectionError):
+        return None
+
+
+def active_jobs(client, records: dict[str, dict]) -> dict[str, str]:
+    """Stage -> job id of the jobs still pending or running on this client's cluster."""
+    active = {}
+    for name, record in ray_records(records).items():
+        if record.get("state") in LIVE and _status(client, record["job_id"]) in {"PENDING", "RUNNING"}:
+            active[name] = record["job_id"]
+    return active
+
+
+def stop(records: dict[str, dict]) -> list[str]:
+    """Stop the live jobs of these records; the stages whose job was stopped."""
+    stopped = []
+    by_address: dict[str, list[str]] = defaultdict(list)
+    for name, record in ray_records(records).items():
+        if record.get("state") in LIVE:
+            by_address[record["address"]].append(name)
+    for address, names in by_address.items():
+        client = client_for(address)
+        if client is None:
+            continue
+        for name in names:
+            try:
+                if client.stop_job(records[name]["job_id"]):
+                    stopped.append(name)
+            except RuntimeError:
+                continue  # the cluster no longer knows the job
+    return stopped
+
+
+def job_logs(record: dict) -> str | None:
+    """The job's log as Ray keeps it (for a run directory not shared with the
+    node that ran the stage)."""
+    client = client_for(record["address"]) if record.get("address") else None
+    if client is None:
+        return None
+    try:
+        return client.get_job_logs(record["job_id"])
+    except RuntimeError:
+        return None
+
+
+def describe_progress(progress: dict | None) -> str:
+    if not progress:
+        return ""
+    loss = f", loss {progress['loss']:.3f}" if progress.get("loss") is not None else ""
+    return f"step {progress['step']}/{progress['steps']}{loss}, {progress['samples_per_s']:.0f} samples/s"
+
+
+def describe(plan, record: dict, job_status: str | None, log_file: Path) -> tuple[str, str]:
+    """A stage run as a Ray job: the live job status where the stage may
+    still run, its recorded outcome otherwise."""
+    if plan.status == "done":
+        return "done", ""
+    recorded = record.get("state")
+    facts = [describe_progress(record.get("progress"))]
+    if record.get("worker_restarts"):
+        facts.append(f"workers restarted {record['worker_restarts']}x")
+    if plan.resume_step is not None:
+        facts.append(f"checkpoint at step {plan.resume_step}")
+    if recorded in {"submitted", "running"}:
+        recorded = {"PENDING": "pending", "RUNNING": "running", "STOPPED": "cancelled", "FAILED": "failed",
+                    "SUCCEEDED": "failed"}.get(job_status or "", "interrupted")
+        if job_status is None:
+            facts.append(f"Ray at {record.get('address')} does not know the job")
+        elif job_status == "SUCCEEDED":
+            facts.append("no done-marker")
+    if recorded in {"failed", "cancelled"}:
+        facts.append(f"{record['reason']}" if record.get("reason") else "")
+        facts.append(f"log {log_file}")
+    if recorded == "blocked":
+        facts = ["upstream failed: " + ", ".join(record.get("blocked_by", []))]
+    return recorded or "pending", "; ".join(fact for fact in facts if fact)
