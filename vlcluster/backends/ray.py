@@ -59,6 +59,7 @@ from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.spec.load import SpecError
+from vlcluster.storage.config import ENV as STORAGE_ENV
 
 POLL_S = 1.0
 FAILED = frozenset({"failed", "cancelled", "blocked"})
@@ -139,8 +140,11 @@ class RayBackend:
     def job_env() -> dict[str, str]:
         # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
         env = {"RAY_JOB_STOP_WAIT_TIME_S": "60"}
-        if os.environ.get(MASTER_ADDR_ENV):
-            env[MASTER_ADDR_ENV] = os.environ[MASTER_ADDR_ENV]
+        # Storage settings (endpoint, region, cache; never credentials, which the
+        # dashboard would show with the job) so stages can reach an s3:// run dir.
+        for name in (MASTER_ADDR_ENV, STORAGE_ENV):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         return env
 
     def launch(self, client, graph: Graph, plan: StagePlan, run_dir: Path, address: str, prefix: str) -> Launched:
