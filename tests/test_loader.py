@@ -171,3 +171,12 @@ def test_bad_fraction_limit() -> None:
         check_bad_fraction(11, 1000, 0.01, final=False)
     with pytest.raises(BadDataError, match="5 of 100"):
         check_bad_fraction(5, 100, 0.01, final=True)
+
+
+def test_shards_without_one_usable_sample_fail_clearly(tmp_path) -> None:
+    urls = []
+    for index in range(2):
+        urls.append(str(tmp_path / f"junk-{index}.tar"))
+        Path(urls[-1]).write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(BadDataError, match="without one usable sample"):
+        loader(urls, workers=0).next_batch()
