@@ -15,7 +15,9 @@ float tensor in [-1, 1], JSON metadata, caption tokenisation per batch:
 - (c) the same with ``--workers`` data-loader worker processes.
 
 b/a is what exact resume and bad-data accounting cost (goal >= 0.9); c/b is
-what the workers bring. vlcluster itself never augments randomly (captions
+what the workers bring. Samples per second of CPU time of (a) and (b) are
+printed too: on a machine shared with other work they compare the cost of
+the two more steadily than wall time; the load average says how shared. vlcluster itself never augments randomly (captions
 name positions), so the work is the deterministic resize. The first batch of
 each contender (worker start-up) is not timed.
 """
@@ -90,14 +92,15 @@ def vlcluster_batches(urls: list[str], batch: int, size: int, encoder: TextEncod
         loader.close()
 
 
-def samples_per_s(batches: Iterator, count: int, batch: int) -> float:
+def samples_per_s(batches: Iterator, count: int, batch: int) -> tuple[float, float]:
+    """Samples per second of wall time and per second of this process's CPU time."""
     next(batches)  # start-up (worker processes, first shard open) is not timed
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(batches)
-    elapsed = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     batches.close()
-    return count * batch / elapsed
+    return count * batch / wall, count * batch / cpu
 
 
 def main() -> None:
@@ -121,12 +124,13 @@ def main() -> None:
         print(f"{args.samples} JPEG samples ({args.image_size + 32} px -> {args.image_size} px) in {SHARDS} shards, "
               f"{megabytes:.0f} MB; batch {args.batch}, {args.batches} timed batches; {os.cpu_count()} cores")
         for run in range(1, args.runs + 1):
-            plain = samples_per_s(plain_batches(urls, args.batch, args.image_size, encoder), args.batches, args.batch)
-            single = samples_per_s(vlcluster_batches(urls, args.batch, args.image_size, encoder, 0), args.batches, args.batch)
-            workers = samples_per_s(vlcluster_batches(urls, args.batch, args.image_size, encoder, args.workers), args.batches, args.batch)
-            print(f"run {run}: (a) plain webdataset {plain:7.0f} samples/s | (b) vlcluster, no workers {single:7.0f} "
-                  f"({single / plain:4.2f}x a) | (c) vlcluster, {args.workers} workers {workers:7.0f} "
-                  f"({workers / plain:4.2f}x a, {workers / single:4.2f}x b)")
+            plain, plain_cpu = samples_per_s(plain_batches(urls, args.batch, args.image_size, encoder), args.batches, args.batch)
+            single, single_cpu = samples_per_s(vlcluster_batches(urls, args.batch, args.image_size, encoder, 0), args.batches, args.batch)
+            workers, _ = samples_per_s(vlcluster_batches(urls, args.batch, args.image_size, encoder, args.workers), args.batches, args.batch)
+            print(f"run {run}: (a) plain webdataset {plain:5.0f} samples/s | (b) vlcluster, no workers {single:5.0f} "
+                  f"({single / plain:4.2f}x a) | (c) vlcluster, {args.workers} workers {workers:5.0f} "
+                  f"({workers / plain:4.2f}x a, {workers / single:4.2f}x b) | per CPU second: a {plain_cpu:4.0f}, "
+                  f"b {single_cpu:4.0f} ({single_cpu / plain_cpu:4.2f}x a); load {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

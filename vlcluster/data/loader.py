@@ -33,11 +33,12 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality
-from vlcluster.data.shards import decode_sample
+from vlcluster.data.shards import decode_fields, normalise_images
 from vlcluster.data.stream import SampleStream
 
 log = logging.getLogger("vlcluster.data")
@@ -63,8 +64,12 @@ class LoaderConfig:
         )
 
 
-def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None) -> dict[str, Any]:
-    """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch."""
+def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False) -> dict[str, Any]:
+    """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
+
+    ``shared``: build the image tensor in shared memory, so passing it from a
+    worker to the training process copies nothing.
+    """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
     first_epoch = stream.epoch
@@ -72,7 +77,7 @@ def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None) 
         raw = next(stream)
         quality.read += 1
         try:
-            samples.append(decode_sample(raw, image_size))
+            samples.append(decode_fields(raw, image_size))
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason)
             skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
@@ -81,8 +86,10 @@ def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None) 
                 f"reader {stream.part} read a whole epoch without one usable sample from its shards "
                 f"{stream.shards_for_epoch(first_epoch + 1)}"
             )
+    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+    images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": normalise_images(pixels, images.share_memory_() if shared else images),
         "caption": [s["caption"] for s in samples],
         "qa": [s["qa"] for s in samples],
         "key": [s["key"] for s in samples],
@@ -104,7 +111,7 @@ class _WorkerBatches(IterableDataset):
         stream = self.config.stream(worker)
         stream.load_state_dict(self.positions[worker])
         while True:
-            batch = decode_batch(stream, self.config.batch_size, self.config.image_size)
+            batch = decode_batch(stream, self.config.batch_size, self.config.image_size, shared=info is not None)
             yield {**batch, "worker": worker, "position": stream.state_dict()}
 
 

@@ -59,16 +59,26 @@ def _shard_samples(url: str) -> Iterator[RawSample]:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
-def _image_tensor(image: Image.Image) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    return pixels.permute(2, 0, 1).contiguous().div_(127.5).sub_(1.0)  # == (x/255 - 0.5) / 0.5
+def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in [-1, 1], into ``out`` if given."""
+    channels_first = pixels.movedim(-1, -3)
+    if out is None:
+        out = torch.empty(channels_first.shape, dtype=torch.float32)
+    return out.copy_(channels_first).div_(127.5).sub_(1.0)  # == (x/255 - 0.5) / 0.5
 
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def decode_sample(raw: RawSample, image_size: int | None = None) -> dict[str, Any]:
-    """Decode a raw sample; the image becomes float32 ``[3, H, W]`` in [-1, 1].
+    """Decode a raw sample; the image becomes float32 ``[3, H, W]`` in [-1, 1]."""
+    sample = decode_fields(raw, image_size)
+    sample["image"] = normalise_images(torch.from_numpy(sample.pop("pixels")))
+    return sample
+
+
+def decode_fields(raw: RawSample, image_size: int | None = None) -> dict[str, Any]:
+    """Decode a raw sample; the image becomes uint8 ``pixels`` ``[H, W, 3]``.
 
     No random augmentation: flips or colour jitter would contradict the text.
     Raises ``BadSample`` (with the reason it is counted under) for a read-error
@@ -93,7 +103,7 @@ def decode_sample(raw: RawSample, image_size: int | None = None) -> dict[str, An
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
         raise BadSample(BAD_IMAGE, f"{type(exc).__name__}: {exc}") from None
-    return {"key": raw["__key__"], "image": _image_tensor(image), "caption": caption, "qa": qa, "objects": objects}
+    return {"key": raw["__key__"], "pixels": np.array(image), "caption": caption, "qa": qa, "objects": objects}
 
 
 def eval_samples(urls: Sequence[str], image_size: int | None = None) -> Iterator[dict[str, Any]]:
