@@ -202,10 +202,11 @@ class Trainer:
 
     def log_step(self, out: dict[str, torch.Tensor], samples_per_s: float) -> dict[str, float]:
         names = sorted(out)
-        values = torch.stack([out[name].detach().float() for name in names]).cpu()
-        if dist.is_initialized():
+        values = torch.stack([out[name].detach().float() for name in names])
+        if dist.is_initialized():  # on the device: NCCL reduces only CUDA tensors
             dist.all_reduce(values)
             values /= self.env.world_size
+        values = values.cpu()
         scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["throughput/samples_per_s"] = samples_per_s
@@ -223,7 +224,7 @@ class Trainer:
 
     def global_data_counts(self) -> tuple[int, int]:
         """Bad and read samples over all ranks so far (collective)."""
-        counts = torch.tensor([self.loader.quality.bad_total, self.loader.quality.read], dtype=torch.float64)
+        counts = torch.tensor([self.loader.quality.bad_total, self.loader.quality.read], dtype=torch.float64, device=self.env.device)
         if dist.is_initialized():
             dist.all_reduce(counts)
         return int(counts[0]), int(counts[1])
