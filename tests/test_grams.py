@@ -104,3 +104,61 @@ def test_agnostic_model_has_nothing_to_collect():
     with pytest.raises(ValueError, match="no modality experts"):
         collect_grams(random_model("agnostic").eval(), batches(count=1))
 
+
+
+WORDS = ["red", "blue", "square", "circle", "left", "right", "top", "a", "the", "of"]
+
+
+def _samples(count: int = 14) -> list[dict]:
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for index in range(count):
+        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (2 + index % 5,), generator=generator)]
+        samples.append({"image": torch.randn(3, 32, 32, generator=generator), "caption": " ".join(words)})
+    return samples
+
+
+def _rank_grams(rank: int, world: int, tokenizer: str, init_file: str, out: str) -> None:
+    """One process of a gloo group: this rank's share of the batches, Grams all-reduced."""
+    import torch.distributed as dist
+
+    from vlcluster.data.tokenizer import TextEncoder
+    from vlcluster.merge.grams import rank_batches
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = random_model("specific").eval()
+        for param in model.parameters():
+            param.data.mul_(0.05)
+        data = rank_batches(_samples(), TextEncoder(tokenizer), 12, batches=3, batch_size=4, rank=rank, world=world)
+        grams, counts = collect_grams(model, data)
+        if rank == 0:
+            torch.save({"grams": grams, "counts": counts}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_grams_of_one(tmp_path):
+    """Distributed collection splits every batch across ranks and all-reduces sums
+    and token counts: the result is the single-process one, up to float32 rounding
+    of the forward pass over differently composed batches."""
+    import torch.multiprocessing as mp
+
+    from vlcluster.data.tokenizer import TextEncoder, build_word_tokenizer
+    from vlcluster.merge.grams import rank_batches
+
+    tokenizer = tmp_path / "tokenizer.json"
+    build_word_tokenizer(WORDS).save(str(tokenizer))
+    out = tmp_path / "two_ranks.pt"
+    mp.spawn(_rank_grams, args=(2, str(tokenizer), str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+
+    model = random_model("specific").eval()
+    for param in model.parameters():
+        param.data.mul_(0.05)
+    single, counts = collect_grams(model, rank_batches(_samples(), TextEncoder(tokenizer), 12, batches=3, batch_size=4, rank=0, world=1))
+    assert distributed["counts"] == counts
+    assert counts["layers.0.attn.v.qkv.weight"] == 12 * 17  # 3 batches x 4 images x (1 + 16) tokens: 12 of 14 samples
+    assert set(distributed["grams"]) == set(single)
+    for key, gram in single.items():
+        torch.testing.assert_close(distributed["grams"][key], gram, rtol=1e-4, atol=1e-8)

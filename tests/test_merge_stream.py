@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.merge_fixtures import random_grams, random_state, tiny_config
-from vlcluster.merge.apply import file_digest, merge_checkpoint, merge_state
+from vlcluster.merge.apply import merge_checkpoint, merge_state
 from vlcluster.merge.tensorfile import TensorFile, TensorFileWriter
-from vlcluster.outputs import write_model
+from vlcluster.outputs import file_sha256, weights_sha256, write_model
 from vlcluster.rundir import StageDir
 
 MIXED = {
@@ -94,5 +94,22 @@ def test_streamed_merge_is_bitwise_identical_to_in_memory(tmp_path, method, para
     assert model_json["config"]["arch"] == "agnostic"
     provenance = model_json["provenance"]
     assert provenance == record and provenance["method"] == method and provenance["params"] == params
-    assert provenance["inputs"]["source"]["sha256"] == file_digest(tmp_path / "src" / "model.safetensors")
-    assert provenance["inputs"]["grams"]["sha256"] == file_digest(tmp_path / "grams.safetensors")
+    assert provenance["inputs"]["source"]["sha256"] == file_sha256(tmp_path / "src" / "model.safetensors")
+    assert provenance["inputs"]["grams"]["sha256"] == file_sha256(tmp_path / "grams.safetensors")
+
+
+def test_weights_digest_is_recorded_at_write_and_recomputed_after_a_change(tmp_path):
+    import hashlib
+
+    write_stage(tmp_path / "m", random_state("agnostic"), "agnostic")
+    weights, record_file = tmp_path / "m" / "model.safetensors", tmp_path / "m" / "model.json"
+    record = json.loads(record_file.read_text())
+    assert record["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["weights"]["bytes"] == weights.stat().st_size
+
+    record["weights"]["sha256"] = "recorded"  # an unchanged file is not re-read
+    record_file.write_text(json.dumps(record))
+    assert weights_sha256(tmp_path / "m") == "recorded"
+
+    save_file({"x": torch.ones(3)}, str(weights))  # rewritten: size and mtime differ
+    assert weights_sha256(tmp_path / "m") == hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -23,13 +23,19 @@ def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
     from vlcluster.graph import build_graph
     from vlcluster.spec.load import load_pipeline
 
+    from vlcluster.storage.config import activate
+    from vlcluster.storage.paths import run_path
+
     pipeline = load_pipeline(path, overrides)
+    activate(pipeline.storage)  # this process and every stage it starts
     graph = build_graph(pipeline, path)
-    return graph, Path(run_dir or pipeline.resolved_run_dir)
+    return graph, run_path(run_dir or pipeline.resolved_run_dir)
 
 
 def print_plan(graph, plans, run_dir: Path) -> None:
-    table = Table(title=f"{graph.pipeline.name} -> {run_dir}", title_justify="left")
+    from vlcluster.storage.errors import redact
+
+    table = Table(title=f"{graph.pipeline.name} -> {redact(str(run_dir))}", title_justify="left")
     for column in ("stage", "kind", "after", "ranks", "action"):
         table.add_column(column)
     for plan in plans:
@@ -39,8 +45,6 @@ def print_plan(graph, plans, run_dir: Path) -> None:
 
 def resolved_details(graph) -> list[str]:
     """Per-stage facts a user checks before spending cluster time."""
-    from vlcluster.data.shards import expand_urls
-
     lines = []
     for name in graph.order:
         spec = graph.pipeline.stages[name]
@@ -54,9 +58,21 @@ def resolved_details(graph) -> list[str]:
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             facts.append(f"{train.steps} steps, batch {train.batch_size} ({per_rank}/rank), lr {train.lr:g}, warm-up {train.warmup_steps}")
             if spec.data.train:
-                facts.append(f"{len(expand_urls(spec.data.train))} train shards")
+                facts.append(shard_count(spec.data.train))
         lines.append(f"{name}: " + "; ".join(facts))
     return lines
+
+
+def shard_count(patterns: str | list[str]) -> str:
+    """How many train shards, without listing an object store (plan runs offline)."""
+    from vlcluster.data.shards import expand_urls
+    from vlcluster.storage.paths import is_remote
+    from vlcluster.storage.shardlist import needs_listing
+
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if any(is_remote(p) and needs_listing(p) for p in patterns):
+        return "train shards listed at run time"
+    return f"{len(expand_urls(patterns))} train shards"
 
 
 def check_runnable(graph, source: str) -> None:
@@ -90,6 +106,10 @@ def cmd_submit(args) -> int:
     check_runnable(graph, args.file)
     backend = get_backend(args.backend)
     backend.validate(graph, args.file)
+    if not args.dry_run:
+        from vlcluster.storage.errors import check_run_dir
+
+        check_run_dir(run_dir, args.file)
     try:
         check_inputs(graph, args.file, include_remote=not args.dry_run)
     except SpecError as exc:
@@ -146,13 +166,15 @@ def cmd_status(args) -> int:
     from vlcluster.context import load_graph
     from vlcluster.plan import make_plan
     from vlcluster.rundir import stage_dir
+    from vlcluster.storage.errors import redact
+    from vlcluster.storage.paths import run_path
 
-    run_dir = Path(args.run_dir)
+    run_dir = run_path(args.run_dir)
     graph = load_graph(run_dir)
     plans = make_plan(graph, run_dir)
     records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
     slurm_states = slurm_job_states(records)
-    table = Table(title=f"{graph.pipeline.name} ({run_dir})", title_justify="left")
+    table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
     states: dict[str, str] = {}
@@ -256,8 +278,9 @@ def cmd_cancel(args) -> int:
     from vlcluster.context import load_graph
     from vlcluster.plan import make_plan
     from vlcluster.rundir import stage_dir
+    from vlcluster.storage.paths import run_path
 
-    run_dir = Path(args.run_dir)
+    run_dir = run_path(args.run_dir)
     graph = load_graph(run_dir)
     records = {name: stage_dir(run_dir, name).read_state() for name in graph.order}
     done = {plan.name for plan in make_plan(graph, run_dir) if plan.status == "done"}
@@ -304,9 +327,11 @@ def cmd_merge(args) -> int:
         "random_seed": args.random_seed,
         "part_alpha": {"attn": args.alpha_attn, "ffn": args.alpha_ffn, "ln": args.alpha_ln},
     }
-    record = merge_checkpoint(
-        Path(args.source), Path(args.out), args.method, method_params(args.method, values),
-        base=Path(args.base) if args.base else None, grams=Path(args.grams) if args.grams else None,
+    from vlcluster.storage.paths import run_path
+
+    record = merge_checkpoint(  # local directories or object-store URLs
+        run_path(args.source), run_path(args.out), args.method, method_params(args.method, values),
+        base=run_path(args.base) if args.base else None, grams=run_path(args.grams) if args.grams else None,
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
@@ -318,8 +343,10 @@ def cmd_metrics(args) -> int:
     from vlcluster.metrics.distance import checkpoint_distances
     from vlcluster.metrics.stage import format_metrics
 
-    path = Path(args.checkpoint)
-    result = checkpoint_distances(path / "model.safetensors" if path.is_dir() else path, args.density)
+    from vlcluster.storage.paths import local_copy, run_path
+
+    path = run_path(args.checkpoint)
+    result = checkpoint_distances(local_copy(path / "model.safetensors" if path.is_dir() else path), args.density)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
     return 0
 
@@ -426,13 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(message: str) -> int:
+    from vlcluster.storage.errors import redact
+
+    errors.print("[red]error:[/] " + escape(redact(message)))
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (SpecError, FileNotFoundError, ValueError) as exc:
-        errors.print("[red]error:[/] " + escape(str(exc)))
-        return 2
+        return report_error(str(exc))
+    except Exception as exc:  # a storage failure (credentials, endpoint) is one paragraph, not a traceback
+        from vlcluster.storage.errors import explain
+
+        message = explain(exc, getattr(args, "run_dir", None) or getattr(args, "file", "") or "")
+        if message is None:
+            raise
+        return report_error(message)
     except KeyboardInterrupt:
         errors.print("interrupted")
         return 130

@@ -14,6 +14,7 @@ from pathlib import Path
 from vlcluster.graph import Graph, build_graph
 from vlcluster.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
 from vlcluster.spec.models import DataSpec, DataStage, Pipeline
+from vlcluster.storage.paths import local_copy, run_path
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class DataSources:
     tokenizer: str | None
     answers: str | None
     shuffle_buffer: int
+
+
+def _local(path) -> str | None:
+    """Tokenizer and answer files are read by libraries that need a local file."""
+    return None if path is None else str(local_copy(path))
 
 
 def split_shards(out_dir: Path, split: str, count: int, shard_size: int) -> list[str]:
@@ -63,8 +69,8 @@ class StageContext:
             return DataSources(
                 train=expand_urls(data.train) if data.train else [],
                 val=expand_urls(data.val) if data.val else [],
-                tokenizer=data.tokenizer,
-                answers=data.answers,
+                tokenizer=_local(data.tokenizer),
+                answers=_local(data.answers),
                 shuffle_buffer=data.shuffle_buffer,
             )
         producer: DataStage = self.pipeline.stages[data.from_]
@@ -72,8 +78,8 @@ class StageContext:
         return DataSources(
             train=split_shards(out, "train", producer.n_train, producer.shard_size),
             val=split_shards(out, "val", producer.n_val, producer.shard_size),
-            tokenizer=str(out / "tokenizer.json"),
-            answers=str(out / "answers.json"),
+            tokenizer=_local(out / "tokenizer.json"),
+            answers=_local(out / "answers.json"),
             shuffle_buffer=data.shuffle_buffer,
         )
 
@@ -95,11 +101,15 @@ def load_graph(run_dir: Path) -> Graph:
     # JSON records are written with sorted keys: restore the file's stage order.
     raw["stages"] = {name: raw["stages"][name] for name in payload.get("order", [])} or raw["stages"]
     pipeline = Pipeline.model_validate(raw)
+    if pipeline.storage is not None:  # e.g. s3 shards read by a stage of a local run directory
+        from vlcluster.storage.config import activate
+
+        activate(pipeline.storage)
     return build_graph(pipeline, str(pipeline_file(run_dir)))
 
 
 def load_context(run_dir: str | Path, name: str) -> StageContext:
-    graph = load_graph(Path(run_dir))
+    graph = load_graph(run_path(run_dir))
     if name not in graph.pipeline.stages:
         raise KeyError(f"stage {name!r} is not in {run_dir}/pipeline.json")
-    return StageContext(run_dir=Path(run_dir), name=name, graph=graph)
+    return StageContext(run_dir=run_path(run_dir), name=name, graph=graph)

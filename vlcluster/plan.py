@@ -9,6 +9,7 @@ from pathlib import Path
 from vlcluster.graph import Graph
 from vlcluster.rundir import stage_dir
 from vlcluster.spec.load import SpecError
+from vlcluster.storage.paths import is_remote, run_path
 from vlcluster.train.checkpoint_index import latest_checkpoint
 
 
@@ -38,7 +39,7 @@ def stage_status(run_dir: Path, name: str, spec_hash: str, checkpoint_dir: str |
     done = directory.done_hash()
     if done == spec_hash:
         return "done", None
-    checkpoint = latest_checkpoint(Path(checkpoint_dir) if checkpoint_dir else directory.checkpoints, spec_hash)
+    checkpoint = latest_checkpoint(run_path(checkpoint_dir) if checkpoint_dir else directory.checkpoints, spec_hash)
     if checkpoint is not None:
         return "resume", checkpoint.step
     return ("stale" if done else "new"), None
@@ -57,35 +58,47 @@ def make_plan(graph: Graph, run_dir: Path) -> list[StagePlan]:
     return plans
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
     """Shards and tokenizers named directly in the spec must exist before
-    anything runs (outputs of upstream stages are checked by those stages)."""
+    anything runs (outputs of upstream stages are checked by those stages).
+    Remote ones are checked only with ``include_remote`` (submit, not plan):
+    their bucket must exist and the credentials must work."""
     problems = []
     for name, spec in graph.pipeline.stages.items():
         data = getattr(spec, "data", None)
         if data is None or data.from_ is not None:
             continue
-        # Imported only here: the shard reader pulls in torch (~2 s), which a
-        # pipeline reading only its own data stages never needs at submit time.
-        from vlcluster.data.shards import expand_urls, missing_shards
-
-        for field in ("train", "val"):
-            pattern = getattr(data, field)
-            if not pattern:
-                continue
-            urls = [url for url in expand_urls(pattern) if include_remote or not is_remote(url)]
-            missing = missing_shards(urls) if urls else []
-            if missing:
-                problems.append(
-                    f"stages.{name}.data.{field}: {len(missing)} of {len(urls)} shard files missing (first: {missing[0]})"
-                )
-        for field in ("tokenizer", "answers"):
-            path = getattr(data, field)
-            if path and not is_remote(path) and not Path(path).is_file():
-                problems.append(f"stages.{name}.data.{field}: file not found: {path}")
+        for field in ("train", "val", "tokenizer", "answers"):
+            try:
+                problem = _missing_input(getattr(data, field), f"stages.{name}.data.{field}", include_remote)
+            except SpecError as exc:  # storage unusable (bucket, credentials, endpoint): name the file too
+                raise type(exc)(f"{source}: {exc}") from None
+            if problem:
+                problems.append(problem)
     if problems:
         raise SpecError(f"{source}: missing input files:\n  " + "\n  ".join(problems))
+
+
+def _missing_input(pattern: str | list[str] | None, field: str, include_remote: bool) -> str | None:
+    # Imported only here: the shard reader pulls in torch (~2 s), which a
+    # pipeline reading only its own data stages never needs at submit time.
+    from vlcluster.data.shards import expand_urls, missing_shards
+    from vlcluster.storage.errors import check_bucket, storage_errors
+
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    patterns = [p for p in patterns if include_remote or not is_remote(p)]
+    if not patterns:
+        return None
+    with storage_errors(patterns[0]):
+        for url in patterns:
+            check_bucket(url, field)
+        try:
+            urls = expand_urls(patterns)
+        except FileNotFoundError as exc:  # a glob or prefix that matches nothing
+            return f"{field}: {exc}"
+        missing = missing_shards(urls)
+    if not missing:
+        return None
+    if len(urls) == 1:
+        return f"{field}: file not found: {missing[0]}"
+    return f"{field}: {len(missing)} of {len(urls)} shard files missing (first: {missing[0]})"

@@ -10,37 +10,27 @@
 <run_dir>/<stage>/model.safetensors, model.json, result.json   stage outputs
 ```
 All writes go through :func:`write_json_atomic` so a crash never leaves a
-half-written record behind.
+half-written record behind. ``run_dir`` may be a local path or an object-store
+URL (``s3://bucket/runs/x``); see :mod:`vlcluster.storage.paths`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlcluster.storage.paths import read_json, run_path, write_json
+
+__all__ = ["SUCCESS", "StageDir", "pipeline_file", "read_json", "stage_dir", "write_json_atomic"]
+
 SUCCESS = "_SUCCESS"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    """Replace a JSON record in one step (rename locally, one PUT on an object store)."""
+    write_json(path, payload)
 
 
 @dataclass(frozen=True)
@@ -98,8 +88,8 @@ class StageDir:
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> StageDir:
-    return StageDir(Path(run_dir) / stage)
+    return StageDir(run_path(run_dir) / stage)
 
 
 def pipeline_file(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "pipeline.json"
+    return run_path(run_dir) / "pipeline.json"

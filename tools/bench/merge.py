@@ -8,6 +8,9 @@ of --runs, warm page cache, each in a fresh process under /usr/bin/time -v):
 - read+write: ``safetensors.torch.load_file`` + ``save_file`` of the checkpoint (baseline a);
 - naive: load everything, ``merge_state``, ``save_file``;
 - vlcluster: the ``vlcluster merge`` command (streaming interpolation, α = 0.75);
+  its input's sha256 (provenance) comes from the record written with the
+  checkpoint; a second row times a copy whose record lacks it, so the merge
+  hashes the file itself;
 - mergekit (baseline b): ``mergekit-pytorch`` linear merge of the V and L expert
   tensors, if it is installed in a separate venv (never a vlcluster dependency).
 
@@ -73,6 +76,18 @@ def mergekit_inputs(src: Path, root: Path) -> Path:
     return config
 
 
+def without_recorded_digest(src: Path, out: Path) -> Path:
+    """The same weights (hard link) with a model.json that has no recorded sha256."""
+    import json
+
+    out.mkdir()
+    os.link(src / "model.safetensors", out / "model.safetensors")
+    record = json.loads((src / "model.json").read_text())
+    record.pop("weights")
+    (out / "model.json").write_text(json.dumps(record))
+    return out
+
+
 def line(name: str, timing: Timing, base: Timing, size_gb: float) -> str:
     work = f"{timing.work_s:6.2f} s ({timing.work_s / base.work_s:4.2f}x)" if timing.work_s is not None else "     n/a        "
     return (f"{name:<28} wall {timing.wall_s:6.2f} s ({timing.wall_s / base.wall_s:4.2f}x)  work {work}  "
@@ -96,6 +111,8 @@ def main() -> None:
         rows = {"read+write (baseline a)": base}
         rows["naive load-all merge"] = best_of([PYTHON, "-c", NAIVE, weights, str(root / "naive.safetensors")], args.runs)
         rows["vlcluster streaming (work)"] = best_of([PYTHON, "-c", STREAM, str(src), str(root / "stream")], args.runs)
+        unrecorded = without_recorded_digest(src, root / "msa-unrecorded")
+        rows["  same, hashing the input"] = best_of([PYTHON, "-c", STREAM, str(unrecorded), str(root / "stream2")], args.runs)
         cli = [PYTHON, "-m", "vlcluster.cli", "merge", str(src), "-o", str(root / "cli"), "--alpha", "0.75"]
         rows["vlcluster merge (CLI)"] = best_of(cli, args.runs)
         if Path(args.mergekit).exists():

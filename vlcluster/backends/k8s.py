@@ -30,6 +30,7 @@ from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
 from vlcluster.spec.load import SpecError, read_yaml
 from vlcluster.spec.models import ResourcesSpec, Strict
+from vlcluster.storage.paths import is_remote
 
 K8S_DIRS = (Path("k8s"), Path(__file__).resolve().parents[2] / "k8s")
 JOB_MOUNT = "/etc/vlcluster"  # where the head sees the job file
@@ -238,7 +239,10 @@ def render_manifests(graph: Graph, source: str, overrides: list[str], run_dir: s
     job_file = Path(source).name
     configmap = render_configmap(f"{name}-job", job_file, Path(source).read_text(), pipeline, profile)
     cluster = render_cluster(name, configmap["metadata"]["name"], graph, profile, source)
-    command = entrypoint(job_file, run_dir or f"{profile.runs_mount}/{pipeline}", overrides)
+    spec_run_dir = graph.pipeline.run_dir or ""
+    # A run dir on an object store is reachable from the pods as it is; a local one goes to the runs volume.
+    default = spec_run_dir if is_remote(spec_run_dir) else f"{profile.runs_mount}/{pipeline}"
+    command = entrypoint(job_file, run_dir or default, overrides)
     return [configmap, cluster, render_job(name, name, command, pipeline, profile)]
 
 

@@ -25,6 +25,8 @@ from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir
 from vlcluster.spec.load import SpecError
+from vlcluster.storage.errors import redact
+from vlcluster.storage.paths import Mirror, local_side
 
 PR_SET_PDEATHSIG = 1
 
@@ -40,9 +42,11 @@ def _die_with_parent() -> None:
 
 @contextmanager
 def run_lock(run_dir: Path):
-    """One submit per run directory at a time."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
+    """One submit per run directory at a time (per machine for a remote run
+    directory: the lock file lives in its local side)."""
+    local = local_side(run_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,7 +86,11 @@ class LocalBackend:
 
     def run_stage(self, plan: StagePlan, run_dir: Path, prefix: str) -> bool:
         directory = stage_dir(run_dir, plan.name)
-        directory.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # The log is appended line by line: locally (beside a remote run
+        # directory), uploaded every 30 s while it grows and when the stage ends.
+        log_file = local_side(directory.root) / "logs" / "stage.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        mirror = Mirror(log_file, directory.log_file)
         command = stage_command(plan.kind, str(run_dir), plan.name, plan.ranks)
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
         self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()}")
@@ -90,7 +98,7 @@ class LocalBackend:
         if is_distributed(plan.kind):
             env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
         started = time.time()
-        with open(directory.log_file, "a") as log:
+        with open(log_file, "a") as log:
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             log.flush()
             process = subprocess.Popen(
@@ -101,8 +109,10 @@ class LocalBackend:
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                self.console.print(f"  [dim]{escape(line.rstrip())}[/]")
+                self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]")
+                mirror.maybe_sync()
             code = process.wait()
+        mirror.sync()
         if code == 0 and directory.done_hash() != plan.spec_hash:
             code = 1  # exited cleanly without its outputs: never let dependants start on that
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")

@@ -33,6 +33,7 @@ from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
 from vlcluster.spec.load import SpecError, read_yaml
 from vlcluster.spec.models import ClusterProfile
+from vlcluster.storage.paths import absolute, local_side
 
 PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
 
@@ -137,7 +138,7 @@ class SlurmBackend:
     # ---- what each job is ------------------------------------------------
 
     def folder(self, run_dir: Path, unit: Unit) -> Path:
-        return run_dir.resolve() / "slurm" / unit.base
+        return local_side(run_dir).resolve() / "slurm" / unit.base  # submitit's pickles and logs: a file system
 
     def parameters(self, graph: Graph, unit: Unit, deps: list[str]) -> dict:
         spec = graph.pipeline.stages[unit.plans[0].name]
@@ -154,7 +155,7 @@ class SlurmBackend:
 
         python = self.python_for(graph, unit)
         return [
-            StageJob(str(run_dir.resolve()), plan.name, plan.spec_hash, plan.kind,
+            StageJob(absolute(run_dir), plan.name, plan.spec_hash, plan.kind,
                      graph.pipeline.stages[plan.name].resources.ranks_per_node, python)
             for plan in unit.plans
         ]
@@ -190,7 +191,7 @@ class SlurmBackend:
             spec = graph.pipeline.stages[unit.plans[0].name]
             res = spec.resources
             rendezvous = Rendezvous(res.nodes, "$SLURM_NODEID", "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>") if res.nodes > 1 else None
-            launch = " ".join(stage_command(spec.kind, str(run_dir.resolve()), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
+            launch = " ".join(stage_command(spec.kind, absolute(run_dir), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
             elements = "".join(f"#   task {index}: {plan.name}\n" for index, plan in enumerate(unit.plans)) if unit.is_array else ""
             out.append(
                 f"# ---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"

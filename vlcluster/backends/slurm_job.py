@@ -24,6 +24,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from vlcluster.launch import EXIT_REQUEUE, Rendezvous, is_distributed, stage_command
 from vlcluster.rundir import stage_dir
+from vlcluster.storage.paths import Mirror, local_side
 
 STOP_TIMEOUT_S = 60
 
@@ -72,8 +73,12 @@ class StageJob(Checkpointable):
         env = submitit.JobEnvironment()
         directory = stage_dir(self.run_dir, self.stage)
         is_main = env.global_rank == 0
-        log_file = directory.log_file if env.node == 0 else directory.root / "logs" / f"node_{env.node}.log"
+        # Appended line by line, so on a local disk: beside a remote run
+        # directory, uploaded every 30 s while it grows and when the stage ends.
+        log_name = "stage.log" if env.node == 0 else f"node_{env.node}.log"
+        log_file = local_side(directory.root) / "logs" / log_name
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        mirror = Mirror(log_file, directory.root / "logs" / log_name)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         command = self.command(env)
         if is_main:
@@ -91,6 +96,8 @@ class StageJob(Checkpointable):
             # and must be able to reap the child itself.
             while (code := self._child.poll()) is None:
                 time.sleep(0.5)
+                mirror.maybe_sync()
+        mirror.sync()
         if code == 0 and directory.done_hash() == self.spec_hash:
             if is_main:
                 directory.write_state(state="done", returncode=0, ended=time.time())

@@ -9,48 +9,33 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-import fsspec
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vlcluster.data.quality import BAD_IMAGE, BAD_TEXT, MISSING_FIELD, READ_ERROR, BadSample
+from vlcluster.storage import shardlist
 
 RawSample = dict[str, Any]
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Brace-expand one spec or each of several, keeping order."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    return [url for s in specs for url in braceexpand(s)]
+    """Shard URLs of brace patterns, globs and prefixes (see vlcluster.storage.shardlist)."""
+    return shardlist.expand(spec)
 
 
 def missing_shards(urls: Sequence[str]) -> list[str]:
-    """The URLs that do not exist, with one directory listing per parent (not one request per shard)."""
-    by_parent: dict[tuple[Any, str], list[tuple[str, str]]] = {}
-    for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
-        by_parent.setdefault((fs, posixpath.dirname(path)), []).append((url, path))
-    present: set[str] = set()
-    for (fs, parent), entries in by_parent.items():
-        fs.invalidate_cache(parent)  # remote filesystems cache listings; we want "exists now"
-        try:
-            listed = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
-        except (FileNotFoundError, NotADirectoryError):
-            listed = set()
-        present.update(url for url, path in entries if path in listed)
-    return [url for url in urls if url not in present]
+    """The URLs that do not exist (one listing per parent directory)."""
+    return shardlist.missing(urls)
 
 
 def open_url(url: str) -> IO[bytes]:
-    """Open ``url`` for binary reading through fsspec; the caller closes it."""
-    return fsspec.open(url, "rb").open()
+    """Open ``url`` for binary reading (through the shard cache if configured); the caller closes it."""
+    return shardlist.open_input(url)
 
 
 def _shard_samples(url: str) -> Iterator[RawSample]:

@@ -9,7 +9,6 @@ hyper-parameters) in ``model.json``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,8 @@ from vlcluster.merge.methods import get_method
 from vlcluster.merge.plan import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
-from vlcluster.outputs import finish_stage, read_model_config, write_model_record
+from vlcluster.outputs import file_sha256, finish_stage, read_model_config, weights_sha256, write_model_record
+from vlcluster.storage.paths import ensure_dir, local_copy, writable
 
 log = logging.getLogger("vlcluster.merge")
 
@@ -40,14 +40,6 @@ def merge_state(
     return dict(merge_steps(plan_merge(state), StateSource(state), inputs))
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def method_params(method: str, values: dict[str, Any]) -> dict[str, Any]:
     """The hyper-parameters ``method`` reads, from a dict of every knob."""
     return {name: values[name] for name in get_method(method).params if name in values}
@@ -59,17 +51,21 @@ def merge_checkpoint(
 ) -> dict[str, Any]:
     """Merge ``source/model.safetensors`` into ``out_dir`` (weights + model.json); returns the provenance.
 
-    Inputs are hashed on a second thread while the merge runs (hashlib
-    releases the GIL), so provenance costs little wall time."""
+    Input digests come from the records written with the inputs; an input
+    without one (or changed since) is hashed on a second thread while the merge
+    runs (hashlib releases the GIL)."""
     config: ModelConfig = read_model_config(source)
     inputs = {"source": source, "base": base, "grams": grams}
     files = {name: path / ("grams.safetensors" if name == "grams" else "model.safetensors") for name, path in inputs.items() if path}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digests = pool.submit(lambda: {name: file_digest(path) for name, path in files.items()})
+    local = {name: local_copy(path) for name, path in files.items()}  # the streaming merge reads local files
+    ensure_dir(out_dir)
+    with ThreadPoolExecutor(max_workers=1) as pool, writable(out_dir / "model.safetensors") as out_file:
+        digests = pool.submit(lambda: {
+            name: file_sha256(local[name]) if name == "grams" else weights_sha256(files[name].parent) for name in files
+        })
         count = merge_files(
-            files["source"], out_dir / "model.safetensors", get_method(method), params,
-            base=files.get("base"), grams=files.get("grams"), metadata={"format": "pt"},
+            local["source"], out_file, get_method(method), params,
+            base=local.get("base"), grams=local.get("grams"), metadata={"format": "pt"},
         )
         hashes = digests.result()
     record = {
@@ -89,7 +85,7 @@ def run_merge_stage(ctx: StageContext) -> None:
 
     spec = ctx.spec
     source = ctx.upstream_dir(spec.source).root
-    gate = check_gate(ctx, source / "model.safetensors") if spec.gate else None
+    gate = check_gate(ctx, local_copy(source / "model.safetensors")) if spec.gate else None
     params = method_params(spec.method, spec.method_values())
     record = merge_checkpoint(
         source, ctx.dir.root, spec.method, params,

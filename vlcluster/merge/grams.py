@@ -155,10 +155,10 @@ def run_grams_stage(ctx) -> None:
     samples = eval_samples(urls, config.image_size)
     grams, counts = collect_grams(model, rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size))
     if env.is_main:
-        out = ctx.dir.root / "grams.safetensors"
-        tmp = out.with_name(".grams.safetensors.tmp")
-        save_file(grams, str(tmp), metadata={"counts": str(counts)})
-        tmp.replace(out)
+        from vlcluster.storage.paths import writable
+
+        with writable(ctx.dir.root / "grams.safetensors") as tmp:
+            save_file(grams, str(tmp), metadata={"counts": str(counts)})
         log.info("%d Gram matrices from %d ranks; tokens per expert: %s..%s", len(grams), env.world_size, min(counts.values()), max(counts.values()))
         finish_stage(ctx, {"grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source})
     exit_process(0)

@@ -35,7 +35,9 @@ def write_tensorboard(log_dir, result: dict) -> None:
 
 def run_metrics_stage(ctx: StageContext) -> None:
     spec = ctx.spec
-    result = checkpoint_distances(ctx.upstream_dir(spec.source).model_weights, spec.density)
+    from vlcluster.storage.paths import local_copy
+
+    result = checkpoint_distances(local_copy(ctx.upstream_dir(spec.source).model_weights), spec.density)
     write_tensorboard(ctx.dir.tensorboard, result)
     log.info("mergeability of %s:\n%s", spec.source, format_metrics(result))
     finish_stage(ctx, {"source": spec.source, "density": spec.density, **result})

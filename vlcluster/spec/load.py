@@ -101,6 +101,14 @@ def read_yaml(path: Path) -> dict:
 
 
 def validate(raw: dict, source: str) -> Pipeline:
+    from vlcluster.storage.config import WHERE_CREDENTIALS, secret_fields
+
+    secrets = secret_fields(raw)
+    if secrets:  # named by field only: the value is never echoed
+        raise SpecError(
+            f"{source}: {', '.join(secrets)}: looks like a credential "
+            f"(a secret-looking key, or a URL with user:password@); {WHERE_CREDENTIALS}"
+        )
     # Top-level "x-" keys hold YAML anchors shared by stages (as in compose files).
     raw = {key: value for key, value in raw.items() if not str(key).startswith("x-")}
     try:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlcluster.storage.config import StorageSpec
+
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "base"]
 Precision = Literal["fp32", "bf16"]
@@ -317,7 +319,8 @@ class ClusterProfile(Strict):
 
 class Pipeline(Strict):
     name: str
-    run_dir: str | None = Field(None, description="default: runs/<name>")
+    run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
+    storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
     stages: dict[str, Stage]
 
     @field_validator("stages")

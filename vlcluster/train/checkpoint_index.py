@@ -1,16 +1,21 @@
 """Which checkpoints a stage has: the directory protocol, without tensors.
 
+A checkpoint counts only once its ``meta.json`` exists: locally the whole
+directory appears by one rename, on an object store ``meta.json`` is
+uploaded last and is the commit marker. A ``step_*`` prefix without it is an
+interrupted upload: never read, removed by :func:`discard_foreign`.
+
 Kept free of torch so planning and status commands stay fast.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlcluster.rundir import read_json
+from vlcluster.storage.paths import remove_tree
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -55,15 +60,16 @@ def discard_foreign(root: Path, spec_hash: str) -> list[int]:
     if not root.is_dir():
         return removed
     for entry in root.iterdir():
-        if entry.name.endswith(".partial"):
-            shutil.rmtree(entry, ignore_errors=True)
+        uncommitted = STEP_DIR.match(entry.name) and not (entry / "meta.json").is_file()
+        if entry.name.endswith(".partial") or uncommitted:
+            remove_tree(entry)
     for ckpt in complete_checkpoints(root):
         if ckpt.meta().get("spec_hash") != spec_hash:
-            shutil.rmtree(ckpt.path, ignore_errors=True)
+            remove_tree(ckpt.path)
             removed.append(ckpt.step)
     return removed
 
 
 def prune(root: Path, keep: int) -> None:
     for ckpt in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+        remove_tree(ckpt.path)

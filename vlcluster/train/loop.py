@@ -39,6 +39,7 @@ from vlcluster.launch import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
+from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")
 
@@ -86,7 +87,7 @@ class Trainer:
     @property
     def checkpoint_root(self) -> Path:
         configured = self.ctx.spec.checkpoint.dir
-        return Path(configured) if configured else self.ctx.dir.checkpoints
+        return run_path(configured) if configured else self.ctx.dir.checkpoints
 
     def head_names(self) -> tuple[str, ...]:
         weights = self.train.loss_weights
@@ -124,6 +125,7 @@ class Trainer:
         )
         if self.env.is_main:
             log.info("checkpoint saved: %s", path)
+            self.metrics.sync()  # remote tb/ is as current as the checkpoint
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         loaded = ckpt.load_checkpoint(checkpoint, self.env.rank)
@@ -240,10 +242,10 @@ class Trainer:
 
     def export(self, summary: dict) -> None:
         state = get_model_state_dict(self.objective.model, options=FULL_STATE)
+        self.metrics.close()  # before the done-marker: on an object store this uploads tb/
         if self.env.is_main:
             write_model(self.ctx.dir, state, self.config, {"stage": self.ctx.name, "steps": self.step})
             finish_stage(self.ctx, summary)
-        self.metrics.close()
 
 
 def _jsonable(state):

@@ -1,0 +1,144 @@
+"""The ``storage:`` section of a pipeline and how it reaches every process.
+
+```yaml
+storage:
+  endpoint_url: http://127.0.0.1:8333   # S3-compatible server; omit for AWS
+  region: us-east-1
+  profile: training                     # a profile in ~/.aws/{config,credentials}; or
+  anon: false                           # true: unsigned requests (public buckets)
+  cache_dir: /scratch/vlcluster-cache   # local copies of shards and run-dir inputs
+```
+
+Nothing here is secret, by construction: keys that look like credentials
+and URLs with ``user:password@`` are refused when the job file is loaded.
+
+The section is applied in-process as fsspec's default options for the
+``s3`` protocol (so fsspec, s3fs, ``upath.UPath`` and webdataset openers
+all use it) and exported as ``VLCLUSTER_STORAGE`` (JSON) so stage processes
+started by any backend (subprocess, torchrun ranks, SLURM jobs, which
+inherit the submitting environment) apply the same settings before they read
+``pipeline.json`` from the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENV = "VLCLUSTER_STORAGE"
+
+# Field names that would hold a credential. A job file is shared, rendered
+# into manifests and copied into run directories: it must never carry one.
+SECRET_KEY = re.compile(
+    r"secret|passw|credential|access.?key|key.?id|private.?key|^key$|(^|_)token$|^auth(orization|_|$)", re.IGNORECASE
+)
+USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+WHERE_CREDENTIALS = (
+    "credentials are never read from a job file: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+    "(and AWS_SESSION_TOKEN) in the environment, name a profile with storage.profile, or use the instance's role"
+)
+
+
+class StorageSpec(BaseModel):
+    """Where and how object storage is reached; credentials come from the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS)")
+    region: str | None = Field(None, description="region name (default: from the profile/environment)")
+    profile: str | None = Field(None, description="named profile in ~/.aws/config and ~/.aws/credentials")
+    anon: bool = Field(False, description="unsigned requests (public buckets)")
+    cache_dir: str | None = Field(
+        None, description="local directory caching shards and run-dir inputs across epochs and requeues (off when unset)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            secret = [str(key) for key in raw if SECRET_KEY.search(str(key))]
+            if secret:
+                raise ValueError(f"{', '.join(secret)}: {WHERE_CREDENTIALS}")
+        return raw
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, url: str | None) -> str | None:
+        if url is not None and USERINFO.match(url):
+            raise ValueError(f"the URL contains a user name or password; {WHERE_CREDENTIALS}")
+        return url
+
+    @model_validator(mode="after")
+    def _anon_or_profile(self) -> StorageSpec:
+        if self.anon and self.profile:
+            raise ValueError("'anon: true' sends unsigned requests; it cannot be combined with 'profile'")
+        return self
+
+
+def secret_fields(node: Any, where: str = "") -> list[str]:
+    """Field paths of a raw (YAML) job spec that hold or look like credentials.
+    Only paths are returned: the values must never be printed."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            if SECRET_KEY.search(str(key)):
+                found.append(path)
+            else:
+                found.extend(secret_fields(value, path))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found.extend(secret_fields(value, f"{where}[{index}]"))
+    elif isinstance(node, str) and USERINFO.match(node):
+        found.append(where)
+    return found
+
+
+def s3_options(spec: StorageSpec) -> dict[str, Any]:
+    """s3fs constructor options for ``spec``."""
+    client = {key: value for key, value in (("endpoint_url", spec.endpoint_url), ("region_name", spec.region)) if value}
+    options: dict[str, Any] = {
+        # Listings must be current: another process (a rank, the next job)
+        # may have written a checkpoint or done-marker since the last look.
+        "use_listings_cache": False,
+    }
+    if client:
+        options["client_kwargs"] = client
+    if spec.profile:
+        options["profile"] = spec.profile
+    if spec.anon:
+        options["anon"] = True
+    return options
+
+
+_active: StorageSpec | None = None
+_inherited_s3_conf: dict[str, Any] | None = None  # fsspec's own defaults (FSSPEC_S3_* variables), kept under ours
+
+
+def activate(spec: StorageSpec | None) -> StorageSpec:
+    """Use ``spec`` in this process and in every process it starts."""
+    import fsspec.config
+
+    import logging
+
+    global _active, _inherited_s3_conf
+    if _inherited_s3_conf is None:
+        _inherited_s3_conf = dict(fsspec.config.conf.get("s3", {}))
+    _active = spec or StorageSpec()
+    fsspec.config.conf["s3"] = {**_inherited_s3_conf, **s3_options(_active)}
+    os.environ[ENV] = _active.model_dump_json(exclude_defaults=True)
+    for name in ("botocore", "aiobotocore", "s3fs"):  # their INFO lines ("Found credentials in ...") are noise in stage logs
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return _active
+
+
+def active() -> StorageSpec:
+    """The storage settings of this process: those activated, else inherited through ``VLCLUSTER_STORAGE``."""
+    if _active is not None:
+        return _active
+    raw = os.environ.get(ENV)
+    return activate(StorageSpec.model_validate(json.loads(raw)) if raw else None)
