@@ -19,14 +19,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlcluster.data import synthetic as syn
-from vlcluster.data.shards import (
-    BatchLoader,
-    SampleStream,
-    decode_sample,
-    eval_samples,
-    expand_urls,
-    missing_shards,
-)
+from vlcluster.data.shards import decode_sample, eval_samples, expand_urls, missing_shards
+from vlcluster.data.stream import SampleStream
 from vlcluster.data.tokenizer import SPECIAL_TOKENS, TextEncoder, build_word_tokenizer
 
 N_TRAIN, N_VAL, SHARD_SIZE, IMAGE_SIZE, SEED = 60, 20, 8, 32, 7
@@ -189,7 +183,7 @@ def test_missing_shards_and_stream_through_fsspec(dataset: dict) -> None:
             f.write(Path(local).read_bytes())
     ghost = f"{root}/val-000099.tar"
     assert missing_shards([*urls, ghost]) == [ghost]
-    stream = SampleStream(urls, rank=0, world_size=1, seed=0, shuffle_buffer=4)
+    stream = SampleStream(urls, part=0, parts=1, seed=0, shuffle_buffer=4)
     assert sorted(_one_epoch(stream)) == [f"val-{i:08d}" for i in range(N_VAL)]
 
 
@@ -199,7 +193,7 @@ def test_missing_shards_and_stream_through_fsspec(dataset: dict) -> None:
 def test_ranks_are_disjoint_and_cover_the_epoch(dataset: dict) -> None:
     shards = dataset["train_shards"]
     seen = [
-        _one_epoch(SampleStream(shards, rank=r, world_size=2, seed=3, shuffle_buffer=16))
+        _one_epoch(SampleStream(shards, part=r, parts=2, seed=3, shuffle_buffer=16))
         for r in range(2)
     ]
     assert not set(seen[0]) & set(seen[1])
@@ -209,7 +203,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(dataset: dict) -> None:
 @pytest.mark.parametrize("cut", [0, 17, N_TRAIN, N_TRAIN + 1, 2 * N_TRAIN - 3])
 def test_resume_reproduces_uninterrupted_run(dataset: dict, cut: int) -> None:
     def stream() -> SampleStream:
-        return SampleStream(dataset["train_shards"], rank=0, world_size=1, seed=11, shuffle_buffer=16)
+        return SampleStream(dataset["train_shards"], part=0, parts=1, seed=11, shuffle_buffer=16)
 
     total = 2 * N_TRAIN + 25  # crosses two epoch boundaries
     reference = _keys(stream(), total)
@@ -221,7 +215,7 @@ def test_resume_reproduces_uninterrupted_run(dataset: dict, cut: int) -> None:
 
 
 def test_epochs_and_seeds_change_the_order(dataset: dict) -> None:
-    stream = SampleStream(dataset["train_shards"], rank=0, world_size=1, seed=0)
+    stream = SampleStream(dataset["train_shards"], part=0, parts=1, seed=0)
     epoch0, epoch1 = _keys(stream, N_TRAIN), _keys(stream, N_TRAIN)
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
     assert _keys(SampleStream(dataset["train_shards"], 0, 1, seed=0), N_TRAIN) == epoch0
@@ -229,33 +223,12 @@ def test_epochs_and_seeds_change_the_order(dataset: dict) -> None:
 
 
 def test_stream_rejects_bad_setups(dataset: dict) -> None:
-    with pytest.raises(ValueError, match="ranks"):
-        SampleStream(dataset["val_shards"], rank=0, world_size=len(dataset["val_shards"]) + 1, seed=0)
-    stream = SampleStream(dataset["val_shards"], rank=0, world_size=1, seed=0)
+    with pytest.raises(ValueError, match="readers"):
+        SampleStream(dataset["val_shards"], part=0, parts=len(dataset["val_shards"]) + 1, seed=0)
+    stream = SampleStream(dataset["val_shards"], part=0, parts=1, seed=0)
     stream.load_state_dict({"epoch": 0, "offset": N_VAL + 1})
     with pytest.raises(ValueError, match="offset"):
         next(stream)
-
-
-def test_batch_loader_shapes_and_resume(dataset: dict) -> None:
-    def loader(image_size: int | None = None) -> BatchLoader:
-        return BatchLoader(SampleStream(dataset["train_shards"], 0, 1, seed=2), 6, image_size)
-
-    first = loader()
-    batch = first.next_batch()
-    assert batch["image"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["image"].dtype == torch.float32
-    assert len(batch["caption"]) == len(batch["qa"]) == len(batch["key"]) == 6
-    assert isinstance(batch["qa"][0][0], tuple)
-    state = first.state_dict()
-    assert state == {"epoch": 0, "offset": 6}
-    expected = first.next_batch()
-
-    resumed = loader(image_size=48)
-    resumed.load_state_dict(state)
-    batch = resumed.next_batch()
-    assert batch["key"] == expected["key"]
-    assert batch["image"].shape == (6, 3, 48, 48)
 
 
 def test_decode_normalisation(dataset: dict) -> None:

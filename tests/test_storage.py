@@ -169,11 +169,16 @@ def test_shard_lists_from_prefix_glob_and_braces(s3_env, s3_dataset):
 
 
 def test_training_reads_listed_s3_shards(s3_env, s3_dataset):
-    from vlcluster.data.shards import BatchLoader, SampleStream, expand_urls
+    from vlcluster.data.loader import TrainLoader
+    from vlcluster.data.shards import expand_urls
 
-    stream = SampleStream(expand_urls(f"{s3_dataset}/train-*.tar"), rank=0, world_size=1, seed=0, shuffle_buffer=4)
-    batch = BatchLoader(stream, batch_size=5).next_batch()
-    assert batch["image"].shape[0] == 5 and len(set(batch["key"])) == 5
+    # Two data-loader worker processes, each reading its own shards from S3.
+    loader = TrainLoader(expand_urls(f"{s3_dataset}/train-*.tar"), 0, 1, seed=0, shuffle_buffer=4, batch_size=4, num_workers=2)
+    batches = [loader.next_batch() for _ in range(2)]
+    loader.close()
+    keys = [key for batch in batches for key in batch["key"]]
+    assert all(batch["image"].shape[0] == 4 for batch in batches) and len(set(keys)) == 8  # 12 samples in 3 shards
+    assert loader.quality.bad_total == 0
 
 
 def test_missing_shards_bucket_and_prefix_are_spec_errors(write_job, tmp_path, s3_server, s3_dataset):

@@ -36,7 +36,10 @@ REFERENCE_TARGETS: dict[str, frozenset[str]] = {
 
 # Fields that say how a stage runs, not what it computes: changing them must
 # not re-run finished work.
-NON_IDENTITY_FIELDS = {"resources", "after", "sweep"}
+# How a stage runs, not what it computes. The data-loader worker count does
+# change the sample order, like the number of ranks: resuming with another
+# value is refused at run time instead of silently starting over.
+NON_IDENTITY_FIELDS = {"resources": True, "after": True, "sweep": True, "data": {"num_workers", "max_bad_fraction"}}
 
 
 def sweep_base(name: str) -> str:

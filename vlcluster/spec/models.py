@@ -50,6 +50,14 @@ class DataSpec(Strict):
     tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
     answers: str | None = Field(None, description="JSON list of VQA answers")
     shuffle_buffer: int = Field(256, ge=1)
+    num_workers: int = Field(
+        0, ge=0, description="data-loader worker processes per training rank (0: decode in the rank); "
+        "a checkpoint resumes only with the same value"
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="a training stage fails when more of the samples read are bad "
+        "(bad samples are skipped and counted per shard)"
+    )
 
     @model_validator(mode="after")
     def _source_given(self) -> DataSpec:

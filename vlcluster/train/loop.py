@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlcluster.context import StageContext
-from vlcluster.data.shards import BatchLoader, SampleStream
+from vlcluster.data.loader import TrainLoader
+from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.config import ModelConfig
@@ -30,6 +31,7 @@ from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
 from vlcluster.train.dist import DistEnv, exit_process, init_distributed
+from vlcluster.train.keylog import KeyRecorder
 from vlcluster.train.model_config import build_model_config
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
@@ -59,8 +61,11 @@ class Trainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
-        stream = SampleStream(self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer)
-        self.loader = BatchLoader(stream, self.rank_sizes[env.rank], self.config.image_size)
+        self.loader = TrainLoader(
+            self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
+            self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
+        )
+        self.keys = KeyRecorder(env.rank)
 
         torch.manual_seed(self.train.seed)  # identical initial weights on every rank
         model = MultiwayTransformer(self.config, heads=self.head_names())
@@ -152,56 +157,88 @@ class Trainer:
         history: dict[str, float] = {}
         if self.env.is_main:
             log.info(
-                "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, from step %d",
+                "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, %d data-loader workers each, from step %d",
                 self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
-                total, self.train.batch_size, self.env.world_size, self.step,
+                total, self.train.batch_size, self.env.world_size, self.ctx.spec.data.num_workers, self.step,
             )
         started = time.perf_counter()
         first_step = self.step
-        while self.step < total:
-            batch = self.builder(self.loader.next_batch(), with_questions).to(self.env.device)
-            out = self.objective(batch, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            window_samples += self.train.batch_size
-            if self.step % self.train.log_every == 0 or self.step == total:
-                history = self.log_step(out, window_samples / (time.perf_counter() - window_start))
-                window_start, window_samples = time.perf_counter(), 0
-            saved = self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total
-            if saved:
-                self.save()
-            if self.step < total and self.stop.agreed(self.env.device):
-                if not saved:
+        try:
+            while self.step < total:
+                out = self.train_step(with_questions)
+                window_samples += self.train.batch_size
+                if self.step % self.train.log_every == 0 or self.step == total:
+                    history = self.log_step(out, window_samples / (time.perf_counter() - window_start))
+                    window_start, window_samples = time.perf_counter(), 0
+                saved = self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total
+                if saved:
                     self.save()
-                if self.env.is_main:
-                    log.info("stop requested: checkpoint at step %d saved, exiting to be requeued", self.step)
-                raise StopRequested
+                if self.step < total and self.stop.agreed(self.env.device):
+                    if not saved:
+                        self.save()
+                    if self.env.is_main:
+                        log.info("stop requested: checkpoint at step %d saved, exiting to be requeued", self.step)
+                    raise StopRequested
+        finally:
+            self.loader.close()
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {
             "steps": self.step,
             "final": history,
             "samples_per_s": steps_run * self.train.batch_size / elapsed if steps_run else None,
+            "data": self.data_summary(),
         }
+
+    def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
+        samples = self.loader.next_batch()
+        batch = self.builder(samples, with_questions).to(self.env.device)
+        out = self.objective(batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.keys.record(self.step, samples["key"])
+        return out
 
     def log_step(self, out: dict[str, torch.Tensor], samples_per_s: float) -> dict[str, float]:
         names = sorted(out)
-        values = torch.stack([out[name].detach().float() for name in names]).cpu()
-        if dist.is_initialized():
+        values = torch.stack([out[name].detach().float() for name in names])
+        if dist.is_initialized():  # on the device: NCCL reduces only CUDA tensors
             dist.all_reduce(values)
             values /= self.env.world_size
+        values = values.cpu()
         scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["throughput/samples_per_s"] = samples_per_s
+        bad, read = self.global_data_counts()
+        scalars["data/bad_samples"], scalars["data/bad_fraction"] = bad, bad_fraction(bad, read)
         self.metrics.add(scalars, self.step)
         if self.env.is_main:
             losses = " ".join(f"{name} {scalars[f'loss/{name}']:.3f}" for name in names)
             pct = 100 * self.step / self.train.steps
-            log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s)
+            bad_note = f" | {bad} bad samples skipped" if bad else ""
+            log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s%s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s, bad_note)
+        # Every rank sees the same global counts, so all of them stop here together.
+        check_bad_fraction(bad, read, self.ctx.spec.data.max_bad_fraction, final=self.step == self.train.steps)
         return scalars
+
+    def global_data_counts(self) -> tuple[int, int]:
+        """Bad and read samples over all ranks so far (collective)."""
+        counts = torch.tensor([self.loader.quality.bad_total, self.loader.quality.read], dtype=torch.float64, device=self.env.device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+
+    def data_summary(self) -> dict:
+        """Bad-data counts of all ranks, per shard and reason, for ``result.json`` (collective)."""
+        states = [self.loader.quality.state_dict()]
+        if dist.is_initialized():
+            states = [None] * self.env.world_size
+            dist.all_gather_object(states, self.loader.quality.state_dict())
+        total = DataQuality.total(DataQuality.from_state(state) for state in states)
+        return total.summary(self.ctx.spec.data.max_bad_fraction)
 
     def export(self, summary: dict) -> None:
         state = get_model_state_dict(self.objective.model, options=FULL_STATE)
@@ -236,6 +273,9 @@ def run_training(ctx: StageContext) -> None:
         trainer.export(summary)
     except StopRequested:
         code = EXIT_REQUEUE
+    except BadDataError as exc:
+        log.error("%s", exc)
+        code = 1
     except BaseException:  # noqa: BLE001 - report, then exit with failure below
         traceback.print_exc()
         code = 1
