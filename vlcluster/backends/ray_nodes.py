@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlcluster.launch import Rendezvous, stage_command
+from vlcluster.ports import free_ports
 
 MASTER_ADDR_ENV = "VLCLUSTER_RAY_MASTER_ADDR"
 READY_TIMEOUT_S = 600
@@ -39,17 +40,11 @@ class NodeResult:
     node_id: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def _rendezvous_address() -> tuple[str, int, str]:
     import ray
 
     address = os.environ.get(MASTER_ADDR_ENV) or ray.util.get_node_ip_address()
-    return address, _free_port(), ray.get_runtime_context().get_node_id()
+    return address, free_ports(1, host="")[0], ray.get_runtime_context().get_node_id()
 
 
 def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rendezvous) -> NodeResult:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlcluster.metrics import METRICS
 from vlcluster.model import parse_layer_key
 
 BINS = 1 << 15  # top 15 bits of a non-negative float32's pattern: sign dropped, 8 exponent + 7 mantissa bits

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import traceback
 from pathlib import Path
@@ -26,7 +25,6 @@ from vlcluster.data.loader import TrainLoader
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
-from vlcluster.model.config import ModelConfig
 from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
