@@ -299,3 +299,31 @@ def test_multi_node_stage_runs_one_torchrun_per_ray_node_and_survives_a_lost_ran
     assert "over 2 ranks" in main_log and "--master_addr=127.0.0.1" in main_log
     assert "restarting the ranks (1/3)" in main_log
     assert 2 <= int(re.search(r"resuming from checkpoint step_(\d+)", main_log).group(1)) < 12
+
+
+TORCHRUN_FAILURE = """\
+E1125 14:11:01.488000 4263 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 4304) of binary: python
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4305)  (SIGKILL)
+  traceback : Signal 9 (SIGKILL) received by PID 4305
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 4304)
+"""
+
+
+def test_a_killed_rank_is_restartable_even_when_its_peer_failed_first(tmp_path):
+    """torchrun may first observe the surviving rank failing on the broken
+    connection (exit 1); the SIGKILL of the lost rank is only in its summary."""
+    from vlcluster.backends.ray_stage import restartable, run_once
+
+    script = f"import sys; sys.stdout.write({TORCHRUN_FAILURE!r}); sys.exit(1)"
+    with open(tmp_path / "stage.log", "w") as log:
+        code, rank_codes = run_once([sys.executable, "-c", script], dict(os.environ), None, log)
+    assert code == 1 and sorted(rank_codes) == [-9, 1, 1]
+    assert restartable(rank_codes)
+    assert not restartable([1, 1])

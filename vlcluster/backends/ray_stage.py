@@ -44,8 +44,12 @@ from vlcluster.rundir import StageDir
 DEFAULT_MAX_RESTARTS = 3
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \(\d+%\) (.*?) \| lr (\S+) \| ([\d.]+) samples/s")
 LOSS = re.compile(r"\bloss ([-\d.e]+|nan|inf)")
-# torchrun's report of a rank that ended badly: "failed (exitcode: -9) local_rank: 1 (pid: ...)"
-RANK_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank")
+# torchrun's reports of a rank that ended badly: the line it logs for the first
+# failure it observes ("failed (exitcode: -9) local_rank: 1 (pid: ...)") and one
+# "exitcode  : -9 (pid: ...)" line per failed rank in its final summary. Both
+# are read: when a killed rank's peer fails on the broken connection first,
+# only the summary names the SIGKILL.
+RANK_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank|^\s+exitcode\s+: (-?\d+) \(pid: \d+\)")
 
 
 def parse_progress(line: str) -> dict | None:
@@ -104,7 +108,7 @@ def run_once(command: list[str], env: dict, directory: StageDir | None, log) -> 
         if progress is not None and directory is not None:
             directory.write_state(progress=progress)
         elif (failed := RANK_FAILED.search(line)) is not None:
-            rank_codes.append(int(failed.group(1)))
+            rank_codes.append(int(failed.group(1) or failed.group(2)))
     return process.wait(), rank_codes
 
 
