@@ -154,6 +154,6 @@ def test_more_bad_samples_than_allowed_fails_the_stage(data_dir, tmp_path):
     assert process.returncode == 1
     assert "train: failed" in output
     log = cli("logs", str(run_dir), "train").stdout
-    assert "training samples read were bad" in log and "data.max_bad_fraction = 0.02" in log
+    assert "samples read were bad" in log and "data.max_bad_fraction = 0.02" in log
     assert "resumes from the last checkpoint" in log  # the remedy, not only the symptom
     assert not (run_dir / "train" / "_SUCCESS").exists()

@@ -14,7 +14,7 @@ from vlcluster.data import synthetic as syn
 from vlcluster.data.loader import LoaderConfig, TrainLoader, decode_batch
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality, check_bad_fraction
 from vlcluster.data.shards import decode_sample
-from vlcluster.data.stream import shard_items
+from vlcluster.data.stream import eval_samples, shard_items
 
 N_TRAIN, SHARD_SIZE, IMAGE_SIZE, BATCH = 64, 8, 16, 5
 
@@ -120,6 +120,20 @@ def test_bad_samples_are_skipped_and_counted_per_shard(damaged: tuple[list[str],
     assert summary["bad_samples"] == sum(sum(c.values()) for c in train.quality.bad.values())
     assert summary["samples_read"] == sum(len(b["key"]) for b in batches) + summary["bad_samples"]
     assert set(summary["bad_by_reason"]) == {"read_error", "bad_image", "missing_field", "bad_text"}
+
+
+def test_evaluation_skips_and_counts_bad_samples_in_file_order(damaged: tuple[list[str], set[str]], shards: list[str]) -> None:
+    """Eval and Gram stages read every shard once, in order, with the same accounting."""
+    urls, broken = damaged
+    quality = DataQuality()
+    samples = list(eval_samples(urls, quality=quality))
+    keys_read = [sample["key"] for sample in samples]
+    assert not broken & set(keys_read)
+    assert {url: dict(counts) for url, counts in quality.bad.items()} == {urls[i]: reasons for i, reasons in EXPECTED_BAD.items()}
+    assert quality.read == len(samples) + quality.bad_total
+    clean = [sample["key"] for sample in eval_samples(shards)]
+    assert keys_read == [key for key in clean if key in set(keys_read)]  # file order, nothing extra
+    assert len(keys_read) < len(clean) - len(broken)  # the truncated shard lost its tail too
 
 
 @pytest.mark.parametrize("where", ["header", "data", "end"])

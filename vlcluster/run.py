@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if runner is None:
         log.error("stage kind %r has no runner yet", ctx.spec.kind)
         return 2
+    from vlcluster.data.quality import BadDataError
     from vlcluster.metrics.gate import GateClosed
 
     try:
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except GateClosed as exc:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED
+    except BadDataError as exc:  # the message says what to do; a traceback would bury it
+        log.error("%s", exc)
+        return 1
     return 0
 
 

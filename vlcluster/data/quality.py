@@ -97,7 +97,7 @@ def check_bad_fraction(bad: int, read: int, limit: float, final: bool) -> None:
     fraction = bad_fraction(bad, read)
     if fraction > limit:
         raise BadDataError(
-            f"{bad} of {read} training samples read were bad ({fraction:.2%}), more than "
+            f"{bad} of {read} samples read were bad ({fraction:.2%}), more than "
             f"data.max_bad_fraction = {limit:g}; the stage's log lists each skipped sample with its "
             "shard and reason. Repair or drop those shards, or raise data.max_bad_fraction "
             "(it is not part of the stage's identity: a resubmit resumes from the last checkpoint)"

@@ -2,20 +2,20 @@
 
 Shards are WebDataset tars read through fsspec, so local paths and any
 fsspec scheme (s3://, gs://, memory://, ...) work the same way. The
-resumable training streams over them are in ``stream`` and ``loader``.
+streams over them (training: resumable; evaluation: file order) are in
+``stream`` and ``loader``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vlcluster.data.quality import BAD_IMAGE, BAD_TEXT, MISSING_FIELD, READ_ERROR, BadSample
 from vlcluster.storage import shardlist
@@ -36,12 +36,6 @@ def missing_shards(urls: Sequence[str]) -> list[str]:
 def open_url(url: str) -> IO[bytes]:
     """Open ``url`` for binary reading (through the shard cache if configured); the caller closes it."""
     return shardlist.open_input(url)
-
-
-def _shard_samples(url: str) -> Iterator[RawSample]:
-    """Raw samples of one tar shard, in file order (webdataset does the tar parsing)."""
-    with open_url(url) as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
 def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,10 +83,3 @@ def decode_fields(raw: RawSample, image_size: int | None = None) -> dict[str, An
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
         raise BadSample(BAD_IMAGE, f"{type(exc).__name__}: {exc}") from None
     return {"key": raw["__key__"], "pixels": np.array(image), "caption": caption, "qa": qa, "objects": objects}
-
-
-def eval_samples(urls: Sequence[str], image_size: int | None = None) -> Iterator[dict[str, Any]]:
-    """Every sample of ``urls`` in file order, decoded (single-process evaluation)."""
-    for url in urls:
-        for raw in _shard_samples(url):
-            yield decode_sample(raw, image_size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
 import random
 import tarfile
 import zlib
@@ -27,9 +28,12 @@ from typing import IO, Any
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vlcluster.data.shards import open_url
+from vlcluster.data.quality import BadSample, DataQuality
+from vlcluster.data.shards import decode_sample, open_url
 
 RawSample = dict[str, Any]
+
+log = logging.getLogger("vlcluster.data")
 
 # What a damaged archive raises while it is parsed. I/O errors of the store
 # (network, permissions) are not among them: they are not a property of the
@@ -177,3 +181,19 @@ class SampleStream:
             self._iterator.close()  # closes the open shard
             self._iterator = None
         self.epoch, self.offset = epoch, offset
+
+
+def eval_samples(urls: Sequence[str], image_size: int | None = None, quality: DataQuality | None = None) -> Iterator[dict[str, Any]]:
+    """Every usable sample of ``urls`` in file order, decoded (evaluation, Gram statistics).
+
+    Bad items are skipped like in training: logged, and counted per shard and
+    reason in ``quality`` when one is given."""
+    quality = quality if quality is not None else DataQuality()
+    for url in urls:
+        for raw in shard_items(url):
+            quality.read += 1
+            try:
+                yield decode_sample(raw, image_size)
+            except BadSample as bad:
+                quality.record(url, bad.reason)
+                log.warning("skipped a bad sample (%s): %s in %s: %s", bad.reason, raw["__key__"], url, bad.detail[:200])

@@ -138,7 +138,8 @@ def load_experts_model(state: dict[str, torch.Tensor], config) -> MultiwayTransf
 def run_grams_stage(ctx) -> None:
     from safetensors.torch import save_file
 
-    from vlcluster.data.shards import eval_samples
+    from vlcluster.data.quality import DataQuality, check_bad_fraction
+    from vlcluster.data.stream import eval_samples
     from vlcluster.data.tokenizer import TextEncoder
     from vlcluster.outputs import finish_stage, read_model
     from vlcluster.train.dist import exit_process, init_distributed
@@ -152,13 +153,19 @@ def run_grams_stage(ctx) -> None:
     if not urls:
         raise ValueError(f"stages.{ctx.name}.data: no {spec.split} shards")
     encoder = TextEncoder(sources.tokenizer)
-    samples = eval_samples(urls, config.image_size)
+    quality = DataQuality()
+    samples = eval_samples(urls, config.image_size, quality)
     grams, counts = collect_grams(model, rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size))
+    # Every rank reads the same samples (keeping its share), so the counts and the verdict agree.
+    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
     if env.is_main:
         from vlcluster.storage.paths import writable
 
         with writable(ctx.dir.root / "grams.safetensors") as tmp:
             save_file(grams, str(tmp), metadata={"counts": str(counts)})
         log.info("%d Gram matrices from %d ranks; tokens per expert: %s..%s", len(grams), env.world_size, min(counts.values()), max(counts.values()))
-        finish_stage(ctx, {"grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source})
+        finish_stage(ctx, {
+            "grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source,
+            "data": quality.summary(spec.data.max_bad_fraction),
+        })
     exit_process(0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from vlcluster.context import StageContext
-from vlcluster.data.shards import eval_samples
+from vlcluster.data.quality import DataQuality, check_bad_fraction
+from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
 from vlcluster.outputs import finish_stage, read_model
@@ -38,7 +39,11 @@ def batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 @torch.no_grad()
-def evaluate(model: MultiwayTransformer, encoder: TextEncoder, answers: list[str], urls: list[str], tasks: list[str], batch_size: int) -> dict:
+def evaluate(
+    model: MultiwayTransformer, encoder: TextEncoder, answers: list[str], urls: list[str], tasks: list[str], batch_size: int,
+    quality: DataQuality | None = None,
+) -> dict:
+    """Scores over every usable sample of ``urls``; skipped ones are counted in ``quality``."""
     cfg = model.config
     if "vqa" in tasks and "vqa" not in model.heads:
         raise ValueError("the model has no VQA head: evaluate a fine-tuned model or drop 'vqa' from tasks")
@@ -47,7 +52,7 @@ def evaluate(model: MultiwayTransformer, encoder: TextEncoder, answers: list[str
     answer_index = {answer: index for index, answer in enumerate(answers)}
     image_embs, text_embs = [], []
     vqa_correct = vqa_total = 0
-    for chunk in batches(eval_samples(urls, cfg.image_size), batch_size):
+    for chunk in batches(eval_samples(urls, cfg.image_size, quality), batch_size):
         images = torch.stack([sample["image"] for sample in chunk])
         image_bottom = model.bottom_image(images)
         if "retrieval" in tasks:
@@ -86,7 +91,10 @@ def run_eval_stage(ctx: StageContext) -> None:
         raise ValueError(f"stages.{ctx.name}.data: no validation shards (data.val)")
     encoder = TextEncoder(sources.tokenizer)
     answers = json.loads(Path(sources.answers).read_text()) if sources.answers else []
-    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size)
+    quality = DataQuality()
+    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size, quality)
+    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
     result["model"] = {"stage": spec.source, "arch": config.arch}
+    result["data"] = quality.summary(spec.data.max_bad_fraction)
     log.info("%s: %s", spec.source, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
     finish_stage(ctx, result)
