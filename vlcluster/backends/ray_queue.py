@@ -16,6 +16,15 @@ def ray_records(records: dict[str, dict]) -> dict[str, dict]:
     return {name: r for name, r in records.items() if r.get("backend") == "ray" and r.get("job_id") and r.get("address")}
 
 
+def live_by_address(records: dict[str, dict]) -> dict[str, list[str]]:
+    """Dashboard address -> stages whose recorded job may still be queued or running there."""
+    by_address: dict[str, list[str]] = defaultdict(list)
+    for name, record in ray_records(records).items():
+        if record.get("state") in LIVE:
+            by_address[record["address"]].append(name)
+    return by_address
+
+
 def client_for(address: str):
     """A client, or None when nothing answers there (e.g. the private
     cluster of a run that has ended)."""
@@ -31,12 +40,8 @@ def job_statuses(records: dict[str, dict]) -> dict[str, str | None]:
     """Stage -> Ray job status ("PENDING", "RUNNING", "SUCCEEDED", "FAILED",
     "STOPPED"), or None where the cluster does not answer or forgot the job.
     Only records that may still be live are asked about."""
-    by_address: dict[str, list[str]] = defaultdict(list)
-    for name, record in ray_records(records).items():
-        if record.get("state") in LIVE:
-            by_address[record["address"]].append(name)
     statuses: dict[str, str | None] = {}
-    for address, names in by_address.items():
+    for address, names in live_by_address(records).items():
         client = client_for(address)
         for name in names:
             statuses[name] = _status(client, records[name]["job_id"]) if client else None
@@ -62,11 +67,7 @@ def active_jobs(client, records: dict[str, dict]) -> dict[str, str]:
 def stop(records: dict[str, dict]) -> list[str]:
     """Stop the live jobs of these records; the stages whose job was stopped."""
     stopped = []
-    by_address: dict[str, list[str]] = defaultdict(list)
-    for name, record in ray_records(records).items():
-        if record.get("state") in LIVE:
-            by_address[record["address"]].append(name)
-    for address, names in by_address.items():
+    for address, names in live_by_address(records).items():
         client = client_for(address)
         if client is None:
             continue

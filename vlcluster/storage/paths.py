@@ -134,8 +134,7 @@ def writable(dest: Path) -> Iterator[Path]:
 def publish(local: Path, dest: Path) -> None:
     """Move the finished local file ``local`` to ``dest``."""
     if is_remote(dest):
-        fs, key = _fs_path(dest)
-        fs.put_file(str(local), key)
+        upload_file(local, dest)
     else:
         os.replace(local, dest)
 
