@@ -52,7 +52,7 @@ def test_bad_spec_exits_nonzero_with_file_and_field(write_job, tmp_path, text, o
 
 def test_every_stage_kind_has_a_runner():
     from vlcluster.run import RUNNERS
-    from vlcluster.spec.load import STAGE_KINDS
+    from vlcluster.jobspec.load import STAGE_KINDS
 
     assert set(STAGE_KINDS) == set(RUNNERS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlcluster.graph import build_graph
-from vlcluster.spec.load import SpecError, load_pipeline
+from vlcluster.jobspec.load import SpecError, load_pipeline
 
 PIPELINE = """
 name: g

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vlcluster.tasks.retrieval import recall_at_k, retrieval_scores
 from vlcluster.train import losses
-from vlcluster.spec.models import TrainSpec
+from vlcluster.jobspec.models import TrainSpec
 from vlcluster.train.optim import lr_factor
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_cli import GOOD
 from vlcluster.graph import build_graph
-from vlcluster.spec.load import SpecError, load_pipeline
+from vlcluster.jobspec.load import SpecError, load_pipeline
 
 GOLDEN = REPO / "tests" / "golden"
 RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vlcluster.spec.load import SpecError, json_schema, load_pipeline
-from vlcluster.spec.models import FinetuneStage, PretrainStage
+from vlcluster.jobspec.load import SpecError, json_schema, load_pipeline
+from vlcluster.jobspec.models import FinetuneStage, PretrainStage
 
 MINIMAL = """
 name: t

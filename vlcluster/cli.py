@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlcluster.backends import BACKENDS
-from vlcluster.spec.load import SpecError
+from vlcluster.jobspec.load import SpecError
 
 console = Console(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -21,7 +21,7 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
     from vlcluster.graph import build_graph
-    from vlcluster.spec.load import load_pipeline
+    from vlcluster.jobspec.load import load_pipeline
 
     from vlcluster.storage.config import activate
     from vlcluster.storage.paths import run_path
@@ -328,7 +328,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from vlcluster.spec.load import json_schema
+    from vlcluster.jobspec.load import json_schema
 
     print(json_schema())
     return 0

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from vlcluster.spec.load import SpecError, validate
-from vlcluster.spec.models import Pipeline
+from vlcluster.jobspec.load import SpecError, validate
+from vlcluster.jobspec.models import Pipeline
 
 MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
 

@@ -28,8 +28,8 @@ from pydantic import Field
 
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
-from vlcluster.spec.load import SpecError, read_yaml
-from vlcluster.spec.models import ResourcesSpec, Strict
+from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.jobspec.models import ResourcesSpec, Strict
 from vlcluster.storage.paths import is_remote
 
 K8S_DIRS = (Path("k8s"), Path(__file__).resolve().parents[2] / "k8s")
@@ -93,7 +93,7 @@ def load_profile(path: str | None = None) -> KubeProfile:
     try:
         return KubeProfile.model_validate(read_yaml(source))
     except ValidationError as exc:
-        from vlcluster.spec.load import describe_validation_error
+        from vlcluster.jobspec.load import describe_validation_error
 
         raise SpecError(describe_validation_error(str(source), exc)) from None
 

@@ -24,7 +24,7 @@ from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir
-from vlcluster.spec.load import SpecError
+from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.errors import redact
 from vlcluster.storage.paths import Mirror, local_side
 

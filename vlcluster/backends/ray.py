@@ -58,7 +58,7 @@ from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir, write_json_atomic
-from vlcluster.spec.load import SpecError
+from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import ENV as STORAGE_ENV
 
 POLL_S = 1.0

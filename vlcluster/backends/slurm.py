@@ -31,8 +31,8 @@ from vlcluster.graph import Graph, sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
-from vlcluster.spec.load import SpecError, read_yaml
-from vlcluster.spec.models import ClusterProfile
+from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
 
 PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
@@ -51,7 +51,7 @@ def load_profile(name: str) -> ClusterProfile:
     try:
         return ClusterProfile.model_validate(read_yaml(path))
     except ValidationError as exc:
-        from vlcluster.spec.load import describe_validation_error
+        from vlcluster.jobspec.load import describe_validation_error
 
         raise SpecError(describe_validation_error(str(path), exc)) from None
 

@@ -19,7 +19,7 @@ import torch
 from vlcluster.context import StageContext
 from vlcluster.merge.engine import MergeInputs, StateSource, merge_steps
 from vlcluster.merge.methods import get_method
-from vlcluster.merge.plan import plan_merge
+from vlcluster.merge.layout import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
 from vlcluster.outputs import file_sha256, finish_stage, read_model_config, weights_sha256, write_model_record

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from vlcluster.merge.methods import Group, Method
-from vlcluster.merge.plan import MergeTensor
+from vlcluster.merge.layout import MergeTensor
 from vlcluster.merge.regmean import needs_gram
 from vlcluster.model import SHARED
 

@@ -14,8 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from vlcluster.merge.engine import MergeInputs, merge_tensor
-from vlcluster.merge.plan import MergeTensor, plan_merge
-from vlcluster.merge.tensorfile import TensorFile, TensorFileWriter
+from vlcluster.merge.layout import MergeTensor, plan_merge
+from vlcluster.storage.tensorfile import TensorFile, TensorFileWriter
 
 
 def output_layout(steps: list, source: TensorFile) -> dict:

@@ -195,7 +195,7 @@ def distances(layers: dict[int, list[Pair]], density: float = 0.5) -> dict:
 
 def checkpoint_distances(path, density: float = 0.5) -> dict:
     """Metrics of a modality-specific safetensors checkpoint (read lazily, V/L weights only)."""
-    from vlcluster.merge.tensorfile import TensorFile
+    from vlcluster.storage.tensorfile import TensorFile
 
     with TensorFile(path) as source:
         layers = {

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlcluster.spec.load import SpecError
+from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import active
 from vlcluster.storage.paths import is_remote
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vlcluster.model import MultiwayTransformer
-from vlcluster.spec.models import LossWeights
+from vlcluster.jobspec.models import LossWeights
 from vlcluster.train import losses
 from vlcluster.train.batches import Batch
 

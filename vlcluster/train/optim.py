@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlcluster.spec.models import TrainSpec
+from vlcluster.jobspec.models import TrainSpec
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay only on matrices of the transformer and heads; not on

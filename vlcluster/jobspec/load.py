@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from vlcluster.spec.models import Pipeline
+from vlcluster.jobspec.models import Pipeline
 
 STAGE_KINDS = ("data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report")
 
