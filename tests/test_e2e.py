@@ -20,7 +20,10 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
-TRAINING_STAGES = ("seed", "vlpt", "maa", "ft_merged", "ft_msa", "ft_maa")
+# Every stage of jobs/quickstart.yaml.
+STAGES = ("data", "seed", "vlpt", "merge", "maa", "baseline", "merge_baseline", "ft_merged", "ft_msa", "ft_maa",
+          "ft_baseline", "eval_merged", "eval_msa", "eval_maa", "eval_baseline", "table1")
+TRAINING_STAGES = ("seed", "vlpt", "maa", "baseline", "ft_merged", "ft_msa", "ft_maa", "ft_baseline")
 
 # The quickstart shrunk to seconds per stage; every stage and code path stays.
 SMALL = [
@@ -32,9 +35,10 @@ SMALL = [
     *(f"stages.{stage}.train.warmup_steps=2" for stage in TRAINING_STAGES),
     "stages.seed.train.steps=4",
     "stages.maa.train.steps=8",
+    "stages.baseline.train.steps=8",
     "stages.vlpt.train.steps=24",
     "stages.vlpt.checkpoint.every=4",
-    *(f"stages.{stage}.train.steps=3" for stage in ("ft_merged", "ft_msa", "ft_maa")),
+    *(f"stages.{stage}.train.steps=3" for stage in ("ft_merged", "ft_msa", "ft_maa", "ft_baseline")),
 ]
 
 
@@ -63,10 +67,11 @@ def finished_run(tmp_path_factory):
 
 def test_quickstart_runs_every_stage_and_prints_table1(finished_run):
     run_dir, result, _ = finished_run
-    for row in ("| MAA |", "| MSA |", "| merged |"):
+    for row in ("| MAA |", "| MSA |", "| merging baseline |", "| merged |"):
         assert row in result.stdout
-    assert "VQA acc | TR | IR" in result.stdout
-    for stage in ("data", "seed", "vlpt", "merge", "maa", "ft_merged", "ft_msa", "ft_maa", "eval_merged", "table1"):
+    assert "VQA acc | TR | TR R@1 | IR | IR R@1" in result.stdout
+    for stage in ("data", "seed", "vlpt", "merge", "maa", "baseline", "merge_baseline", "ft_merged", "ft_msa",
+                  "ft_maa", "ft_baseline", "eval_merged", "eval_baseline", "table1"):
         assert (run_dir / stage / "_SUCCESS").is_file(), stage
     assert "initialised from stage 'seed' (agnostic -> specific)" in result.stdout
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_e2e import QUICKSTART, SMALL
+from tests.test_e2e import STAGES, QUICKSTART, SMALL
 
 pytestmark = pytest.mark.slow
 
 RUN_DIR = "s3://runs/quickstart-e2e"
-STAGES = ("data", "seed", "vlpt", "merge", "maa", "ft_merged", "ft_msa", "ft_maa", "eval_merged", "eval_msa", "eval_maa", "table1")
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,33 @@ def test_init():
     assert torch.equal(meta.norm.weight, torch.ones(128))
 
 
+@pytest.mark.parametrize("arch", ["specific", "custom_attn", "custom_ffn", "custom_ln"])
+def test_experts_start_from_one_initialisation(arch):
+    """Paper §3: every transformer starts from the same initialisation,
+    whatever the modality; otherwise a K_seed = 0 merge averages unrelated weights."""
+    for model in (build(arch), _materialised_on_meta(arch)):
+        state = model.state_dict()
+        groups = 0
+        for key, value in state.items():
+            parsed = parse_layer_key(key)
+            if parsed is None or parsed[2] in ("v", "shared"):
+                continue
+            layer, part, _, rest = parsed
+            assert torch.equal(value, state[f"layers.{layer}.{part}.v.{rest}"]), key
+            groups += 1
+        assert groups > 0
+        # Experts are copies, never the same tensor.
+        assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+
+
+def _materialised_on_meta(arch: str) -> MultiwayTransformer:
+    with torch.device("meta"):
+        model = MultiwayTransformer(tiny(arch))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
 # --- forward ---------------------------------------------------------------
 
 

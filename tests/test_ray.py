@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_e2e import FAILING, QUICKSTART, SMALL, cli, live_processes_mentioning
+from tests.test_e2e import STAGES, FAILING, QUICKSTART, SMALL, cli, live_processes_mentioning
 from vlcluster.rundir import read_json
 
-STAGES = ("data", "seed", "vlpt", "merge", "maa", "ft_merged", "ft_msa", "ft_maa", "eval_merged", "eval_msa", "eval_maa", "table1")
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,15 @@ class Multiway(nn.ModuleDict):
     def forward(self, x: Tensor, modality: str, *args, **kwargs) -> Tensor:
         return self.route(modality)(x, *args, **kwargs)
 
+    @torch.no_grad()
+    def copy_first_expert(self) -> None:
+        """Give every expert the first one's weights: all experts of a
+        modality-specific model start from one initialisation (paper §3), the
+        same rule that turns a seed checkpoint into experts."""
+        first, *others = self.values()
+        for expert in others:
+            expert.load_state_dict(first.state_dict())
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -179,6 +188,11 @@ class MultiwayTransformer(nn.Module):
         for m in self.modules():
             if m is not self:
                 _init_module(m)
+        # Experts that start apart sit in different basins and merge badly, which
+        # would overstate the merging baseline's (K_seed = 0) drop.
+        for m in self.modules():
+            if isinstance(m, Multiway):
+                m.copy_first_expert()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         return sum(
