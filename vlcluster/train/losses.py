@@ -6,6 +6,8 @@ to the model's routes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,16 +19,51 @@ def gather_padded(features: torch.Tensor, sizes: list[int]) -> tuple[torch.Tenso
 
     Ranks may hold different batch sizes (a global batch of 1024 over 48 GPUs),
     so rows are padded to the largest size first; returns the concatenation of
-    the real rows and the offset of this rank's rows in it.
+    the real rows and the offset of this rank's rows in it. Rows may have any
+    trailing shape, as long as it is the same on every rank.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return features, 0
     longest = max(sizes)
-    padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
+    trailing = (0, 0) * (features.dim() - 1)
+    padded = F.pad(features, (*trailing, 0, longest - features.shape[0]))
     gathered = all_gather_single_autograd(padded, 0, dist.group.WORLD).split(longest)
     rank = dist.get_rank()
     real = torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
     return real, sum(sizes[:rank])
+
+
+def gather_sequences(
+    hidden: torch.Tensor, mask: torch.Tensor, sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-gather token sequences [B, L, D] and their key-padding masks [B, L].
+
+    Every rank pads its text to its own longest caption, so sequences are
+    first padded to the longest length of any rank (padding is masked out).
+    Returns this rank's padded hidden states and mask (same length as the
+    gathered ones, so they can be concatenated) and the gathered pair.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return hidden, mask, hidden, mask
+    length = torch.tensor([hidden.shape[1]], device=hidden.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    extra = int(length.item()) - hidden.shape[1]
+    hidden = F.pad(hidden, (0, 0, 0, extra))
+    mask = F.pad(mask.bool(), (0, extra), value=False)
+    all_hidden, _ = gather_padded(hidden, sizes)
+    # Masks carry no gradient; gathered as floats through the same collective.
+    all_mask, _ = gather_padded(mask.to(hidden.dtype), sizes)
+    return hidden, mask, all_hidden, all_mask > 0.5
+
+
+@dataclass(frozen=True)
+class ContrastiveLogits:
+    """Temperature-scaled similarities of this rank's items against the whole
+    gathered batch (detached): what ITM mines its hard negatives from."""
+
+    image_to_text: torch.Tensor  # [local images, all texts]
+    text_to_image: torch.Tensor  # [local texts, all images]
+    offset: int  # global index of this rank's first item
 
 
 def itc_loss(
@@ -34,12 +71,11 @@ def itc_loss(
     text_features: torch.Tensor,
     scale: torch.Tensor,
     rank_sizes: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ContrastiveLogits]:
     """Symmetric InfoNCE with in-batch negatives gathered across ranks, on
     L2-normalised features.
 
-    Returns the loss and the local image->text similarity matrix (detached),
-    which ITM uses to mine hard negatives.
+    Returns the loss and the scaled logits (detached) for hard-negative mining.
     """
     all_images, offset = gather_padded(image_features, rank_sizes)
     all_texts, _ = gather_padded(text_features, rank_sizes)
@@ -47,22 +83,29 @@ def itc_loss(
     logits_t2i = scale * text_features @ all_images.t()
     targets = torch.arange(image_features.shape[0], device=image_features.device) + offset
     loss = (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
-    local_sim = (image_features @ text_features.t()).detach()
-    return loss, local_sim
+    return loss, ContrastiveLogits(logits_i2t.detach(), logits_t2i.detach(), offset)
 
 
-def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every image a negative caption and for every caption a negative
-    image, sampled in proportion to softmax similarity (the true pair excluded)."""
-    batch = similarity.shape[0]
-    if batch < 2:
-        raise ValueError("ITM hard negatives need at least 2 pairs per rank")
-    mask = torch.eye(batch, dtype=torch.bool, device=similarity.device)
-    weights_i2t = similarity.float().softmax(dim=1).masked_fill(mask, 0) + 1e-6 * (~mask)
-    weights_t2i = similarity.t().float().softmax(dim=1).masked_fill(mask, 0) + 1e-6 * (~mask)
-    negative_text = torch.multinomial(weights_i2t.cpu(), 1, generator=generator).squeeze(1)
-    negative_image = torch.multinomial(weights_t2i.cpu(), 1, generator=generator).squeeze(1)
-    return negative_text.to(similarity.device), negative_image.to(similarity.device)
+def sample_hard_negatives(logits: ContrastiveLogits, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every local image a negative caption and for every local caption a
+    negative image, drawn from the whole gathered batch with probability
+    softmax(scaled similarity) over the negatives (the true pair excluded).
+
+    Returns global indices into the gathered batch: (negative texts, negative images).
+    """
+    rows, columns = logits.image_to_text.shape
+    if columns < 2:
+        raise ValueError("ITM hard negatives need at least 2 pairs in the global batch")
+    positives = torch.arange(rows) + logits.offset
+
+    def draw(scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float().cpu()
+        # -inf on the true pair: softmax over the negatives only, never a zero row.
+        scores[torch.arange(rows), positives] = float("-inf")
+        return torch.multinomial(scores.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+    device = logits.image_to_text.device
+    return draw(logits.image_to_text).to(device), draw(logits.text_to_image).to(device)
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,9 @@ class Objective(nn.Module):
             image_cls = model.finish(image_bottom, "v")[:, 0]
             text_cls = model.finish(text_bottom, "l", batch.text_mask)[:, 0]
             image_emb, text_emb = heads.itc(image_cls, text_cls)
-            out["itc"], similarity = losses.itc_loss(image_emb, text_emb, heads.itc.scale(), self.rank_sizes)
+            out["itc"], logits = losses.itc_loss(image_emb, text_emb, heads.itc.scale(), self.rank_sizes)
             if weights.itm > 0:
-                out["itm"] = self.itm(image_bottom, text_bottom, batch.text_mask, similarity, generator)
+                out["itm"] = self.itm(image_bottom, text_bottom, batch.text_mask, logits, generator)
         if weights.mlm > 0:
             out["mlm"] = self.mlm(image_bottom, batch, generator)
         if weights.vqa > 0:
@@ -61,11 +61,16 @@ class Objective(nn.Module):
         out["loss"] = sum(getattr(weights, name) * value for name, value in out.items())
         return out
 
-    def itm(self, image_bottom, text_bottom, text_mask, similarity, generator) -> torch.Tensor:
-        negative_text, negative_image = losses.sample_hard_negatives(similarity, generator)
-        images = torch.cat([image_bottom, image_bottom, image_bottom[negative_image]])
-        texts = torch.cat([text_bottom, text_bottom[negative_text], text_bottom])
-        masks = torch.cat([text_mask, text_mask[negative_text], text_mask])
+    def itm(self, image_bottom, text_bottom, text_mask, logits: losses.ContrastiveLogits, generator) -> torch.Tensor:
+        """Positives plus one hard negative caption per image and one hard
+        negative image per caption, mined from the whole gathered batch (the
+        negatives' bottom activations come from the rank that holds them)."""
+        negative_text, negative_image = losses.sample_hard_negatives(logits, generator)
+        all_images, _ = losses.gather_padded(image_bottom, self.rank_sizes)
+        text_bottom, text_mask, all_texts, all_masks = losses.gather_sequences(text_bottom, text_mask, self.rank_sizes)
+        images = torch.cat([image_bottom, image_bottom, all_images[negative_image]])
+        texts = torch.cat([text_bottom, all_texts[negative_text], text_bottom])
+        masks = torch.cat([text_mask, all_masks[negative_text], text_mask])
         fused = self.model.fuse(images, texts, masks)
         batch = image_bottom.shape[0]
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(fused.device)
