@@ -4,6 +4,7 @@ stages, failure propagation."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -210,3 +211,30 @@ def test_failed_stage_blocks_its_dependants(write_job, tmp_path):
     status = cli("status", str(run_dir)).stdout
     assert "failed" in status and "blocked" in status
     assert "no VQA head" in cli("logs", str(run_dir), "vqa_on_pretrained").stdout
+
+
+MERGING_BASELINE = """
+name: baseline
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
+  specific:
+    kind: pretrain
+    model: {arch: specific}
+    data: {from: data}
+    train: {steps: 1, batch_size: 8, lr: 1.0e-9, warmup_steps: 0}
+    resources: {procs_per_node: 1}
+"""
+
+
+def test_merging_baseline_experts_start_together(write_job, tmp_path):
+    """K_seed = 0: a modality-specific model trained from scratch has V and L
+    experts that start from one initialisation, so after one step at a tiny
+    learning rate they are still (almost) the same weights."""
+    run_dir = tmp_path / "run"
+    result = cli("submit", str(write_job(MERGING_BASELINE)), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = cli("metrics", str(run_dir / "specific"), "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    overall = json.loads(metrics.stdout)["overall"]
+    print(f"V-L distances after 1 step at lr 1e-9: {overall}")
+    assert overall["l2"] < 1e-3 and overall["cosine"] < 1e-6
