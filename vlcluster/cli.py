@@ -378,6 +378,8 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.out:
+        return write_study(args)
     from vlcluster.metrics.correlation import correlation_table, point
     from vlcluster.outputs import read_result
     from vlcluster.rundir import stage_dir
@@ -393,6 +395,15 @@ def cmd_report(args) -> int:
         for run_dir in args.run_dirs
     }
     console.print(correlation_table(points, args.score)[0])
+    return 0
+
+
+def write_study(args) -> int:
+    from vlcluster.storage.paths import run_path
+    from vlcluster.study import write_study_report
+
+    report = write_study_report(args.run_dirs, run_path(args.out), args.score)
+    console.print(escape(report.summary))
     return 0
 
 
@@ -462,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--json", action="store_true")
     metrics.set_defaults(func=cmd_metrics)
 
-    report = sub.add_parser("report", help="Pearson r of each metric with the merge drop across runs")
+    report = sub.add_parser("report", help="the paper's tables and figures from run directories (-o), or Pearson r of named stages")
     report.add_argument("run_dirs", nargs="+")
+    report.add_argument("-o", "--out", help="write report.md and PNG figures over every eval stage of the runs here")
     report.add_argument("--metrics", default="metrics", help="metrics stage name in each run")
     report.add_argument("--merged", default="eval_merged", help="eval stage of the merged model")
     report.add_argument("--unmerged", default="eval_msa", help="eval stage of the unmerged model")

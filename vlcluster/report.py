@@ -6,6 +6,7 @@ import logging
 
 from vlcluster.context import StageContext
 from vlcluster.outputs import finish_stage, read_result
+from vlcluster.study import write_study_report
 
 log = logging.getLogger("vlcluster.report")
 
@@ -55,6 +56,8 @@ def run_report_stage(ctx: StageContext) -> None:
     correlation = mergeability(ctx)
     if correlation:
         table += "\n\n" + correlation[0]
+    study = write_study_report([ctx.run_dir], ctx.dir.root / "study", ctx.spec.drop_score, f"{ctx.spec.title}: the whole run")
+    table += f"\n\nThe paper's tables and figures over every finished eval stage of this run: study/report.md ({len(study.figures)} figures)."
     (ctx.dir.root / "report.md").write_text(table + "\n")
     log.info("\n%s", table)
     result = {"rows": {label: {key: r.get(key) for _, key in COLUMNS} for label, r in rows.items()}, "table": table}

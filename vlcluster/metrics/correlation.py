@@ -7,6 +7,7 @@ minus score of the merged one, both from eval stages after fine-tuning).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -20,9 +21,14 @@ def score_of(result: dict, score: str) -> float:
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Pearson r; NaN when it is undefined (fewer than 2 points, or a constant series)."""
+    """Pearson r; NaN when it is undefined (fewer than 2 points, a constant
+    series, or a missing value). Checked here because ``statistics.correlation``
+    returns 0.0 for a constant series on some Python versions."""
+    xs, ys = list(xs), list(ys)
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2 or any(math.isnan(v) for v in (*xs, *ys)):
+        return float("nan")
     try:
-        return statistics.correlation(list(xs), list(ys))
+        return statistics.correlation(xs, ys)
     except statistics.StatisticsError:
         return float("nan")
 

@@ -1,0 +1,102 @@
+"""A study report over one or more run directories: the paper's tables and
+figures from every ``result.json`` (``vlcluster report RUN_DIR... -o OUT`` and
+the ``report`` stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlcluster.study import figures, tables, views
+from vlcluster.study.lineage import Arm, LineageError, collect_arms
+
+__all__ = ["LineageError", "StudyReport", "write_study_report"]
+
+
+@dataclass
+class StudyReport:
+    markdown: str
+    summary: str
+    figures: list[Path] = field(default_factory=list)
+    pearson: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def write_study_report(run_dirs: list, out: Path, drop_score: str = "retrieval", title: str = "Study report") -> StudyReport:
+    """Write ``report.md`` and the PNG figures into ``out`` (a local or s3 path)."""
+    arms = collect_arms(run_dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    report = StudyReport(markdown="", summary="")
+    sections = [f"# {title}", "", "Runs: " + ", ".join(f"`{run}`" for run in run_dirs), ""]
+    if not arms:
+        sections.append("No finished eval stage in these runs yet: nothing to report.")
+    else:
+        sections += _table1(arms) + _knobs(arms, out, report) + _k_seed(arms, out, report)
+        sections += _architectures(arms, out, report) + _drops(arms, drop_score, out, report)
+    report.markdown = "\n".join(sections) + "\n"
+    (out / "report.md").write_text(report.markdown)
+    report.summary = _summary(arms, report, out)
+    return report
+
+
+def _table1(arms: list[Arm]) -> list[str]:
+    return ["## Table 1: every evaluated model", "",
+            "Roles follow the paper: MAA (modality-agnostic from scratch), MSA (modality-specific, not merged), "
+            "merging baseline (merged with K_seed = 0), merged.", "", tables.arms_table(arms), ""]
+
+
+def _figure(report: StudyReport, path: Path) -> str:
+    report.figures.append(path)
+    return f"![{path.stem}]({path.name})"
+
+
+def _knobs(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
+    panels = [views.by_knob(arms, name) for name in views.plotted_scores(arms)]
+    lines = ["## Table 2: merging methods and their knobs", ""]
+    if not any(series.lines for series in panels):
+        return lines + ["No merged modality-specific models with a method knob (α, λ, γ) in these runs.", ""]
+    for series in panels:
+        lines += [f"**{series.title}**", "", tables.series_table(series), ""]
+    path = figures.line_figure(panels, "Merge knob sweeps (Table 2)", out / "merge_knobs.png")
+    return lines + [_figure(report, path), ""]
+
+
+def _k_seed(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
+    panels = [views.by_k_seed(arms, name) for name in views.plotted_scores(arms)]
+    lines = ["## Figure 3: seed pre-training length (K_seed) before and after merging", ""]
+    if not any(points for series in panels for points in series.lines.values()):
+        return lines + ["No modality-specific models with a known K_seed in these runs.", ""]
+    for series in panels:
+        lines += [f"**{series.title}**", "", tables.series_table(series), ""]
+    path = figures.line_figure(panels, "Merging against K_seed (Figure 3)", out / "k_seed.png")
+    return lines + [_figure(report, path), ""]
+
+
+def _architectures(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
+    panels = [views.by_arch(arms, name) for name in views.plotted_scores(arms)]
+    lines = ["## Figure 4: architectures before and after merging", ""]
+    if not any(points for series in panels for points in series.lines.values()):
+        return lines + ["No modality-specific or shared-weight models at a common K_seed in these runs.", ""]
+    for series in panels:
+        lines += [f"**{series.title}**", "", tables.series_table(series), ""]
+    path = figures.bar_figure(panels, "Architectures before and after merging (Figure 4)", out / "architectures.png")
+    return lines + [_figure(report, path), ""]
+
+
+def _drops(arms: list[Arm], drop_score: str, out: Path, report: StudyReport) -> list[str]:
+    points = views.drop_points(arms, drop_score)
+    lines = ["## Table 5: mergeability metrics against the merge drop", ""]
+    if not points:
+        return lines + ["No merged model with both a metrics stage on its source and an unmerged twin in these runs.", ""]
+    report.pearson = views.correlations(points)
+    lines += [f"Drop = unmerged minus merged {views.label(drop_score)}; Pearson r per merge setting.", "",
+              tables.drop_table(points, report.pearson, drop_score), ""]
+    path = figures.drop_figure(points, report.pearson, drop_score, out / "mergeability.png")
+    return lines + [_figure(report, path), ""]
+
+
+def _summary(arms: list[Arm], report: StudyReport, out: Path) -> str:
+    lines = [tables.arms_table(arms) if arms else "no finished eval stages"]
+    for setting, r in report.pearson.items():
+        lines.append(f"Pearson r with the merge drop ({setting}): " + ", ".join(f"{d} {v:.3f}" for d, v in r.items()))
+    lines.append(f"wrote {out / 'report.md'}" + "".join(f", {path.name}" for path in report.figures))
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""The paper's views of a set of arms, as plain data (tables and figures draw them).
+
+Each view selects arms by what they are (architecture, K_seed, merge setting),
+never by stage names, and leaves a gap where an arm is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from vlcluster.metrics.correlation import pearson
+from vlcluster.study.lineage import Arm
+
+# Scores drawn in the figures, in this order, when present.
+PRIMARY = ("vqa_acc", "tr", "ir", "nlvr2_acc", "top1", "miou")
+LABELS = {
+    "vqa_acc": "VQA acc", "tr": "TR (mean R@1/5/10)", "ir": "IR (mean R@1/5/10)", "tr_r1": "TR R@1",
+    "ir_r1": "IR R@1", "nlvr2_acc": "NLVR2 acc", "top1": "top-1", "top5": "top-5", "miou": "mIoU",
+    "retrieval": "retrieval (mean of TR and IR)",
+}
+DISTANCES = ("l2", "cosine", "ssd", "tssd")
+ROLE_ORDER = ("MAA", "MSA", "merging baseline", "merged")
+_DETAIL = re.compile(r"_r\d+$|^top5$")
+
+
+def label(score: str) -> str:
+    return LABELS.get(score, score)
+
+
+def score_names(arms: list[Arm]) -> list[str]:
+    """Scores shown in tables: the primary ones first, then the others (R@k details last)."""
+    present = {name for arm in arms for name in arm.scores}
+    primary = [name for name in PRIMARY if name in present]
+    rest = sorted(present - set(primary), key=lambda name: (bool(_DETAIL.search(name)), name))
+    return primary + rest
+
+
+def plotted_scores(arms: list[Arm]) -> list[str]:
+    present = {name for arm in arms for name in arm.scores}
+    primary = [name for name in PRIMARY if name in present]
+    return primary or sorted(name for name in present if not _DETAIL.search(name))
+
+
+def score(arm: Arm, name: str) -> float | None:
+    """A score of an arm; ``retrieval`` is the mean of TR and IR (the paper's COCO drop)."""
+    if name == "retrieval":
+        tr, ir = arm.scores.get("tr"), arm.scores.get("ir")
+        return None if tr is None or ir is None else (tr + ir) / 2
+    return arm.scores.get(name)
+
+
+def table1_order(arms: list[Arm]) -> list[Arm]:
+    def key(arm: Arm):
+        role = ROLE_ORDER.index(arm.role) if arm.role in ROLE_ORDER else len(ROLE_ORDER)
+        return (role, arm.arch or "", arm.k_seed or 0, arm.merge.describe() if arm.merge else "", arm.run, arm.eval_stage)
+
+    return sorted(arms, key=key)
+
+
+def reference_k_seed(arms: list[Arm]) -> int | None:
+    """The K_seed most merged arms share (the setting Table 2 and Figure 4 compare at)."""
+    merged = [arm for arm in arms if arm.merge is not None and arm.k_seed]
+    counts = Counter(arm.k_seed for arm in merged)
+    if not counts:
+        return None
+    # Ties go to the split closest to K_seed = K_VL, the paper's best one.
+    balance = {arm.k_seed: abs(arm.k_seed - (arm.k_vl or 0)) for arm in merged}
+    return min(counts, key=lambda k: (-counts[k], balance[k], k))
+
+
+def merge_settings(arms: list[Arm]) -> list[str]:
+    counts = Counter(arm.merge.describe() for arm in arms if arm.merge is not None)
+    return [setting for setting, _ in counts.most_common()]
+
+
+@dataclass
+class Series:
+    """One line or bar group: label -> {x: value or None (a gap)}."""
+
+    title: str
+    x_label: str
+    lines: dict[str, dict]
+
+
+def by_k_seed(arms: list[Arm], name: str) -> Series:
+    """Figure 3: a score against K_seed, before and after merging (modality-specific models)."""
+    specific = [arm for arm in arms if arm.arch == "specific" and arm.k_seed is not None]
+    xs = sorted({arm.k_seed for arm in specific})
+    lines = {"before merging": _points(xs, [a for a in specific if a.merge is None], lambda a: a.k_seed, name)}
+    for setting in merge_settings(specific):
+        merged = [a for a in specific if a.merge is not None and a.merge.describe() == setting]
+        lines[f"merged: {setting}"] = _points(xs, merged, lambda a: a.k_seed, name)
+    return Series(f"{label(name)} vs K_seed", "K_seed (seed pre-training steps)", lines)
+
+
+def by_knob(arms: list[Arm], name: str) -> Series:
+    """Table 2: a score against each merge method's knob (α, λ, γ)."""
+    k_ref = reference_k_seed(arms)
+    merged = [a for a in arms if a.merge is not None and a.merge.knob and not a.merge.after_finetune
+              and a.arch == "specific" and a.k_seed == k_ref]
+    xs = sorted({a.merge.knob[1] for a in merged})
+    lines = {}
+    for method in sorted({a.merge.method for a in merged}):
+        chosen = [a for a in merged if a.merge.method == method]
+        knob = chosen[0].merge.knob[0]
+        lines[f"{method} ({knob})"] = _points(xs, chosen, lambda a: a.merge.knob[1], name)
+    return Series(f"{label(name)} vs merge knob (K_seed = {k_ref})", "α / λ / γ", lines)
+
+
+def by_arch(arms: list[Arm], name: str) -> Series:
+    """Figure 4: each architecture before and after merging, at the reference K_seed."""
+    k_ref = reference_k_seed(arms)
+    chosen = [a for a in arms if a.arch and a.arch != "agnostic" and a.k_seed == k_ref]
+    archs = sorted({a.arch for a in chosen}, key=lambda arch: (arch != "specific", arch))
+    lines = {"before merging": _points(archs, [a for a in chosen if a.merge is None], lambda a: a.arch, name)}
+    for setting in merge_settings(chosen):
+        merged = [a for a in chosen if a.merge is not None and a.merge.describe() == setting]
+        lines[f"merged: {setting}"] = _points(archs, merged, lambda a: a.arch, name)
+    return Series(f"{label(name)} by architecture (K_seed = {k_ref})", "architecture", lines)
+
+
+def _points(xs: list, arms: list[Arm], x_of, name: str) -> dict:
+    """First arm per x (arms come in a fixed order); None where there is none."""
+    points: dict = {x: None for x in xs}
+    for arm in arms:
+        x = x_of(arm)
+        if points.get(x) is None:
+            points[x] = score(arm, name)
+    return points
+
+
+@dataclass
+class DropPoint:
+    arm: Arm  # the merged arm
+    drop: float  # unmerged score minus merged score
+    distances: dict[str, float]
+
+
+def drop_points(arms: list[Arm], drop_score: str) -> list[DropPoint]:
+    """Table 5: every merged arm with mergeability metrics and an unmerged twin
+    (same run, same pre-trained model, same scores measured)."""
+    points = []
+    for merged in arms:
+        if merged.merge is None or not merged.mergeability:
+            continue
+        twin = next((a for a in arms if a.merge is None and a.run == merged.run and a.pretrain_stage == merged.pretrain_stage
+                     and score(a, drop_score) is not None), None)
+        merged_score = score(merged, drop_score)
+        if twin is None or merged_score is None:
+            continue
+        points.append(DropPoint(merged, score(twin, drop_score) - merged_score, merged.mergeability))
+    return points
+
+
+def correlations(points: list[DropPoint]) -> dict[str, dict[str, float]]:
+    """Pearson r of each distance with the drop, per merge setting (NaN with fewer than 2 points or a constant series)."""
+    groups: dict[str, list[DropPoint]] = {}
+    for point in points:
+        groups.setdefault(point.arm.merge.describe(), []).append(point)
+    return {
+        setting: {d: pearson([p.distances.get(d, float("nan")) for p in group], [p.drop for p in group]) for d in DISTANCES}
+        for setting, group in groups.items()
+    }
