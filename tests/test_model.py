@@ -50,6 +50,21 @@ def layer_experts(model: MultiwayTransformer) -> dict[tuple[int, str], set[str]]
 # --- config ---------------------------------------------------------------
 
 
+def test_size_presets_and_structure_overrides():
+    vit_tiny = preset("vit_tiny", "specific")
+    assert (vit_tiny.dim, vit_tiny.depth, vit_tiny.heads, vit_tiny.patch_size, vit_tiny.image_size) == (192, 12, 3, 16, 224)
+    assert vit_tiny.num_patches == 196
+    small = preset("base", "agnostic", dim=96, depth=3, heads=2, vl_layers=1, patch_size=8, image_size=32)
+    model = MultiwayTransformer(small, heads=())
+    assert (len(model.layers), model.layers[0].attn["shared"].heads) == (3, 2)
+    assert model.embed["image"].pos.shape == (1, 17, 96)
+    with pytest.raises(ValueError, match="heads: dim 96 is not divisible by heads 5"):
+        preset("base", "agnostic", dim=96, heads=5)
+    with pytest.raises(ValueError, match="vl_layers: must be in"):
+        preset("tiny", "agnostic", depth=2, vl_layers=3)
+
+
+
 def test_config_roundtrip_and_validation():
     cfg = tiny("specific")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
