@@ -30,6 +30,27 @@ class StageRef(Strict):
     from_: str = Field(alias="from", description="name of the stage whose output is used")
 
 
+class InitSpec(Strict):
+    """Initial weights of a training stage: another stage's output (``{from: seed}``)
+    or an external checkpoint (``{checkpoint: PATH, format: beit}``), converted on load."""
+
+    from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
+    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://")
+    format: Literal["beit", "vlmo", "vlcluster"] | None = Field(
+        None, description="layout of `checkpoint`: beit (transformers or timm), vlmo (the authors' code), vlcluster"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitSpec:
+        if (self.from_ is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'from' (a stage) or 'checkpoint' (a file or directory)")
+        if self.checkpoint is not None and self.format is None:
+            raise ValueError("'checkpoint' needs 'format': beit, vlmo or vlcluster")
+        if self.from_ is not None and self.format is not None:
+            raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
+        return self
+
+
 class ModelSpec(Strict):
     """A size preset (tiny | vit_tiny | base) plus explicit overrides of its structure."""
 
@@ -183,7 +204,7 @@ class TrainStageBase(StageBase):
     model: ModelSpec = ModelSpec()
     data: DataSpec
     train: TrainSpec
-    init: StageRef | None = None
+    init: InitSpec | None = None
     checkpoint: CheckpointSpec = CheckpointSpec()
 
 
@@ -204,7 +225,7 @@ class FinetuneStage(TrainStageBase):
     """Downstream fine-tuning: VQA head plus contrastive retrieval by default."""
 
     kind: Literal["finetune"]
-    init: StageRef
+    init: InitSpec
     train: TrainSpec
 
     @field_validator("train")

@@ -1,0 +1,228 @@
+"""External checkpoints: BEiT as `transformers` writes it, the authors' VLMo layout,
+and the vlcluster -> VLMo -> vlcluster round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlcluster.cli import main
+from vlcluster.model import MultiwayTransformer, load_into, preset
+from vlcluster.model.external import CheckpointError, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint
+from vlcluster.outputs import write_model
+from vlcluster.rundir import StageDir
+
+transformers = pytest.importorskip("transformers")
+
+DIM, DEPTH, HEADS, PATCH, IMAGE = 64, 2, 4, 8, 32
+
+
+def beit_config(**changes):
+    """A small BEiT whose vision route vlcluster reproduces exactly: absolute positions,
+    no relative position bias, [CLS] pooling after a final LayerNorm."""
+    settings = dict(
+        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * DIM,
+        image_size=IMAGE, patch_size=PATCH, use_absolute_position_embeddings=True, use_relative_position_bias=False,
+        use_mean_pooling=False, layer_norm_eps=1e-6, layer_scale_init_value=0.1,
+    )
+    return transformers.BeitConfig(**{**settings, **changes})
+
+
+def saved_beit(path, **changes):
+    torch.manual_seed(0)
+    model = transformers.BeitModel(beit_config(**changes)).eval()
+    with torch.no_grad():  # random, not the default init: layer scale, biases and norms all matter
+        for param in model.parameters():
+            param.normal_(0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+def small(arch: str, **kw):
+    return preset("tiny", arch, **{**dict(dim=DIM, depth=DEPTH, heads=HEADS, patch_size=PATCH, image_size=IMAGE), **kw})
+
+
+@pytest.fixture(scope="module")
+def beit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("beit")
+    return path, saved_beit(path)
+
+
+@pytest.mark.parametrize(("arch", "layer_scale"), [("specific", 0.1), ("agnostic", 0.0)])
+def test_beit_from_transformers_matches_beit_on_the_vision_route(beit_dir, arch, layer_scale):
+    path, beit = beit_dir
+    assert "encoder.layer.0.attention.attention.key.weight" in load_file(str(path / "model.safetensors"))
+    torch.manual_seed(1)
+    model = MultiwayTransformer(small(arch, layer_scale=layer_scale), heads=("itc", "itm")).eval()
+    report = init_from_checkpoint(model, str(path), "beit")
+
+    assert set(report.fresh) == {
+        key for key in model.state_dict() if key.startswith(("embed.text.", "embed.token_type.", "heads."))
+    }
+    assert report.dropped == {}
+    if not layer_scale:
+        assert any("folded" in note for note in report.notes)
+    with torch.no_grad():
+        model.embed["token_type"].weight.zero_()  # BEiT has no token types; fresh ones would shift every token
+        images = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+        expected = beit(pixel_values=images)
+        ours = model.encode_image(images)
+    torch.testing.assert_close(ours, expected.last_hidden_state, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[:, 0], expected.pooler_output, atol=2e-5, rtol=1e-4)
+    if arch == "specific":  # every expert starts as BEiT's weight, like the seed -> VL copy
+        layer = model.layers[DEPTH - 1].ffn
+        assert torch.equal(layer["v"].fc1.weight, layer["l"].fc1.weight)
+        assert torch.equal(layer["v"].fc1.weight, layer["vl"].fc1.weight)
+
+
+def test_beit_with_relative_bias_and_mean_pooling_reports_what_it_drops(tmp_path):
+    saved_beit(tmp_path, use_relative_position_bias=True, use_absolute_position_embeddings=False, use_mean_pooling=True)
+    converted = convert(tmp_path, "beit")
+    dropped = converted.report.summary()["dropped"]
+    assert "relative position bias" in dropped["encoder.layer.*.attention.attention.relative_position_bias.relative_position_bias_table"]
+    assert any("pooler.layernorm" in note for note in converted.report.notes)
+    model = MultiwayTransformer(small("agnostic", layer_scale=0.1), heads=())
+    state, fresh = fit(converted, model)
+    assert "embed.image.pos" in fresh  # no absolute positions in the source
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+
+
+def test_beit_that_does_not_fit_the_model_names_the_fields(beit_dir):
+    path, _ = beit_dir
+    model = MultiwayTransformer(preset("tiny", "agnostic"), heads=())
+    with pytest.raises(CheckpointError, match=r"model\.dim: the checkpoint has 64, the model 128"):
+        init_from_checkpoint(model, str(path), "beit")
+
+
+# --- the authors' VLMo / vl-merging layout ----------------------------------------------
+
+
+def authors_state(depth=4, vl_from=3, dim=DIM, vocab=50, text_len=12, generator=None):
+    """A random state dict in the authors' layout, keys spelled out as their code names them."""
+    g = generator or torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    state = {
+        "transformer.cls_token": r(1, 1, dim),
+        "transformer.pos_embed": r(1, (IMAGE // PATCH) ** 2 + 1, dim),
+        "transformer.patch_embed.proj.weight": r(dim, 3, PATCH, PATCH),
+        "transformer.patch_embed.proj.bias": r(dim),
+        "transformer.norm.weight": r(dim),
+        "transformer.norm.bias": r(dim),
+        "transformer.mask_token": r(1, 1, dim),
+        "text_embeddings.word_embeddings.weight": r(vocab, dim),
+        "text_embeddings.position_embeddings.weight": r(text_len, dim),
+        "text_embeddings.token_type_embeddings.weight": r(2, dim),
+        "text_embeddings.LayerNorm.weight": r(dim),
+        "text_embeddings.LayerNorm.bias": r(dim),
+        "token_type_embeddings.weight": r(2, dim),
+        "relative_position_bias_table": r(100, HEADS),
+    }
+    for i in range(depth):
+        block = f"transformer.blocks.{i}"
+        state[f"{block}.gamma_1"], state[f"{block}.gamma_2"] = r(dim), r(dim)
+        for m in ("v", "l", "vl") if i >= vl_from else ("v", "l"):
+            state[f"{block}.attn.{m}.qkv.weight"] = r(3 * dim, dim)
+            state[f"{block}.attn.{m}.q_bias"], state[f"{block}.attn.{m}.v_bias"] = r(dim), r(dim)
+            state[f"{block}.attn.{m}.proj.weight"], state[f"{block}.attn.{m}.proj.bias"] = r(dim, dim), r(dim)
+            for norm in ("norm1", "norm2"):
+                state[f"{block}.{norm}.{m}.weight"], state[f"{block}.{norm}.{m}.bias"] = r(dim), r(dim)
+            state[f"{block}.mlp.{m}.fc1.weight"], state[f"{block}.mlp.{m}.fc1.bias"] = r(4 * dim, dim), r(4 * dim)
+            state[f"{block}.mlp.{m}.fc2.weight"], state[f"{block}.mlp.{m}.fc2.bias"] = r(dim, 4 * dim), r(dim)
+    state["pooler.dense.weight"], state["pooler.dense.bias"] = r(dim, dim), r(dim)
+    state["itm_score.fc.weight"], state["itm_score.fc.bias"] = r(2, dim), r(2)
+    return state
+
+
+def test_vlmo_layout_converts_and_loads_strictly(tmp_path):
+    source = authors_state()
+    torch.save({"state_dict": source, "epoch": 3}, tmp_path / "vlmo.ckpt")  # a Lightning checkpoint, as theirs are
+    converted = convert(tmp_path / "vlmo.ckpt", "vlmo")
+    assert (converted.structure["arch"], converted.structure["vl_layers"], converted.structure["depth"]) == ("specific", 1, 4)
+    model = MultiwayTransformer(small("specific", depth=4, vl_layers=1, layer_scale=0.1, vocab_size=50, max_text_len=12), heads=("itc", "itm"))
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert set(fresh) == {key for key in model.state_dict() if key.startswith("heads.itc.")}  # itm came with the checkpoint
+
+    attn = model.layers[3].attn["vl"]
+    assert torch.equal(attn.qkv.weight, source["transformer.blocks.3.attn.vl.qkv.weight"])
+    q, k, v = attn.qkv.bias.chunk(3)
+    assert torch.equal(q, source["transformer.blocks.3.attn.vl.q_bias"]) and not k.any()
+    assert torch.equal(v, source["transformer.blocks.3.attn.vl.v_bias"])
+    assert torch.equal(model.layers[0].ln2["l"].weight, source["transformer.blocks.0.norm2.l.weight"])
+    assert torch.equal(model.layers[1].gamma_ffn, source["transformer.blocks.1.gamma_2"])
+    assert torch.equal(model.embed["text"].pos[0], source["text_embeddings.position_embeddings.weight"])
+    assert torch.equal(model.heads["itm"].pool.weight, source["pooler.dense.weight"])
+    dropped = converted.report.summary()["dropped"]
+    assert set(dropped) == {
+        "transformer.mask_token", "text_embeddings.LayerNorm.weight", "text_embeddings.LayerNorm.bias",
+        "text_embeddings.token_type_embeddings.weight", "relative_position_bias_table",
+    }
+
+
+def test_original_vlmo_ffn_expert_names_are_read(tmp_path):
+    source = {}
+    for key, tensor in authors_state(depth=2, vl_from=2).items():
+        key = key.replace(".attn.v.", ".attn.").replace(".norm1.v.", ".norm1.")  # VLMo shares attention and norm1
+        if ".attn.l." in key or ".norm1.l." in key:
+            continue
+        key = key.replace(".mlp.v.", ".mlp_imag.").replace(".mlp.l.", ".mlp_text.")
+        key = key.replace(".norm2.v.", ".norm2_imag.").replace(".norm2.l.", ".norm2_text.")
+        source[key] = tensor
+    save_file(source, str(tmp_path / "vlmo.safetensors"))
+    converted = convert(tmp_path / "vlmo.safetensors", "vlmo")
+    assert converted.structure["arch"] == "specific"
+    model = MultiwayTransformer(small("specific", depth=2, vl_layers=0, layer_scale=0.1, vocab_size=50, max_text_len=12), heads=())
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert torch.equal(model.layers[1].ffn["l"].fc2.weight, source["transformer.blocks.1.mlp_text.fc2.weight"])
+    assert torch.equal(model.layers[1].attn["l"].proj.weight, source["transformer.blocks.1.attn.proj.weight"])
+
+
+@pytest.mark.parametrize(("arch", "layer_scale"), [("specific", 0.1), ("custom_ffn", 0.0), ("agnostic", 0.0)])
+def test_round_trip_vlcluster_vlmo_vlcluster_is_bitwise(tmp_path, arch, layer_scale):
+    config = preset("tiny", arch, layer_scale=layer_scale, vocab_size=40, num_answers=7, max_text_len=12)
+    torch.manual_seed(4)
+    model = MultiwayTransformer(config, heads=("itc", "itm", "mlm", "vqa"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()  # non-zero key biases, gammas and head biases included
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    write_model(StageDir(tmp_path / "model"), original, config, {"stage": "test"})
+
+    export_vlmo(str(tmp_path / "model"), str(tmp_path / "vlmo.safetensors"))
+    exported = load_file(str(tmp_path / "vlmo.safetensors"))
+    experts = "" if arch == "agnostic" else ".v"
+    for key in ("transformer.blocks.0.gamma_1", "transformer.patch_embed.proj.weight", "text_embeddings.word_embeddings.weight",
+                f"transformer.blocks.3.mlp{experts}.fc1.weight", "transformer.blocks.3.attn.q_bias" if arch != "specific"
+                else "transformer.blocks.3.attn.vl.q_bias"):
+        assert key in exported, key
+    if not layer_scale:
+        assert bool((exported["transformer.blocks.0.gamma_1"] == 1).all())
+
+    convert_to_model_dir(str(tmp_path / "vlmo.safetensors"), "vlmo", str(tmp_path / "back"), size="tiny", heads=config.heads)
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+    record = json.loads((tmp_path / "back" / "model.json").read_text())
+    assert record["config"] == config.to_dict()
+
+
+def test_cli_convert_beit_then_export(beit_dir, tmp_path, capsys):
+    path, _ = beit_dir
+    assert main(["convert", "--from", "beit", str(path), "-o", str(tmp_path / "model"), "--size", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "fresh" in out and "embed.text" in out
+    record = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert (record["config"]["dim"], record["config"]["heads"], record["config"]["arch"]) == (DIM, HEADS, "agnostic")
+    assert record["provenance"]["format"] == "beit"
+    assert main(["convert", "--to", "vlmo", str(tmp_path / "model"), "-o", str(tmp_path / "vlmo.pt")]) == 0
+    exported = torch.load(tmp_path / "vlmo.pt", weights_only=True)["state_dict"]
+    assert "transformer.blocks.1.mlp.fc2.weight" in exported
+    assert main(["convert", "--from", "beit", str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
