@@ -149,3 +149,24 @@ def test_patch_size_is_checked_against_the_data_resolution_later(write_job):
     # No explicit image_size: the data stage decides the resolution, so the spec can't judge the patch yet.
     model = load_pipeline(write_job(MINIMAL), ["stages.seed.model.patch_size=12"]).stages["seed"].model
     assert model.patch_size == 12
+
+
+def test_init_takes_a_stage_or_an_external_checkpoint(write_job):
+    pipeline = load_pipeline(write_job(MINIMAL), ["stages.seed.init.checkpoint=s3://models/beit-base", "stages.seed.init.format=beit"])
+    init = pipeline.stages["seed"].init
+    assert (init.checkpoint, init.format, init.from_) == ("s3://models/beit-base", "beit", None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["stages.vlpt.init.checkpoint=/m", "stages.vlpt.init.format=beit"], "give exactly one of 'from' (a stage) or 'checkpoint'"),
+        (["stages.seed.init.checkpoint=/m"], "stages.seed.init: Value error, 'checkpoint' needs 'format': beit, vlmo or vlcluster"),
+        (["stages.seed.init.checkpoint=/m", "stages.seed.init.format=clip"], "stages.seed.init.format: Input should be 'beit', 'vlmo' or 'vlcluster'"),
+        (["stages.vlpt.init.format=beit"], "'format' goes with 'checkpoint'"),
+    ],
+)
+def test_init_errors(write_job, overrides, expected):
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write_job(MINIMAL), overrides)
+    assert expected in str(info.value)
