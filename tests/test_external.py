@@ -269,3 +269,32 @@ def test_pretrain_stage_initialised_from_beit_runs(beit_dir, write_job, tmp_path
     failure = cli("logs", str(run_dir), "wrong_width").stdout
     assert "model.dim: the checkpoint has 64, the model 128" in failure
     assert "vlcluster/" not in failure.replace("-m vlcluster.run", "")  # one paragraph, no traceback from our code (torchrun prints its own)
+
+
+def test_timm_beit_layout_and_a_converted_vlcluster_dir_load(tmp_path):
+    # timm names BEiT's blocks like the authors' agnostic stack, without "transformer." and text.
+    timm = {key.removeprefix("transformer."): tensor for key, tensor in authors_state(depth=2, vl_from=2).items()
+            if key.startswith("transformer.") and ".l." not in key}
+    timm = {key.replace(".v.", "."): tensor for key, tensor in timm.items()}
+    timm["blocks.0.attn.relative_position_bias_table"] = torch.zeros(10, HEADS)
+    torch.save({"model": timm}, tmp_path / "beit_timm.pth")  # BEiT's own releases nest the weights under "model"
+    report = convert_to_model_dir(str(tmp_path / "beit_timm.pth"), "beit", str(tmp_path / "model"), size="tiny", heads=HEADS)
+    assert report.summary()["dropped"]["blocks.*.attn.relative_position_bias_table"].startswith("relative position bias")
+
+    model = MultiwayTransformer(small("custom_attn", layer_scale=0.1, vocab_size=64, max_text_len=32), heads=("itc",))
+    report = init_from_checkpoint(model, str(tmp_path / "model"), "vlcluster")
+    assert set(report.fresh) == {key for key in model.state_dict() if key.startswith("heads.")}
+    assert torch.equal(model.layers[1].attn["vl"].qkv.weight, timm["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.layers[1].ffn["shared"].fc2.weight, timm["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(model.layers[0].gamma_attn, timm["blocks.0.gamma_1"])
+
+
+def test_unreadable_checkpoints_fail_clearly(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        convert(tmp_path / "junk.pt", "vlmo")
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a BEiT checkpoint"):
+        convert(tmp_path / "other.safetensors", "beit")
+    with pytest.raises(CheckpointError, match="no image embedding"):
+        convert(tmp_path / "other.safetensors", "vlmo")
