@@ -298,3 +298,21 @@ def test_unreadable_checkpoints_fail_clearly(tmp_path):
         convert(tmp_path / "other.safetensors", "beit")
     with pytest.raises(CheckpointError, match="no image embedding"):
         convert(tmp_path / "other.safetensors", "vlmo")
+
+
+def test_checkpoints_on_object_storage(beit_dir, s3_env, tmp_path):
+    from vlcluster.storage.paths import local_copy, run_path, upload_file
+
+    path, _ = beit_dir
+    for name in ("model.safetensors", "config.json"):
+        upload_file(path / name, run_path(f"s3://data/beit-small/{name}"))
+    model = MultiwayTransformer(small("specific", layer_scale=0.1), heads=())
+    report = init_from_checkpoint(model, "s3://data/beit-small", "beit")
+    assert report.mapped == len(load_file(str(path / "model.safetensors")))
+    assert torch.equal(model.layers[0].ffn["l"].fc1.weight, load_file(str(path / "model.safetensors"))["encoder.layer.0.intermediate.dense.weight"])
+
+    convert_to_model_dir("s3://data/beit-small", "beit", "s3://runs/converted", size="tiny")
+    export_vlmo("s3://runs/converted", "s3://runs/converted-vlmo.safetensors")
+    assert json.loads(run_path("s3://runs/converted/model.json").read_bytes())["provenance"]["format"] == "beit"
+    exported = load_file(str(local_copy("s3://runs/converted-vlmo.safetensors")))
+    assert torch.equal(exported["transformer.blocks.1.mlp.fc1.weight"], model.layers[1].ffn["v"].fc1.weight)
