@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--to", dest="to_format", choices=["vlmo"], help="format to write (SRC: a vlcluster model directory)")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
-    convert.add_argument("--size", default="base", help="preset for what the checkpoint does not fix (vocabulary, text length)")
+    convert.add_argument("--size", default="base", choices=["tiny", "vit_tiny", "base"], help="preset for what the checkpoint does not fix (vocabulary, text length)")
     for name in ("heads", "vocab-size", "max-text-len", "vl-layers"):
-        convert.add_argument(f"--{name}", type=int, default=None)
+        convert.add_argument(f"--{name}", type=int, default=None, help=f"{name} of the written model (--from; default: from the checkpoint, else --size)")
     convert.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="write the synthetic image-text benchmark as WebDataset shards")

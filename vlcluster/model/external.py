@@ -291,9 +291,9 @@ def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed:
 
     converted = convert(src, fmt)
     config = config_for(converted, size, **overrides)
-    heads = tuple(sorted({key.split(".")[1] for key in converted.state if key.startswith("heads.")}))
+    task_heads = tuple(sorted({key.split(".")[1] for key in converted.state if key.startswith("heads.")}))
     torch.manual_seed(seed)  # fresh parts are reproducible
-    model = MultiwayTransformer(config, heads=heads)
+    model = MultiwayTransformer(config, heads=task_heads)
     state, fresh = fit(converted, model)
     full = {**model.state_dict(), **state}
     load_into(model, full, allow_missing_prefixes=())
