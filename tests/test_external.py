@@ -316,3 +316,15 @@ def test_checkpoints_on_object_storage(beit_dir, s3_env, tmp_path):
     assert json.loads(run_path("s3://runs/converted/model.json").read_bytes())["provenance"]["format"] == "beit"
     exported = load_file(str(local_copy("s3://runs/converted-vlmo.safetensors")))
     assert torch.equal(exported["transformer.blocks.1.mlp.fc1.weight"], model.layers[1].ffn["v"].fc1.weight)
+
+
+def test_converted_model_dir_initialises_only_the_fresh_parts(beit_dir, tmp_path):
+    path, _ = beit_dir
+    convert_to_model_dir(str(path), "beit", str(tmp_path / "a"), size="tiny", seed=5)
+    convert_to_model_dir(str(path), "beit", str(tmp_path / "b"), size="tiny", seed=5)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # reproducible
+    word, pos = a["embed.text.word.weight"], a["embed.text.pos"]
+    assert 0.01 < float(word.std()) < 0.03 and float(word.abs().max()) <= 0.04 + 1e-6  # trunc. normal, std 0.02
+    assert 0.01 < float(pos.std()) < 0.03
+    assert torch.isfinite(a["embed.token_type.weight"]).all() and a["embed.token_type.weight"].abs().max() <= 0.04 + 1e-6

@@ -292,13 +292,15 @@ def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed:
     converted = convert(src, fmt)
     config = config_for(converted, size, **overrides)
     task_heads = tuple(sorted({key.split(".")[1] for key in converted.state if key.startswith("heads.")}))
-    torch.manual_seed(seed)  # fresh parts are reproducible
-    model = MultiwayTransformer(config, heads=task_heads)
+    with torch.device("meta"):  # only the fresh parts are initialised (a base model's full init takes a minute)
+        model = MultiwayTransformer(config, heads=task_heads)
     state, fresh = fit(converted, model)
-    full = {**model.state_dict(), **state}
-    load_into(model, full, allow_missing_prefixes=())
+    model.to_empty(device="cpu")
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    torch.manual_seed(seed)  # fresh parts are reproducible
+    model.init_modules_of(fresh)
     provenance = {"converted_from": str(src), "format": fmt, "seed": seed, "conversion": converted.report.summary()}
-    write_model(StageDir(run_path(out)), full, config, provenance)
+    write_model(StageDir(run_path(out)), model.state_dict(), config, provenance)
     return converted.report
 
 

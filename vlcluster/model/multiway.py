@@ -27,7 +27,7 @@ Text masks are key-padding masks [B, L], True (or 1) = real token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,13 @@ class MultiwayTransformer(nn.Module):
         for m in self.modules():
             if m is not self:
                 _init_module(m)
+
+    @torch.no_grad()
+    def init_modules_of(self, keys: Iterable[str]) -> None:
+        """Initialise only the modules owning `keys`, e.g. the parts a checkpoint
+        did not fill after the rest was loaded into an empty (``to_empty``) model."""
+        for owner in sorted({key.rsplit(".", 1)[0] for key in keys}):
+            _init_module(self.get_submodule(owner))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         return sum(
