@@ -50,6 +50,21 @@ def layer_experts(model: MultiwayTransformer) -> dict[tuple[int, str], set[str]]
 # --- config ---------------------------------------------------------------
 
 
+def test_size_presets_and_structure_overrides():
+    vit_tiny = preset("vit_tiny", "specific")
+    assert (vit_tiny.dim, vit_tiny.depth, vit_tiny.heads, vit_tiny.patch_size, vit_tiny.image_size) == (192, 12, 3, 16, 224)
+    assert vit_tiny.num_patches == 196
+    small = preset("base", "agnostic", dim=96, depth=3, heads=2, vl_layers=1, patch_size=8, image_size=32)
+    model = MultiwayTransformer(small, heads=())
+    assert (len(model.layers), model.layers[0].attn["shared"].heads) == (3, 2)
+    assert model.embed["image"].pos.shape == (1, 17, 96)
+    with pytest.raises(ValueError, match="heads: dim 96 is not divisible by heads 5"):
+        preset("base", "agnostic", dim=96, heads=5)
+    with pytest.raises(ValueError, match="vl_layers: must be in"):
+        preset("tiny", "agnostic", depth=2, vl_layers=3)
+
+
+
 def test_config_roundtrip_and_validation():
     cfg = tiny("specific")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -305,3 +320,47 @@ def test_base_param_counts_on_meta(arch):
     n = model.num_params() / 1e6
     print(f"{arch}: {n:.1f}M (paper {PAPER_PARAMS_M[arch]}M), non-embedding {model.num_params(True) / 1e6:.1f}M")
     assert abs(n - PAPER_PARAMS_M[arch]) / PAPER_PARAMS_M[arch] < 0.10
+
+
+# --- layer scale ------------------------------------------------------------
+
+
+def test_layer_scale_scales_each_residual_branch(batch):
+    images, ids, mask = batch
+    torch.manual_seed(0)
+    plain = MultiwayTransformer(tiny("specific"), heads=()).eval()
+    torch.manual_seed(0)
+    scaled = MultiwayTransformer(tiny("specific", layer_scale=0.1), heads=()).eval()
+    extra = set(scaled.state_dict()) - set(plain.state_dict())
+    assert extra == {f"layers.{i}.gamma_{b}" for i in range(4) for b in ("attn", "ffn")}
+    assert all(float(v.min()) == float(v.max()) == pytest.approx(0.1) for k, v in scaled.state_dict().items() if k in extra)
+    scaled.load_state_dict({**plain.state_dict(), **{k: scaled.state_dict()[k] for k in extra}})
+    with torch.no_grad():
+        x = scaled.embed_image(images)
+        block_plain, block_scaled = plain.layers[0], scaled.layers[0]
+        attn = block_plain.attn(block_plain.ln1(x, "v"), "v")
+        h = x + 0.1 * attn
+        expected = h + 0.1 * block_plain.ffn(block_plain.ln2(h, "v"), "v")
+        torch.testing.assert_close(block_scaled(x, "v"), expected)
+        # gammas of one are the plain block, exactly
+        for block in scaled.layers:
+            block.gamma_attn.fill_(1.0)
+            block.gamma_ffn.fill_(1.0)
+        assert torch.equal(scaled.encode_text(ids, mask), plain.encode_text(ids, mask))
+
+
+def test_layer_scale_is_shared_by_experts_and_never_merged():
+    from vlcluster.merge.layout import CopyTensor, plan_merge
+    from vlcluster.metrics.distance import vl_pairs
+
+    torch.manual_seed(0)
+    seed = MultiwayTransformer(tiny("agnostic", layer_scale=0.1), heads=())
+    with torch.no_grad():
+        seed.layers[2].gamma_ffn.normal_()
+    vl = MultiwayTransformer(tiny("specific", layer_scale=0.1), heads=())
+    state = expand_to_experts(seed.state_dict(), vl)
+    load_into(vl, state)
+    assert torch.equal(vl.layers[2].gamma_ffn, seed.layers[2].gamma_ffn)
+    steps = {step.key: step for step in plan_merge(vl.state_dict())}
+    assert steps["layers.2.gamma_ffn"] == CopyTensor("layers.2.gamma_ffn", "layers.2.gamma_ffn")
+    assert not any("gamma" in key for pairs in vl_pairs(vl.state_dict()).values() for pair in pairs for key in pair)

@@ -120,3 +120,53 @@ def test_schema_is_json_with_the_stage_union():
 def test_batch_must_give_each_rank_two_samples(write_job):
     with pytest.raises(SpecError, match="stages.seed: Value error, train.batch_size 8 gives fewer than 2 samples per rank over 8 ranks"):
         load_pipeline(write_job(MINIMAL), ["stages.seed.resources.procs_per_node=8"])
+
+
+def test_model_structure_overrides_on_a_preset(write_job):
+    overrides = [f"stages.seed.model.{k}={v}" for k, v in
+                 {"size": "vit_tiny", "dim": 96, "depth": 3, "heads": 2, "vl_layers": 1, "patch_size": 16, "image_size": 64}.items()]
+    model = load_pipeline(write_job(MINIMAL), overrides).stages["seed"].model
+    assert model.overrides() == {"dim": 96, "depth": 3, "heads": 2, "vl_layers": 1, "patch_size": 16, "image_size": 64}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"dim": 100, "heads": 3}, "stages.seed.model: Value error, model.heads: dim 100 is not divisible by heads 3"),
+        ({"size": "vit_tiny", "heads": 5}, "model.heads: dim 192 is not divisible by heads 5"),
+        ({"depth": 2, "vl_layers": 3}, "model.vl_layers: must be in [0, depth=2], got 3"),
+        ({"patch_size": 12, "image_size": 32}, "model.patch_size: image_size 32 is not a multiple of patch_size 12"),
+        ({"size": "huge"}, "stages.seed.model.size: Input should be 'tiny', 'vit_tiny' or 'base'"),
+    ],
+)
+def test_model_structure_errors_name_the_field(write_job, overrides, expected):
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write_job(MINIMAL), [f"stages.seed.model.{k}={v}" for k, v in overrides.items()])
+    assert expected in str(info.value)
+
+
+def test_patch_size_is_checked_against_the_data_resolution_later(write_job):
+    # No explicit image_size: the data stage decides the resolution, so the spec can't judge the patch yet.
+    model = load_pipeline(write_job(MINIMAL), ["stages.seed.model.patch_size=12"]).stages["seed"].model
+    assert model.patch_size == 12
+
+
+def test_init_takes_a_stage_or_an_external_checkpoint(write_job):
+    pipeline = load_pipeline(write_job(MINIMAL), ["stages.seed.init.checkpoint=s3://models/beit-base", "stages.seed.init.format=beit"])
+    init = pipeline.stages["seed"].init
+    assert (init.checkpoint, init.format, init.from_) == ("s3://models/beit-base", "beit", None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["stages.vlpt.init.checkpoint=/m", "stages.vlpt.init.format=beit"], "give exactly one of 'from' (a stage) or 'checkpoint'"),
+        (["stages.seed.init.checkpoint=/m"], "stages.seed.init: Value error, 'checkpoint' needs 'format': beit, vlmo or vlcluster"),
+        (["stages.seed.init.checkpoint=/m", "stages.seed.init.format=clip"], "stages.seed.init.format: Input should be 'beit', 'vlmo' or 'vlcluster'"),
+        (["stages.vlpt.init.format=beit"], "'format' goes with 'checkpoint'"),
+    ],
+)
+def test_init_errors(write_job, overrides, expected):
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write_job(MINIMAL), overrides)
+    assert expected in str(info.value)

@@ -96,7 +96,7 @@ class Reference:
 def references(stage) -> list[Reference]:
     refs: list[Reference] = []
     init = getattr(stage, "init", None)
-    if init is not None:
+    if init is not None and init.from_ is not None:
         refs.append(Reference("init.from", init.from_))
     data = getattr(stage, "data", None)
     if data is not None and data.from_ is not None:

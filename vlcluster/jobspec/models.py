@@ -11,10 +11,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
 from vlcluster.storage.config import StorageSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
-Size = Literal["tiny", "base"]
+Size = Literal["tiny", "vit_tiny", "base"]
 Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -29,12 +30,52 @@ class StageRef(Strict):
     from_: str = Field(alias="from", description="name of the stage whose output is used")
 
 
+class InitSpec(Strict):
+    """Initial weights of a training stage: another stage's output (``{from: seed}``)
+    or an external checkpoint (``{checkpoint: PATH, format: beit}``), converted on load."""
+
+    from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
+    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://")
+    format: Literal["beit", "vlmo", "vlcluster"] | None = Field(
+        None, description="layout of `checkpoint`: beit (transformers or timm), vlmo (the authors' code), vlcluster"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitSpec:
+        if (self.from_ is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'from' (a stage) or 'checkpoint' (a file or directory)")
+        if self.checkpoint is not None and self.format is None:
+            raise ValueError("'checkpoint' needs 'format': beit, vlmo or vlcluster")
+        if self.from_ is not None and self.format is not None:
+            raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
+        return self
+
+
 class ModelSpec(Strict):
+    """A size preset (tiny | vit_tiny | base) plus explicit overrides of its structure."""
+
     arch: Arch = "agnostic"
     size: Size = "tiny"
     vl_layers: int | None = Field(None, ge=0, description="top M layers with a VL expert (default from size)")
-    image_size: int | None = Field(None, gt=0, description="input resolution (default from size)")
+    image_size: int | None = Field(None, gt=0, description="input resolution (default: the data stage's, else from size)")
     max_text_len: int | None = Field(None, gt=0)
+    dim: int | None = Field(None, gt=0, description="hidden width (default from size)")
+    depth: int | None = Field(None, gt=0, description="N: layers (default from size)")
+    heads: int | None = Field(None, gt=0, description="attention heads; must divide dim (default from size)")
+    patch_size: int | None = Field(None, gt=0, description="ViT patch size; must divide image_size (default from size)")
+    mlp_ratio: float | None = Field(None, gt=0, description="FFN width / dim (default from size)")
+    layer_scale: float | None = Field(
+        None, ge=0, description="initial value of BEiT/VLMo per-channel residual scales (e.g. 0.1); unset or 0: none"
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The structure fields this spec sets explicitly (on top of the size preset)."""
+        return {name: value for name in STRUCTURE_FIELDS if (value := getattr(self, name)) is not None}
+
+    @model_validator(mode="after")
+    def _consistent_structure(self) -> ModelSpec:
+        check_structure(self.size, self.overrides(), image_size_known=self.image_size is not None)
+        return self
 
 
 class DataSpec(Strict):
@@ -163,7 +204,7 @@ class TrainStageBase(StageBase):
     model: ModelSpec = ModelSpec()
     data: DataSpec
     train: TrainSpec
-    init: StageRef | None = None
+    init: InitSpec | None = None
     checkpoint: CheckpointSpec = CheckpointSpec()
 
 
@@ -184,7 +225,7 @@ class FinetuneStage(TrainStageBase):
     """Downstream fine-tuning: VQA head plus contrastive retrieval by default."""
 
     kind: Literal["finetune"]
-    init: StageRef
+    init: InitSpec
     train: TrainSpec
 
     @field_validator("train")

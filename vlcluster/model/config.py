@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from vlcluster.sizes import PRESETS, SIZES, structure_errors
+
 ARCHS = ("specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln")
 PARTS = ("attn", "ffn", "ln1", "ln2")
 MODALITIES = ("v", "l", "vl")
@@ -41,16 +43,14 @@ class ModelConfig:
     itc_dim: int
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
+    # Initial value of BEiT/VLMo-style per-channel residual scales (gamma); 0 = none.
+    layer_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if not 0 <= self.vl_layers <= self.depth:
-            raise ValueError(f"vl_layers must be in [0, depth={self.depth}], got {self.vl_layers}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+        if errors := structure_errors(dataclasses.asdict(self)):
+            raise ValueError("; ".join(f"{name}: {problem}" for name, problem in errors))
 
     @property
     def bottom_layers(self) -> int:
@@ -89,20 +89,7 @@ def experts_for(config: ModelConfig, layer: int, part: str) -> tuple[str, ...]:
     return ("v", "l", "vl") if layer >= config.bottom_layers else ("v", "l")
 
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        dim=128, depth=4, heads=4, vl_layers=1, image_size=32, patch_size=8, mlp_ratio=4.0,
-        itc_dim=128, vocab_size=64, max_text_len=32, num_answers=15,
-    ),
-    # ViT-B/16 with the bert-base-uncased vocabulary and VQA v2 answers (paper setting).
-    "base": dict(
-        dim=768, depth=12, heads=12, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
-        itc_dim=768, vocab_size=30522, max_text_len=40, num_answers=3129,
-    ),
-}
-
-
 def preset(size: str, arch: str, **overrides: Any) -> ModelConfig:
-    if size not in _PRESETS:
-        raise ValueError(f"unknown model size {size!r}; expected one of {tuple(_PRESETS)}")
-    return ModelConfig.from_dict({**_PRESETS[size], "arch": arch, **overrides})
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}; expected one of {SIZES}")
+    return ModelConfig.from_dict({**PRESETS[size], "arch": arch, **overrides})

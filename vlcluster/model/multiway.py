@@ -3,7 +3,9 @@
 Every block part (attn, ffn, ln1, ln2) is a `Multiway`: a ModuleDict keyed by
 expert ("v", "l", "vl" or "shared"), so parameters are named
 ``layers.{i}.{part}.{expert}.…`` and merging can group experts by name.
-A modality with no expert of its own falls back to "shared".
+A modality with no expert of its own falls back to "shared". With
+``layer_scale`` a block also has ``layers.{i}.gamma_attn`` / ``gamma_ffn``,
+shared by its experts and never merged.
 
 Public routes (N = depth, M = vl_layers, B = N - M bottom layers):
 
@@ -25,7 +27,7 @@ Text masks are key-padding masks [B, L], True (or 1) = real token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +116,23 @@ class MultiwayBlock(nn.Module):
         }
         for part in PARTS:
             self.add_module(part, Multiway(experts_for(config, layer, part), factories[part]))
+        # Layer scale (BEiT, VLMo): one per-channel gamma per residual branch, shared by all
+        # experts of the block. Outside the parts, so merging copies it like the authors' code.
+        self.layer_scale = config.layer_scale
+        if self.layer_scale:
+            self.gamma_attn = nn.Parameter(torch.empty(config.dim))
+            self.gamma_ffn = nn.Parameter(torch.empty(config.dim))
+
+    def init_weights(self) -> None:
+        if self.layer_scale:
+            nn.init.constant_(self.gamma_attn, self.layer_scale)
+            nn.init.constant_(self.gamma_ffn, self.layer_scale)
 
     def forward(self, x: Tensor, modality: str, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x, modality), modality, mask)
-        return x + self.ffn(self.ln2(x, modality), modality)
+        attn = self.attn(self.ln1(x, modality), modality, mask)
+        x = x + (self.gamma_attn * attn if self.layer_scale else attn)
+        ffn = self.ffn(self.ln2(x, modality), modality)
+        return x + (self.gamma_ffn * ffn if self.layer_scale else ffn)
 
 
 class ImageEmbedding(nn.Module):
@@ -193,6 +208,13 @@ class MultiwayTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, Multiway):
                 m.copy_first_expert()
+
+    @torch.no_grad()
+    def init_modules_of(self, keys: Iterable[str]) -> None:
+        """Initialise only the modules owning `keys`, e.g. the parts a checkpoint
+        did not fill after the rest was loaded into an empty (``to_empty``) model."""
+        for owner in sorted({key.rsplit(".", 1)[0] for key in keys}):
+            _init_module(self.get_submodule(owner))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         return sum(

@@ -25,6 +25,7 @@ from vlcluster.data.loader import TrainLoader
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
+from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
@@ -95,7 +96,13 @@ class Trainer:
         return tuple(names)
 
     def load_init(self, model: MultiwayTransformer) -> None:
-        source = self.ctx.spec.init.from_
+        init = self.ctx.spec.init
+        if init.checkpoint is not None:
+            report = init_from_checkpoint(model, init.checkpoint, init.format)
+            if self.env.is_main:
+                log.info("initialised from checkpoint:\n  %s", "\n  ".join(report.lines()))
+            return
+        source = init.from_
         state, source_config = read_model(self.ctx.upstream_dir(source))
         state = expand_to_experts(state, model)
         load_into(model, state, allow_missing_prefixes=tuple(f"heads.{name}" for name in model.heads))
@@ -271,7 +278,7 @@ def run_training(ctx: StageContext) -> None:
         trainer.export(summary)
     except StopRequested:
         code = EXIT_REQUEUE
-    except BadDataError as exc:
+    except (BadDataError, CheckpointError) as exc:
         log.error("%s", exc)
         code = 1
     except BaseException:  # noqa: BLE001 - report, then exit with failure below

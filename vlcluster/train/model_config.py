@@ -15,12 +15,8 @@ def data_image_size(ctx: StageContext) -> int | None:
 
 def build_model_config(ctx: StageContext, vocab_size: int, num_answers: int) -> ModelConfig:
     model = ctx.spec.model
-    overrides = {"vocab_size": vocab_size, "num_answers": num_answers}
+    overrides = {**model.overrides(), "vocab_size": vocab_size, "num_answers": num_answers}
     image_size = model.image_size or data_image_size(ctx)
     if image_size:
         overrides["image_size"] = image_size
-    if model.vl_layers is not None:
-        overrides["vl_layers"] = model.vl_layers
-    if model.max_text_len is not None:
-        overrides["max_text_len"] = model.max_text_len
     return preset(model.size, model.arch, **overrides)

@@ -1,0 +1,330 @@
+"""External checkpoints: BEiT as `transformers` writes it, the authors' VLMo layout,
+and the vlcluster -> VLMo -> vlcluster round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlcluster.cli import main
+from vlcluster.model import MultiwayTransformer, load_into, preset
+from vlcluster.model.external import CheckpointError, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint
+from vlcluster.outputs import write_model
+from vlcluster.rundir import StageDir
+
+transformers = pytest.importorskip("transformers")
+
+DIM, DEPTH, HEADS, PATCH, IMAGE = 64, 2, 4, 8, 32
+
+
+def beit_config(**changes):
+    """A small BEiT whose vision route vlcluster reproduces exactly: absolute positions,
+    no relative position bias, [CLS] pooling after a final LayerNorm."""
+    settings = dict(
+        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * DIM,
+        image_size=IMAGE, patch_size=PATCH, use_absolute_position_embeddings=True, use_relative_position_bias=False,
+        use_mean_pooling=False, layer_norm_eps=1e-6, layer_scale_init_value=0.1,
+    )
+    return transformers.BeitConfig(**{**settings, **changes})
+
+
+def saved_beit(path, **changes):
+    torch.manual_seed(0)
+    model = transformers.BeitModel(beit_config(**changes)).eval()
+    with torch.no_grad():  # random, not the default init: layer scale, biases and norms all matter
+        for param in model.parameters():
+            param.normal_(0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+def small(arch: str, **kw):
+    return preset("tiny", arch, **{**dict(dim=DIM, depth=DEPTH, heads=HEADS, patch_size=PATCH, image_size=IMAGE), **kw})
+
+
+@pytest.fixture(scope="module")
+def beit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("beit")
+    return path, saved_beit(path)
+
+
+@pytest.mark.parametrize(("arch", "layer_scale"), [("specific", 0.1), ("agnostic", 0.0)])
+def test_beit_from_transformers_matches_beit_on_the_vision_route(beit_dir, arch, layer_scale):
+    path, beit = beit_dir
+    assert "encoder.layer.0.attention.attention.key.weight" in load_file(str(path / "model.safetensors"))
+    torch.manual_seed(1)
+    model = MultiwayTransformer(small(arch, layer_scale=layer_scale), heads=("itc", "itm")).eval()
+    report = init_from_checkpoint(model, str(path), "beit")
+
+    assert set(report.fresh) == {
+        key for key in model.state_dict() if key.startswith(("embed.text.", "embed.token_type.", "heads."))
+    }
+    assert report.dropped == {}
+    if not layer_scale:
+        assert any("folded" in note for note in report.notes)
+    with torch.no_grad():
+        model.embed["token_type"].weight.zero_()  # BEiT has no token types; fresh ones would shift every token
+        images = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+        expected = beit(pixel_values=images)
+        ours = model.encode_image(images)
+    torch.testing.assert_close(ours, expected.last_hidden_state, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[:, 0], expected.pooler_output, atol=2e-5, rtol=1e-4)
+    if arch == "specific":  # every expert starts as BEiT's weight, like the seed -> VL copy
+        layer = model.layers[DEPTH - 1].ffn
+        assert torch.equal(layer["v"].fc1.weight, layer["l"].fc1.weight)
+        assert torch.equal(layer["v"].fc1.weight, layer["vl"].fc1.weight)
+
+
+def test_beit_with_relative_bias_and_mean_pooling_reports_what_it_drops(tmp_path):
+    saved_beit(tmp_path, use_relative_position_bias=True, use_absolute_position_embeddings=False, use_mean_pooling=True)
+    converted = convert(tmp_path, "beit")
+    dropped = converted.report.summary()["dropped"]
+    assert "relative position bias" in dropped["encoder.layer.*.attention.attention.relative_position_bias.relative_position_bias_table"]
+    assert any("pooler.layernorm" in note for note in converted.report.notes)
+    model = MultiwayTransformer(small("agnostic", layer_scale=0.1), heads=())
+    state, fresh = fit(converted, model)
+    assert "embed.image.pos" in fresh  # no absolute positions in the source
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+
+
+def test_beit_that_does_not_fit_the_model_names_the_fields(beit_dir):
+    path, _ = beit_dir
+    model = MultiwayTransformer(preset("tiny", "agnostic"), heads=())
+    with pytest.raises(CheckpointError, match=r"model\.dim: the checkpoint has 64, the model 128"):
+        init_from_checkpoint(model, str(path), "beit")
+
+
+# --- the authors' VLMo / vl-merging layout ----------------------------------------------
+
+
+def authors_state(depth=4, vl_from=3, dim=DIM, vocab=50, text_len=12, generator=None):
+    """A random state dict in the authors' layout, keys spelled out as their code names them."""
+    g = generator or torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    state = {
+        "transformer.cls_token": r(1, 1, dim),
+        "transformer.pos_embed": r(1, (IMAGE // PATCH) ** 2 + 1, dim),
+        "transformer.patch_embed.proj.weight": r(dim, 3, PATCH, PATCH),
+        "transformer.patch_embed.proj.bias": r(dim),
+        "transformer.norm.weight": r(dim),
+        "transformer.norm.bias": r(dim),
+        "transformer.mask_token": r(1, 1, dim),
+        "text_embeddings.word_embeddings.weight": r(vocab, dim),
+        "text_embeddings.position_embeddings.weight": r(text_len, dim),
+        "text_embeddings.token_type_embeddings.weight": r(2, dim),
+        "text_embeddings.LayerNorm.weight": r(dim),
+        "text_embeddings.LayerNorm.bias": r(dim),
+        "token_type_embeddings.weight": r(2, dim),
+        "relative_position_bias_table": r(100, HEADS),
+    }
+    for i in range(depth):
+        block = f"transformer.blocks.{i}"
+        state[f"{block}.gamma_1"], state[f"{block}.gamma_2"] = r(dim), r(dim)
+        for m in ("v", "l", "vl") if i >= vl_from else ("v", "l"):
+            state[f"{block}.attn.{m}.qkv.weight"] = r(3 * dim, dim)
+            state[f"{block}.attn.{m}.q_bias"], state[f"{block}.attn.{m}.v_bias"] = r(dim), r(dim)
+            state[f"{block}.attn.{m}.proj.weight"], state[f"{block}.attn.{m}.proj.bias"] = r(dim, dim), r(dim)
+            for norm in ("norm1", "norm2"):
+                state[f"{block}.{norm}.{m}.weight"], state[f"{block}.{norm}.{m}.bias"] = r(dim), r(dim)
+            state[f"{block}.mlp.{m}.fc1.weight"], state[f"{block}.mlp.{m}.fc1.bias"] = r(4 * dim, dim), r(4 * dim)
+            state[f"{block}.mlp.{m}.fc2.weight"], state[f"{block}.mlp.{m}.fc2.bias"] = r(dim, 4 * dim), r(dim)
+    state["pooler.dense.weight"], state["pooler.dense.bias"] = r(dim, dim), r(dim)
+    state["itm_score.fc.weight"], state["itm_score.fc.bias"] = r(2, dim), r(2)
+    return state
+
+
+def test_vlmo_layout_converts_and_loads_strictly(tmp_path):
+    source = authors_state()
+    torch.save({"state_dict": source, "epoch": 3}, tmp_path / "vlmo.ckpt")  # a Lightning checkpoint, as theirs are
+    converted = convert(tmp_path / "vlmo.ckpt", "vlmo")
+    assert (converted.structure["arch"], converted.structure["vl_layers"], converted.structure["depth"]) == ("specific", 1, 4)
+    model = MultiwayTransformer(small("specific", depth=4, vl_layers=1, layer_scale=0.1, vocab_size=50, max_text_len=12), heads=("itc", "itm"))
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert set(fresh) == {key for key in model.state_dict() if key.startswith("heads.itc.")}  # itm came with the checkpoint
+
+    attn = model.layers[3].attn["vl"]
+    assert torch.equal(attn.qkv.weight, source["transformer.blocks.3.attn.vl.qkv.weight"])
+    q, k, v = attn.qkv.bias.chunk(3)
+    assert torch.equal(q, source["transformer.blocks.3.attn.vl.q_bias"]) and not k.any()
+    assert torch.equal(v, source["transformer.blocks.3.attn.vl.v_bias"])
+    assert torch.equal(model.layers[0].ln2["l"].weight, source["transformer.blocks.0.norm2.l.weight"])
+    assert torch.equal(model.layers[1].gamma_ffn, source["transformer.blocks.1.gamma_2"])
+    assert torch.equal(model.embed["text"].pos[0], source["text_embeddings.position_embeddings.weight"])
+    assert torch.equal(model.heads["itm"].pool.weight, source["pooler.dense.weight"])
+    dropped = converted.report.summary()["dropped"]
+    assert set(dropped) == {
+        "transformer.mask_token", "text_embeddings.LayerNorm.weight", "text_embeddings.LayerNorm.bias",
+        "text_embeddings.token_type_embeddings.weight", "relative_position_bias_table",
+    }
+
+
+def test_original_vlmo_ffn_expert_names_are_read(tmp_path):
+    source = {}
+    for key, tensor in authors_state(depth=2, vl_from=2).items():
+        key = key.replace(".attn.v.", ".attn.").replace(".norm1.v.", ".norm1.")  # VLMo shares attention and norm1
+        if ".attn.l." in key or ".norm1.l." in key:
+            continue
+        key = key.replace(".mlp.v.", ".mlp_imag.").replace(".mlp.l.", ".mlp_text.")
+        key = key.replace(".norm2.v.", ".norm2_imag.").replace(".norm2.l.", ".norm2_text.")
+        source[key] = tensor
+    save_file(source, str(tmp_path / "vlmo.safetensors"))
+    converted = convert(tmp_path / "vlmo.safetensors", "vlmo")
+    assert converted.structure["arch"] == "specific"
+    model = MultiwayTransformer(small("specific", depth=2, vl_layers=0, layer_scale=0.1, vocab_size=50, max_text_len=12), heads=())
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert torch.equal(model.layers[1].ffn["l"].fc2.weight, source["transformer.blocks.1.mlp_text.fc2.weight"])
+    assert torch.equal(model.layers[1].attn["l"].proj.weight, source["transformer.blocks.1.attn.proj.weight"])
+
+
+@pytest.mark.parametrize(("arch", "layer_scale"), [("specific", 0.1), ("custom_ffn", 0.0), ("agnostic", 0.0)])
+def test_round_trip_vlcluster_vlmo_vlcluster_is_bitwise(tmp_path, arch, layer_scale):
+    config = preset("tiny", arch, layer_scale=layer_scale, vocab_size=40, num_answers=7, max_text_len=12)
+    torch.manual_seed(4)
+    model = MultiwayTransformer(config, heads=("itc", "itm", "mlm", "vqa"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()  # non-zero key biases, gammas and head biases included
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    write_model(StageDir(tmp_path / "model"), original, config, {"stage": "test"})
+
+    export_vlmo(str(tmp_path / "model"), str(tmp_path / "vlmo.safetensors"))
+    exported = load_file(str(tmp_path / "vlmo.safetensors"))
+    experts = "" if arch == "agnostic" else ".v"
+    for key in ("transformer.blocks.0.gamma_1", "transformer.patch_embed.proj.weight", "text_embeddings.word_embeddings.weight",
+                f"transformer.blocks.3.mlp{experts}.fc1.weight", "transformer.blocks.3.attn.q_bias" if arch != "specific"
+                else "transformer.blocks.3.attn.vl.q_bias"):
+        assert key in exported, key
+    if not layer_scale:
+        assert bool((exported["transformer.blocks.0.gamma_1"] == 1).all())
+
+    convert_to_model_dir(str(tmp_path / "vlmo.safetensors"), "vlmo", str(tmp_path / "back"), size="tiny", heads=config.heads)
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+    record = json.loads((tmp_path / "back" / "model.json").read_text())
+    assert record["config"] == config.to_dict()
+
+
+def test_cli_convert_beit_then_export(beit_dir, tmp_path, capsys):
+    path, _ = beit_dir
+    assert main(["convert", "--from", "beit", str(path), "-o", str(tmp_path / "model"), "--size", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "fresh" in out and "embed.text" in out
+    record = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert (record["config"]["dim"], record["config"]["heads"], record["config"]["arch"]) == (DIM, HEADS, "agnostic")
+    assert record["provenance"]["format"] == "beit"
+    assert main(["convert", "--to", "vlmo", str(tmp_path / "model"), "-o", str(tmp_path / "vlmo.pt")]) == 0
+    exported = torch.load(tmp_path / "vlmo.pt", weights_only=True)["state_dict"]
+    assert "transformer.blocks.1.mlp.fc2.weight" in exported
+    assert main(["convert", "--from", "beit", str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+INIT_FROM_BEIT = """
+name: beit_init
+stages:
+  data: {{kind: data, n_train: 64, n_val: 16, shard_size: 32, image_size: 32}}
+  seed:
+    kind: pretrain
+    model: {{arch: specific, size: tiny, dim: 64, depth: 2, heads: 4, patch_size: 8, layer_scale: 0.1}}
+    init: {{checkpoint: "{beit}", format: beit}}
+    data: {{from: data}}
+    train: {{steps: 2, batch_size: 8, log_every: 1}}
+  wrong_width:
+    kind: pretrain
+    model: {{arch: specific, size: tiny}}
+    init: {{checkpoint: "{beit}", format: beit}}
+    data: {{from: data}}
+    train: {{steps: 2, batch_size: 8}}
+"""
+
+
+@pytest.mark.slow
+def test_pretrain_stage_initialised_from_beit_runs(beit_dir, write_job, tmp_path):
+    from tests.test_e2e import cli
+
+    path, _ = beit_dir
+    run_dir = tmp_path / "run"
+    result = cli("submit", str(write_job(INIT_FROM_BEIT.format(beit=path))), "--run-dir", str(run_dir))
+    assert result.returncode == 1, result.stdout + result.stderr  # wrong_width fails, seed finishes
+    assert "seed: done" in result.stdout and "wrong_width: failed" in result.stdout
+
+    log = cli("logs", str(run_dir), "seed").stdout
+    assert "initialised from checkpoint" in log and "fresh   embed.text.word.weight" in log
+    trained = load_file(str(run_dir / "seed" / "model.safetensors"))
+    source = load_file(str(path / "model.safetensors"))
+    # Two AdamW steps at lr 2e-4 move a weight by well under 1e-2; BEiT's weights are ~N(0, 0.1).
+    for expert in ("v", "l", "vl"):
+        drift = trained[f"layers.1.ffn.{expert}.fc1.weight"] - source["encoder.layer.1.intermediate.dense.weight"]
+        assert 0 < drift.abs().max() < 1e-2
+
+    failure = cli("logs", str(run_dir), "wrong_width").stdout
+    assert "model.dim: the checkpoint has 64, the model 128" in failure
+    assert "vlcluster/" not in failure.replace("-m vlcluster.run", "")  # one paragraph, no traceback from our code (torchrun prints its own)
+
+
+def test_timm_beit_layout_and_a_converted_vlcluster_dir_load(tmp_path):
+    # timm names BEiT's blocks like the authors' agnostic stack, without "transformer." and text.
+    timm = {key.removeprefix("transformer."): tensor for key, tensor in authors_state(depth=2, vl_from=2).items()
+            if key.startswith("transformer.") and ".l." not in key}
+    timm = {key.replace(".v.", "."): tensor for key, tensor in timm.items()}
+    timm["blocks.0.attn.relative_position_bias_table"] = torch.zeros(10, HEADS)
+    torch.save({"model": timm}, tmp_path / "beit_timm.pth")  # BEiT's own releases nest the weights under "model"
+    report = convert_to_model_dir(str(tmp_path / "beit_timm.pth"), "beit", str(tmp_path / "model"), size="tiny", heads=HEADS)
+    assert report.summary()["dropped"]["blocks.*.attn.relative_position_bias_table"].startswith("relative position bias")
+
+    model = MultiwayTransformer(small("custom_attn", layer_scale=0.1, vocab_size=64, max_text_len=32), heads=("itc",))
+    report = init_from_checkpoint(model, str(tmp_path / "model"), "vlcluster")
+    assert set(report.fresh) == {key for key in model.state_dict() if key.startswith("heads.")}
+    assert torch.equal(model.layers[1].attn["vl"].qkv.weight, timm["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.layers[1].ffn["shared"].fc2.weight, timm["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(model.layers[0].gamma_attn, timm["blocks.0.gamma_1"])
+
+
+def test_unreadable_checkpoints_fail_clearly(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        convert(tmp_path / "junk.pt", "vlmo")
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a BEiT checkpoint"):
+        convert(tmp_path / "other.safetensors", "beit")
+    with pytest.raises(CheckpointError, match="no image embedding"):
+        convert(tmp_path / "other.safetensors", "vlmo")
+
+
+def test_checkpoints_on_object_storage(beit_dir, s3_env, tmp_path):
+    from vlcluster.storage.paths import local_copy, run_path, upload_file
+
+    path, _ = beit_dir
+    for name in ("model.safetensors", "config.json"):
+        upload_file(path / name, run_path(f"s3://data/beit-small/{name}"))
+    model = MultiwayTransformer(small("specific", layer_scale=0.1), heads=())
+    report = init_from_checkpoint(model, "s3://data/beit-small", "beit")
+    assert report.mapped == len(load_file(str(path / "model.safetensors")))
+    assert torch.equal(model.layers[0].ffn["l"].fc1.weight, load_file(str(path / "model.safetensors"))["encoder.layer.0.intermediate.dense.weight"])
+
+    convert_to_model_dir("s3://data/beit-small", "beit", "s3://runs/converted", size="tiny")
+    export_vlmo("s3://runs/converted", "s3://runs/converted-vlmo.safetensors")
+    assert json.loads(run_path("s3://runs/converted/model.json").read_bytes())["provenance"]["format"] == "beit"
+    exported = load_file(str(local_copy("s3://runs/converted-vlmo.safetensors")))
+    assert torch.equal(exported["transformer.blocks.1.mlp.fc1.weight"], model.layers[1].ffn["v"].fc1.weight)
+
+
+def test_converted_model_dir_initialises_only_the_fresh_parts(beit_dir, tmp_path):
+    path, _ = beit_dir
+    convert_to_model_dir(str(path), "beit", str(tmp_path / "a"), size="tiny", seed=5)
+    convert_to_model_dir(str(path), "beit", str(tmp_path / "b"), size="tiny", seed=5)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # reproducible
+    word, pos = a["embed.text.word.weight"], a["embed.text.pos"]
+    assert 0.01 < float(word.std()) < 0.03 and float(word.abs().max()) <= 0.04 + 1e-6  # trunc. normal, std 0.02
+    assert 0.01 < float(pos.std()) < 0.03
+    assert torch.isfinite(a["embed.token_type.weight"]).all() and a["embed.token_type.weight"].abs().max() <= 0.04 + 1e-6

@@ -1,0 +1,1 @@
+"""Key layouts of checkpoints written by other code (one module per format)."""

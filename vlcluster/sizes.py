@@ -1,0 +1,68 @@
+"""Model size presets and the rules a model's structure must satisfy.
+
+Torch-free on purpose: the job-spec loader checks `model:` overrides with
+the same rules `ModelConfig` enforces, without importing the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        dim=128, depth=4, heads=4, vl_layers=1, image_size=32, patch_size=8, mlp_ratio=4.0,
+        itc_dim=128, vocab_size=64, max_text_len=32, num_answers=15,
+    ),
+    # ViT-Tiny/16 (the paper's Table 4): ViT-B/16's depth and resolution at d=192, 3 heads.
+    "vit_tiny": dict(
+        dim=192, depth=12, heads=3, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
+        itc_dim=192, vocab_size=30522, max_text_len=40, num_answers=3129,
+    ),
+    # ViT-B/16 with the bert-base-uncased vocabulary and VQA v2 answers (paper setting).
+    "base": dict(
+        dim=768, depth=12, heads=12, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
+        itc_dim=768, vocab_size=30522, max_text_len=40, num_answers=3129,
+    ),
+}
+SIZES = tuple(PRESETS)
+
+# Fields a job spec's `model:` may set on top of a size preset.
+STRUCTURE_FIELDS = (
+    "dim", "depth", "heads", "vl_layers", "patch_size", "image_size", "mlp_ratio", "max_text_len", "layer_scale",
+)
+
+
+def structure_errors(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, problem) for every rule the given structure breaks; fields absent are not checked."""
+    get = fields.get
+    errors: list[tuple[str, str]] = []
+    for name in ("dim", "depth", "heads", "patch_size", "image_size", "mlp_ratio"):
+        if get(name) is not None and get(name) <= 0:
+            errors.append((name, f"must be positive, got {get(name)}"))
+    if errors:
+        return errors
+    if get("dim") and get("heads") and get("dim") % get("heads"):
+        errors.append(("heads", f"dim {get('dim')} is not divisible by heads {get('heads')}"))
+    if get("vl_layers") is not None and get("depth") and not 0 <= get("vl_layers") <= get("depth"):
+        errors.append(("vl_layers", f"must be in [0, depth={get('depth')}], got {get('vl_layers')}"))
+    if get("image_size") and get("patch_size") and get("image_size") % get("patch_size"):
+        errors.append(("patch_size", f"image_size {get('image_size')} is not a multiple of patch_size {get('patch_size')}"))
+    if get("layer_scale") is not None and get("layer_scale") < 0:
+        errors.append(("layer_scale", f"must be >= 0 (0 = no layer scale), got {get('layer_scale')}"))
+    return errors
+
+
+def check_structure(size: str, overrides: Mapping[str, Any], image_size_known: bool = True) -> None:
+    """Raise ValueError naming the field when `size` plus `overrides` is not a valid model.
+
+    With ``image_size_known=False`` the resolution is left to the data (a
+    training stage reading a data stage), so divisibility by the patch is
+    checked at training time instead."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}; expected one of {SIZES}")
+    fields = {**PRESETS[size], **overrides}
+    if not image_size_known:
+        fields.pop("image_size")
+    if errors := structure_errors(fields):
+        raise ValueError("; ".join(f"model.{name}: {problem}" for name, problem in errors))
