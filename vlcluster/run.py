@@ -79,12 +79,10 @@ def die_with_parent() -> None:
     """On the local backend a stage must not outlive the submitting process
     (a killed `vlcluster submit` would otherwise leave ranks writing
     checkpoints behind the next submit's back)."""
-    if os.environ.get("VLCLUSTER_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from vlcluster.backends import stage_process
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.environ.get(stage_process.DIE_WITH_PARENT_ENV) == "1":
+        stage_process.die_with_parent(signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

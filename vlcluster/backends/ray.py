@@ -52,11 +52,13 @@ from rich.markup import escape
 
 from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
-from vlcluster.backends.ray_queue import describe_progress
+from vlcluster.backends.base import StageStatus
+from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
+from vlcluster.progress import describe_progress, read_progress
 from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import ENV as STORAGE_ENV
@@ -87,6 +89,7 @@ class Launched:
 
 class RayBackend:
     name = "ray"
+    queues = False  # submit drives the pipeline until every stage has ended
 
     def __init__(self, console: Console | None = None, address: str | None = None,
                  max_restarts: int = DEFAULT_MAX_RESTARTS):
@@ -177,7 +180,7 @@ class RayBackend:
             job.running = True
             self.console.print(f"  [dim]{escape(job.plan.name)}: running[/]")
         record = directory.read_state()
-        shown = describe_progress(record.get("progress"))
+        shown = describe_progress(read_progress(directory))
         if shown and shown != job.progress_shown:
             job.progress_shown = shown
             restarts = f" (workers restarted {record['worker_restarts']}x)" if record.get("worker_restarts") else ""
@@ -271,3 +274,30 @@ class RayBackend:
             listed = ", ".join(f"{name} (job {job_id})" for name, job_id in active.items())
             raise SpecError(f"{run_dir}: Ray jobs of this run are still running: {listed}; "
                             f"wait, or `vlcluster cancel {run_dir}` first")
+
+    # ---- what status, logs and cancel ask ---------------------------------------
+
+    def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
+        return ""  # the jobs are submitted through the Jobs API; `vlcluster render --backend k8s` for manifests
+
+    def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
+        statuses = job_statuses(records) if ray_records(records) else {}
+        return {plan.name: describe_job(plan, records[plan.name], statuses.get(plan.name), stage_dir(run_dir, plan.name).log_file)
+                for plan in plans}
+
+    def logs(self, run_dir: Path, stage: str, record: dict) -> str:
+        """The stage log; where the run dir is not shared with the node that ran it, Ray's copy."""
+        from vlcluster.backends.ray_queue import job_logs
+        from vlcluster.backends.status import no_log, stage_log_text
+
+        text = stage_log_text(run_dir, stage)
+        if text is None:
+            text = job_logs(record)
+        if text is None:
+            raise no_log(run_dir, stage)
+        return text
+
+    def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
+        from vlcluster.backends.ray_queue import stop
+
+        return stop(records)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlcluster.backends.stage_process import child_env, run_once, write_header
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.ports import free_ports
 
@@ -48,10 +49,9 @@ def _rendezvous_address() -> tuple[str, int, str]:
 
 
 def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rendezvous) -> NodeResult:
-    """One node's torchrun; node 0 writes the stage log and progress."""
+    """One node's torchrun; node 0 writes the stage log."""
     import ray
 
-    from vlcluster.backends.ray_stage import child_env, run_once
     from vlcluster.rundir import stage_dir
 
     directory = stage_dir(run_dir, stage)
@@ -60,9 +60,8 @@ def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rende
     command = stage_command(kind, run_dir, stage, procs, rendezvous=rendezvous)
     node_id = ray.get_runtime_context().get_node_id()
     with open(log_file, "a") as log:
-        log.write(f"==== node {node}/{rendezvous.nnodes} on Ray node {node_id} ({socket.gethostname()}): {' '.join(command)}\n")
-        log.flush()
-        code, rank_codes = run_once(command, child_env(kind), directory if node == 0 else None, log)
+        write_header(log, f"node {node}/{rendezvous.nnodes} on Ray node {node_id} ({socket.gethostname()}):", command)
+        code, rank_codes = run_once(command, child_env(kind), log)
     return NodeResult(node, code, rank_codes, node_id)
 
 

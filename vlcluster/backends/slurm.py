@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vlcluster.backends import slurm_queue
+from vlcluster.backends.base import StageStatus
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
@@ -249,3 +250,46 @@ class SlurmBackend:
         if active:
             raise SpecError(f"{run_dir}: jobs of this run are still queued or running: {', '.join(active)}; "
                             f"wait, or `vlcluster cancel {run_dir}` first")
+
+    # ---- what status, logs and cancel ask ---------------------------------------
+
+    def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
+        jobs = slurm_queue.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
+        return {plan.name: describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
+
+    def logs(self, run_dir: Path, stage: str, record: dict) -> str:
+        """The stage log, then the job wrapper's own output (submitit, tracebacks)."""
+        from vlcluster.backends.status import no_log, stage_log_text
+
+        text = stage_log_text(run_dir, stage)
+        slurm_log = record.get("slurm_log")
+        if slurm_log and Path(slurm_log).is_file():
+            text = (text or "") + f"==== slurm job log {slurm_log}\n" + Path(slurm_log).read_text()
+        if text is None:
+            raise no_log(run_dir, stage)
+        return text
+
+    def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
+        """Every recorded job, without asking accounting first (it lags a
+        just-submitted job); SLURM ignores ids of ended jobs."""
+        names = [name for name, record in records.items() if record.get("job_id")]
+        slurm_queue.cancel([records[name]["job_id"] for name in names])
+        return names
+
+
+def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:
+    """A stage submitted to SLURM, from its job's state in accounting."""
+    if job is None:
+        return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
+    facts = [f"requeued {job.restarts}x"] if job.restarts else []
+    if job.state == "PENDING":
+        return StageStatus("pending", "; ".join([f"waiting: {job.reason}", *facts]))
+    if job.state in {"RUNNING", "COMPLETING"}:
+        return StageStatus("running", "; ".join(facts))
+    if job.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+        return StageStatus("pending", "; ".join(["requeued", *facts]))
+    if job.state == "COMPLETED":  # exited 0 without its done-marker
+        return StageStatus("failed", f"no done-marker; log {record.get('log')}")
+    exit_code = record.get("returncode", job.exit_code)
+    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed",
+                       f"{job.state} exit {exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})")
