@@ -189,6 +189,19 @@ def test_cancel_stops_the_running_job_and_blocks_the_rest(ray_cluster, write_job
     assert "cancelled" in status and "blocked" in status
 
 
+@pytest.mark.slow
+def test_gated_merge_shows_gated_and_blocks_its_dependants_on_ray(ray_cluster, write_job, tmp_path, monkeypatch):
+    from tests.test_e2e_merge import GATED, assert_gated_status
+
+    monkeypatch.setenv("COLUMNS", "400")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(submit_args(str(write_job(GATED)), run_dir, ray_cluster.dashboard_url),
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "after_merge: not started, upstream failed: merge" in result.stdout
+    assert_gated_status(run_dir)
+
+
 SWEEP = """
 name: sweep
 stages:

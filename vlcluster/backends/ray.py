@@ -194,8 +194,10 @@ class RayBackend:
             return "done"
         info = client.get_job_info(job.job_id)
         state = "cancelled" if status == JobStatus.STOPPED else "failed"
-        directory.write_state(state=state, returncode=info.driver_exit_code, ended=time.time(), reason=info.message)
-        self.console.print(f"[red]{job.prefix}: {state} ({info.message}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
+        # Ray's message ends with the job's last log lines: its first line is what status shows.
+        message = (info.message or "").split(",", 1)[0].split("\n", 1)[0]
+        directory.write_state(state=state, returncode=info.driver_exit_code, ended=time.time(), ray_message=message)
+        self.console.print(f"[red]{job.prefix}: {state} ({message}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
         return state
 
     # ---- the pipeline ------------------------------------------------------------

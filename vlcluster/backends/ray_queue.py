@@ -110,7 +110,7 @@ def describe_job(plan, record: dict, job_status: str | None, log_file: Path) -> 
             facts.append("no done-marker")
     if recorded in {"failed", "cancelled"}:
         facts.append(f"exit {record['returncode']}" if record.get("returncode") is not None else "")
-        facts.append(f"{record['reason']}" if record.get("reason") else "")
+        facts.append(record.get("ray_message") or "")
         facts.append(f"log {log_file}")
     state = recorded if recorded in {"pending", "running", "failed", "cancelled", "interrupted", "blocked"} else "pending"
     return StageStatus(state, "; ".join(fact for fact in facts if fact))
