@@ -53,6 +53,7 @@ from rich.markup import escape
 from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
 from vlcluster.backends.base import StageStatus
+from vlcluster.backends.node_shape import node_shape
 from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
@@ -136,8 +137,8 @@ class RayBackend:
         res = graph.pipeline.stages[plan.name].resources
         if res.nodes > 1:  # the job only drives one task per node; the tasks hold the resources
             return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0}
-        cpus = res.cpus_per_node or (res.ranks_per_node if is_distributed(plan.kind) else 1)
-        return {"entrypoint_num_cpus": cpus, "entrypoint_num_gpus": res.gpus_per_node}
+        shape = node_shape(res, plan.kind)  # Ray has no site defaults: what the stage asks for
+        return {"entrypoint_num_cpus": shape.cpus, "entrypoint_num_gpus": shape.gpus}
 
     @staticmethod
     def job_env() -> dict[str, str]:

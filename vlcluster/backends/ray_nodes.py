@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlcluster.backends.node_shape import node_shape
 from vlcluster.backends.stage_process import child_env, run_once, write_header
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.ports import free_ports
@@ -74,8 +75,9 @@ def run_nodes(run_dir: str, stage: str, spec, stopping: Callable[[], bool]) -> l
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     res = spec.resources
-    cpus = res.cpus_per_node or res.ranks_per_node
-    bundle = {"CPU": cpus, **({"GPU": res.gpus_per_node} if res.gpus_per_node else {})}
+    shape = node_shape(res, spec.kind)
+    cpus = shape.cpus
+    bundle = {"CPU": cpus, **({"GPU": shape.gpus} if shape.gpus else {})}
     ray.init(address="auto")  # node tasks' output reaches the job log
     group = placement_group([bundle] * res.nodes, strategy="STRICT_SPREAD")
     try:

@@ -28,8 +28,8 @@ from rich.console import Console
 
 from vlcluster.backends import slurm_queue
 from vlcluster.backends.base import StageStatus
+from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.graph import Graph, sweep_base
-from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError, read_yaml
@@ -64,13 +64,8 @@ def profile_name(spec) -> str:
 def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
     """submitit SlurmExecutor parameters for one stage (dependencies apart)."""
     res = spec.resources
-    gpus = res.gpus_per_node
-    if gpus:
-        cpus = res.cpus_per_node or (profile.cpus_per_gpu or 1) * gpus
-        mem_gb = res.mem_gb or (profile.mem_gb_per_gpu * gpus if profile.mem_gb_per_gpu else None)
-    else:
-        cpus = res.cpus_per_node or max(profile.cpus_per_node or 1, res.ranks_per_node if is_distributed(spec.kind) else 1)
-        mem_gb = res.mem_gb or profile.mem_gb
+    shape = node_shape(res, spec.kind, SiteDefaults(profile.cpus_per_gpu, profile.mem_gb_per_gpu, profile.cpus_per_node, profile.mem_gb))
+    gpus, cpus, mem_gb = shape.gpus, shape.cpus, shape.mem_gb
     params: dict = {
         "job_name": job_name,
         "nodes": res.nodes,
