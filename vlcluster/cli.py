@@ -240,22 +240,65 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
-    from vlcluster.merge.apply import merge_checkpoint, method_params
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """--method and one flag per merge parameter, from the declarations in merge/methods.py."""
+    from vlcluster.merge.methods import METHOD_NAMES, PARAMS, PART_FAMILY, SPECS
 
-    values = {
-        "alpha": args.alpha, "lam": args.lam, "gamma": args.gamma, "density": args.density,
-        "random_seed": args.random_seed,
-        "part_alpha": {"attn": args.alpha_attn, "ffn": args.alpha_ffn, "ln": args.alpha_ln},
-    }
+    parser.add_argument("--method", default="interpolation", choices=METHOD_NAMES)
+    for name, param in PARAMS.items():
+        users = "/".join(method for method, spec in SPECS.items() if name in spec.params)
+        if param.type is dict:  # per-part values: one flag per part
+            for part in dict.fromkeys(PART_FAMILY.values()):
+                parser.add_argument(f"--alpha-{part}", type=float, default=None, help=f"{users}: alpha for {part} only")
+            continue
+        parser.add_argument(f"--{name.replace('_', '-')}", type=param.type, default=param.default,
+                            help=f"{users}: {param.help} ({param.range_text})")
+
+
+def cmd_merge(args) -> int:
+    from vlcluster.merge.methods import PART_FAMILY, PARAMS, SPECS, param_problems
+
+    values = {name: getattr(args, name) for name in PARAMS if name != "part_alpha"}
+    values["part_alpha"] = {part: getattr(args, f"alpha_{part}") for part in dict.fromkeys(PART_FAMILY.values())}
+    problems = param_problems(args.method, values)
+    spec = SPECS[args.method]
+    if spec.needs_base and not args.base:
+        problems.append("needs the seed checkpoint W0 (--base DIR)")
+    if spec.needs_grams and not args.grams:
+        problems.append("needs the Gram matrices of a grams stage (--grams DIR)")
+    if problems:
+        raise SpecError(f"vlcluster merge --method {args.method}: " + "; ".join(problems))
+    from vlcluster.merge.apply import merge_checkpoint
+    from vlcluster.merge.methods import chosen_params
+
+    params = chosen_params(args.method, values)
     from vlcluster.storage.paths import run_path
 
+    source, base, grams = (checkpoint_path(path, role) if path else None
+                           for path, role in ((args.source, "source"), (args.base, "--base"), (args.grams, "--grams")))
     record = merge_checkpoint(  # local directories or object-store URLs
-        run_path(args.source), run_path(args.out), args.method, method_params(args.method, values),
-        base=run_path(args.base) if args.base else None, grams=run_path(args.grams) if args.grams else None,
+        source, run_path(args.out), args.method, params, base=base, grams=grams,
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
+
+
+def checkpoint_path(argument: str, role: str):
+    """A stage directory or a ``.safetensors`` file; anything else is one clear error."""
+    from vlcluster.storage.paths import run_path
+
+    path = run_path(argument)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise SpecError(f"{argument}: {role}: no such file or directory")
+    if not path.name.endswith(".safetensors"):
+        raise SpecError(f"{argument}: {role} must be a stage directory (model.safetensors + model.json) "
+                        "or a .safetensors file, not this file")
+    if role in {"source", "--base"} and not (path.parent / "model.json").is_file():  # merge reads the config
+        raise SpecError(f"{argument}: {role}: no model.json beside it, so the model's configuration (arch, size, "
+                        "layers) is unknown; pass the stage directory that vlcluster wrote, or put its model.json next to the file")
+    return path
 
 
 def cmd_metrics(args) -> int:
@@ -263,11 +306,10 @@ def cmd_metrics(args) -> int:
 
     from vlcluster.metrics.distance import checkpoint_distances
     from vlcluster.metrics.stage import format_metrics
+    from vlcluster.storage.paths import local_copy
 
-    from vlcluster.storage.paths import local_copy, run_path
-
-    path = run_path(args.checkpoint)
-    result = checkpoint_distances(local_copy(path / "model.safetensors" if path.is_dir() else path), args.density)
+    path = checkpoint_path(args.checkpoint, "checkpoint")
+    result = checkpoint_distances(local_copy(path if path.name.endswith(".safetensors") else path / "model.safetensors"), args.density)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
     return 0
 
@@ -337,18 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     merge = sub.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
-    merge.add_argument("source", help="directory with model.safetensors + model.json (a stage output)")
+    merge.add_argument("source", help="stage directory (model.safetensors + model.json) or a .safetensors file with model.json beside it")
     merge.add_argument("-o", "--out", required=True, help="output directory")
-    merge.add_argument("--method", default="interpolation", choices=["interpolation", "arithmetic", "regmean", "ties", "dare"])
-    merge.add_argument("--alpha", type=float, default=0.5, help="interpolation: weight of the V expert")
-    for part in ("attn", "ffn", "ln"):
-        merge.add_argument(f"--alpha-{part}", type=float, default=None, help=f"interpolation: alpha for {part} only")
-    merge.add_argument("--lam", type=float, default=0.5, help="arithmetic/ties/dare: lambda")
-    merge.add_argument("--gamma", type=float, default=1.0, help="regmean: off-diagonal scale")
-    merge.add_argument("--density", type=float, default=0.5, help="ties: kept fraction; dare: keep probability")
-    merge.add_argument("--random-seed", type=int, default=0, help="dare: mask seed")
-    merge.add_argument("--base", help="seed checkpoint directory (W0)")
-    merge.add_argument("--grams", help="grams stage directory (grams.safetensors)")
+    add_method_flags(merge)
+    merge.add_argument("--base", help="seed checkpoint (W0): stage directory or .safetensors file")
+    merge.add_argument("--grams", help="grams stage directory or its grams.safetensors")
     merge.set_defaults(func=cmd_merge)
 
     metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")

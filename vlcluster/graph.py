@@ -187,7 +187,8 @@ def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[s
 
 
 def stage_identity(stage) -> dict:
-    return stage.model_dump(mode="json", by_alias=True, exclude=NON_IDENTITY_FIELDS)
+    exclude = {**NON_IDENTITY_FIELDS, **{name: True for name in stage.unused_fields()}}
+    return stage.model_dump(mode="json", by_alias=True, exclude=exclude)
 
 
 def _hashes(pipeline: Pipeline, deps: dict[str, tuple[str, ...]], order: tuple[str, ...]) -> dict[str, str]:
