@@ -74,14 +74,6 @@ def shard_count(patterns: str | list[str]) -> str:
     return f"{len(expand_urls(patterns))} train shards"
 
 
-def check_runnable(graph, source: str) -> None:
-    from vlcluster.run import RUNNERS
-
-    missing = [f"stages.{name}: kind {spec.kind!r}" for name, spec in graph.pipeline.stages.items() if spec.kind not in RUNNERS]
-    if missing:
-        raise SpecError(f"{source}: this version of vlcluster cannot run these stages yet: " + "; ".join(missing))
-
-
 def cmd_plan(args) -> int:
     from vlcluster.plan import check_inputs, make_plan
 
@@ -102,7 +94,6 @@ def cmd_submit(args) -> int:
     from vlcluster.plan import check_inputs, make_plan
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
-    check_runnable(graph, args.file)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
     backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))

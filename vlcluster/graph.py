@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
+from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
 
-MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
 
 # Which kinds each reference field may point at.
 REFERENCE_TARGETS: dict[str, frozenset[str]] = {

@@ -22,9 +22,9 @@ from vlcluster.graph import Graph
 from vlcluster.jobspec.load import SpecError
 from vlcluster.plan import StagePlan
 from vlcluster.progress import describe_progress, read_progress
+from vlcluster.run import GATE_CLOSED
 from vlcluster.rundir import stage_dir
 
-GATE_CLOSED = 3  # exit status of a merge stage stopped by its mergeability gate (vlcluster.run)
 BLOCKING = frozenset({"failed", "gated", "blocked", "cancelled"})
 NOT_STARTED = frozenset({"pending", "blocked", "cancelled"})  # states a blocked stage may be reported in
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
 
@@ -313,9 +314,9 @@ Stage = Annotated[
     Field(discriminator="kind"),
 ]
 
-TRAINING_KINDS = frozenset({"pretrain", "finetune"})
-# Kinds started under torchrun, one process per rank.
-DISTRIBUTED_KINDS = TRAINING_KINDS | {"grams"}
+# The union and the table of kinds (jobspec/kinds.py: runner, torchrun or not) name the same kinds.
+assert {member.model_fields["kind"].annotation.__args__[0] for member in Stage.__origin__.__args__} == set(KINDS), \
+    "jobspec/kinds.py and the Stage union disagree"
 
 
 class ClusterProfile(Strict):
