@@ -64,14 +64,13 @@ def resolved_details(graph) -> list[str]:
 
 def shard_count(patterns: str | list[str]) -> str:
     """How many train shards, without listing an object store (plan runs offline)."""
-    from vlcluster.data.shards import expand_urls
     from vlcluster.storage.paths import is_remote
-    from vlcluster.storage.shardlist import needs_listing
+    from vlcluster.storage.shardlist import expand, needs_listing
 
     patterns = [patterns] if isinstance(patterns, str) else patterns
     if any(is_remote(p) and needs_listing(p) for p in patterns):
         return "train shards listed at run time"
-    return f"{len(expand_urls(patterns))} train shards"
+    return f"{len(expand(patterns))} train shards"
 
 
 def cmd_plan(args) -> int:

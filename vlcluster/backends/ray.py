@@ -54,6 +54,7 @@ from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.node_shape import node_shape
+from vlcluster.extras import require
 from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
@@ -100,6 +101,7 @@ class RayBackend:
 
     def validate(self, graph: Graph, source: str) -> None:
         """Any stage fits: resources are checked by Ray when it places the job."""
+        require("ray.job_submission", "--backend ray")
 
     # ---- the cluster ---------------------------------------------------------
 

@@ -30,10 +30,11 @@ def live_by_address(records: dict[str, dict]) -> dict[str, list[str]]:
 def client_for(address: str):
     """A client, or None when nothing answers there (e.g. the private
     cluster of a run that has ended)."""
-    from ray.job_submission import JobSubmissionClient
+    from vlcluster.extras import require
 
+    client_class = require("ray.job_submission", "a run of the Ray backend").JobSubmissionClient
     try:
-        return JobSubmissionClient(address)
+        return client_class(address)
     except (ConnectionError, RuntimeError, ValueError):
         return None
 

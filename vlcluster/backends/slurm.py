@@ -29,6 +29,7 @@ from rich.console import Console
 from vlcluster.backends import slurm_queue
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
+from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
@@ -122,6 +123,7 @@ class SlurmBackend:
         self.python = python
 
     def validate(self, graph: Graph, source: str) -> None:
+        require("submitit", "--backend slurm")
         for name, spec in graph.pipeline.stages.items():
             profile = load_profile(profile_name(spec))
             gpus = spec.resources.gpus_per_node
