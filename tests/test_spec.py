@@ -120,3 +120,10 @@ def test_schema_is_json_with_the_stage_union():
 def test_batch_must_give_each_rank_two_samples(write_job):
     with pytest.raises(SpecError, match="stages.seed: Value error, train.batch_size 8 gives fewer than 2 samples per rank over 8 ranks"):
         load_pipeline(write_job(MINIMAL), ["stages.seed.resources.procs_per_node=8"])
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "line\\nbreak", ".hidden", ""])
+def test_stage_names_are_plain_directory_names(write_job, name):
+    text = f'name: n\nstages:\n  "{name}": {{kind: data}}\n'
+    with pytest.raises(SpecError, match="use a plain directory name"):
+        load_pipeline(write_job(text), [])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -108,6 +109,12 @@ def submission_units(plans: list[StagePlan]) -> list[Unit]:
     return list(units.values())
 
 
+def comment(text: str) -> str:
+    """A comment line of a generated script: a line break in a stage name or
+    path must not end the comment and start a command."""
+    return "# " + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
+
+
 def dependency_flag(job_ids: list[str]) -> dict:
     if not job_ids:
         return {}
@@ -184,17 +191,18 @@ class SlurmBackend:
             folder = self.folder(run_dir, unit)
             if unit.is_array:
                 params["map_count"] = len(unit.plans)
-            python = self.python_for(graph, unit)
-            command = f"{python} -u -m submitit.core._submit {folder}"
+            # What submitit itself writes at submit time (its _submitit_command_str): every word quoted.
+            command = f"{shlex.quote(self.python_for(graph, unit))} -u -m submitit.core._submit {shlex.quote(str(folder))}"
             spec = graph.pipeline.stages[unit.plans[0].name]
             res = spec.resources
             rendezvous = Rendezvous(res.nodes, "$SLURM_NODEID", "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>") if res.nodes > 1 else None
+            python = self.python_for(graph, unit)
             launch = " ".join(stage_command(spec.kind, absolute(run_dir), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
-            elements = "".join(f"#   task {index}: {plan.name}\n" for index, plan in enumerate(unit.plans)) if unit.is_array else ""
+            elements = "".join(comment(f"  task {index}: {plan.name}") for index, plan in enumerate(unit.plans)) if unit.is_array else ""
             out.append(
-                f"# ---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
-                f" ({spec.kind}, profile {profile_name(spec)})\n{elements}"
-                f"# each task runs: {launch}\n"
+                comment(f"---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
+                        f" ({spec.kind}, profile {profile_name(spec)})") + elements
+                + comment(f"each task runs: {launch}")
                 + _make_sbatch_string(command=command, folder=folder, **params)
             )
         return "\n".join(out)
@@ -208,7 +216,7 @@ class SlurmBackend:
         submitted: dict[str, str] = {}
         for index, unit in enumerate(submission_units(plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
-                                              python=self.python_for(graph, unit))
+                                              python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
             executor.update_parameters(**self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted)))
             jobs = self.jobs(graph, unit, run_dir)
             if unit.is_array:
