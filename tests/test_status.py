@@ -68,3 +68,15 @@ def test_progress_record_is_shown_for_a_running_stage(write_job, tmp_path):
     assert describe_progress(record) == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
     found, _ = statuses(write_job, tmp_path, {"vlpt": {"backend": "local", "state": "running", "pid": os.getpid()}})
     assert found["vlpt"].detail == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
+
+
+def test_a_stage_without_log_steps_reports_progress_as_it_goes(tmp_path):
+    from vlcluster.progress import reported
+
+    directory = stage_dir(tmp_path, "grams")
+    seen = []
+    for batch in reported(iter(["b0", "b1", "b2"]), directory, total=3, samples_per_step=16, every_s=0):
+        seen.append(batch)
+        assert (read_progress(directory) or {}).get("step", 0) == len(seen) - 1  # written after each step
+    record = read_progress(directory)
+    assert seen == ["b0", "b1", "b2"] and (record["step"], record["steps"]) == (3, 3) and record["samples_per_s"] > 0

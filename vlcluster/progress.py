@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 from vlcluster.rundir import StageDir, read_json, write_json_atomic
 
@@ -49,6 +52,21 @@ def report_training_progress(ctx, step: int, scalars: dict[str, float]) -> None:
     write_progress(ctx.dir, step, ctx.spec.train.steps, loss=scalars.get("loss/loss"),
                    samples_per_s=scalars.get("throughput/samples_per_s"), samples_per_step=ctx.spec.train.batch_size,
                    checkpoint_step=saved.step if saved is not None else None)
+
+
+def reported(steps: Iterable[T], directory: StageDir, total: int, samples_per_step: int, every_s: float = 10.0) -> Iterator[T]:
+    """``steps`` unchanged, with the progress record written after a step at
+    most every ``every_s`` seconds and after the last one (rank 0 of a
+    long stage without a log step of its own, e.g. grams)."""
+    started = last = time.perf_counter()
+    step = 0
+    for step, item in enumerate(steps, start=1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s or step == total:
+            write_progress(directory, step, total, samples_per_s=step * samples_per_step / max(now - started, 1e-9),
+                           samples_per_step=samples_per_step)
+            last = now
 
 
 def read_progress(directory: StageDir) -> dict | None:
