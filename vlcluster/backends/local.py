@@ -8,17 +8,16 @@ failed is not started. Killing ``vlcluster submit`` kills its stages too
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from vlcluster.backends.base import StageStatus
+from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
     child_env, copy_lines, exit_status, pid_alive, record_end, stage_log, start_piped, write_header,
 )
@@ -28,21 +27,6 @@ from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.errors import redact
-from vlcluster.storage.paths import local_side
-
-
-@contextmanager
-def run_lock(run_dir: Path):
-    """One submit per run directory at a time (per machine for a remote run
-    directory: the lock file lives in its local side)."""
-    local = local_side(run_dir)
-    local.mkdir(parents=True, exist_ok=True)
-    with open(local / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpecError(f"{run_dir}: another vlcluster submit is running on this run directory") from None
-        yield
 
 
 class LocalBackend:

@@ -50,12 +50,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.node_shape import node_shape
 from vlcluster.extras import require
 from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
+from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
@@ -287,7 +287,7 @@ class RayBackend:
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
         statuses = job_statuses(records) if ray_records(records) else {}
-        return {plan.name: describe_job(plan, records[plan.name], statuses.get(plan.name), stage_dir(run_dir, plan.name).log_file)
+        return {plan.name: describe_job(records[plan.name], statuses.get(plan.name), stage_dir(run_dir, plan.name).log_file)
                 for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:

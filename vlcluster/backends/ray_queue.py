@@ -95,7 +95,7 @@ def job_logs(record: dict) -> str | None:
         return None
 
 
-def describe_job(plan, record: dict, job_status: str | None, log_file: Path) -> StageStatus:
+def describe_job(record: dict, job_status: str | None, log_file: Path) -> StageStatus:
     """A stage run as a Ray job: the live job status where the stage may
     still run, its recorded outcome otherwise."""
     recorded = record.get("state")
