@@ -112,3 +112,19 @@ def test_merge_of_a_file_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
     assert "must be a stage directory" in " ".join(capsys.readouterr().err.split())
     assert main(["metrics", str(tmp_path / "nowhere")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_merge_of_a_safetensors_file_without_any_extra_installed(tmp_path):
+    """As after the README's first install: no submitit, Ray, s3fs, UPath or validators."""
+    from tests.test_cli import cli_without
+
+    state = random_state("specific")
+    write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})
+    extras = ["submitit", "ray", "s3fs", "upath", "jsonschema", "kubernetes_validate"]
+    merged = cli_without(extras, "merge", str(tmp_path / "src" / "model.safetensors"), "-o", str(tmp_path / "out"))
+    assert merged.returncode == 0, merged.stderr
+    expected = merge_state(state, "interpolation", alpha=0.5)
+    assert all(torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))[key], value) for key, value in expected.items())
+    wrong = cli_without(extras, "metrics", str(tmp_path / "src" / "model.json"))
+    assert wrong.returncode == 2 and "must be a stage directory" in " ".join(wrong.stderr.split())
+    assert "Traceback" not in wrong.stderr
