@@ -51,10 +51,10 @@ def test_bad_spec_exits_nonzero_with_file_and_field(write_job, tmp_path, text, o
 
 
 def test_every_stage_kind_has_a_runner():
-    from vlcluster.run import RUNNERS
-    from vlcluster.jobspec.load import STAGE_KINDS
+    from vlcluster.jobspec.kinds import KINDS, runner
 
-    assert set(STAGE_KINDS) == set(RUNNERS)
+    for kind in KINDS:
+        assert callable(runner(kind)), kind
 
 
 def test_local_backend_refuses_multi_node(write_job, tmp_path):
@@ -89,3 +89,66 @@ def test_schema_prints_json():
     result = cli("schema")
     assert result.returncode == 0
     assert "stages" in json.loads(result.stdout)["properties"]
+
+
+# Runs the CLI in a fresh interpreter whose import system reports the given
+# packages as not installed: a meta-path finder consulted before every other
+# raises ModuleNotFoundError for them, exactly what `import` raises for a
+# package that is absent. A stand-in for a venv without extras: the shared
+# test venv has every extra, and a second venv with torch would take minutes
+# and ~2 GB to build.
+WITHOUT = """
+import sys
+
+blocked = set(sys.argv[1].split(","))
+
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = ["vlcluster", *sys.argv[2:]]
+from vlcluster.cli import main
+
+sys.exit(main())
+"""
+
+
+def cli_without(packages: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT, ",".join(packages), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_plan_and_dry_run_do_not_import_torch(write_job, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index in range(2):
+        (shards / f"train-{index}.tar").write_bytes(b"")
+    path = write_job(GOOD.replace("data: {from: data}, train: {steps: 2}}\n  vlpt", f"data: {{train: '{shards}/train-{{0..1}}.tar'}}, train: {{steps: 2}}}}\n  vlpt", 1))
+    plan = cli_without(["torch"], "plan", str(path), "--run-dir", str(tmp_path / "run"))
+    assert plan.returncode == 0, plan.stderr
+    assert "seed: 1 node(s) x 1 rank(s)" in plan.stdout and "2 train shards" in plan.stdout
+    dry = cli_without(["torch", "ray"], "submit", str(path), "--dry-run", "--backend", "slurm", "--run-dir", str(tmp_path / "run"))
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH" in dry.stdout
+
+
+@pytest.mark.parametrize(("packages", "args", "extra"), [
+    (["submitit"], ["submit", "{job}", "--dry-run", "--backend", "slurm"], "slurm"),
+    (["submitit"], ["submit", "{job}", "--backend", "slurm"], "slurm"),
+    (["ray"], ["submit", "{job}", "--dry-run", "--backend", "ray"], "ray"),
+    (["s3fs"], ["plan", "{job}", "--run-dir", "s3://runs/x"], "s3"),
+    (["upath"], ["status", "s3://runs/x"], "s3"),
+    (["jsonschema"], ["render", "{job}", "--validate"], "k8s"),
+])
+def test_a_missing_extra_is_one_paragraph_naming_the_install(write_job, tmp_path, packages, args, extra):
+    job = str(write_job(GOOD))
+    result = cli_without(packages, *[arg.format(job=job) for arg in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"pip install -e '.[{extra}]'" in " ".join(result.stderr.split())
+    assert len(result.stderr.strip().splitlines()) <= 4  # one paragraph (wrapped by the console)

@@ -19,7 +19,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlcluster.data import synthetic as syn
-from vlcluster.data.shards import decode_sample, expand_urls, missing_shards
+from vlcluster.data.shards import decode_sample
+from vlcluster.storage.shardlist import expand as expand_urls, missing as missing_shards
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.stream import SampleStream
 from vlcluster.data.tokenizer import SPECIAL_TOKENS, TextEncoder, build_word_tokenizer

@@ -69,3 +69,29 @@ def test_hash_covers_upstream_but_not_resources(write_job):
         assert changed.hashes[stage] != base.hashes[stage]
     resized = graph_of(write_job, overrides=["stages.seed.resources.procs_per_node=4"])
     assert resized.hashes == base.hashes
+
+
+def test_only_the_chosen_merge_methods_parameters_enter_its_hash(write_job):
+    ties = ["stages.merge.method=ties", "stages.merge.seed=seed"]
+    base = graph_of(write_job, overrides=ties)
+    other_alpha = graph_of(write_job, overrides=[*ties, "stages.merge.alpha=0.1"])
+    assert other_alpha.hashes["merge"] == base.hashes["merge"]  # ties does not read alpha: no re-run
+    other_density = graph_of(write_job, overrides=[*ties, "stages.merge.density=0.2"])
+    assert other_density.hashes["merge"] != base.hashes["merge"]
+    assert other_density.hashes["ev"] != base.hashes["ev"]
+    interpolation = graph_of(write_job)
+    assert graph_of(write_job, overrides=["stages.merge.density=0.2"]).hashes == interpolation.hashes
+    assert graph_of(write_job, overrides=["stages.merge.alpha=0.2"]).hashes["merge"] != interpolation.hashes["merge"]
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("stages.merge.alpha=5", "stages.merge.alpha"),
+    ("stages.merge.alpha=.nan", "stages.merge.alpha"),
+    ("stages.merge.density=0", "stages.merge.density"),
+    ("stages.merge.lam=0", "stages.merge.lam"),
+    ("stages.merge.lam=.inf", "stages.merge.lam"),
+    ("stages.merge.part_alpha.ffn=1.5", "stages.merge.part_alpha.ffn"),
+])
+def test_merge_parameters_out_of_their_declared_range_are_refused(write_job, override, expected):
+    with pytest.raises(SpecError, match=expected.replace(".", r"\.")):
+        graph_of(write_job, overrides=[override])

@@ -69,3 +69,62 @@ def test_report_command_correlates_metrics_with_merge_drop(tmp_path, capsys):
         assert correlations[name] == pytest.approx(np.corrcoef(values, drops)[0, 1], abs=1e-9)
         assert f"{correlations[name]:.3f}" in out
     assert correlations["tssd"] > correlations["l2"]  # the paper's finding: TSSD predicts the drop best
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--alpha", "nan"], "alpha must be a finite number in [0, 1], not nan"),
+    (["--alpha", "5"], "alpha must be in [0, 1], not 5"),
+    (["--method", "ties", "--density", "0"], "density must be in (0, 1], not 0"),
+    (["--method", "arithmetic", "--lam", "inf"], "lam must be a finite number in > 0, not inf"),
+    (["--alpha-ffn", "-1"], "part_alpha must be in [0, 1], not -1"),
+])
+def test_merge_command_refuses_parameters_out_of_range(tmp_path, capsys, flags, expected):
+    write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
+    seed = ["--base", str(tmp_path / "src")] if "--method" in flags else []
+    assert main(["merge", str(tmp_path / "src"), "-o", str(tmp_path / "out"), *flags, *seed]) == 2
+    err = capsys.readouterr().err
+    assert expected in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_and_metrics_take_a_safetensors_file(tmp_path, capsys):
+    state = random_state("specific")
+    write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})
+    weights = tmp_path / "src" / "model.safetensors"
+    assert main(["merge", str(weights), "-o", str(tmp_path / "out"), "--alpha", "0.3"]) == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(merged[key], value) for key, value in merge_state(state, "interpolation", alpha=0.3).items())
+    capsys.readouterr()
+    assert main(["metrics", str(weights), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["metrics", str(tmp_path / "src"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == from_file
+
+
+def test_merge_of_a_file_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
+    write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
+    lonely = tmp_path / "lonely" / "weights.safetensors"
+    lonely.parent.mkdir()
+    lonely.write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    assert main(["merge", str(lonely), "-o", str(tmp_path / "out")]) == 2
+    assert "no model.json beside it" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "src" / "model.json"), "-o", str(tmp_path / "out")]) == 2
+    assert "must be a stage directory" in " ".join(capsys.readouterr().err.split())
+    assert main(["metrics", str(tmp_path / "nowhere")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_merge_of_a_safetensors_file_without_any_extra_installed(tmp_path):
+    """As after the README's first install: no submitit, Ray, s3fs, UPath or validators."""
+    from tests.test_cli import cli_without
+
+    state = random_state("specific")
+    write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})
+    extras = ["submitit", "ray", "s3fs", "upath", "jsonschema", "kubernetes_validate"]
+    merged = cli_without(extras, "merge", str(tmp_path / "src" / "model.safetensors"), "-o", str(tmp_path / "out"))
+    assert merged.returncode == 0, merged.stderr
+    expected = merge_state(state, "interpolation", alpha=0.5)
+    assert all(torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))[key], value) for key, value in expected.items())
+    wrong = cli_without(extras, "metrics", str(tmp_path / "src" / "model.json"))
+    assert wrong.returncode == 2 and "must be a stage directory" in " ".join(wrong.stderr.split())
+    assert "Traceback" not in wrong.stderr

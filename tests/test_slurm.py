@@ -188,3 +188,16 @@ def test_cancel_cancels_every_queued_job(write_job, tmp_path):
     states = wait_until_finished(run_dir, ["data[seed=0]", "after_all"], timeout=60)
     assert states[job_id(run_dir, "after_all")].state == "CANCELLED"
     assert "cancelled" in cli("status", str(run_dir)).stdout
+
+
+def test_gated_merge_shows_gated_and_blocks_its_dependants_on_slurm(write_job, tmp_path, monkeypatch):
+    from tests.test_e2e_merge import GATED, assert_gated_status
+
+    monkeypatch.setenv("COLUMNS", "400")
+    run_dir = tmp_path / "run"
+    result = submit(str(write_job(GATED)), run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = wait_until_finished(run_dir, ("data", "vlpt", "merge", "after_merge"), timeout=300)
+    assert states[job_id(run_dir, "merge")].state == "FAILED"
+    assert states[job_id(run_dir, "after_merge")].state == "CANCELLED"  # --kill-on-invalid-dep: never started
+    assert_gated_status(run_dir)

@@ -131,3 +131,30 @@ def test_sweep_survives_the_run_directory_round_trip(write_job, tmp_path):
     save_pipeline(tmp_path, graph)
     again = load_graph(tmp_path)
     assert again.order == graph.order and again.hashes == graph.hashes
+
+
+HOSTILE = """
+name: hostile
+stages:
+  "data $(touch pwned) `id`": {kind: data, n_train: 32, n_val: 8, shard_size: 16}
+  "after; rm -rf x": {kind: data, n_train: 32, n_val: 8, shard_size: 16, after: ["data $(touch pwned) `id`"]}
+"""
+
+
+def test_every_generated_shell_word_is_quoted_for_hostile_but_valid_names(write_job, tmp_path):
+    """A stage name or run directory with shell syntax stays one word of the
+    script (line breaks are refused in stage names by the spec)."""
+    import shlex
+
+    run_dir = tmp_path / "it's $HOME"
+    script = dry_run(str(write_job(HOSTILE)), "--run-dir", str(run_dir))
+    srun = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 2
+    for line, stage in zip(srun, ("data $(touch pwned) `id`", "after; rm -rf x")):
+        words = shlex.split(line)
+        assert words[-1] == str(run_dir / "slurm" / stage)  # the folder submitit's _submit reads
+        assert words[words.index("--output") + 1] == str(run_dir / "slurm" / stage / "%j_%t_log.out")
+    flags = [shlex.split(line[len("#SBATCH "):]) for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert all(len(words) == 1 for words in flags)  # every sbatch flag one word
+    assert "# ---- after; rm -rf x: one job" in script
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()

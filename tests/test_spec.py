@@ -170,3 +170,10 @@ def test_init_errors(write_job, overrides, expected):
     with pytest.raises(SpecError) as info:
         load_pipeline(write_job(MINIMAL), overrides)
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "line\\nbreak", ".hidden", ""])
+def test_stage_names_are_plain_directory_names(write_job, name):
+    text = f'name: n\nstages:\n  "{name}": {{kind: data}}\n'
+    with pytest.raises(SpecError, match="use a plain directory name"):
+        load_pipeline(write_job(text), [])

@@ -155,7 +155,7 @@ def s3_dataset(s3_server):
 
 
 def test_shard_lists_from_prefix_glob_and_braces(s3_env, s3_dataset):
-    from vlcluster.data.shards import expand_urls
+    from vlcluster.storage.shardlist import expand as expand_urls
 
     train = [f"{s3_dataset}/train-{i:06d}.tar" for i in range(3)]
     assert expand_urls(f"{s3_dataset}/") == train + [f"{s3_dataset}/val-000000.tar"]
@@ -170,7 +170,7 @@ def test_shard_lists_from_prefix_glob_and_braces(s3_env, s3_dataset):
 
 def test_training_reads_listed_s3_shards(s3_env, s3_dataset):
     from vlcluster.data.loader import TrainLoader
-    from vlcluster.data.shards import expand_urls
+    from vlcluster.storage.shardlist import expand as expand_urls
 
     # Two data-loader worker processes, each reading its own shards from S3.
     loader = TrainLoader(expand_urls(f"{s3_dataset}/train-*.tar"), 0, 1, seed=0, shuffle_buffer=4, batch_size=4, num_workers=2)
@@ -294,7 +294,7 @@ def _count_gets(fs) -> dict[str, int]:
 def test_shard_cache_makes_the_second_epoch_download_nothing(s3_env, s3_dataset, tmp_path):
     import fsspec
 
-    from vlcluster.data.shards import expand_urls, open_url
+    from vlcluster.storage.shardlist import expand as expand_urls, open_input as open_url
     from vlcluster.storage import config
 
     config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url, cache_dir=str(tmp_path / "cache")))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -65,22 +64,13 @@ def resolved_details(graph) -> list[str]:
 
 def shard_count(patterns: str | list[str]) -> str:
     """How many train shards, without listing an object store (plan runs offline)."""
-    from vlcluster.data.shards import expand_urls
     from vlcluster.storage.paths import is_remote
-    from vlcluster.storage.shardlist import needs_listing
+    from vlcluster.storage.shardlist import expand, needs_listing
 
     patterns = [patterns] if isinstance(patterns, str) else patterns
     if any(is_remote(p) and needs_listing(p) for p in patterns):
         return "train shards listed at run time"
-    return f"{len(expand_urls(patterns))} train shards"
-
-
-def check_runnable(graph, source: str) -> None:
-    from vlcluster.run import RUNNERS
-
-    missing = [f"stages.{name}: kind {spec.kind!r}" for name, spec in graph.pipeline.stages.items() if spec.kind not in RUNNERS]
-    if missing:
-        raise SpecError(f"{source}: this version of vlcluster cannot run these stages yet: " + "; ".join(missing))
+    return f"{len(expand(patterns))} train shards"
 
 
 def cmd_plan(args) -> int:
@@ -103,7 +93,6 @@ def cmd_submit(args) -> int:
     from vlcluster.plan import check_inputs, make_plan
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
-    check_runnable(graph, args.file)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
     backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))
@@ -121,8 +110,7 @@ def cmd_submit(args) -> int:
     plans = make_plan(graph, run_dir)
     print_plan(graph, plans, run_dir)
     if args.dry_run:
-        if hasattr(backend, "render"):  # e.g. the sbatch scripts of the slurm backend
-            sys.stdout.write(backend.render(graph, plans, run_dir))
+        sys.stdout.write(backend.render(graph, plans, run_dir))  # e.g. the sbatch scripts of the slurm backend
         return 0
     save_pipeline(run_dir, graph)
     started = time.perf_counter()
@@ -132,7 +120,7 @@ def cmd_submit(args) -> int:
         report = run_dir / plan.name / "report.md"
         if plan.kind == "report" and report.is_file():
             console.print(report.read_text())
-    if getattr(backend, "queues", False):  # e.g. slurm: submit returns once every job is queued
+    if backend.queues:  # e.g. slurm: submit returns once every job is queued
         console.print(f"queued in {elapsed:.1f} s")
         return 0
     verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
@@ -164,166 +152,63 @@ def cmd_render(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
+def load_run(run_dir_arg: str):
+    """The run's graph, plans and stage records (``state.json``)."""
     from vlcluster.context import load_graph
     from vlcluster.plan import make_plan
     from vlcluster.rundir import stage_dir
-    from vlcluster.storage.errors import redact
     from vlcluster.storage.paths import run_path
 
-    run_dir = run_path(args.run_dir)
+    run_dir = run_path(run_dir_arg)
     graph = load_graph(run_dir)
     plans = make_plan(graph, run_dir)
-    records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
-    slurm_states = slurm_job_states(records)
-    ray_states = ray_job_states(records)
+    return run_dir, graph, plans, {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
+
+
+def cmd_status(args) -> int:
+    from vlcluster.backends.status import run_status
+    from vlcluster.storage.errors import redact
+
+    run_dir, graph, plans, records = load_run(args.run_dir)
     table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
-    states: dict[str, str] = {}
-    for plan in plans:
-        directory = stage_dir(run_dir, plan.name)
-        record = records[plan.name]
-        if record.get("backend") == "slurm":
-            state, detail = describe_slurm_state(plan, record, slurm_states.get(record.get("job_id")), graph, states)
-        elif record.get("backend") == "ray":
-            from vlcluster.backends.ray_queue import describe
-
-            state, detail = describe(plan, record, ray_states.get(plan.name), directory.log_file)
-        else:
-            state, detail = describe_state(plan, record, directory.log_file)
-        states[plan.name] = state
-        job = f"{record['backend']} {record['job_id']}" if record.get("backend") in {"slurm", "ray"} and record.get("job_id") else ""
-        table.add_row(plan.name, plan.kind, job, state, detail)
+    for plan, status in zip(plans, run_status(graph, plans, records, run_dir).values()):
+        table.add_row(plan.name, plan.kind, status.job, status.state, status.detail)
     console.print(table)
     return 0
 
 
-def slurm_job_states(records: dict[str, dict]) -> dict:
-    from vlcluster.backends.slurm_queue import job_states
-
-    return job_states([r["job_id"] for r in records.values() if r.get("backend") == "slurm" and r.get("job_id")])
-
-
-def describe_slurm_state(plan, record: dict, job, graph, states: dict[str, str]) -> tuple[str, str]:
-    """A stage submitted to SLURM: its job's state in accounting, and for a
-    job that never ran, which upstream stage failed."""
-    if plan.status == "done":
-        return "done", ""
-    if job is None:
-        return "unknown", f"job {record.get('job_id')} not in accounting"
-    facts = [f"requeued {job.restarts}x"] if job.restarts else []
-    if plan.resume_step is not None:
-        facts.append(f"checkpoint at step {plan.resume_step}")
-    if job.state == "PENDING":
-        return "pending", "; ".join([f"waiting: {job.reason}", *facts])
-    if job.state in {"RUNNING", "COMPLETING", "REQUEUED"}:
-        return job.state.lower(), "; ".join(facts)
-    failed_upstream = sorted(dep for dep in graph.upstream(plan.name) if states.get(dep) == "failed")
-    if job.state == "CANCELLED" and failed_upstream:
-        return "blocked", "never started, upstream failed: " + ", ".join(failed_upstream)
-    if job.state == "COMPLETED":  # exited 0 without its done-marker
-        return "failed", f"no done-marker; log {record.get('log')}"
-    return ("failed" if job.state != "CANCELLED" else "cancelled"), (
-        f"{job.state} exit {job.exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})"
-    )
-
-
-def ray_job_states(records: dict[str, dict]) -> dict[str, str | None]:
-    from vlcluster.backends.ray_queue import job_statuses, ray_records
-
-    return job_statuses(records) if ray_records(records) else {}
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed stage whose parent died stays a zombie until init reaps it: that is not running
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-
-
-def describe_state(plan, record: dict, log_file: Path) -> tuple[str, str]:
-    if plan.status == "done":
-        return "done", ""
-    recorded = record.get("state")
-    if recorded == "running" and not pid_alive(record.get("pid")):
-        recorded = "interrupted"
-    resume = f"checkpoint at step {plan.resume_step}" if plan.resume_step is not None else ""
-    if recorded == "failed":
-        gated = (record.get("gate") or {}).get("passed") is False
-        reason = f"{record['reason']}; " if record.get("reason") else ""
-        return ("gated" if gated else "failed"), f"{reason}exit {record.get('returncode')}; log {log_file}"
-    if recorded == "blocked":
-        return "blocked", "upstream failed: " + ", ".join(record.get("blocked_by", []))
-    if recorded in {"running", "interrupted"}:
-        return recorded, resume
-    return ("stale" if plan.status == "stale" else "pending"), resume
-
-
 def cmd_logs(args) -> int:
+    from vlcluster.backends import get_backend
+    from vlcluster.backends.status import backend_of
     from vlcluster.rundir import stage_dir
+    from vlcluster.storage.paths import run_path
 
-    directory = stage_dir(args.run_dir, args.stage)
-    log_file = directory.log_file
-    record = directory.read_state()
-    slurm_log = record.get("slurm_log")
-    if not log_file.is_file() and record.get("backend") == "ray":  # run dir not shared with the node: ask Ray
-        from vlcluster.backends.ray_queue import job_logs
-
-        text = job_logs(record)
-        if text is not None:
-            sys.stdout.write(text)
-            return 0
-    if not log_file.is_file() and not (slurm_log and Path(slurm_log).is_file()):
-        raise SpecError(f"{log_file}: no log (has stage {args.stage!r} started?)")
-    if log_file.is_file():
-        sys.stdout.write(log_file.read_text())
-    if slurm_log and Path(slurm_log).is_file():  # the job wrapper's own output (submitit, tracebacks)
-        sys.stdout.write(f"==== slurm job log {slurm_log}\n" + Path(slurm_log).read_text())
+    run_dir = run_path(args.run_dir)
+    record = stage_dir(run_dir, args.stage).read_state()
+    sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
     return 0
 
 
 def cmd_cancel(args) -> int:
     """Cancel every queued or running job of a run (slurm, ray), or the running
     stage of a local submit."""
-    import signal
+    from collections import defaultdict
 
-    from vlcluster.context import load_graph
-    from vlcluster.plan import make_plan
+    from vlcluster.backends import get_backend
+    from vlcluster.backends.status import backend_of
     from vlcluster.rundir import stage_dir
-    from vlcluster.storage.paths import run_path
 
-    run_dir = run_path(args.run_dir)
-    graph = load_graph(run_dir)
-    records = {name: stage_dir(run_dir, name).read_state() for name in graph.order}
-    done = {plan.name for plan in make_plan(graph, run_dir) if plan.status == "done"}
-    # Every recorded job of a stage not done, without asking accounting first
-    # (it lags a just-submitted job); SLURM ignores ids of ended jobs.
-    to_cancel = [name for name, r in records.items() if r.get("backend") == "slurm" and r.get("job_id") and name not in done]
-    if to_cancel:
-        from vlcluster.backends.slurm_queue import cancel
-
-        cancel([records[name]["job_id"] for name in to_cancel])
-    pending_ray = {name: record for name, record in records.items() if name not in done}
-    if any(record.get("backend") == "ray" for record in pending_ray.values()):
-        from vlcluster.backends.ray_queue import stop
-
-        to_cancel += stop(pending_ray)
-    for name, record in records.items():
-        if record.get("backend") == "local" and record.get("state") == "running" and pid_alive(record.get("pid")):
-            os.kill(record["pid"], signal.SIGTERM)
-            to_cancel.append(name)
-    for name in to_cancel:
+    run_dir, _, plans, records = load_run(args.run_dir)
+    by_backend: dict[str, dict[str, dict]] = defaultdict(dict)
+    for plan in plans:
+        if plan.status != "done":
+            by_backend[backend_of(records[plan.name])][plan.name] = records[plan.name]
+    cancelled = [name for backend, group in by_backend.items() for name in get_backend(backend).cancel(run_dir, group)]
+    for name in cancelled:
         stage_dir(run_dir, name).write_state(state="cancelled", cancelled=time.time())
-    console.print(f"cancelled {len(to_cancel)} stage(s)" + (f": {', '.join(to_cancel)}" if to_cancel else ""))
+    console.print(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else ""))
     return 0
 
 
@@ -360,22 +245,65 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
-    from vlcluster.merge.apply import merge_checkpoint, method_params
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """--method and one flag per merge parameter, from the declarations in merge/methods.py."""
+    from vlcluster.merge.methods import METHOD_NAMES, PARAMS, PART_FAMILY, SPECS
 
-    values = {
-        "alpha": args.alpha, "lam": args.lam, "gamma": args.gamma, "density": args.density,
-        "random_seed": args.random_seed,
-        "part_alpha": {"attn": args.alpha_attn, "ffn": args.alpha_ffn, "ln": args.alpha_ln},
-    }
+    parser.add_argument("--method", default="interpolation", choices=METHOD_NAMES)
+    for name, param in PARAMS.items():
+        users = "/".join(method for method, spec in SPECS.items() if name in spec.params)
+        if param.type is dict:  # per-part values: one flag per part
+            for part in dict.fromkeys(PART_FAMILY.values()):
+                parser.add_argument(f"--alpha-{part}", type=float, default=None, help=f"{users}: alpha for {part} only")
+            continue
+        parser.add_argument(f"--{name.replace('_', '-')}", type=param.type, default=param.default,
+                            help=f"{users}: {param.help} ({param.range_text})")
+
+
+def cmd_merge(args) -> int:
+    from vlcluster.merge.methods import PART_FAMILY, PARAMS, SPECS, param_problems
+
+    values = {name: getattr(args, name) for name in PARAMS if name != "part_alpha"}
+    values["part_alpha"] = {part: getattr(args, f"alpha_{part}") for part in dict.fromkeys(PART_FAMILY.values())}
+    problems = param_problems(args.method, values)
+    spec = SPECS[args.method]
+    if spec.needs_base and not args.base:
+        problems.append("needs the seed checkpoint W0 (--base DIR)")
+    if spec.needs_grams and not args.grams:
+        problems.append("needs the Gram matrices of a grams stage (--grams DIR)")
+    if problems:
+        raise SpecError(f"vlcluster merge --method {args.method}: " + "; ".join(problems))
+    from vlcluster.merge.apply import merge_checkpoint
+    from vlcluster.merge.methods import chosen_params
+
+    params = chosen_params(args.method, values)
     from vlcluster.storage.paths import run_path
 
+    source, base, grams = (checkpoint_path(path, role) if path else None
+                           for path, role in ((args.source, "source"), (args.base, "--base"), (args.grams, "--grams")))
     record = merge_checkpoint(  # local directories or object-store URLs
-        run_path(args.source), run_path(args.out), args.method, method_params(args.method, values),
-        base=run_path(args.base) if args.base else None, grams=run_path(args.grams) if args.grams else None,
+        source, run_path(args.out), args.method, params, base=base, grams=grams,
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
+
+
+def checkpoint_path(argument: str, role: str):
+    """A stage directory or a ``.safetensors`` file; anything else is one clear error."""
+    from vlcluster.storage.paths import run_path
+
+    path = run_path(argument)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise SpecError(f"{argument}: {role}: no such file or directory")
+    if not path.name.endswith(".safetensors"):
+        raise SpecError(f"{argument}: {role} must be a stage directory (model.safetensors + model.json) "
+                        "or a .safetensors file, not this file")
+    if role in {"source", "--base"} and not (path.parent / "model.json").is_file():  # merge reads the config
+        raise SpecError(f"{argument}: {role}: no model.json beside it, so the model's configuration (arch, size, "
+                        "layers) is unknown; pass the stage directory that vlcluster wrote, or put its model.json next to the file")
+    return path
 
 
 def cmd_metrics(args) -> int:
@@ -383,11 +311,10 @@ def cmd_metrics(args) -> int:
 
     from vlcluster.metrics.distance import checkpoint_distances
     from vlcluster.metrics.stage import format_metrics
+    from vlcluster.storage.paths import local_copy
 
-    from vlcluster.storage.paths import local_copy, run_path
-
-    path = run_path(args.checkpoint)
-    result = checkpoint_distances(local_copy(path / "model.safetensors" if path.is_dir() else path), args.density)
+    path = checkpoint_path(args.checkpoint, "checkpoint")
+    result = checkpoint_distances(local_copy(path if path.name.endswith(".safetensors") else path / "model.safetensors"), args.density)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
     return 0
 
@@ -468,18 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     merge = sub.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
-    merge.add_argument("source", help="directory with model.safetensors + model.json (a stage output)")
+    merge.add_argument("source", help="stage directory (model.safetensors + model.json) or a .safetensors file with model.json beside it")
     merge.add_argument("-o", "--out", required=True, help="output directory")
-    merge.add_argument("--method", default="interpolation", choices=["interpolation", "arithmetic", "regmean", "ties", "dare"])
-    merge.add_argument("--alpha", type=float, default=0.5, help="interpolation: weight of the V expert")
-    for part in ("attn", "ffn", "ln"):
-        merge.add_argument(f"--alpha-{part}", type=float, default=None, help=f"interpolation: alpha for {part} only")
-    merge.add_argument("--lam", type=float, default=0.5, help="arithmetic/ties/dare: lambda")
-    merge.add_argument("--gamma", type=float, default=1.0, help="regmean: off-diagonal scale")
-    merge.add_argument("--density", type=float, default=0.5, help="ties: kept fraction; dare: keep probability")
-    merge.add_argument("--random-seed", type=int, default=0, help="dare: mask seed")
-    merge.add_argument("--base", help="seed checkpoint directory (W0)")
-    merge.add_argument("--grams", help="grams stage directory (grams.safetensors)")
+    add_method_flags(merge)
+    merge.add_argument("--base", help="seed checkpoint (W0): stage directory or .safetensors file")
+    merge.add_argument("--grams", help="grams stage directory or its grams.safetensors")
     merge.set_defaults(func=cmd_merge)
 
     metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")

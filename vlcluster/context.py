@@ -63,7 +63,7 @@ class StageContext:
         return stage_dir(self.run_dir, name)
 
     def data_sources(self, data: DataSpec) -> DataSources:
-        from vlcluster.data.shards import expand_urls
+        from vlcluster.storage.shardlist import expand as expand_urls
 
         if data.from_ is None:
             return DataSources(

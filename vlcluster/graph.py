@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
+from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
 
-MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
 
 # Which kinds each reference field may point at.
 REFERENCE_TARGETS: dict[str, frozenset[str]] = {
@@ -187,7 +187,8 @@ def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[s
 
 
 def stage_identity(stage) -> dict:
-    return stage.model_dump(mode="json", by_alias=True, exclude=NON_IDENTITY_FIELDS)
+    exclude = {**NON_IDENTITY_FIELDS, **{name: True for name in stage.unused_fields()}}
+    return stage.model_dump(mode="json", by_alias=True, exclude=exclude)
 
 
 def _hashes(pipeline: Pipeline, deps: dict[str, tuple[str, ...]], order: tuple[str, ...]) -> dict[str, str]:

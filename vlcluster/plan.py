@@ -80,10 +80,8 @@ def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
 
 
 def _missing_input(pattern: str | list[str] | None, field: str, include_remote: bool) -> str | None:
-    # Imported only here: the shard reader pulls in torch (~2 s), which a
-    # pipeline reading only its own data stages never needs at submit time.
-    from vlcluster.data.shards import expand_urls, missing_shards
     from vlcluster.storage.errors import check_bucket, storage_errors
+    from vlcluster.storage.shardlist import expand, missing
 
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
     patterns = [p for p in patterns if include_remote or not is_remote(p)]
@@ -93,12 +91,12 @@ def _missing_input(pattern: str | list[str] | None, field: str, include_remote: 
         for url in patterns:
             check_bucket(url, field)
         try:
-            urls = expand_urls(patterns)
+            urls = expand(patterns)
         except FileNotFoundError as exc:  # a glob or prefix that matches nothing
             return f"{field}: {exc}"
-        missing = missing_shards(urls)
-    if not missing:
+        absent = missing(urls)
+    if not absent:
         return None
     if len(urls) == 1:
-        return f"{field}: file not found: {missing[0]}"
-    return f"{field}: {len(missing)} of {len(urls)} shard files missing (first: {missing[0]})"
+        return f"{field}: file not found: {absent[0]}"
+    return f"{field}: {len(absent)} of {len(urls)} shard files missing (first: {absent[0]})"

@@ -12,79 +12,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 
-from vlcluster.context import StageContext, load_context
+from vlcluster.context import load_context
+from vlcluster.jobspec.kinds import runner
 
 log = logging.getLogger("vlcluster.run")
 
 GATE_CLOSED = 3  # exit status of a merge stage stopped by its mergeability gate
 
 
-def _run_data(ctx: StageContext) -> None:
-    from vlcluster.data.stage import run_data_stage
-
-    run_data_stage(ctx)
-
-
-def _run_training(ctx: StageContext) -> None:
-    from vlcluster.train.loop import run_training
-
-    run_training(ctx)
-
-
-def _run_merge(ctx: StageContext) -> None:
-    from vlcluster.merge.apply import run_merge_stage
-
-    run_merge_stage(ctx)
-
-
-def _run_grams(ctx: StageContext) -> None:
-    from vlcluster.merge.grams import run_grams_stage
-
-    run_grams_stage(ctx)
-
-
-def _run_metrics(ctx: StageContext) -> None:
-    from vlcluster.metrics.stage import run_metrics_stage
-
-    run_metrics_stage(ctx)
-
-
-def _run_eval(ctx: StageContext) -> None:
-    from vlcluster.tasks.evaluate import run_eval_stage
-
-    run_eval_stage(ctx)
-
-
-def _run_report(ctx: StageContext) -> None:
-    from vlcluster.report import run_report_stage
-
-    run_report_stage(ctx)
-
-
-RUNNERS: dict[str, Callable[[StageContext], None]] = {
-    "data": _run_data,
-    "pretrain": _run_training,
-    "finetune": _run_training,
-    "grams": _run_grams,
-    "merge": _run_merge,
-    "metrics": _run_metrics,
-    "eval": _run_eval,
-    "report": _run_report,
-}
-
-
 def die_with_parent() -> None:
     """On the local backend a stage must not outlive the submitting process
     (a killed `vlcluster submit` would otherwise leave ranks writing
     checkpoints behind the next submit's back)."""
-    if os.environ.get("VLCLUSTER_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from vlcluster.backends import stage_process
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.environ.get(stage_process.DIE_WITH_PARENT_ENV) == "1":
+        stage_process.die_with_parent(signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,15 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[{args.stage}] %(message)s", stream=sys.stdout)
     die_with_parent()
     ctx = load_context(args.run_dir, args.stage)
-    runner = RUNNERS.get(ctx.spec.kind)
-    if runner is None:
-        log.error("stage kind %r has no runner yet", ctx.spec.kind)
-        return 2
+    run_stage = runner(ctx.spec.kind)  # jobspec/kinds.py: one table of kinds and their runners
     from vlcluster.data.quality import BadDataError
     from vlcluster.metrics.gate import GateClosed
 
     try:
-        runner(ctx)
+        run_stage(ctx)
     except GateClosed as exc:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
+from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.graph import Graph
-from vlcluster.launch import is_distributed
 from vlcluster.jobspec.load import SpecError, read_yaml
 from vlcluster.jobspec.models import ResourcesSpec, Strict
 from vlcluster.storage.paths import is_remote
@@ -119,17 +119,11 @@ def quantity(gb: float) -> str:
 
 
 def pod_shape(resources: ResourcesSpec, kind: str, profile: KubeProfile) -> PodShape:
-    gpus = resources.gpus_per_node
-    if gpus:
-        cpus = resources.cpus_per_node or profile.cpus_per_gpu * gpus
-        mem_gb = resources.mem_gb or profile.mem_gb_per_gpu * gpus
-    else:
-        ranks = resources.ranks_per_node if is_distributed(kind) else 1
-        cpus = resources.cpus_per_node or max(profile.cpus, ranks)
-        mem_gb = resources.mem_gb or profile.mem_gb
+    site = SiteDefaults(profile.cpus_per_gpu, profile.mem_gb_per_gpu, profile.cpus, profile.mem_gb)
+    node = node_shape(resources, kind, site)
     # A memory-backed emptyDir counts against the pod's memory limit.
-    shm_gb = resources.shm_gb or max(0.25, round(mem_gb * profile.shm_fraction * 4) / 4)  # in 256 MiB steps
-    return PodShape(gpus, cpus, mem_gb, shm_gb)
+    shm_gb = resources.shm_gb or max(0.25, round(node.mem_gb * profile.shm_fraction * 4) / 4)  # in 256 MiB steps
+    return PodShape(node.gpus, node.cpus, node.mem_gb, shm_gb)
 
 
 def worker_groups(graph: Graph, profile: KubeProfile, source: str) -> dict[PodShape, int]:

@@ -59,6 +59,10 @@ def crd_errors(manifest: dict, where: str) -> list[str]:
 
 def validation_errors(manifests: list[dict]) -> list[str]:
     """Every way the manifests break the Kubernetes or KubeRay schemas; empty if valid."""
+    from vlcluster.extras import require
+
+    require("jsonschema", "render --validate")
+    require("kubernetes_validate", "render --validate")
     errors = []
     for manifest in manifests:
         where = f"{manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"

@@ -8,54 +8,30 @@ failed is not started. Killing ``vlcluster submit`` kills its stages too
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from vlcluster.backends.base import StageStatus
+from vlcluster.backends.run_lock import run_lock
+from vlcluster.backends.stage_process import (
+    child_env, copy_lines, exit_status, pid_alive, record_end, stage_log, start_piped, write_header,
+)
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import stage_dir
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.errors import redact
-from vlcluster.storage.paths import Mirror, local_side
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGTERM it when we die.
-    torchrun forwards SIGTERM to its ranks."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@contextmanager
-def run_lock(run_dir: Path):
-    """One submit per run directory at a time (per machine for a remote run
-    directory: the lock file lives in its local side)."""
-    local = local_side(run_dir)
-    local.mkdir(parents=True, exist_ok=True)
-    with open(local / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpecError(f"{run_dir}: another vlcluster submit is running on this run directory") from None
-        yield
 
 
 class LocalBackend:
     name = "local"
+    queues = False
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
@@ -86,41 +62,63 @@ class LocalBackend:
 
     def run_stage(self, plan: StagePlan, run_dir: Path, prefix: str) -> bool:
         directory = stage_dir(run_dir, plan.name)
-        # The log is appended line by line: locally (beside a remote run
-        # directory), uploaded every 30 s while it grows and when the stage ends.
-        log_file = local_side(directory.root) / "logs" / "stage.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        mirror = Mirror(log_file, directory.log_file)
+        log_file, mirror = stage_log(directory)
         command = stage_command(plan.kind, str(run_dir), plan.name, plan.ranks)
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
         self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLCLUSTER_DIE_WITH_PARENT": "1"}
-        if is_distributed(plan.kind):
-            env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
         started = time.time()
         with open(log_file, "a") as log:
-            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
-            log.flush()
-            process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                bufsize=1, preexec_fn=_die_with_parent,
-            )
+            write_header(log, "", command)
+            process = start_piped(command, child_env(plan.kind))
             directory.write_state(state="running", backend=self.name, pid=process.pid, started=started, command=command)
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]")
-                mirror.maybe_sync()
-            code = process.wait()
-        mirror.sync()
-        if code == 0 and directory.done_hash() != plan.spec_hash:
-            code = 1  # exited cleanly without its outputs: never let dependants start on that
+            for _ in copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror):
+                pass
+            exited = process.wait()
+            code = exit_status(exited, directory, plan.spec_hash)
+        if exited == 0 and code != 0:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
+        mirror.sync()
         elapsed = time.time() - started
-        state = "done" if code == 0 else "failed"
-        directory.write_state(state=state, returncode=code, ended=time.time())
+        record_end(directory, code)
         if code == 0:
             self.console.print(f"[green]{prefix}: done in {elapsed:.1f} s[/]")
         else:
             self.console.print(f"[red]{prefix}: failed (exit {code}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
         return code == 0
+
+    # ---- what status, logs and cancel ask ---------------------------------------
+
+    def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
+        return ""  # stages run as local processes; nothing is generated
+
+    def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
+        described = {}
+        for plan in plans:
+            record = records[plan.name]
+            recorded = record.get("state")
+            if recorded == "running" and not pid_alive(record.get("pid")):
+                recorded = "interrupted"  # the submit that ran it was killed
+            if recorded == "failed":
+                described[plan.name] = StageStatus("failed", f"exit {record.get('returncode')}; log {stage_dir(run_dir, plan.name).log_file}")
+            elif recorded in {"running", "interrupted", "cancelled", "blocked"}:
+                described[plan.name] = StageStatus(recorded)
+            else:
+                described[plan.name] = StageStatus("stale" if plan.status == "stale" else "pending")
+        return described
+
+    def logs(self, run_dir: Path, stage: str, record: dict) -> str:
+        from vlcluster.backends.status import no_log, stage_log_text
+
+        text = stage_log_text(run_dir, stage)
+        if text is None:
+            raise no_log(run_dir, stage)
+        return text
+
+    def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
+        """SIGTERM the running stage of a local submit (its ranks checkpoint and exit)."""
+        cancelled = []
+        for name, record in records.items():
+            if record.get("state") == "running" and pid_alive(record.get("pid")):
+                os.kill(record["pid"], signal.SIGTERM)
+                cancelled.append(name)
+        return cancelled

@@ -50,13 +50,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from vlcluster.backends.local import run_lock
 from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
-from vlcluster.backends.ray_queue import describe_progress
+from vlcluster.backends.base import StageStatus
+from vlcluster.backends.node_shape import node_shape
+from vlcluster.extras import require
+from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
+from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
+from vlcluster.progress import describe_progress, read_progress
 from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import ENV as STORAGE_ENV
@@ -87,6 +91,7 @@ class Launched:
 
 class RayBackend:
     name = "ray"
+    queues = False  # submit drives the pipeline until every stage has ended
 
     def __init__(self, console: Console | None = None, address: str | None = None,
                  max_restarts: int = DEFAULT_MAX_RESTARTS):
@@ -96,6 +101,7 @@ class RayBackend:
 
     def validate(self, graph: Graph, source: str) -> None:
         """Any stage fits: resources are checked by Ray when it places the job."""
+        require("ray.job_submission", "--backend ray")
 
     # ---- the cluster ---------------------------------------------------------
 
@@ -133,8 +139,8 @@ class RayBackend:
         res = graph.pipeline.stages[plan.name].resources
         if res.nodes > 1:  # the job only drives one task per node; the tasks hold the resources
             return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0}
-        cpus = res.cpus_per_node or (res.ranks_per_node if is_distributed(plan.kind) else 1)
-        return {"entrypoint_num_cpus": cpus, "entrypoint_num_gpus": res.gpus_per_node}
+        shape = node_shape(res, plan.kind)  # Ray has no site defaults: what the stage asks for
+        return {"entrypoint_num_cpus": shape.cpus, "entrypoint_num_gpus": shape.gpus}
 
     @staticmethod
     def job_env() -> dict[str, str]:
@@ -177,7 +183,7 @@ class RayBackend:
             job.running = True
             self.console.print(f"  [dim]{escape(job.plan.name)}: running[/]")
         record = directory.read_state()
-        shown = describe_progress(record.get("progress"))
+        shown = describe_progress(read_progress(directory))
         if shown and shown != job.progress_shown:
             job.progress_shown = shown
             restarts = f" (workers restarted {record['worker_restarts']}x)" if record.get("worker_restarts") else ""
@@ -191,8 +197,10 @@ class RayBackend:
             return "done"
         info = client.get_job_info(job.job_id)
         state = "cancelled" if status == JobStatus.STOPPED else "failed"
-        directory.write_state(state=state, returncode=info.driver_exit_code, ended=time.time(), reason=info.message)
-        self.console.print(f"[red]{job.prefix}: {state} ({info.message}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
+        # Ray's message ends with the job's last log lines: its first line is what status shows.
+        message = (info.message or "").split(",", 1)[0].split("\n", 1)[0]
+        directory.write_state(state=state, returncode=info.driver_exit_code, ended=time.time(), ray_message=message)
+        self.console.print(f"[red]{job.prefix}: {state} ({message}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
         return state
 
     # ---- the pipeline ------------------------------------------------------------
@@ -271,3 +279,30 @@ class RayBackend:
             listed = ", ".join(f"{name} (job {job_id})" for name, job_id in active.items())
             raise SpecError(f"{run_dir}: Ray jobs of this run are still running: {listed}; "
                             f"wait, or `vlcluster cancel {run_dir}` first")
+
+    # ---- what status, logs and cancel ask ---------------------------------------
+
+    def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
+        return ""  # the jobs are submitted through the Jobs API; `vlcluster render --backend k8s` for manifests
+
+    def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
+        statuses = job_statuses(records) if ray_records(records) else {}
+        return {plan.name: describe_job(records[plan.name], statuses.get(plan.name), stage_dir(run_dir, plan.name).log_file)
+                for plan in plans}
+
+    def logs(self, run_dir: Path, stage: str, record: dict) -> str:
+        """The stage log; where the run dir is not shared with the node that ran it, Ray's copy."""
+        from vlcluster.backends.ray_queue import job_logs
+        from vlcluster.backends.status import no_log, stage_log_text
+
+        text = stage_log_text(run_dir, stage)
+        if text is None:
+            text = job_logs(record)
+        if text is None:
+            raise no_log(run_dir, stage)
+        return text
+
+    def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
+        from vlcluster.backends.ray_queue import stop
+
+        return stop(records)

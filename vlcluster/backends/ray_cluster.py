@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vlcluster.backends.local import _die_with_parent
+from vlcluster.backends.stage_process import die_with_parent
 from vlcluster.ports import free_ports
 
 START_TIMEOUT_S = 90
@@ -91,7 +91,7 @@ class LocalRayCluster:
         # Its own session (a Ctrl-C of the submit reaches the cluster only through
         # stop()), but SIGTERMed when its parent dies: a killed submit takes its cluster along.
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
 
     def alive_nodes(self) -> int:
         try:

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlcluster.backends.node_shape import node_shape
+from vlcluster.backends.stage_process import child_env, run_once, write_header
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.ports import free_ports
 
@@ -48,10 +50,9 @@ def _rendezvous_address() -> tuple[str, int, str]:
 
 
 def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rendezvous) -> NodeResult:
-    """One node's torchrun; node 0 writes the stage log and progress."""
+    """One node's torchrun; node 0 writes the stage log."""
     import ray
 
-    from vlcluster.backends.ray_stage import child_env, run_once
     from vlcluster.rundir import stage_dir
 
     directory = stage_dir(run_dir, stage)
@@ -60,9 +61,8 @@ def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rende
     command = stage_command(kind, run_dir, stage, procs, rendezvous=rendezvous)
     node_id = ray.get_runtime_context().get_node_id()
     with open(log_file, "a") as log:
-        log.write(f"==== node {node}/{rendezvous.nnodes} on Ray node {node_id} ({socket.gethostname()}): {' '.join(command)}\n")
-        log.flush()
-        code, rank_codes = run_once(command, child_env(kind), directory if node == 0 else None, log)
+        write_header(log, f"node {node}/{rendezvous.nnodes} on Ray node {node_id} ({socket.gethostname()}):", command)
+        code, rank_codes = run_once(command, child_env(kind), log)
     return NodeResult(node, code, rank_codes, node_id)
 
 
@@ -75,8 +75,9 @@ def run_nodes(run_dir: str, stage: str, spec, stopping: Callable[[], bool]) -> l
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     res = spec.resources
-    cpus = res.cpus_per_node or res.ranks_per_node
-    bundle = {"CPU": cpus, **({"GPU": res.gpus_per_node} if res.gpus_per_node else {})}
+    shape = node_shape(res, spec.kind)
+    cpus = shape.cpus
+    bundle = {"CPU": cpus, **({"GPU": shape.gpus} if shape.gpus else {})}
     ray.init(address="auto")  # node tasks' output reaches the job log
     group = placement_group([bundle] * res.nodes, strategy="STRICT_SPREAD")
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from vlcluster.backends.base import StageStatus
+
 # Recorded states whose job may still be queued or running.
 LIVE = frozenset({"submitted", "running"})
 
@@ -28,10 +30,11 @@ def live_by_address(records: dict[str, dict]) -> dict[str, list[str]]:
 def client_for(address: str):
     """A client, or None when nothing answers there (e.g. the private
     cluster of a run that has ended)."""
-    from ray.job_submission import JobSubmissionClient
+    from vlcluster.extras import require
 
+    client_class = require("ray.job_submission", "a run of the Ray backend").JobSubmissionClient
     try:
-        return JobSubmissionClient(address)
+        return client_class(address)
     except (ConnectionError, RuntimeError, ValueError):
         return None
 
@@ -92,25 +95,14 @@ def job_logs(record: dict) -> str | None:
         return None
 
 
-def describe_progress(progress: dict | None) -> str:
-    if not progress:
-        return ""
-    loss = f", loss {progress['loss']:.3f}" if progress.get("loss") is not None else ""
-    return f"step {progress['step']}/{progress['steps']}{loss}, {progress['samples_per_s']:.0f} samples/s"
-
-
-def describe(plan, record: dict, job_status: str | None, log_file: Path) -> tuple[str, str]:
+def describe_job(record: dict, job_status: str | None, log_file: Path) -> StageStatus:
     """A stage run as a Ray job: the live job status where the stage may
     still run, its recorded outcome otherwise."""
-    if plan.status == "done":
-        return "done", ""
     recorded = record.get("state")
-    facts = [describe_progress(record.get("progress"))]
+    facts = []
     if record.get("worker_restarts"):
         facts.append(f"workers restarted {record['worker_restarts']}x")
-    if plan.resume_step is not None:
-        facts.append(f"checkpoint at step {plan.resume_step}")
-    if recorded in {"submitted", "running"}:
+    if recorded in LIVE:
         recorded = {"PENDING": "pending", "RUNNING": "running", "STOPPED": "cancelled", "FAILED": "failed",
                     "SUCCEEDED": "failed"}.get(job_status or "", "interrupted")
         if job_status is None:
@@ -118,8 +110,8 @@ def describe(plan, record: dict, job_status: str | None, log_file: Path) -> tupl
         elif job_status == "SUCCEEDED":
             facts.append("no done-marker")
     if recorded in {"failed", "cancelled"}:
-        facts.append(f"{record['reason']}" if record.get("reason") else "")
+        facts.append(f"exit {record['returncode']}" if record.get("returncode") is not None else "")
+        facts.append(record.get("ray_message") or "")
         facts.append(f"log {log_file}")
-    if recorded == "blocked":
-        facts = ["upstream failed: " + ", ".join(record.get("blocked_by", []))]
-    return recorded or "pending", "; ".join(fact for fact in facts if fact)
+    state = recorded if recorded in {"pending", "running", "failed", "cancelled", "interrupted", "blocked"} else "pending"
+    return StageStatus(state, "; ".join(fact for fact in facts if fact))

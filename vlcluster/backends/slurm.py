@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from pathlib import Path
 from rich.console import Console
 
 from vlcluster.backends import slurm_queue
+from vlcluster.backends.base import StageStatus
+from vlcluster.backends.node_shape import SiteDefaults, node_shape
+from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
-from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.rundir import read_json, stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError, read_yaml
@@ -63,13 +66,8 @@ def profile_name(spec) -> str:
 def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
     """submitit SlurmExecutor parameters for one stage (dependencies apart)."""
     res = spec.resources
-    gpus = res.gpus_per_node
-    if gpus:
-        cpus = res.cpus_per_node or (profile.cpus_per_gpu or 1) * gpus
-        mem_gb = res.mem_gb or (profile.mem_gb_per_gpu * gpus if profile.mem_gb_per_gpu else None)
-    else:
-        cpus = res.cpus_per_node or max(profile.cpus_per_node or 1, res.ranks_per_node if is_distributed(spec.kind) else 1)
-        mem_gb = res.mem_gb or profile.mem_gb
+    shape = node_shape(res, spec.kind, SiteDefaults(profile.cpus_per_gpu, profile.mem_gb_per_gpu, profile.cpus_per_node, profile.mem_gb))
+    gpus, cpus, mem_gb = shape.gpus, shape.cpus, shape.mem_gb
     params: dict = {
         "job_name": job_name,
         "nodes": res.nodes,
@@ -111,6 +109,12 @@ def submission_units(plans: list[StagePlan]) -> list[Unit]:
     return list(units.values())
 
 
+def comment(text: str) -> str:
+    """A comment line of a generated script: a line break in a stage name or
+    path must not end the comment and start a command."""
+    return "# " + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
+
+
 def dependency_flag(job_ids: list[str]) -> dict:
     if not job_ids:
         return {}
@@ -126,6 +130,7 @@ class SlurmBackend:
         self.python = python
 
     def validate(self, graph: Graph, source: str) -> None:
+        require("submitit", "--backend slurm")
         for name, spec in graph.pipeline.stages.items():
             profile = load_profile(profile_name(spec))
             gpus = spec.resources.gpus_per_node
@@ -186,17 +191,18 @@ class SlurmBackend:
             folder = self.folder(run_dir, unit)
             if unit.is_array:
                 params["map_count"] = len(unit.plans)
-            python = self.python_for(graph, unit)
-            command = f"{python} -u -m submitit.core._submit {folder}"
+            # What submitit itself writes at submit time (its _submitit_command_str): every word quoted.
+            command = f"{shlex.quote(self.python_for(graph, unit))} -u -m submitit.core._submit {shlex.quote(str(folder))}"
             spec = graph.pipeline.stages[unit.plans[0].name]
             res = spec.resources
             rendezvous = Rendezvous(res.nodes, "$SLURM_NODEID", "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>") if res.nodes > 1 else None
+            python = self.python_for(graph, unit)
             launch = " ".join(stage_command(spec.kind, absolute(run_dir), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
-            elements = "".join(f"#   task {index}: {plan.name}\n" for index, plan in enumerate(unit.plans)) if unit.is_array else ""
+            elements = "".join(comment(f"  task {index}: {plan.name}") for index, plan in enumerate(unit.plans)) if unit.is_array else ""
             out.append(
-                f"# ---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
-                f" ({spec.kind}, profile {profile_name(spec)})\n{elements}"
-                f"# each task runs: {launch}\n"
+                comment(f"---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
+                        f" ({spec.kind}, profile {profile_name(spec)})") + elements
+                + comment(f"each task runs: {launch}")
                 + _make_sbatch_string(command=command, folder=folder, **params)
             )
         return "\n".join(out)
@@ -210,7 +216,7 @@ class SlurmBackend:
         submitted: dict[str, str] = {}
         for index, unit in enumerate(submission_units(plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
-                                              python=self.python_for(graph, unit))
+                                              python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
             executor.update_parameters(**self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted)))
             jobs = self.jobs(graph, unit, run_dir)
             if unit.is_array:
@@ -249,3 +255,46 @@ class SlurmBackend:
         if active:
             raise SpecError(f"{run_dir}: jobs of this run are still queued or running: {', '.join(active)}; "
                             f"wait, or `vlcluster cancel {run_dir}` first")
+
+    # ---- what status, logs and cancel ask ---------------------------------------
+
+    def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
+        jobs = slurm_queue.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
+        return {plan.name: describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
+
+    def logs(self, run_dir: Path, stage: str, record: dict) -> str:
+        """The stage log, then the job wrapper's own output (submitit, tracebacks)."""
+        from vlcluster.backends.status import no_log, stage_log_text
+
+        text = stage_log_text(run_dir, stage)
+        slurm_log = record.get("slurm_log")
+        if slurm_log and Path(slurm_log).is_file():
+            text = (text or "") + f"==== slurm job log {slurm_log}\n" + Path(slurm_log).read_text()
+        if text is None:
+            raise no_log(run_dir, stage)
+        return text
+
+    def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
+        """Every recorded job, without asking accounting first (it lags a
+        just-submitted job); SLURM ignores ids of ended jobs."""
+        names = [name for name, record in records.items() if record.get("job_id")]
+        slurm_queue.cancel([records[name]["job_id"] for name in names])
+        return names
+
+
+def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:
+    """A stage submitted to SLURM, from its job's state in accounting."""
+    if job is None:
+        return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
+    facts = [f"requeued {job.restarts}x"] if job.restarts else []
+    if job.state == "PENDING":
+        return StageStatus("pending", "; ".join([f"waiting: {job.reason}", *facts]))
+    if job.state in {"RUNNING", "COMPLETING"}:
+        return StageStatus("running", "; ".join(facts))
+    if job.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+        return StageStatus("pending", "; ".join(["requeued", *facts]))
+    if job.state == "COMPLETED":  # exited 0 without its done-marker
+        return StageStatus("failed", f"no done-marker; log {record.get('log')}")
+    exit_code = record.get("returncode", job.exit_code)
+    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed",
+                       f"{job.state} exit {exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})")

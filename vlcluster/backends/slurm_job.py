@@ -22,9 +22,9 @@ import time
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from vlcluster.launch import EXIT_REQUEUE, Rendezvous, is_distributed, stage_command
+from vlcluster.backends.stage_process import child_env, exit_status, record_end, stage_log, write_header
+from vlcluster.launch import EXIT_REQUEUE, Rendezvous, stage_command
 from vlcluster.rundir import stage_dir
-from vlcluster.storage.paths import Mirror, local_side
 
 STOP_TIMEOUT_S = 60
 
@@ -73,39 +73,30 @@ class StageJob(Checkpointable):
         env = submitit.JobEnvironment()
         directory = stage_dir(self.run_dir, self.stage)
         is_main = env.global_rank == 0
-        # Appended line by line, so on a local disk: beside a remote run
-        # directory, uploaded every 30 s while it grows and when the stage ends.
-        log_name = "stage.log" if env.node == 0 else f"node_{env.node}.log"
-        log_file = local_side(directory.root) / "logs" / log_name
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        mirror = Mirror(log_file, directory.root / "logs" / log_name)
+        log_file, mirror = stage_log(directory, "stage.log" if env.node == 0 else f"node_{env.node}.log")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         command = self.command(env)
         if is_main:
             directory.write_state(state="running", job_id=env.job_id, host=socket.gethostname(), restarts=restarts, started=time.time())
         with open(log_file, "a") as log:
-            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {env.job_id} (restart {restarts}) {' '.join(command)}\n")
-            log.flush()
-            child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if is_distributed(self.kind):
-                child_env.setdefault("OMP_NUM_THREADS", "1")
+            write_header(log, f"slurm job {env.job_id} (restart {restarts})", command)
             self._child = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=child_env, preexec_fn=_child_setup, start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, env=child_env(self.kind, die_with_parent=False),
+                preexec_fn=_child_setup, start_new_session=True,
             )
             # poll, not wait(): submitit's signal handler runs on this thread
             # and must be able to reap the child itself.
-            while (code := self._child.poll()) is None:
+            while (exited := self._child.poll()) is None:
                 time.sleep(0.5)
                 mirror.maybe_sync()
         mirror.sync()
-        if code == 0 and directory.done_hash() == self.spec_hash:
-            if is_main:
-                directory.write_state(state="done", returncode=0, ended=time.time())
-            return f"{self.stage}: done"
-        if code == EXIT_REQUEUE:
+        if exited == EXIT_REQUEUE:
             raise StageFailed(f"{self.stage}: stopped on a signal after saving a checkpoint; it resumes when requeued")
+        code = exit_status(exited, directory, self.spec_hash)
         if is_main:
-            directory.write_state(state="failed", returncode=code, ended=time.time())
+            record_end(directory, code)
+        if code == 0:
+            return f"{self.stage}: done"
         raise StageFailed(f"{self.stage}: exit {code}; log {log_file}")
 
     def checkpoint(self) -> DelayedSubmission:

@@ -1,4 +1,4 @@
-"""Shard URLs, reading one shard, decoding one sample.
+"""Decoding one sample of a WebDataset shard (listing and opening shards: ``vlcluster.storage.shardlist``).
 
 Shards are WebDataset tars read through fsspec, so local paths and any
 fsspec scheme (s3://, gs://, memory://, ...) work the same way. The
@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vlcluster.data.quality import BAD_IMAGE, BAD_TEXT, MISSING_FIELD, READ_ERROR, BadSample
-from vlcluster.storage import shardlist
 
 RawSample = dict[str, Any]
-
-
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs of brace patterns, globs and prefixes (see vlcluster.storage.shardlist)."""
-    return shardlist.expand(spec)
-
-
-def missing_shards(urls: Sequence[str]) -> list[str]:
-    """The URLs that do not exist (one listing per parent directory)."""
-    return shardlist.missing(urls)
-
-
-def open_url(url: str) -> IO[bytes]:
-    """Open ``url`` for binary reading (through the shard cache if configured); the caller closes it."""
-    return shardlist.open_input(url)
 
 
 def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ from typing import IO, Any
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vlcluster.data.quality import BadSample, DataQuality
-from vlcluster.data.shards import decode_sample, open_url
+from vlcluster.data.shards import decode_sample
+from vlcluster.storage.shardlist import open_input as open_url
 
 RawSample = dict[str, Any]
 

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from vlcluster.jobspec.kinds import STAGE_KINDS
 from vlcluster.jobspec.models import Pipeline
 
-STAGE_KINDS = ("data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report")
 
 
 class SpecError(Exception):

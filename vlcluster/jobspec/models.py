@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
+from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
+from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
@@ -190,6 +192,10 @@ class StageBase(Strict):
                 raise ValueError(f"sweep over {key!r} has no values")
         return sweep
 
+    def unused_fields(self) -> set[str]:
+        """Fields that do not apply to this stage as configured (left out of its hash)."""
+        return set()
+
 
 class DataStage(StageBase):
     kind: Literal["data"]
@@ -237,12 +243,24 @@ class FinetuneStage(TrainStageBase):
         return train
 
 
+def merge_param(name: str, default: Any = ...) -> Any:
+    """A merge stage field from its declaration in :data:`vlcluster.merge.methods.PARAMS`."""
+    param = PARAMS[name]
+    bounds: dict[str, Any] = {"allow_inf_nan": False} if param.type in (float, dict) else {}
+    if param.low is not None:
+        bounds["gt" if param.low_open else "ge"] = param.low
+    if param.high is not None:
+        bounds["lt" if param.high_open else "le"] = param.high
+    users = ", ".join(method for method, spec in SPECS.items() if name in spec.params)
+    return Field(param.default if default is ... else default, description=f"{param.help} ({users})", **bounds)
+
+
 class PartAlpha(Strict):
     """Per-part α overrides for interpolation sweeps (unset parts use ``alpha``)."""
 
-    attn: float | None = Field(None, ge=0, le=1)
-    ffn: float | None = Field(None, ge=0, le=1)
-    ln: float | None = Field(None, ge=0, le=1, description="both LayerNorms of a block")
+    attn: float | None = merge_param("part_alpha", None)
+    ffn: float | None = merge_param("part_alpha", None)
+    ln: float | None = merge_param("part_alpha", None)
 
 
 MergeMetric = Literal["l2", "cosine", "ssd", "tssd"]
@@ -260,27 +278,33 @@ class MergeStage(StageBase):
     source: str = Field(description="stage holding the modality-specific checkpoint")
     seed: str | None = Field(None, description="stage holding W0 (arithmetic, ties, dare)")
     grams: str | None = Field(None, description="grams stage (regmean)")
-    method: Literal["interpolation", "arithmetic", "regmean", "ties", "dare"] = "interpolation"
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the vision expert (interpolation)")
+    method: Literal[METHOD_NAMES] = "interpolation"
+    alpha: float = merge_param("alpha")
     part_alpha: PartAlpha | None = Field(None, description="per-part alpha (interpolation)")
-    lam: float = Field(0.5, ge=0, description="lambda: scale of the summed modality vectors")
-    gamma: float = Field(1.0, ge=0, le=1, description="RegMean: scale of the Grams' off-diagonal")
-    density: float = Field(0.5, gt=0, le=1, description="TIES: kept fraction; DARE: keep probability")
-    random_seed: int = Field(0, description="DARE drop masks")
+    lam: float = merge_param("lam")
+    gamma: float = merge_param("gamma")
+    density: float = merge_param("density")
+    random_seed: int = merge_param("random_seed")
     gate: GateSpec | None = None
 
     @model_validator(mode="after")
     def _inputs_for_method(self) -> MergeStage:
-        if self.method in ("arithmetic", "ties", "dare") and self.seed is None:
+        spec = SPECS[self.method]
+        if spec.needs_base and self.seed is None:
             raise ValueError(f"method {self.method} needs 'seed' (the stage holding W0)")
-        if self.method == "regmean" and self.grams is None:
-            raise ValueError("method regmean needs 'grams' (a grams stage)")
+        if spec.needs_grams and self.grams is None:
+            raise ValueError(f"method {self.method} needs 'grams' (a grams stage)")
         return self
 
     def method_values(self) -> dict:
-        values = self.model_dump(include={"alpha", "lam", "gamma", "density", "random_seed"})
-        values["part_alpha"] = self.part_alpha.model_dump() if self.part_alpha else None
+        """The chosen method's parameters (what it reads, what its hash covers)."""
+        values = {name: getattr(self, name) for name in SPECS[self.method].params}
+        if "part_alpha" in values:
+            values["part_alpha"] = self.part_alpha.model_dump() if self.part_alpha else None
         return values
+
+    def unused_fields(self) -> set[str]:
+        return set(PARAMS) - set(SPECS[self.method].params)
 
 
 class GramsStage(StageBase):
@@ -331,9 +355,9 @@ Stage = Annotated[
     Field(discriminator="kind"),
 ]
 
-TRAINING_KINDS = frozenset({"pretrain", "finetune"})
-# Kinds started under torchrun, one process per rank.
-DISTRIBUTED_KINDS = TRAINING_KINDS | {"grams"}
+# The union and the table of kinds (jobspec/kinds.py: runner, torchrun or not) name the same kinds.
+assert {member.model_fields["kind"].annotation.__args__[0] for member in Stage.__origin__.__args__} == set(KINDS), \
+    "jobspec/kinds.py and the Stage union disagree"
 
 
 class ClusterProfile(Strict):
@@ -369,6 +393,16 @@ class Pipeline(Strict):
     def _not_empty(cls, stages: dict) -> dict:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
+        return stages
+
+    @field_validator("stages")
+    @classmethod
+    def _names_are_directory_names(cls, stages: dict) -> dict:
+        # A stage name is a directory of the run dir and a word of generated scripts.
+        for name in stages:
+            if not name or name.startswith(".") or any(char in name for char in "/\\") or not name.isprintable():
+                raise ValueError(f"stage name {name!r}: use a plain directory name (no '/', '\\', "
+                                 "line breaks or control characters, not starting with '.')")
         return stages
 
     @property

@@ -1,7 +1,6 @@
 """Merging modality experts into one modality-agnostic transformer.
 
-Importing the package registers every method (``methods``, ``sparse``,
-``regmean``), so ``METHODS`` is complete wherever a merge runs.
+``methods`` declares every method (parameters, inputs) without importing
+torch; ``get_method`` imports the module holding a method's function
+(``linear``, ``sparse``, ``regmean``) when it is first used.
 """
-
-from vlcluster.merge import methods, regmean, sparse  # noqa: F401  (registration)

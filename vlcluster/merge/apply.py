@@ -40,28 +40,32 @@ def merge_state(
     return dict(merge_steps(plan_merge(state), StateSource(state), inputs))
 
 
-def method_params(method: str, values: dict[str, Any]) -> dict[str, Any]:
-    """The hyper-parameters ``method`` reads, from a dict of every knob."""
-    return {name: values[name] for name in get_method(method).params if name in values}
+def weights_file(path: Path, role: str) -> Path:
+    """A stage directory's weights file, or the ``.safetensors`` file given itself."""
+    if path.name.endswith(".safetensors"):
+        return path
+    return path / ("grams.safetensors" if role == "grams" else "model.safetensors")
 
 
 def merge_checkpoint(
     source: Path, out_dir: Path, method: str, params: dict[str, Any], base: Path | None = None,
     grams: Path | None = None, provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge ``source/model.safetensors`` into ``out_dir`` (weights + model.json); returns the provenance.
+    """Merge ``source/model.safetensors`` (or a ``.safetensors`` file with its
+    ``model.json`` beside it) into ``out_dir`` (weights + model.json); returns the provenance.
 
     Input digests come from the records written with the inputs; an input
     without one (or changed since) is hashed on a second thread while the merge
     runs (hashlib releases the GIL)."""
-    config: ModelConfig = read_model_config(source)
     inputs = {"source": source, "base": base, "grams": grams}
-    files = {name: path / ("grams.safetensors" if name == "grams" else "model.safetensors") for name, path in inputs.items() if path}
+    files = {name: weights_file(path, name) for name, path in inputs.items() if path}
+    config: ModelConfig = read_model_config(files["source"].parent)
     local = {name: local_copy(path) for name, path in files.items()}  # the streaming merge reads local files
     ensure_dir(out_dir)
     with ThreadPoolExecutor(max_workers=1) as pool, writable(out_dir / "model.safetensors") as out_file:
         digests = pool.submit(lambda: {
-            name: file_sha256(local[name]) if name == "grams" else weights_sha256(files[name].parent) for name in files
+            name: weights_sha256(path.parent) if path.name == "model.safetensors" and name != "grams" else file_sha256(local[name])
+            for name, path in files.items()
         })
         count = merge_files(
             local["source"], out_file, get_method(method), params,
@@ -86,7 +90,7 @@ def run_merge_stage(ctx: StageContext) -> None:
     spec = ctx.spec
     source = ctx.upstream_dir(spec.source).root
     gate = check_gate(ctx, local_copy(source / "model.safetensors")) if spec.gate else None
-    params = method_params(spec.method, spec.method_values())
+    params = spec.method_values()
     record = merge_checkpoint(
         source, ctx.dir.root, spec.method, params,
         base=ctx.upstream_dir(spec.seed).root if spec.seed else None,

@@ -142,6 +142,7 @@ def run_grams_stage(ctx) -> None:
     from vlcluster.data.stream import eval_samples
     from vlcluster.data.tokenizer import TextEncoder
     from vlcluster.outputs import finish_stage, read_model
+    from vlcluster.progress import reported
     from vlcluster.train.dist import exit_process, init_distributed
 
     spec = ctx.spec
@@ -155,7 +156,10 @@ def run_grams_stage(ctx) -> None:
     encoder = TextEncoder(sources.tokenizer)
     quality = DataQuality()
     samples = eval_samples(urls, config.image_size, quality)
-    grams, counts = collect_grams(model, rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size))
+    batches = rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size)
+    if env.is_main:
+        batches = reported(batches, ctx.dir, spec.batches, spec.batch_size)  # <stage>/progress.json
+    grams, counts = collect_grams(model, batches)
     # Every rank reads the same samples (keeping its share), so the counts and the verdict agree.
     check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
     if env.is_main:

@@ -3,20 +3,31 @@
 A method receives a :class:`Group` — the tensors of one parameter across
 experts (``{"v": W_v, "l": W_l, "vl": W_vl?}``), the seed weight W⁰ when the
 method needs one, and the Gram matrices when it needs them — plus its
-hyper-parameters, and returns the shared tensor. Register new methods with
-:func:`register`; TIES/DARE live in ``sparse.py``, RegMean in ``regmean.py``.
+hyper-parameters, and returns the shared tensor.
+
+This module is the single source of what each method takes: its parameters
+(type, default, valid range: :data:`PARAMS`) and inputs (:data:`SPECS`). The
+job-file validation, the ``vlcluster merge`` flags and the stage hash (only
+the chosen method's parameters) derive from it. It imports no torch, so the
+submit path stays light; the functions live in ``linear.py``
+(interpolation, arithmetic), ``sparse.py`` (TIES, DARE) and ``regmean.py``,
+imported when a method is first used. A new method: one file with a
+:func:`register`-ed function plus one :data:`SPECS` line.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-ExpertTensors = dict[str, torch.Tensor]
-MergeFn = Callable[..., torch.Tensor]
+ExpertTensors = dict[str, "torch.Tensor"]
+MergeFn = Callable[..., "torch.Tensor"]
 
 # Per-part α for sweeps: the two LayerNorms of a block share one setting.
 PART_FAMILY = {"attn": "attn", "ffn": "ffn", "ln1": "ln", "ln2": "ln"}
@@ -45,30 +56,121 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Param:
+    """A merge hyper-parameter: its type, default and valid range."""
+
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # (low, ...: low itself is not allowed
+    high_open: bool = False
+
+    @property
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return "any integer" if self.type is int else "any finite number"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not valid, or None."""
+        if value is None:
+            return None
+        if isinstance(value, Mapping):  # per-part values (part_alpha)
+            return next((self.problem(item) for item in value.values() if self.problem(item)), None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.type is int and not isinstance(value, int)):
+            return f"must be {'an integer' if self.type is int else 'a number'}, not {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number in {self.range_text}, not {value}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be in {self.range_text}, not {value:g}" if below or above else None
+
+
+PARAMS: dict[str, Param] = {
+    "alpha": Param(float, 0.5, "weight of the vision expert", 0, 1),
+    "part_alpha": Param(dict, None, "per-part alpha: attn, ffn, ln (both LayerNorms of a block); unset parts use alpha", 0, 1),
+    "lam": Param(float, 0.5, "lambda: scale of the summed modality vectors", 0, None, low_open=True),
+    "gamma": Param(float, 1.0, "scale of the Grams' off-diagonal", 0, 1),
+    "density": Param(float, 0.5, "kept fraction (TIES), keep probability (DARE)", 0, 1, low_open=True),
+    "random_seed": Param(int, 0, "seed of the drop masks"),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    params: tuple[str, ...]  # the hyper-parameters it reads (in provenance and the stage hash)
+    module: str  # where its function is registered
+    needs_base: bool = False  # the seed weights W0 ('seed' / --base)
+    needs_grams: bool = False  # a grams stage's Gram matrices ('grams' / --grams)
+
+
+SPECS: dict[str, MethodSpec] = {
+    "interpolation": MethodSpec(("alpha", "part_alpha"), "vlcluster.merge.linear"),
+    "arithmetic": MethodSpec(("lam",), "vlcluster.merge.linear", needs_base=True),
+    "regmean": MethodSpec(("gamma",), "vlcluster.merge.regmean", needs_grams=True),
+    "ties": MethodSpec(("lam", "density"), "vlcluster.merge.sparse", needs_base=True),
+    "dare": MethodSpec(("lam", "density", "random_seed"), "vlcluster.merge.sparse", needs_base=True),
+}
+METHOD_NAMES = tuple(SPECS)
+
+
+@dataclass(frozen=True)
 class Method:
     fn: MergeFn
-    params: tuple[str, ...]  # hyper-parameters it reads (recorded in provenance)
-    needs_base: bool = False
-    needs_grams: bool = False
+    spec: MethodSpec
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return self.spec.params
+
+    @property
+    def needs_base(self) -> bool:
+        return self.spec.needs_base
+
+    @property
+    def needs_grams(self) -> bool:
+        return self.spec.needs_grams
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, params: tuple[str, ...] = (), needs_base: bool = False, needs_grams: bool = False) -> Callable[[MergeFn], MergeFn]:
+def register(name: str) -> Callable[[MergeFn], MergeFn]:
     def add(fn: MergeFn) -> MergeFn:
+        if name not in SPECS:
+            raise ValueError(f"merge method {name!r} is not declared in vlcluster.merge.methods.SPECS")
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = Method(fn, params, needs_base, needs_grams)
+        METHODS[name] = Method(fn, SPECS[name])
         return fn
 
     return add
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(METHODS)}")
+    if name not in SPECS:
+        raise ValueError(f"unknown merge method {name!r}; known: {sorted(SPECS)}")
+    importlib.import_module(SPECS[name].module)  # registers its function
     return METHODS[name]
+
+
+def chosen_params(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters ``method`` reads, from a mapping of every knob."""
+    return {name: values[name] for name in SPECS[method].params if name in values}
+
+
+def param_problems(method: str, values: Mapping[str, Any]) -> list[str]:
+    """``name: why`` for each of the method's parameters that is out of range."""
+    problems = []
+    for name, value in chosen_params(method, values).items():
+        problem = PARAMS[name].problem(value)
+        if problem:
+            problems.append(f"{name} {problem} ({PARAMS[name].help})")
+    return problems
 
 
 def part_alpha_for(part: str, alpha: float, part_alpha: Mapping[str, float | None] | None) -> float:
@@ -83,19 +185,3 @@ def modality_vectors(group: Group) -> ExpertTensors:
     return {expert: weight - group.base for expert, weight in group.experts.items()}
 
 
-@register("interpolation", params=("alpha", "part_alpha"))
-def interpolation(group: Group, alpha: float, part_alpha: Mapping[str, float | None] | None = None, **_: Any) -> torch.Tensor:
-    """W = α·W_v + (1−α)·W_l; layers with a VL expert take ⅔ of that plus ⅓·W_vl."""
-    weight = part_alpha_for(group.info.part, alpha, part_alpha)
-    # lerp is one fused pass: l + α(v − l) = α·v + (1−α)·l.
-    merged = torch.lerp(group.experts["l"], group.experts["v"], weight)
-    if "vl" in group.experts:
-        merged.mul_(2 / 3).add_(group.experts["vl"], alpha=1 / 3)
-    return merged
-
-
-@register("arithmetic", params=("lam",), needs_base=True)
-def arithmetic(group: Group, lam: float, **_: Any) -> torch.Tensor:
-    """Modality arithmetic: W = W⁰ + λ·Σ_m τ_m over the group's experts (v, l and vl on top)."""
-    vectors = modality_vectors(group)
-    return group.base + lam * torch.stack(list(vectors.values())).sum(dim=0)

@@ -29,7 +29,7 @@ def regularised_gram(gram: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * gram + (1 - gamma) * torch.diag(torch.diagonal(gram))
 
 
-@register("regmean", params=("gamma",), needs_grams=True)
+@register("regmean")
 def regmean(group: Group, gamma: float, **_: Any) -> torch.Tensor:
     info = group.info
     if not needs_gram(info.part, info.rest):

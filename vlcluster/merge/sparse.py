@@ -32,7 +32,7 @@ def trim_to_density(vector: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(vector.abs() > threshold, vector, torch.zeros((), dtype=vector.dtype))
 
 
-@register("ties", params=("lam", "density"), needs_base=True)
+@register("ties")
 def ties(group: Group, lam: float, density: float, **_: Any) -> torch.Tensor:
     trimmed = torch.stack([trim_to_density(v, density) for v in modality_vectors(group).values()])
     elected = torch.sign(trimmed.sum(dim=0))
@@ -53,7 +53,7 @@ def dare_keep_mask(shape: torch.Size, density: float, seed: int) -> torch.Tensor
     return torch.rand(shape, generator=generator) < density
 
 
-@register("dare", params=("lam", "density", "random_seed"), needs_base=True)
+@register("dare")
 def dare(group: Group, lam: float, density: float, random_seed: int = 0, **_: Any) -> torch.Tensor:
     total = torch.zeros_like(group.base)
     for expert, vector in modality_vectors(group).items():

@@ -103,8 +103,12 @@ def check_bucket(url: str | os.PathLike, field: str) -> None:
         return
     import fsspec
 
+    from vlcluster.extras import require
+
     active()
     scheme = str(url).split("://", 1)[0]
+    if scheme == "s3":
+        require("s3fs", f"{field} {url}")
     bucket = bucket_of(str(url))
     fs = fsspec.filesystem(scheme)
     with storage_errors(url):

@@ -43,9 +43,11 @@ def run_path(url: str | os.PathLike) -> Path:
     if not is_remote(url):
         return Path(url)
     active()  # endpoint, region, profile before the filesystem is created
-    from upath import UPath
+    from vlcluster.extras import require
 
-    return UPath(str(url))
+    if str(url).startswith("s3://"):
+        require("s3fs", f"{url}: an s3:// path")
+    return require("upath", f"{url}: an object-store path").UPath(str(url))
 
 
 def absolute(path: Path) -> str:

@@ -27,6 +27,7 @@ from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.outputs import finish_stage, read_model, write_model
+from vlcluster.progress import report_training_progress
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
 from vlcluster.train.dist import DistEnv, exit_process, init_distributed
@@ -225,6 +226,7 @@ class Trainer:
             pct = 100 * self.step / self.train.steps
             bad_note = f" | {bad} bad samples skipped" if bad else ""
             log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s%s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s, bad_note)
+            report_training_progress(self.ctx, self.step, scalars)  # <stage>/progress.json for `vlcluster status`
         # Every rank sees the same global counts, so all of them stop here together.
         check_bad_fraction(bad, read, self.ctx.spec.data.max_bad_fraction, final=self.step == self.train.steps)
         return scalars

@@ -1,0 +1,82 @@
+"""The rules of `vlcluster status` that hold on every backend (gated,
+blocked, progress), over records in the format the backends write."""
+
+from __future__ import annotations
+
+from vlcluster.backends.status import run_status
+from vlcluster.graph import build_graph
+from vlcluster.jobspec.load import load_pipeline
+from vlcluster.plan import make_plan
+from vlcluster.progress import describe_progress, read_progress, write_progress
+from vlcluster.rundir import stage_dir
+
+JOB = """
+name: rules
+stages:
+  data: {kind: data}
+  vlpt: {kind: pretrain, model: {arch: specific}, data: {from: data}, train: {steps: 10, batch_size: 4}}
+  merge: {kind: merge, source: vlpt, gate: {metric: ssd, max: 0.0}}
+  after_merge: {kind: data, after: [merge]}
+  last: {kind: data, after: [after_merge]}
+"""
+
+
+def statuses(write_job, tmp_path, records: dict[str, dict]):
+    path = write_job(JOB)
+    graph = build_graph(load_pipeline(str(path), []), str(path))
+    run_dir = tmp_path / "run"
+    for name, record in records.items():
+        stage_dir(run_dir, name).write_state(**record)
+    stage_dir(run_dir, "data").mark_done(graph.hashes["data"])
+    plans = make_plan(graph, run_dir)
+    return run_status(graph, plans, {p.name: stage_dir(run_dir, p.name).read_state() for p in plans}, run_dir), run_dir
+
+
+def test_a_closed_gate_is_gated_and_everything_after_it_blocked(write_job, tmp_path):
+    found, _ = statuses(write_job, tmp_path, {
+        "vlpt": {"backend": "local", "state": "done", "returncode": 0},
+        "merge": {"backend": "local", "state": "failed", "returncode": 3, "reason": "mergeability gate closed: ssd 2 > max 0",
+                  "gate": {"metric": "ssd", "value": 2.0, "max": 0.0, "passed": False}},
+        "after_merge": {"backend": "local", "state": "blocked", "blocked_by": ["merge"]},
+    })
+    assert found["data"].state == "done"
+    assert found["merge"].state == "gated" and "mergeability gate closed" in found["merge"].detail
+    assert (found["after_merge"].state, found["after_merge"].detail) == ("blocked", "upstream gated: merge")
+    assert (found["last"].state, found["last"].detail) == ("blocked", "upstream blocked: after_merge")
+
+
+def test_a_failed_merge_with_an_open_gate_is_failed_and_a_recovered_upstream_unblocks(write_job, tmp_path):
+    found, _ = statuses(write_job, tmp_path, {
+        "merge": {"backend": "local", "state": "failed", "returncode": 1, "gate": {"passed": True}},
+        "after_merge": {"backend": "local", "state": "blocked", "blocked_by": ["merge"]},
+    })
+    assert found["merge"].state == "failed" and "exit 1" in found["merge"].detail
+    assert found["after_merge"].state == "blocked"
+    found, _ = statuses(write_job, tmp_path, {"merge": {"backend": "local", "state": "running", "pid": 0}})
+    assert found["merge"].state == "interrupted"  # no live process behind a "running" record
+    assert found["after_merge"].state == "pending"  # recorded blocked, but its upstream is no longer failed
+
+
+def test_progress_record_is_shown_for_a_running_stage(write_job, tmp_path):
+    import os
+
+    found, run_dir = statuses(write_job, tmp_path, {"vlpt": {"backend": "local", "state": "running", "pid": os.getpid()}})
+    assert found["vlpt"].state == "running" and found["vlpt"].detail == ""
+    write_progress(stage_dir(run_dir, "vlpt"), 4, 10, loss=2.5, samples_per_s=8.0, samples_per_step=4, checkpoint_step=2)
+    record = read_progress(stage_dir(run_dir, "vlpt"))
+    assert record["eta_s"] == 3.0  # 6 steps x 4 samples at 8 samples/s
+    assert describe_progress(record) == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
+    found, _ = statuses(write_job, tmp_path, {"vlpt": {"backend": "local", "state": "running", "pid": os.getpid()}})
+    assert found["vlpt"].detail == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
+
+
+def test_a_stage_without_log_steps_reports_progress_as_it_goes(tmp_path):
+    from vlcluster.progress import reported
+
+    directory = stage_dir(tmp_path, "grams")
+    seen = []
+    for batch in reported(iter(["b0", "b1", "b2"]), directory, total=3, samples_per_step=16, every_s=0):
+        seen.append(batch)
+        assert (read_progress(directory) or {}).get("step", 0) == len(seen) - 1  # written after each step
+    record = read_progress(directory)
+    assert seen == ["b0", "b1", "b2"] and (record["step"], record["steps"]) == (3, 3) and record["samples_per_s"] > 0

@@ -1,0 +1,139 @@
+"""Running one stage's process, the same way on every backend.
+
+The local backend, a SLURM job (``slurm_job.py``) and a Ray job
+(``ray_stage.py``) all start ``python -m vlcluster.run`` (under torchrun
+for distributed kinds) through this module: the environment, the log file
+beside a remote run directory and its header line, the line-by-line copy of
+the output, dying with the parent, and the one success rule — exit 0 *and*
+a done-marker holding the stage's spec hash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from vlcluster.launch import is_distributed
+from vlcluster.rundir import StageDir
+from vlcluster.storage.paths import Mirror, local_side
+
+PR_SET_PDEATHSIG = 1
+DIE_WITH_PARENT_ENV = "VLCLUSTER_DIE_WITH_PARENT"
+# torchrun's reports of a rank that ended badly: the line it logs for the first
+# failure it observes ("failed (exitcode: -9) local_rank: 1 (pid: ...)") and one
+# "exitcode  : -9 (pid: ...)" line per failed rank in its final summary. Both
+# are read: when a killed rank's peer fails on the broken connection first,
+# only the summary names the SIGKILL.
+RANK_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank|^\s+exitcode\s+: (-?\d+) \(pid: \d+\)")
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies.
+
+    As a ``preexec_fn`` it runs in the child between fork and exec (torchrun
+    forwards SIGTERM to its ranks); ``vlcluster.run`` calls it for itself so a
+    rank never outlives the torchrun that started it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed stage whose parent died stays a zombie until init reaps it: that is not running
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def child_env(kind: str, die_with_parent: bool = True) -> dict[str, str]:
+    """The stage's environment: unbuffered output (the log follows it live),
+    one OpenMP thread per rank when ranks share the node's cores, and, where
+    asked, ranks that die with their torchrun."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if die_with_parent:
+        env[DIE_WITH_PARENT_ENV] = "1"
+    if is_distributed(kind):
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def stage_log(directory: StageDir, name: str = "stage.log") -> tuple[Path, Mirror]:
+    """A log appended line by line needs a local file: beside a remote run
+    directory it is uploaded every 30 s while it grows and when the stage ends."""
+    local = local_side(directory.root) / "logs" / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return local, Mirror(local, directory.root / "logs" / name)
+
+
+def write_header(log: IO[str], label: str, command: list[str]) -> None:
+    """One line per start of a stage's command, so restarts read apart in the log."""
+    log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {label}{' ' if label else ''}{' '.join(command)}\n")
+    log.flush()
+
+
+def start_piped(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The stage with its output on a pipe (read it with :func:`copy_lines`);
+    SIGTERMed when this process dies."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            bufsize=1, preexec_fn=die_with_parent)
+
+
+def copy_lines(process: subprocess.Popen, log: IO[str], echo: Callable[[str], None] | None = None,
+               mirror: Mirror | None = None) -> Iterator[str]:
+    """Every output line appended to the log (and echoed) as it comes, then yielded."""
+    for line in process.stdout:
+        log.write(line)
+        log.flush()
+        if echo is not None:
+            echo(line)
+        if mirror is not None:
+            mirror.maybe_sync()
+        yield line
+
+
+def exit_status(code: int, directory: StageDir, spec_hash: str) -> int:
+    """The stage succeeded only if it exited 0 *and* its done-marker holds its
+    spec hash; exit 0 without the marker counts as exit 1, so dependants never
+    start on missing outputs."""
+    if code == 0 and directory.done_hash() != spec_hash:
+        return 1
+    return code
+
+
+def record_end(directory: StageDir, code: int, cancelled: bool = False, **fields) -> str:
+    """Write the outcome into the stage's record; returns the state written."""
+    state = "done" if code == 0 else "cancelled" if cancelled else "failed"
+    directory.write_state(state=state, returncode=code, ended=time.time(), **fields)
+    return state
+
+
+def echo(line: str) -> None:
+    sys.stdout.write(line)  # e.g. the Ray job's log
+    sys.stdout.flush()
+
+
+def run_once(command: list[str], env: dict, log) -> tuple[int, list[int]]:
+    """One torchrun (or python) start, its output copied to stdout and
+    ``log``; its exit code and the exit codes torchrun reported for failed ranks."""
+    process = start_piped(command, env)
+    rank_codes = []
+    for line in copy_lines(process, log, echo):
+        if (failed := RANK_FAILED.search(line)) is not None:
+            rank_codes.append(int(failed.group(1) or failed.group(2)))
+    return process.wait(), rank_codes

@@ -1,0 +1,44 @@
+"""Every stage kind in one table: what runs it and how it is started.
+
+A new kind is its spec model (a member of the ``Stage`` union in
+``models.py``, checked against this table at import) plus one line here.
+Nothing in this module imports torch: the submit path reads it too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageKind:
+    runner: str  # "module:function" the stage process calls with its StageContext
+    distributed: bool = False  # started under torchrun, one process per rank
+    trains: bool = False  # a training stage (train/checkpoint/init settings)
+    makes_model: bool = False  # writes a checkpoint other stages may start from or merge
+
+
+KINDS: dict[str, StageKind] = {
+    "data": StageKind("vlcluster.data.stage:run_data_stage"),
+    "pretrain": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
+    "finetune": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
+    "grams": StageKind("vlcluster.merge.grams:run_grams_stage", distributed=True),
+    "merge": StageKind("vlcluster.merge.apply:run_merge_stage", makes_model=True),
+    "metrics": StageKind("vlcluster.metrics.stage:run_metrics_stage"),
+    "eval": StageKind("vlcluster.tasks.evaluate:run_eval_stage"),
+    "report": StageKind("vlcluster.report:run_report_stage"),
+}
+
+STAGE_KINDS = tuple(KINDS)
+TRAINING_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.trains)
+DISTRIBUTED_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.distributed)
+MODEL_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.makes_model)
+
+
+def runner(kind: str) -> Callable:
+    """The function that runs a stage of this kind (imported only now: a data
+    stage's process never imports the trainer)."""
+    module, function = KINDS[kind].runner.split(":")
+    return getattr(importlib.import_module(module), function)
