@@ -245,3 +245,66 @@ def test_bert_layout_tokenizer_ids_come_from_the_file(tmp_path) -> None:
     assert ids[:, 0].tolist() == [101, 101] and ids[1, -1] == 102 and ids[0, mask[0].sum() - 1] == 102
     assert (ids[0][~mask[0]] == 0).all()
     assert encoder.decode(ids[0].tolist()) == "a red circle"
+
+
+# ------------------------------------------------------------ augmentation
+
+
+def test_randaugment_is_seeded_per_sample_and_resumes_with_the_same_pixels(corpus) -> None:
+    pytest.importorskip("kornia")  # in the test extra; CI always has it
+    from vlcluster.data.augment import Augment
+
+    urls = corpus["jpg"]  # 2 shards of 8
+    def loader(augment: str, workers: int = 2) -> TrainLoader:
+        return TrainLoader(urls, 0, 1, 0, 4, batch_size=4, image_size=16, num_workers=workers, augment=Augment(augment))
+    reference = loader("randaugment")
+    expected = [reference.next_batch() for _ in range(10)]  # 40 samples: two and a half epochs
+    reference.close()
+    first = loader("randaugment")
+    [first.next_batch() for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = loader("randaugment")
+    resumed.load_state_dict(state)
+    for batch in expected[3:]:
+        again = resumed.next_batch()
+        assert again["key"] == batch["key"] and torch.equal(again["image"], batch["image"])
+    resumed.close()
+    # The same samples without augmentation: other pixels; and one sample differs between epochs.
+    plain = loader("none")
+    unaugmented = [plain.next_batch() for _ in range(4)]
+    plain.close()
+    assert [b["key"] for b in unaugmented] == [b["key"] for b in expected[:4]]
+    assert not torch.equal(unaugmented[0]["image"], expected[0]["image"])
+    by_key = collections.defaultdict(list)
+    for batch in expected:
+        for key, image in zip(batch["key"], batch["image"]):
+            by_key[key].append(image)
+    twice = [images for images in by_key.values() if len(images) > 1]
+    assert twice and all(not torch.equal(images[0], images[1]) for images in twice)
+    # In the training process (no workers) the global torch RNG, part of the training state, is untouched.
+    rng_before = torch.get_rng_state()
+    single = loader("randaugment", workers=0)
+    single.next_batch()
+    single.close()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_random_resized_crop_boxes_stay_inside_and_flips_are_off_by_default() -> None:
+    from vlcluster.data.augment import Augment
+
+    augment = Augment("none")
+    assert not augment.active and Augment("none", flip=True).active
+    rng = random.Random(0)
+    boxes = [Augment().crop_box((40, 30), rng) for _ in range(200)]
+    assert all(0 <= left < right <= 40 and 0 <= top < bottom <= 30 for left, top, right, bottom in boxes)
+    areas = [(r - l) * (b - t) / 1200 for l, t, r, b in boxes]
+    assert 0.45 <= min(areas) and max(areas) <= 1.0 and len(set(boxes)) > 150
+    # Without flips a left-right asymmetric image keeps its orientation.
+    image = Image.new("RGB", (16, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 8, 16))
+    for seed in range(20):
+        pixels = Augment("none")(image, 16, f"s{seed}")
+        assert pixels[:, :8].mean() > pixels[:, 8:].mean()
+    flipped = [Augment("none", flip=True)(image, 16, f"s{seed}")[:, :8].mean() < 128 for seed in range(20)]
+    assert 0 < sum(flipped) < 20

@@ -18,6 +18,7 @@ from vlcluster.jobspec.models import DataSpec, DataStage, Pipeline
 from vlcluster.storage.paths import local_copy, run_path
 
 if TYPE_CHECKING:  # the data modules are imported by the stages that read data, not by every CLI command
+    from vlcluster.data.augment import Augment
     from vlcluster.data.fields import FieldMap
     from vlcluster.data.mixture import ShardSource
 
@@ -31,6 +32,7 @@ class DataSources:
     shuffle_buffer: int
     train_mixture: tuple[ShardSource, ...] = ()  # one per weighted source of data.train
     fields: FieldMap | None = None  # which files hold image, captions, task fields
+    augment: Augment | None = None  # of training images
 
 
 def _local(path) -> str | None:
@@ -73,7 +75,7 @@ class StageContext:
         from vlcluster.data.shards import expand_urls
 
         if data.from_ is None:
-            from vlcluster.data.sources import field_map, train_mixture
+            from vlcluster.data.sources import augmentation, field_map, train_mixture
 
             mixture = train_mixture(data)
             return DataSources(
@@ -84,16 +86,18 @@ class StageContext:
                 shuffle_buffer=data.shuffle_buffer,
                 train_mixture=mixture,
                 fields=field_map(data),
+                augment=augmentation(data),
             )
         producer: DataStage = self.pipeline.stages[data.from_]
         out = self.upstream_dir(data.from_).root
-        from vlcluster.data.sources import field_map, single_source
+        from vlcluster.data.sources import augmentation, field_map, single_source
 
         train = split_shards(out, "train", producer.n_train, producer.shard_size)
         return DataSources(
             train=train,
             train_mixture=single_source(train),
             fields=field_map(data),
+            augment=augmentation(data),
             val=split_shards(out, "val", producer.n_val, producer.shard_size),
             tokenizer=_local(out / "tokenizer.json"),
             answers=_local(out / "answers.json"),

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlcluster.data.augment import NO_AUGMENT, Augment
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.mixture import MixedStream, ShardSource
 from vlcluster.data.quality import FIELDS_HINT, BadDataError, BadSample, DataQuality, no_usable_samples
@@ -63,6 +64,7 @@ class LoaderConfig:
     image_size: int | None
     workers: int  # logical workers (readers) per rank, >= 1
     fields: FieldMap = DEFAULT_FIELDS
+    augment: Augment = NO_AUGMENT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
@@ -81,13 +83,17 @@ def as_sources(sources: Sequence[str] | Sequence[ShardSource]) -> tuple[ShardSou
     return (ShardSource(tuple(sources)),)
 
 
-def draw_caption(captions: list[str], seed: int | str, raw: dict[str, Any]) -> str:
-    """One of a sample's captions for this epoch: a pure function of (seed, epoch, shard, key),
-    so a resumed run draws the same ones and each epoch may draw another."""
+def sample_seed(seed: int | str, raw: dict[str, Any]) -> str:
+    """The seed of a sample's random choices (caption, augmentation) in this epoch: a pure
+    function of (seed, epoch, shard, key), so a resumed run makes the same ones."""
+    return f"{seed}:{raw.get('__epoch__', 0)}:{raw['__url__']}:{raw['__key__']}"
+
+
+def draw_caption(captions: list[str], seed: str) -> str:
+    """One of a sample's captions; each epoch may draw another."""
     if len(captions) == 1:
         return captions[0]
-    rng = random.Random(f"{seed}:{raw.get('__epoch__', 0)}:{raw['__url__']}:{raw['__key__']}:caption")
-    return captions[rng.randrange(len(captions))]
+    return captions[random.Random(f"{seed}:caption").randrange(len(captions))]
 
 
 def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> bool:
@@ -100,7 +106,7 @@ def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> 
 
 def decode_batch(
     stream: SampleStream | MixedStream, batch_size: int, image_size: int | None, shared: bool = False,
-    fields: FieldMap = DEFAULT_FIELDS,
+    fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT,
 ) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
@@ -116,8 +122,9 @@ def decode_batch(
         raw = next(stream)
         quality.read += 1
         try:
-            sample = decode_fields(raw, image_size, fields)
-            sample["caption"] = draw_caption(sample["captions"], stream.seed, raw)
+            seed = sample_seed(stream.seed, raw)
+            sample = decode_fields(raw, image_size, fields, augment, seed)
+            sample["caption"] = draw_caption(sample["captions"], seed)
             samples.append(sample)
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason, bad.cause)
@@ -163,7 +170,8 @@ class _WorkerBatches(IterableDataset):
         stream.load_state_dict(self.positions[worker])
         while True:
             try:
-                batch = decode_batch(stream, self.config.batch_size, self.config.image_size, info is not None, self.config.fields)
+                config = self.config
+                batch = decode_batch(stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment)
             except BadDataError as exc:
                 # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
                 yield {"error": str(exc), "worker": worker}
@@ -193,6 +201,7 @@ class TrainLoader:
         image_size: int | None = None,
         num_workers: int = 0,
         fields: FieldMap = DEFAULT_FIELDS,
+        augment: Augment = NO_AUGMENT,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -208,7 +217,7 @@ class TrainLoader:
                     f"{workers} data-loader worker(s): every worker reads its own shards; write more, smaller shards "
                     "or lower data.num_workers"
                 )
-        self.config = LoaderConfig(sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields)
+        self.config = LoaderConfig(sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment)
         self.num_workers = num_workers
         self.positions = [self.config.stream(worker).state_dict() for worker in range(workers)]
         self.next_worker = 0

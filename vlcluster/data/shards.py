@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlcluster.data.augment import NO_AUGMENT, Augment
 from vlcluster.data.fields import FieldMap, read_json
 from vlcluster.data.quality import BAD_IMAGE, READ_ERROR, BadSample
 from vlcluster.storage import shardlist
@@ -54,13 +55,17 @@ def decode_sample(raw: RawSample, image_size: int | None = None, fields: FieldMa
     return sample
 
 
-def decode_fields(raw: RawSample, image_size: int | None = None, fields: FieldMap = DEFAULT_FIELDS) -> dict[str, Any]:
+def decode_fields(
+    raw: RawSample, image_size: int | None = None, fields: FieldMap = DEFAULT_FIELDS,
+    augment: Augment = NO_AUGMENT, sample_seed: str = "",
+) -> dict[str, Any]:
     """Decode a raw sample: ``key``, uint8 ``pixels`` ``[H, W, 3]``, ``captions``
     (one or more), ``caption`` (the first) and the task fields it has (see ``fields``).
 
-    No random augmentation: flips or colour jitter would contradict the text.
-    Raises ``BadSample`` (with the reason it is counted under) for a read-error
-    marker, a missing field or bytes that do not decode.
+    The image is resized to ``image_size``, or augmented (training only, see
+    ``augment``: seeded by ``sample_seed``). Raises ``BadSample`` (with the
+    reason it is counted under) for a read-error marker, a missing field or
+    bytes that do not decode.
     """
     if "__error__" in raw:
         raise BadSample(READ_ERROR, raw["__error__"])
@@ -70,8 +75,9 @@ def decode_fields(raw: RawSample, image_size: int | None = None, fields: FieldMa
     tasks = fields.task_fields(meta)
     try:
         image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-        if image_size is not None and image.size != (image_size, image_size):
+        if not augment.active and image_size is not None and image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
         raise BadSample(BAD_IMAGE, f"{type(exc).__name__}: {exc}") from None
-    return {"key": raw["__key__"], "pixels": np.array(image), "captions": captions, "caption": captions[0], **tasks}
+    pixels = augment(image, image_size, sample_seed) if augment.active else np.array(image)
+    return {"key": raw["__key__"], "pixels": pixels, "captions": captions, "caption": captions[0], **tasks}

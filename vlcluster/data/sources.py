@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vlcluster.data.augment import Augment
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.mixture import ShardSource
 from vlcluster.jobspec.models import DataSpec
@@ -21,3 +22,7 @@ def single_source(urls: list[str]) -> tuple[ShardSource, ...]:
 
 def field_map(data: DataSpec) -> FieldMap:
     return FieldMap(tuple(data.fields.image), tuple(data.fields.caption))
+
+
+def augmentation(data: DataSpec) -> Augment:
+    return Augment(data.augment, data.augment_flip)

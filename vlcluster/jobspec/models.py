@@ -74,6 +74,10 @@ class DataSpec(Strict):
     tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
     answers: str | None = Field(None, description="JSON list of VQA answers")
     fields: FieldsSpec = FieldsSpec()
+    augment: Literal["none", "randaugment"] = Field(
+        "none", description="training images: randaugment = random resized crop + RandAugment (needs kornia), seeded per sample"
+    )
+    augment_flip: bool = Field(False, description="random horizontal flips (off: captions say left and right)")
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: int = Field(
         0, ge=0, description="data-loader worker processes per training rank (0: decode in the rank); "

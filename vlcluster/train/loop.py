@@ -62,7 +62,7 @@ class Trainer:
         self.loader = TrainLoader(
             self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
-            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 else [])),
+            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 else [])), self.sources.augment,
         )
         self.keys = KeyRecorder(env.rank)
 
