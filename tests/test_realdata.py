@@ -32,7 +32,8 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black
 def scene(index: int, captions: int) -> tuple[Image.Image, str]:
     rng = random.Random(index)
     colour = COLOURS[index % len(COLOURS)]
-    image = Image.new("RGB", (24 + index % 5, 20), tuple(rng.randrange(256) for _ in range(3)))
+    size = (24 + index % 5, 20)
+    image = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))  # texture: crops differ
     text = "\n".join(f"photo {index} of a {colour} thing, view {view}" for view in range(captions))
     return image, text
 
