@@ -128,7 +128,7 @@ def decode_batch(
             samples.append(sample)
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason, bad.cause)
-            skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.cause, bad.detail[:200]))
+            skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
             if not samples and _read_a_pass(stream, start):
                 shards = stream.shards_for_epoch(start[0])
                 raise no_usable_samples(
@@ -254,7 +254,7 @@ class TrainLoader:
 
     def _account(self, read: int, bad: dict, causes: dict, skipped: list) -> None:
         self.quality.add(DataQuality.from_state({"read": read, "bad": bad, "causes": causes}))
-        for url, key, reason, _, detail in skipped:
+        for url, key, reason, detail in skipped:
             self._logged_bad += 1
             if self._logged_bad <= MAX_LOGGED_BAD:
                 log.warning("rank %d skipped a bad sample (%s): %s in %s: %s", self.config.rank, reason, key, url, detail)
