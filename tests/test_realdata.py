@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
