@@ -75,7 +75,7 @@ def test_plan_of_the_full_scale_seed_job():
     assert result.returncode == 0, result.stderr
     assert "6x8" in result.stdout
     assert "6 node(s) x 8 rank(s); 8 GPU/node" in result.stdout
-    assert "100000 steps, batch 1024 (21-22/rank), lr 0.0002, warm-up 2500; 10000 train shards" in result.stdout
+    assert "100000 steps, batch 1024 (21-22/rank), lr 0.0002, warm-up 2500; 9460 train shards" in result.stdout  # 4 corpora
 
 
 def test_plan_of_quickstart():

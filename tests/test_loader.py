@@ -106,7 +106,7 @@ def test_bad_samples_are_skipped_and_counted_per_shard(damaged: tuple[list[str],
             try:
                 decode_sample(raw)
             except BadSample as bad:
-                expected.record(raw["__url__"], bad.reason)
+                expected.record(raw["__url__"], bad.reason, bad.cause)
     assert train.quality.state_dict() == expected.state_dict()
 
     passes = min(position["epoch"] for position in positions)  # epochs every worker has finished

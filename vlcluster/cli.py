@@ -57,7 +57,7 @@ def resolved_details(graph) -> list[str]:
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             facts.append(f"{train.steps} steps, batch {train.batch_size} ({per_rank}/rank), lr {train.lr:g}, warm-up {train.warmup_steps}")
             if spec.data.train:
-                facts.append(shard_count(spec.data.train))
+                facts.append(shard_count(spec.data.train_patterns()))
         lines.append(f"{name}: " + "; ".join(facts))
     return lines
 

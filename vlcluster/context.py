@@ -10,11 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlcluster.graph import Graph, build_graph
 from vlcluster.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
 from vlcluster.jobspec.models import DataSpec, DataStage, Pipeline
 from vlcluster.storage.paths import local_copy, run_path
+
+if TYPE_CHECKING:  # the data modules are imported by the stages that read data, not by every CLI command
+    from vlcluster.data.augment import Augment
+    from vlcluster.data.fields import FieldMap
+    from vlcluster.data.mixture import ShardSource
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,9 @@ class DataSources:
     tokenizer: str | None
     answers: str | None
     shuffle_buffer: int
+    train_mixture: tuple[ShardSource, ...] = ()  # one per weighted source of data.train
+    fields: FieldMap | None = None  # which files hold image, captions, task fields
+    augment: Augment | None = None  # of training images
 
 
 def _local(path) -> str | None:
@@ -66,17 +75,29 @@ class StageContext:
         from vlcluster.storage.shardlist import expand as expand_urls
 
         if data.from_ is None:
+            from vlcluster.data.sources import augmentation, field_map, train_mixture
+
+            mixture = train_mixture(data)
             return DataSources(
-                train=expand_urls(data.train) if data.train else [],
+                train=[url for source in mixture for url in source.urls],
                 val=expand_urls(data.val) if data.val else [],
                 tokenizer=_local(data.tokenizer),
                 answers=_local(data.answers),
                 shuffle_buffer=data.shuffle_buffer,
+                train_mixture=mixture,
+                fields=field_map(data),
+                augment=augmentation(data),
             )
         producer: DataStage = self.pipeline.stages[data.from_]
         out = self.upstream_dir(data.from_).root
+        from vlcluster.data.sources import augmentation, field_map, single_source
+
+        train = split_shards(out, "train", producer.n_train, producer.shard_size)
         return DataSources(
-            train=split_shards(out, "train", producer.n_train, producer.shard_size),
+            train=train,
+            train_mixture=single_source(train),
+            fields=field_map(data),
+            augment=augmentation(data),
             val=split_shards(out, "val", producer.n_val, producer.shard_size),
             tokenizer=_local(out / "tokenizer.json"),
             answers=_local(out / "answers.json"),

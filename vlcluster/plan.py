@@ -69,8 +69,9 @@ def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
         if data is None or data.from_ is not None:
             continue
         for field in ("train", "val", "tokenizer", "answers"):
+            value = data.train_patterns() if field == "train" else getattr(data, field)  # every source of a mixture
             try:
-                problem = _missing_input(getattr(data, field), f"stages.{name}.data.{field}", include_remote)
+                problem = _missing_input(value, f"stages.{name}.data.{field}", include_remote)
             except SpecError as exc:  # storage unusable (bucket, credentials, endpoint): name the file too
                 raise type(exc)(f"{source}: {exc}") from None
             if problem:

@@ -49,7 +49,7 @@ def bench_quickstart(server: S3Server, scratch: Path) -> None:
 
 
 def read_epoch(urls: list[str]) -> tuple[float, int]:
-    from vlcluster.data.shards import open_url
+    from vlcluster.storage.shardlist import open_input as open_url
 
     started, total = time.perf_counter(), 0
     for url in urls:
@@ -61,7 +61,7 @@ def read_epoch(urls: list[str]) -> tuple[float, int]:
 def bench_cache(server: S3Server, scratch: Path, n_train: int) -> None:
     import fsspec
 
-    from vlcluster.data.shards import expand_urls
+    from vlcluster.storage.shardlist import expand as expand_urls
     from vlcluster.storage import config
 
     os.environ.update(server.env)

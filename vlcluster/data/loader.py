@@ -28,8 +28,11 @@ refused by the trainer for the same reason.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +40,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlcluster.data.quality import BadDataError, BadSample, DataQuality
-from vlcluster.data.shards import decode_fields, normalise_images
+from vlcluster.data.augment import NO_AUGMENT, Augment
+from vlcluster.data.fields import FieldMap
+from vlcluster.data.mixture import MixedStream, ShardSource
+from vlcluster.data.quality import FIELDS_HINT, BadDataError, BadSample, DataQuality, no_usable_samples
+from vlcluster.data.shards import DEFAULT_FIELDS, decode_fields, normalise_images
 from vlcluster.data.stream import SampleStream
 
 log = logging.getLogger("vlcluster.data")
@@ -49,7 +55,7 @@ MAX_LOGGED_BAD = 100
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    urls: tuple[str, ...]
+    sources: tuple[ShardSource, ...]  # one source, or a weighted mixture (plain URLs: one source)
     rank: int
     world_size: int
     seed: int
@@ -57,46 +63,98 @@ class LoaderConfig:
     batch_size: int
     image_size: int | None
     workers: int  # logical workers (readers) per rank, >= 1
+    fields: FieldMap = DEFAULT_FIELDS
+    augment: Augment = NO_AUGMENT
 
-    def stream(self, worker: int) -> SampleStream:
-        return SampleStream(
-            self.urls, self.rank * self.workers + worker, self.world_size * self.workers, self.seed, self.shuffle_buffer
-        )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", as_sources(self.sources))
+
+    def stream(self, worker: int) -> SampleStream | MixedStream:
+        part, parts = self.rank * self.workers + worker, self.world_size * self.workers
+        if len(self.sources) == 1:
+            return SampleStream(self.sources[0].urls, part, parts, self.seed, self.shuffle_buffer)
+        return MixedStream(self.sources, part, parts, self.seed, self.shuffle_buffer)
 
 
-def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False) -> dict[str, Any]:
+def as_sources(sources: Sequence[str] | Sequence[ShardSource]) -> tuple[ShardSource, ...]:
+    """Plain shard URLs are one source of weight 1."""
+    if all(isinstance(source, ShardSource) for source in sources):
+        return tuple(sources)
+    return (ShardSource(tuple(sources)),)
+
+
+def sample_seed(seed: int | str, raw: dict[str, Any]) -> str:
+    """The seed of a sample's random choices (caption, augmentation) in this epoch: a pure
+    function of (seed, epoch, shard, key), so a resumed run makes the same ones."""
+    return f"{seed}:{raw.get('__epoch__', 0)}:{raw['__url__']}:{raw['__key__']}"
+
+
+def draw_caption(captions: list[str], seed: str) -> str:
+    """One of a sample's captions; each epoch may draw another."""
+    if len(captions) == 1:
+        return captions[0]
+    return captions[random.Random(f"{seed}:caption").randrange(len(captions))]
+
+
+def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> bool:
+    """Whether ``stream`` has read a whole epoch's worth since ``start`` (epoch, offset)."""
+    epoch, offset = start
+    if offset == 0 and stream.epoch == epoch:
+        return stream.at_epoch_end
+    return stream.epoch > epoch + 1 or (stream.epoch > epoch and stream.offset >= offset)
+
+
+def decode_batch(
+    stream: SampleStream | MixedStream, batch_size: int, image_size: int | None, shared: bool = False,
+    fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT,
+) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
     ``shared``: build the image tensor in shared memory, so passing it from a
-    worker to the training process copies nothing.
+    worker to the training process copies nothing. A reader that reads a
+    whole pass over its shards without one usable sample stops with a
+    ``BadDataError`` that counts the causes.
     """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
-    first_epoch = stream.epoch
+    start = (stream.epoch, stream.offset)
     while len(samples) < batch_size:
         raw = next(stream)
         quality.read += 1
         try:
-            samples.append(decode_fields(raw, image_size))
+            seed = sample_seed(stream.seed, raw)
+            sample = decode_fields(raw, image_size, fields, augment, seed)
+            sample["caption"] = draw_caption(sample["captions"], seed)
+            samples.append(sample)
         except BadSample as bad:
-            quality.record(raw["__url__"], bad.reason)
+            quality.record(raw["__url__"], bad.reason, bad.cause)
             skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
-        if not samples and stream.epoch > first_epoch + 1:
-            raise BadDataError(
-                f"reader {stream.part} read a whole epoch without one usable sample from its shards "
-                f"{stream.shards_for_epoch(first_epoch + 1)}"
-            )
+            if not samples and _read_a_pass(stream, start):
+                shards = stream.shards_for_epoch(start[0])
+                raise no_usable_samples(
+                    f"reader {stream.part} read one pass over its {len(shards)} shard(s) ({_shortlist(shards)})",
+                    quality, FIELDS_HINT,
+                )
     pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
     images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
     return {
         "image": normalise_images(pixels, images.share_memory_() if shared else images),
         "caption": [s["caption"] for s in samples],
-        "qa": [s["qa"] for s in samples],
+        "qa": [s.get("qa") for s in samples],
         "key": [s["key"] for s in samples],
         "read": quality.read,
         "bad": quality.state_dict()["bad"],
+        "causes": dict(quality.causes),
         "skipped": skipped,
     }
+
+
+def _copied(positions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return json.loads(json.dumps(positions))
+
+
+def _shortlist(urls: list[str], shown: int = 3) -> str:
+    return ", ".join(urls[:shown]) + (f" and {len(urls) - shown} more" if len(urls) > shown else "")
 
 
 class _WorkerBatches(IterableDataset):
@@ -111,7 +169,13 @@ class _WorkerBatches(IterableDataset):
         stream = self.config.stream(worker)
         stream.load_state_dict(self.positions[worker])
         while True:
-            batch = decode_batch(stream, self.config.batch_size, self.config.image_size, shared=info is not None)
+            try:
+                config = self.config
+                batch = decode_batch(stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment)
+            except BadDataError as exc:
+                # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
+                yield {"error": str(exc), "worker": worker}
+                return
             yield {**batch, "worker": worker, "position": stream.state_dict()}
 
 
@@ -128,7 +192,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        urls: list[str],
+        urls: Sequence[str] | Sequence[ShardSource],
         rank: int,
         world_size: int,
         seed: int,
@@ -136,28 +200,33 @@ class TrainLoader:
         batch_size: int,
         image_size: int | None = None,
         num_workers: int = 0,
+        fields: FieldMap = DEFAULT_FIELDS,
+        augment: Augment = NO_AUGMENT,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         workers = max(1, num_workers)
-        if len(urls) < world_size * workers:
-            raise ValueError(
-                f"{len(urls)} training shard(s) cannot be split across {world_size} rank(s) x {workers} "
-                "data-loader worker(s): every worker reads its own shards; write more, smaller shards "
-                "or lower data.num_workers"
-            )
-        self.config = LoaderConfig(tuple(urls), rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers)
+        sources = as_sources(urls)
+        for index, source in enumerate(sources):
+            if len(source.urls) < world_size * workers:
+                which = f"source {index + 1} of data.train has" if len(sources) > 1 else "there are"
+                raise ValueError(
+                    f"{which} {len(source.urls)} training shard(s), which cannot be split across {world_size} rank(s) x "
+                    f"{workers} data-loader worker(s): every worker reads its own shards; write more, smaller shards "
+                    "or lower data.num_workers"
+                )
+        self.config = LoaderConfig(sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment)
         self.num_workers = num_workers
-        self.positions = [{"epoch": 0, "offset": 0} for _ in range(workers)]
+        self.positions = [self.config.stream(worker).state_dict() for worker in range(workers)]
         self.next_worker = 0
         self.quality = DataQuality()
         self._logged_bad = 0
         self._iterator = None
 
     def _start(self):
-        dataset = _WorkerBatches(self.config, [dict(p) for p in self.positions], self.next_worker)
+        dataset = _WorkerBatches(self.config, _copied(self.positions), self.next_worker)
         loader = DataLoader(
             dataset,
             batch_size=None,  # workers batch themselves
@@ -173,16 +242,18 @@ class TrainLoader:
         if self._iterator is None:
             self._iterator = self._start()
         batch = next(self._iterator)
+        if "error" in batch:
+            raise BadDataError(batch["error"])
         worker = batch.pop("worker")
         if worker != self.next_worker:
             raise RuntimeError(f"rank {self.config.rank}: got a batch of worker {worker}, expected {self.next_worker}")
         self.positions[worker] = batch.pop("position")
         self.next_worker = (worker + 1) % self.config.workers
-        self._account(batch.pop("read"), batch.pop("bad"), batch.pop("skipped"))
+        self._account(batch.pop("read"), batch.pop("bad"), batch.pop("causes"), batch.pop("skipped"))
         return batch
 
-    def _account(self, read: int, bad: dict, skipped: list) -> None:
-        self.quality.add(DataQuality.from_state({"read": read, "bad": bad}))
+    def _account(self, read: int, bad: dict, causes: dict, skipped: list) -> None:
+        self.quality.add(DataQuality.from_state({"read": read, "bad": bad, "causes": causes}))
         for url, key, reason, detail in skipped:
             self._logged_bad += 1
             if self._logged_bad <= MAX_LOGGED_BAD:
@@ -196,7 +267,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "workers": [dict(p) for p in self.positions],
+            "workers": _copied(self.positions),
             "next_worker": self.next_worker,
             "quality": self.quality.state_dict(),
         }
@@ -212,7 +283,9 @@ class TrainLoader:
                 f"shards, so the sample order would change. Set data.num_workers back to {saved} to resume, "
                 "or remove the stage's checkpoints to start it over"
             )
+        for worker, position in enumerate(state["workers"]):
+            self.config.stream(worker).load_state_dict(position)  # refuses a position of another data.train
         self.close()
-        self.positions = [{"epoch": int(p["epoch"]), "offset": int(p["offset"])} for p in state["workers"]]
+        self.positions = _copied(state["workers"])
         self.next_worker = int(state["next_worker"]) % self.config.workers
         self.quality = DataQuality.from_state(state.get("quality", {}))

@@ -27,12 +27,30 @@ class BadDataError(RuntimeError):
     """More of the data was bad than the stage allows."""
 
 
+def no_usable_samples(where: str, quality: DataQuality, hint: str = "") -> BadDataError:
+    """The error of a reader or an evaluation that found nothing it can use."""
+    if quality.read == 0:
+        found = "no samples at all (empty shards?)"
+    else:
+        found = quality.describe()
+    return BadDataError(f"{where} without one usable sample: {found}" + (f". {hint}" if hint else ""))
+
+
+FIELDS_HINT = (
+    "Compare data.fields (which files hold the image and caption, which task fields a stage needs) "
+    "with the files of a shard (tar tf SHARD | head)"
+)
+
+
 class BadSample(ValueError):
     """One raw item that cannot be used; ``reason`` is one of ``REASONS``."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, cause: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+        # A short label that stays the same for every sample with this fault
+        # (``detail`` names the sample's own bytes), for counts in messages.
+        self.cause = cause or reason.replace("_", " ")
 
 
 class DataQuality:
@@ -41,9 +59,16 @@ class DataQuality:
     def __init__(self) -> None:
         self.read = 0
         self.bad: dict[str, Counter[str]] = {}
+        self.causes: Counter[str] = Counter()
 
-    def record(self, url: str, reason: str) -> None:
+    def record(self, url: str, reason: str, cause: str | None = None) -> None:
         self.bad.setdefault(url, Counter())[reason] += 1
+        self.causes[cause or reason.replace("_", " ")] += 1
+
+    def describe(self) -> str:
+        """E.g. "256 of 256 samples bad: missing field qa (256)"."""
+        causes = ", ".join(f"{cause} ({count})" for cause, count in self.causes.most_common())
+        return f"{self.bad_total} of {self.read} samples bad" + (f": {causes}" if causes else "")
 
     @property
     def bad_total(self) -> int:
@@ -53,15 +78,21 @@ class DataQuality:
         self.read += other.read
         for url, counts in other.bad.items():
             self.bad.setdefault(url, Counter()).update(counts)
+        self.causes.update(other.causes)
 
     def state_dict(self) -> dict:
-        return {"read": self.read, "bad": {url: dict(counts) for url, counts in sorted(self.bad.items())}}
+        return {
+            "read": self.read,
+            "bad": {url: dict(counts) for url, counts in sorted(self.bad.items())},
+            "causes": dict(sorted(self.causes.items())),
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> DataQuality:
         quality = cls()
         quality.read = int(state.get("read", 0))
         quality.bad = {url: Counter(counts) for url, counts in state.get("bad", {}).items()}
+        quality.causes = Counter(state.get("causes", {}))
         return quality
 
     @classmethod
@@ -82,6 +113,7 @@ class DataQuality:
             "bad_fraction": bad_fraction(self.bad_total, self.read),
             "max_bad_fraction": max_bad_fraction,
             "bad_by_reason": dict(sorted(by_reason.items())),
+            "bad_by_cause": dict(sorted(self.causes.items())),
             "bad_by_shard": self.state_dict()["bad"],
         }
 

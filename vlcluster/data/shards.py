@@ -9,16 +9,18 @@ streams over them (training: resumable; evaluation: file order) are in
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vlcluster.data.quality import BAD_IMAGE, BAD_TEXT, MISSING_FIELD, READ_ERROR, BadSample
+from vlcluster.data.augment import NO_AUGMENT, Augment
+from vlcluster.data.fields import FieldMap, read_json
+from vlcluster.data.quality import BAD_IMAGE, READ_ERROR, BadSample
 
 RawSample = dict[str, Any]
+DEFAULT_FIELDS = FieldMap()
 
 
 def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,40 +31,36 @@ def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> t
     return out.copy_(channels_first).div_(127.5).sub_(1.0)  # == (x/255 - 0.5) / 0.5
 
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-
-
-def decode_sample(raw: RawSample, image_size: int | None = None) -> dict[str, Any]:
+def decode_sample(raw: RawSample, image_size: int | None = None, fields: FieldMap = DEFAULT_FIELDS) -> dict[str, Any]:
     """Decode a raw sample; the image becomes float32 ``[3, H, W]`` in [-1, 1]."""
-    sample = decode_fields(raw, image_size)
+    sample = decode_fields(raw, image_size, fields)
     sample["image"] = normalise_images(torch.from_numpy(sample.pop("pixels")))
     return sample
 
 
-def decode_fields(raw: RawSample, image_size: int | None = None) -> dict[str, Any]:
-    """Decode a raw sample; the image becomes uint8 ``pixels`` ``[H, W, 3]``.
+def decode_fields(
+    raw: RawSample, image_size: int | None = None, fields: FieldMap = DEFAULT_FIELDS,
+    augment: Augment = NO_AUGMENT, sample_seed: str = "",
+) -> dict[str, Any]:
+    """Decode a raw sample: ``key``, uint8 ``pixels`` ``[H, W, 3]``, ``captions``
+    (one or more), ``caption`` (the first) and the task fields it has (see ``fields``).
 
-    No random augmentation: flips or colour jitter would contradict the text.
-    Raises ``BadSample`` (with the reason it is counted under) for a read-error
-    marker, a missing field or bytes that do not decode.
+    The image is resized to ``image_size``, or augmented (training only, see
+    ``augment``: seeded by ``sample_seed``). Raises ``BadSample`` (with the
+    reason it is counted under) for a read-error marker, a missing field or
+    bytes that do not decode.
     """
     if "__error__" in raw:
         raise BadSample(READ_ERROR, raw["__error__"])
-    image_field = next((field for field in IMAGE_FIELDS if field in raw), None)
-    missing = [name for name, present in (("image", image_field), ("txt", "txt" in raw), ("json", "json" in raw)) if not present]
-    if missing:
-        raise BadSample(MISSING_FIELD, "no " + ", ".join(missing))
+    image_bytes = fields.image_bytes(raw)
+    meta = read_json(raw, fields)
+    captions = fields.captions(raw, meta)
+    tasks = fields.task_fields(meta)
     try:
-        caption = raw["txt"].decode("utf-8")
-        meta = json.loads(raw["json"])
-        qa = [tuple(pair) for pair in meta["qa"]]
-        objects = [tuple(obj) for obj in meta["objects"]]
-    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise BadSample(BAD_TEXT, f"{type(exc).__name__}: {exc}") from None
-    try:
-        image = Image.open(io.BytesIO(raw[image_field])).convert("RGB")
-        if image_size is not None and image.size != (image_size, image_size):
+        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        if not augment.active and image_size is not None and image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
         raise BadSample(BAD_IMAGE, f"{type(exc).__name__}: {exc}") from None
-    return {"key": raw["__key__"], "pixels": np.array(image), "caption": caption, "qa": qa, "objects": objects}
+    pixels = augment(image, image_size, sample_seed) if augment.active else np.array(image)
+    return {"key": raw["__key__"], "pixels": pixels, "captions": captions, "caption": captions[0], **tasks}

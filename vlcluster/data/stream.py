@@ -28,8 +28,9 @@ from typing import IO, Any
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vlcluster.data.quality import BadSample, DataQuality
-from vlcluster.data.shards import decode_sample
+from vlcluster.data.fields import FieldMap
+from vlcluster.data.quality import BadDataError, BadSample, DataQuality
+from vlcluster.data.shards import DEFAULT_FIELDS, decode_sample
 from vlcluster.storage.shardlist import open_input as open_url
 
 RawSample = dict[str, Any]
@@ -117,7 +118,7 @@ class SampleStream:
         urls: Sequence[str],
         part: int,
         parts: int,
-        seed: int,
+        seed: int | str,
         shuffle_buffer: int = 256,
     ) -> None:
         if parts < 1 or not 0 <= part < parts:
@@ -134,6 +135,7 @@ class SampleStream:
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.offset = 0
+        self.at_epoch_end = False  # the last item returned ended an epoch
         self._iterator: Iterator[RawSample] | None = None
 
     def shards_for_epoch(self, epoch: int) -> list[str]:
@@ -155,11 +157,22 @@ class SampleStream:
                     f"resume offset {self.offset} exceeds epoch {self.epoch}'s {skipped} items "
                     f"of reader {self.part}; did the shards change?"
                 )
-            for item in items:
+            # One item of lookahead, so a reader knows it has just read the last
+            # item of an epoch (and a reader of only bad data stops right there).
+            item = next(items, None)
+            while item is not None:
+                following = next(items, None)
                 self.offset += 1
+                self.at_epoch_end = following is None
+                item["__epoch__"] = self.epoch  # the caption draw depends on it (loader.draw_caption)
                 yield item
+                item = following
+            self.at_epoch_end = False
             if self.offset == 0:
-                raise RuntimeError(f"reader {self.part} read nothing in epoch {self.epoch}: empty shards?")
+                raise BadDataError(
+                    f"reader {self.part} found no samples at all in its shards {self.shards_for_epoch(self.epoch)} "
+                    "(empty tar files?)"
+                )
             self.epoch += 1
             self.offset = 0
 
@@ -175,16 +188,22 @@ class SampleStream:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" not in state or "offset" not in state:
+            raise ValueError(
+                f"the saved data position {state} is not one of a single shard source: data.train changed since the checkpoint"
+            )
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or offset < 0:
             raise ValueError(f"invalid stream state {state}")
         if self._iterator is not None:
             self._iterator.close()  # closes the open shard
             self._iterator = None
-        self.epoch, self.offset = epoch, offset
+        self.epoch, self.offset, self.at_epoch_end = epoch, offset, False
 
 
-def eval_samples(urls: Sequence[str], image_size: int | None = None, quality: DataQuality | None = None) -> Iterator[dict[str, Any]]:
+def eval_samples(
+    urls: Sequence[str], image_size: int | None = None, quality: DataQuality | None = None, fields: FieldMap = DEFAULT_FIELDS
+) -> Iterator[dict[str, Any]]:
     """Every usable sample of ``urls`` in file order, decoded (evaluation, Gram statistics).
 
     Bad items are skipped like in training: logged, and counted per shard and
@@ -194,7 +213,7 @@ def eval_samples(urls: Sequence[str], image_size: int | None = None, quality: Da
         for raw in shard_items(url):
             quality.read += 1
             try:
-                yield decode_sample(raw, image_size)
+                yield decode_sample(raw, image_size, fields)
             except BadSample as bad:
-                quality.record(url, bad.reason)
+                quality.record(url, bad.reason, bad.cause)
                 log.warning("skipped a bad sample (%s): %s in %s: %s", bad.reason, raw["__key__"], url, bad.detail[:200])

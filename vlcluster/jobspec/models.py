@@ -80,6 +80,28 @@ class ModelSpec(Strict):
         return self
 
 
+FIELD_NAME = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+
+
+class FieldsSpec(Strict):
+    """Which files of a sample hold its image and captions (first present wins).
+
+    A name is a file extension (``jpg``, ``txt``: one caption per line) or a
+    JSON value (``json.caption``: a string or a list of strings). The
+    defaults read img2dataset shards and the synthetic benchmark.
+    """
+
+    image: list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(["jpg", "jpeg", "png", "webp"], min_length=1)
+    caption: list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(["txt", "json.caption"], min_length=1)
+
+
+class SourceSpec(Strict):
+    """One corpus of a training mixture."""
+
+    shards: str | list[str] = Field(description="shard URL pattern(s), brace expansion allowed")
+    weight: float = Field(1.0, gt=0, description="relative sampling weight")
+
+
 class DataSpec(Strict):
     """Where a training or evaluation stage reads from.
 
@@ -88,10 +110,17 @@ class DataSpec(Strict):
     """
 
     from_: str | None = Field(None, alias="from", description="a data stage to read from")
-    train: str | list[str] | None = Field(None, description="shard URL pattern(s), brace expansion allowed")
+    train: str | list[str] | list[SourceSpec] | None = Field(
+        None, description="shard URL pattern(s), brace expansion allowed; or a mixture: a list of {shards, weight}"
+    )
     val: str | list[str] | None = None
     tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
     answers: str | None = Field(None, description="JSON list of VQA answers")
+    fields: FieldsSpec = FieldsSpec()
+    augment: Literal["none", "randaugment"] = Field(
+        "none", description="training images: randaugment = random resized crop + RandAugment (needs kornia), seeded per sample"
+    )
+    augment_flip: bool = Field(False, description="random horizontal flips (off: captions say left and right)")
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: int = Field(
         0, ge=0, description="data-loader worker processes per training rank (0: decode in the rank); "
@@ -109,6 +138,18 @@ class DataSpec(Strict):
         if self.from_ is not None and (self.train or self.val or self.tokenizer):
             raise ValueError("'from' and explicit URLs/tokenizer are exclusive")
         return self
+
+    def train_sources(self) -> list[SourceSpec]:
+        """``train`` as a list of weighted sources (a plain pattern or list of them is one source)."""
+        if not self.train:
+            return []
+        if isinstance(self.train, list) and all(isinstance(item, SourceSpec) for item in self.train):
+            return list(self.train)
+        return [SourceSpec(shards=self.train)]
+
+    def train_patterns(self) -> list[str]:
+        """Every training shard pattern, of every source."""
+        return [p for source in self.train_sources() for p in ([source.shards] if isinstance(source.shards, str) else source.shards)]
 
 
 class LossWeights(Strict):

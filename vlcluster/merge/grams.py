@@ -138,7 +138,7 @@ def load_experts_model(state: dict[str, torch.Tensor], config) -> MultiwayTransf
 def run_grams_stage(ctx) -> None:
     from safetensors.torch import save_file
 
-    from vlcluster.data.quality import DataQuality, check_bad_fraction
+    from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
     from vlcluster.data.stream import eval_samples
     from vlcluster.data.tokenizer import TextEncoder
     from vlcluster.outputs import finish_stage, read_model
@@ -155,11 +155,13 @@ def run_grams_stage(ctx) -> None:
         raise ValueError(f"stages.{ctx.name}.data: no {spec.split} shards")
     encoder = TextEncoder(sources.tokenizer)
     quality = DataQuality()
-    samples = eval_samples(urls, config.image_size, quality)
+    samples = eval_samples(urls, config.image_size, quality, sources.fields)
     batches = rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size)
     if env.is_main:
         batches = reported(batches, ctx.dir, spec.batches, spec.batch_size)  # <stage>/progress.json
     grams, counts = collect_grams(model, batches)
+    if quality.read == quality.bad_total:
+        raise no_usable_samples(f"the grams stage read {len(urls)} {spec.split} shard(s)", quality, FIELDS_HINT)
     # Every rank reads the same samples (keeping its share), so the counts and the verdict agree.
     check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
     if env.is_main:

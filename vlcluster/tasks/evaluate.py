@@ -8,9 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vlcluster.context import StageContext
-from vlcluster.data.quality import DataQuality, check_bad_fraction
+from vlcluster.data.fields import FieldMap
+from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
+from vlcluster.data.shards import DEFAULT_FIELDS
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
@@ -41,27 +44,32 @@ def batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
 @torch.no_grad()
 def evaluate(
     model: MultiwayTransformer, encoder: TextEncoder, answers: list[str], urls: list[str], tasks: list[str], batch_size: int,
-    quality: DataQuality | None = None,
+    quality: DataQuality | None = None, fields: FieldMap = DEFAULT_FIELDS,
 ) -> dict:
-    """Scores over every usable sample of ``urls``; skipped ones are counted in ``quality``."""
+    """Scores over every usable sample of ``urls``; skipped ones are counted in ``quality``.
+
+    Retrieval embeds every caption of a sample (COCO-style 5 per image) and
+    scores any-caption text retrieval; VQA asks every question of a sample.
+    """
     cfg = model.config
     if "vqa" in tasks and "vqa" not in model.heads:
         raise ValueError("the model has no VQA head: evaluate a fine-tuned model or drop 'vqa' from tasks")
     if "retrieval" in tasks and "itc" not in model.heads:
         raise ValueError("the model has no ITC head: retrieval cannot be evaluated")
+    quality = quality if quality is not None else DataQuality()
+    fields = fields.requiring("qa") if "vqa" in tasks else fields
     answer_index = {answer: index for index, answer in enumerate(answers)}
-    image_embs, text_embs = [], []
+    image_embs, text_embs, text_image = [], [], []
+    images_seen = 0
     vqa_correct = vqa_total = 0
-    for chunk in batches(eval_samples(urls, cfg.image_size, quality), batch_size):
+    for chunk in batches(eval_samples(urls, cfg.image_size, quality, fields), batch_size):
         images = torch.stack([sample["image"] for sample in chunk])
         image_bottom = model.bottom_image(images)
         if "retrieval" in tasks:
-            ids, mask = encoder.encode([sample["caption"] for sample in chunk], cfg.max_text_len)
-            image_cls = model.finish(image_bottom, "v")[:, 0]
-            text_cls = model.encode_text(ids, mask)[:, 0]
-            image_emb, text_emb = model.heads.itc(image_cls, text_cls)
+            image_emb, text_emb = _retrieval_embeddings(model, encoder, chunk, image_bottom, batch_size)
             image_embs.append(image_emb)
             text_embs.append(text_emb)
+            text_image += [images_seen + i for i, sample in enumerate(chunk) for _ in sample["captions"]]
         if "vqa" in tasks:
             for turn in range(max(len(sample["qa"]) for sample in chunk)):
                 rows = [i for i, sample in enumerate(chunk) if turn < len(sample["qa"])]
@@ -72,14 +80,30 @@ def evaluate(
                 predicted = model.heads.vqa(fused[:, 0]).argmax(dim=-1)
                 vqa_correct += (predicted == targets).sum().item()
                 vqa_total += len(rows)
+        images_seen += len(chunk)
+    if images_seen == 0:
+        raise no_usable_samples(f"evaluation read {len(urls)} shard(s) ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})", quality, FIELDS_HINT)
     result: dict = {}
     if "vqa" in tasks:
         result["vqa_acc"] = 100 * vqa_correct / max(vqa_total, 1)
         result["vqa_questions"] = vqa_total
     if "retrieval" in tasks:
-        result |= retrieval_scores(torch.cat(image_embs), torch.cat(text_embs))
-        result["retrieval_pairs"] = sum(len(chunk) for chunk in image_embs)
+        result |= retrieval_scores(torch.cat(image_embs), torch.cat(text_embs), torch.tensor(text_image))
+        result["retrieval_pairs"] = images_seen
+        result["retrieval_captions"] = len(text_image)
     return result
+
+
+def _retrieval_embeddings(model, encoder: TextEncoder, chunk: list[dict], image_bottom: torch.Tensor, batch_size: int):
+    """ITC embeddings of the chunk's images and of all their captions (in sample order)."""
+    # The ITC head's projections, L2-normalised as in its forward (which pairs one text per image).
+    image_emb = F.normalize(model.heads.itc.image(model.finish(image_bottom, "v")[:, 0]), dim=-1)
+    captions = [caption for sample in chunk for caption in sample["captions"]]
+    text_embs = []
+    for start in range(0, len(captions), batch_size):
+        ids, mask = encoder.encode(captions[start : start + batch_size], model.config.max_text_len)
+        text_embs.append(F.normalize(model.heads.itc.text(model.encode_text(ids, mask)[:, 0]), dim=-1))
+    return image_emb, torch.cat(text_embs)
 
 
 def run_eval_stage(ctx: StageContext) -> None:
@@ -92,7 +116,7 @@ def run_eval_stage(ctx: StageContext) -> None:
     encoder = TextEncoder(sources.tokenizer)
     answers = json.loads(Path(sources.answers).read_text()) if sources.answers else []
     quality = DataQuality()
-    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size, quality)
+    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size, quality, sources.fields)
     check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
     result["model"] = {"stage": spec.source, "arch": config.arch}
     result["data"] = quality.summary(spec.data.max_bad_fraction)

@@ -1,4 +1,11 @@
-"""Image-text retrieval metrics (TR/IR as the mean of R@1, R@5, R@10)."""
+"""Image-text retrieval metrics (TR/IR as the mean of R@1, R@5, R@10).
+
+Images may have several captions (COCO and Flickr30k: 5 each). Text
+retrieval (an image queries all captions) counts a hit at k when ANY of the
+image's captions ranks within the top k; image retrieval ranks the images
+for every caption on its own. With one caption per image both reduce to the
+usual diagonal recall.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +22,31 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = RECALL_AT) -> di
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval_scores(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    """Percentages: text retrieval (image query), image retrieval (text query)."""
-    similarity = image_emb @ text_emb.t()
-    text_recall = recall_at_k(similarity)
-    image_recall = recall_at_k(similarity.t())
-    scores = {f"tr_r{k}": 100 * v for k, v in text_recall.items()}
-    scores |= {f"ir_r{k}": 100 * v for k, v in image_recall.items()}
-    scores["tr"] = sum(100 * v for v in text_recall.values()) / len(RECALL_AT)
-    scores["ir"] = sum(100 * v for v in image_recall.values()) / len(RECALL_AT)
+def text_retrieval_ranks(similarity: torch.Tensor, text_image: torch.Tensor) -> torch.Tensor:
+    """Per image (row of ``similarity`` [images, captions]): the rank of its best-ranked own caption."""
+    own = text_image.unsqueeze(0) == torch.arange(similarity.shape[0]).unsqueeze(1)
+    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
+    return (similarity > best_own.unsqueeze(1)).sum(dim=1)
+
+
+def image_retrieval_ranks(similarity: torch.Tensor, text_image: torch.Tensor) -> torch.Tensor:
+    """Per caption: the rank of its image among all images."""
+    correct = similarity[text_image, torch.arange(similarity.shape[1])]
+    return (similarity.t() > correct.unsqueeze(1)).sum(dim=1)
+
+
+def retrieval_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor | None = None) -> dict[str, float]:
+    """Percentages: text retrieval (image query), image retrieval (text query).
+
+    ``text_image[j]``: the image caption ``j`` describes (default: caption j
+    belongs to image j)."""
+    if text_image is None:
+        text_image = torch.arange(text_emb.shape[0])
+    similarity = (image_emb @ text_emb.t()).float()
+    ranks = {"tr": text_retrieval_ranks(similarity, text_image), "ir": image_retrieval_ranks(similarity, text_image)}
+    scores: dict[str, float] = {}
+    for direction, rank in ranks.items():
+        recalls = {k: 100 * (rank < k).float().mean().item() for k in RECALL_AT}
+        scores |= {f"{direction}_r{k}": value for k, value in recalls.items()}
+        scores[direction] = sum(recalls.values()) / len(RECALL_AT)
     return scores

@@ -62,8 +62,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
         self.loader = TrainLoader(
-            self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
+            self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
+            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 else [])), self.sources.augment,
         )
         self.keys = KeyRecorder(env.rank)
 
