@@ -83,6 +83,7 @@ def _missing_input(pattern: str | list[str] | None, field: str, include_remote: 
     # Imported only here: the shard reader pulls in torch (~2 s), which a
     # pipeline reading only its own data stages never needs at submit time.
     from vlcluster.data.shards import expand_urls, missing_shards
+    from vlcluster.storage import shardlist
     from vlcluster.storage.errors import check_bucket, storage_errors
 
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
@@ -93,8 +94,14 @@ def _missing_input(pattern: str | list[str] | None, field: str, include_remote: 
         for url in patterns:
             check_bucket(url, field)
         try:
-            urls = expand_urls(patterns)
+            # plan lists nothing: a glob or prefix (``/**/*.tar``) could walk a
+            # whole file system; submit lists it once.
+            urls = expand_urls(patterns) if include_remote else [
+                url for url in shardlist.expand(patterns, listing=False) if not shardlist.needs_listing(url)
+            ]
         except FileNotFoundError as exc:  # a glob or prefix that matches nothing
+            return f"{field}: {exc}"
+        except ValueError as exc:  # a brace range too large to expand
             return f"{field}: {exc}"
         missing = missing_shards(urls)
     if not missing:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlcluster.jobspec.names import confined_child
 from vlcluster.storage.paths import read_json, run_path, write_json
 
 __all__ = ["SUCCESS", "StageDir", "pipeline_file", "read_json", "stage_dir", "write_json_atomic"]
@@ -88,7 +89,9 @@ class StageDir:
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> StageDir:
-    return StageDir(run_path(run_dir) / stage)
+    """The directory of ``stage``; always one level below ``run_dir``, whatever
+    the name holds (a run directory's records may come from anyone)."""
+    return StageDir(run_path(run_dir) / confined_child(stage))
 
 
 def pipeline_file(run_dir: str | Path) -> Path:
