@@ -32,6 +32,14 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def expanded_name_problem(name: object) -> str | None:
+    """Like :func:`name_problem` for a name after sweep expansion: a plain
+    name, or ``base[...]`` of a plain base (names read back from ``pipeline.json``)."""
+    if isinstance(name, str) and name.endswith("]") and "[" in name:
+        return name_problem(name.split("[", 1)[0])
+    return name_problem(name)
+
+
 def directory_name(stage: str) -> str:
     """The directory of a stage (or sweep element) inside the run directory.
 

@@ -93,11 +93,18 @@ def write_json(path: Path, payload: Any) -> None:
     write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
+MAX_RECORD_BYTES = 64 << 20  # records are small; a larger "record" is not one
+
+
 def read_json(path: Path) -> Any | None:
-    """The JSON record at ``path``, or None when it is missing or unreadable."""
+    """The JSON record at ``path``, or None when it is missing or unreadable
+    (not JSON, not UTF-8, too deep, too large, a directory)."""
     try:
-        return json.loads(path.read_bytes())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = path.read_bytes()
+        if len(data) > MAX_RECORD_BYTES:
+            return None
+        return json.loads(data)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, RecursionError):
         return None
 
 
