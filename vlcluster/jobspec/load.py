@@ -160,6 +160,14 @@ def read_yaml(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     raw = parse_yaml_text(text, str(path))
+    from vlcluster.storage.config import WHERE_CREDENTIALS, secret_comments
+
+    lines = secret_comments(text)
+    if lines:  # named by line only: the value is never echoed
+        raise SpecError(
+            f"{path}: line {', '.join(map(str, lines[:10]))}: a comment looks like it holds a credential "
+            f"(a URL with user:password@, or a secret-looking KEY: value); remove it. {WHERE_CREDENTIALS}"
+        )
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job file must be a mapping with 'name' and 'stages'")
     return raw
@@ -244,6 +252,14 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     if problems:
         raise SpecError(f"{path}: invalid names:\n  " + "\n  ".join(problems[:10]))
     return validate(raw, str(path))
+
+
+def validated_yaml(path: str | Path) -> str:
+    """The job file as validated: the fields it sets, aliases resolved, ``x-``
+    keys and comments gone (what may be published, e.g. in a ConfigMap)."""
+    pipeline = load_pipeline(path)
+    data = pipeline.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def json_schema() -> str:
