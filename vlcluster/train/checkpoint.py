@@ -245,8 +245,8 @@ def load_intact_checkpoint(root: Path, spec_hash: str, env: DistEnv) -> LoadedCh
         try:
             loaded, problem = load_checkpoint(ckpt, env.rank), None
         except DamagedCheckpoint as exc:
-            loaded, problem = None, f"rank {env.rank}: {exc}" if env.world_size > 1 else str(exc)
-        problems = [p for p in gather_objects(problem) if p]
+            loaded, problem = None, str(exc)
+        problems = list(dict.fromkeys(p for p in gather_objects(problem) if p))  # a shared file: once, not per rank
         if not problems:
             return loaded
         following = candidates[index + 1].path.name if index + 1 < len(candidates) else None
