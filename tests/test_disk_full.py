@@ -81,3 +81,35 @@ def test_data_stage_on_a_full_disk(small_disk, write_job):
     assert_only_complete_shards(run_dir / "data", 400)
     assert not (run_dir / "data" / "_SUCCESS").exists()
     json.loads((run_dir / "pipeline.json").read_text())  # the record written before is intact
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
+    """A checkpoint that does not fit fails with ENOSPC before its commit
+    marker: the previous checkpoint stays the newest and loads intact."""
+    import torch
+
+    from vlcluster.storage.errors import disk_full
+    from vlcluster.train import checkpoint as ckpt
+    from vlcluster.train.dist import DistEnv
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={LIMIT}", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs a tmpfs mount (root)")
+    try:
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+        def save(step: int, numel: int) -> None:
+            model = {"w": torch.ones(numel)}
+            optim = {"state": {"w": {"exp_avg": torch.ones(numel)}}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+            ckpt.save_checkpoint(mount, step, env, model, optim, {"spec_hash": "h", "world_size": 1},
+                                 {"rng": torch.arange(3)}, {"loader": {}}, keep=2)
+
+        save(1, 1000)
+        with pytest.raises(OSError) as info:
+            save(2, 400_000)  # 2 x 1.6 MB: more than the disk holds
+        assert "no space left on the device (ENOSPC)" in disk_full(info.value)
+        loaded = ckpt.load_intact_checkpoint(mount, "h", env)
+        assert loaded.step == 1 and torch.equal(loaded.model_state["w"], torch.ones(1000))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -7,19 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vlcluster.model.config import ModelConfig
 from vlcluster.rundir import StageDir, read_json, write_json_atomic
 from vlcluster.storage.paths import is_remote, local_copy, run_path, writable
-from vlcluster.storage.tensorfile import load_tensors
+from vlcluster.storage.tensorfile import load_tensors, save_tensors
 
 
 def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
     """Write ``model.safetensors`` + ``model.json`` atomically (temp file, then rename or upload)."""
     tensors = {key: value.contiguous() for key, value in state.items()}
     with writable(out.model_weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(tensors, tmp, metadata={"format": "pt"})
         digest = file_sha256(tmp)  # now, while the file is in the page cache
     identity = _file_identity(out.model_weights)
     weights = None if identity is None else {"sha256": digest, **identity}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,3 +216,17 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (a file from a run directory or a user is untrusted input)."""
     with TensorFile(path) as tensors:
         return {key: tensors.read(key) for key in tensors.keys()}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures as ``OSError``
+    (errno and file name kept) so a full disk is recognised as one."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError carries the OS error only in its text
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vlcluster.rundir import write_json_atomic
 from vlcluster.storage.paths import is_remote, fetched, local_side, publish, read_json, remove_tree
@@ -51,7 +50,7 @@ from vlcluster.train.checkpoint_index import (  # noqa: F401 - re-exported for c
     prune,
     step_dir_name,
 )
-from vlcluster.storage.tensorfile import TensorFileError, load_tensors
+from vlcluster.storage.tensorfile import TensorFileError, load_tensors, save_tensors
 from vlcluster.train.dist import DistEnv, barrier, gather_objects
 
 log = logging.getLogger(__name__)
@@ -97,13 +96,13 @@ def save_checkpoint(
     barrier()
     partial.mkdir(parents=True, exist_ok=True)  # per node when ranks span nodes and the root is remote
     rank_files = [f"rank_{env.rank}.safetensors", f"rank_{env.rank}.json"]
-    save_file(rank_tensors, str(partial / rank_files[0]))
+    save_tensors(rank_tensors, partial / rank_files[0])
     write_json_atomic(partial / rank_files[1], rank_info)
     main_files = ["model.safetensors", "optim.safetensors"]
     if env.is_main:
-        save_file(model_state, str(partial / main_files[0]))
+        save_tensors(model_state, partial / main_files[0])
         optim_tensors, param_groups = flatten_optimizer_state(optim_state)
-        save_file(optim_tensors, str(partial / main_files[1]))
+        save_tensors(optim_tensors, partial / main_files[1])
     mine = rank_files + (main_files if env.is_main else [])
     records = {name: sealed(partial / name, verify) for name in mine}
     if remote:
