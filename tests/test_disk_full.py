@@ -113,3 +113,17 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
         assert loaded.step == 1 and torch.equal(loaded.model_state["w"], torch.ones(1000))
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_record_that_does_not_fit_leaves_no_temp_file(small_disk):
+    disk, preexec = small_disk
+    if preexec is not None:
+        pytest.skip("needs the tmpfs (the file-size limit applies to child processes only)")
+    from vlcluster.storage.errors import disk_full
+    from vlcluster.storage.paths import write_bytes
+
+    write_bytes(disk / "state.json", b"{}")
+    with pytest.raises(OSError) as info:
+        write_bytes(disk / "state.json", b"x" * (LIMIT + 1))
+    assert str(disk / "state.json") in disk_full(info.value)
+    assert sorted(p.name for p in disk.iterdir()) == ["state.json"] and (disk / "state.json").read_bytes() == b"{}"

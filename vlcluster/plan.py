@@ -103,7 +103,12 @@ def _missing_input(pattern: str | list[str] | None, field: str, include_remote: 
             return f"{field}: {exc}"
         except ValueError as exc:  # a brace range too large to expand
             return f"{field}: {exc}"
-        missing = missing_shards(urls)
+        except OSError as exc:  # e.g. a directory this user may not list
+            return f"{field}: {exc.strerror or exc} ({exc.filename or patterns[0]})"
+        try:
+            missing = missing_shards(urls)
+        except OSError as exc:
+            return f"{field}: {exc.strerror or exc} ({exc.filename or urls[0]})"
     if not missing:
         return None
     if len(urls) == 1:
