@@ -68,7 +68,7 @@ def test_seed_100k_asks_for_six_nodes_of_eight_gpus_with_shared_memory():
     assert objects["RayCluster"]["metadata"]["name"] == "seed-100k"  # DNS-1123: no underscore
 
 
-def test_rayjob_runs_the_shipped_job_file_with_the_ray_backend():
+def test_rayjob_runs_the_shipped_job_file_with_the_ray_backend(tmp_path):
     _, objects = manifests("jobs/quickstart.yaml", "--set", "stages.merge.alpha=0.5")
     job, cluster, configmap = objects["RayJob"], objects["RayCluster"], objects["ConfigMap"]
     assert job["spec"]["entrypoint"] == (
@@ -76,7 +76,13 @@ def test_rayjob_runs_the_shipped_job_file_with_the_ray_backend():
         "--run-dir /runs/quickstart --set stages.merge.alpha=0.5"
     )
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    assert configmap["data"]["quickstart.yaml"] == (REPO / "jobs" / "quickstart.yaml").read_text()
+    # The validated spec is published, not the file: no comments, no x- anchors, the same pipeline.
+    published = configmap["data"]["quickstart.yaml"]
+    assert "#" not in published and "x-" not in published and "&" not in published
+    (tmp_path / "quickstart.yaml").write_text(published)
+    from vlcluster.jobspec.load import load_pipeline
+
+    assert load_pipeline(tmp_path / "quickstart.yaml") == load_pipeline(REPO / "jobs" / "quickstart.yaml")
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     assert {"name": "job", "configMap": {"name": configmap["metadata"]["name"]}} in head["volumes"]
 

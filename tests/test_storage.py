@@ -279,6 +279,34 @@ def test_rewriting_a_step_uncommits_it_first(s3_env):
     assert torch.equal(loaded.model_state["w"], torch.full((4,), 2.0))
 
 
+def test_damaged_checkpoint_on_s3_is_detected_after_download_and_skipped(s3_env, caplog, tmp_path):
+    """The digests in meta.json are checked on the downloaded copy: an object
+    replaced by one of the same size but other bytes is caught, and the
+    resume falls back to the previous step."""
+    import logging
+
+    from vlcluster.storage.paths import fetched, run_path, upload_file
+    from vlcluster.train.checkpoint import complete_checkpoints, load_intact_checkpoint
+    from vlcluster.train.dist import DistEnv
+
+    root = run_path("s3://runs/ckpt-damaged/checkpoints")
+    _save(root, 1, 1.0)
+    _save(root, 2, 2.0)
+    target = root / "step_00000002" / "model.safetensors"
+    with fetched(target) as local:
+        data = bytearray(local.read_bytes())
+    data[-1] ^= 0x40  # same size, one bit
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    upload_file(damaged, target)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING):
+        loaded = load_intact_checkpoint(root, "h1", env)
+    assert loaded.step == 1 and torch.equal(loaded.model_state["w"], torch.full((4,), 1.0))
+    assert "step_00000002 is damaged (model.safetensors: sha256 mismatch); resuming from step_00000001" in caplog.text
+    assert [c.step for c in complete_checkpoints(root)] == [1]  # uncommitted: out of every listing
+
+
 def _count_gets(fs) -> dict[str, int]:
     """GetObject requests and bytes of ``fs``'s client, counted by botocore's event hooks."""
     counts = {"requests": 0, "bytes": 0}

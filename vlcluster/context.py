@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlcluster.graph import Graph, build_graph
 from vlcluster.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
@@ -114,14 +114,31 @@ def save_pipeline(run_dir: Path, graph: Graph) -> None:
     write_json_atomic(pipeline_file(run_dir), payload)
 
 
+def pipeline_of_record(payload: Any, path: Path) -> Pipeline:
+    """The pipeline saved in ``pipeline.json``, checked like a job file (a run
+    directory may have been edited or damaged since)."""
+    from vlcluster.jobspec.load import SpecError, validate
+
+    raw = payload.get("pipeline") if isinstance(payload, dict) else None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+        raise SpecError(f"{path}: not a pipeline record (expected an object with 'pipeline.stages')")
+    from vlcluster.jobspec.names import expanded_name_problem
+
+    bad = [f"stages.{str(name)[:80]}: {problem}" for name in raw["stages"] if (problem := expanded_name_problem(name))]
+    if bad:
+        raise SpecError(f"{path}: invalid stage names:\n  " + "\n  ".join(bad[:10]))
+    order = payload.get("order")
+    # JSON records are written with sorted keys: restore the file's stage order.
+    if isinstance(order, list) and sorted(map(str, order)) == sorted(raw["stages"]):
+        raw["stages"] = {name: raw["stages"][name] for name in order}
+    return validate(raw, str(path))
+
+
 def load_graph(run_dir: Path) -> Graph:
     payload = read_json(pipeline_file(run_dir))
     if payload is None:
         raise FileNotFoundError(f"{run_dir}: not a vlcluster run directory (no pipeline.json)")
-    raw = payload["pipeline"]
-    # JSON records are written with sorted keys: restore the file's stage order.
-    raw["stages"] = {name: raw["stages"][name] for name in payload.get("order", [])} or raw["stages"]
-    pipeline = Pipeline.model_validate(raw)
+    pipeline = pipeline_of_record(payload, pipeline_file(run_dir))
     if pipeline.storage is not None:  # e.g. s3 shards read by a stage of a local run directory
         from vlcluster.storage.config import activate
 

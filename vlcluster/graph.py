@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
@@ -58,12 +59,25 @@ def _set_path(raw: dict, path: str, value: Any) -> None:
     raw[keys[-1]] = value
 
 
+# More stages than any cluster queue or run directory listing handles well;
+# 4 keys of 40 values (2.5 million) would otherwise be expanded and hashed.
+MAX_STAGES = 1000
+
+
+def sweep_size(stage) -> int:
+    return math.prod(len(values) for values in (stage.sweep or {}).values())
+
+
 def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
     """Replace every stage with a ``sweep`` by one stage per combination of
     its values, named ``base[key=value,...]``, each with its own directory
     and spec hash; every backend then runs them as ordinary stages."""
     if not any(stage.sweep for stage in pipeline.stages.values()):
         return pipeline
+    total = sum(max(sweep_size(stage), 1) for stage in pipeline.stages.values())
+    if total > MAX_STAGES:
+        sizes = ", ".join(f"stages.{name}.sweep: {sweep_size(stage)}" for name, stage in pipeline.stages.items() if stage.sweep)
+        raise SpecError(f"{source}: the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
     stages: dict[str, dict] = {}
     for name, stage in pipeline.stages.items():
         raw = stage.model_dump(mode="json", by_alias=True, exclude={"sweep"}, exclude_unset=True)

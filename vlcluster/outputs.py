@@ -7,18 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from vlcluster.model.config import ModelConfig
 from vlcluster.rundir import StageDir, read_json, write_json_atomic
 from vlcluster.storage.paths import is_remote, local_copy, run_path, writable
+from vlcluster.storage.tensorfile import load_tensors, save_tensors
 
 
 def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
     """Write ``model.safetensors`` + ``model.json`` atomically (temp file, then rename or upload)."""
     tensors = {key: value.contiguous() for key, value in state.items()}
     with writable(out.model_weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(tensors, tmp, metadata={"format": "pt"})
         digest = file_sha256(tmp)  # now, while the file is in the page cache
     identity = _file_identity(out.model_weights)
     weights = None if identity is None else {"sha256": digest, **identity}
@@ -58,24 +58,37 @@ def weights_sha256(model_dir: Path) -> str:
     model_dir = run_path(model_dir)
     path = model_dir / "model.safetensors"
     identity = _file_identity(path)
-    recorded = (read_json(model_dir / "model.json") or {}).get("weights")
-    if identity and recorded and all(recorded.get(k) == v for k, v in identity.items()):
+    record = read_json(model_dir / "model.json")
+    recorded = record.get("weights") if isinstance(record, dict) else None
+    if identity and isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in identity.items()) and isinstance(recorded.get("sha256"), str):
         return recorded["sha256"]
     return file_sha256(local_copy(path))
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:
-    record = read_json(run_path(model_dir) / "model.json")
+    path = run_path(model_dir) / "model.json"
+    record = read_json(path)
     if record is None:
         raise FileNotFoundError(f"{model_dir}: no model.json (expected a stage output with model.safetensors + model.json)")
-    return ModelConfig.from_dict(record["config"])
+    return _config_of(record, path)
+
+
+def _config_of(record: Any, path: Path) -> ModelConfig:
+    """The model config in a ``model.json`` record; a damaged or foreign record is one clear error."""
+    if not isinstance(record, dict) or "config" not in record:
+        raise ValueError(f"{path}: not a model record (expected a JSON object with 'config')")
+    try:
+        return ModelConfig.from_dict(record["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid model config: {exc}") from None
 
 
 def read_model(stage: StageDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     record = read_json(stage.model_config)
     if record is None or not stage.model_weights.is_file():
         raise FileNotFoundError(f"{stage.root}: no model output (model.safetensors/model.json); did the stage finish?")
-    return load_file(str(local_copy(stage.model_weights))), ModelConfig.from_dict(record["config"])
+    config = _config_of(record, stage.model_config)
+    return load_tensors(local_copy(stage.model_weights)), config
 
 
 def finish_stage(ctx, result: dict[str, Any]) -> None:
@@ -85,5 +98,7 @@ def finish_stage(ctx, result: dict[str, Any]) -> None:
 
 
 def read_result(stage: StageDir) -> dict | None:
-    return read_json(stage.result_file)
+    """The stage's result record; None when missing or not a JSON object (damaged)."""
+    record = read_json(stage.result_file)
+    return record if isinstance(record, dict) else None
 

@@ -82,7 +82,7 @@ def check_inputs(graph: Graph, source: str, include_remote: bool) -> None:
 
 def _missing_input(pattern: str | list[str] | None, field: str, include_remote: bool) -> str | None:
     from vlcluster.storage.errors import check_bucket, storage_errors
-    from vlcluster.storage.shardlist import expand, missing
+    from vlcluster.storage.shardlist import expand, missing, needs_listing
 
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
     patterns = [p for p in patterns if include_remote or not is_remote(p)]
@@ -92,10 +92,21 @@ def _missing_input(pattern: str | list[str] | None, field: str, include_remote: 
         for url in patterns:
             check_bucket(url, field)
         try:
-            urls = expand(patterns)
+            # plan lists nothing: a glob or prefix (``/**/*.tar``) could walk a
+            # whole file system; submit lists it once.
+            urls = expand(patterns) if include_remote else [
+                url for url in expand(patterns, listing=False) if not needs_listing(url)
+            ]
         except FileNotFoundError as exc:  # a glob or prefix that matches nothing
             return f"{field}: {exc}"
-        absent = missing(urls)
+        except ValueError as exc:  # a brace range too large to expand
+            return f"{field}: {exc}"
+        except OSError as exc:  # e.g. a directory this user may not list
+            return f"{field}: {exc.strerror or exc} ({exc.filename or patterns[0]})"
+        try:
+            absent = missing(urls)
+        except OSError as exc:
+            return f"{field}: {exc.strerror or exc} ({exc.filename or urls[0]})"
     if not absent:
         return None
     if len(urls) == 1:

@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as exc:  # the message says what to do; a traceback would bury it
         log.error("%s", exc)
         return 1
+    except OSError as exc:
+        from vlcluster.storage.errors import disk_full
+
+        if disk_full(exc) is None:
+            raise
+        log.error("%s", disk_full(exc))
+        return 1
     return 0
 
 

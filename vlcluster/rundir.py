@@ -16,16 +16,21 @@ URL (``s3://bucket/runs/x``); see :mod:`vlcluster.storage.paths`.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlcluster.jobspec.names import confined_child
 from vlcluster.storage.paths import read_json, run_path, write_json
 
 __all__ = ["SUCCESS", "StageDir", "pipeline_file", "read_json", "stage_dir", "write_json_atomic"]
 
 SUCCESS = "_SUCCESS"
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -79,7 +84,9 @@ class StageDir:
         write_json_atomic(self.success_file, {"spec_hash": spec_hash, "finished": time.time()})
 
     def read_state(self) -> dict:
-        return read_json(self.state_file) or {}
+        """The backend record; fields of the wrong type (a damaged or forged
+        record) are dropped so every reader can trust the types it uses."""
+        return checked_state(read_json(self.state_file), self.state_file)
 
     def write_state(self, **fields: Any) -> None:
         state = self.read_state()
@@ -87,8 +94,46 @@ class StageDir:
         write_json_atomic(self.state_file, state)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+
+
+def _is_text_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# Field -> check, for every field a backend writes and a reader interprets.
+STATE_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "state": lambda v: isinstance(v, str), "backend": lambda v: isinstance(v, str),
+    "host": lambda v: isinstance(v, str), "reason": lambda v: v is None or isinstance(v, str),
+    "slurm_log": lambda v: isinstance(v, str), "job_id": lambda v: isinstance(v, str) or _is_int(v),
+    "pid": lambda v: _is_int(v) and v > 0, "returncode": lambda v: v is None or _is_int(v),
+    "worker_restarts": _is_int, "started": _is_number, "ended": _is_number,
+    "cancelled": _is_number, "restarted": _is_number, "gate": lambda v: v is None or isinstance(v, dict),
+    "blocked_by": _is_text_list, "command": _is_text_list,
+}
+
+
+def checked_state(record: Any, path: Path) -> dict:
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        log.warning("%s: not a JSON object; ignored (damaged state record)", path)
+        return {}
+    bad = sorted(key for key, check in STATE_FIELDS.items() if key in record and not check(record[key]))
+    if bad:
+        log.warning("%s: ignored fields of the wrong type: %s", path, ", ".join(bad))
+    return {key: value for key, value in record.items() if key not in bad}
+
+
 def stage_dir(run_dir: str | Path, stage: str) -> StageDir:
-    return StageDir(run_path(run_dir) / stage)
+    """The directory of ``stage``; always one level below ``run_dir``, whatever
+    the name holds (a run directory's records may come from anyone)."""
+    return StageDir(run_path(run_dir) / confined_child(stage))
 
 
 def pipeline_file(run_dir: str | Path) -> Path:

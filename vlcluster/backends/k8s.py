@@ -28,7 +28,7 @@ from pydantic import Field
 
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.graph import Graph
-from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.jobspec.load import SpecError, read_yaml, validated_yaml
 from vlcluster.jobspec.models import ResourcesSpec, Strict
 from vlcluster.storage.paths import is_remote
 
@@ -231,7 +231,8 @@ def render_manifests(graph: Graph, source: str, overrides: list[str], run_dir: s
     pipeline = graph.pipeline.name
     name = k8s_name(pipeline)
     job_file = Path(source).name
-    configmap = render_configmap(f"{name}-job", job_file, Path(source).read_text(), pipeline, profile)
+    # The validated spec, not the file's text: comments and x- keys never reach the cluster.
+    configmap = render_configmap(f"{name}-job", job_file, validated_yaml(source), pipeline, profile)
     cluster = render_cluster(name, configmap["metadata"]["name"], graph, profile, source)
     spec_run_dir = graph.pipeline.run_dir or ""
     # A run dir on an object store is reachable from the pods as it is; a local one goes to the runs volume.

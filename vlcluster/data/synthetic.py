@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from vlcluster.data.tokenizer import build_word_tokenizer
+from vlcluster.storage.paths import run_path, writable, write_bytes
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple")
@@ -301,10 +303,16 @@ def _samples(split: str, n: int, image_size: int, seed: int, unique: bool) -> It
 
 
 def _write_shard(path: str, samples: Iterator[dict]) -> None:
-    # Fixed mtime (and TarWriter's fixed user/group/mode) make shards byte-identical per seed.
-    with fsspec.open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, compress=False) as tar:
-        for sample in samples:
-            tar.write(sample)
+    # Written to a temporary name and renamed (or uploaded) when complete: a
+    # shard cut short by a full disk or a kill must never sit under its final
+    # name, where a plain tar reader would take it for a complete shard.
+    with writable(run_path(path)) as tmp, open(tmp, "wb") as f:
+        # Fixed mtime (and TarWriter's fixed user/group/mode) make shards byte-identical per seed.
+        with wds.TarWriter(f, encoder=False, mtime=0, compress=False) as tar:
+            for sample in samples:
+                tar.write(sample)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _join_url(base: str, name: str) -> str:
@@ -339,8 +347,7 @@ def write_split(
 
 
 def _write_text(url: str, text: str) -> None:
-    with fsspec.open(url, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_bytes(run_path(url), text.encode("utf-8"))
 
 
 def build_dataset(

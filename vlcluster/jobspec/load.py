@@ -7,6 +7,7 @@ the field path, so the CLI can print one paragraph instead of a traceback.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,67 @@ from pydantic import TypeAdapter, ValidationError
 
 from vlcluster.jobspec.kinds import STAGE_KINDS
 from vlcluster.jobspec.models import Pipeline
+from vlcluster.jobspec.names import name_problem
 
 
 
 class SpecError(Exception):
     """A job file that cannot be run; the message is meant for the user."""
+
+
+# Bounds on what a job file may expand to. Real pipelines are a few hundred
+# nodes, a dozen levels deep, a few KiB.
+MAX_FILE_BYTES = 1 << 20
+MAX_NODES = 200_000
+MAX_DEPTH = 64
+
+
+class DocumentTooLarge(ValueError):
+    pass
+
+
+class ReadBudget:
+    """Counts the nodes of a document as it is copied and refuses too many or too deep."""
+
+    def __init__(self, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH):
+        self.left, self.max_nodes, self.max_depth = max_nodes, max_nodes, max_depth
+
+    def count(self, depth: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise DocumentTooLarge(
+                f"the document expands to more than {self.max_nodes} values (YAML aliases repeated too often?)"
+            )
+        if depth > self.max_depth:
+            raise DocumentTooLarge(f"nested too deeply (at most {self.max_depth} levels)")
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML says
+    keys are unique; PyYAML silently keeps the last, so a second ``data:``
+    stage would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                continue
+            if first is not None:
+                raise DuplicateKey(
+                    f"key {str(key)[:80]!r} appears twice in one mapping "
+                    f"(line {first.start_mark.line + 1} and line {key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -28,10 +85,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise SpecError(f"--set {text!r}: expected KEY.PATH=VALUE")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+    value = parse_yaml_text(raw, f"--set {path.strip()}") if raw.strip() else ""
     return path.strip().split("."), value
 
 
@@ -76,28 +130,94 @@ def describe_validation_error(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def unshare(node: Any) -> Any:
+def unshare(node: Any, budget: ReadBudget | None = None, depth: int = 0) -> Any:
     """Copy the YAML tree so that aliases (``*anchor``) become independent
-    values: ``--set`` on one stage must not change every stage sharing it."""
+    values: ``--set`` on one stage must not change every stage sharing it.
+
+    The copy is where aliases multiply, so it is bounded: a few hundred bytes
+    of nested aliases (a "billion laughs" document) would otherwise expand to
+    billions of nodes."""
+    budget = budget or ReadBudget()
+    budget.count(depth)
     if isinstance(node, dict):
-        return {key: unshare(value) for key, value in node.items()}
+        return {key: unshare(value, budget, depth + 1) for key, value in node.items()}
     if isinstance(node, list):
-        return [unshare(value) for value in node]
+        return [unshare(value, budget, depth + 1) for value in node]
     return node
 
 
 def read_yaml(path: Path) -> dict:
+    """Parse a job file into plain dicts and lists; every failure is a SpecError naming the file."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise SpecError(f"{path}: cannot read job file ({exc.strerror})") from None
+        raise SpecError(f"{path}: cannot read job file ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(f"{path}: job file larger than 1 MiB")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    raw = parse_yaml_text(text, str(path))
+    from vlcluster.storage.config import WHERE_CREDENTIALS, secret_comments
+
+    lines = secret_comments(text)
+    if lines:  # named by line only: the value is never echoed
+        raise SpecError(
+            f"{path}: line {', '.join(map(str, lines[:10]))}: a comment looks like it holds a credential "
+            f"(a URL with user:password@, or a secret-looking KEY: value); remove it. {WHERE_CREDENTIALS}"
+        )
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job file must be a mapping with 'name' and 'stages'")
-    return unshare(raw)
+    return raw
+
+
+def parse_yaml_text(text: str, source: str) -> Any:
+    """Safe YAML with duplicate keys refused and the size of the result bounded."""
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as exc:
+        raise SpecError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise SpecError(f"{source}: a value cannot be read: {exc}") from None
+    try:
+        return unshare(raw)
+    except DocumentTooLarge as exc:
+        raise SpecError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply (at most {MAX_DEPTH} levels)") from None
+
+
+def check_values(node: Any, where: str = "") -> list[str]:
+    """Numbers every stage can use as given: finite floats, 64-bit integers.
+    Checked on the whole document (``x-`` keys and sweep values included)."""
+    problems: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            problems.extend(check_values(value, f"{where}.{key}" if where else str(key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            problems.extend(check_values(value, f"{where}[{index}]"))
+    elif isinstance(node, float) and not math.isfinite(node):
+        problems.append(f"{where or '(top level)'}: {node} is not a finite number")
+    elif isinstance(node, int) and not isinstance(node, bool) and not -(2**63) <= node < 2**63:
+        problems.append(f"{where or '(top level)'}: integer out of range (64-bit signed)")
+    return problems
+
+
+def check_names(raw: dict) -> list[str]:
+    problems: list[str] = []
+    if "name" in raw and (problem := name_problem(raw["name"])):
+        problems.append(f"name: {problem}")
+    stages = raw.get("stages")
+    if isinstance(stages, dict):
+        problems.extend(f"stages.{key}: stage {problem}" for key in stages if (problem := name_problem(key)))
+    return problems
 
 
 def validate(raw: dict, source: str) -> Pipeline:
@@ -109,12 +229,17 @@ def validate(raw: dict, source: str) -> Pipeline:
             f"{source}: {', '.join(secrets)}: looks like a credential "
             f"(a secret-looking key, or a URL with user:password@); {WHERE_CREDENTIALS}"
         )
+    problems = check_values(raw)
+    if problems:
+        raise SpecError(f"{source}: invalid numbers:\n  " + "\n  ".join(problems[:10]))
     # Top-level "x-" keys hold YAML anchors shared by stages (as in compose files).
     raw = {key: value for key, value in raw.items() if not str(key).startswith("x-")}
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(describe_validation_error(source, exc)) from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply") from None
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
@@ -123,7 +248,18 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     raw = read_yaml(path)
     for text in overrides:
         apply_override(raw, *parse_override(text))
+    problems = check_names(raw)
+    if problems:
+        raise SpecError(f"{path}: invalid names:\n  " + "\n  ".join(problems[:10]))
     return validate(raw, str(path))
+
+
+def validated_yaml(path: str | Path) -> str:
+    """The job file as validated: the fields it sets, aliases resolved, ``x-``
+    keys and comments gone (what may be published, e.g. in a ConfigMap)."""
+    pipeline = load_pipeline(path)
+    data = pipeline.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def json_schema() -> str:

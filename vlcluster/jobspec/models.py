@@ -23,7 +23,9 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: no silent coercion (``steps: true`` is not 1, ``"10"`` is not 10);
+    # finite floats only (``lr: .inf`` and ``.nan`` are typos, never settings).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class StageRef(Strict):
@@ -165,7 +167,7 @@ class TrainSpec(Strict):
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]], Field(strict=False)] = (0.9, 0.98)
     loss_weights: LossWeights = LossWeights()
     mask_prob: float = Field(0.15, gt=0, lt=1, description="MLM masking rate")
     vqa_loss: Literal["softmax", "bce"] = Field(

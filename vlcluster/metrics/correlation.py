@@ -13,11 +13,19 @@ from collections.abc import Sequence
 
 from vlcluster.metrics import METRICS
 
-def score_of(result: dict, score: str) -> float:
+def number(result: dict, key: str, role: str) -> float:
+    """``result[key]`` as a finite number; a damaged result.json is one clear error."""
+    value = result.get(key) if isinstance(result, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"result.json of the {role} stage: {key!r} is missing or not a finite number")
+    return float(value)
+
+
+def score_of(result: dict, score: str, role: str = "eval") -> float:
     """``retrieval`` is the mean of TR and IR (the paper's COCO drop)."""
     if score == "retrieval":
-        return (result["tr"] + result["ir"]) / 2
-    return result[score]
+        return (number(result, "tr", role) + number(result, "ir", role)) / 2
+    return number(result, score, role)
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -49,4 +57,8 @@ def correlation_table(points: dict[str, dict], score: str) -> tuple[str, dict[st
 
 
 def point(metrics_result: dict, merged: dict, unmerged: dict, score: str) -> dict:
-    return {"metrics": metrics_result["overall"], "drop": score_of(unmerged, score) - score_of(merged, score)}
+    overall = metrics_result.get("overall") if isinstance(metrics_result, dict) else None
+    if not isinstance(overall, dict):
+        raise ValueError("result.json of the metrics stage: no 'overall' object")
+    metrics = {name: number(overall, name, "metrics") for name in METRICS}
+    return {"metrics": metrics, "drop": score_of(unmerged, score, "unmerged eval") - score_of(merged, score, "merged eval")}

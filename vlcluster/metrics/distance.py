@@ -193,13 +193,20 @@ def distances(layers: dict[int, list[Pair]], density: float = 0.5) -> dict:
     return {"overall": overall.result(), "layers": {layer: sums.result() for layer, sums in sorted(per_layer.items())}}
 
 
+def _pair(source, v_key: str, l_key: str) -> Pair:
+    v, l = source.read(v_key), source.read(l_key)
+    if v.shape != l.shape or not v.is_floating_point() or not l.is_floating_point():
+        raise ValueError(f"{source.path}: {v_key} and {l_key} differ in shape or are not floating point")
+    return Pair(v, l)
+
+
 def checkpoint_distances(path, density: float = 0.5) -> dict:
     """Metrics of a modality-specific safetensors checkpoint (read lazily, V/L weights only)."""
     from vlcluster.storage.tensorfile import TensorFile
 
     with TensorFile(path) as source:
         layers = {
-            layer: [Pair(source.read(v), source.read(l)) for v, l in pairs]
+            layer: [_pair(source, v, l) for v, l in pairs]
             for layer, pairs in vl_pairs(source.keys()).items()
         }
     if not layers:

@@ -47,6 +47,17 @@ class ModelConfig:
     layer_scale: float = 0.0
 
     def __post_init__(self) -> None:
+        # A config also comes from model.json files on disk: check types and
+        # ranges before any arithmetic (heads: 0 would divide by zero).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 24):
+                raise ValueError(f"{field.name} must be an integer in [0, 2^24), got {str(value)[:40]}")
+            if field.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e3):
+                raise ValueError(f"{field.name} must be a number in (0, 1000), got {str(value)[:40]}")
+        for name in ("dim", "depth", "heads", "image_size", "patch_size", "vocab_size", "max_text_len", "itc_dim"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be positive")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if errors := structure_errors(dataclasses.asdict(self)):
@@ -69,9 +80,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object, not {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+            raise ValueError(f"unknown ModelConfig keys: {sorted(map(str, unknown))[:10]}")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"missing ModelConfig keys: {missing}")
         return cls(**d)
 
     def with_arch(self, arch: str) -> ModelConfig:

@@ -34,9 +34,15 @@ ENV = "VLCLUSTER_STORAGE"
 # Field names that would hold a credential. A job file is shared, rendered
 # into manifests and copied into run directories: it must never carry one.
 SECRET_KEY = re.compile(
-    r"secret|passw|credential|access.?key|key.?id|private.?key|^key$|(^|_)token$|^auth(orization|_|$)", re.IGNORECASE
+    r"secret|passw|passphrase|credential|access.?key|api.?key|key.?id|private.?key|^key$|token(?!i[sz]er)"
+    r"|^auth(orization|_|$)|bearer|cookie|(^|[_.-])pwd$|^pass$|signature",
+    re.IGNORECASE,
 )
-USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+# A URL carrying a user name (and maybe a password), anywhere in a value or key.
+USERINFO = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+# In comments: a URL with user:password, or ``secret_key: value`` / ``TOKEN=value``.
+COMMENT_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
+COMMENT_ASSIGNMENT = re.compile(r"([A-Za-z0-9_.-]+)\s*[:=]\s*['\"]?([^\s'\"]{6,})")
 WHERE_CREDENTIALS = (
     "credentials are never read from a job file: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
     "(and AWS_SESSION_TOKEN) in the environment, name a profile with storage.profile, or use the instance's role"
@@ -68,7 +74,7 @@ class StorageSpec(BaseModel):
     @field_validator("endpoint_url")
     @classmethod
     def _no_userinfo(cls, url: str | None) -> str | None:
-        if url is not None and USERINFO.match(url):
+        if url is not None and USERINFO.search(url):
             raise ValueError(f"the URL contains a user name or password; {WHERE_CREDENTIALS}")
         return url
 
@@ -80,22 +86,48 @@ class StorageSpec(BaseModel):
 
 
 def secret_fields(node: Any, where: str = "") -> list[str]:
-    """Field paths of a raw (YAML) job spec that hold or look like credentials.
-    Only paths are returned: the values must never be printed."""
+    """Field paths of a raw (YAML) job spec that hold or look like credentials,
+    ``x-`` keys included. Only paths are returned: the values must never be printed."""
     found: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{where}.{key}" if where else str(key)
-            if SECRET_KEY.search(str(key)):
-                found.append(path)
+            if SECRET_KEY.search(str(key)) or USERINFO.search(str(key)):
+                found.append(path if not USERINFO.search(str(key)) else f"{where or '(top level)'}: a key")
             else:
                 found.extend(secret_fields(value, path))
     elif isinstance(node, list):
         for index, value in enumerate(node):
             found.extend(secret_fields(value, f"{where}[{index}]"))
-    elif isinstance(node, str) and USERINFO.match(node):
+    elif isinstance(node, str) and USERINFO.search(node):
         found.append(where)
     return found
+
+
+def secret_comments(text: str) -> list[int]:
+    """Line numbers of YAML comments that hold what looks like a credential
+    (comments are dropped by the parser but travel with the file)."""
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        comment = _comment(line)
+        if comment is None:
+            continue
+        if COMMENT_URL.search(comment) or any(SECRET_KEY.search(m.group(1)) for m in COMMENT_ASSIGNMENT.finditer(comment)):
+            lines.append(number)
+    return lines
+
+
+def _comment(line: str) -> str | None:
+    """The comment part of a YAML line: a ``#`` at the start or after a blank, outside quotes."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[index + 1 :]
+    return None
 
 
 def s3_options(spec: StorageSpec) -> dict[str, Any]:

@@ -3,6 +3,7 @@ runs, and redaction of credentials from text shown to users."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import traceback
@@ -50,8 +51,33 @@ def _endpoint() -> str:
     return active().endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
 
 
+# A full disk (or a quota, a file-size limit, a read-only mount): not a bug,
+# nothing to debug in a traceback; the user frees space and resubmits.
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for the file system or the process's file-size limit",
+             errno.EROFS: "read-only file system"}
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One paragraph for a write that failed for lack of space, or None.
+    Looks through chained exceptions (a failed write, then a failed close)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            target = seen.filename or "a file"
+            return (
+                f"{target}: {DISK_FULL[seen.errno]} ({errno.errorcode[seen.errno]}). Nothing partial was left "
+                "under a final name; finished stages and committed checkpoints are kept. Free space (or point "
+                "the run directory elsewhere) and run the same command again to continue."
+            )
+        seen = seen.__context__
+    return None
+
+
 def explain(exc: BaseException, url: str) -> str | None:
     """One paragraph for a storage failure on ``url``, or None if ``exc`` is not one."""
+    if (full := disk_full(exc)) is not None:
+        return full
     name = type(exc).__name__
     module = type(exc).__module__ or ""
     text = str(exc)

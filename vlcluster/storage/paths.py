@@ -84,22 +84,35 @@ def write_bytes(path: Path, data: bytes) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # a full disk must not leave temp files behind
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # name the record in the error paragraph
+        raise
 
 
 def write_json(path: Path, payload: Any) -> None:
     write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
+MAX_RECORD_BYTES = 64 << 20  # records are small; a larger "record" is not one
+
+
 def read_json(path: Path) -> Any | None:
-    """The JSON record at ``path``, or None when it is missing or unreadable."""
+    """The JSON record at ``path``, or None when it is missing or unreadable
+    (not JSON, not UTF-8, too deep, too large, a directory)."""
     try:
-        return json.loads(path.read_bytes())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = path.read_bytes()
+        if len(data) > MAX_RECORD_BYTES:
+            return None
+        return json.loads(data)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, RecursionError):
         return None
 
 

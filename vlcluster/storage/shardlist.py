@@ -20,6 +20,7 @@ checks that the object did not change).
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -50,13 +51,93 @@ def needs_listing(pattern: str) -> bool:
     return pattern.endswith("/") or any(char in pattern for char in GLOB_CHARS)
 
 
-def expand(spec: str | Sequence[str]) -> list[str]:
-    """Every shard URL of one pattern or several, keeping their order."""
+# A shard list larger than this is a typo (``{0..99999999}``), and braceexpand
+# builds a numeric range eagerly: counted first, refused before expanding.
+MAX_SHARDS = 1_000_000
+RANGE = re.compile(r"^(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?$")
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth = 0
+    index = start
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        depth += char == "{"
+        depth -= char == "}"
+        if depth == 0:
+            return index
+        index += 1
+    return -1
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, begin, index = [], 0, 0, 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        depth += char == "{"
+        depth -= char == "}"
+        if char == "," and depth == 0:
+            parts.append(text[begin:index])
+            begin = index + 1
+        index += 1
+    return parts + [text[begin:]]
+
+
+def brace_count(pattern: str, depth: int = 0) -> int:
+    """How many strings ``braceexpand(pattern)`` yields (an upper bound), computed without expanding."""
+    if depth > 32:
+        raise ValueError(f"{pattern[:80]!r}: braces nested too deeply")
+    total, index = 1, 0
+    while index < len(pattern):
+        if pattern[index] == "\\":
+            index += 2
+            continue
+        if pattern[index] == "{" and (end := _matching_brace(pattern, index)) > 0:
+            total *= _group_count(pattern[index + 1 : end], depth)
+            index = end + 1
+            continue
+        index += 1
+    return total
+
+
+def _group_count(body: str, depth: int) -> int:
+    if match := RANGE.match(body):
+        first, last, step = match.groups()
+        if first.lstrip("-").isdigit() != last.lstrip("-").isdigit():
+            return 1
+        span = abs(int(first) - int(last)) if first.lstrip("-").isdigit() else abs(ord(first) - ord(last))
+        return span // max(abs(int(step or 1)), 1) + 1
+    alternatives = _split_top(body)
+    if len(alternatives) == 1:
+        return brace_count(body, depth + 1)  # "{x}" is literal, but may hold groups
+    return sum(brace_count(alternative, depth + 1) for alternative in alternatives)
+
+
+def check_size(pattern: str) -> None:
+    count = brace_count(pattern)
+    if count > MAX_SHARDS:
+        raise ValueError(f"{pattern[:200]}: the braces expand to {count} shard URLs (at most {MAX_SHARDS})")
+
+
+def expand(spec: str | Sequence[str], listing: bool = True) -> list[str]:
+    """Every shard URL of one pattern or several, keeping their order.
+    Without ``listing``, globs and prefixes are kept as they are (not listed)."""
     active()
     specs = [spec] if isinstance(spec, str) else list(spec)
+    for pattern in specs:
+        check_size(pattern)
     urls: list[str] = []
     for pattern in specs:
         for url in braceexpand(pattern):
+            if not listing:
+                urls.append(url)
+                continue
             urls.extend(_listed(url) if needs_listing(url) else [url])
     return urls
 

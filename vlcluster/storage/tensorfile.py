@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +50,47 @@ def byte_view(tensor: torch.Tensor):
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def _parse_entry(key: str, raw: dict, data_start: int) -> TensorEntry:
-    begin, end = raw["data_offsets"]
-    dtype = DTYPES.get(raw["dtype"])
+class TensorFileError(ValueError):
+    """A file that is not a readable safetensors file; the message names it."""
+
+
+def _parse_entry(key: str, raw: object, data_start: int) -> TensorEntry:
+    if not isinstance(raw, dict):
+        raise ValueError(f"tensor {key!r}: entry is not an object")
+    offsets, dtype_name, shape = raw.get("data_offsets"), raw.get("dtype"), raw.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(v) for v in offsets) and offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {key!r}: bad data_offsets {str(offsets)[:80]}")
+    if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_size(v) for v in shape)):
+        raise ValueError(f"tensor {key!r}: bad shape {str(shape)[:80]}")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise ValueError(f"tensor {key!r}: unsupported dtype {raw['dtype']}")
-    shape = tuple(raw["shape"])
+        raise ValueError(f"tensor {key!r}: unsupported dtype {str(dtype_name)[:40]}")
+    begin, end = offsets
+    shape = tuple(shape)
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {shape} {raw['dtype']}")
+        raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {shape} {dtype_name}")
     return TensorEntry(dtype, shape, data_start + begin, data_start + end)
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
+def read_header(handle, size: int, path: Path) -> tuple[int, dict]:
+    """Header length and parsed header of an open safetensors file, checked."""
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise TensorFileError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(MAX_HEADER, size - 8):
+        raise TensorFileError(f"{path}: not a safetensors file (header length {length} for a file of {size} bytes)")
+    try:
+        header = json.loads(handle.read(length))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TensorFileError(f"{path}: not a safetensors file (header is not JSON: {str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return length, header
 
 
 class TensorFile:
@@ -66,18 +99,26 @@ class TensorFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._handle = open(self.path, "rb", buffering=0)
-        (length,) = struct.unpack("<Q", self._handle.read(8))
-        if length > MAX_HEADER:
-            raise ValueError(f"{self.path}: not a safetensors file (header length {length})")
-        header = json.loads(self._handle.read(length))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries = {key: _parse_entry(key, raw, 8 + length) for key, raw in header.items()}
-        self._check_bounds()
+        try:
+            size = os.fstat(self._handle.fileno()).st_size
+            length, header = read_header(self._handle, size, self.path)
+            metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(metadata, dict):
+                raise TensorFileError(f"{self.path}: __metadata__ is not a JSON object")
+            self.metadata: dict[str, str] = metadata
+            try:
+                self.entries = {key: _parse_entry(key, raw, 8 + length) for key, raw in header.items()}
+            except ValueError as exc:
+                raise TensorFileError(f"{self.path}: {exc}") from None
+            self._check_bounds()
+        except BaseException:
+            self._handle.close()
+            raise
 
     def _check_bounds(self) -> None:
         size = os.fstat(self._handle.fileno()).st_size
         if any(entry.end > size for entry in self.entries.values()):
-            raise ValueError(f"{self.path}: truncated safetensors file")
+            raise TensorFileError(f"{self.path}: truncated safetensors file")
 
     def __enter__(self) -> TensorFile:
         return self
@@ -101,7 +142,7 @@ class TensorFile:
         while done < entry.nbytes:
             got = os.preadv(self._handle.fileno(), [buffer[done:]], entry.start + done)
             if got <= 0:
-                raise ValueError(f"{self.path}: short read of {key!r}")
+                raise TensorFileError(f"{self.path}: short read of {key!r} (file changed or truncated?)")
             done += got
         return tensor
 
@@ -168,3 +209,24 @@ class TensorFileWriter:
         self._handle.close()
         if missing:
             raise ValueError(f"{len(missing)} tensors never written (first: {missing[0]!r})")
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, with the checks of :class:`TensorFile`
+    (a file from a run directory or a user is untrusted input)."""
+    with TensorFile(path) as tensors:
+        return {key: tensors.read(key) for key in tensors.keys()}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures as ``OSError``
+    (errno and file name kept) so a full disk is recognised as one."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError carries the OS error only in its text
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None

@@ -30,7 +30,9 @@ class Checkpoint:
     step: int
 
     def meta(self) -> dict:
-        return read_json(self.path / "meta.json") or {}
+        """The commit record; {} when it is not a JSON object (damaged: never matches a spec hash)."""
+        record = read_json(self.path / "meta.json")
+        return record if isinstance(record, dict) else {}
 
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:

@@ -48,6 +48,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value: object) -> list:
+    """``value`` of every rank, in rank order, on every rank (a world of one: ``[value]``)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def exit_process(code: int) -> None:
     """End a rank without running interpreter teardown.
 

@@ -74,7 +74,7 @@ class Trainer:
             model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
             self.train.mask_prob, self.rank_sizes, self.train.vqa_loss,
         )
-        resume = ckpt.latest_checkpoint(self.checkpoint_root, ctx.spec_hash)
+        resume = ckpt.load_intact_checkpoint(self.checkpoint_root, ctx.spec_hash, env)  # verified, else an older one
         if resume is None and spec.init is not None:
             self.load_init(model)
         self.objective.to(env.device)
@@ -134,8 +134,8 @@ class Trainer:
             log.info("checkpoint saved: %s", path)
             self.metrics.sync()  # remote tb/ is as current as the checkpoint
 
-    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
-        loaded = ckpt.load_checkpoint(checkpoint, self.env.rank)
+    def restore(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        checkpoint = loaded
         saved_world = loaded.meta.get("world_size")
         if saved_world != self.env.world_size:
             raise RuntimeError(
