@@ -78,7 +78,7 @@ GOOD = preset("tiny", "specific").to_dict()
         ({**GOOD, "dim": "64"}, "dim must be an integer"),
         ({**GOOD, "depth": True}, "depth must be an integer"),
         ({**GOOD, "mlp_ratio": float("inf")}, "mlp_ratio must be a number"),
-        ({**GOOD, "vl_layers": 99}, "vl_layers must be in"),
+        ({**GOOD, "vl_layers": 99}, "vl_layers: must be in"),
         ({k: v for k, v in GOOD.items() if k != "dim"}, "missing ModelConfig keys: ['dim']"),
         ([1, 2], "must be a JSON object"),
     ],

@@ -438,16 +438,6 @@ class Pipeline(Strict):
             raise ValueError("a pipeline needs at least one stage")
         return stages
 
-    @field_validator("stages")
-    @classmethod
-    def _names_are_directory_names(cls, stages: dict) -> dict:
-        # A stage name is a directory of the run dir and a word of generated scripts.
-        for name in stages:
-            if not name or name.startswith(".") or any(char in name for char in "/\\") or not name.isprintable():
-                raise ValueError(f"stage name {name!r}: use a plain directory name (no '/', '\\', "
-                                 "line breaks or control characters, not starting with '.')")
-        return stages
-
     @property
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.name}"

@@ -53,8 +53,9 @@ class ModelConfig:
             value = getattr(self, field.name)
             if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 24):
                 raise ValueError(f"{field.name} must be an integer in [0, 2^24), got {str(value)[:40]}")
-            if field.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e3):
-                raise ValueError(f"{field.name} must be a number in (0, 1000), got {str(value)[:40]}")
+            low = 0 if field.name == "layer_scale" else 1e-30  # layer_scale 0 means "no residual scales"
+            if field.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value < 1e3):
+                raise ValueError(f"{field.name} must be a number in ({low:g}, 1000), got {str(value)[:40]}")
         for name in ("dim", "depth", "heads", "image_size", "patch_size", "vocab_size", "max_text_len", "itc_dim"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be positive")
