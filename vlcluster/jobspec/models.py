@@ -15,7 +15,7 @@ from vlcluster.storage.config import StorageSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "base"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -87,7 +87,10 @@ class TrainSpec(Strict):
     vqa_loss: Literal["softmax", "bce"] = Field(
         "softmax", description="bce: the paper's loss for VQA v2 soft scores; softmax: for single-answer data"
     )
-    precision: Precision = "fp32"
+    precision: Precision = Field(
+        "fp32", description="fp32; bf16 or fp16 (FSDP2 mixed precision, fp32 master weights, fp16 with a dynamic "
+        "loss scale); auto: bf16 on GPUs that support it, else fp16; fp32 on the CPU (see train/precision.py)"
+    )
     device: Device = "auto"
     seed: int = 0
     log_every: int = Field(10, gt=0)

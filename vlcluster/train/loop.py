@@ -35,6 +35,7 @@ from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
 from vlcluster.launch import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
+from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
 from vlcluster.storage.paths import run_path
@@ -75,7 +76,8 @@ class Trainer:
         if resume is None and spec.init is not None:
             self.load_init(model)
         self.objective.to(env.device)
-        parallelize(self.objective, self.train.precision)
+        self.precision = Precision.for_device(self.train.precision, env.device)
+        parallelize(self.objective, self.precision.param_dtype())
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         if resume is not None:
@@ -116,6 +118,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "scheduler": self.scheduler.state_dict(),
             "model_config": self.config.to_dict(),
+            "precision": self.precision.state_dict(),
         }
         path = ckpt.save_checkpoint(
             self.checkpoint_root, self.step, self.env, model_state, optim_state, meta,
@@ -136,6 +139,7 @@ class Trainer:
         set_model_state_dict(self.objective, loaded.model_state, options=FULL_STATE_LOAD)
         set_optimizer_state_dict(self.objective, self.optimizer, loaded.optim_state, options=FULL_STATE_LOAD)
         self.scheduler.load_state_dict(loaded.meta["scheduler"])
+        self.precision.load_state_dict(loaded.meta.get("precision", {}))
         torch.set_rng_state(loaded.rank_tensors["torch_rng"])
         self.generator.set_state(loaded.rank_tensors["generator"])
         if "cuda_rng" in loaded.rank_tensors and self.env.device.type == "cuda":
@@ -159,6 +163,7 @@ class Trainer:
                 self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
                 total, self.train.batch_size, self.env.world_size, self.ctx.spec.data.num_workers, self.step,
             )
+            log.info("precision %s (train.precision: %s) on %s", self.precision.name, self.train.precision, self.env.device)
         started = time.perf_counter()
         first_step = self.step
         try:
@@ -186,15 +191,17 @@ class Trainer:
             "final": history,
             "samples_per_s": steps_run * self.train.batch_size / elapsed if steps_run else None,
             "data": self.data_summary(),
+            "precision": self.precision.state_dict(),
         }
 
     def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
         samples = self.loader.next_batch()
         batch = self.builder(samples, with_questions).to(self.env.device)
-        out = self.objective(batch, self.generator)
+        with self.precision.autocast():
+            out = self.objective(batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.optimizer.step()
+        self.precision.backward(out["loss"])
+        self.precision.step(self.optimizer)
         self.scheduler.step()
         self.step += 1
         self.keys.record(self.step, samples["key"])
@@ -210,6 +217,9 @@ class Trainer:
         scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["throughput/samples_per_s"] = samples_per_s
+        if self.precision.scaler is not None:
+            scalars["precision/loss_scale"] = self.precision.loss_scale
+            scalars["precision/skipped_steps"] = self.precision.skipped_steps
         bad, read = self.global_data_counts()
         scalars["data/bad_samples"], scalars["data/bad_fraction"] = bad, bad_fraction(bad, read)
         self.metrics.add(scalars, self.step)
@@ -271,7 +281,7 @@ def run_training(ctx: StageContext) -> None:
         trainer.export(summary)
     except StopRequested:
         code = EXIT_REQUEUE
-    except BadDataError as exc:
+    except (BadDataError, PrecisionError) as exc:
         log.error("%s", exc)
         code = 1
     except BaseException:  # noqa: BLE001 - report, then exit with failure below
