@@ -38,6 +38,8 @@ from vlcluster.train.parallelize import parallelize
 from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
+from vlcluster.train.flops import Objectives
+from vlcluster.train.throughput import ThroughputMeter, batch_shape
 from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")
@@ -78,6 +80,9 @@ class Trainer:
         self.objective.to(env.device)
         self.precision = Precision.for_device(self.train.precision, env.device)
         parallelize(self.objective, self.precision.param_dtype())
+        self.meter = ThroughputMeter(
+            self.config, Objectives.from_weights(self.train.loss_weights), self.precision.name, env.device, env.world_size
+        )
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         if resume is not None:
@@ -192,11 +197,14 @@ class Trainer:
             "samples_per_s": steps_run * self.train.batch_size / elapsed if steps_run else None,
             "data": self.data_summary(),
             "precision": self.precision.state_dict(),
+            "throughput": self.meter.summary(),
         }
 
     def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
         samples = self.loader.next_batch()
-        batch = self.builder(samples, with_questions).to(self.env.device)
+        batch = self.builder(samples, with_questions)
+        self.meter.record(batch_shape(batch, batch.size, self.train.batch_size, self.train.mask_prob), batch.size)  # on the host: no device sync
+        batch = batch.to(self.env.device)
         with self.precision.autocast():
             out = self.objective(batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,6 +225,7 @@ class Trainer:
         scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["throughput/samples_per_s"] = samples_per_s
+        scalars.update(self.meter.window())
         if self.precision.scaler is not None:
             scalars["precision/loss_scale"] = self.precision.loss_scale
             scalars["precision/skipped_steps"] = self.precision.skipped_steps
@@ -227,7 +236,10 @@ class Trainer:
             losses = " ".join(f"{name} {scalars[f'loss/{name}']:.3f}" for name in names)
             pct = 100 * self.step / self.train.steps
             bad_note = f" | {bad} bad samples skipped" if bad else ""
-            log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s%s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s, bad_note)
+            log.info(
+                "step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s | %s%s", self.step, self.train.steps, pct, losses,
+                scalars["lr"], samples_per_s, ThroughputMeter.describe(scalars), bad_note,
+            )
         # Every rank sees the same global counts, so all of them stop here together.
         check_bad_fraction(bad, read, self.ctx.spec.data.max_bad_fraction, final=self.step == self.train.steps)
         return scalars
