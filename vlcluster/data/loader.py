@@ -57,6 +57,7 @@ class LoaderConfig:
     batch_size: int
     image_size: int | None
     workers: int  # logical workers (readers) per rank, >= 1
+    uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
 
     def stream(self, worker: int) -> SampleStream:
         return SampleStream(
@@ -64,11 +65,14 @@ class LoaderConfig:
         )
 
 
-def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False) -> dict[str, Any]:
+def decode_batch(
+    stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False, uint8_images: bool = False
+) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
     ``shared``: build the image tensor in shared memory, so passing it from a
-    worker to the training process copies nothing.
+    worker to the training process copies nothing. ``uint8_images``: images
+    stay uint8 pixels ``[B, H, W, 3]`` (normalised later, on the device).
     """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
@@ -86,10 +90,15 @@ def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, 
                 f"reader {stream.part} read a whole epoch without one usable sample from its shards "
                 f"{stream.shards_for_epoch(first_epoch + 1)}"
             )
-    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
-    images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
+    if uint8_images:  # stacked straight into the (shared) tensor: one copy
+        image = torch.empty((batch_size, *samples[0]["pixels"].shape), dtype=torch.uint8)
+        np.stack([s["pixels"] for s in samples], out=(image.share_memory_() if shared else image).numpy())
+    else:
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+        images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
+        image = normalise_images(pixels, images.share_memory_() if shared else images)
     return {
-        "image": normalise_images(pixels, images.share_memory_() if shared else images),
+        "image": image,
         "caption": [s["caption"] for s in samples],
         "qa": [s["qa"] for s in samples],
         "key": [s["key"] for s in samples],
@@ -111,7 +120,9 @@ class _WorkerBatches(IterableDataset):
         stream = self.config.stream(worker)
         stream.load_state_dict(self.positions[worker])
         while True:
-            batch = decode_batch(stream, self.config.batch_size, self.config.image_size, shared=info is not None)
+            batch = decode_batch(
+                stream, self.config.batch_size, self.config.image_size, shared=info is not None, uint8_images=self.config.uint8_images
+            )
             yield {**batch, "worker": worker, "position": stream.state_dict()}
 
 
@@ -136,6 +147,8 @@ class TrainLoader:
         batch_size: int,
         image_size: int | None = None,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        uint8_images: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -148,8 +161,9 @@ class TrainLoader:
                 "data-loader worker(s): every worker reads its own shards; write more, smaller shards "
                 "or lower data.num_workers"
             )
-        self.config = LoaderConfig(tuple(urls), rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers)
+        self.config = LoaderConfig(tuple(urls), rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, uint8_images)
         self.num_workers = num_workers
+        self.pin_memory = pin_memory  # page-locked batches: host-to-device copies run asynchronously
         self.positions = [{"epoch": 0, "offset": 0} for _ in range(workers)]
         self.next_worker = 0
         self.quality = DataQuality()
@@ -162,6 +176,7 @@ class TrainLoader:
             dataset,
             batch_size=None,  # workers batch themselves
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             worker_init_fn=_keep_workers_alive_on_stop_signals if self.num_workers else None,
             # Its own generator: creating the iterator must not draw from the
             # global torch RNG, which is part of the training state.

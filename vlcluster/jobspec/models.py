@@ -87,6 +87,14 @@ class TrainSpec(Strict):
     vqa_loss: Literal["softmax", "bce"] = Field(
         "softmax", description="bce: the paper's loss for VQA v2 soft scores; softmax: for single-answer data"
     )
+    compile: bool = Field(False, description="torch.compile each transformer block (TorchInductor)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward: a fraction of the memory for one more forward"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=2, description="samples per forward/backward on a rank; the rank's share of batch_size is reached by "
+        "gradient accumulation (ITC's negatives are then per micro-batch, see train/accumulate.py)"
+    )
     precision: Precision = Field(
         "fp32", description="fp32; bf16 or fp16 (FSDP2 mixed precision, fp32 master weights, fp16 with a dynamic "
         "loss scale); auto: bf16 on GPUs that support it, else fp16; fp32 on the CPU (see train/precision.py)"
@@ -172,7 +180,11 @@ class TrainStageBase(StageBase):
 
     @model_validator(mode="after")
     def _batch_fits_ranks(self) -> TrainStageBase:
-        self.train.rank_batch_sizes(self.resources.world_size)
+        sizes = self.train.rank_batch_sizes(self.resources.world_size)
+        if self.train.micro_batch_size is not None:
+            from vlcluster.train.accumulate import plan_micro_batches
+
+            plan_micro_batches(sizes, self.train.micro_batch_size, rank=0)
         return self
 
 

@@ -33,13 +33,16 @@ from vlcluster.train.keylog import KeyRecorder
 from vlcluster.train.model_config import build_model_config
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
+from vlcluster.train.accumulate import plan_micro_batches
+from vlcluster.train.speed import apply_block_options
+from vlcluster.train.step import StepRunner
 from vlcluster.launch import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
 from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
 from vlcluster.train.flops import Objectives
-from vlcluster.train.throughput import ThroughputMeter, batch_shape
+from vlcluster.train.throughput import ThroughputMeter
 from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")
@@ -65,6 +68,7 @@ class Trainer:
         self.loader = TrainLoader(
             self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
+            pin_memory=env.device.type == "cuda", uint8_images=True,
         )
         self.keys = KeyRecorder(env.rank)
 
@@ -79,12 +83,15 @@ class Trainer:
             self.load_init(model)
         self.objective.to(env.device)
         self.precision = Precision.for_device(self.train.precision, env.device)
+        apply_block_options(model.layers, self.train.activation_checkpointing, self.train.compile)
         parallelize(self.objective, self.precision.param_dtype())
         self.meter = ThroughputMeter(
             self.config, Objectives.from_weights(self.train.loss_weights), self.precision.name, env.device, env.world_size
         )
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
+        micro_batches = plan_micro_batches(self.rank_sizes, self.train.micro_batch_size, env.rank)
+        self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob, self.meter)
         if resume is not None:
             self.restore(resume)
         self.metrics = MetricsWriter(ctx.dir.tensorboard, env.is_main, purge_step=self.step)
@@ -202,14 +209,7 @@ class Trainer:
 
     def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
         samples = self.loader.next_batch()
-        batch = self.builder(samples, with_questions)
-        self.meter.record(batch_shape(batch, batch.size, self.train.batch_size, self.train.mask_prob), batch.size)  # on the host: no device sync
-        batch = batch.to(self.env.device)
-        with self.precision.autocast():
-            out = self.objective(batch, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(out["loss"])
-        self.precision.step(self.optimizer)
+        out = self.stepper.run(self.builder(samples, with_questions), self.generator)
         self.scheduler.step()
         self.step += 1
         self.keys.record(self.step, samples["key"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from vlcluster.train.objective import Objective
 
@@ -24,3 +24,10 @@ def parallelize(objective: Objective, param_dtype: torch.dtype | None) -> Object
         fully_shard(block, mp_policy=policy)
     fully_shard(objective, mp_policy=policy)
     return objective
+
+
+def set_gradient_sync(objective: Objective, enabled: bool) -> None:
+    """Whether this backward reduce-scatters gradients (off for all but the
+    last micro-batch of a step: FSDP2 keeps accumulating unsharded gradients)."""
+    if isinstance(objective, FSDPModule):
+        objective.set_requires_gradient_sync(enabled)
