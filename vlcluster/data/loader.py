@@ -29,6 +29,7 @@ refused by the trainer for the same reason.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,18 @@ log = logging.getLogger("vlcluster.data")
 
 # Each skipped sample is logged with its shard and reason, up to this many per rank.
 MAX_LOGGED_BAD = 100
+# data.num_workers: auto stops here: decode rarely needs more per GPU, and each worker holds a shuffle buffer.
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
+    """Workers per rank for ``data.num_workers: auto``: the node's CPUs (the stage's
+    ``resources.cpus_per_node``, else the CPUs this process may run on) shared by its ranks,
+    one left to each rank's own process, at most ``MAX_AUTO_WORKERS`` and at most as many
+    as the shards allow (every worker of every rank reads its own)."""
+    cpus = cpus_per_node or len(os.sched_getaffinity(0))
+    by_cpus = cpus // max(ranks_per_node, 1) - 1
+    return max(0, min(by_cpus, MAX_AUTO_WORKERS, shards // max(world_size, 1)))
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,9 @@ class DataSpec(Strict):
     tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
     answers: str | None = Field(None, description="JSON list of VQA answers")
     shuffle_buffer: int = Field(256, ge=1)
-    num_workers: int = Field(
-        0, ge=0, description="data-loader worker processes per training rank (0: decode in the rank); "
-        "a checkpoint resumes only with the same value"
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0, description="data-loader worker processes per training rank (0: decode in the rank; auto: the node's "
+        "CPUs per rank less one, at most 8, see data/loader.py); a checkpoint resumes only with the same number"
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="a training stage fails when more of the samples read are bad "

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlcluster.context import StageContext
-from vlcluster.data.loader import TrainLoader
+from vlcluster.data.loader import TrainLoader, auto_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
@@ -65,9 +65,13 @@ class Trainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
+        self.loader_workers = spec.data.num_workers
+        if self.loader_workers == "auto":
+            resources = spec.resources
+            self.loader_workers = auto_workers(resources.cpus_per_node, resources.ranks_per_node, len(self.sources.train), env.world_size)
         self.loader = TrainLoader(
             self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
-            self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
+            self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
             pin_memory=env.device.type == "cuda", uint8_images=True,
         )
         self.keys = KeyRecorder(env.rank)
@@ -173,7 +177,7 @@ class Trainer:
             log.info(
                 "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, %d data-loader workers each, from step %d",
                 self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
-                total, self.train.batch_size, self.env.world_size, self.ctx.spec.data.num_workers, self.step,
+                total, self.train.batch_size, self.env.world_size, self.loader_workers, self.step,
             )
             log.info("precision %s (train.precision: %s) on %s", self.precision.name, self.train.precision, self.env.device)
         started = time.perf_counter()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from vlcluster.train.dist import sharded_run
 from vlcluster.train.objective import Objective
 
 
@@ -17,7 +17,7 @@ def parallelize(objective: Objective, param_dtype: torch.dtype | None) -> Object
     ``param_dtype`` (bf16/fp16, or None for float32) is what forward and
     backward compute in; the sharded float32 parameters stay the optimizer's
     master weights and gradients are reduced in float32."""
-    if not dist.is_initialized():
+    if not sharded_run():
         return objective
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in objective.model.layers:

@@ -7,8 +7,9 @@ the loss scaling fp16 needs.
 - ``bf16`` / ``fp16``: parameters are cast to the low dtype for forward and
   backward (FSDP2's ``MixedPrecisionPolicy``: ``param_dtype`` low), gradients
   are reduced in float32 and the optimizer updates float32 master weights
-  (the sharded parameters FSDP2 keeps stay float32). A single process
-  without a process group runs the same model under ``torch.autocast``.
+  (the sharded parameters FSDP2 keeps stay float32). A world of one (no
+  FSDP2, see ``dist.sharded_run``) runs the model under ``torch.autocast``
+  instead: float32 weights, matmuls in the low dtype.
 - ``auto``: bf16 where the device supports it natively (CUDA compute
   capability >= 8.0: A100, H100, H200, L40S, ...), fp16 on older GPUs
   (V100, T4), and fp32 on the CPU: CPUs have no tensor cores, and bf16/fp16
@@ -18,7 +19,7 @@ fp16 has a narrow exponent range, so the loss is multiplied by a dynamic
 scale before backward and the gradients divided by it before the optimizer
 step; a step whose gradients overflowed (inf/NaN) is skipped on every rank
 and the scale halved, and after ``growth_interval`` clean steps the scale
-doubles. The FSDP1 ``ShardedGradScaler`` is used under a process group: its
+doubles. The FSDP1 ``ShardedGradScaler`` is used with FSDP2: its
 ``unscale_`` all-reduces the overflow flag, so a rank whose gradient shard
 overflowed makes every rank skip the step (torch 2.13's DTensor dispatch of
 the overflow check also agrees across ranks; the explicit all-reduce keeps
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from vlcluster.train.dist import sharded_run
 
 Requested = str  # "fp32" | "bf16" | "fp16" | "auto"
 
@@ -93,7 +95,7 @@ class Precision:
         self.name = name
         self.device = device
         self.dtype = DTYPES[name]
-        self.distributed = dist.is_initialized() if distributed is None else distributed
+        self.distributed = sharded_run() if distributed is None else distributed  # FSDP2 shards the model
         self.scaler = self._scaler() if name == "fp16" else None
         self.skipped_steps = 0
 
