@@ -219,7 +219,7 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "    n/a"
         memory = f"{r.peak_memory_gb:8.2f}" if r.peak_memory_gb is not None else "     n/a"
-        print(f"{r.name:34s} {r.samples_per_s:10.1f} {r.samples_per_s / baseline:7.2f} {r.tflops:9.3f} {mfu} {memory}  "
+        print(f"{r.name:34s} {r.samples_per_s:10.1f} {r.samples_per_s / baseline:7.2f} {r.tflops:9.3g} {mfu} {memory}  "
               f"{r.losses[0]:.3f}/{r.losses[-1]:.3f}")
     sys.stdout.flush()
 
