@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlcluster.data.loader import MAX_AUTO_WORKERS, auto_workers
+from vlcluster.data.loader import MAX_AUTO_WORKERS, resolve_workers
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, validate
 
@@ -39,11 +39,12 @@ def test_speed_options_keep_the_stage_identity_but_micro_batches_change_it():
 
 
 def test_auto_workers_share_the_node_cpus_among_ranks():
-    assert auto_workers(cpus_per_node=80, ranks_per_node=8, shards=10000, world_size=48) == 8  # 10 CPUs/rank, capped
-    assert auto_workers(cpus_per_node=32, ranks_per_node=8, shards=10000, world_size=48) == 3  # 4 per rank, 1 for the rank
-    assert auto_workers(cpus_per_node=2, ranks_per_node=2, shards=8, world_size=2) == 0  # decode in the rank
-    assert auto_workers(cpus_per_node=64, ranks_per_node=1, shards=8, world_size=2) == 4  # every worker needs its shards
-    assert 0 <= auto_workers(None, 1, shards=1000, world_size=1) <= MAX_AUTO_WORKERS  # this machine's CPUs
+    assert resolve_workers("auto", cpus_per_node=80, ranks_per_node=8, shards=10000, world_size=48) == 8  # 10 CPUs/rank, capped
+    assert resolve_workers("auto", cpus_per_node=32, ranks_per_node=8, shards=10000, world_size=48) == 3  # 4 per rank, 1 for the rank
+    assert resolve_workers("auto", cpus_per_node=2, ranks_per_node=2, shards=8, world_size=2) == 0  # decode in the rank
+    assert resolve_workers("auto", cpus_per_node=64, ranks_per_node=1, shards=8, world_size=2) == 4  # every worker needs its shards
+    assert 0 <= resolve_workers("auto", None, 1, shards=1000, world_size=1) <= MAX_AUTO_WORKERS  # this machine's CPUs
+    assert resolve_workers(3, cpus_per_node=2, ranks_per_node=2, shards=8, world_size=2) == 3  # a number is kept
 
 
 def test_num_workers_takes_auto_or_a_count():

@@ -50,11 +50,13 @@ MAX_LOGGED_BAD = 100
 MAX_AUTO_WORKERS = 8
 
 
-def auto_workers(cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
-    """Workers per rank for ``data.num_workers: auto``: the node's CPUs (the stage's
+def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
+    """Workers per rank for ``data.num_workers``: a number as given; ``auto``: the node's CPUs (the stage's
     ``resources.cpus_per_node``, else the CPUs this process may run on) shared by its ranks,
     one left to each rank's own process, at most ``MAX_AUTO_WORKERS`` and at most as many
     as the shards allow (every worker of every rank reads its own)."""
+    if requested != "auto":
+        return int(requested)
     cpus = cpus_per_node or len(os.sched_getaffinity(0))
     by_cpus = cpus // max(ranks_per_node, 1) - 1
     return max(0, min(by_cpus, MAX_AUTO_WORKERS, shards // max(world_size, 1)))

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlcluster.context import StageContext
-from vlcluster.data.loader import TrainLoader, auto_workers
+from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
@@ -65,10 +65,9 @@ class Trainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
-        self.loader_workers = spec.data.num_workers
-        if self.loader_workers == "auto":
-            resources = spec.resources
-            self.loader_workers = auto_workers(resources.cpus_per_node, resources.ranks_per_node, len(self.sources.train), env.world_size)
+        self.loader_workers = resolve_workers(
+            spec.data.num_workers, spec.resources.cpus_per_node, spec.resources.ranks_per_node, len(self.sources.train), env.world_size
+        )
         self.loader = TrainLoader(
             self.sources.train, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
