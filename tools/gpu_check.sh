@@ -14,6 +14,11 @@
 #      eager and compiled losses agree within tolerance;
 #   4. prints one table (and writes it, the logs and the JSON results to $OUT, else ./gpu_check_out).
 #
+# On a machine without internet whose python3 has a CUDA torch but not the project's other
+# dependencies, put their wheels into .whl/ first (where pip works: `pip download --no-deps
+# --only-binary=:all: -d .whl pydantic pydantic-core annotated-types typing-inspection webdataset
+# braceexpand`, with the target's --python-version and --platform).
+#
 # Fails loudly on any error. GPU_CHECK_CPU=1 runs the same steps on the CPU (tiny sizes, fp32 and
 # fp16, gloo) to check the script itself on a machine without a GPU.
 set -euo pipefail
@@ -72,10 +77,10 @@ EOF
 
 trainer_runs() {
     step "trainer: a few steps in each precision under torchrun"
-    local gpus procs device
+    local gpus procs device steps=30
     local -a precisions
     if [[ "$CPU_MODE" == 1 ]]; then
-        gpus=0 procs=2 device=cpu
+        gpus=0 procs=2 device=cpu steps=6
         precisions=(fp32 fp16)
     else
         gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
@@ -93,8 +98,8 @@ trainer_runs() {
             echo "    kind: pretrain"
             echo "    model: {size: tiny, arch: agnostic}"
             echo "    data: {from: data, num_workers: 2}"
-            echo "    train: {steps: 30, batch_size: 64, log_every: 10, lr: 5.0e-4, precision: $precision, device: $device}"
-            echo "    checkpoint: {every: 15, keep: 1}"
+            echo "    train: {steps: $steps, batch_size: 64, log_every: 3, lr: 5.0e-4, precision: $precision, device: $device}"
+            echo "    checkpoint: {every: $(( steps / 2 )), keep: 1}"
             echo "    resources: {procs_per_node: $procs, gpus_per_node: $gpus}"
         done
     } > "$job"
@@ -103,18 +108,18 @@ trainer_runs() {
     for precision in "${precisions[@]}"; do
         cp "$WORK/runs/train_$precision/result.json" "$OUT/trainer_$precision.json"
     done
-    "$PY" - "$WORK/runs" "${precisions[@]}" <<'EOF'
+    "$PY" - "$WORK/runs" "$steps" "${precisions[@]}" <<'EOF'
 import json, math, sys
 from pathlib import Path
-runs, precisions = Path(sys.argv[1]), sys.argv[2:]
+runs, steps, precisions = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 for precision in precisions:
     result = json.loads((runs / f"train_{precision}" / "result.json").read_text())
     final, throughput = result["final"], result["throughput"]
-    assert result["steps"] == 30, result
+    assert result["steps"] == steps, result
     assert math.isfinite(final["loss/loss"]), f"{precision}: loss {final['loss/loss']}"
     assert result["precision"]["precision"] == precision, result["precision"]
     skipped = result["precision"]["skipped_steps"]
-    assert skipped <= 10, f"{precision}: {skipped} of 30 steps skipped by the loss scale"
+    assert skipped <= 10, f"{precision}: {skipped} of {steps} steps skipped by the loss scale"
     print(f"trainer {precision}: loss {final['loss/loss']:.3f}, skipped steps {skipped}, "
           f"{throughput['samples_per_s']:.0f} samples/s, MFU {throughput['mfu']}")
 EOF
@@ -165,7 +170,7 @@ print()
 for path in sorted(out.glob("trainer_*.json")):
     result = json.loads(path.read_text())
     t = result["throughput"]
-    print(f"- trainer {result['precision']['precision']} (tiny, 30 steps): final loss {result['final']['loss/loss']:.3f}, "
+    print(f"- trainer {result['precision']['precision']} (tiny, {result['steps']} steps): final loss {result['final']['loss/loss']:.3f}, "
           f"{result['precision']['skipped_steps']} skipped steps, {t['samples_per_s']:.0f} samples/s")
 EOF
 }
