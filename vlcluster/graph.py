@@ -40,7 +40,11 @@ REFERENCE_TARGETS: dict[str, frozenset[str]] = {
 # How a stage runs, not what it computes. The data-loader worker count does
 # change the sample order, like the number of ranks: resuming with another
 # value is refused at run time instead of silently starting over.
-NON_IDENTITY_FIELDS = {"resources": True, "after": True, "sweep": True, "data": {"num_workers", "max_bad_fraction"}}
+# How a stage runs, not what it computes (speed options change results only within float rounding).
+NON_IDENTITY_FIELDS = {
+    "resources": True, "after": True, "sweep": True, "data": {"num_workers", "max_bad_fraction"},
+    "train": {"compile", "activation_checkpointing"},
+}
 
 
 def sweep_base(name: str) -> str:

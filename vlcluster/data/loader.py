@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 from collections.abc import Sequence
@@ -51,6 +52,20 @@ log = logging.getLogger("vlcluster.data")
 
 # Each skipped sample is logged with its shard and reason, up to this many per rank.
 MAX_LOGGED_BAD = 100
+# data.num_workers: auto stops here: decode rarely needs more per GPU, and each worker holds a shuffle buffer.
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
+    """Workers per rank for ``data.num_workers``: a number as given; ``auto``: the node's CPUs (the stage's
+    ``resources.cpus_per_node``, else the CPUs this process may run on) shared by its ranks,
+    one left to each rank's own process, at most ``MAX_AUTO_WORKERS`` and at most as many
+    as the shards allow (every worker of every rank reads its own)."""
+    if requested != "auto":
+        return int(requested)
+    cpus = cpus_per_node or len(os.sched_getaffinity(0))
+    by_cpus = cpus // max(ranks_per_node, 1) - 1
+    return max(0, min(by_cpus, MAX_AUTO_WORKERS, shards // max(world_size, 1)))
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class LoaderConfig:
     workers: int  # logical workers (readers) per rank, >= 1
     fields: FieldMap = DEFAULT_FIELDS
     augment: Augment = NO_AUGMENT
+    uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
@@ -106,14 +122,15 @@ def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> 
 
 def decode_batch(
     stream: SampleStream | MixedStream, batch_size: int, image_size: int | None, shared: bool = False,
-    fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT,
+    fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT, uint8_images: bool = False,
 ) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
     ``shared``: build the image tensor in shared memory, so passing it from a
-    worker to the training process copies nothing. A reader that reads a
-    whole pass over its shards without one usable sample stops with a
-    ``BadDataError`` that counts the causes.
+    worker to the training process copies nothing. ``uint8_images``: images
+    stay uint8 pixels ``[B, H, W, 3]`` (normalised later, on the device). A
+    reader that reads a whole pass over its shards without one usable sample
+    stops with a ``BadDataError`` that counts the causes.
     """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
@@ -135,10 +152,15 @@ def decode_batch(
                     f"reader {stream.part} read one pass over its {len(shards)} shard(s) ({_shortlist(shards)})",
                     quality, FIELDS_HINT,
                 )
-    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
-    images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
+    if uint8_images:  # stacked straight into the (shared) tensor: one copy
+        image = torch.empty((batch_size, *samples[0]["pixels"].shape), dtype=torch.uint8)
+        np.stack([s["pixels"] for s in samples], out=(image.share_memory_() if shared else image).numpy())
+    else:
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+        images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
+        image = normalise_images(pixels, images.share_memory_() if shared else images)
     return {
-        "image": normalise_images(pixels, images.share_memory_() if shared else images),
+        "image": image,
         "caption": [s["caption"] for s in samples],
         "qa": [s.get("qa") for s in samples],
         "key": [s["key"] for s in samples],
@@ -171,7 +193,10 @@ class _WorkerBatches(IterableDataset):
         while True:
             try:
                 config = self.config
-                batch = decode_batch(stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment)
+                batch = decode_batch(
+                    stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment,
+                    config.uint8_images,
+                )
             except BadDataError as exc:
                 # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
                 yield {"error": str(exc), "worker": worker}
@@ -202,6 +227,8 @@ class TrainLoader:
         num_workers: int = 0,
         fields: FieldMap = DEFAULT_FIELDS,
         augment: Augment = NO_AUGMENT,
+        pin_memory: bool = False,
+        uint8_images: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -217,9 +244,12 @@ class TrainLoader:
                     f"{workers} data-loader worker(s): every worker reads its own shards; write more, smaller shards "
                     "or lower data.num_workers"
                 )
-        self.config = LoaderConfig(sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment)
+        self.config = LoaderConfig(
+            sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment, uint8_images
+        )
         self.num_workers = num_workers
         self.positions = [self.config.stream(worker).state_dict() for worker in range(workers)]
+        self.pin_memory = pin_memory  # page-locked batches: host-to-device copies run asynchronously
         self.next_worker = 0
         self.quality = DataQuality()
         self._logged_bad = 0
@@ -231,6 +261,7 @@ class TrainLoader:
             dataset,
             batch_size=None,  # workers batch themselves
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             worker_init_fn=_keep_workers_alive_on_stop_signals if self.num_workers else None,
             # Its own generator: creating the iterator must not draw from the
             # global torch RNG, which is part of the training state.

@@ -27,7 +27,7 @@ def normalise_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> t
     """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in [-1, 1], into ``out`` if given."""
     channels_first = pixels.movedim(-1, -3)
     if out is None:
-        out = torch.empty(channels_first.shape, dtype=torch.float32)
+        out = torch.empty(channels_first.shape, dtype=torch.float32, device=pixels.device)
     return out.copy_(channels_first).div_(127.5).sub_(1.0)  # == (x/255 - 0.5) / 0.5
 
 

@@ -18,7 +18,7 @@ from vlcluster.storage.config import StorageSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "vit_tiny", "base"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -124,9 +124,9 @@ class DataSpec(Strict):
     )
     augment_flip: bool = Field(False, description="random horizontal flips (off: captions say left and right)")
     shuffle_buffer: int = Field(256, ge=1)
-    num_workers: int = Field(
-        0, ge=0, description="data-loader worker processes per training rank (0: decode in the rank); "
-        "a checkpoint resumes only with the same value"
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0, description="data-loader worker processes per training rank (0: decode in the rank; auto: the node's "
+        "CPUs per rank less one, at most 8, see data/loader.py); a checkpoint resumes only with the same number"
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="a training stage fails when more of the samples read are bad "
@@ -173,7 +173,18 @@ class TrainSpec(Strict):
     vqa_loss: Literal["softmax", "bce"] = Field(
         "softmax", description="bce: the paper's loss for VQA v2 soft scores; softmax: for single-answer data"
     )
-    precision: Precision = "fp32"
+    compile: bool = Field(False, description="torch.compile each transformer block (TorchInductor)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward: a fraction of the memory for one more forward"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=2, description="samples per forward/backward on a rank; the rank's share of batch_size is reached by "
+        "gradient accumulation (ITC's negatives are then per micro-batch, see train/accumulate.py)"
+    )
+    precision: Precision = Field(
+        "fp32", description="fp32; bf16 or fp16 (FSDP2 mixed precision, fp32 master weights, fp16 with a dynamic "
+        "loss scale); auto: bf16 on GPUs that support it, else fp16; fp32 on the CPU (see train/precision.py)"
+    )
     device: Device = "auto"
     seed: int = 0
     log_every: int = Field(10, gt=0)
@@ -259,7 +270,11 @@ class TrainStageBase(StageBase):
 
     @model_validator(mode="after")
     def _batch_fits_ranks(self) -> TrainStageBase:
-        self.train.rank_batch_sizes(self.resources.world_size)
+        sizes = self.train.rank_batch_sizes(self.resources.world_size)
+        if self.train.micro_batch_size is not None:
+            from vlcluster.train.accumulate import plan_micro_batches
+
+            plan_micro_batches(sizes, self.train.micro_batch_size, rank=0)
         return self
 
 

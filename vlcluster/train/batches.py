@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vlcluster.data.shards import normalise_images
 from vlcluster.data.tokenizer import TextEncoder
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [B, 3, H, W]
+    images: torch.Tensor  # [B, 3, H, W] float, or uint8 [B, H, W, 3] pixels until moved with to()
     text_ids: torch.Tensor  # [B, L] captions
     text_mask: torch.Tensor  # [B, L] True = real token
     question_ids: torch.Tensor | None = None
@@ -20,8 +21,16 @@ class Batch:
     answers: torch.Tensor | None = None  # [B] answer index
 
     def to(self, device: torch.device) -> Batch:
+        """On ``device``, ready for the model: uint8 images (as the training loader ships them, a quarter
+        of float32's bytes to copy) become float32 in [-1, 1] there, by the same operations as on the host."""
         moved = {name: (value.to(device, non_blocking=True) if value is not None else None) for name, value in vars(self).items()}
+        if moved["images"].dtype == torch.uint8:
+            moved["images"] = normalise_images(moved["images"])
         return Batch(**moved)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Samples ``start:stop`` (views, no copies): a micro-batch."""
+        return Batch(**{name: (value[start:stop] if value is not None else None) for name, value in vars(self).items()})
 
     @property
     def size(self) -> int:

@@ -43,6 +43,13 @@ def init_distributed(requested_device: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def sharded_run() -> bool:
+    """Whether FSDP2 shards the model: only where there is something to shard
+    across. A world of one trains the plain module (FSDP2 would only add a
+    gather and a copy per block call) with mixed precision by autocast."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

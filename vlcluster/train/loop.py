@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlcluster.context import StageContext
-from vlcluster.data.loader import TrainLoader
+from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
@@ -35,10 +35,16 @@ from vlcluster.train.keylog import KeyRecorder
 from vlcluster.train.model_config import build_model_config
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
+from vlcluster.train.accumulate import plan_micro_batches
+from vlcluster.train.speed import apply_block_options
+from vlcluster.train.step import StepRunner
 from vlcluster.launch import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
+from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
+from vlcluster.train.flops import Objectives
+from vlcluster.train.throughput import ThroughputMeter
 from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")
@@ -61,10 +67,15 @@ class Trainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
         self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
+        self.loader_workers = resolve_workers(
+            spec.data.num_workers, spec.resources.cpus_per_node, spec.resources.ranks_per_node,
+            min(len(source.urls) for source in self.sources.train_mixture), env.world_size
+        )
         self.loader = TrainLoader(
             self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
-            self.rank_sizes[env.rank], self.config.image_size, spec.data.num_workers,
+            self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
             self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 else [])), self.sources.augment,
+            pin_memory=env.device.type == "cuda", uint8_images=True,
         )
         self.keys = KeyRecorder(env.rank)
 
@@ -78,9 +89,16 @@ class Trainer:
         if resume is None and spec.init is not None:
             self.load_init(model)
         self.objective.to(env.device)
-        parallelize(self.objective, self.train.precision)
+        self.precision = Precision.for_device(self.train.precision, env.device)
+        apply_block_options(model.layers, self.train.activation_checkpointing, self.train.compile)
+        parallelize(self.objective, self.precision.param_dtype())
+        self.meter = ThroughputMeter(
+            self.config, Objectives.from_weights(self.train.loss_weights), self.precision.name, env.device, env.world_size
+        )
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
+        micro_batches = plan_micro_batches(self.rank_sizes, self.train.micro_batch_size, env.rank)
+        self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob, self.meter)
         if resume is not None:
             self.restore(resume)
         self.metrics = MetricsWriter(ctx.dir.tensorboard, env.is_main, purge_step=self.step)
@@ -125,6 +143,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "scheduler": self.scheduler.state_dict(),
             "model_config": self.config.to_dict(),
+            "precision": self.precision.state_dict(),
         }
         path = ckpt.save_checkpoint(
             self.checkpoint_root, self.step, self.env, model_state, optim_state, meta,
@@ -145,6 +164,7 @@ class Trainer:
         set_model_state_dict(self.objective, loaded.model_state, options=FULL_STATE_LOAD)
         set_optimizer_state_dict(self.objective, self.optimizer, loaded.optim_state, options=FULL_STATE_LOAD)
         self.scheduler.load_state_dict(loaded.meta["scheduler"])
+        self.precision.load_state_dict(loaded.meta.get("precision", {}))
         torch.set_rng_state(loaded.rank_tensors["torch_rng"])
         self.generator.set_state(loaded.rank_tensors["generator"])
         if "cuda_rng" in loaded.rank_tensors and self.env.device.type == "cuda":
@@ -166,8 +186,9 @@ class Trainer:
             log.info(
                 "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, %d data-loader workers each, from step %d",
                 self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
-                total, self.train.batch_size, self.env.world_size, self.ctx.spec.data.num_workers, self.step,
+                total, self.train.batch_size, self.env.world_size, self.loader_workers, self.step,
             )
+            log.info("precision %s (train.precision: %s) on %s", self.precision.name, self.train.precision, self.env.device)
         started = time.perf_counter()
         first_step = self.step
         try:
@@ -195,15 +216,13 @@ class Trainer:
             "final": history,
             "samples_per_s": steps_run * self.train.batch_size / elapsed if steps_run else None,
             "data": self.data_summary(),
+            "precision": self.precision.state_dict(),
+            "throughput": self.meter.summary(),
         }
 
     def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
         samples = self.loader.next_batch()
-        batch = self.builder(samples, with_questions).to(self.env.device)
-        out = self.objective(batch, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.optimizer.step()
+        out = self.stepper.run(self.builder(samples, with_questions), self.generator)
         self.scheduler.step()
         self.step += 1
         self.keys.record(self.step, samples["key"])
@@ -219,6 +238,10 @@ class Trainer:
         scalars = {f"loss/{name}": value for name, value in zip(names, values.tolist())}
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["throughput/samples_per_s"] = samples_per_s
+        scalars.update(self.meter.window())
+        if self.precision.scaler is not None:
+            scalars["precision/loss_scale"] = self.precision.loss_scale
+            scalars["precision/skipped_steps"] = self.precision.skipped_steps
         bad, read = self.global_data_counts()
         scalars["data/bad_samples"], scalars["data/bad_fraction"] = bad, bad_fraction(bad, read)
         self.metrics.add(scalars, self.step)
@@ -226,7 +249,10 @@ class Trainer:
             losses = " ".join(f"{name} {scalars[f'loss/{name}']:.3f}" for name in names)
             pct = 100 * self.step / self.train.steps
             bad_note = f" | {bad} bad samples skipped" if bad else ""
-            log.info("step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s%s", self.step, self.train.steps, pct, losses, scalars["lr"], samples_per_s, bad_note)
+            log.info(
+                "step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s | %s%s", self.step, self.train.steps, pct, losses,
+                scalars["lr"], samples_per_s, ThroughputMeter.describe(scalars), bad_note,
+            )
             report_training_progress(self.ctx, self.step, scalars)  # <stage>/progress.json for `vlcluster status`
         # Every rank sees the same global counts, so all of them stop here together.
         check_bad_fraction(bad, read, self.ctx.spec.data.max_bad_fraction, final=self.step == self.train.steps)
@@ -281,7 +307,7 @@ def run_training(ctx: StageContext) -> None:
         trainer.export(summary)
     except StopRequested:
         code = EXIT_REQUEUE
-    except (BadDataError, CheckpointError) as exc:
+    except (BadDataError, CheckpointError, PrecisionError) as exc:
         log.error("%s", exc)
         code = 1
     except BaseException:  # noqa: BLE001 - report, then exit with failure below
