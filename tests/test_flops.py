@@ -42,8 +42,7 @@ EMBEDDING = 2 * 4 * 8 * 48  # 4 patches x [3*4*4 = 48 inputs] x 8 outputs
 ITC = (
     hand_layer(5) + hand_layer(6)  # image and caption through layer 0 (no bottom layers: B = 0)
     + 2 * (2 * 1 * 4 * 8)  # image and text projections 8 -> 4
-    + 2 * (2 * 1 * 12 * 4)  # i2t and t2i logits against the 12 samples of the global batch
-    + 2 * 1 * 4 * 4  # the local similarity ITM samples negatives from
+    + 2 * (2 * 1 * 12 * 4)  # i2t and t2i logits against the 12 samples of the global batch (ITM mines from them too)
 )
 ITM = 3 * (hand_layer(11) + 2 * 8 * 8 + 2 * 2 * 8)  # positive + 2 hard negatives: fusion at 5+6 tokens, pooler, classifier
 MLM = hand_layer(11) + 1.5 * (2 * 8 * 8 + 2 * 10 * 8)  # fusion of the masked caption, head on 1.5 masked tokens
@@ -105,7 +104,7 @@ def test_count_agrees_with_flop_counter_mode_on_a_real_forward(weights):
     # The masked positions the objective drew: replay its generator.
     replay = torch.Generator().manual_seed(0)
     if weights.itm > 0:
-        losses.sample_hard_negatives(torch.zeros(B, B), replay)
+        losses.sample_hard_negatives(losses.ContrastiveLogits(torch.zeros(B, B), torch.zeros(B, B), 0), replay)
     _, labels = losses.mask_tokens(ids, mask, torch.tensor(special), 4, config.vocab_size, 0.15, replay)
     shape = StepShape(text_len=L, rank_batch=B, global_batch=B, masked_tokens=(labels != -100).sum().item() / B, question_len=5)
     expected = sum(forward_breakdown(config, Objectives.from_weights(weights), shape).values()) * B

@@ -18,7 +18,7 @@ Lt text tokens) as ``Objective`` runs them:
 - ITC (and ITM, which mines its negatives from ITC): the text bottom pass
   (B at Lt), both unimodal top passes (M at Li, M at Lt), the two
   projections and the similarity logits against the global batch in both
-  directions, plus the local similarity ITM samples from;
+  directions (ITM samples its hard negatives from them);
 - ITM: three fusion passes (M at Li+Lt: the positive pair, the hard-negative
   caption, the hard-negative image), three pooler+classifier heads;
 - MLM: the masked caption's own bottom pass (B at Lt), one fusion pass,
@@ -89,7 +89,7 @@ def forward_breakdown(config: ModelConfig, objectives: Objectives, shape: StepSh
         "image_bottom": layers_forward(config, bottom, li),
     }
     if objectives.itc or objectives.itm:
-        logits = 2 * matmul(1, shape.global_batch, config.itc_dim) + matmul(1, shape.rank_batch, config.itc_dim)
+        logits = 2 * matmul(1, shape.global_batch, config.itc_dim)  # ITM mines its negatives from these same logits
         out["itc"] = (
             layers_forward(config, bottom, lt)
             + layers_forward(config, top, li) + layers_forward(config, top, lt)
