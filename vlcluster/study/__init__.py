@@ -30,8 +30,7 @@ def write_study_report(run_dirs: list, out: Path, drop_score: str = "retrieval",
     if not arms:
         sections.append("No finished eval stage in these runs yet: nothing to report.")
     else:
-        sections += _table1(arms) + _knobs(arms, out, report) + _k_seed(arms, out, report)
-        sections += _architectures(arms, out, report) + _drops(arms, drop_score, out, report)
+        sections += _table1(arms) + _series_sections(arms, out, report) + _drops(arms, drop_score, out, report)
     report.markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(report.markdown)
     report.summary = _summary(arms, report, out)
@@ -49,37 +48,36 @@ def _figure(report: StudyReport, path: Path) -> str:
     return f"![{path.stem}]({path.name})"
 
 
-def _knobs(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
-    panels = [views.by_knob(arms, name) for name in views.plotted_scores(arms)]
-    lines = ["## Table 2: merging methods and their knobs", ""]
-    if not any(series.lines for series in panels):
-        return lines + ["No merged modality-specific models with a method knob (α, λ, γ) in these runs.", ""]
-    for series in panels:
-        lines += [f"**{series.title}**", "", tables.series_table(series), ""]
-    path = figures.line_figure(panels, "Merge knob sweeps (Table 2)", out / "merge_knobs.png")
-    return lines + [_figure(report, path), ""]
+def _series_sections(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
+    lines: list[str] = []
+    for heading, empty, view, draw, title, filename in SERIES_SECTIONS:
+        panels = [view(arms, name) for name in views.plotted_scores(arms)]
+        lines += _series_section(heading, empty, panels, draw, title, out / filename, report)
+    return lines
 
 
-def _k_seed(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
-    panels = [views.by_k_seed(arms, name) for name in views.plotted_scores(arms)]
-    lines = ["## Figure 3: seed pre-training length (K_seed) before and after merging", ""]
+def _series_section(heading: str, empty: str, panels: list[views.Series], draw, title: str, path: Path, report: StudyReport) -> list[str]:
+    """A view per plotted score: its table, then one figure of all of them (nothing drawn without data)."""
+    lines = [heading, ""]
     if not any(points for series in panels for points in series.lines.values()):
-        return lines + ["No modality-specific models with a known K_seed in these runs.", ""]
+        return lines + [empty, ""]
     for series in panels:
         lines += [f"**{series.title}**", "", tables.series_table(series), ""]
-    path = figures.line_figure(panels, "Merging against K_seed (Figure 3)", out / "k_seed.png")
-    return lines + [_figure(report, path), ""]
+    return lines + [_figure(report, draw(panels, title, path)), ""]
 
 
-def _architectures(arms: list[Arm], out: Path, report: StudyReport) -> list[str]:
-    panels = [views.by_arch(arms, name) for name in views.plotted_scores(arms)]
-    lines = ["## Figure 4: architectures before and after merging", ""]
-    if not any(points for series in panels for points in series.lines.values()):
-        return lines + ["No modality-specific or shared-weight models at a common K_seed in these runs.", ""]
-    for series in panels:
-        lines += [f"**{series.title}**", "", tables.series_table(series), ""]
-    path = figures.bar_figure(panels, "Architectures before and after merging (Figure 4)", out / "architectures.png")
-    return lines + [_figure(report, path), ""]
+# The paper's per-score views: heading, what an empty view says, the view, how it is drawn, figure title and file.
+SERIES_SECTIONS = (
+    ("## Table 2: merging methods and their knobs",
+     "No merged modality-specific models with a method knob (α, λ, γ) in these runs.",
+     views.by_knob, figures.line_figure, "Merge knob sweeps (Table 2)", "merge_knobs.png"),
+    ("## Figure 3: seed pre-training length (K_seed) before and after merging",
+     "No modality-specific models with a known K_seed in these runs.",
+     views.by_k_seed, figures.line_figure, "Merging against K_seed (Figure 3)", "k_seed.png"),
+    ("## Figure 4: architectures before and after merging",
+     "No modality-specific or shared-weight models at a common K_seed in these runs.",
+     views.by_arch, figures.bar_figure, "Architectures before and after merging (Figure 4)", "architectures.png"),
+)
 
 
 def _drops(arms: list[Arm], drop_score: str, out: Path, report: StudyReport) -> list[str]:
