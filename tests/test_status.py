@@ -60,13 +60,16 @@ def test_a_failed_merge_with_an_open_gate_is_failed_and_a_recovered_upstream_unb
 def test_progress_record_is_shown_for_a_running_stage(write_job, tmp_path):
     import os
 
-    found, run_dir = statuses(write_job, tmp_path, {"vlpt": {"backend": "local", "state": "running", "pid": os.getpid()}})
+    from vlcluster.backends.stage_process import process_start
+
+    me = {"backend": "local", "state": "running", "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    found, run_dir = statuses(write_job, tmp_path, {"vlpt": me})
     assert found["vlpt"].state == "running" and found["vlpt"].detail == ""
     write_progress(stage_dir(run_dir, "vlpt"), 4, 10, loss=2.5, samples_per_s=8.0, samples_per_step=4, checkpoint_step=2)
     record = read_progress(stage_dir(run_dir, "vlpt"))
     assert record["eta_s"] == 3.0  # 6 steps x 4 samples at 8 samples/s
     assert describe_progress(record) == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
-    found, _ = statuses(write_job, tmp_path, {"vlpt": {"backend": "local", "state": "running", "pid": os.getpid()}})
+    found, _ = statuses(write_job, tmp_path, {"vlpt": me})
     assert found["vlpt"].detail == "step 4/10, loss 2.500, 8 samples/s, ETA 0m03s, checkpoint step 2"
 
 
@@ -80,3 +83,47 @@ def test_a_stage_without_log_steps_reports_progress_as_it_goes(tmp_path):
         assert (read_progress(directory) or {}).get("step", 0) == len(seen) - 1  # written after each step
     record = read_progress(directory)
     assert seen == ["b0", "b1", "b2"] and (record["step"], record["steps"]) == (3, 3) and record["samples_per_s"] > 0
+
+
+def test_cancel_signals_only_the_process_the_record_names(write_job, tmp_path):
+    """A pid in state.json is signalled only while it is still the recorded
+    process: a live process with another start time (a reused pid) or an
+    unrelated command line (a planted pid) is left alone."""
+    import subprocess
+    import sys
+
+    from vlcluster.backends.local import LocalBackend
+    from vlcluster.backends.stage_process import process_start
+
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    victim = subprocess.Popen(command)
+    try:
+        backend = LocalBackend.__new__(LocalBackend)
+        running = {"backend": "local", "state": "running", "pid": victim.pid}
+        reused = {**running, "pid_start": process_start(victim.pid) + 1}
+        planted = {**running, "command": ["python", "-m", "vlcluster.run", "run", "stage"]}
+        assert backend.cancel(tmp_path, {"a": reused, "b": planted, "c": {**running, "pid": 2**70}}) == []
+        assert victim.poll() is None  # still alive: nothing was signalled
+        found, _ = statuses(write_job, tmp_path, {"vlpt": reused})
+        assert found["vlpt"].state == "interrupted"  # not reported as running either
+        ours = {**running, "pid_start": process_start(victim.pid), "command": command}
+        assert backend.cancel(tmp_path, {"vlpt": ours}) == ["vlpt"]
+        assert victim.wait(timeout=10) != 0
+    finally:
+        victim.kill()
+
+
+def test_slurm_logs_read_only_submitit_logs_of_this_run(tmp_path):
+    """`vlcluster logs` prints the submitit log a record names only when it
+    lies in the run's own slurm folder: a record pointing elsewhere prints nothing of it."""
+    from vlcluster.backends.slurm import SlurmBackend
+
+    run_dir = tmp_path / "run"
+    inside = run_dir / "slurm" / "seed" / "42_0_log.out"
+    inside.parent.mkdir(parents=True)
+    inside.write_text("submitit says hello\n")
+    secret = tmp_path / "secret_log.out"
+    secret.write_text("not yours\n")
+    assert SlurmBackend.job_log(run_dir, {"slurm_log": str(inside)}) == inside.resolve()
+    for hostile in (str(secret), str(run_dir / "slurm" / ".." / ".." / "secret_log.out"), "/etc/passwd", ["x"], None):
+        assert SlurmBackend.job_log(run_dir, {"slurm_log": hostile}) is None

@@ -19,7 +19,7 @@ from rich.markup import escape
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
-    child_env, copy_lines, exit_status, pid_alive, record_end, stage_log, start_piped, write_header,
+    child_env, copy_lines, exit_status, is_recorded_process, process_start, record_end, stage_log, start_piped, write_header,
 )
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
@@ -70,7 +70,8 @@ class LocalBackend:
         with open(log_file, "a") as log:
             write_header(log, "", command)
             process = start_piped(command, child_env(plan.kind))
-            directory.write_state(state="running", backend=self.name, pid=process.pid, started=started, command=command)
+            directory.write_state(state="running", backend=self.name, pid=process.pid, pid_start=process_start(process.pid),
+                                  started=started, command=command)
             for _ in copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror):
                 pass
             exited = process.wait()
@@ -96,7 +97,7 @@ class LocalBackend:
         for plan in plans:
             record = records[plan.name]
             recorded = record.get("state")
-            if recorded == "running" and not pid_alive(record.get("pid")):
+            if recorded == "running" and not is_recorded_process(record):
                 recorded = "interrupted"  # the submit that ran it was killed
             if recorded == "failed":
                 described[plan.name] = StageStatus("failed", f"exit {record.get('returncode')}; log {stage_dir(run_dir, plan.name).log_file}")
@@ -118,7 +119,7 @@ class LocalBackend:
         """SIGTERM the running stage of a local submit (its ranks checkpoint and exit)."""
         cancelled = []
         for name, record in records.items():
-            if record.get("state") == "running" and pid_alive(record.get("pid")):
+            if record.get("state") == "running" and is_recorded_process(record):
                 os.kill(record["pid"], signal.SIGTERM)
                 cancelled.append(name)
         return cancelled

@@ -33,7 +33,7 @@ from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
-from vlcluster.rundir import read_json, stage_dir, write_json_atomic
+from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError, read_yaml
 from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
@@ -248,7 +248,7 @@ class SlurmBackend:
 
     @staticmethod
     def refuse_if_queued(run_dir: Path, plans: list[StagePlan]) -> None:
-        records = {plan.name: read_json(stage_dir(run_dir, plan.name).state_file) or {} for plan in plans}
+        records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
         ids = {name: record["job_id"] for name, record in records.items() if record.get("backend") == "slurm" and record.get("job_id")}
         states = slurm_queue.job_states(list(ids.values()))
         active = [f"{name} (job {job_id})" for name, job_id in ids.items() if job_id in states and states[job_id].active]
@@ -267,12 +267,24 @@ class SlurmBackend:
         from vlcluster.backends.status import no_log, stage_log_text
 
         text = stage_log_text(run_dir, stage)
-        slurm_log = record.get("slurm_log")
-        if slurm_log and Path(slurm_log).is_file():
-            text = (text or "") + f"==== slurm job log {slurm_log}\n" + Path(slurm_log).read_text()
+        slurm_log = self.job_log(run_dir, record)
+        if slurm_log is not None:
+            text = (text or "") + f"==== slurm job log {slurm_log}\n" + slurm_log.read_text(errors="replace")
         if text is None:
             raise no_log(run_dir, stage)
         return text
+
+    @staticmethod
+    def job_log(run_dir: Path, record: dict) -> Path | None:
+        """The submitit log a record names, only if it lies in this run's
+        submitit folders (``state.json`` may have been written by anyone)."""
+        named = record.get("slurm_log")
+        if not isinstance(named, str) or not named.endswith("_log.out"):
+            return None
+        path = Path(named).resolve()
+        if not path.is_relative_to(local_side(run_dir).resolve() / "slurm") or not path.is_file():
+            return None
+        return path
 
     def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
         """Every recorded job, without asking accounting first (it lags a

@@ -47,7 +47,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -55,10 +55,41 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:  # a pid no process can have (a damaged record)
+        return False
     try:  # a killed stage whose parent died stays a zombie until init reaps it: that is not running
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/PID/stat field 22): with
+    the pid it names one process for good, since pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the comm may hold spaces
+    return int(fields[19])
+
+
+def is_recorded_process(record: dict) -> bool:
+    """Whether the process a stage record names is still that very process:
+    alive, with the recorded start time (or, for records without one, the
+    recorded command line). A pid reused after a crash, or a pid planted in
+    ``state.json``, is never signalled or reported as running."""
+    pid = record.get("pid")
+    if not pid_alive(pid):
+        return False
+    if "pid_start" in record:
+        return process_start(pid) == record["pid_start"]
+    command = record.get("command")
+    try:
+        running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return False
+    return isinstance(command, list) and [arg.encode() for arg in map(str, command)] == running
 
 
 def child_env(kind: str, die_with_parent: bool = True) -> dict[str, str]:
