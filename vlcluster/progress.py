@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-T = TypeVar("T")
-
 from vlcluster.rundir import StageDir, read_json, write_json_atomic
+
+T = TypeVar("T")
 
 PROGRESS_FILE = "progress.json"
 
