@@ -24,7 +24,8 @@ MODEL_KINDS = frozenset({"pretrain", "finetune", "merge"})
 # Which kinds each reference field may point at.
 REFERENCE_TARGETS: dict[str, frozenset[str]] = {
     "init.from": MODEL_KINDS,
-    "data.from": frozenset({"data"}),
+    "data.from": frozenset({"data", "import"}),
+    "tokenizer.from": frozenset({"data"}),
     "source": MODEL_KINDS,
     "seed": MODEL_KINDS,
     "grams": frozenset({"grams"}),
@@ -101,12 +102,15 @@ def references(stage) -> list[Reference]:
     data = getattr(stage, "data", None)
     if data is not None and data.from_ is not None:
         refs.append(Reference("data.from", data.from_))
+    tokenizer = getattr(stage, "tokenizer", None)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        refs.append(Reference("tokenizer.from", tokenizer.from_))
     for field in ("source", "seed", "grams"):
         target = getattr(stage, field, None)
         if isinstance(target, str):
             refs.append(Reference(field, target))
-    for label, target in getattr(stage, "rows", {}).items():
-        refs.append(Reference(f"rows.{label}", target))
+    for label, targets in getattr(stage, "rows", {}).items():
+        refs.extend(Reference(f"rows.{label}", target) for target in ([targets] if isinstance(targets, str) else targets))
     for label, point in getattr(stage, "mergeability", {}).items():
         refs.extend(Reference(f"mergeability.{label}.{role}", getattr(point, role)) for role in ("metrics", "merged", "unmerged"))
     return refs

@@ -27,6 +27,12 @@ def _run_data(ctx: StageContext) -> None:
     run_data_stage(ctx)
 
 
+def _run_import(ctx: StageContext) -> None:
+    from vlcluster.importers.stage import run_import_stage
+
+    run_import_stage(ctx)
+
+
 def _run_training(ctx: StageContext) -> None:
     from vlcluster.train.loop import run_training
 
@@ -52,6 +58,11 @@ def _run_metrics(ctx: StageContext) -> None:
 
 
 def _run_eval(ctx: StageContext) -> None:
+    if ctx.spec.task is not None:
+        from vlcluster.tasks.task_eval import run_task_eval_stage
+
+        run_task_eval_stage(ctx)
+        return
     from vlcluster.tasks.evaluate import run_eval_stage
 
     run_eval_stage(ctx)
@@ -65,6 +76,7 @@ def _run_report(ctx: StageContext) -> None:
 
 RUNNERS: dict[str, Callable[[StageContext], None]] = {
     "data": _run_data,
+    "import": _run_import,
     "pretrain": _run_training,
     "finetune": _run_training,
     "grams": _run_grams,

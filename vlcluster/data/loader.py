@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ from vlcluster.data.shards import decode_fields, normalise_images
 from vlcluster.data.stream import SampleStream
 
 log = logging.getLogger("vlcluster.data")
+
+Decoder = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
 
 # Each skipped sample is logged with its shard and reason, up to this many per rank.
 MAX_LOGGED_BAD = 100
@@ -57,6 +60,7 @@ class LoaderConfig:
     batch_size: int
     image_size: int | None
     workers: int  # logical workers (readers) per rank, >= 1
+    decode: Decoder | None = None  # a task's sample decoder; picklable for worker processes
 
     def stream(self, worker: int) -> SampleStream:
         return SampleStream(
@@ -64,12 +68,16 @@ class LoaderConfig:
         )
 
 
-def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False) -> dict[str, Any]:
+def decode_batch(
+    stream: SampleStream, batch_size: int, image_size: int | None, shared: bool = False, decode: Decoder | None = None
+) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
     ``shared``: build the image tensor in shared memory, so passing it from a
-    worker to the training process copies nothing.
+    worker to the training process copies nothing. ``decode``: a task's sample
+    decoder (default: the pre-training image-caption decoder).
     """
+    decode = decode or decode_fields
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
     first_epoch = stream.epoch
@@ -77,7 +85,7 @@ def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, 
         raw = next(stream)
         quality.read += 1
         try:
-            samples.append(decode_fields(raw, image_size))
+            samples.append(decode(raw, image_size))
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason)
             skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
@@ -86,17 +94,20 @@ def decode_batch(stream: SampleStream, batch_size: int, image_size: int | None, 
                 f"reader {stream.part} read a whole epoch without one usable sample from its shards "
                 f"{stream.shards_for_epoch(first_epoch + 1)}"
             )
-    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
-    images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
     return {
-        "image": normalise_images(pixels, images.share_memory_() if shared else images),
-        "caption": [s["caption"] for s in samples],
-        "qa": [s["qa"] for s in samples],
-        "key": [s["key"] for s in samples],
+        **stack_samples(samples, shared),
         "read": quality.read,
         "bad": quality.state_dict()["bad"],
         "skipped": skipped,
     }
+
+
+def stack_samples(samples: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:
+    """Decoded samples -> ``image`` (float32 [B, ..., 3, H, W]) plus one list per other field."""
+    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+    images = torch.empty((*pixels.shape[:-3], 3, *pixels.shape[-3:-1]), dtype=torch.float32)
+    stacked = {"image": normalise_images(pixels, images.share_memory_() if shared else images)}
+    return stacked | {name: [s[name] for s in samples] for name in samples[0] if name != "pixels"}
 
 
 class _WorkerBatches(IterableDataset):
@@ -111,7 +122,9 @@ class _WorkerBatches(IterableDataset):
         stream = self.config.stream(worker)
         stream.load_state_dict(self.positions[worker])
         while True:
-            batch = decode_batch(stream, self.config.batch_size, self.config.image_size, shared=info is not None)
+            batch = decode_batch(
+                stream, self.config.batch_size, self.config.image_size, shared=info is not None, decode=self.config.decode
+            )
             yield {**batch, "worker": worker, "position": stream.state_dict()}
 
 
@@ -136,6 +149,7 @@ class TrainLoader:
         batch_size: int,
         image_size: int | None = None,
         num_workers: int = 0,
+        decode: Decoder | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -148,7 +162,7 @@ class TrainLoader:
                 "data-loader worker(s): every worker reads its own shards; write more, smaller shards "
                 "or lower data.num_workers"
             )
-        self.config = LoaderConfig(tuple(urls), rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers)
+        self.config = LoaderConfig(tuple(urls), rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, decode)
         self.num_workers = num_workers
         self.positions = [{"epoch": 0, "offset": 0} for _ in range(workers)]
         self.next_worker = 0

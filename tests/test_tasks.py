@@ -1,0 +1,170 @@
+"""Every downstream task on its synthetic counterpart: a tiny model fine-tuned for a few
+hundred steps is clearly above chance, and a random-init model with a frozen backbone
+(untrained head) is at chance, so the metric cannot be inflated by the scorer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlcluster.data.loader import TrainLoader
+from vlcluster.data.synthetic import vocabulary
+from vlcluster.data.synthetic_tasks import write_task_dataset
+from vlcluster.data.tokenizer import TextEncoder, build_word_tokenizer
+from vlcluster.model import MultiwayTransformer, load_into, preset
+from vlcluster.model.posembed import fit_position_table, resize_position_table
+from vlcluster.tasks.base import TaskInfo
+from vlcluster.tasks.dataset import read_task_data
+from vlcluster.tasks.finetune import TaskBatchBuilder, TaskObjective
+from vlcluster.tasks.image_text_retrieval import multi_caption_recall
+from vlcluster.tasks.registry import TASKS, get_task
+from vlcluster.tasks.task_eval import evaluate_task
+
+SMALL = dict(dim=64, depth=2, heads=2, vl_layers=1, mlp_ratio=2.0, itc_dim=64, num_answers=0)
+N_TRAIN, N_VAL, BATCH = 1024, 256, 32
+
+# task -> (steps, metric, trained at least, random model at most, random model at least)
+EXPECT = {
+    "classification": (300, "top1", 40.0, 12.0, 0.0),
+    "segmentation": (300, "miou", 45.0, 25.0, 0.0),
+    "vqa": (400, "vqa_acc", 35.0, 15.0, 0.0),
+    "nlvr2": (400, "nlvr2_acc", 62.0, 58.0, 42.0),
+    "retrieval": (300, "tr_r1", 25.0, 5.0, 0.0),
+}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    tokenizer = root / "tokenizer.json"
+    tokenizer.write_text(build_word_tokenizer(vocabulary()).to_str())
+    return {name: write_task_dataset(str(root / name), name, N_TRAIN, N_VAL, 256, 32, 0, str(tokenizer)) and read_task_data(root / name, name, "test")
+            for name in TASKS}
+
+
+def small_model(task, data, encoder) -> MultiwayTransformer:
+    torch.manual_seed(0)
+    config = preset("tiny", "agnostic", vocab_size=encoder.vocab_size if encoder else 64, **SMALL)
+    return task.attach(MultiwayTransformer(config, heads=task.model_heads), data.info)
+
+
+def run_task(name: str, data, steps: int, frozen: bool) -> dict:
+    task = get_task(name)
+    encoder = TextEncoder(data.tokenizer) if task.needs_text else None
+    model = small_model(task, data, encoder)
+    if steps:
+        objective = TaskObjective(model, task, [BATCH])
+        builder = TaskBatchBuilder(task, data.info, encoder, model.config.max_text_len, seed=0)
+        loader = TrainLoader(data.splits["train"], 0, 1, 0, 256, BATCH, 32, decode=task.decode)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        for _ in range(steps):
+            model.train()
+            loss = objective(builder(loader.next_batch()))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if frozen:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    return evaluate_task(model, task, data.info, encoder, data.splits["val"], 64)
+
+
+@pytest.mark.parametrize("name", list(EXPECT))
+def test_fine_tuned_tiny_model_is_clearly_above_chance(name, synthetic, one_thread):
+    steps, metric, trained_min, _, _ = EXPECT[name]
+    result = run_task(name, synthetic[name], steps, frozen=False)
+    chance = get_task(name).chance(synthetic[name].info).get(metric)
+    print(name, result, "chance", chance)
+    assert result[metric] >= trained_min, result
+
+
+@pytest.mark.parametrize("name", list(EXPECT))
+def test_random_model_with_frozen_backbone_is_at_chance(name, synthetic, one_thread):
+    _, metric, _, random_max, random_min = EXPECT[name]
+    result = run_task(name, synthetic[name], 0, frozen=True)
+    print(name, result)
+    assert random_min <= result[metric] <= random_max, result
+
+
+def test_synthetic_tasks_have_the_documented_statistics(synthetic):
+    assert len(synthetic["classification"].info.labels) == 20
+    assert synthetic["segmentation"].info.labels == ("background", "red", "green", "blue", "yellow", "purple")
+    assert synthetic["nlvr2"].counts == {"train": N_TRAIN, "val": N_VAL}
+    nlvr2 = get_task("nlvr2")
+    from vlcluster.data.stream import shard_items
+
+    labels = [nlvr2.decode(raw, None)["label"] for url in synthetic["nlvr2"].splits["val"] for raw in shard_items(url)]
+    assert sum(labels) == N_VAL // 2  # balanced: chance is 50%
+    retrieval = get_task("retrieval")
+    captions = [retrieval.decode(raw, None)["captions"] for url in synthetic["retrieval"].splits["val"] for raw in shard_items(url)]
+    assert {len(c) for c in captions} == {3}
+
+
+def test_any_caption_recall_by_hand():
+    # 2 images, 4 captions: captions 0,1 belong to image 0, captions 2,3 to image 1.
+    similarity = torch.tensor([[0.1, 0.9, 0.8, 0.0], [0.5, 0.2, 0.3, 0.1]])
+    owner = torch.tensor([0, 0, 1, 1])
+    scores = multi_caption_recall(similarity, owner)
+    # TR: image 0's best own caption (0.9) ranks first; image 1's best own (0.3) has 0.5 above it.
+    assert scores["tr_r1"] == 50.0 and scores["tr_r5"] == 100.0
+    # IR: caption 0 -> image 1 scores higher (miss at 1); caption 1 hit; caption 2 -> image 0 higher (miss); caption 3 hit.
+    assert scores["ir_r1"] == 50.0
+
+
+def test_vqa_batch_has_soft_targets_and_every_question_at_eval():
+    task = get_task("vqa")
+    info = TaskInfo(("yes", "no", "red"))
+
+    class Encoder:
+        def encode(self, texts, max_len):
+            return torch.zeros(len(texts), 3, dtype=torch.long), torch.ones(len(texts), 3, dtype=torch.bool)
+
+    samples = {"image": torch.zeros(2, 3, 8, 8), "questions": [[("q1", [("yes", 1.0), ("no", 1 / 3)]), ("q2", [("zebra", 1.0)])], [("q3", [("red", 2 / 3)])]]}
+    import random
+
+    batch = task.collate(samples, info, Encoder(), 8, random.Random(0), train=False)
+    assert batch["soft"].tolist() == pytest.approx([[1.0, 1 / 3, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 2 / 3]])
+    assert batch["image"].shape[0] == 3
+    train = task.collate(samples, info, Encoder(), 8, random.Random(0), train=True)
+    assert train["image"].shape[0] == 2
+
+
+def test_position_table_is_resized_bicubically_in_2d():
+    grid, dim = 4, 3
+    coords = (torch.arange(grid) + 0.5) / grid
+    field = torch.sin(2 * coords)[:, None] + torch.cos(3 * coords)[None, :]  # smooth in (row, col)
+    table = torch.cat([torch.full((1, 1, dim), 7.0), field.reshape(1, grid * grid, 1).expand(1, -1, dim)], dim=1)
+    resized = resize_position_table(table, 8)
+    assert resized.shape == (1, 65, dim)
+    assert torch.equal(resized[:, 0], table[:, 0])  # [CLS] kept
+    fine = (torch.arange(8) + 0.5) / 8
+    expected = torch.sin(2 * fine)[:, None] + torch.cos(3 * fine)[None, :]
+    inner = (slice(2, 6), slice(2, 6))  # away from the border, bicubic follows the smooth field closely
+    assert (resized[0, 1:, 0].reshape(8, 8)[inner] - expected[inner]).abs().max() < 0.03
+    # rows and columns are not mixed up: the table is not symmetric, nor is its resize
+    assert not torch.allclose(resized[0, 1:, 0].reshape(8, 8), resized[0, 1:, 0].reshape(8, 8).t())
+    assert torch.equal(resize_position_table(table, grid), table)
+
+
+def test_higher_resolution_fine_tune_loads_a_lower_resolution_model():
+    low = MultiwayTransformer(preset("tiny", "agnostic", **SMALL))
+    high = MultiwayTransformer(preset("tiny", "agnostic", **{**SMALL, "image_size": 48}))
+    state = fit_position_table(low.state_dict(), high)
+    load_into(high, state, allow_missing_prefixes=())
+    assert high.embed["image"].pos.shape[1] == 1 + 6 * 6
+    out = high.encode_image(torch.zeros(1, 3, 48, 48))
+    assert out.shape == (1, 37, SMALL["dim"]) and math.isfinite(out.sum().item())
+    with pytest.raises(RuntimeError):  # without the resize the checkpoint does not fit
+        high.load_state_dict(low.state_dict(), strict=False)
+    assert F.mse_loss(high.embed["image"].pos[:, :1], low.embed["image"].pos[:, :1]) == 0
