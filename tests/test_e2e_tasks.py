@@ -69,13 +69,13 @@ def job(tmp_path) -> str:
             train: {steps: 3, batch_size: 4, log_every: 1}
             resources: *one
           eval_nlvr2_48px: {kind: eval, task: nlvr2, source: ft_nlvr2_48px, data: {from: data}}
-    """) + textwrap.indent(stages, "  ") + textwrap.dedent("""
-          table:
-            kind: report
-            rows:
-              imported: [eval_vqa2, eval_karpathy, eval_nlvr2, eval_imagefolder, eval_ade20k]
-              synthetic: [eval_nlvr2_48px]
-    """)
+    """) + textwrap.indent(stages, "  ") + textwrap.indent(textwrap.dedent("""
+        table:
+          kind: report
+          rows:
+            imported: [eval_vqa2, eval_karpathy, eval_nlvr2, eval_imagefolder, eval_ade20k]
+            synthetic: [eval_nlvr2_48px]
+    """), "  ")
     path = tmp_path / "tasks_e2e.yaml"
     path.write_text(text)
     return str(path)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests import task_formats
-from vlcluster.data.stream import eval_samples  # noqa: F401 - keeps the import surface checked
 from vlcluster.data.stream import shard_items
 from vlcluster.importers.common import ImportFailed, ImportOptions
 from vlcluster.importers.stage import run_import

@@ -110,11 +110,11 @@ def _statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str, bool
     present = rng.choice(scene.objects)
     color, shape = (present.color, present.shape) if rng.random() < 0.5 else (rng.choice(COLORS), rng.choice(SHAPES))
     if kind == 0:
-        return f"the {side} image contains a {color} {shape}", _has(scene, color, shape)
+        return f"the {side} image contains a {color} shape", _has(scene, color, None)
     if kind == 1:
-        return f"both images contain a {shape}", _has(left, None, shape) and _has(right, None, shape)
+        return f"the {side} image contains a {shape}", _has(scene, None, shape)
     if kind == 2:
-        return f"exactly one image contains a {color} shape", _has(left, color, None) != _has(right, color, None)
+        return f"both images contain a {color} shape", _has(left, color, None) and _has(right, color, None)
     other = "right" if side == "left" else "left"
     more = len(scene.objects) > len((right if side == "left" else left).objects)
     return f"the {side} image has more shapes than the {other} image", more

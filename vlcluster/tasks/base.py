@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -180,14 +179,3 @@ def read_lines(raw: RawSample, field: str = "txt") -> list[str]:
 def require(condition: bool, detail: str) -> None:
     if not condition:
         raise BadSample(BAD_TEXT, detail)
-
-
-def frozen_backbone(model: MultiwayTransformer, task: Task) -> Sequence[nn.Parameter]:
-    """Freeze everything but the task head; returns the head's parameters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = model.heads[task.name] if task.name in model.heads else nn.Module()
-    params = list(head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
