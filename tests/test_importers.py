@@ -111,3 +111,26 @@ def test_cli_import_and_its_error_paragraph(tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["task"] == "retrieval"
     assert main(["import", "karpathy", "--split-json", str(tmp_path / "nope.json"), "--images", str(files["images"]), "-o", str(out)]) == 2
     assert "--split-json" in capsys.readouterr().err
+
+
+def test_job_files_check_import_inputs_and_which_task_reads_them(write_job):
+    from vlcluster.jobspec.load import SpecError, load_pipeline
+    from vlcluster.graph import build_graph
+
+    text = """
+    name: b
+    stages:
+      data: {kind: data, n_train: 100, n_val: 10, shard_size: 50}
+      seed: {kind: pretrain, data: {from: data}, train: {steps: 2, batch_size: 4}}
+      imp: {kind: import, format: karpathy, inputs: {split_json: x.json, images: imgs}, tokenizer: {from: data}}
+      ft: {kind: finetune, task: vqa, init: {from: seed}, data: {from: imp}, train: {steps: 2, batch_size: 4}}
+      pre: {kind: pretrain, data: {from: imp}, train: {steps: 2, batch_size: 4}}
+      ok: {kind: finetune, task: retrieval, init: {from: seed}, data: {from: imp}, train: {steps: 2, batch_size: 4}}
+    """
+    with pytest.raises(SpecError) as info:
+        build_graph(load_pipeline(write_job(text)))
+    message = str(info.value)
+    assert "stages.ft.data.from: stage 'imp' imports retrieval data (karpathy); this stage has task 'vqa'" in message
+    assert "stages.pre.data.from" in message and "stages.ok" not in message
+    with pytest.raises(SpecError, match="missing input 'annotations'"):
+        load_pipeline(write_job(text.replace("format: karpathy, inputs: {split_json: x.json, images: imgs}", "format: vqa2, inputs: {questions: q.json, images: i}")))

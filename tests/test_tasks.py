@@ -26,13 +26,16 @@ from vlcluster.tasks.task_eval import evaluate_task
 SMALL = dict(dim=64, depth=2, heads=2, vl_layers=1, mlp_ratio=2.0, itc_dim=64, num_answers=0)
 N_TRAIN, N_VAL, BATCH = 1024, 256, 32
 
-# task -> (steps, metric, trained at least, random model at most, random model at least)
+# task -> (steps, lr, metric, trained at least, random model at most, random model at least).
+# Chance: top-1 5%; mIoU of an all-background guess ~13%; VQA 6.7% uniform (~30% best blind
+# guess); NLVR2 50%; IR R@10 with 256 images 3.9%. Models start from random weights here,
+# so the contrastive retrieval task needs the most steps.
 EXPECT = {
-    "classification": (300, "top1", 40.0, 12.0, 0.0),
-    "segmentation": (300, "miou", 45.0, 25.0, 0.0),
-    "vqa": (500, "vqa_acc", 30.0, 15.0, 0.0),
-    "nlvr2": (400, "nlvr2_acc", 62.0, 58.0, 42.0),
-    "retrieval": (300, "tr_r1", 25.0, 5.0, 0.0),
+    "classification": (300, 2e-3, "top1", 40.0, 12.0, 0.0),
+    "segmentation": (300, 2e-3, "miou", 40.0, 20.0, 0.0),
+    "vqa": (500, 2e-3, "vqa_acc", 30.0, 15.0, 0.0),
+    "nlvr2": (300, 1e-3, "nlvr2_acc", 62.0, 58.0, 42.0),
+    "retrieval": (600, 2e-3, "ir_r10", 12.0, 8.0, 0.0),
 }
 
 
@@ -59,7 +62,7 @@ def small_model(task, data, encoder) -> MultiwayTransformer:
     return task.attach(MultiwayTransformer(config, heads=task.model_heads), data.info)
 
 
-def run_task(name: str, data, steps: int, frozen: bool) -> dict:
+def run_task(name: str, data, steps: int, lr: float, frozen: bool) -> dict:
     task = get_task(name)
     encoder = TextEncoder(data.tokenizer) if task.needs_text else None
     model = small_model(task, data, encoder)
@@ -67,7 +70,7 @@ def run_task(name: str, data, steps: int, frozen: bool) -> dict:
         objective = TaskObjective(model, task, [BATCH])
         builder = TaskBatchBuilder(task, data.info, encoder, model.config.max_text_len, seed=0)
         loader = TrainLoader(data.splits["train"], 0, 1, 0, 256, BATCH, 32, decode=task.decode)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         for _ in range(steps):
             model.train()
             loss = objective(builder(loader.next_batch()))["loss"]
@@ -82,8 +85,8 @@ def run_task(name: str, data, steps: int, frozen: bool) -> dict:
 
 @pytest.mark.parametrize("name", list(EXPECT))
 def test_fine_tuned_tiny_model_is_clearly_above_chance(name, synthetic, one_thread):
-    steps, metric, trained_min, _, _ = EXPECT[name]
-    result = run_task(name, synthetic[name], steps, frozen=False)
+    steps, lr, metric, trained_min, _, _ = EXPECT[name]
+    result = run_task(name, synthetic[name], steps, lr, frozen=False)
     chance = get_task(name).chance(synthetic[name].info).get(metric)
     print(name, result, "chance", chance)
     assert result[metric] >= trained_min, result
@@ -91,8 +94,8 @@ def test_fine_tuned_tiny_model_is_clearly_above_chance(name, synthetic, one_thre
 
 @pytest.mark.parametrize("name", list(EXPECT))
 def test_random_model_with_frozen_backbone_is_at_chance(name, synthetic, one_thread):
-    _, metric, _, random_max, random_min = EXPECT[name]
-    result = run_task(name, synthetic[name], 0, frozen=True)
+    _, _, metric, _, random_max, random_min = EXPECT[name]
+    result = run_task(name, synthetic[name], 0, 0.0, frozen=True)
     print(name, result)
     assert random_min <= result[metric] <= random_max, result
 

@@ -157,6 +157,8 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
                 problems.append(
                     f"stages.{name}.{ref.field}: stage {ref.target!r} is a {target.kind} stage; expected {allowed}"
                 )
+            elif ref.field == "data.from" and target.kind == "import":
+                problems += _import_feeds_its_task(name, stage, ref.target, target)
             targets.append(ref.target)
         for index, after in enumerate(stage.after):
             if after in sweeps:  # the whole sweep: downstream waits for every element
@@ -171,6 +173,18 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
     if problems:
         raise SpecError(f"{source}: invalid references:\n  " + "\n  ".join(problems))
     return deps
+
+
+def _import_feeds_its_task(name: str, stage, source: str, producer) -> list[str]:
+    """An import stage holds one task's data: only stages of that task can read it."""
+    from vlcluster.importers.registry import FORMATS
+
+    task = FORMATS[producer.format].task
+    wanted = getattr(stage, "task", None)
+    if wanted == task:
+        return []
+    what = f"task {wanted!r}" if wanted else "no task"
+    return [f"stages.{name}.data.from: stage {source!r} imports {task} data ({producer.format}); this stage has {what} (set task: {task})"]
 
 
 def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[str, ...]:
