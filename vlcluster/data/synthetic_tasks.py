@@ -94,7 +94,11 @@ def retrieval_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
                 continue
             seen.add(scene.canonical())
             captions = [partial_caption(scene, rng) for _ in range(CAPTIONS_PER_IMAGE)]
-            yield {"png": _png_bytes(render(scene, image_size, rng)), "txt": "\n".join(captions).encode()}
+            yield {
+                "png": _png_bytes(render(scene, image_size, rng)),
+                "txt": "\n".join(captions).encode(),
+                "json": _encode_json({"objects": [[o.shape, o.color, o.position] for o in scene.objects]}),
+            }
 
 
 # ---- NLVR2 -------------------------------------------------------------------
