@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from vlcluster.jobspec.models import Pipeline
 
-STAGE_KINDS = ("data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report")
+STAGE_KINDS = ("data", "import", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report")
 
 
 class SpecError(Exception):
