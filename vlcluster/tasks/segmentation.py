@@ -42,7 +42,6 @@ class SegmentationTask(Task):
     name = "segmentation"
     route = "vision"
     fields = ("seg.png",)
-    image_fields = ("jpg", "jpeg", "png", "webp")
     metric = "miou"
     needs_text = False
 
