@@ -77,6 +77,8 @@ def test_finetune_requires_init_and_a_task_loss(write_job):
     with pytest.raises(SpecError) as info:
         load_pipeline(write_job(text))
     assert "stages.ft.init: Field required" in str(info.value)
+    with pytest.raises(SpecError) as info:  # checked once the fields are valid (it depends on task)
+        load_pipeline(write_job(text.replace("kind: finetune", "kind: finetune\n    init: {from: vlpt}")))
     assert "fine-tuning needs a task loss" in str(info.value)
 
 
@@ -114,7 +116,7 @@ def test_schema_is_json_with_the_stage_union():
         for definition in schema["$defs"].values()
         if "kind" in definition.get("properties", {})
     }
-    assert kinds == {"data", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report"}
+    assert kinds == {"data", "import", "pretrain", "finetune", "grams", "merge", "metrics", "eval", "report"}
 
 
 def test_batch_must_give_each_rank_two_samples(write_job):

@@ -436,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=32)
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_data)
+
+    from vlcluster.importers.cli import add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 

@@ -25,7 +25,8 @@ from vlcluster.jobspec.models import Pipeline
 # Which kinds each reference field may point at.
 REFERENCE_TARGETS: dict[str, frozenset[str]] = {
     "init.from": MODEL_KINDS,
-    "data.from": frozenset({"data"}),
+    "data.from": frozenset({"data", "import"}),
+    "tokenizer.from": frozenset({"data"}),
     "source": MODEL_KINDS,
     "seed": MODEL_KINDS,
     "grams": frozenset({"grams"}),
@@ -119,12 +120,15 @@ def references(stage) -> list[Reference]:
     data = getattr(stage, "data", None)
     if data is not None and data.from_ is not None:
         refs.append(Reference("data.from", data.from_))
+    tokenizer = getattr(stage, "tokenizer", None)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        refs.append(Reference("tokenizer.from", tokenizer.from_))
     for field in ("source", "seed", "grams"):
         target = getattr(stage, field, None)
         if isinstance(target, str):
             refs.append(Reference(field, target))
-    for label, target in getattr(stage, "rows", {}).items():
-        refs.append(Reference(f"rows.{label}", target))
+    for label, targets in getattr(stage, "rows", {}).items():
+        refs.extend(Reference(f"rows.{label}", target) for target in ([targets] if isinstance(targets, str) else targets))
     for label, point in getattr(stage, "mergeability", {}).items():
         refs.extend(Reference(f"mergeability.{label}.{role}", getattr(point, role)) for role in ("metrics", "merged", "unmerged"))
     return refs
@@ -171,6 +175,8 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
                 problems.append(
                     f"stages.{name}.{ref.field}: stage {ref.target!r} is a {target.kind} stage; expected {allowed}"
                 )
+            elif ref.field == "data.from" and target.kind == "import":
+                problems += _import_feeds_its_task(name, stage, ref.target, target)
             targets.append(ref.target)
         for index, after in enumerate(stage.after):
             if after in sweeps:  # the whole sweep: downstream waits for every element
@@ -185,6 +191,18 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
     if problems:
         raise SpecError(f"{source}: invalid references:\n  " + "\n  ".join(problems))
     return deps
+
+
+def _import_feeds_its_task(name: str, stage, source: str, producer) -> list[str]:
+    """An import stage holds one task's data: only stages of that task can read it."""
+    from vlcluster.importers.registry import FORMATS
+
+    task = FORMATS[producer.format].task
+    wanted = getattr(stage, "task", None)
+    if wanted == task:
+        return []
+    what = f"task {wanted!r}" if wanted else "no task"
+    return [f"stages.{name}.data.from: stage {source!r} imports {task} data ({producer.format}); this stage has {what} (set task: {task})"]
 
 
 def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[str, ...]:

@@ -13,21 +13,34 @@ log = logging.getLogger("vlcluster.report")
 # TR/IR are the paper's mean of R@1/5/10; R@1 alone is shown too, since the
 # mean saturates first on easy retrieval sets.
 COLUMNS = (("VQA acc", "vqa_acc"), ("TR", "tr"), ("TR R@1", "tr_r1"), ("IR", "ir"), ("IR R@1", "ir_r1"))
+# Downstream-task columns, shown only when some row has them.
+TASK_COLUMNS = (("NLVR2 acc", "nlvr2_acc"), ("top-1", "top1"), ("top-5", "top5"), ("mIoU", "miou"))
+
+
+def columns(rows: dict[str, dict]) -> tuple[tuple[str, str], ...]:
+    return COLUMNS + tuple(c for c in TASK_COLUMNS if any(isinstance(r.get(c[1]), (int, float)) for r in rows.values()))
 
 
 def format_table(title: str, rows: dict[str, dict]) -> str:
     """A Markdown table, one row per model, one column per metric."""
-    header = "| model | " + " | ".join(name for name, _ in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+    shown = columns(rows)
+    header = "| model | " + " | ".join(name for name, _ in shown) + " |"
+    rule = "|---|" + "---:|" * len(shown)
     lines = [f"### {title}", "", header, rule]
     for label, result in rows.items():
-        cells = [f"{result[key]:.2f}" if isinstance(result.get(key), (int, float)) else "–" for _, key in COLUMNS]
+        cells = [f"{result[key]:.2f}" if isinstance(result.get(key), (int, float)) else "–" for _, key in shown]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def collect(ctx: StageContext) -> dict[str, dict]:
-    return {label: stage_result(ctx, f"rows.{label}", stage) for label, stage in ctx.spec.rows.items()}
+    """One result per row; a row of several eval stages (one per task) joins their metrics."""
+    rows = {}
+    for label, stages in ctx.spec.rows.items():
+        rows[label] = {}
+        for stage in [stages] if isinstance(stages, str) else stages:
+            rows[label] |= stage_result(ctx, f"rows.{label}", stage)
+    return rows
 
 
 def stage_result(ctx: StageContext, field: str, stage: str) -> dict:
@@ -60,7 +73,7 @@ def run_report_stage(ctx: StageContext) -> None:
     table += f"\n\nThe paper's tables and figures over every finished eval stage of this run: study/report.md ({len(study.figures)} figures)."
     (ctx.dir.root / "report.md").write_text(table + "\n")
     log.info("\n%s", table)
-    result = {"rows": {label: {key: r.get(key) for _, key in COLUMNS} for label, r in rows.items()}, "table": table}
+    result = {"rows": {label: {key: r.get(key) for _, key in columns(rows)} for label, r in rows.items()}, "table": table}
     if correlation:
         result["pearson"] = correlation[1]
     finish_stage(ctx, result)

@@ -33,7 +33,7 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,8 @@ from vlcluster.data.shards import DEFAULT_FIELDS, decode_fields, normalise_image
 from vlcluster.data.stream import SampleStream
 
 log = logging.getLogger("vlcluster.data")
+
+Decoder = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
 
 # Each skipped sample is logged with its shard and reason, up to this many per rank.
 MAX_LOGGED_BAD = 100
@@ -81,6 +83,7 @@ class LoaderConfig:
     fields: FieldMap = DEFAULT_FIELDS
     augment: Augment = NO_AUGMENT
     uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
+    decode: Decoder | None = None  # a task's sample decoder; picklable for worker processes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
@@ -123,6 +126,7 @@ def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> 
 def decode_batch(
     stream: SampleStream | MixedStream, batch_size: int, image_size: int | None, shared: bool = False,
     fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT, uint8_images: bool = False,
+    decode: Decoder | None = None,
 ) -> dict[str, Any]:
     """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
 
@@ -131,6 +135,8 @@ def decode_batch(
     stay uint8 pixels ``[B, H, W, 3]`` (normalised later, on the device). A
     reader that reads a whole pass over its shards without one usable sample
     stops with a ``BadDataError`` that counts the causes.
+    ``decode``: a task's sample decoder (default: the image-caption decoder
+    with ``fields``, ``augment`` and one caption drawn per sample).
     """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
@@ -139,10 +145,13 @@ def decode_batch(
         raw = next(stream)
         quality.read += 1
         try:
-            seed = sample_seed(stream.seed, raw)
-            sample = decode_fields(raw, image_size, fields, augment, seed)
-            sample["caption"] = draw_caption(sample["captions"], seed)
-            samples.append(sample)
+            if decode is not None:
+                samples.append(decode(raw, image_size))
+            else:
+                seed = sample_seed(stream.seed, raw)
+                sample = decode_fields(raw, image_size, fields, augment, seed)
+                sample["caption"] = draw_caption(sample["captions"], seed)
+                samples.append(sample)
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason, bad.cause)
             skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
@@ -152,18 +161,9 @@ def decode_batch(
                     f"reader {stream.part} read one pass over its {len(shards)} shard(s) ({_shortlist(shards)})",
                     quality, FIELDS_HINT,
                 )
-    if uint8_images:  # stacked straight into the (shared) tensor: one copy
-        image = torch.empty((batch_size, *samples[0]["pixels"].shape), dtype=torch.uint8)
-        np.stack([s["pixels"] for s in samples], out=(image.share_memory_() if shared else image).numpy())
-    else:
-        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
-        images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
-        image = normalise_images(pixels, images.share_memory_() if shared else images)
+    stacked = stack_samples(samples, shared) if decode is not None else stack_pretraining(samples, batch_size, shared, uint8_images)
     return {
-        "image": image,
-        "caption": [s["caption"] for s in samples],
-        "qa": [s.get("qa") for s in samples],
-        "key": [s["key"] for s in samples],
+        **stacked,
         "read": quality.read,
         "bad": quality.state_dict()["bad"],
         "causes": dict(quality.causes),
@@ -177,6 +177,31 @@ def _copied(positions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _shortlist(urls: list[str], shown: int = 3) -> str:
     return ", ".join(urls[:shown]) + (f" and {len(urls) - shown} more" if len(urls) > shown else "")
+
+
+def stack_pretraining(samples: list[dict[str, Any]], batch_size: int, shared: bool, uint8_images: bool) -> dict[str, Any]:
+    """Image-caption samples -> ``image`` (uint8 pixels, or normalised float32) plus captions, VQA pairs and keys."""
+    if uint8_images:  # stacked straight into the (shared) tensor: one copy
+        image = torch.empty((batch_size, *samples[0]["pixels"].shape), dtype=torch.uint8)
+        np.stack([s["pixels"] for s in samples], out=(image.share_memory_() if shared else image).numpy())
+    else:
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+        images = torch.empty((batch_size, 3, *pixels.shape[1:3]), dtype=torch.float32)
+        image = normalise_images(pixels, images.share_memory_() if shared else images)
+    return {
+        "image": image,
+        "caption": [s["caption"] for s in samples],
+        "qa": [s.get("qa") for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+def stack_samples(samples: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:
+    """Decoded samples -> ``image`` (float32 [B, ..., 3, H, W]) plus one list per other field."""
+    pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+    images = torch.empty((*pixels.shape[:-3], 3, *pixels.shape[-3:-1]), dtype=torch.float32)
+    stacked = {"image": normalise_images(pixels, images.share_memory_() if shared else images)}
+    return stacked | {name: [s[name] for s in samples] for name in samples[0] if name != "pixels"}
 
 
 class _WorkerBatches(IterableDataset):
@@ -195,7 +220,7 @@ class _WorkerBatches(IterableDataset):
                 config = self.config
                 batch = decode_batch(
                     stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment,
-                    config.uint8_images,
+                    config.uint8_images, config.decode,
                 )
             except BadDataError as exc:
                 # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
@@ -229,6 +254,7 @@ class TrainLoader:
         augment: Augment = NO_AUGMENT,
         pin_memory: bool = False,
         uint8_images: bool = False,
+        decode: Decoder | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -245,7 +271,7 @@ class TrainLoader:
                     "or lower data.num_workers"
                 )
         self.config = LoaderConfig(
-            sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment, uint8_images
+            sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment, uint8_images, decode
         )
         self.num_workers = num_workers
         self.positions = [self.config.stream(worker).state_dict() for worker in range(workers)]

@@ -7,9 +7,24 @@ import time
 
 from vlcluster.context import StageContext
 from vlcluster.data.synthetic import build_dataset
+from vlcluster.data.synthetic_tasks import write_task_dataset
 from vlcluster.outputs import finish_stage
 
 log = logging.getLogger("vlcluster.data")
+
+
+def write_synthetic_tasks(ctx: StageContext, tokenizer: str) -> dict[str, dict]:
+    """The downstream tasks' synthetic datasets under ``tasks/<task>/``, sharing the tokenizer."""
+    spec = ctx.spec
+    written = {}
+    for task in spec.tasks:
+        record = write_task_dataset(
+            str(ctx.dir.root / "tasks" / task), task, spec.task_n_train or spec.n_train, spec.task_n_val or spec.n_val,
+            spec.shard_size, spec.image_size, spec.seed, tokenizer,
+        )
+        written[task] = {split: entry["count"] for split, entry in record["splits"].items()}
+        log.info("task %s: %s", task, written[task])
+    return written
 
 
 def run_data_stage(ctx: StageContext) -> None:
@@ -22,6 +37,7 @@ def run_data_stage(ctx: StageContext) -> None:
     summary = build_dataset(
         str(ctx.dir.root), spec.n_train, spec.n_val, spec.shard_size, spec.image_size, spec.seed, progress=progress
     )
+    summary["tasks"] = write_synthetic_tasks(ctx, str(summary["tokenizer"]))
     elapsed = time.perf_counter() - started
     log.info("wrote %d train and %d val samples in %.1f s", spec.n_train, spec.n_val, elapsed)
     finish_stage(ctx, {**summary, "seconds": elapsed})

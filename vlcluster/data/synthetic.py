@@ -29,6 +29,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = ("one", "two", "three")
 NOTHING = "nothing"
 ANSWERS: tuple[str, ...] = COLORS + SHAPES + COUNT_WORDS + ("yes", "no", NOTHING)
+# Segmentation labels 1..6, by colour (0 is left for "ignore", as in ADE20k). Colour, not
+# shape: a 32px image is a 4x4 grid of patches, too coarse for shape outlines.
+SEGMENT_CLASSES: tuple[str, ...] = ("background", *COLORS)
 
 # Saturated and far apart in hue so they survive 32 px and the grey background.
 RGB: dict[str, tuple[int, int, int]] = {
@@ -61,6 +64,10 @@ QUESTION_TEMPLATES: dict[str, str] = {
     "exists": "is there a {color} {shape}",
     "color_at": "what color is the shape at the {position}",
 }
+
+# Words of the downstream tasks' texts (NLVR2 statements), in every tokenizer so
+# pre-trained models can be fine-tuned on every synthetic task.
+EXTRA_WORDS = ("left", "right", "image", "images", "contains", "contain", "both", "exactly", "one", "shape", "shapes", "has", "more", "than", "no")
 
 QA = tuple[str, str]
 Progress = Callable[[str, int, int], None]
@@ -152,13 +159,18 @@ def _add_noise(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
 
 
-def render(scene: Scene, image_size: int, rng: random.Random) -> Image.Image:
-    """Draw ``scene`` as an RGB image of side ``image_size``."""
+def render(scene: Scene, image_size: int, rng: random.Random, mask: Image.Image | None = None) -> Image.Image:
+    """Draw ``scene`` as an RGB image of side ``image_size``; with ``mask`` (mode "L"),
+    also draw each object's segmentation class (``SEGMENT_CLASSES``) there."""
     grey = rng.randint(*_BACKGROUND_RANGE)
     image = Image.new("RGB", (image_size, image_size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
+    mask_draw = ImageDraw.Draw(mask) if mask is not None else None
     for obj in scene.objects:
-        _DRAW[obj.shape](draw, _object_box(obj.position, image_size, rng), RGB[obj.color])
+        box = _object_box(obj.position, image_size, rng)
+        _DRAW[obj.shape](draw, box, RGB[obj.color])
+        if mask_draw is not None:
+            _DRAW[obj.shape](mask_draw, box, SEGMENT_CLASSES.index(obj.color) + 1)
     return _add_noise(image, rng)
 
 
@@ -255,7 +267,7 @@ def questions(scene: Scene, rng: random.Random) -> list[QA]:
 def vocabulary() -> list[str]:
     """Every word the generator can emit (captions, questions, answers)."""
     texts = [OBJECT_PHRASE, LIST_SEPARATOR, LAST_SEPARATOR, *QUESTION_TEMPLATES.values()]
-    texts += [*SHAPES, *COLORS, *POSITIONS, *ANSWERS]
+    texts += [*SHAPES, *COLORS, *POSITIONS, *ANSWERS, *EXTRA_WORDS]
     # The tokenizer splits "," off words, so whitespace pieces are enough here.
     return sorted({w for text in texts for w in text.split() if not w.startswith("{")})
 

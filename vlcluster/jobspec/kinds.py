@@ -22,6 +22,7 @@ class StageKind:
 
 KINDS: dict[str, StageKind] = {
     "data": StageKind("vlcluster.data.stage:run_data_stage"),
+    "import": StageKind("vlcluster.importers.stage:run_import_stage"),
     "pretrain": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
     "finetune": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
     "grams": StageKind("vlcluster.merge.grams:run_grams_stage", distributed=True),

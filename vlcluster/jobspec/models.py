@@ -20,6 +20,7 @@ Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "vit_tiny", "base"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
+TaskName = Literal["vqa", "retrieval", "nlvr2", "classification", "segmentation"]
 
 
 class Strict(BaseModel):
@@ -258,6 +259,35 @@ class DataStage(StageBase):
     shard_size: int = Field(2000, gt=0)
     image_size: int = Field(32, gt=0)
     seed: int = 0
+    tasks: list[TaskName] = Field(default_factory=list, description="also write these downstream tasks' synthetic datasets")
+    task_n_train: int | None = Field(None, gt=0, description="training samples per task (default n_train)")
+    task_n_val: int | None = Field(None, gt=0, description="validation samples per task (default n_val)")
+
+
+class ImportStage(StageBase):
+    """A downstream dataset in its real on-disk format -> task shards + dataset.json
+    (``vlcluster import`` does the same from the command line)."""
+
+    kind: Literal["import"]
+    format: Literal["vqa2", "karpathy", "nlvr2", "imagefolder", "ade20k"]
+    inputs: dict[str, str | list[str]] = Field(description="the format's inputs, e.g. {questions: [...], annotations: [...], images: DIR}")
+    tokenizer: str | StageRef | None = Field(
+        None, description="tokenizer.json shipped with the data (a path, or {from: STAGE} for a data stage's); "
+        "default: a word-level one built from the texts. Fine-tuning needs the pre-training tokenizer"
+    )
+    image_size: int | None = Field(None, gt=0, description="resize images (square) while importing; default: keep the files")
+    shard_size: int = Field(1000, gt=0)
+    max_answers: int = Field(3129, gt=0, description="vqa2: size of the answer vocabulary")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="fail when more of the entries are bad")
+
+    @model_validator(mode="after")
+    def _inputs_fit_format(self) -> ImportStage:
+        from vlcluster.importers.registry import check_inputs
+
+        problems = check_inputs(self.format, self.inputs)
+        if problems:
+            raise ValueError("inputs: " + "; ".join(problems))
+        return self
 
 
 class TrainStageBase(StageBase):
@@ -291,14 +321,17 @@ class FinetuneStage(TrainStageBase):
     kind: Literal["finetune"]
     init: InitSpec
     train: TrainSpec
+    task: TaskName | None = Field(
+        None, description="one downstream task (its head, loss and route; data from an import or data stage); "
+        "unset: the multi-task fine-tune of loss_weights"
+    )
 
-    @field_validator("train")
-    @classmethod
-    def _finetune_has_task_loss(cls, train: TrainSpec) -> TrainSpec:
-        weights = train.loss_weights
-        if weights.vqa == 0 and weights.itc == 0:
-            raise ValueError("fine-tuning needs a task loss: set loss_weights.vqa and/or loss_weights.itc")
-        return train
+    @model_validator(mode="after")
+    def _finetune_has_task_loss(self) -> FinetuneStage:
+        weights = self.train.loss_weights
+        if self.task is None and weights.vqa == 0 and weights.itc == 0:
+            raise ValueError("fine-tuning needs a task loss: set task, or loss_weights.vqa and/or loss_weights.itc")
+        return self
 
 
 def merge_param(name: str, default: Any = ...) -> Any:
@@ -388,6 +421,8 @@ class EvalStage(StageBase):
     data: DataSpec
     tasks: list[Literal["vqa", "retrieval"]] = Field(default_factory=lambda: ["vqa", "retrieval"])
     batch_size: int = Field(128, gt=0)
+    task: TaskName | None = Field(None, description="evaluate one downstream task (instead of tasks) on its dataset")
+    split: str = Field("val", description="split of the task's dataset (task only)")
 
 
 class MergeabilityPoint(Strict):
@@ -400,7 +435,7 @@ class MergeabilityPoint(Strict):
 
 class ReportStage(StageBase):
     kind: Literal["report"]
-    rows: dict[str, str] = Field(description="row label -> eval stage")
+    rows: dict[str, str | list[str]] = Field(description="row label -> eval stage (or several, one per task, joined in one row)")
     title: str = "Results"
     mergeability: dict[str, MergeabilityPoint] = Field(
         default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
@@ -409,7 +444,7 @@ class ReportStage(StageBase):
 
 
 Stage = Annotated[
-    Union[DataStage, PretrainStage, FinetuneStage, GramsStage, MergeStage, MetricsStage, EvalStage, ReportStage],
+    Union[DataStage, ImportStage, PretrainStage, FinetuneStage, GramsStage, MergeStage, MetricsStage, EvalStage, ReportStage],
     Field(discriminator="kind"),
 ]
 

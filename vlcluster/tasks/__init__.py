@@ -1,1 +1,1 @@
-"""Downstream tasks and their metrics."""
+"""Downstream tasks (one module each, registered in ``registry``) and their metrics."""

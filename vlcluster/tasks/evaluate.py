@@ -107,6 +107,11 @@ def _retrieval_embeddings(model, encoder: TextEncoder, chunk: list[dict], image_
 
 
 def run_eval_stage(ctx: StageContext) -> None:
+    if ctx.spec.task is not None:  # one downstream task's metric (tasks/registry.py)
+        from vlcluster.tasks.task_eval import run_task_eval_stage
+
+        run_task_eval_stage(ctx)
+        return
     spec = ctx.spec
     state, config = read_model(ctx.upstream_dir(spec.source))
     model = load_model(state, config)

@@ -26,6 +26,8 @@ from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, chec
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
+from vlcluster.model.posembed import fit_position_table
+from vlcluster.tasks.finetune import TaskTraining
 from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.progress import report_training_progress
 from vlcluster.train import checkpoint as ckpt
@@ -59,14 +61,17 @@ class Trainer:
         self.stop = stop or StopFlag()
         spec = ctx.spec
         self.train = spec.train
-        self.sources = ctx.data_sources(spec.data)
-        self.encoder = TextEncoder(self.sources.tokenizer)
+        # A downstream task (finetune with task:) supplies data, model, batches and objective.
+        self.task = TaskTraining(ctx) if getattr(spec, "task", None) else None
+        self.sources = self.task.sources if self.task else ctx.data_sources(spec.data)
+        self.encoder = self.task.encoder if self.task else TextEncoder(self.sources.tokenizer)
         self.answers = json.loads(Path(self.sources.answers).read_text()) if self.sources.answers else []
-        self.config = build_model_config(ctx, self.encoder.vocab_size, len(self.answers))
+        self.config = self.task.model_config() if self.task else build_model_config(ctx, self.encoder.vocab_size, len(self.answers))
         self.rank_sizes = self.train.rank_batch_sizes(env.world_size)
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
-        self.builder = BatchBuilder(self.encoder, self.config.max_text_len, self.answers, self.train.seed * 1000 + env.rank)
+        seed = self.train.seed * 1000 + env.rank
+        self.builder = self.task.batch_builder(self.config, seed) if self.task else BatchBuilder(self.encoder, self.config.max_text_len, self.answers, seed)
         self.loader_workers = resolve_workers(
             spec.data.num_workers, spec.resources.cpus_per_node, spec.resources.ranks_per_node,
             min(len(source.urls) for source in self.sources.train_mixture), env.world_size
@@ -74,17 +79,22 @@ class Trainer:
         self.loader = TrainLoader(
             self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
-            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 else [])), self.sources.augment,
-            pin_memory=env.device.type == "cuda", uint8_images=True,
+            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 and not self.task else [])),
+            self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=self.task is None,
+            decode=self.task.decode if self.task else None,
         )
         self.keys = KeyRecorder(env.rank)
 
         torch.manual_seed(self.train.seed)  # identical initial weights on every rank
-        model = MultiwayTransformer(self.config, heads=self.head_names())
-        self.objective = Objective(
-            model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
-            self.train.mask_prob, self.rank_sizes, self.train.vqa_loss,
-        )
+        if self.task:
+            model = self.task.build_model(self.config)
+            self.objective = self.task.objective(model, self.rank_sizes)
+        else:
+            model = MultiwayTransformer(self.config, heads=self.head_names())
+            self.objective = Objective(
+                model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
+                self.train.mask_prob, self.rank_sizes, self.train.vqa_loss,
+            )
         resume = ckpt.load_intact_checkpoint(self.checkpoint_root, ctx.spec_hash, env)  # verified, else an older one
         if resume is None and spec.init is not None:
             self.load_init(model)
@@ -124,7 +134,7 @@ class Trainer:
             return
         source = init.from_
         state, source_config = read_model(self.ctx.upstream_dir(source))
-        state = expand_to_experts(state, model)
+        state = fit_position_table(expand_to_experts(state, model), model)  # e.g. 384px fine-tune of a 224px model
         load_into(model, state, allow_missing_prefixes=tuple(f"heads.{name}" for name in model.heads))
         if self.env.is_main:
             log.info("initialised from stage %r (%s -> %s)", source, source_config.arch, self.config.arch)

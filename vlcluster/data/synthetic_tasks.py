@@ -1,0 +1,185 @@
+"""Synthetic counterparts of the paper's downstream tasks, on the same scenes.
+
+Each task gets a small dataset in its own directory (``dataset.json`` plus
+train/val shards in the task's sample format, see ``vlcluster.tasks``):
+
+- ``vqa``: the scenes' questions, one sample per image, soft score 1.0;
+- ``retrieval``: groups of near-duplicate scenes that differ in one object's
+  colour, shape or position, three captions per image, each naming a random
+  subset of the objects, so a caption can fit several images of its group
+  and recall is not saturated;
+- ``nlvr2``: a statement about a pair of scenes, true or false (balanced);
+- ``classification``: one object per image, class = colour x shape (20);
+- ``segmentation``: a mask per image, labels background + the 5 colours
+  (1..6; 0 = ignore is never used here).
+
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+
+import fsspec
+from PIL import Image
+
+from vlcluster.data.split_writer import SplitWriter
+from vlcluster.data.synthetic import (
+    ANSWERS, COLORS, MAX_OBJECTS, POSITIONS, SEGMENT_CLASSES, SHAPES, Scene, SceneObject,
+    _join_phrases, _png_bytes, questions, render, sample_scene,
+)
+from vlcluster.tasks.dataset import write_record
+
+SYNTHETIC_TASKS = ("vqa", "retrieval", "nlvr2", "classification", "segmentation")
+OBJECT_PHRASE = "a {color} {shape} at the {position}"
+CAPTIONS_PER_IMAGE = 3
+GROUP_SIZE = 4  # near-duplicate scenes per group (retrieval)
+CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+Sample = dict[str, bytes | str]
+
+
+def _encode_json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+# ---- VQA ---------------------------------------------------------------------
+
+
+def vqa_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
+    while True:
+        scene = sample_scene(rng)
+        image = render(scene, image_size, rng)
+        qa = [{"question": q, "answers": [[a, 1.0]]} for q, a in questions(scene, rng)]
+        yield {"png": _png_bytes(image), "json": _encode_json({"questions": qa})}
+
+
+# ---- retrieval ---------------------------------------------------------------
+
+
+def near_duplicate(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with one object changed in colour, shape or position."""
+    objects = list(scene.objects)
+    index = rng.randrange(len(objects))
+    obj = objects[index]
+    free = [p for p in POSITIONS if scene.at(p) is None]
+    change = rng.choice(["color", "shape", "position"] if free else ["color", "shape"])
+    if change == "color":
+        obj = SceneObject(obj.shape, rng.choice([c for c in COLORS if c != obj.color]), obj.position)
+    elif change == "shape":
+        obj = SceneObject(rng.choice([s for s in SHAPES if s != obj.shape]), obj.color, obj.position)
+    else:
+        obj = SceneObject(obj.shape, obj.color, rng.choice(free))
+    objects[index] = obj
+    return Scene(tuple(objects))
+
+
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    subset = rng.sample(scene.objects, rng.randint(1, len(scene.objects)))
+    return _join_phrases([OBJECT_PHRASE.format(color=o.color, shape=o.shape, position=o.position) for o in subset])
+
+
+def retrieval_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
+    seen: set = set()
+    while True:
+        base = sample_scene(rng)
+        while len(base.objects) < 2:  # one object leaves nothing for a caption to leave out
+            base = sample_scene(rng)
+        group = [base]
+        while len(group) < GROUP_SIZE:
+            group.append(near_duplicate(rng.choice(group), rng))
+        for scene in group:
+            if scene.canonical() in seen:
+                continue
+            seen.add(scene.canonical())
+            captions = [partial_caption(scene, rng) for _ in range(CAPTIONS_PER_IMAGE)]
+            yield {
+                "png": _png_bytes(render(scene, image_size, rng)),
+                "txt": "\n".join(captions).encode(),
+                "json": _encode_json({"objects": [[o.shape, o.color, o.position] for o in scene.objects]}),
+            }
+
+
+# ---- NLVR2 -------------------------------------------------------------------
+
+
+def _has(scene: Scene, color: str | None, shape: str | None) -> bool:
+    return any((color is None or o.color == color) and (shape is None or o.shape == shape) for o in scene.objects)
+
+
+def _statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str, bool]:
+    kind = rng.randrange(4)
+    side, scene = rng.choice([("left", left), ("right", right)])
+    present = rng.choice(scene.objects)
+    color, shape = (present.color, present.shape) if rng.random() < 0.5 else (rng.choice(COLORS), rng.choice(SHAPES))
+    if kind == 0:
+        return f"the {side} image contains a {color} shape", _has(scene, color, None)
+    if kind == 1:
+        return f"the {side} image contains a {shape}", _has(scene, None, shape)
+    if kind == 2:
+        return f"both images contain a {color} shape", _has(left, color, None) and _has(right, color, None)
+    other = "right" if side == "left" else "left"
+    more = len(scene.objects) > len((right if side == "left" else left).objects)
+    return f"the {side} image has more shapes than the {other} image", more
+
+
+def nlvr2_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
+    want_true = True
+    while True:
+        left, right = sample_scene(rng), sample_scene(rng)
+        sentence, label = _statement(left, right, rng)
+        if label != want_true:  # rejection keeps the labels balanced (chance = 50%)
+            continue
+        want_true = not want_true
+        yield {
+            "img0.png": _png_bytes(render(left, image_size, rng)),
+            "img1.png": _png_bytes(render(right, image_size, rng)),
+            "json": _encode_json({"sentence": sentence, "label": label}),
+        }
+
+
+# ---- classification and segmentation -------------------------------------------
+
+
+def classification_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
+    while True:
+        obj = SceneObject(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(POSITIONS))
+        label = CLASSES.index(f"{obj.color} {obj.shape}")
+        yield {"png": _png_bytes(render(Scene((obj,)), image_size, rng)), "cls": str(label).encode()}
+
+
+def segmentation_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
+    while True:
+        scene = sample_scene(rng)
+        mask = Image.new("L", (image_size, image_size), SEGMENT_CLASSES.index("background") + 1)
+        image = render(scene, image_size, rng, mask=mask)
+        yield {"png": _png_bytes(image), "seg.png": _png_bytes(mask)}
+
+
+GENERATORS: dict[str, tuple[Callable[[random.Random, int], Iterator[Sample]], tuple[str, ...]]] = {
+    "vqa": (vqa_samples, ANSWERS),
+    "retrieval": (retrieval_samples, ()),
+    "nlvr2": (nlvr2_samples, ()),
+    "classification": (classification_samples, CLASSES),
+    "segmentation": (segmentation_samples, SEGMENT_CLASSES),
+}
+assert MAX_OBJECTS <= len(POSITIONS)
+
+
+def write_task_dataset(out_dir: str, task: str, n_train: int, n_val: int, shard_size: int, image_size: int,
+                       seed: int, tokenizer: str | None = None) -> dict:
+    """Write ``task``'s synthetic train/val shards and ``dataset.json`` into ``out_dir``;
+    ``tokenizer``: a tokenizer.json copied beside them (the pre-training data's)."""
+    generate, labels = GENERATORS[task]
+    splits = {}
+    for split, count in (("train", n_train), ("val", n_val)):
+        rng = random.Random(f"vlcluster-synthetic-task:{seed}:{task}:{split}")
+        writer = SplitWriter(out_dir, split, shard_size)
+        for index, sample in zip(range(count), generate(rng, image_size)):
+            writer.write({"__key__": f"{split}-{index:08d}", **sample})
+        splits[split] = writer.close()
+    if tokenizer is not None:
+        with fsspec.open(tokenizer, "rb") as src, fsspec.open(f"{out_dir.rstrip('/')}/tokenizer.json", "wb") as dst:
+            dst.write(src.read())
+    return write_record(out_dir, task, "synthetic", list(labels), splits, "tokenizer.json" if tokenizer else None)

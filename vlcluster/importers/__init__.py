@@ -1,0 +1,1 @@
+"""Importers of the downstream tasks' real on-disk formats (see ``registry``)."""

@@ -1,0 +1,64 @@
+"""Import formats by name: the function, its task and its inputs. A new format is one module plus one entry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vlcluster.importers.ade20k import import_ade20k
+from vlcluster.importers.imagefolder import import_imagefolder
+from vlcluster.importers.karpathy import import_karpathy
+from vlcluster.importers.nlvr2 import import_nlvr2
+from vlcluster.importers.vqa2 import import_vqa2
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str  # keyword of the import function, job-file key; CLI flag --name with _ -> -
+    help: str
+    required: bool = True
+    many: bool = False  # may be given several times (a list)
+
+
+@dataclass(frozen=True)
+class Format:
+    task: str
+    run: Callable[..., dict]
+    inputs: tuple[Input, ...]
+
+
+FORMATS: dict[str, Format] = {
+    "vqa2": Format("vqa", import_vqa2, (
+        Input("questions", "official VQA v2 questions JSON (repeat for train and val)", many=True),
+        Input("annotations", "the matching annotations JSON (same order)", many=True),
+        Input("images", "directory holding the COCO images"),
+    )),
+    "karpathy": Format("retrieval", import_karpathy, (
+        Input("split_json", "Karpathy split file: dataset_coco.json or dataset_flickr30k.json"),
+        Input("images", "image directory (COCO: holding train2014/ and val2014/)"),
+    )),
+    "nlvr2": Format("nlvr2", import_nlvr2, (
+        Input("jsonl", "NLVR2 JSON-lines file (repeat for train, dev, test1)", many=True),
+        Input("images", "directory holding the *-img0.png / *-img1.png pairs"),
+    )),
+    "imagefolder": Format("classification", import_imagefolder, (
+        Input("root", "directory with train/ and val/ class folders"),
+        Input("class_index", "class order: imagenet_class_index.json or one folder name per line", required=False),
+    )),
+    "ade20k": Format("segmentation", import_ade20k, (
+        Input("root", "the ADEChallengeData2016 directory"),
+    )),
+}
+
+
+def check_inputs(fmt: str, inputs: dict) -> list[str]:
+    """Problems with ``inputs`` for ``fmt`` (empty when they fit)."""
+    if fmt not in FORMATS:
+        return [f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}"]
+    known = {i.name: i for i in FORMATS[fmt].inputs}
+    problems = [f"unknown input {name!r} for {fmt} (expected {sorted(known)})" for name in inputs if name not in known]
+    problems += [f"missing input {i.name!r} ({i.help})" for i in known.values() if i.required and i.name not in inputs]
+    for name, value in inputs.items():
+        if name in known and not known[name].many and not isinstance(value, str):
+            problems.append(f"input {name!r} takes one path, got {value!r}")
+    return problems
