@@ -21,7 +21,6 @@ from PIL import Image
 
 from vlcluster.data.quality import BadDataError
 from vlcluster.data.split_writer import SplitWriter
-from vlcluster.data.tokenizer import build_word_tokenizer
 from vlcluster.tasks.dataset import write_record
 
 log = logging.getLogger("vlcluster.import")
@@ -143,5 +142,7 @@ class DatasetWriter:
         if self.options.tokenizer:
             target.write_bytes(need_file(self.options.tokenizer, "tokenizer").read_bytes())
         else:
+            from vlcluster.data.tokenizer import build_word_tokenizer  # imports torch: not on the CLI's parser path
+
             target.write_text(build_word_tokenizer(sorted(self.texts)).to_str())
         return target.name

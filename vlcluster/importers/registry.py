@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from vlcluster.importers.ade20k import import_ade20k
-from vlcluster.importers.imagefolder import import_imagefolder
-from vlcluster.importers.karpathy import import_karpathy
-from vlcluster.importers.nlvr2 import import_nlvr2
-from vlcluster.importers.vqa2 import import_vqa2
 
 
 @dataclass(frozen=True)
@@ -23,29 +18,36 @@ class Input:
 @dataclass(frozen=True)
 class Format:
     task: str
-    run: Callable[..., dict]
+    # "module:function", imported only when an import runs: plan, submit and the
+    # CLI's parser read this table without importing torch.
+    function: str
     inputs: tuple[Input, ...]
+
+    @property
+    def run(self) -> Callable[..., dict]:
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 FORMATS: dict[str, Format] = {
-    "vqa2": Format("vqa", import_vqa2, (
+    "vqa2": Format("vqa", "vlcluster.importers.vqa2:import_vqa2", (
         Input("questions", "official VQA v2 questions JSON (repeat for train and val)", many=True),
         Input("annotations", "the matching annotations JSON (same order)", many=True),
         Input("images", "directory holding the COCO images"),
     )),
-    "karpathy": Format("retrieval", import_karpathy, (
+    "karpathy": Format("retrieval", "vlcluster.importers.karpathy:import_karpathy", (
         Input("split_json", "Karpathy split file: dataset_coco.json or dataset_flickr30k.json"),
         Input("images", "image directory (COCO: holding train2014/ and val2014/)"),
     )),
-    "nlvr2": Format("nlvr2", import_nlvr2, (
+    "nlvr2": Format("nlvr2", "vlcluster.importers.nlvr2:import_nlvr2", (
         Input("jsonl", "NLVR2 JSON-lines file (repeat for train, dev, test1)", many=True),
         Input("images", "directory holding the *-img0.png / *-img1.png pairs"),
     )),
-    "imagefolder": Format("classification", import_imagefolder, (
+    "imagefolder": Format("classification", "vlcluster.importers.imagefolder:import_imagefolder", (
         Input("root", "directory with train/ and val/ class folders"),
         Input("class_index", "class order: imagenet_class_index.json or one folder name per line", required=False),
     )),
-    "ade20k": Format("segmentation", import_ade20k, (
+    "ade20k": Format("segmentation", "vlcluster.importers.ade20k:import_ade20k", (
         Input("root", "the ADEChallengeData2016 directory"),
     )),
 }
