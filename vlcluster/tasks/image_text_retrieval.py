@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vlcluster.model import MultiwayTransformer
 from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_lines
-from vlcluster.tasks.retrieval import RECALL_AT
+from vlcluster.tasks.retrieval import recall_scores
 from vlcluster.train.losses import itc_loss
 
 
@@ -59,18 +59,7 @@ class RetrievalTask(Task):
 
 def multi_caption_recall(similarity: Tensor, owner: Tensor) -> dict[str, float]:
     """``similarity`` [images, captions]; ``owner[c]`` = the image of caption c. Percentages."""
-    images = similarity.shape[0]
-    is_own = owner[None, :] == torch.arange(images)[:, None]
-    best_own = similarity.masked_fill(~is_own, float("-inf")).max(dim=1).values
-    text_rank = (similarity > best_own[:, None]).sum(dim=1)  # captions ranked above the image's best own one
-    own_image = similarity.gather(0, owner[None, :]).squeeze(0)
-    image_rank = (similarity > own_image[None, :]).sum(dim=0)
-    scores: dict[str, float] = {}
-    for k in RECALL_AT:
-        scores[f"tr_r{k}"] = 100 * (text_rank < k).float().mean().item()
-        scores[f"ir_r{k}"] = 100 * (image_rank < k).float().mean().item()
-    scores["tr"] = sum(scores[f"tr_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
-    scores["ir"] = sum(scores[f"ir_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
+    scores = recall_scores(similarity.float(), owner)
     scores["rsum_mean"] = (scores["tr"] + scores["ir"]) / 2
     return scores
 

@@ -42,7 +42,13 @@ def retrieval_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
     belongs to image j)."""
     if text_image is None:
         text_image = torch.arange(text_emb.shape[0])
-    similarity = (image_emb @ text_emb.t()).float()
+    return recall_scores((image_emb @ text_emb.t()).float(), text_image)
+
+
+def recall_scores(similarity: torch.Tensor, text_image: torch.Tensor) -> dict[str, float]:
+    """TR/IR R@1/5/10 and their means (percentages) of a [images, captions] similarity,
+    ``text_image[j]`` being the image of caption ``j``: TR counts an image as found
+    when any of its captions is in the top k, IR ranks every caption's image."""
     ranks = {"tr": text_retrieval_ranks(similarity, text_image), "ir": image_retrieval_ranks(similarity, text_image)}
     scores: dict[str, float] = {}
     for direction, rank in ranks.items():
