@@ -4,6 +4,8 @@ torch.compile against eager, uint8 images normalised on the device."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,11 @@ def test_compiled_blocks_give_the_same_losses_as_eager_fast_backend():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("VLCLUSTER_TEST_INDUCTOR"),
+    reason="TorchInductor's C++ generation took over 13 min for one step on a 2-core CPU; tools/gpu_check.sh "
+           "runs this comparison on a GPU; set VLCLUSTER_TEST_INDUCTOR=1 to run it here",
+)
 def test_compiled_blocks_give_the_same_losses_as_eager_inductor():
     """The trainer's backend, TorchInductor (generated C++ on a CPU: minutes on a small machine)."""
     eager_losses, _ = losses_over_steps(activation_checkpointing=False, compile=False)
