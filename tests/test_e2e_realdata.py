@@ -205,6 +205,7 @@ def img2dataset_shards(tmp_path_factory, img2dataset) -> Path:
     return root / "shards"
 
 
+@pytest.mark.heavy  # installs and runs img2dataset itself; tests/test_realdata.py covers the same layout by default
 def test_recipe_on_img2dataset_shards_with_a_wordpiece_tokenizer(img2dataset_shards, tmp_path) -> None:
     shards = img2dataset_shards
     for split in SPLITS:

@@ -46,5 +46,6 @@ def test_fuzz_files_ci(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_fuzz_files_thousands(tmp_path):
     check(fuzz(1000, tmp_path / "fuzz.json"), 1000)
