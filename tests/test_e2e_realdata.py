@@ -205,12 +205,34 @@ def img2dataset_shards(tmp_path_factory, img2dataset) -> Path:
     return root / "shards"
 
 
-@pytest.mark.heavy  # installs and runs img2dataset itself; tests/test_realdata.py covers the same layout by default
+@pytest.fixture(scope="module")
+def layout_shards(tmp_path_factory) -> Path:
+    """The same splits in img2dataset's exact layout, written by tests/realdata.py (no tool, no network)."""
+    root = tmp_path_factory.mktemp("img2dataset-layout") / "shards"
+    for split, (first, count, captions) in SPLITS.items():
+        encode = "png" if split == "png" else "webp" if split == "webp" else "jpg"
+        samples = [scene(index, captions) for index in range(first, first + count)]
+        write_img2dataset_shards(root / split, samples, per_shard=6, encode_format=encode)
+    captions = [scene(i, c)[1] for first, count, c in SPLITS.values() for i in range(first, first + count)]
+    bert_wordpiece_tokenizer(root / "tokenizer.json", captions)
+    return root
+
+
+@pytest.mark.heavy  # installs and runs img2dataset itself; the layout variant below runs by default
 def test_recipe_on_img2dataset_shards_with_a_wordpiece_tokenizer(img2dataset_shards, tmp_path) -> None:
     shards = img2dataset_shards
     for split in SPLITS:
         tars = sorted((shards / split).glob("*.tar"))
         assert tars and all(t.with_suffix(".parquet").exists() and (t.parent / f"{t.stem}_stats.json").exists() for t in tars)
+    run_recipe(shards, tmp_path)
+
+
+def test_recipe_on_img2dataset_layout_shards_with_a_wordpiece_tokenizer(layout_shards, tmp_path) -> None:
+    run_recipe(layout_shards, tmp_path)
+
+
+def run_recipe(shards: Path, tmp_path: Path) -> None:
+    """seed -> VL -> merge -> retrieval eval on jpg, png and webp shards and a 5-captions-per-image val set."""
     job = tmp_path / "realdata.yaml"
     job.write_text(PIPELINE_JOB.format(shards=shards))
     run_dir = tmp_path / "run"
