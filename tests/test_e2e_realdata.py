@@ -126,7 +126,7 @@ def img2dataset(request) -> str:
     given = os.environ.get("VLCLUSTER_IMG2DATASET")
     if given:
         return given
-    venv = request.config.cache.mkpath("img2dataset-1.47.0")
+    venv = request.config.cache.mkdir("img2dataset-1.47.0")
     command = venv / "bin" / "img2dataset"
     if not command.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -61,6 +61,12 @@ class TaskBatch(dict):
     def size(self) -> int:
         return len(self["image"])
 
+    def rows(self, start: int, stop: int) -> TaskBatch:
+        """The whole batch (task fine-tunes take no micro-batches: some fields index others)."""
+        if (start, stop) != (0, self.size):
+            raise ValueError("train.micro_batch_size is not supported for task fine-tunes yet")
+        return self
+
 
 class Task:
     """Base of every task; subclasses set the class attributes and override the methods."""

@@ -108,7 +108,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         micro_batches = plan_micro_batches(self.rank_sizes, self.train.micro_batch_size, env.rank)
-        self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob, self.meter)
+        # FLOPs are counted for the pre-training objective's routes only (tasks' batches have other fields).
+        self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob,
+                                  None if self.task else self.meter)
         if resume is not None:
             self.restore(resume)
         self.metrics = MetricsWriter(ctx.dir.tensorboard, env.is_main, purge_step=self.step)
