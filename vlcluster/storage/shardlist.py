@@ -57,35 +57,30 @@ MAX_SHARDS = 1_000_000
 RANGE = re.compile(r"^(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?$")
 
 
-def _matching_brace(text: str, start: int) -> int:
-    depth = 0
-    index = start
+def _scan(text: str, start: int = 0):
+    """Unescaped characters of ``text`` from ``start``, each with its index and the
+    brace depth after it (a backslash escapes the next character)."""
+    depth, index = 0, start
     while index < len(text):
         char = text[index]
         if char == "\\":
             index += 2
             continue
-        depth += char == "{"
-        depth -= char == "}"
-        if depth == 0:
-            return index
+        depth += (char == "{") - (char == "}")
+        yield index, char, depth
         index += 1
-    return -1
+
+
+def _matching_brace(text: str, start: int) -> int:
+    return next((index for index, _, depth in _scan(text, start) if depth == 0), -1)
 
 
 def _split_top(text: str) -> list[str]:
-    parts, depth, begin, index = [], 0, 0, 0
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2
-            continue
-        depth += char == "{"
-        depth -= char == "}"
+    parts, begin = [], 0
+    for index, char, depth in _scan(text):
         if char == "," and depth == 0:
             parts.append(text[begin:index])
             begin = index + 1
-        index += 1
     return parts + [text[begin:]]
 
 
