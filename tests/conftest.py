@@ -86,3 +86,11 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     spec = config.activate(config.StorageSpec(endpoint_url=s3_server.endpoint, cache_dir=str(tmp_path / "vlcluster-cache")))
     yield spec
     monkeypatch.setattr(config, "_active", None)
+
+
+@pytest.fixture(scope="session")
+def backend_quickstart(tmp_path_factory) -> str:
+    """The quickstart job the backend tests run (see tests.test_e2e.BACKEND_DROPPED)."""
+    from tests.test_e2e import write_backend_quickstart
+
+    return write_backend_quickstart(tmp_path_factory.mktemp("backend-job"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_e2e import STAGES, FAILING, QUICKSTART, SMALL, cli, live_processes_mentioning
+from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
 from vlcluster.rundir import read_json
 
 
@@ -61,7 +61,7 @@ def latest_checkpoint_step(run_dir: Path, stage: str) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def ray_run(ray_cluster, tmp_path_factory):
+def ray_run(ray_cluster, tmp_path_factory, backend_quickstart):
     """The shrunk quickstart on the cluster (joined by its GCS address, as
     `--address auto` resolves on a cluster node); once VL pre-training has a
     checkpoint, one of its two ranks is SIGKILLed."""
@@ -70,7 +70,7 @@ def ray_run(ray_cluster, tmp_path_factory):
     kill: dict = {}
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(submit_args(QUICKSTART, run_dir, ray_cluster.gcs_address, *SMALL),
+        process = subprocess.Popen(submit_args(backend_quickstart, run_dir, ray_cluster.gcs_address, *SMALL),
                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 900
         while process.poll() is None and time.monotonic() < deadline:

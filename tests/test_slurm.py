@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import STAGES, FAILING, QUICKSTART, SMALL, cli
+from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli
 from vlcluster.backends.slurm_queue import job_states
 from vlcluster.rundir import read_json
 
@@ -69,10 +69,10 @@ class Interrupter:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(tmp_path_factory):
+def slurm_run(tmp_path_factory, backend_quickstart):
     run_dir = tmp_path_factory.mktemp("slurm-quickstart")
     started = time.perf_counter()
-    result = submit(QUICKSTART, run_dir, *SLURM_SMALL)
+    result = submit(backend_quickstart, run_dir, *SLURM_SMALL)
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stdout + result.stderr
     requeue = Interrupter(run_dir, "vlpt", ["scontrol", "requeue"])
@@ -125,9 +125,9 @@ def test_interrupted_training_resumes_from_the_checkpoint_it_saved(slurm_run, st
     assert (run_dir / stage / "_SUCCESS").is_file()
 
 
-def test_resubmit_of_a_finished_run_queues_nothing(slurm_run):
+def test_resubmit_of_a_finished_run_queues_nothing(slurm_run, backend_quickstart):
     run_dir, _, _, _, _, _ = slurm_run
-    again = submit(QUICKSTART, run_dir, *SLURM_SMALL)
+    again = submit(backend_quickstart, run_dir, *SLURM_SMALL)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped (done)") == len(STAGES) and "queued 0 stage(s)" in again.stdout
 
