@@ -224,10 +224,17 @@ class Expansion:
             raw["after"] = [name for target in raw["after"] for name in self.agreeing(target, assignment)]
 
     def agreeing(self, target: str, assignment: Assignment) -> list[str]:
+        """The copies of ``target`` that agree with ``assignment`` (each element of them when ``target`` has a sweep of its own)."""
+        from vlcluster.graph import sweep_element_name
+
         if not self.reach.get(target):
             return [target]
-        return [self.name(target, other) for other in self.assignments(self.reach[target])
-                if all(assignment.get(key, value) == value for key, value in other.items())]
+        names = [self.name(target, other) for other in self.assignments(self.reach[target])
+                 if all(assignment.get(key, value) == value for key, value in other.items())]
+        own = self.pipeline.stages[target].sweep
+        if not own:
+            return names
+        return [sweep_element_name(name, dict(zip(own, values))) for name in names for values in itertools.product(*own.values())]
 
     def gathered(self, raw: dict) -> dict:
         """A gathering stage with one entry per element for each entry that reads copied stages."""
