@@ -6,7 +6,7 @@ planned, dry-run on SLURM and rendered for Kubernetes."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import subprocess
 import sys
@@ -179,7 +179,7 @@ def test_a_copy_can_be_named_to_build_on_one_element(write_job):
     ("{}", "give 'zip' (fields that vary together) and/or 'product'"),
 ])
 def test_sweep_errors_name_the_field(write_job, sweep, expected):
-    text = re.sub(r"sweep:\n  zip:\n.*?\n  product:\n.*?\n(?=stages:)", f"sweep: {sweep}\n", ZIPPED, flags=re.S)
+    text = re.sub(r"sweep:\n  zip:\n.*?\n  product:\n.*?\n(?=stages:)", f"sweep: {sweep}\n", ZIPPED, flags=re.DOTALL)
     message = spec_error(write_job, text)
     assert message.startswith(f"{write_job(text)}:") and expected in message, message
 
@@ -243,7 +243,7 @@ def test_an_element_already_done_leaves_the_array_waiting_on_tasks_not_on_positi
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env={**__import__("os").environ, "COLUMNS": "300"})
+                          timeout=120, env={**os.environ, "COLUMNS": "300"}, check=False)
 
 
 PAPER = "jobs/paper_recipe.yaml"
@@ -321,7 +321,7 @@ def test_paper_recipe_renders_for_kubernetes():
     from vlcluster.backends.k8s_schema import validation_errors
 
     result = subprocess.run([sys.executable, "-m", "vlcluster.cli", "render", PAPER, "--backend", "k8s"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+                            capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     objects = {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout)}
     assert list(objects) == ["ConfigMap", "RayCluster", "RayJob"]

@@ -95,9 +95,9 @@ class Expansion:
         self.pipeline, self.source = pipeline, source
         sweep = pipeline.sweep
         self.fields = {key: self.resolve(group, key) for group, keys in (("zip", sweep.zip), ("product", sweep.product)) for key in keys}
-        count = len(next(iter(sweep.zip.values()))) if sweep.zip else 0
-        self.axes: list[list[Assignment]] = ([[{key: values[i] for key, values in sweep.zip.items()} for i in range(count)]] if sweep.zip else [])
-        self.axes += [[{key: value} for value in values] for key, values in sweep.product.items()]
+        # An axis is the list of its elements; the zip is one axis, each product field another.
+        zipped = [dict(zip(sweep.zip, values)) for values in zip(*sweep.zip.values())]
+        self.axes: list[list[Assignment]] = [zipped] * bool(zipped) + [[{key: value} for value in values] for key, values in sweep.product.items()]
         self.upstream = self.model_upstream()
         self.reach = {name: [key for key, f in self.fields.items() if f.stage == name or f.stage in self.upstream[name]]
                       for name in pipeline.stages}
@@ -168,27 +168,29 @@ class Expansion:
 
     # ---- the copies ----------------------------------------------------------
 
-    def assignments(self, keys: list[str]) -> list[Assignment]:
-        """The distinct combinations of these keys' values over all elements, in the order written."""
+    def distinct_parts(self, keys: list[str]) -> list[list[Assignment]]:
+        """Per axis holding any of ``keys``: the distinct values its elements give them, in the order written."""
         per_axis = []
         for axis in self.axes:
-            seen: dict[str, Assignment] = {}
+            parts = {}
             for element in axis:
                 part = {key: element[key] for key in keys if key in element}
                 if part:
-                    seen.setdefault(json.dumps(part, sort_keys=True), part)
-            if seen:
-                per_axis.append(list(seen.values()))
+                    parts.setdefault(json.dumps(part, sort_keys=True), part)
+            if parts:
+                per_axis.append(list(parts.values()))
+        return per_axis
+
+    def assignments(self, keys: list[str]) -> list[Assignment]:
+        """The distinct combinations of these keys' values over all elements."""
         ordered = [key for key in self.fields if key in keys]
-        return [{key: merged[key] for key in ordered} for merged in
-                ({k: v for part in combo for k, v in part.items()} for combo in itertools.product(*per_axis))]
+        combined = ({key: value for part in combo for key, value in part.items()} for combo in itertools.product(*self.distinct_parts(keys)))
+        return [{key: values[key] for key in ordered} for values in combined]
 
     def copy_count(self, name: str) -> int:
-        keys = self.reach[name]
-        if not keys or self.pipeline.stages[name].kind in GATHERING_KINDS:
+        if not self.reach[name] or self.pipeline.stages[name].kind in GATHERING_KINDS:
             return 1
-        return math.prod(len({json.dumps({k: e[k] for k in keys if k in e}, sort_keys=True) for e in axis})
-                         for axis in self.axes if any(k in axis[0] for k in keys))
+        return math.prod(len(parts) for parts in self.distinct_parts(self.reach[name]))
 
     def name(self, stage: str, assignment: Assignment) -> str:
         """``stage`` itself when no swept field reaches it, else its copy for ``assignment``."""
@@ -251,7 +253,15 @@ class Expansion:
             yield label, value
             return
         for assignment in self.assignments(keys):
-            yield f"{label} [{suffix(self.fields, assignment)}]", rename(value, lambda t: self.name(t, assignment) if isinstance(t, str) and t in self.reach else t)
+            yield f"{label} [{suffix(self.fields, assignment)}]", self.renamed(value, assignment)
+
+    def renamed(self, value: str | list | dict, assignment: Assignment) -> str | list | dict:
+        """An entry's references (one, a list, or a mapping of them) with copies for ``assignment``."""
+        if isinstance(value, list):
+            return [self.name(item, assignment) for item in value]
+        if isinstance(value, dict):
+            return {key: self.name(item, assignment) for key, item in value.items()}
+        return self.name(value, assignment)
 
     def stage_total(self) -> int:
         return sum(self.copy_count(name) * max(stage_sweep_size(stage), 1) for name, stage in self.pipeline.stages.items())
@@ -271,14 +281,6 @@ class Expansion:
 
 def suffix(fields: dict[str, SweptField], assignment: Assignment) -> str:
     return ",".join(f"{fields[key].label}={json.dumps(value)}" for key, value in assignment.items())
-
-
-def rename(value: Any, new_name) -> Any:
-    if isinstance(value, list):
-        return [new_name(item) for item in value]
-    if isinstance(value, dict):
-        return {key: new_name(item) for key, item in value.items()}
-    return new_name(value)
 
 
 def stage_raw(stage) -> dict:
