@@ -184,6 +184,11 @@ def test_sweep_errors_name_the_field(write_job, sweep, expected):
     assert message.startswith(f"{write_job(text)}:") and expected in message, message
 
 
+def test_a_gathered_label_may_not_repeat_one_written(write_job):
+    text = ZIPPED.replace("rows: {MAA: ev_maa,", "rows: {MAA: ev_maa, 'MSA [seed.train.steps=5,vlpt.train.steps=5]': ev_maa,")
+    assert "rows: the sweep makes the label 'MSA [seed.train.steps=5,vlpt.train.steps=5]', which is also written" in spec_error(write_job, text)
+
+
 def test_a_stage_sweep_and_the_pipeline_sweep_cannot_both_vary_one_field(write_job):
     text = ZIPPED.replace("merge: {kind: merge, source: vlpt, alpha: 0.5}", "merge: {kind: merge, source: vlpt, sweep: {alpha: [0.1]}}")
     assert "stages.merge.sweep varies 'alpha' too" in spec_error(write_job, text)

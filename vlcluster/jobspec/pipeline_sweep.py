@@ -242,7 +242,12 @@ class Expansion:
         """A gathering stage with one entry per element for each entry that reads copied stages."""
         for group in GATHERED_FIELDS:
             if isinstance(raw.get(group), dict):
-                raw[group] = dict(entry for label, value in raw[group].items() for entry in self.gathered_entry(label, value))
+                entries = [entry for label, value in raw[group].items() for entry in self.gathered_entry(label, value)]
+                labels = [label for label, _ in entries]
+                if len(set(labels)) < len(labels):
+                    twice = next(label for label in labels if labels.count(label) > 1)
+                    raise self.fail(f"{group}: the sweep makes the label {twice!r}, which is also written; rename that entry")
+                raw[group] = dict(entries)
         return raw
 
     def gathered_entry(self, label: str, value: Any) -> Iterator[tuple[str, Any]]:
