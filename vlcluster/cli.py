@@ -174,7 +174,7 @@ def cmd_status(args) -> int:
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
     for plan, status in zip(plans, run_status(graph, plans, records, run_dir).values()):
-        table.add_row(plan.name, plan.kind, status.job, status.state, status.detail)
+        table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
     console.print(table)
     return 0
 
@@ -208,7 +208,7 @@ def cmd_cancel(args) -> int:
     cancelled = [name for backend, group in by_backend.items() for name in get_backend(backend).cancel(run_dir, group)]
     for name in cancelled:
         stage_dir(run_dir, name).write_state(state="cancelled", cancelled=time.time())
-    console.print(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else ""))
+    console.print(escape(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else "")))
     return 0
 
 
