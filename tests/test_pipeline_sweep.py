@@ -335,3 +335,15 @@ def test_paper_recipe_renders_for_kubernetes():
     assert max(replicas for name, replicas in groups.items() if name.startswith("gpu8-")) == 6  # a pre-training stage
     job = yaml.safe_load(next(iter(objects["ConfigMap"]["data"].values())))
     assert job["sweep"]["zip"]["stages.seed.train.steps"] == [0, 50000, 100000, 150000]  # expanded on the head
+
+
+def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark():
+    small = build_graph(load_pipeline(REPO / "jobs/paper_study_small.yaml"), "small").pipeline.stages
+    full = build_graph(load_pipeline(REPO / PAPER), PAPER).pipeline.stages
+    assert len(small) == 169
+    assert {s.kind for s in full.values()} - {s.kind for s in small.values()} == {"import"}  # one data stage instead
+    steps = {name: s.train.steps for name, s in small.items() if name.startswith(("seed[", "vlpt["))}
+    assert sorted(steps.values()) == [0, 150, 150, 300, 300, 450, 450, 600]
+    assert {s.model.arch for s in small.values() if s.kind == "pretrain"} == {s.model.arch for s in full.values() if s.kind == "pretrain"}
+    assert sorted((s.method, s.source.split("[")[0]) for s in small.values() if s.kind == "merge") == \
+        sorted((s.method, s.source.split("[")[0]) for s in full.values() if s.kind == "merge")
