@@ -116,6 +116,9 @@ class Expansion:
             raise self.fail(f"sweep.{group}.{key}: no stage of that name (stages: {', '.join(self.pipeline.stages)})")
         stage = max(stages, key=len)  # a stage named "a.b" beside one named "a"
         path = rest[len(stage) + 1:]
+        if self.pipeline.stages[stage].kind in GATHERING_KINDS:
+            raise self.fail(f"sweep.{group}.{key}: a {self.pipeline.stages[stage].kind} stage gathers the copies of others "
+                            "and is never copied itself; sweep the stages it reads")
         if path.split(".")[0] in UNSWEPT:
             raise self.fail(f"sweep.{group}.{key}: {path!r} cannot be swept (only fields that change what the stage computes)")
         if path in (self.pipeline.stages[stage].sweep or {}):
