@@ -160,6 +160,20 @@ def test_a_stage_sweep_downstream_of_a_pipeline_sweep_keeps_one_bracket(write_jo
     assert set(graph.deps[later]) == {"data", VLPT[1], *(m for m in merges if "seed.train.steps=5," in m)}
 
 
+def test_after_between_zipped_stages_pairs_the_same_element(write_job):
+    text = """
+name: paired
+sweep: {zip: {stages.a.seed: [0, 1, 2], stages.b.seed: [5, 6, 7]}}
+stages:
+  a: {kind: data}
+  b: {kind: data, after: [a]}
+  c: {kind: data, after: [a]}
+"""
+    graph = graph_of(write_job, text)
+    assert graph.deps["b[b.seed=6]"] == ("a[a.seed=1]",)  # the same zip element, not every copy of a
+    assert graph.deps["c"] == ("a[a.seed=0]", "a[a.seed=1]", "a[a.seed=2]")  # shared: after all of them
+
+
 def test_a_copy_can_be_named_to_build_on_one_element(write_job):
     text = ZIPPED + '  attn: {kind: pretrain, model: {arch: custom_attn}, init: {from: "seed[seed.train.steps=5]"}, data: {from: data}, train: {steps: 5}}\n'
     graph = graph_of(write_job, text)

@@ -25,7 +25,7 @@ A stage that reads many others side by side (the report; ``gathers`` in
 ``kinds.py``) is never copied: each of its rows and mergeability points that
 reads copied stages becomes one entry per element, labelled ``label [...]``.
 ``after:`` carries no values: a copy waits for the copies of its ``after``
-stages that agree with it, a shared stage for all of them. A copy's own name
+stages that agree with it (the same zip element), a shared stage for all of them. A copy's own name
 can be used as a reference (``init: {from: "seed[seed.train.steps=100000]"}``)
 to build on one element only.
 """
@@ -234,12 +234,19 @@ class Expansion:
 
         if not self.reach.get(target):
             return [target]
-        names = [self.name(target, other) for other in self.assignments(self.reach[target])
-                 if all(assignment.get(key, value) == value for key, value in other.items())]
+        names = [self.name(target, other) for other in self.assignments(self.reach[target]) if self.consistent(assignment, other)]
         own = self.pipeline.stages[target].sweep
         if not own:
             return names
         return [sweep_element_name(name, dict(zip(own, values))) for name in names for values in itertools.product(*own.values())]
+
+    def consistent(self, one: Assignment, other: Assignment) -> bool:
+        """Whether some element of the sweep gives both (zipped values agree only within one element)."""
+        both = {**one, **other}
+        if any(one[key] != other[key] for key in one.keys() & other.keys()):
+            return False
+        return all(any(all(both[key] == value for key, value in element.items() if key in both) for element in axis)
+                   for axis in self.axes)
 
     def gathered(self, raw: dict) -> dict:
         """A gathering stage with one entry per element for each entry that reads copied stages."""
