@@ -188,6 +188,8 @@ def test_a_copy_can_be_named_to_build_on_one_element(write_job):
     ("{zip: {stages.seed.train.steps: [5, -1]}}", "sweep.zip.stages.seed.train.steps[1]: -1 gives stages.seed.train.steps: Input should be greater than or equal to 0"),
     ("{product: {stages.seed.resources.nodes: [1, 2]}}", "sweep.product.stages.seed.resources.nodes: 'resources.nodes' cannot be swept"),
     ("{product: {stages.vlpt.init.from: [data, maa]}}", "sweep.product.stages.vlpt.init.from: a reference to another stage cannot be swept"),
+    ("{product: {stages.seed.model.size: [tiny, 2024-01-01]}}",  # YAML reads a date: one clear error, no traceback
+     "sweep.product.stages.seed.model.size[1]: \"2024-01-01\" gives stages.seed.model.size: Input should be"),
     ("{product: {stages.table.title: [a, b]}}", "sweep.product.stages.table.title: a report stage gathers the copies of others"),
     ("{product: {seed.train.steps: [1]}}", "product.seed.train.steps: expected stages.STAGE.FIELD"),
     ("{zip: {stages.seed.train.steps: []}}", "zip.stages.seed.train.steps: no values"),

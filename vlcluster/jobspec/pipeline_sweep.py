@@ -101,8 +101,6 @@ class Expansion:
         self.upstream = self.model_upstream()
         self.reach = {name: [key for key, f in self.fields.items() if f.stage == name or f.stage in self.upstream[name]]
                       for name in pipeline.stages}
-        for key in self.fields:
-            self.check_field(key)
 
     # ---- the fields ----------------------------------------------------------
 
@@ -141,7 +139,7 @@ class Expansion:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-                raise self.fail(f"sweep.{group}.{key}[{index}]: {json.dumps(value)} gives stages.{field.stage}."
+                raise self.fail(f"sweep.{group}.{key}[{index}]: {json.dumps(value, default=str)} gives stages.{field.stage}."
                                 f"{format_location(first['loc'])}: {message}") from None
             if references(changed) != references(stage):
                 raise self.fail(f"sweep.{group}.{key}: a reference to another stage cannot be swept; "
@@ -289,6 +287,8 @@ class Expansion:
             sizes = ", ".join(f"{name} x{self.copy_count(name) * max(stage_sweep_size(stage), 1)}"
                               for name, stage in self.pipeline.stages.items() if self.copy_count(name) > 1 or stage.sweep)
             raise self.fail(f"the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
+        for key in self.fields:  # after the cap: a sweep too large is refused before its values are validated
+            self.check_field(key)
         stages = dict(copy_ for name in self.pipeline.stages for copy_ in self.copies(name))
         payload = self.pipeline.model_dump(mode="json", by_alias=True, exclude={"stages", "sweep"})
         return validate({**payload, "stages": stages}, self.source)
