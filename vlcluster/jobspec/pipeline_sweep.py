@@ -177,7 +177,7 @@ class Expansion:
             for element in axis:
                 part = {key: element[key] for key in keys if key in element}
                 if part:
-                    parts.setdefault(json.dumps(part, sort_keys=True), part)
+                    parts.setdefault(json.dumps(part, sort_keys=True, default=str), part)
             if parts:
                 per_axis.append(list(parts.values()))
         return per_axis
