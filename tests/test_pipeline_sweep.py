@@ -272,8 +272,13 @@ PAPER = "jobs/paper_recipe.yaml"
 K_SEEDS = ((0, 200000), (50000, 150000), (100000, 100000), (150000, 50000))
 
 
-def test_paper_recipe_plans_the_whole_study():
-    graph = build_graph(load_pipeline(REPO / PAPER), PAPER)
+@pytest.fixture(scope="module")
+def paper_graph():
+    return build_graph(load_pipeline(REPO / PAPER), PAPER)
+
+
+def test_paper_recipe_plans_the_whole_study(paper_graph):
+    graph = paper_graph
     stages = graph.pipeline.stages
     for k_seed, k_vl in K_SEEDS:
         seed, vlpt = stages[f"seed[seed.train.steps={k_seed}]"], stages[f"vlpt[seed.train.steps={k_seed},vlpt.train.steps={k_vl}]"]
@@ -354,9 +359,9 @@ def test_paper_recipe_renders_for_kubernetes():
     assert job["sweep"]["zip"]["stages.seed.train.steps"] == [0, 50000, 100000, 150000]  # expanded on the head
 
 
-def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark():
+def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark(paper_graph):
     small = build_graph(load_pipeline(REPO / "jobs/paper_study_small.yaml"), "small").pipeline.stages
-    full = build_graph(load_pipeline(REPO / PAPER), PAPER).pipeline.stages
+    full = paper_graph.pipeline.stages
     assert len(small) == 169
     assert {s.kind for s in full.values()} - {s.kind for s in small.values()} == {"import"}  # one data stage instead
     steps = {name: s.train.steps for name, s in small.items() if name.startswith(("seed[", "vlpt["))}
