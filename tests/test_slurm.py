@@ -201,3 +201,59 @@ def test_gated_merge_shows_gated_and_blocks_its_dependants_on_slurm(write_job, t
     assert states[job_id(run_dir, "merge")].state == "FAILED"
     assert states[job_id(run_dir, "after_merge")].state == "CANCELLED"  # --kill-on-invalid-dep: never started
     assert_gated_status(run_dir)
+
+
+# A pipeline sweep: each copy of `specific` reads the data copy of its own element.
+ZIPPED = """
+name: zipped
+sweep:
+  zip:
+    stages.data.seed: [0, 1]
+    stages.specific.train.seed: [0, 1]
+stages:
+  data: {kind: data, n_train: 16, n_val: 8, shard_size: 16}
+  specific:
+    kind: pretrain
+    model: {arch: specific}
+    data: {from: data}
+    train: {steps: 0, batch_size: 8}
+    resources: {procs_per_node: 1}
+  one_task: {kind: data, n_train: 16, n_val: 8, shard_size: 16, after: ["data[data.seed=1]"]}
+"""
+
+
+def test_zipped_copies_are_arrays_each_task_after_its_own_element(write_job, tmp_path):
+    """aftercorr on a real SLURM: task i of the `specific` array starts after
+    task i of the `data` array; a job after one element waits for that task
+    only (afterok:<array>_<task>); 0 steps write the initial weights (every
+    expert the same, as a K_seed = 0 model starts)."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    result = submit(str(write_job(ZIPPED)), run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = ["data[data.seed=0]", "data[data.seed=1]"]
+    specific = ["specific[data.seed=0,specific.train.seed=0]", "specific[data.seed=1,specific.train.seed=1]"]
+    states = wait_until_finished(run_dir, [*data, *specific, "one_task"], timeout=300)
+    assert {state.state for state in states.values()} == {"COMPLETED"}
+    data_ids, specific_ids = [job_id(run_dir, s) for s in data], [job_id(run_dir, s) for s in specific]
+    script = (run_dir / "slurm" / "specific" / f"{specific_ids[0].split('_')[0]}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=aftercorr:{data_ids[0].split('_')[0]}\n" in script
+    script = (run_dir / "slurm" / "one_task" / f"{job_id(run_dir, 'one_task')}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{data_ids[1]}\n" in script
+    times = sacct_times([*data_ids, *specific_ids, job_id(run_dir, "one_task")])
+    for data_id, specific_id in zip(data_ids, specific_ids):
+        assert times[specific_id][0] >= times[data_id][1]
+    assert times[job_id(run_dir, "one_task")][0] >= times[data_ids[1]][1]
+    weights = [load_file(run_dir / name / "model.safetensors") for name in specific]
+    for state in weights:
+        experts = {key: tensor for key, tensor in state.items() if ".v." in key}
+        assert experts and all(torch_equal(tensor, state[key.replace(".v.", ".l.")]) for key, tensor in experts.items())
+    assert not torch_equal(weights[0]["layers.0.attn.v.qkv.weight"], weights[1]["layers.0.attn.v.qkv.weight"])
+    assert read_json(run_dir / specific[0] / "result.json")["steps"] == 0
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

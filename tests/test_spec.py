@@ -55,7 +55,7 @@ def test_override_creates_nested_mappings(write_job):
         ("stages.seed.train.steps=many", "stages.seed.train.steps: Input should be a valid integer"),
         ("stages.seed.kind=pretrian", "stages.seed: unknown stage kind 'pretrian'"),
         ("stages.seed.model.arch=wide", "stages.seed.model.arch: Input should be"),
-        ("stages.seed.train.steps=0", "stages.seed.train.steps: Input should be greater than 0"),
+        ("stages.seed.train.steps=-1", "stages.seed.train.steps: Input should be greater than or equal to 0"),
     ],
 )
 def test_errors_name_file_and_field(write_job, override, expected):

@@ -36,9 +36,9 @@ def print_plan(graph, plans, run_dir: Path) -> None:
 
     table = Table(title=f"{graph.pipeline.name} -> {redact(str(run_dir))}", title_justify="left")
     for column in ("stage", "kind", "after", "ranks", "action"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # whole names, however long a sweep makes them
     for plan in plans:
-        table.add_row(plan.name, plan.kind, ", ".join(plan.deps) or "-", f"{plan.nodes}x{plan.ranks // plan.nodes}", plan.describe())
+        table.add_row(escape(plan.name), plan.kind, escape(", ".join(plan.deps)) or "-", f"{plan.nodes}x{plan.ranks // plan.nodes}", plan.describe())
     console.print(table)
 
 
@@ -79,7 +79,7 @@ def cmd_plan(args) -> int:
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     print_plan(graph, make_plan(graph, run_dir), run_dir)
     for line in resolved_details(graph):
-        console.print(f"  {line}")
+        console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
     try:
         check_inputs(graph, args.file, include_remote=False)
     except SpecError as exc:  # plan still shows everything; submit refuses
@@ -174,7 +174,7 @@ def cmd_status(args) -> int:
     for column in ("stage", "kind", "job", "state", "detail"):
         table.add_column(column)
     for plan, status in zip(plans, run_status(graph, plans, records, run_dir).values()):
-        table.add_row(plan.name, plan.kind, status.job, status.state, status.detail)
+        table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
     console.print(table)
     return 0
 
@@ -208,7 +208,7 @@ def cmd_cancel(args) -> int:
     cancelled = [name for backend, group in by_backend.items() for name in get_backend(backend).cancel(run_dir, group)]
     for name in cancelled:
         stage_dir(run_dir, name).write_state(state="cancelled", cancelled=time.time())
-    console.print(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else ""))
+    console.print(escape(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else "")))
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
+from vlcluster.jobspec.pipeline_sweep import expand_pipeline_sweep
 
 
 # Which kinds each reference field may point at.
@@ -54,7 +55,9 @@ def sweep_base(name: str) -> str:
 
 
 def sweep_element_name(base: str, assignment: dict[str, Any]) -> str:
-    return base + "[" + ",".join(f"{key}={json.dumps(value)}" for key, value in assignment.items()) + "]"
+    """``merge[alpha=0.25]``; a copy made by the pipeline sweep keeps one bracket: ``merge[k=1,alpha=0.25]``."""
+    values = ",".join(f"{key}={json.dumps(value)}" for key, value in assignment.items())
+    return f"{base[:-1]},{values}]" if base.endswith("]") else f"{base}[{values}]"
 
 
 def _set_path(raw: dict, path: str, value: Any) -> None:
@@ -76,7 +79,9 @@ def sweep_size(stage) -> int:
 def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
     """Replace every stage with a ``sweep`` by one stage per combination of
     its values, named ``base[key=value,...]``, each with its own directory
-    and spec hash; every backend then runs them as ordinary stages."""
+    and spec hash; every backend then runs them as ordinary stages. The
+    pipeline's own ``sweep`` (``jobspec/pipeline_sweep.py``) is applied first."""
+    pipeline = expand_pipeline_sweep(pipeline, source)
     if not any(stage.sweep for stage in pipeline.stages.values()):
         return pipeline
     total = sum(max(sweep_size(stage), 1) for stage in pipeline.stages.values())

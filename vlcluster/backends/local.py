@@ -48,14 +48,14 @@ class LocalBackend:
         failed: set[str] = set()
         with run_lock(run_dir):
             for index, plan in enumerate(plans, start=1):
-                prefix = f"[{index}/{len(plans)}] {plan.name}"
+                prefix = escape(f"[{index}/{len(plans)}] {plan.name}")  # sweep elements are named stage[key=value]
                 blocked = [dep for dep in graph.upstream(plan.name) if dep in failed]
                 if not plan.runs:
                     self.console.print(f"[dim]{prefix}: skipped (done)[/]")
                 elif blocked:
                     failed.add(plan.name)
                     stage_dir(run_dir, plan.name).write_state(state="blocked", blocked_by=sorted(blocked))
-                    self.console.print(f"[yellow]{prefix}: not started, upstream failed: {', '.join(sorted(blocked))}[/]")
+                    self.console.print(f"[yellow]{prefix}: not started, upstream failed: {escape(', '.join(sorted(blocked)))}[/]")
                 elif not self.run_stage(plan, run_dir, prefix):
                     failed.add(plan.name)
         return not failed

@@ -7,8 +7,12 @@ at once and no driver process stays alive.
   ``local``) give nodes, GPUs, CPUs, memory and time.
 - Training stages run one task per node; the task starts torchrun with the
   rendezvous on the first host of the allocation (``slurm_job.py``).
-- The elements of a sweep are one job array; a stage after any element
-  waits for the whole array (``afterok:<array id>``).
+- The elements of a sweep (and the copies a pipeline sweep makes of a stage)
+  are one job array. A dependant waits for the tasks it reads
+  (``afterok:<array id>_<task>``, or the array id when it reads them all); an
+  array whose every task reads the same-numbered task of another waits with
+  ``aftercorr:<array id>``, so element 2 of ``vlpt`` starts as soon as element
+  2 of ``seed`` is done.
 - ``--kill-on-invalid-dep=yes``: a failed job's dependants are cancelled,
   never started.
 - Stages already done are not submitted; the job id of every submitted stage
@@ -115,10 +119,18 @@ def comment(text: str) -> str:
     return "# " + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
-def dependency_flag(job_ids: list[str]) -> dict:
-    if not job_ids:
+def dependency_flag(job_ids: list[str], corresponding: list[str] = ()) -> dict:
+    """``afterok`` on whole jobs or array tasks, ``aftercorr`` on arrays read task by task (both must hold)."""
+    parts = [f"{kind}:" + ":".join(dict.fromkeys(ids)) for kind, ids in (("afterok", job_ids), ("aftercorr", corresponding)) if ids]
+    if not parts:
         return {}
-    return {"dependency": "afterok:" + ":".join(dict.fromkeys(job_ids)), "kill-on-invalid-dep": "yes"}
+    return {"dependency": ",".join(parts), "kill-on-invalid-dep": "yes"}
+
+
+def split_task(job_id: str) -> tuple[str, int | None]:
+    """``"123_4"`` -> ("123", 4): a task of an array; ``"123"`` -> ("123", None)."""
+    head, sep, tail = job_id.rpartition("_")
+    return (head, int(tail)) if sep and tail.isdigit() else (job_id, None)
 
 
 class SlurmBackend:
@@ -145,10 +157,10 @@ class SlurmBackend:
     def folder(self, run_dir: Path, unit: Unit) -> Path:
         return local_side(run_dir).resolve() / "slurm" / unit.base  # submitit's pickles and logs: a file system
 
-    def parameters(self, graph: Graph, unit: Unit, deps: list[str]) -> dict:
+    def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str]) -> dict:
         spec = graph.pipeline.stages[unit.plans[0].name]
         params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.base}")
-        params["additional_parameters"].update(dependency_flag(deps))
+        params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted)))
         return params
 
     def python_for(self, graph: Graph, unit: Unit) -> str:
@@ -165,15 +177,29 @@ class SlurmBackend:
             for plan in unit.plans
         ]
 
-    def upstream_jobs(self, graph: Graph, unit: Unit, submitted: dict[str, str]) -> list[str]:
-        """Job ids this unit waits for; an element of an array stands for the
-        whole array (afterok on an array id waits for every task)."""
-        ids = []
-        for plan in unit.plans:
+    @staticmethod
+    def upstream_jobs(graph: Graph, unit: Unit, submitted: dict[str, str]) -> tuple[list[str], list[str]]:
+        """What this unit waits for: job ids and array tasks (``afterok``), and
+        arrays whose task i the unit's task i reads (``aftercorr``)."""
+        whole: list[str] = []
+        read: dict[str, list[set[int]]] = {}  # array id -> the tasks each element of the unit reads
+        for index, plan in enumerate(unit.plans):
             for dep in graph.deps[plan.name]:
                 if dep in submitted:
-                    ids.append(submitted[dep].split("_")[0])
-        return ids
+                    job, task = split_task(submitted[dep])
+                    if task is None:
+                        whole.append(job)
+                    else:
+                        read.setdefault(job, [set() for _ in unit.plans])[index].add(task)
+        corresponding: list[str] = []
+        for job, per_element in read.items():
+            if unit.is_array and all(tasks == {index} for index, tasks in enumerate(per_element)):
+                corresponding.append(job)
+                continue
+            tasks = set().union(*per_element)
+            every = {task for array, task in map(split_task, submitted.values()) if array == job}
+            whole += [job] if tasks == every else [f"{job}_{task}" for task in sorted(tasks)]
+        return whole, corresponding
 
     # ---- dry run ---------------------------------------------------------------
 
@@ -185,9 +211,9 @@ class SlurmBackend:
 
         out, submitted = [], {}
         for unit in submission_units(plans):
-            params = self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted))
-            for plan in unit.plans:
-                submitted[plan.name] = f"<job:{unit.base}>"
+            params = self.parameters(graph, unit, submitted)
+            for index, plan in enumerate(unit.plans):
+                submitted[plan.name] = f"<job:{unit.base}>_{index}" if unit.is_array else f"<job:{unit.base}>"
             folder = self.folder(run_dir, unit)
             if unit.is_array:
                 params["map_count"] = len(unit.plans)
@@ -217,7 +243,7 @@ class SlurmBackend:
         for index, unit in enumerate(submission_units(plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
                                               python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
-            executor.update_parameters(**self.parameters(graph, unit, self.upstream_jobs(graph, unit, submitted)))
+            executor.update_parameters(**self.parameters(graph, unit, submitted))
             jobs = self.jobs(graph, unit, run_dir)
             if unit.is_array:
                 with executor.batch():

@@ -18,6 +18,7 @@ class StageKind:
     distributed: bool = False  # started under torchrun, one process per rank
     trains: bool = False  # a training stage (train/checkpoint/init settings)
     makes_model: bool = False  # writes a checkpoint other stages may start from or merge
+    gathers: bool = False  # reads many stages side by side: a pipeline sweep adds rows to it, never copies it
 
 
 KINDS: dict[str, StageKind] = {
@@ -29,13 +30,14 @@ KINDS: dict[str, StageKind] = {
     "merge": StageKind("vlcluster.merge.apply:run_merge_stage", makes_model=True),
     "metrics": StageKind("vlcluster.metrics.stage:run_metrics_stage"),
     "eval": StageKind("vlcluster.tasks.evaluate:run_eval_stage"),
-    "report": StageKind("vlcluster.report:run_report_stage"),
+    "report": StageKind("vlcluster.report:run_report_stage", gathers=True),
 }
 
 STAGE_KINDS = tuple(KINDS)
 TRAINING_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.trains)
 DISTRIBUTED_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.distributed)
 MODEL_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.makes_model)
+GATHERING_KINDS = frozenset(kind for kind, entry in KINDS.items() if entry.gathers)
 
 
 def runner(kind: str) -> Callable:

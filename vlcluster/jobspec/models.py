@@ -163,7 +163,7 @@ class LossWeights(Strict):
 
 
 class TrainSpec(Strict):
-    steps: int = Field(gt=0)
+    steps: int = Field(ge=0, description="0: no training, the stage writes its initial weights (e.g. K_seed = 0 in a sweep over the seed length)")
     batch_size: int = Field(64, gt=0, description="global batch over all ranks")
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -475,11 +475,32 @@ class ClusterProfile(Strict):
     sbatch: dict[str, str | int | bool] = Field(default_factory=dict, description="further sbatch flags")
 
 
+class PipelineSweep(Strict):
+    """Fields of several stages varied together (``vlcluster/jobspec/pipeline_sweep.py``):
+    each key is ``stages.STAGE.FIELD``; a stage runs once per combination of the
+    values that reach it, with everything downstream of it."""
+
+    zip: dict[str, list[Any]] = Field(
+        default_factory=dict, description="fields that vary together: the i-th element takes the i-th value of each"
+    )
+    product: dict[str, list[Any]] = Field(default_factory=dict, description="fields that each vary on their own")
+
+    @model_validator(mode="after")
+    def _axes(self) -> PipelineSweep:
+        from vlcluster.jobspec.pipeline_sweep import sweep_problems
+
+        problems = sweep_problems(self.zip, self.product)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Pipeline(Strict):
     name: str
     run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
     storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
     stages: dict[str, Stage]
+    sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
 
     @field_validator("stages")
     @classmethod

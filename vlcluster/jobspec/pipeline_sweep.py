@@ -1,0 +1,325 @@
+"""A sweep over the whole pipeline: fields of several stages varied together.
+
+A stage's own ``sweep`` varies that stage alone, and nothing downstream can
+follow its elements. The paper's K_seed study cannot be written that way: the
+seed and the VL stage change together (K_seed + K_VL = 200k), and every merge,
+fine-tune and eval must follow each pair. The top-level ``sweep`` does::
+
+    sweep:
+      zip:                                  # vary together: element i takes the i-th values
+        stages.seed.train.steps: [0, 50000, 100000, 150000]
+        stages.vlpt.train.steps: [200000, 150000, 100000, 50000]
+      product:                              # each field an axis of its own
+        stages.merge.alpha: [0.25, 0.75]
+
+The elements are the cross product of the axes (the zip is one axis). A stage
+is copied once per distinct combination of the swept values that *reach* it:
+the fields of its own and of every stage it reads a model or data from
+(``init.from``, ``data.from``, ``source``, ``seed``, ``grams``, ...), directly or
+not. A copy is named ``vlpt[seed.train.steps=50000,vlpt.train.steps=150000]``
+and reads the matching copies upstream; a stage no swept field reaches is
+shared by every element. So ``seed`` above has 4 copies, ``vlpt`` 4 and
+``merge`` 8, and the data stage stays one.
+
+A stage that reads many others side by side (the report; ``gathers`` in
+``kinds.py``) is never copied: each of its rows and mergeability points that
+reads copied stages becomes one entry per element, labelled ``label [...]``.
+``after:`` carries no values: a copy waits for the copies of its ``after``
+stages that agree with it (the same zip element), a shared stage for all of them. A copy's own name
+can be used as a reference (``init: {from: "seed[seed.train.steps=100000]"}``)
+to build on one element only.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from vlcluster.jobspec.kinds import GATHERING_KINDS
+from vlcluster.jobspec.load import SpecError, format_location, validate
+from vlcluster.jobspec.models import Pipeline
+
+PREFIX = "stages."
+# What a sweep may not vary: how a stage runs or what it waits for, not what it computes.
+UNSWEPT = {"kind", "sweep", "after", "resources"}
+# The labelled references of a gathering stage (the report's rows and mergeability points).
+GATHERED_FIELDS = ("rows", "mergeability")
+
+
+def sweep_problems(zipped: dict[str, list], product: dict[str, list]) -> list[str]:
+    """What is wrong with the axes of a pipeline sweep as written (stages are checked on expansion)."""
+    problems = [] if zipped or product else ["give 'zip' (fields that vary together) and/or 'product' (fields that vary alone)"]
+    for group, fields in (("zip", zipped), ("product", product)):
+        for key, values in fields.items():
+            if not key.startswith(PREFIX) or key.count(".") < 2:
+                problems.append(f"{group}.{key}: expected stages.STAGE.FIELD, e.g. stages.seed.train.steps")
+            elif not values:
+                problems.append(f"{group}.{key}: no values")
+    problems += [f"product.{key}: also in zip; a field is swept once" for key in zipped if key in product]
+    lengths = {key: len(values) for key, values in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        first = next(iter(lengths))
+        problems += [
+            f"zip.{key}: {count} values, but zip.{first} has {lengths[first]}; zipped fields vary together and need as many values each"
+            for key, count in lengths.items() if count != lengths[first]
+        ]
+    return problems
+
+
+@dataclass(frozen=True)
+class SweptField:
+    key: str  # as written: stages.seed.train.steps
+    stage: str
+    path: str  # within the stage: train.steps
+
+    @property
+    def label(self) -> str:
+        """How the field appears in a copy's name: ``seed.train.steps``."""
+        return self.key[len(PREFIX):]
+
+
+Assignment = dict[str, Any]  # swept key -> value
+
+
+class Expansion:
+    """One pipeline sweep applied to one pipeline."""
+
+    def __init__(self, pipeline: Pipeline, source: str):
+        self.pipeline, self.source = pipeline, source
+        sweep = pipeline.sweep
+        self.fields = {key: self.resolve(group, key) for group, keys in (("zip", sweep.zip), ("product", sweep.product)) for key in keys}
+        # An axis is the list of its elements; the zip is one axis, each product field another.
+        zipped = [dict(zip(sweep.zip, values)) for values in zip(*sweep.zip.values())]
+        self.axes: list[list[Assignment]] = [zipped] * bool(zipped) + [[{key: value} for value in values] for key, values in sweep.product.items()]
+        self.upstream = self.model_upstream()
+        self.reach = {name: [key for key, f in self.fields.items() if f.stage == name or f.stage in self.upstream[name]]
+                      for name in pipeline.stages}
+
+    # ---- the fields ----------------------------------------------------------
+
+    def fail(self, message: str) -> SpecError:
+        return SpecError(f"{self.source}: {message}")
+
+    def resolve(self, group: str, key: str) -> SweptField:
+        rest = key[len(PREFIX):]
+        stages = [name for name in self.pipeline.stages if rest.startswith(name + ".")]
+        if not stages:
+            raise self.fail(f"sweep.{group}.{key}: no stage of that name (stages: {', '.join(self.pipeline.stages)})")
+        stage = max(stages, key=len)  # a stage named "a.b" beside one named "a"
+        path = rest[len(stage) + 1:]
+        if self.pipeline.stages[stage].kind in GATHERING_KINDS:
+            raise self.fail(f"sweep.{group}.{key}: a {self.pipeline.stages[stage].kind} stage gathers the copies of others "
+                            "and is never copied itself; sweep the stages it reads")
+        if path.split(".")[0] in UNSWEPT:
+            raise self.fail(f"sweep.{group}.{key}: {path!r} cannot be swept (only fields that change what the stage computes)")
+        if path in (self.pipeline.stages[stage].sweep or {}):
+            raise self.fail(f"sweep.{group}.{key}: stages.{stage}.sweep varies {path!r} too; sweep a field once")
+        return SweptField(key, stage, path)
+
+    def check_field(self, key: str) -> None:
+        """Every value must give a valid stage that reads the same stages (a reference is not swept)."""
+        from vlcluster.graph import references
+
+        field = self.fields[key]
+        stage = self.pipeline.stages[field.stage]
+        group = "zip" if key in self.pipeline.sweep.zip else "product"
+        values = self.pipeline.sweep.zip.get(key) or self.pipeline.sweep.product[key]
+        for index, value in enumerate(values):
+            raw = stage_raw(stage)
+            set_path(raw, field.path, value)
+            try:
+                changed = type(stage).model_validate(raw)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+                raise self.fail(f"sweep.{group}.{key}[{index}]: {json.dumps(value, default=str)} gives stages.{field.stage}."
+                                f"{format_location(first['loc'])}: {message}") from None
+            if references(changed) != references(stage):
+                raise self.fail(f"sweep.{group}.{key}: a reference to another stage cannot be swept; "
+                                "write one stage per input (or sweep the input stage itself)")
+
+    def model_upstream(self) -> dict[str, set[str]]:
+        """Every stage each stage reads a model or data from, directly or not (``after`` and gathering stages excluded)."""
+        from vlcluster.graph import references
+
+        stages = self.pipeline.stages
+        parents = {name: [] if stage.kind in GATHERING_KINDS else [r.target for r in references(stage) if r.target in stages]
+                   for name, stage in stages.items()}
+        upstream: dict[str, set[str]] = {}
+
+        def visit(name: str, path: tuple[str, ...]) -> set[str]:
+            if name not in upstream:
+                found: set[str] = set()
+                for parent in parents[name]:
+                    if parent not in path:  # a cycle: the graph reports it after expansion
+                        found |= {parent} | visit(parent, (*path, name))
+                upstream[name] = found
+            return upstream[name]
+
+        for name in stages:
+            visit(name, ())
+        return upstream
+
+    # ---- the copies ----------------------------------------------------------
+
+    def distinct_parts(self, keys: list[str]) -> list[list[Assignment]]:
+        """Per axis holding any of ``keys``: the distinct values its elements give them, in the order written."""
+        per_axis = []
+        for axis in self.axes:
+            parts = {}
+            for element in axis:
+                part = {key: element[key] for key in keys if key in element}
+                if part:
+                    parts.setdefault(json.dumps(part, sort_keys=True, default=str), part)
+            if parts:
+                per_axis.append(list(parts.values()))
+        return per_axis
+
+    def assignments(self, keys: list[str]) -> list[Assignment]:
+        """The distinct combinations of these keys' values over all elements."""
+        ordered = [key for key in self.fields if key in keys]
+        combined = ({key: value for part in combo for key, value in part.items()} for combo in itertools.product(*self.distinct_parts(keys)))
+        return [{key: values[key] for key in ordered} for values in combined]
+
+    def copy_count(self, name: str) -> int:
+        if not self.reach[name] or self.pipeline.stages[name].kind in GATHERING_KINDS:
+            return 1
+        return math.prod(len(parts) for parts in self.distinct_parts(self.reach[name]))
+
+    def name(self, stage: str, assignment: Assignment) -> str:
+        """``stage`` itself when no swept field reaches it, else its copy for ``assignment``."""
+        keys = self.reach.get(stage)
+        if not keys:
+            return stage
+        return stage + "[" + suffix(self.fields, {key: assignment[key] for key in keys}) + "]"
+
+    def copies(self, name: str) -> Iterator[tuple[str, dict]]:
+        stage = self.pipeline.stages[name]
+        if stage.kind in GATHERING_KINDS:
+            yield name, self.gathered(stage_raw(stage))
+            return
+        if not self.reach[name]:
+            yield name, stage_raw(stage)
+            return
+        for assignment in self.assignments(self.reach[name]):
+            raw = stage_raw(stage)
+            for key, value in assignment.items():
+                if self.fields[key].stage == name:
+                    set_path(raw, self.fields[key].path, value)
+            self.point_upstream(stage, raw, assignment)
+            yield self.name(name, assignment), raw
+
+    def point_upstream(self, stage, raw: dict, assignment: Assignment) -> None:
+        """References of a copy lead to the copies of the same element."""
+        from vlcluster.graph import references
+
+        for ref in references(stage):
+            if self.reach.get(ref.target):
+                set_path(raw, ref.field, self.name(ref.target, assignment))
+        if "after" in raw:
+            raw["after"] = [name for target in raw["after"] for name in self.agreeing(target, assignment)]
+
+    def agreeing(self, target: str, assignment: Assignment) -> list[str]:
+        """The copies of ``target`` that agree with ``assignment`` (each element of them when ``target`` has a sweep of its own)."""
+        from vlcluster.graph import sweep_element_name
+
+        if not self.reach.get(target):
+            return [target]
+        names = [self.name(target, other) for other in self.assignments(self.reach[target]) if self.consistent(assignment, other)]
+        own = self.pipeline.stages[target].sweep
+        if not own:
+            return names
+        return [sweep_element_name(name, dict(zip(own, values))) for name in names for values in itertools.product(*own.values())]
+
+    def consistent(self, one: Assignment, other: Assignment) -> bool:
+        """Whether some element of the sweep gives both (zipped values agree only within one element)."""
+        both = {**one, **other}
+        if any(one[key] != other[key] for key in one.keys() & other.keys()):
+            return False
+        return all(any(all(both[key] == value for key, value in element.items() if key in both) for element in axis)
+                   for axis in self.axes)
+
+    def gathered(self, raw: dict) -> dict:
+        """A gathering stage with one entry per element for each entry that reads copied stages."""
+        for group in GATHERED_FIELDS:
+            if isinstance(raw.get(group), dict):
+                entries = [entry for label, value in raw[group].items() for entry in self.gathered_entry(label, value)]
+                labels = [label for label, _ in entries]
+                if len(set(labels)) < len(labels):
+                    twice = next(label for label in labels if labels.count(label) > 1)
+                    raise self.fail(f"{group}: the sweep makes the label {twice!r}, which is also written; rename that entry")
+                raw[group] = dict(entries)
+        return raw
+
+    def gathered_entry(self, label: str, value: Any) -> Iterator[tuple[str, Any]]:
+        targets = [value] if isinstance(value, str) else list(value.values()) if isinstance(value, dict) else list(value)
+        keys = sorted({key for target in targets if isinstance(target, str) for key in self.reach.get(target, [])},
+                      key=list(self.fields).index)
+        if not keys:
+            yield label, value
+            return
+        for assignment in self.assignments(keys):
+            yield f"{label} [{suffix(self.fields, assignment)}]", self.renamed(value, assignment)
+
+    def renamed(self, value: str | list | dict, assignment: Assignment) -> str | list | dict:
+        """An entry's references (one, a list, or a mapping of them) with copies for ``assignment``."""
+        if isinstance(value, list):
+            return [self.name(item, assignment) for item in value]
+        if isinstance(value, dict):
+            return {key: self.name(item, assignment) for key, item in value.items()}
+        return self.name(value, assignment)
+
+    def stage_total(self) -> int:
+        return sum(self.copy_count(name) * max(stage_sweep_size(stage), 1) for name, stage in self.pipeline.stages.items())
+
+    def expand(self) -> Pipeline:
+        from vlcluster.graph import MAX_STAGES
+
+        total = self.stage_total()
+        if total > MAX_STAGES:
+            sizes = ", ".join(f"{name} x{self.copy_count(name) * max(stage_sweep_size(stage), 1)}"
+                              for name, stage in self.pipeline.stages.items() if self.copy_count(name) > 1 or stage.sweep)
+            raise self.fail(f"the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
+        for key in self.fields:  # after the cap: a sweep too large is refused before its values are validated
+            self.check_field(key)
+        stages = dict(copy_ for name in self.pipeline.stages for copy_ in self.copies(name))
+        payload = self.pipeline.model_dump(mode="json", by_alias=True, exclude={"stages", "sweep"})
+        return validate({**payload, "stages": stages}, self.source)
+
+
+def suffix(fields: dict[str, SweptField], assignment: Assignment) -> str:
+    return ",".join(f"{fields[key].label}={json.dumps(value)}" for key, value in assignment.items())
+
+
+def stage_raw(stage) -> dict:
+    raw = stage.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    raw["kind"] = stage.kind
+    return copy.deepcopy(raw)
+
+
+def stage_sweep_size(stage) -> int:
+    return math.prod(len(values) for values in (stage.sweep or {}).values()) if stage.sweep else 0
+
+
+def set_path(raw: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = raw.get(key)
+        if not isinstance(child, dict):
+            child = raw[key] = {}
+        raw = child
+    raw[keys[-1]] = value
+
+
+def expand_pipeline_sweep(pipeline: Pipeline, source: str) -> Pipeline:
+    """The pipeline with its top-level ``sweep`` applied (stage sweeps are left for the graph)."""
+    if pipeline.sweep is None:
+        return pipeline
+    return Expansion(pipeline, source).expand()
