@@ -127,3 +127,23 @@ def test_a_record_that_does_not_fit_leaves_no_temp_file(small_disk):
         write_bytes(disk / "state.json", b"x" * (LIMIT + 1))
     assert str(disk / "state.json") in disk_full(info.value)
     assert sorted(p.name for p in disk.iterdir()) == ["state.json"] and (disk / "state.json").read_bytes() == b"{}"
+
+
+def test_submit_on_a_full_disk_ends_failed_with_the_reason(small_disk, write_job):
+    """The data stage fills the disk: submit reports it in one paragraph,
+    ``status`` says failed (not interrupted) with the reason, and no temp
+    file is left in the run directory."""
+    disk, preexec = small_disk
+    if preexec is not None:
+        pytest.skip("needs the tmpfs: the submit itself must meet the full disk")
+    job = write_job("name: t\nstages:\n  data: {kind: data, n_train: 4000, n_val: 10, shard_size: 400}\n")
+    run_dir = disk / "run"
+    result = run(["-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(run_dir)], None)
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    status = run(["-m", "vlcluster.cli", "status", str(run_dir)], None)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if " data " in line)
+    assert " failed " in row and "interrupted" not in row, status.stdout
+    leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*") if p.name != ".lock"]  # .lock: the run's lock file
+    assert leftovers == [], leftovers
