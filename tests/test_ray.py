@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.faults.test_kill_resume import RAY_TRIALS, ray_trial
 from tests.test_e2e import STAGES, FAILING, QUICKSTART, SMALL, cli, live_processes_mentioning
 from vlcluster.rundir import read_json
 
@@ -119,6 +120,22 @@ def test_killed_rank_restarts_and_resumes_from_its_checkpoint(ray_run):
     assert "resumed_after_s" in kill
     print(f"killed rank pid {kill['pid']} after checkpoint {kill['checkpoint']}; "
           f"resumed from step {resumed[0]} {kill['resumed_after_s']:.1f} s after the kill")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_in_place_and_ends_bitwise_identical(ray_cluster, tiny_reference, tmp_path):
+    outcome = ray_trial(ray_cluster, tiny_reference, tmp_path, at_step=3)
+    print(f"ray rank SIGKILL after step {outcome['killed_after_step']}: restarted in place, "
+          f"resumed from {outcome['resumed_from']}, bitwise")
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize("at_step", RAY_TRIALS)
+def test_ray_rank_sigkill_at_random_steps_restarts_in_place_bitwise(ray_cluster, tiny_reference, tmp_path, at_step):
+    outcome = ray_trial(ray_cluster, tiny_reference, tmp_path, at_step)
+    print(f"ray rank SIGKILL after step {outcome['killed_after_step']}: restarted in place, "
+          f"resumed from {outcome['resumed_from']}, bitwise")
 
 
 @pytest.mark.slow

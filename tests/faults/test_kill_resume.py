@@ -15,8 +15,9 @@ Documented outcomes (docs/reliability.md):
 - Ray, a rank killed: the stage restarts its ranks in place (up to 3
   times) and resumes without a resubmit.
 
-The default run has one trial (a local rank at a fixed step, and a SLURM
-rank); ``-m heavy`` runs the seeded random-step campaign on every backend.
+The default run has one trial per backend (a rank killed after step 3; the
+Ray trials live in tests/test_ray.py, beside its cluster); ``-m heavy`` runs
+the seeded random-step campaign on every backend.
 """
 
 from __future__ import annotations
@@ -236,33 +237,19 @@ def test_slurm_rank_sigkill_at_random_steps_resumes_bitwise(tiny_reference, tmp_
     print(f"slurm rank SIGKILL after step {outcome['killed_after_step']}: resumed from {outcome['resumed_from']}, bitwise")
 
 
-# ---- Ray (a local head on 127.0.0.1) -----------------------------------------
+# ---- Ray (the local head of tests/test_ray.py, which runs these trials) ------
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    pytest.importorskip("ray.job_submission")
-    from vlcluster.backends.ray_cluster import LocalRayCluster
-
-    with LocalRayCluster(num_cpus=2) as cluster:
-        yield cluster
-
-
-RAY_TRIALS = [CAMPAIGN.randint(1, STEPS - 1) for _ in range(3)]
-
-
-@pytest.mark.heavy
-@pytest.mark.parametrize("at_step", RAY_TRIALS)
-def test_ray_rank_sigkill_at_random_steps_restarts_in_place_bitwise(ray_head, tiny_reference, tmp_path, at_step):
+def ray_trial(cluster, reference, tmp_path: Path, at_step: int) -> dict:
     from vlcluster.rundir import read_json
 
-    job, reference_dir = tiny_reference
+    job, reference_dir = reference
     run_dir = tmp_path / "run"
     fresh_run(reference_dir, run_dir)
     with open(tmp_path / "submit.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "vlcluster.cli", "submit", str(job), "--backend", "ray", "--run-dir", str(run_dir),
-             "--address", ray_head.gcs_address], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+             "--address", cluster.gcs_address], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         killed_at = wait_for_step(run_dir, at_step, lambda: process.poll() is None)
         committed = committed_steps(run_dir)
         kill_one_rank(run_dir)
@@ -273,4 +260,7 @@ def test_ray_rank_sigkill_at_random_steps_restarts_in_place_bitwise(ray_head, ti
     # A checkpoint may commit between the look and the kill: the resume is from that one or a newer one.
     assert (resumed_from(log) or 0) >= (committed[-1] if committed else 0), log
     assert_bitwise(reference_dir, run_dir)
-    print(f"ray rank SIGKILL after step {killed_at}: restarted in place, resumed from {resumed_from(log) or 0}, bitwise")
+    return {"killed_after_step": killed_at, "resumed_from": resumed_from(log) or 0}
+
+
+RAY_TRIALS = [CAMPAIGN.randint(1, STEPS - 1) for _ in range(3)]
