@@ -39,7 +39,7 @@ class FlakyProxy:
         self.lock = threading.Lock()
         self.pending: list[str] = []  # kinds of the next requests to fail
         self.always: str | None = None
-        self.every: tuple[int, str] | None = None
+        self.every: tuple[int, tuple[str, ...]] | None = None
         self.injected: dict[str, int] = {kind: 0 for kind in KINDS}
         self.requests = 0
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -49,10 +49,11 @@ class FlakyProxy:
         with self.lock:
             self.pending.extend([kind] * count)
 
-    def fail_every(self, every: int, kind: str) -> None:
-        assert kind in KINDS and every >= 2, (every, kind)
+    def fail_every(self, every: int, *kinds: str) -> None:
+        """Every ``every``-th request fails, taking ``kinds`` in turn."""
+        assert kinds and set(kinds) <= set(KINDS) and every >= 2, (every, kinds)
         with self.lock:
-            self.every = (every, kind)
+            self.every = (every, kinds)
 
     def fail_always(self, kind: str | None) -> None:
         assert kind is None or kind in KINDS, kind
@@ -66,7 +67,10 @@ class FlakyProxy:
     def _next_fault(self) -> str | None:
         with self.lock:
             self.requests += 1
-            periodic = self.every[1] if self.every and self.requests % self.every[0] == 0 else None
+            periodic = None
+            if self.every and self.requests % self.every[0] == 0:
+                every, kinds = self.every
+                periodic = kinds[(self.requests // every) % len(kinds)]
             kind = self.always or (self.pending.pop(0) if self.pending else None) or periodic
             if kind:
                 self.injected[kind] += 1

@@ -79,15 +79,29 @@ def test_an_outage_is_one_error_paragraph_after_the_configured_attempts(through_
 def _cli(args: list[str], s3_server, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, **s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""}
     return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300, env=env)
+                          timeout=900, env=env)
 
 
+def _direct_fs(s3_server):
+    """The test's own view of the bucket, not through the proxy."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=s3_server.env["AWS_ACCESS_KEY_ID"], secret=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+                             client_kwargs={"endpoint_url": s3_server.endpoint}, skip_instance_cache=True,
+                             use_listings_cache=False)
+
+
+def _retried(text: str) -> int:
+    """The requests retried according to the summary lines in ``text``."""
+    return sum(int(line.split("storage: ", 1)[1].split()[0])
+               for line in text.splitlines() if "requests retried after transient errors" in line)
+
+
+@pytest.mark.slow
 def test_a_stage_on_a_flaky_store_finishes_and_reports_its_retries(s3_server, proxy, tmp_path, write_job):
     """Every 7th request of the submit and of the stage process fails (500,
     503 SlowDown and resets in turn): the run finishes, every shard is
     whole, and the stage log says how many requests were retried."""
-    import s3fs
-
     job = write_job(DATA_JOB)
     run_dir = "s3://runs/flaky-stage"
     proxy.fail_every(7, "internal")
@@ -95,19 +109,15 @@ def test_a_stage_on_a_flaky_store_finishes_and_reports_its_retries(s3_server, pr
                    "--set", f"storage.cache_dir={tmp_path / 'cache'}"], s3_server, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert proxy.injected["internal"] >= 3
-    fs = s3fs.S3FileSystem(key=s3_server.env["AWS_ACCESS_KEY_ID"], secret=s3_server.env["AWS_SECRET_ACCESS_KEY"],
-                           client_kwargs={"endpoint_url": s3_server.endpoint}, skip_instance_cache=True,
-                           use_listings_cache=False)
+    fs = _direct_fs(s3_server)
     assert fs.exists("runs/flaky-stage/data/_SUCCESS")
     shards = sorted(fs.glob("runs/flaky-stage/data/train-*.tar"))
     assert len(shards) == 3
     log = fs.cat_file("runs/flaky-stage/data/logs/stage.log").decode()
     retried_lines = [line for line in log.splitlines() if "requests retried after transient errors (InternalError 500 x" in line]
     assert len(retried_lines) == 1, log
-    stage_retries = int(retried_lines[0].split("storage: ", 1)[1].split()[0])
-    submit_retries = sum(int(line.split("storage: ", 1)[1].split()[0])
-                         for line in result.stderr.splitlines() if "requests retried after transient errors" in line)
-    assert stage_retries >= 1 and stage_retries + submit_retries == proxy.injected["internal"], (log, result.stderr)
+    stage_retries = _retried(log)
+    assert stage_retries >= 1 and stage_retries + _retried(result.stderr) == proxy.injected["internal"], (log, result.stderr)
 
 
 def test_an_unreachable_store_fails_submit_with_one_paragraph(s3_server, proxy, tmp_path, write_job):
@@ -119,3 +129,32 @@ def test_an_unreachable_store_fails_submit_with_one_paragraph(s3_server, proxy, 
     assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
     assert "cannot reach the storage endpoint" in result.stderr
     assert "2 attempts per request (storage.max_attempts)" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_training_on_a_flaky_store_ends_bitwise_identical(s3_server, proxy, tmp_path, tiny_reference):
+    """The two-rank training job of the kill trials with its run directory
+    (shards, records, checkpoints, logs) on S3, every 5th request failing
+    (500, 503 SlowDown in turn): it finishes with the weights of the
+    uninterrupted local run, and the processes' summary lines account for
+    every injected failure."""
+    from vlcluster.storage.tensorfile import load_tensors
+
+    import torch
+
+    job, reference_dir = tiny_reference
+    run_dir = "s3://runs/flaky-training"
+    proxy.fail_every(5, "internal", "slowdown")
+    result = _cli(["submit", str(job), "--run-dir", run_dir, "--set", f"storage.endpoint_url={proxy.endpoint}",
+                   "--set", f"storage.cache_dir={tmp_path / 'cache'}"], s3_server, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fs = _direct_fs(s3_server)
+    fs.get_file("runs/flaky-training/seed/model.safetensors", str(tmp_path / "model.safetensors"))
+    expected, recovered = load_tensors(reference_dir / "seed" / "model.safetensors"), load_tensors(tmp_path / "model.safetensors")
+    assert expected.keys() == recovered.keys() and all(torch.equal(expected[k], recovered[k]) for k in expected)
+    logs = "".join(fs.cat_file(f"runs/flaky-training/{stage}/logs/stage.log").decode() for stage in ("data", "seed"))
+    counted = _retried(logs) + _retried(result.stderr)
+    print(f"flaky training: {proxy.requests} requests, {proxy.total_injected} failed ({proxy.injected}), "
+          f"{counted} retries counted")
+    assert counted == proxy.total_injected, (logs, result.stderr)
