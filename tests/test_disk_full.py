@@ -147,3 +147,30 @@ def test_submit_on_a_full_disk_ends_failed_with_the_reason(small_disk, write_job
     assert " failed " in row and "interrupted" not in row, status.stdout
     leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*") if p.name != ".lock"]  # .lock: the run's lock file
     assert leftovers == [], leftovers
+
+
+def test_a_record_rewrites_itself_in_place_when_the_disk_is_full(small_disk):
+    """The record of a stage that failed for lack of space must still say
+    failed: on a full disk a record no larger than the blocks it holds is
+    rewritten in place; a larger one fails and the old one stays whole."""
+    disk, preexec = small_disk
+    if preexec is not None:
+        pytest.skip("needs the tmpfs (the file-size limit applies to child processes only)")
+    from vlcluster.rundir import read_json
+    from vlcluster.storage.paths import write_json
+
+    state = disk / "state.json"
+    write_json(state, {"state": "running", "pid": 123})
+    with open(disk / "filler", "wb", buffering=0) as filler:  # fill every remaining block
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+    with pytest.raises(OSError):
+        (disk / "probe").write_bytes(b"x" * 4096)  # the disk is full
+    (disk / "probe").unlink(missing_ok=True)
+    write_json(state, {"state": "failed", "pid": 123, "returncode": 1, "ended": 1.5})
+    assert read_json(state) == {"state": "failed", "pid": 123, "returncode": 1, "ended": 1.5}
+    with pytest.raises(OSError):
+        write_json(state, {"state": "failed", "log": "x" * 8192})
+    assert read_json(state)["state"] == "failed"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "state.json"]
