@@ -15,9 +15,11 @@ Documented outcomes (docs/reliability.md):
 - Ray, a rank killed: the stage restarts its ranks in place (up to 3
   times) and resumes without a resubmit.
 
-The default run has one trial per backend (a rank killed after step 3; the
-Ray trials live in tests/test_ray.py, beside its cluster); ``-m heavy`` runs
-the seeded random-step campaign on every backend.
+The default run has a local and a SLURM trial (a rank killed after step 3);
+Ray's default run kills a rank of the quickstart (tests/test_ray.py).
+``-m heavy`` runs the seeded random-step campaign on every backend (the Ray
+trials live in tests/test_ray.py, beside its cluster, and compare with an
+uninterrupted Ray run: Ray's thread count rounds differently, see there).
 """
 
 from __future__ import annotations
