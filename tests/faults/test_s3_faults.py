@@ -117,6 +117,8 @@ def test_a_stage_on_a_flaky_store_finishes_and_reports_its_retries(s3_server, pr
     retried_lines = [line for line in log.splitlines() if "requests retried after transient errors (InternalError 500 x" in line]
     assert len(retried_lines) == 1, log
     stage_retries = _retried(log)
+    print(f"flaky data stage: {proxy.requests} requests, {proxy.injected['internal']} failed; retries counted: "
+          f"{stage_retries} in the stage log, {_retried(result.stderr)} by the submit")
     assert stage_retries >= 1 and stage_retries + _retried(result.stderr) == proxy.injected["internal"], (log, result.stderr)
 
 
