@@ -78,6 +78,7 @@ def test_data_stage_on_a_full_disk(small_disk, write_job):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "[data] " in result.stdout and "run the same command again" in result.stdout
+    assert f"[data] {run_dir / 'data'}/train-" in result.stdout  # names the shard it was writing
     assert_only_complete_shards(run_dir / "data", 400)
     assert not (run_dir / "data" / "_SUCCESS").exists()
     json.loads((run_dir / "pipeline.json").read_text())  # the record written before is intact

@@ -168,6 +168,10 @@ def writable(dest: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         publish(tmp_path, dest)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(dest)  # the error paragraph names the file, not "a file"
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
