@@ -94,3 +94,35 @@ def backend_quickstart(tmp_path_factory) -> str:
     from tests.test_e2e import write_backend_quickstart
 
     return write_backend_quickstart(tmp_path_factory.mktemp("backend-job"))
+
+
+# A two-rank training stage small enough for fault trials: 6 steps, a
+# checkpoint every 2 (tests/faults/, test_slurm.py, test_ray.py).
+TINY_TRAINING_JOB = """
+name: faults
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, image_size: 16}
+  seed:
+    kind: pretrain
+    model: {image_size: 16}
+    data: {from: data}
+    train: {steps: 6, batch_size: 8, log_every: 1}
+    checkpoint: {every: 2, keep: 3}
+    resources: {procs_per_node: 2}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """(job file, run dir) of an uninterrupted local run of TINY_TRAINING_JOB,
+    once per session: every kill or damage trial ends bitwise equal to it."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny-reference")
+    job = root / "job.yaml"
+    job.write_text(TINY_TRAINING_JOB)
+    result = subprocess.run([sys.executable, "-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(root / "run")],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return job, root / "run"

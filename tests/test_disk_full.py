@@ -78,6 +78,7 @@ def test_data_stage_on_a_full_disk(small_disk, write_job):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "[data] " in result.stdout and "run the same command again" in result.stdout
+    assert f"[data] {run_dir / 'data'}/train-" in result.stdout  # names the shard it was writing
     assert_only_complete_shards(run_dir / "data", 400)
     assert not (run_dir / "data" / "_SUCCESS").exists()
     json.loads((run_dir / "pipeline.json").read_text())  # the record written before is intact
@@ -127,3 +128,50 @@ def test_a_record_that_does_not_fit_leaves_no_temp_file(small_disk):
         write_bytes(disk / "state.json", b"x" * (LIMIT + 1))
     assert str(disk / "state.json") in disk_full(info.value)
     assert sorted(p.name for p in disk.iterdir()) == ["state.json"] and (disk / "state.json").read_bytes() == b"{}"
+
+
+def test_submit_on_a_full_disk_ends_failed_with_the_reason(small_disk, write_job):
+    """The data stage fills the disk: submit reports it in one paragraph,
+    ``status`` says failed (not interrupted) with the reason, and no temp
+    file is left in the run directory."""
+    disk, preexec = small_disk
+    if preexec is not None:
+        pytest.skip("needs the tmpfs: the submit itself must meet the full disk")
+    job = write_job("name: t\nstages:\n  data: {kind: data, n_train: 4000, n_val: 10, shard_size: 400}\n")
+    run_dir = disk / "run"
+    result = run(["-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(run_dir)], None)
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    status = run(["-m", "vlcluster.cli", "status", str(run_dir)], None)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if " data " in line)
+    assert " failed " in row and "interrupted" not in row, status.stdout
+    leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*") if p.name != ".lock"]  # .lock: the run's lock file
+    assert leftovers == [], leftovers
+
+
+def test_a_record_rewrites_itself_in_place_when_the_disk_is_full(small_disk):
+    """The record of a stage that failed for lack of space must still say
+    failed: on a full disk a record no larger than the blocks it holds is
+    rewritten in place; a larger one fails and the old one stays whole."""
+    disk, preexec = small_disk
+    if preexec is not None:
+        pytest.skip("needs the tmpfs (the file-size limit applies to child processes only)")
+    from vlcluster.rundir import read_json
+    from vlcluster.storage.paths import write_json
+
+    state = disk / "state.json"
+    write_json(state, {"state": "running", "pid": 123})
+    with open(disk / "filler", "wb", buffering=0) as filler:  # fill every remaining block
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+    with pytest.raises(OSError):
+        (disk / "probe").write_bytes(b"x" * 4096)  # the disk is full
+    (disk / "probe").unlink(missing_ok=True)
+    write_json(state, {"state": "failed", "pid": 123, "returncode": 1, "ended": 1.5})
+    assert read_json(state) == {"state": "failed", "pid": 123, "returncode": 1, "ended": 1.5}
+    with pytest.raises(OSError):
+        write_json(state, {"state": "failed", "log": "x" * 8192})
+    assert read_json(state)["state"] == "failed"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "state.json"]

@@ -48,6 +48,7 @@ def test_storage_section_becomes_s3fs_options():
     spec = StorageSpec(endpoint_url="http://127.0.0.1:9000", region="eu-west-1", profile="training")
     assert s3_options(spec) == {
         "use_listings_cache": False,
+        "config_kwargs": {"retries": {"total_max_attempts": 5, "mode": "standard"}},
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
         "profile": "training",
     }

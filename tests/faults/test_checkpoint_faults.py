@@ -19,20 +19,6 @@ from vlcluster.storage.tensorfile import load_tensors
 
 pytestmark = pytest.mark.slow
 
-JOB = """
-name: faults
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, image_size: 16}
-  seed:
-    kind: pretrain
-    model: {image_size: 16}
-    data: {from: data}
-    train: {steps: 6, batch_size: 8, log_every: 1}
-    checkpoint: {every: 2, keep: 3}
-    resources: {procs_per_node: 2}
-"""
-
-
 def submit(job: Path, run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -71,16 +57,6 @@ TRIALS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    job = root / "job.yaml"
-    job.write_text(JOB)
-    result = submit(job, root / "reference")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return job, root / "reference"
-
-
 # Two trials in the default run (a truncated file, a flipped bit); every trial with -m heavy.
 DEFAULT_TRIALS = ("truncated model", "bit flip in optimizer state")
 
@@ -88,8 +64,8 @@ DEFAULT_TRIALS = ("truncated model", "bit flip in optimizer state")
 @pytest.mark.parametrize(
     "trial", [trial if trial in DEFAULT_TRIALS else pytest.param(trial, marks=pytest.mark.heavy) for trial in TRIALS]
 )
-def test_damaged_newest_checkpoint_resumes_from_the_intact_one_bitwise(reference, tmp_path, trial):
-    job, reference_dir = reference
+def test_damaged_newest_checkpoint_resumes_from_the_intact_one_bitwise(tiny_reference, tmp_path, trial):
+    job, reference_dir = tiny_reference
     run_dir = tmp_path / "run"
     shutil.copytree(reference_dir, run_dir)
     seed = run_dir / "seed"

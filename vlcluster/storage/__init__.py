@@ -11,6 +11,8 @@
   for several ranks on one machine.
 - :mod:`.shardlist`: shard lists from brace patterns, globs and prefixes.
 - :mod:`.errors`: botocore/s3fs failures as one-paragraph errors; redaction.
+- :mod:`.retries`: transient failures retried with backoff and counted;
+  :mod:`.s3client` is s3fs's filesystem with that policy, used for ``s3://``.
 
 Credentials are never part of a job file: they come from the environment
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``), a named profile or the

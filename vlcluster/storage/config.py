@@ -7,6 +7,7 @@ storage:
   profile: training                     # a profile in ~/.aws/{config,credentials}; or
   anon: false                           # true: unsigned requests (public buckets)
   cache_dir: /scratch/vlcluster-cache   # local copies of shards and run-dir inputs
+  max_attempts: 5                       # per request, transient errors retried with backoff
 ```
 
 Nothing here is secret, by construction: keys that look like credentials
@@ -60,6 +61,10 @@ class StorageSpec(BaseModel):
     anon: bool = Field(False, description="unsigned requests (public buckets)")
     cache_dir: str | None = Field(
         None, description="local directory caching shards and run-dir inputs across epochs and requeues (off when unset)"
+    )
+    max_attempts: int = Field(
+        5, ge=1, le=20, strict=True,
+        description="attempts per request; transient errors (resets, timeouts, 5xx, SlowDown) are retried with backoff",
     )
 
     @model_validator(mode="before")
@@ -132,11 +137,14 @@ def _comment(line: str) -> str | None:
 
 def s3_options(spec: StorageSpec) -> dict[str, Any]:
     """s3fs constructor options for ``spec``."""
+    from vlcluster.storage.retries import retry_config
+
     client = {key: value for key, value in (("endpoint_url", spec.endpoint_url), ("region_name", spec.region)) if value}
     options: dict[str, Any] = {
         # Listings must be current: another process (a rank, the next job)
         # may have written a checkpoint or done-marker since the last look.
         "use_listings_cache": False,
+        "config_kwargs": retry_config(spec.max_attempts),
     }
     if client:
         options["client_kwargs"] = client
@@ -157,11 +165,14 @@ def activate(spec: StorageSpec | None) -> StorageSpec:
 
     import logging
 
+    from vlcluster.storage.retries import use_counting_s3
+
     global _active, _inherited_s3_conf
     if _inherited_s3_conf is None:
         _inherited_s3_conf = dict(fsspec.config.conf.get("s3", {}))
     _active = spec or StorageSpec()
     fsspec.config.conf["s3"] = {**_inherited_s3_conf, **s3_options(_active)}
+    use_counting_s3()  # transient errors retried and counted (storage/retries.py)
     os.environ[ENV] = _active.model_dump_json(exclude_defaults=True)
     for name in ("botocore", "aiobotocore", "s3fs"):  # their INFO lines ("Found credentials in ...") are noise in stage logs
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ from pathlib import Path
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import active
 from vlcluster.storage.paths import is_remote
+from vlcluster.storage.retries import outage_note
 
 STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -90,9 +91,10 @@ def explain(exc: BaseException, url: str) -> str | None:
         return None  # a missing object is the caller's to explain; a local PermissionError is not a storage error
     if isinstance(exc, PermissionError) or any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
         return f"{where}: access denied; the credentials are wrong or lack permission for this bucket"
+    retried = outage_note(active().max_attempts)
     if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"}:
-        return f"{where}: cannot reach the storage endpoint ({name}); check storage.endpoint_url and the network"
-    return f"{where}: storage request failed: {redact(text)}"
+        return f"{where}: cannot reach the storage endpoint ({name}){retried}; check storage.endpoint_url and the network"
+    return f"{where}: storage request failed: {redact(text).rstrip('.')}{retried}"
 
 
 def _raised_in_storage_client(exc: BaseException) -> bool:

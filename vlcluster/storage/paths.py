@@ -17,6 +17,7 @@ is handled here, in one place:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -92,9 +93,34 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)  # a full disk must not leave temp files behind
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE and _rewrite_in_place(path, data):
+            return
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # name the record in the error paragraph
         raise
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> bool:
+    """On a full disk, a small record may still replace itself within the
+    blocks it already holds, so a stage that failed for lack of space is
+    recorded as failed rather than left "running" (and later "interrupted").
+    Not atomic: a write torn by a crash leaves a record that reads as absent.
+    Returns whether the record was replaced."""
+    try:
+        held = path.stat().st_blocks * 512
+    except OSError:
+        return False
+    if len(data) > held:
+        return False
+    with open(path, "r+b") as handle:
+        handle.write(data)
+        handle.truncate(len(data))  # after the write: truncating first would give the blocks away
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -142,6 +168,10 @@ def writable(dest: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         publish(tmp_path, dest)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(dest)  # the error paragraph names the file, not "a file"
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 

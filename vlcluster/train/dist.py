@@ -76,6 +76,9 @@ def exit_process(code: int) -> None:
         if code == 0:
             dist.barrier()
         dist.destroy_process_group()
+    from vlcluster.storage.retries import report
+
+    report()  # os._exit skips the atexit hook that would log the storage retries
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
