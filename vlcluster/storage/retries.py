@@ -44,14 +44,17 @@ class RetryCount:
     def retried(self) -> int:
         return max(self.attempts - self.calls, 0)
 
-    def add(self, name: str, kind: str | None = None) -> None:
+    def call(self) -> None:
         with self.lock:
-            if name == "call":
-                self.calls += 1
-            elif name == "attempt":
-                self.attempts += 1
-            else:
-                self.failures[kind] += 1
+            self.calls += 1
+
+    def attempt(self) -> None:
+        with self.lock:
+            self.attempts += 1
+
+    def failure(self, kind: str) -> None:
+        with self.lock:
+            self.failures[kind] += 1
 
     def summary(self) -> str | None:
         """One line for the stage log, or None when nothing was retried or failed."""
@@ -83,15 +86,15 @@ def count_events(events) -> None:
     """Count the calls, attempts and failed attempts of a botocore client (its ``meta.events``)."""
 
     def on_call(**_) -> None:
-        COUNT.add("call")
+        COUNT.call()
 
     def on_send(**_) -> None:
-        COUNT.add("attempt")
+        COUNT.attempt()
 
     def on_retry_check(response=None, caught_exception=None, **_) -> None:
         kind = failure_kind(response, caught_exception)
         if kind:
-            COUNT.add("failure", kind)
+            COUNT.failure(kind)
 
     # Handlers return None: a value from before-send would replace the request.
     events.register("before-call.s3", on_call, unique_id="vlcluster-count-call")
