@@ -201,19 +201,22 @@ def stack_samples(samples: list[dict[str, Any]], shared: bool = False) -> dict[s
 
 
 class _ItemReader:
-    """Raw items of the canonical order; a few shards open at a time, each indexed once when opened."""
-
-    OPEN_SHARDS = 4
+    """Raw items of the canonical order; the shards of a shuffle window open at a time, each indexed once when opened."""
 
     def __init__(self, order: CanonicalOrder) -> None:
         self.order = order
         self.open: dict[str, ShardIndex] = {}
+        # A window of every source can span this many shards (plus one at each end); fewer open ones would re-index.
+        self.capacity = sum(2 + source.window // max(1, min(n for n in source.counts if n) if any(source.counts) else 1)
+                            for source in order.sources) + 2
 
     def read(self, source: int, position: int) -> RawSample:
         epoch, shard, item = self.order.sources[source].locate(position)
         url = self.order.sources[source].urls[shard]
-        if url not in self.open:
-            if len(self.open) >= self.OPEN_SHARDS:
+        if url in self.open:
+            self.open[url] = self.open.pop(url)  # most recently used last
+        else:
+            if len(self.open) >= self.capacity:
                 self.open.pop(next(iter(self.open))).close()
             self.open[url] = ShardIndex(url)
         raw = self.open[url].read(item)
