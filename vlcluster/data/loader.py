@@ -206,9 +206,8 @@ class _ItemReader:
     def __init__(self, order: CanonicalOrder) -> None:
         self.order = order
         self.open: dict[str, ShardIndex] = {}
-        # A window of every source can span this many shards (plus one at each end); fewer open ones would re-index.
-        self.capacity = sum(2 + source.window // max(1, min(n for n in source.counts if n) if any(source.counts) else 1)
-                            for source in order.sources) + 2
+        # Fewer open shards than a window of every source spans would index shards again and again.
+        self.capacity = sum(source.shards_per_window() for source in order.sources) + 1
 
     def read(self, source: int, position: int) -> RawSample:
         epoch, shard, item = self.order.sources[source].locate(position)

@@ -97,6 +97,11 @@ class SourceOrder:
         index = bisect.bisect_right(starts, flat) - 1
         return epoch, order[index], flat - starts[index]
 
+    def shards_per_window(self) -> int:
+        """The most shards one shuffle window can take items from."""
+        smallest = min((count for count in self.counts if count), default=1)
+        return 2 + self.window // smallest
+
     def fingerprint(self) -> str:
         """What fixes the order besides seed and window: the shard list and the items in each shard."""
         digest = hashlib.sha256()
