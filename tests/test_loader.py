@@ -5,6 +5,7 @@ accounting (real damaged shards)."""
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def test_truncated_tar_yields_what_was_read_then_one_error(shards: list[str], tm
         assert len(complete) == 2
 
 
-def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str]) -> None:
+def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str], tmp_path: Path) -> None:
     two = loader(shards, 2)
     keys(two, 3)
     state = json.loads(json.dumps(two.state_dict()))
@@ -222,8 +223,13 @@ def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str]) ->
         loader(shards[:7], 0).load_state_dict(state)
     with pytest.raises(ValueError, match="one per data-loader worker"):  # a position of earlier versions
         loader(shards, 0).load_state_dict({"workers": [{"epoch": 0, "offset": 3}], "next_worker": 0})
-    # Workers and ranks are not part of it.
-    assert keys(loader_from(shards, 0, state), 3) == keys(loader_from(shards, 3, state), 3)
+    # Workers and ranks are not part of it, nor where the shards lie (a moved run directory or data set).
+    expected = keys(loader_from(shards, 0, state), 3)
+    assert keys(loader_from(shards, 3, state), 3) == expected
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copies = [shutil.copy(url, moved) for url in shards]
+    assert keys(loader_from(copies, 0, state), 3) == expected
 
 
 def test_more_readers_than_shards(shards: list[str]) -> None:
