@@ -8,8 +8,7 @@ One source: every epoch ``e`` permutes the shards (seeded by ``seed`` and
 ``e``) and concatenates their items in file order (an item is a sample, or
 the error marker of a damaged shard: ``tarindex.ShardIndex``); that list is
 cut into windows of ``shuffle_buffer`` items and each window is permuted by
-its own seeded permutation, then once more on a grid of windows shifted by
-half a window, so items mix across window and shard boundaries. Item counts per shard come from one walk over
+its own seeded permutation. Item counts per shard come from one walk over
 the tar headers (``shard_counts``), so position ``k`` of the run, across
 epochs, maps to (epoch, shard, item) by arithmetic: ``SourceOrder.locate``.
 
@@ -78,30 +77,22 @@ class SourceOrder:
                 self._epochs.popitem(last=False)
         return self._epochs[epoch]
 
-    def _permutation(self, epoch: int, window: int, length: int, grid: str) -> list[int]:
-        key = (epoch, window, grid)
+    def _permutation(self, epoch: int, window: int, length: int) -> list[int]:
+        key = (epoch, window)
         if key not in self._windows:
             permutation = list(range(length))
-            _rng(self.seed, epoch, window, grid, "window").shuffle(permutation)
+            _rng(self.seed, epoch, window, "window").shuffle(permutation)
             self._windows[key] = permutation
             while len(self._windows) > CACHED_WINDOWS:
                 self._windows.popitem(last=False)
         return self._windows[key]
 
-    def _shuffled(self, epoch: int, index: int, offset: int, grid: str) -> int:
-        """``index`` permuted within its window of the grid whose windows start at ``offset + k * window``."""
-        window = (index - offset) // self.window  # -1: the partial window before the offset
-        start = max(0, offset + window * self.window)
-        end = min(self.epoch_items, offset + (window + 1) * self.window)
-        return start + self._permutation(epoch, window, end - start, grid)[index - start]
-
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, shard index, item index in the shard) of the source's ``position``-th item."""
         epoch, within = divmod(position, self.epoch_items)
-        # Two grids of windows, the second shifted by half a window: consecutive positions draw from two
-        # neighbouring windows of the first, so items mix across window (and shard) boundaries, as they do
-        # in a streaming shuffle buffer, and stay within 1.5 windows of their place in the shard sequence.
-        flat = self._shuffled(epoch, self._shuffled(epoch, within, self.window // 2, "b"), 0, "a")
+        window, slot = divmod(within, self.window)
+        length = min(self.window, self.epoch_items - window * self.window)
+        flat = window * self.window + self._permutation(epoch, window, length)[slot]
         order, starts = self._epoch(epoch)
         index = bisect.bisect_right(starts, flat) - 1
         return epoch, order[index], flat - starts[index]
@@ -109,7 +100,7 @@ class SourceOrder:
     def shards_per_window(self) -> int:
         """The most shards one shuffle window can take items from."""
         smallest = min((count for count in self.counts if count), default=1)
-        return 2 + 2 * self.window // smallest  # two neighbouring windows (see locate)
+        return 2 + self.window // smallest
 
     def fingerprint(self) -> str:
         """What fixes the order besides seed and window: the shard names in list order and the items in each.
