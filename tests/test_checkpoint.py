@@ -135,8 +135,12 @@ def test_missing_rank_file_is_damage_not_a_world_size_change(tmp_path):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path, "h1"), 0)
 
 
-def test_another_world_size_is_refused_not_skipped(tmp_path):
+def test_another_world_size_loads_with_every_saving_ranks_record(tmp_path):
     save(tmp_path, 3)
-    two = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="written by 1 ranks, this run has 2"):
-        ckpt.load_intact_checkpoint(tmp_path, "h1", two)
+    for rank in (0, 1):
+        grown = DistEnv(rank=rank, world_size=2, local_rank=0, device=torch.device("cpu"))
+        loaded = ckpt.load_intact_checkpoint(tmp_path, "h1", grown)
+        assert loaded.step == 3 and loaded.saved_world == 1
+        assert loaded.rank_info == {"loader": {"epoch": 0, "offset": 3}}  # rank r takes saving rank r mod 1
+        assert loaded.saved_rank_info == [loaded.rank_info]  # the data position and bad-data counts of all of them
+    assert ckpt.load_intact_checkpoint(tmp_path, "h1", ENV).saved_rank_info is None  # same world size: its own only

@@ -21,8 +21,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from vlcluster.data import synthetic as syn
 from vlcluster.data.shards import decode_sample
 from vlcluster.storage.shardlist import expand as expand_urls, missing as missing_shards
+from vlcluster.data.order import Position, SourceOrder, shard_counts
 from vlcluster.data.stream import eval_samples
-from vlcluster.data.stream import SampleStream
+from vlcluster.data.tarindex import ShardIndex
 from vlcluster.data.tokenizer import SPECIAL_TOKENS, TextEncoder, build_word_tokenizer
 
 N_TRAIN, N_VAL, SHARD_SIZE, IMAGE_SIZE, SEED = 60, 20, 8, 32, 7
@@ -37,17 +38,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _build(tmp_path_factory.mktemp("ds"))
 
 
-def _keys(stream: SampleStream, n: int) -> list[str]:
-    return [next(stream)["__key__"] for _ in range(n)]
+def _raws(urls: list[str], n: int, seed: int = 0, window: int = 16, start: int = 0) -> list[dict]:
+    """Positions ``start .. start + n`` of the canonical order, read by index."""
+    order = SourceOrder(urls, shard_counts(urls), seed, window)
+    indexes: dict[str, ShardIndex] = {}
+    raws = []
+    for position in range(start, start + n):
+        _, shard, item = order.locate(position)
+        raws.append(indexes.setdefault(urls[shard], ShardIndex(urls[shard])).read(item))
+    for index in indexes.values():
+        index.close()
+    return raws
 
 
-def _one_epoch(stream: SampleStream) -> list[str]:
-    epoch, keys = stream.epoch, []
-    for raw in stream:
-        if stream.epoch != epoch:
-            break
-        keys.append(raw["__key__"])
-    return keys
+def _keys(urls: list[str], n: int, seed: int = 0, window: int = 16, start: int = 0) -> list[str]:
+    return [raw["__key__"] for raw in _raws(urls, n, seed, window, start)]
 
 
 # ------------------------------------------------------------------ generation
@@ -185,62 +190,59 @@ def test_missing_shards_and_stream_through_fsspec(dataset: dict) -> None:
             f.write(Path(local).read_bytes())
     ghost = f"{root}/val-000099.tar"
     assert missing_shards([*urls, ghost]) == [ghost]
-    stream = SampleStream(urls, part=0, parts=1, seed=0, shuffle_buffer=4)
-    assert sorted(_one_epoch(stream)) == [f"val-{i:08d}" for i in range(N_VAL)]
+    assert sorted(_keys(urls, N_VAL, window=4)) == [f"val-{i:08d}" for i in range(N_VAL)]
 
 
 # ------------------------------------------------------------------ streaming
 
 
-def test_ranks_are_disjoint_and_cover_the_epoch(dataset: dict) -> None:
-    shards = dataset["train_shards"]
-    seen = [
-        _one_epoch(SampleStream(shards, part=r, parts=2, seed=3, shuffle_buffer=16))
-        for r in range(2)
-    ]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == [f"train-{i:08d}" for i in range(N_TRAIN)]
+@pytest.mark.parametrize("window", [1, 5, 16, N_TRAIN, 10 * N_TRAIN])
+def test_every_epoch_covers_every_sample_once(dataset: dict, window: int) -> None:
+    keys = _keys(dataset["train_shards"], 2 * N_TRAIN, seed=3, window=window)
+    epoch0, epoch1 = keys[:N_TRAIN], keys[N_TRAIN:]
+    assert sorted(epoch0) == sorted(epoch1) == [f"train-{i:08d}" for i in range(N_TRAIN)]
+    assert epoch0 != epoch1  # reshuffled per epoch
 
 
-@pytest.mark.parametrize("cut", [0, 17, N_TRAIN, N_TRAIN + 1, 2 * N_TRAIN - 3])
-def test_resume_reproduces_uninterrupted_run(dataset: dict, cut: int) -> None:
-    def stream() -> SampleStream:
-        return SampleStream(dataset["train_shards"], part=0, parts=1, seed=11, shuffle_buffer=16)
-
+@pytest.mark.parametrize("start", [0, 17, N_TRAIN, N_TRAIN + 1, 2 * N_TRAIN - 3])
+def test_any_position_is_found_without_reading_the_ones_before(dataset: dict, start: int) -> None:
     total = 2 * N_TRAIN + 25  # crosses two epoch boundaries
-    reference = _keys(stream(), total)
-    first = stream()
-    head = _keys(first, cut)
-    resumed = stream()
-    resumed.load_state_dict(first.state_dict())
-    assert head + _keys(resumed, total - cut) == reference
+    reference = _keys(dataset["train_shards"], total, seed=11)
+    assert _keys(dataset["train_shards"], total - start, seed=11, start=start) == reference[start:]
 
 
-def test_epochs_and_seeds_change_the_order(dataset: dict) -> None:
-    stream = SampleStream(dataset["train_shards"], part=0, parts=1, seed=0)
-    epoch0, epoch1 = _keys(stream, N_TRAIN), _keys(stream, N_TRAIN)
-    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
-    assert _keys(SampleStream(dataset["train_shards"], 0, 1, seed=0), N_TRAIN) == epoch0
-    assert _keys(SampleStream(dataset["train_shards"], 0, 1, seed=1), N_TRAIN) != epoch0
+def test_windows_shuffle_locally_and_seeds_change_the_order(dataset: dict) -> None:
+    shards = dataset["train_shards"]
+    order = SourceOrder(shards, shard_counts(shards), 0, 16)
+    first_window = {order.locate(position)[1:] for position in range(16)}
+    epoch_order = order.shard_order(0)
+    flat = [(shard, item) for shard in epoch_order for item in range(order.counts[shard])]
+    assert first_window == set(flat[:16])  # a window takes the next 16 items of the epoch's shard sequence
+    assert [order.locate(p)[1:] for p in range(16)] != flat[:16]  # in a shuffled order
+    assert _keys(shards, N_TRAIN, seed=1) != _keys(shards, N_TRAIN, seed=0)
 
 
-def test_stream_rejects_bad_setups(dataset: dict) -> None:
-    with pytest.raises(ValueError, match="readers"):
-        SampleStream(dataset["val_shards"], part=0, parts=len(dataset["val_shards"]) + 1, seed=0)
-    stream = SampleStream(dataset["val_shards"], part=0, parts=1, seed=0)
-    stream.load_state_dict({"epoch": 0, "offset": N_VAL + 1})
-    with pytest.raises(ValueError, match="offset"):
-        next(stream)
+def test_positions_of_another_order_are_rejected() -> None:
+    assert Position.from_state({"position": 7, "drawn": [3, 4]}, 2) == Position(7, (3, 4))
+    bad = [
+        ({"position": 7, "drawn": [3, 3]}, 2),  # the sources do not add up
+        ({"position": -1, "drawn": [-1]}, 1),
+        ({"epoch": 0, "offset": 3}, 1),  # a per-worker position of earlier versions
+        ({"position": 7, "drawn": [7]}, 2),  # one source saved, two now
+    ]
+    for state, sources in bad:
+        with pytest.raises(ValueError, match="data.train changed"):
+            Position.from_state(state, sources)
 
 
 def test_decode_normalisation(dataset: dict) -> None:
-    stream = SampleStream(dataset["val_shards"], 0, 1, seed=0)
-    raw = next(stream)
+    raws = _raws(dataset["val_shards"], 11)
+    raw = raws[0]
     sample = decode_sample(raw)
     pixels = np.asarray(Image.open(io.BytesIO(raw["png"])).convert("RGB"), dtype=np.float32)
     expected = torch.from_numpy((pixels / 255 - 0.5) / 0.5).permute(2, 0, 1)
     assert torch.allclose(sample["image"], expected, atol=1e-6)
-    image = torch.stack([decode_sample(next(stream))["image"] for _ in range(10)])
+    image = torch.stack([decode_sample(other)["image"] for other in raws[1:]])
     assert image.min() >= -1 and image.max() <= 1
     assert image.max() - image.min() > 1  # saturated colours reach far from grey
 

@@ -93,14 +93,14 @@ def test_uninterrupted_run_reports_bad_samples(reference, data_dir):
     for rank in (0, 1):
         steps = recorded(root / "keys", rank)
         assert [step for step, _ in steps] == list(range(1, STEPS + 1))
-        assert all(len(keys) == 8 for _, keys in steps)
+        assert all(len(keys) <= 8 for _, keys in steps)  # a bad sample is dropped from its step
     result = json.loads((root / "run" / "train" / "result.json").read_text())["data"]
     shards = sorted(str(p) for p in data_dir.glob("train-*.tar"))
     assert set(result["bad_by_shard"]) == {shards[index] for index in EXPECTED_BAD}
     for index, reasons in EXPECTED_BAD.items():
         assert set(result["bad_by_shard"][shards[index]]) == set(reasons)
-    consumed = 2 * STEPS * 8
-    assert result["samples_read"] == consumed + result["bad_samples"]
+    trained = sum(len(keys) for rank in (0, 1) for _, keys in recorded(root / "keys", rank))
+    assert result["samples_read"] == STEPS * 16 == trained + result["bad_samples"]  # every position of every step
     assert 0 < result["bad_fraction"] <= result["max_bad_fraction"] == 0.05
     events = EventAccumulator(str(root / "run" / "train" / "tb"))
     events.Reload()

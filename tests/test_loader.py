@@ -1,9 +1,11 @@
-"""The training loader: ranks x data-loader workers (real worker processes),
-exact resume, bad-data accounting (real damaged shards)."""
+"""The training loader: the canonical order on any ranks x data-loader workers
+(real worker processes), exact resume also onto another topology, bad-data
+accounting (real damaged shards)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -11,10 +13,11 @@ import pytest
 
 from tests.damage import EXPECTED_BAD, damage
 from vlcluster.data import synthetic as syn
-from vlcluster.data.loader import LoaderConfig, TrainLoader, decode_batch
+from vlcluster.data.loader import TrainLoader
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality, check_bad_fraction
 from vlcluster.data.shards import decode_sample
 from vlcluster.data.stream import eval_samples, shard_items
+from vlcluster.data.tarindex import ShardIndex
 
 N_TRAIN, SHARD_SIZE, IMAGE_SIZE, BATCH = 64, 8, 16, 5
 
@@ -31,34 +34,70 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], set[st
     return built["train_shards"], damage(built["train_shards"])
 
 
-def loader(urls: list[str], workers: int, rank: int = 0, world: int = 1) -> TrainLoader:
-    return TrainLoader(urls, rank, world, seed=5, shuffle_buffer=6, batch_size=BATCH, num_workers=workers)
+def loader(urls: list[str], workers: int, rank: int = 0, world: int = 1, batch: int = BATCH, **options) -> TrainLoader:
+    """Rank ``rank`` of ``world``, each with ``batch`` samples (a global batch of ``world * batch``)."""
+    options = {"seed": 5, "shuffle_buffer": 6, **options}
+    return TrainLoader(urls, rank, world, batch_size=batch, num_workers=workers, **options)
 
 
 def keys(train: TrainLoader, batches: int) -> list[list[str]]:
     return [train.next_batch()["key"] for _ in range(batches)]
 
 
-def test_ranks_and_workers_read_disjoint_shards_covering_the_epoch(shards: list[str]) -> None:
-    readers = [LoaderConfig(tuple(shards), rank, 2, 5, 6, BATCH, None, 2).stream(worker) for rank in range(2) for worker in range(2)]
-    assert [r.part for r in readers] == [0, 1, 2, 3]
-    for epoch in (0, 1):
-        per_reader = [set(reader.shards_for_epoch(epoch)) for reader in readers]
-        assert sum(map(len, per_reader)) == len(shards) and set().union(*per_reader) == set(shards)
-    assert readers[0].shards_for_epoch(0) != readers[0].shards_for_epoch(1)  # reshuffled per epoch
+def ranks(urls: list[str], sizes: list[int], workers: int) -> list[TrainLoader]:
+    """One loader per rank of a global batch split as ``sizes``."""
+    return [
+        TrainLoader(urls, rank, len(sizes), 5, 6, size, num_workers=workers, rank_sizes=sizes) for rank, size in enumerate(sizes)
+    ]
 
 
-def test_workers_take_turns_and_match_the_single_process_replay(shards: list[str]) -> None:
-    train = loader(shards, workers=2)
-    seen = keys(train, 8)
-    config = train.config
-    streams = [config.stream(0), config.stream(1)]
-    expected = [decode_batch(streams[k % 2], BATCH, None)["key"] for k in range(8)]
-    assert seen == expected
-    assert train.state_dict()["workers"] == [s.state_dict() for s in streams]
-    train.close()
-    flat = [key for batch in seen for key in batch]
-    assert len(set(flat)) == len(flat) == 8 * BATCH  # 40 of 64: no repeat within the first epoch
+def global_steps(loaders: list[TrainLoader], steps: int) -> list[list[str]]:
+    """The keys of each step over all ranks, in rank order."""
+    return [[key for train in loaders for key in train.next_batch()["key"]] for _ in range(steps)]
+
+
+def close(loaders: list[TrainLoader]) -> None:
+    for train in loaders:
+        train.close()
+
+
+# The global batch of 12 on topologies of 1 to 4 ranks (uneven on 5), with and without workers.
+TOPOLOGIES = [([12], 0), ([6, 6], 2), ([4, 4, 4], 1), ([3, 3, 3, 3], 2), ([3, 3, 2, 2, 2], 0)]
+
+
+def test_every_topology_trains_on_the_same_canonical_steps(shards: list[str]) -> None:
+    reference = None
+    for sizes, workers in TOPOLOGIES:
+        loaders = ranks(shards, sizes, workers)
+        steps = global_steps(loaders, 11)  # 132 positions: past the first epoch of 64
+        close(loaders)
+        reference = reference or steps
+        assert steps == reference, (sizes, workers)
+    flat = [key for step in reference for key in step]
+    first, second = flat[:N_TRAIN], flat[N_TRAIN : 2 * N_TRAIN]
+    assert len(set(first)) == N_TRAIN and set(second) == set(first)  # each epoch: every sample exactly once
+    assert second != first  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("before, after", [(([6, 6], 2), ([4, 4, 4], 1)), (([6, 6], 2), ([12], 0)), (([4, 4, 4], 1), ([3, 3, 3, 3], 2))])
+def test_resume_onto_another_topology_continues_the_canonical_steps(shards: list[str], before, after) -> None:
+    total, cut = 14, 5
+    reference = ranks(shards, [12], 0)
+    expected = global_steps(reference, total)
+    close(reference)
+    first = ranks(shards, *before)
+    assert global_steps(first, cut) == expected[:cut]
+    states = [json.loads(json.dumps(train.state_dict())) for train in first]  # as checkpoints store them
+    assert len({json.dumps({k: v for k, v in state.items() if k != "quality"}) for state in states}) == 1  # one global position
+    global_steps(first, 2)  # consumed after the states were taken (and more prefetched): lost with the processes
+    close(first)
+    resumed = ranks(shards, *after)
+    for train in resumed:
+        train.load_state_dict(states[0])
+    assert global_steps(resumed, total - cut) == expected[cut:]
+    close(resumed)
+    flat = [key for step in expected for key in step]
+    assert len(set(flat[:N_TRAIN])) == N_TRAIN  # no sample twice within an epoch, across the resume
 
 
 def loader_from(urls: list[str], workers: int, state: dict) -> TrainLoader:
@@ -70,7 +109,7 @@ def loader_from(urls: list[str], workers: int, state: dict) -> TrainLoader:
 @pytest.mark.parametrize("workers, cut", [(0, 7), (2, 3), (2, 6)])
 def test_resume_continues_exactly(damaged: tuple[list[str], set[str]], workers: int, cut: int) -> None:
     urls, _ = damaged
-    total = 30  # 150 samples: past the second epoch of every worker
+    total = 30  # 150 positions: past the second epoch
     reference = loader(urls, workers)
     expected = keys(reference, total)
     expected_quality = reference.quality.state_dict()
@@ -86,30 +125,31 @@ def test_resume_continues_exactly(damaged: tuple[list[str], set[str]], workers: 
     resumed.close()
 
 
-def test_bad_samples_are_skipped_and_counted_per_shard(damaged: tuple[list[str], set[str]]) -> None:
+def test_bad_samples_are_dropped_and_counted_per_shard(damaged: tuple[list[str], set[str]]) -> None:
     urls, broken = damaged
     train = loader(urls, workers=2)
     batches = [train.next_batch() for _ in range(30)]
     train.close()
-    assert all(len(batch["key"]) == BATCH and batch["image"].shape[0] == BATCH for batch in batches)
+    assert all(batch["image"].shape[0] == len(batch["key"]) <= BATCH for batch in batches)
     assert not broken & {key for batch in batches for key in batch["key"]}
 
-    # Replaying every worker's stream up to its position in this process,
-    # decoding each item, gives exactly the counts the workers sent.
-    expected = DataQuality()
-    positions = train.state_dict()["workers"]
-    for worker, position in enumerate(positions):
-        stream = train.config.stream(worker)
-        while stream.state_dict() != position:
-            raw = next(stream)
-            expected.read += 1
-            try:
-                decode_sample(raw)
-            except BadSample as bad:
-                expected.record(raw["__url__"], bad.reason, bad.cause)
+    # Decoding the canonical positions the batches covered, one by one in this process,
+    # gives exactly the counts the workers sent.
+    order, expected = train.order, DataQuality()
+    assert train.state_dict()["position"] == 30 * BATCH
+    indexes: dict[str, ShardIndex] = {}
+    for position in range(30 * BATCH):
+        _, shard, item = order.sources[0].locate(position)
+        url = order.sources[0].urls[shard]
+        raw = indexes.setdefault(url, ShardIndex(url)).read(item)
+        expected.read += 1
+        try:
+            decode_sample(raw)
+        except BadSample as bad:
+            expected.record(raw["__url__"], bad.reason, bad.cause)
     assert train.quality.state_dict() == expected.state_dict()
 
-    passes = min(position["epoch"] for position in positions)  # epochs every worker has finished
+    passes = 30 * BATCH // order.sources[0].epoch_items  # whole epochs read
     assert passes >= 2
     assert set(train.quality.bad) == {urls[index] for index in EXPECTED_BAD}
     for index, reasons in EXPECTED_BAD.items():
@@ -118,8 +158,21 @@ def test_bad_samples_are_skipped_and_counted_per_shard(damaged: tuple[list[str],
         assert all(counts[reason] >= passes * n for reason, n in reasons.items())
     summary = train.quality.summary(0.05)
     assert summary["bad_samples"] == sum(sum(c.values()) for c in train.quality.bad.values())
-    assert summary["samples_read"] == sum(len(b["key"]) for b in batches) + summary["bad_samples"]
+    assert summary["samples_read"] == sum(len(b["key"]) for b in batches) + summary["bad_samples"] == 30 * BATCH
     assert set(summary["bad_by_reason"]) == {"read_error", "bad_image", "missing_field", "bad_text"}
+
+
+def test_the_index_reads_what_webdataset_reads_and_marks_damage(damaged: tuple[list[str], set[str]], shards: list[str]) -> None:
+    urls, _ = damaged
+    for url in [*urls, *shards[:2]]:
+        index = ShardIndex(url)
+        by_index = [index.read(item) for item in range(len(index))]
+        index.close()
+        streamed = list(shard_items(url))
+        assert [raw["__key__"] for raw in by_index] == [raw["__key__"] for raw in streamed]
+        for mine, theirs in zip(by_index, streamed):
+            assert {k: v for k, v in mine.items() if k != "__error__"} == {k: v for k, v in theirs.items() if k != "__error__"}
+            assert ("__error__" in mine) == ("__error__" in theirs)
 
 
 def test_evaluation_skips_and_counts_bad_samples_in_file_order(damaged: tuple[list[str], set[str]], shards: list[str]) -> None:
@@ -157,25 +210,33 @@ def test_truncated_tar_yields_what_was_read_then_one_error(shards: list[str], tm
         assert len(complete) == 2
 
 
-def test_worker_count_change_is_refused_but_0_and_1_are_the_same(shards: list[str]) -> None:
+def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str], tmp_path: Path) -> None:
     two = loader(shards, 2)
     keys(two, 3)
-    with pytest.raises(ValueError, match="data.num_workers back to 2"):
-        loader(shards, 3).load_state_dict(two.state_dict())
+    state = json.loads(json.dumps(two.state_dict()))
     two.close()
+    with pytest.raises(ValueError, match="data.shuffle_buffer changed \\(6 -> 7\\)"):
+        loader(shards, 0, shuffle_buffer=7).load_state_dict(state)
+    with pytest.raises(ValueError, match="train.seed changed"):
+        loader(shards, 0, seed=6).load_state_dict(state)
+    with pytest.raises(ValueError, match="the shards of data.train changed \\(8 shard\\(s\\) with 64 items -> 7 with 56\\)"):
+        loader(shards[:7], 0).load_state_dict(state)
+    with pytest.raises(ValueError, match="one per data-loader worker"):  # a position of earlier versions
+        loader(shards, 0).load_state_dict({"workers": [{"epoch": 0, "offset": 3}], "next_worker": 0})
+    # Workers and ranks are not part of it, nor where the shards lie (a moved run directory or data set).
+    expected = keys(loader_from(shards, 0, state), 3)
+    assert keys(loader_from(shards, 3, state), 3) == expected
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copies = [shutil.copy(url, moved) for url in shards]
+    assert keys(loader_from(copies, 0, state), 3) == expected
 
-    zero = loader(shards, 0)
-    keys(zero, 2)
-    state, expected = zero.state_dict(), keys(zero, 3)
-    assert keys(loader_from(shards, 1, state), 3) == expected
-    # A single-stream position of earlier versions still loads.
-    legacy = loader_from(shards, 0, {"epoch": 0, "offset": 2 * BATCH})
-    assert keys(legacy, 3) == expected
 
-
-def test_too_few_shards_for_ranks_times_workers(shards: list[str]) -> None:
-    with pytest.raises(ValueError, match="2 rank\\(s\\) x 2 data-loader worker"):
-        loader(shards[:3], workers=2, rank=0, world=2)
+def test_more_readers_than_shards(shards: list[str]) -> None:
+    loaders = ranks(shards[:3], [4, 4], 2)  # 4 readers, 3 shards
+    steps = global_steps(loaders, 3)
+    close(loaders)
+    assert len({key for step in steps for key in step}) == 24
 
 
 def test_bad_fraction_limit() -> None:

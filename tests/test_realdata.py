@@ -15,8 +15,8 @@ from PIL import Image
 
 from tests.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
 from vlcluster.data.fields import FieldMap
-from vlcluster.data.loader import TrainLoader
-from vlcluster.data.mixture import MixedStream, ShardSource
+from vlcluster.data.loader import LoaderConfig, TrainLoader
+from vlcluster.data.mixture import ShardSource
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality
 from vlcluster.data.shards import decode_sample
 from vlcluster.data.stream import eval_samples
@@ -121,7 +121,7 @@ def test_one_caption_drawn_per_sample_seeded_and_resumable(corpus, workers) -> N
     other_seed.close()
 
 
-def test_a_required_field_no_shard_has_fails_after_one_pass_with_counts(corpus) -> None:
+def test_a_required_field_no_shard_has_fails_at_the_first_batch_with_counts(corpus) -> None:
     urls = corpus["jpg"] + corpus["png"]  # 4 shards, 32 samples, no qa
     for workers in (0, 2):
         train = TrainLoader(urls, 0, 1, 0, 8, batch_size=4, image_size=8, num_workers=workers, fields=FieldMap().requiring("qa"))
@@ -129,9 +129,8 @@ def test_a_required_field_no_shard_has_fails_after_one_pass_with_counts(corpus) 
             train.next_batch()
         train.close()
         message = str(error.value)
-        # One pass: every sample of the reader's shards read exactly once.
-        per_reader = 32 // max(1, workers)
-        assert f"{per_reader} of {per_reader} samples bad: missing field qa ({per_reader})" in message, message
+        # The first batch's 4 items, every one without the field.
+        assert "4 of 4 samples bad: missing field qa (4)" in message, message
         assert "without one usable sample" in message and "data.fields" in message
         assert "Traceback" not in message
 
@@ -197,24 +196,35 @@ def test_any_caption_text_retrieval_and_per_caption_image_retrieval() -> None:
 # ---------------------------------------------------------------- mixtures
 
 
-def test_mixture_draws_by_weight_and_resumes_exactly(corpus) -> None:
+def test_mixture_draws_by_weight_and_resumes_exactly_on_another_topology(corpus) -> None:
     sources = [ShardSource(tuple(corpus["jpg"]), 3.0), ShardSource(tuple(corpus["png"]), 1.0)]
-    stream = MixedStream(sources, part=0, parts=1, seed=0, shuffle_buffer=4)
-    items = [next(stream) for _ in range(4000)]
-    from_first = sum(item["__url__"] in corpus["jpg"] for item in items) / len(items)
+    order = LoaderConfig(sources, 0, (8,), 0, 4, 8).build_order()
+    served, after = order.walk(order.start, 4000)
+    from_first = sum(source == 0 for source, _ in served) / len(served)
     print(f"share of the weight-3 source over 4,000 draws: {from_first:.4f}")
     assert abs(from_first - 0.75) < 0.02
-    again = MixedStream(sources, 0, 1, 0, 4)
-    for _ in range(1234):
-        next(again)
-    state = json.loads(json.dumps(again.state_dict()))
-    resumed = MixedStream(sources, 0, 1, 0, 4)
-    resumed.load_state_dict(state)
-    assert [(i["__url__"], i["__key__"]) for i in (next(resumed) for _ in range(500))] == [
-        (i["__url__"], i["__key__"]) for i in items[1234:1734]
-    ]
-    other = MixedStream(sources, 0, 1, 1, 4)
-    assert [i["__key__"] for i in (next(other) for _ in range(50))] != [i["__key__"] for i in items[:50]]
+    for index in (0, 1):  # each source serves its own canonical positions in turn
+        assert [at for source, at in served if source == index] == list(range(after.drawn[index]))
+
+    def loaders(sizes: list[int], seed: int = 0) -> list[TrainLoader]:
+        return [TrainLoader(sources, rank, len(sizes), seed, 4, size, 8, rank_sizes=sizes) for rank, size in enumerate(sizes)]
+
+    def steps(ranks: list[TrainLoader], count: int) -> list[list[tuple[str, str]]]:
+        return [[key for train in ranks for key in train.next_batch()["key"]] for _ in range(count)]
+
+    reference = loaders([8])
+    expected = steps(reference, 12)
+    first = loaders([4, 4])
+    assert steps(first, 5) == expected[:5]
+    state = json.loads(json.dumps(first[1].state_dict()))
+    resumed = loaders([3, 3, 2])
+    for train in resumed:
+        train.load_state_dict(state)
+    assert steps(resumed, 7) == expected[5:]
+    other = loaders([8], seed=1)
+    assert steps(other, 3) != expected[:3]
+    for train in [*reference, *first, *resumed, *other]:
+        train.close()
 
 
 def test_mixture_through_the_loader_workers_and_a_changed_mixture_is_refused(corpus) -> None:

@@ -173,7 +173,7 @@ def test_training_reads_listed_s3_shards(s3_env, s3_dataset):
     from vlcluster.data.loader import TrainLoader
     from vlcluster.storage.shardlist import expand as expand_urls
 
-    # Two data-loader worker processes, each reading its own shards from S3.
+    # Two data-loader worker processes, each reading its items of the canonical order from S3.
     loader = TrainLoader(expand_urls(f"{s3_dataset}/train-*.tar"), 0, 1, seed=0, shuffle_buffer=4, batch_size=4, num_workers=2)
     batches = [loader.next_batch() for _ in range(2)]
     loader.close()

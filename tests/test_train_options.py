@@ -42,7 +42,7 @@ def test_auto_workers_share_the_node_cpus_among_ranks():
     assert resolve_workers("auto", cpus_per_node=80, ranks_per_node=8, shards=10000, world_size=48) == 8  # 10 CPUs/rank, capped
     assert resolve_workers("auto", cpus_per_node=32, ranks_per_node=8, shards=10000, world_size=48) == 3  # 4 per rank, 1 for the rank
     assert resolve_workers("auto", cpus_per_node=2, ranks_per_node=2, shards=8, world_size=2) == 0  # decode in the rank
-    assert resolve_workers("auto", cpus_per_node=64, ranks_per_node=1, shards=8, world_size=2) == 4  # every worker needs its shards
+    assert resolve_workers("auto", cpus_per_node=64, ranks_per_node=1, shards=8, world_size=2) == 8  # workers share shards
     assert 0 <= resolve_workers("auto", None, 1, shards=1000, world_size=1) <= MAX_AUTO_WORKERS  # this machine's CPUs
     assert resolve_workers(3, cpus_per_node=2, ranks_per_node=2, shards=8, world_size=2) == 3  # a number is kept
 

@@ -11,11 +11,12 @@ float tensor in [-1, 1], JSON metadata, caption tokenisation per batch:
 
 - (a) plain webdataset: ``WebDataset(urls).shuffle(256).decode("pil")``, a
   ``map`` to tensors, ``batched``, then the tokenizer (baseline);
-- (b) vlcluster's ``TrainLoader`` without workers + ``BatchBuilder``: seeded
-  shard order and shuffle buffer, exact position, bad-data accounting;
+- (b) vlcluster's ``TrainLoader`` without workers + ``BatchBuilder``: the
+  canonical order (shard headers indexed, windowed shuffle, items read by
+  seeking), exact position on any topology, bad-data accounting;
 - (c) the same with ``--workers`` data-loader worker processes.
 
-b/a is what exact resume and bad-data accounting cost (goal >= 0.9); c/b is
+b/a is what the canonical order, exact resume and bad-data accounting cost (goal >= 0.9); c/b is
 what the workers bring. Samples per second of CPU time of (a) and (b) are
 printed too: on a machine shared with other work they compare the cost of
 the two more steadily than wall time; the load average says how shared. By

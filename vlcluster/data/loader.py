@@ -1,34 +1,35 @@
-"""The training data loader of one rank: decoded batches, exactly resumable,
-with optional data-loader worker processes and bad-data accounting.
+"""The training data loader of one rank: decoded batches, exactly resumable
+on any topology, with optional data-loader worker processes and bad-data
+accounting.
 
-With ``num_workers`` W > 0 the rank runs W worker processes (a torch
-``DataLoader`` over an ``IterableDataset``); W = 0 decodes in the training
-process and behaves as one worker. Worker ``w`` of rank ``r`` is reader
-``r * W + w`` of ``world_size * W`` (see ``stream.SampleStream``): its own
-disjoint shards and its own seeded shuffle buffer. Each worker decodes and
-stacks whole batches (one inter-process message per batch, not per sample)
-and skips bad samples until its batch is full. Worker streams are infinite,
-so the DataLoader hands out their batches in a fixed round-robin order:
-batch ``k`` of the rank comes from worker ``(first + k) mod W``.
+The samples come in the run's canonical order (``order.py``), which does not
+depend on the number of ranks or workers: the step at global position ``p``
+trains on canonical positions ``[p, p + B)`` (``B`` = train.batch_size), rank
+``r`` on its consecutive slice of them. With ``num_workers`` W > 0 the rank
+runs W worker processes (a torch ``DataLoader`` over an ``IterableDataset``);
+W = 0 decodes in the training process and behaves as one worker. Worker
+``w`` makes the rank's batches of steps ``w, w + W, ...`` (counted from where
+the loader started), so the DataLoader's round-robin hands them out in step
+order. A worker reads only its items, seeking over the others in the tar
+files (``tarindex.py``): nothing it skips is read or decoded. Each worker
+decodes and stacks whole batches (one inter-process message per batch).
 
-Every batch carries the worker that made it and that worker's stream
-position after it, so the main process knows exactly what has been
-*consumed* (batches prefetched but not yet taken are not part of it). The
-loader's state is one (epoch, offset) per worker, the worker whose batch
-comes next, and the bad-data counts of the consumed batches. On resume each
-worker replays its epoch and skips to its offset, and the round-robin starts
-at the saved worker, so the rank sees exactly the batches of an
-uninterrupted run.
+Every batch carries the global position after its step, so the main process
+knows exactly what has been *consumed* (batches prefetched but not yet taken
+are not part of it). The loader's state is that position (and, for a
+mixture, how many positions each source served) plus the bad-data counts of
+the consumed batches; it is the same on every rank, so a run resumes with any
+number of ranks and workers and trains on the rest of the epoch exactly once.
+What fixes the order (seed, shuffle_buffer, the shards and their item counts,
+mixture weights) is saved with it; a resume under another order is refused.
 
-Changing the number of workers changes which reader reads which shard, so a
-state saved with W workers is refused (a clear error) by a loader with
-another W; 0 and 1 are the same layout. Changing the number of ranks is
-refused by the trainer for the same reason.
+A bad item (undecodable, missing a field, a damaged shard's marker) is counted
+and dropped: it is not replaced by another item, since every position belongs
+to one step, so a rank's batch of that step is smaller by one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -43,10 +44,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlcluster.data.augment import NO_AUGMENT, Augment
 from vlcluster.data.fields import FieldMap
-from vlcluster.data.mixture import MixedStream, ShardSource
+from vlcluster.data.mixture import ShardSource
+from vlcluster.data.order import CanonicalOrder, Position, SourceOrder, rank_slices, refusal, shard_counts
 from vlcluster.data.quality import FIELDS_HINT, BadDataError, BadSample, DataQuality, no_usable_samples
 from vlcluster.data.shards import DEFAULT_FIELDS, decode_fields, normalise_images
-from vlcluster.data.stream import SampleStream
+from vlcluster.data.stream import RawSample
+from vlcluster.data.tarindex import ShardIndex
 
 log = logging.getLogger("vlcluster.data")
 
@@ -54,32 +57,30 @@ Decoder = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
 
 # Each skipped sample is logged with its shard and reason, up to this many per rank.
 MAX_LOGGED_BAD = 100
-# data.num_workers: auto stops here: decode rarely needs more per GPU, and each worker holds a shuffle buffer.
+# data.num_workers: auto stops here: decode rarely needs more per GPU.
 MAX_AUTO_WORKERS = 8
 
 
 def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
     """Workers per rank for ``data.num_workers``: a number as given; ``auto``: the node's CPUs (the stage's
     ``resources.cpus_per_node``, else the CPUs this process may run on) shared by its ranks,
-    one left to each rank's own process, at most ``MAX_AUTO_WORKERS`` and at most as many
-    as the shards allow (every worker of every rank reads its own)."""
+    one left to each rank's own process, at most ``MAX_AUTO_WORKERS``. Workers share shards
+    (each reads its items of the canonical order), so the shard count sets no limit."""
     if requested != "auto":
         return int(requested)
     cpus = cpus_per_node or len(os.sched_getaffinity(0))
     by_cpus = cpus // max(ranks_per_node, 1) - 1
-    return max(0, min(by_cpus, MAX_AUTO_WORKERS, shards // max(world_size, 1)))
+    return max(0, min(by_cpus, MAX_AUTO_WORKERS))
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
     sources: tuple[ShardSource, ...]  # one source, or a weighted mixture (plain URLs: one source)
     rank: int
-    world_size: int
+    rank_sizes: tuple[int, ...]  # every rank's share of the global batch
     seed: int
     shuffle_buffer: int
-    batch_size: int
     image_size: int | None
-    workers: int  # logical workers (readers) per rank, >= 1
     fields: FieldMap = DEFAULT_FIELDS
     augment: Augment = NO_AUGMENT
     uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
@@ -88,11 +89,23 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
 
-    def stream(self, worker: int) -> SampleStream | MixedStream:
-        part, parts = self.rank * self.workers + worker, self.world_size * self.workers
-        if len(self.sources) == 1:
-            return SampleStream(self.sources[0].urls, part, parts, self.seed, self.shuffle_buffer)
-        return MixedStream(self.sources, part, parts, self.seed, self.shuffle_buffer)
+    @property
+    def global_batch(self) -> int:
+        return sum(self.rank_sizes)
+
+    def build_order(self) -> CanonicalOrder:
+        """The canonical order of these sources (counts every shard's items: one walk over its tar headers)."""
+        orders = []
+        for index, source in enumerate(self.sources):
+            seed = self.seed if len(self.sources) == 1 else f"{self.seed}:source{index}"
+            order = SourceOrder(source.urls, shard_counts(source.urls), seed, self.shuffle_buffer)
+            if order.epoch_items == 0:
+                which = f"source {index + 1} of data.train" if len(self.sources) > 1 else "data.train"
+                raise BadDataError(
+                    f"{which} has no samples at all in its {len(source.urls)} shard(s) ({_shortlist(list(source.urls))}): empty tar files?"
+                )
+            orders.append(order)
+        return CanonicalOrder(orders, [source.weight for source in self.sources], self.seed, self.shuffle_buffer)
 
 
 def as_sources(sources: Sequence[str] | Sequence[ShardSource]) -> tuple[ShardSource, ...]:
@@ -115,53 +128,39 @@ def draw_caption(captions: list[str], seed: str) -> str:
     return captions[random.Random(f"{seed}:caption").randrange(len(captions))]
 
 
-def _read_a_pass(stream: SampleStream | MixedStream, start: tuple[int, int]) -> bool:
-    """Whether ``stream`` has read a whole epoch's worth since ``start`` (epoch, offset)."""
-    epoch, offset = start
-    if offset == 0 and stream.epoch == epoch:
-        return stream.at_epoch_end
-    return stream.epoch > epoch + 1 or (stream.epoch > epoch and stream.offset >= offset)
-
-
-def decode_batch(
-    stream: SampleStream | MixedStream, batch_size: int, image_size: int | None, shared: bool = False,
-    fields: FieldMap = DEFAULT_FIELDS, augment: Augment = NO_AUGMENT, uint8_images: bool = False,
-    decode: Decoder | None = None,
+def decode_items(
+    raws: list[RawSample], image_size: int | None, shared: bool = False, fields: FieldMap = DEFAULT_FIELDS,
+    augment: Augment = NO_AUGMENT, uint8_images: bool = False, decode: Decoder | None = None, seed: int | str = 0,
 ) -> dict[str, Any]:
-    """The next ``batch_size`` good samples of ``stream``, stacked; skipped ones counted in the batch.
+    """The usable samples of ``raws``, stacked; bad ones counted in the batch and dropped.
 
     ``shared``: build the image tensor in shared memory, so passing it from a
     worker to the training process copies nothing. ``uint8_images``: images
-    stay uint8 pixels ``[B, H, W, 3]`` (normalised later, on the device). A
-    reader that reads a whole pass over its shards without one usable sample
-    stops with a ``BadDataError`` that counts the causes.
+    stay uint8 pixels ``[B, H, W, 3]`` (normalised later, on the device).
     ``decode``: a task's sample decoder (default: the image-caption decoder
     with ``fields``, ``augment`` and one caption drawn per sample).
+    Raises ``BadDataError`` (counting the causes) when not one is usable.
     """
     samples: list[dict[str, Any]] = []
     quality, skipped = DataQuality(), []
-    start = (stream.epoch, stream.offset)
-    while len(samples) < batch_size:
-        raw = next(stream)
+    for raw in raws:
         quality.read += 1
         try:
             if decode is not None:
                 samples.append(decode(raw, image_size))
             else:
-                seed = sample_seed(stream.seed, raw)
-                sample = decode_fields(raw, image_size, fields, augment, seed)
-                sample["caption"] = draw_caption(sample["captions"], seed)
+                draw = sample_seed(seed, raw)
+                sample = decode_fields(raw, image_size, fields, augment, draw)
+                sample["caption"] = draw_caption(sample["captions"], draw)
+                sample["draw"] = draw
                 samples.append(sample)
         except BadSample as bad:
             quality.record(raw["__url__"], bad.reason, bad.cause)
             skipped.append((raw["__url__"], raw["__key__"], bad.reason, bad.detail[:200]))
-            if not samples and _read_a_pass(stream, start):
-                shards = stream.shards_for_epoch(start[0])
-                raise no_usable_samples(
-                    f"reader {stream.part} read one pass over its {len(shards)} shard(s) ({_shortlist(shards)})",
-                    quality, FIELDS_HINT,
-                )
-    stacked = stack_samples(samples, shared) if decode is not None else stack_pretraining(samples, batch_size, shared, uint8_images)
+    if not samples:
+        shards = sorted({raw["__url__"] for raw in raws})
+        raise no_usable_samples(f"a batch of {len(raws)} item(s) from {len(shards)} shard(s) ({_shortlist(shards)}) came", quality, FIELDS_HINT)
+    stacked = stack_samples(samples, shared) if decode is not None else stack_pretraining(samples, len(samples), shared, uint8_images)
     return {
         **stacked,
         "read": quality.read,
@@ -169,10 +168,6 @@ def decode_batch(
         "causes": dict(quality.causes),
         "skipped": skipped,
     }
-
-
-def _copied(positions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return json.loads(json.dumps(positions))
 
 
 def _shortlist(urls: list[str], shown: int = 3) -> str:
@@ -193,6 +188,7 @@ def stack_pretraining(samples: list[dict[str, Any]], batch_size: int, shared: bo
         "caption": [s["caption"] for s in samples],
         "qa": [s.get("qa") for s in samples],
         "key": [s["key"] for s in samples],
+        "draw": [s["draw"] for s in samples],  # per-sample seeds: VQA question draws (batches.BatchBuilder)
     }
 
 
@@ -204,29 +200,66 @@ def stack_samples(samples: list[dict[str, Any]], shared: bool = False) -> dict[s
     return stacked | {name: [s[name] for s in samples] for name in samples[0] if name != "pixels"}
 
 
-class _WorkerBatches(IterableDataset):
-    """What each DataLoader worker (or the main process, without workers) iterates."""
+class _ItemReader:
+    """Raw items of the canonical order; the shards of a shuffle window open at a time, each indexed once when opened."""
 
-    def __init__(self, config: LoaderConfig, positions: list[dict[str, int]], first_worker: int) -> None:
-        self.config, self.positions, self.first_worker = config, positions, first_worker
+    def __init__(self, order: CanonicalOrder) -> None:
+        self.order = order
+        self.open: dict[str, ShardIndex] = {}
+        # Fewer open shards than a window of every source spans would index shards again and again.
+        self.capacity = sum(source.shards_per_window() for source in order.sources) + 1
+
+    def read(self, source: int, position: int) -> RawSample:
+        epoch, shard, item = self.order.sources[source].locate(position)
+        url = self.order.sources[source].urls[shard]
+        if url in self.open:
+            self.open[url] = self.open.pop(url)  # most recently used last
+        else:
+            if len(self.open) >= self.capacity:
+                self.open.pop(next(iter(self.open))).close()
+            self.open[url] = ShardIndex(url)
+        raw = self.open[url].read(item)
+        raw["__epoch__"] = epoch  # the caption draw depends on it (draw_caption)
+        return raw
+
+    def close(self) -> None:
+        for index in self.open.values():
+            index.close()
+        self.open.clear()
+
+
+class _WorkerBatches(IterableDataset):
+    """What each DataLoader worker (or the main process, without workers) iterates:
+    the rank's batches of every ``workers``-th step from ``start``."""
+
+    def __init__(self, config: LoaderConfig, order: CanonicalOrder, start: Position) -> None:
+        self.config, self.order, self.start = config, order, start
 
     def __iter__(self):
         info = get_worker_info()
-        worker = ((info.id if info else 0) + self.first_worker) % self.config.workers
-        stream = self.config.stream(worker)
-        stream.load_state_dict(self.positions[worker])
-        while True:
-            try:
-                config = self.config
-                batch = decode_batch(
-                    stream, config.batch_size, config.image_size, info is not None, config.fields, config.augment,
-                    config.uint8_images, config.decode,
-                )
-            except BadDataError as exc:
-                # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
-                yield {"error": str(exc), "worker": worker}
-                return
-            yield {**batch, "worker": worker, "position": stream.state_dict()}
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        config, order = self.config, self.order
+        offset, size = rank_slices(config.rank_sizes)[config.rank]
+        reader = _ItemReader(order)
+        position, step = self.start, 0
+        try:
+            while True:
+                end = order.skip(position, config.global_batch)
+                if step % workers == worker:
+                    served, _ = order.walk(order.skip(position, offset), size)
+                    try:
+                        batch = decode_items(
+                            [reader.read(source, at) for source, at in served], config.image_size, info is not None,
+                            config.fields, config.augment, config.uint8_images, config.decode, config.seed,
+                        )
+                    except BadDataError as exc:
+                        # Passed as data: the DataLoader would wrap a raised one in its worker traceback.
+                        yield {"error": f"rank {config.rank}, step at data position {position.position}: {exc}", "step": step}
+                        return
+                    yield {**batch, "step": step, "end": end.state_dict()}
+                position, step = end, step + 1
+        finally:
+            reader.close()
 
 
 def _keep_workers_alive_on_stop_signals(_: int) -> None:
@@ -238,7 +271,7 @@ def _keep_workers_alive_on_stop_signals(_: int) -> None:
 
 
 class TrainLoader:
-    """Decoded batches for one rank; ``state_dict`` is the exact consumed position."""
+    """Decoded batches for one rank; ``state_dict`` is the exact consumed global position."""
 
     def __init__(
         self,
@@ -255,34 +288,38 @@ class TrainLoader:
         pin_memory: bool = False,
         uint8_images: bool = False,
         decode: Decoder | None = None,
+        rank_sizes: Sequence[int] | None = None,
     ) -> None:
+        """``batch_size``: this rank's share of a step; ``rank_sizes``: every rank's (default: ``batch_size`` each)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        workers = max(1, num_workers)
-        sources = as_sources(urls)
-        for index, source in enumerate(sources):
-            if len(source.urls) < world_size * workers:
-                which = f"source {index + 1} of data.train has" if len(sources) > 1 else "there are"
-                raise ValueError(
-                    f"{which} {len(source.urls)} training shard(s), which cannot be split across {world_size} rank(s) x "
-                    f"{workers} data-loader worker(s): every worker reads its own shards; write more, smaller shards "
-                    "or lower data.num_workers"
-                )
+        sizes = tuple(rank_sizes) if rank_sizes is not None else (batch_size,) * world_size
+        if len(sizes) != world_size or sizes[rank] != batch_size:
+            raise ValueError(f"rank_sizes {sizes} do not give rank {rank} of {world_size} its batch of {batch_size}")
         self.config = LoaderConfig(
-            sources, rank, world_size, seed, shuffle_buffer, batch_size, image_size, workers, fields, augment, uint8_images, decode
+            as_sources(urls), rank, sizes, seed, shuffle_buffer, image_size, fields, augment, uint8_images, decode
         )
         self.num_workers = num_workers
-        self.positions = [self.config.stream(worker).state_dict() for worker in range(workers)]
         self.pin_memory = pin_memory  # page-locked batches: host-to-device copies run asynchronously
-        self.next_worker = 0
+        self._order: CanonicalOrder | None = None
+        self.position: Position | None = None  # None: the start of the order
+        self.next_step = 0  # steps consumed since the worker processes started
         self.quality = DataQuality()
         self._logged_bad = 0
         self._iterator = None
 
+    @property
+    def order(self) -> CanonicalOrder:
+        if self._order is None:
+            self._order = self.config.build_order()
+        return self._order
+
     def _start(self):
-        dataset = _WorkerBatches(self.config, _copied(self.positions), self.next_worker)
+        if self.position is None:
+            self.position = self.order.start
+        dataset = _WorkerBatches(self.config, self.order, self.position)
         loader = DataLoader(
             dataset,
             batch_size=None,  # workers batch themselves
@@ -293,6 +330,7 @@ class TrainLoader:
             # global torch RNG, which is part of the training state.
             generator=torch.Generator(),
         )
+        self.next_step = 0
         return iter(loader)
 
     def next_batch(self) -> dict[str, Any]:
@@ -301,11 +339,11 @@ class TrainLoader:
         batch = next(self._iterator)
         if "error" in batch:
             raise BadDataError(batch["error"])
-        worker = batch.pop("worker")
-        if worker != self.next_worker:
-            raise RuntimeError(f"rank {self.config.rank}: got a batch of worker {worker}, expected {self.next_worker}")
-        self.positions[worker] = batch.pop("position")
-        self.next_worker = (worker + 1) % self.config.workers
+        step = batch.pop("step")
+        if step != self.next_step:
+            raise RuntimeError(f"rank {self.config.rank}: got the batch of step {step}, expected {self.next_step}")
+        self.next_step += 1
+        self.position = Position.from_state(batch.pop("end"), len(self.config.sources))
         self._account(batch.pop("read"), batch.pop("bad"), batch.pop("causes"), batch.pop("skipped"))
         return batch
 
@@ -323,26 +361,23 @@ class TrainLoader:
         self._iterator = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "workers": _copied(self.positions),
-            "next_worker": self.next_worker,
-            "quality": self.quality.state_dict(),
-        }
+        """The consumed global position (the same on every rank), what fixes the order, and this rank's bad-data counts."""
+        position = self.position or self.order.start
+        return {**position.state_dict(), "order": self.order.fingerprint(), "quality": self.quality.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "workers" not in state:  # a single-stream position {epoch, offset} of earlier versions
-            state = {"workers": [state], "next_worker": 0}
-        saved = len(state["workers"])
-        if saved != self.config.workers:
+    def load_state_dict(self, state: dict[str, Any], quality: DataQuality | None = None) -> None:
+        """Continue from a saved position; ``quality``: the counts to continue from (default: the state's own)."""
+        if "order" not in state:
             raise ValueError(
-                f"the checkpoint's data position is for {saved} data-loader worker(s) per rank, this run has "
-                f"{self.config.workers} (data.num_workers; 0 and 1 are the same): each worker reads its own "
-                f"shards, so the sample order would change. Set data.num_workers back to {saved} to resume, "
+                "the checkpoint's data position is one per data-loader worker, as written before the canonical data "
+                "order: it cannot be continued. Remove the stage's checkpoints to start it over"
+            )
+        problem = refusal(state["order"], self.order.fingerprint())
+        if problem is not None:
+            raise ValueError(
+                f"the checkpoint's data position belongs to another sample order: {problem}. Set it back to resume, "
                 "or remove the stage's checkpoints to start it over"
             )
-        for worker, position in enumerate(state["workers"]):
-            self.config.stream(worker).load_state_dict(position)  # refuses a position of another data.train
         self.close()
-        self.positions = _copied(state["workers"])
-        self.next_worker = int(state["next_worker"]) % self.config.workers
-        self.quality = DataQuality.from_state(state.get("quality", {}))
+        self.position = Position.from_state(state, len(self.config.sources))
+        self.quality = quality if quality is not None else DataQuality.from_state(state.get("quality", {}))

@@ -127,7 +127,7 @@ class DataSpec(Strict):
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         0, description="data-loader worker processes per training rank (0: decode in the rank; auto: the node's "
-        "CPUs per rank less one, at most 8, see data/loader.py); a checkpoint resumes only with the same number"
+        "CPUs per rank less one, at most 8, see data/loader.py); a checkpoint resumes with any number"
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="a training stage fails when more of the samples read are bad "

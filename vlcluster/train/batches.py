@@ -40,8 +40,10 @@ class Batch:
 class BatchBuilder:
     """Tokenises captions and, for VQA, draws one question per image.
 
-    The question draw uses its own seeded RNG whose state is checkpointed,
-    so a resumed run asks the same questions as an uninterrupted one.
+    The question of a sample is drawn from its own seed (``draw``: the
+    loader's per-sample seed of (seed, epoch, shard, key)), so a resumed run
+    asks the same questions as an uninterrupted one on any number of ranks.
+    Batches without per-sample seeds draw from ``rng``, whose state is checkpointed.
     """
 
     def __init__(self, encoder: TextEncoder, max_text_len: int, answers: list[str] | None, seed: int):
@@ -54,7 +56,11 @@ class BatchBuilder:
         text_ids, text_mask = self.encoder.encode(samples["caption"], self.max_text_len)
         batch = Batch(images=samples["image"], text_ids=text_ids, text_mask=text_mask)
         if with_questions:
-            pairs = [self.rng.choice(qa) for qa in samples["qa"]]
+            draws = samples.get("draw")
+            pairs = (
+                [random.Random(f"{draw}:question").choice(qa) for qa, draw in zip(samples["qa"], draws)] if draws
+                else [self.rng.choice(qa) for qa in samples["qa"]]
+            )
             batch.question_ids, batch.question_mask = self.encoder.encode([q for q, _ in pairs], self.max_text_len)
             batch.answers = torch.tensor([self.answer_index[a] for _, a in pairs], dtype=torch.long)
         return batch

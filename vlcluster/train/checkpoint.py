@@ -169,6 +169,12 @@ class LoadedCheckpoint:
     optim_state: dict
     rank_tensors: dict[str, torch.Tensor]
     rank_info: dict
+    # Every saving rank's record, when the checkpoint was written by another number of ranks (else None).
+    saved_rank_info: list[dict] | None = None
+
+    @property
+    def saved_world(self) -> int | None:
+        return self.meta.get("world_size")
 
 
 def _check_file(local: Path, name: str, expected: Any) -> None:
@@ -186,10 +192,17 @@ def _check_file(local: Path, name: str, expected: Any) -> None:
             raise DamagedCheckpoint(f"{name}: sha256 mismatch")
 
 
-def load_checkpoint(ckpt: Checkpoint, rank: int) -> LoadedCheckpoint:
+def load_checkpoint(ckpt: Checkpoint, rank: int, world_size: int | None = None) -> LoadedCheckpoint:
     """Read one rank's view of ``ckpt``, every file checked against the
-    commit marker (after download, for a remote run directory)."""
+    commit marker (after download, for a remote run directory).
+
+    Resuming on another number of ranks (``world_size``): rank ``r`` takes the
+    RNG state of saving rank ``r mod saved``, and every saving rank's record
+    is read (the data position is global; bad-data counts are summed)."""
     meta = ckpt.meta()
+    saved_world = meta.get("world_size")
+    resharded = world_size is not None and isinstance(saved_world, int) and saved_world > 0 and saved_world != world_size
+    source_rank = rank % saved_world if resharded else rank
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
 
     @contextmanager
@@ -225,8 +238,9 @@ def load_checkpoint(ckpt: Checkpoint, rank: int) -> LoadedCheckpoint:
         meta=meta,
         model_state=tensors("model.safetensors"),
         optim_state=unflatten_optimizer_state(tensors("optim.safetensors"), meta["param_groups"]),
-        rank_tensors=tensors(f"rank_{rank}.safetensors"),
-        rank_info=record(f"rank_{rank}.json"),
+        rank_tensors=tensors(f"rank_{source_rank}.safetensors"),
+        rank_info=record(f"rank_{source_rank}.json"),
+        saved_rank_info=[record(f"rank_{saved}.json") for saved in range(saved_world)] if resharded else None,
     )
 
 
@@ -235,14 +249,8 @@ def load_intact_checkpoint(root: Path, spec_hash: str, env: DistEnv) -> LoadedCh
     intact, or None. Damaged ones are logged, set aside and skipped."""
     candidates = [c for c in reversed(complete_checkpoints(root)) if c.meta().get("spec_hash") == spec_hash]
     for index, ckpt in enumerate(candidates):
-        saved_world = ckpt.meta().get("world_size")
-        if saved_world is not None and saved_world != env.world_size:
-            raise RuntimeError(
-                f"{ckpt.path} was written by {saved_world} ranks, this run has {env.world_size}; "
-                "resuming with a different world size would change the data order"
-            )
         try:
-            loaded, problem = load_checkpoint(ckpt, env.rank), None
+            loaded, problem = load_checkpoint(ckpt, env.rank, env.world_size), None
         except DamagedCheckpoint as exc:
             loaded, problem = None, str(exc)
         problems = list(dict.fromkeys(p for p in gather_objects(problem) if p))  # a shared file: once, not per rank

@@ -38,6 +38,7 @@ from vlcluster.train.model_config import build_model_config
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
 from vlcluster.train.accumulate import plan_micro_batches
+from vlcluster.train.elastic import StepBatches, hash_seed, resharded_loader_state
 from vlcluster.train.speed import apply_block_options
 from vlcluster.train.step import StepRunner
 from vlcluster.launch import EXIT_REQUEUE
@@ -81,7 +82,7 @@ class Trainer:
             self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
             self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 and not self.task else [])),
             self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=self.task is None,
-            decode=self.task.decode if self.task else None,
+            decode=self.task.decode if self.task else None, rank_sizes=self.rank_sizes,
         )
         self.keys = KeyRecorder(env.rank)
 
@@ -108,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         micro_batches = plan_micro_batches(self.rank_sizes, self.train.micro_batch_size, env.rank)
+        self.step_batches = StepBatches(self.rank_sizes, self.train.micro_batch_size, env, micro_batches)
         # FLOPs are counted for the pre-training objective's routes only (tasks' batches have other fields).
         self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob,
                                   None if self.task else self.meter)
@@ -167,12 +169,6 @@ class Trainer:
 
     def restore(self, loaded: ckpt.LoadedCheckpoint) -> None:
         checkpoint = loaded
-        saved_world = loaded.meta.get("world_size")
-        if saved_world != self.env.world_size:
-            raise RuntimeError(
-                f"{checkpoint.path} was written by {saved_world} ranks, this run has {self.env.world_size}; "
-                "resuming with a different world size would change the data order"
-            )
         set_model_state_dict(self.objective, loaded.model_state, options=FULL_STATE_LOAD)
         set_optimizer_state_dict(self.objective, self.optimizer, loaded.optim_state, options=FULL_STATE_LOAD)
         self.scheduler.load_state_dict(loaded.meta["scheduler"])
@@ -181,9 +177,19 @@ class Trainer:
         self.generator.set_state(loaded.rank_tensors["generator"])
         if "cuda_rng" in loaded.rank_tensors and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(loaded.rank_tensors["cuda_rng"], self.env.device)
-        self.loader.load_state_dict(loaded.rank_info["loader"])
         self.builder.rng.setstate(_tupled(loaded.rank_info["questions_rng"]))
         self.step = loaded.step
+        try:
+            self.loader.load_state_dict(*resharded_loader_state(loaded, self.env.rank))
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint.path}: {exc}") from None
+        if loaded.saved_rank_info is not None:
+            # Another number of ranks: the per-rank RNG streams cannot continue one to one; new, distinct ones.
+            self.generator.manual_seed(hash_seed(self.train.seed, self.env.rank, self.step, "masks"))
+            self.builder.rng.seed(f"{self.train.seed}:{self.env.rank}:{self.step}:questions")
+            if self.env.is_main:
+                log.info("resuming on %d ranks from a checkpoint of %d: the data continues at global position %d",
+                         self.env.world_size, loaded.saved_world, self.loader.position.position)
         if self.env.is_main:
             log.info("resuming from checkpoint %s (step %d of %d)", checkpoint.path.name, self.step, self.train.steps)
 
@@ -234,6 +240,7 @@ class Trainer:
 
     def train_step(self, with_questions: bool) -> dict[str, torch.Tensor]:
         samples = self.loader.next_batch()
+        self.stepper.micro_batches = self.step_batches.plan(len(samples["key"]))  # bad samples shrink a rank's batch
         out = self.stepper.run(self.builder(samples, with_questions), self.generator)
         self.scheduler.step()
         self.step += 1
