@@ -30,11 +30,13 @@ N_TRAIN, N_VAL, BATCH = 1024, 256, 32
 # Chance: top-1 5%; mIoU of an all-background guess ~13%; VQA 6.7% uniform (~30% best blind
 # guess); NLVR2 50%; retrieval (mean of TR and IR R@1/5/10) ~1.5% with 256 images and 768
 # captions. Models start from random weights here,
-# so the contrastive retrieval task needs the most steps.
+# so the contrastive retrieval task needs the most steps. VQA's BCE head is still
+# between the answer prior and grounded answers at 500 steps (26.6 to 46.4 over eight
+# loader seeds); at 1000 steps four seeds give 48.6 to 52.3.
 EXPECT = {
     "classification": (300, 2e-3, "top1", 40.0, 12.0, 0.0),
     "segmentation": (300, 2e-3, "miou", 40.0, 20.0, 0.0),
-    "vqa": (500, 2e-3, "vqa_acc", 30.0, 15.0, 0.0),
+    "vqa": (1000, 2e-3, "vqa_acc", 30.0, 15.0, 0.0),
     "nlvr2": (300, 1e-3, "nlvr2_acc", 62.0, 58.0, 42.0),
     "retrieval": (600, 2e-3, "rsum_mean", 4.0, 2.5, 0.0),
 }
