@@ -297,7 +297,7 @@ def test_paper_recipe_plans_the_whole_study(paper_graph):
     assert (vqa.model.image_size, vqa.train.lr, vqa.train.batch_size) == (480, 3e-5, 128)
     assert (stages["ft_msa_coco[seed.train.steps=0,vlpt.train.steps=200000]"].train.batch_size, stages["ft_maa_f30k"].train.lr) == (640, 6.25e-7)
     assert sorted(stages["paper"].mergeability) == sorted(f"K_seed [seed.train.steps={k},vlpt.train.steps={v}]" for k, v in K_SEEDS)
-    assert len(graph.order) == 180
+    assert len(graph.order) == 188
 
     result = cli("plan", PAPER)
     assert result.returncode == 0, result.stderr
@@ -323,7 +323,7 @@ def test_paper_recipe_dry_runs_on_slurm_as_arrays_chained_task_by_task():
     result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
-    assert sum(unit["tasks"] for unit in units.values()) == 180
+    assert sum(unit["tasks"] for unit in units.values()) == 188
     assert units["seed"] == {"tasks": 4, "array": "0-3%4", "dependency": None, "nodes": 6}
     assert units["vlpt"] == {"tasks": 4, "array": "0-3%4", "dependency": "aftercorr:<job:seed>", "nodes": 6}
     assert units["maa"]["tasks"] == 1 and units["maa"]["dependency"] is None
@@ -362,10 +362,13 @@ def test_paper_recipe_renders_for_kubernetes():
 def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark(paper_graph):
     small = build_graph(load_pipeline(REPO / "jobs/paper_study_small.yaml"), "small").pipeline.stages
     full = paper_graph.pipeline.stages
-    assert len(small) == 169
+    assert len(small) == 139
     assert {s.kind for s in full.values()} - {s.kind for s in small.values()} == {"import"}  # one data stage instead
     steps = {name: s.train.steps for name, s in small.items() if name.startswith(("seed[", "vlpt["))}
     assert sorted(steps.values()) == [0, 150, 150, 300, 300, 450, 450, 600]
     assert {s.model.arch for s in small.values() if s.kind == "pretrain"} == {s.model.arch for s in full.values() if s.kind == "pretrain"}
-    assert sorted((s.method, s.source.split("[")[0]) for s in small.values() if s.kind == "merge") == \
-        sorted((s.method, s.source.split("[")[0]) for s in full.values() if s.kind == "merge")
+    def merges(stages):  # (method, the merged stage's base name without the task suffix, its kind)
+        return sorted((s.method, s.source.split("[")[0].removesuffix("_coco").removesuffix("_ret"), stages[s.source].kind)
+                      for s in stages.values() if s.kind == "merge")
+    assert merges(small) == merges(full)
+    assert ("interpolation", "ft_msa", "finetune") in merges(small)  # merging after fine-tuning
