@@ -372,3 +372,17 @@ def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark(
                 for s in stages.values() if s.kind == "merge"}
     assert merges(small) == merges(full)
     assert ("interpolation", "ft_msa", "finetune") in merges(small)  # merging after fine-tuning
+
+
+def test_set_on_a_swept_field_is_refused_naming_the_sweep(write_job):
+    """The sweep's values would replace a --set value without a word: refuse it instead."""
+    for field, where in (("stages.seed.train.steps", "sweep.zip"), ("stages.merge.alpha", "sweep.product")):
+        with pytest.raises(SpecError) as info:
+            graph_of(write_job, overrides=[f"{field}=7"])
+        assert f"--set {field}:" in str(info.value) and f"({where})" in str(info.value)
+    own = ZIPPED.replace("  product:\n    stages.merge.alpha: [0.25, 0.75]\n", "").replace(
+        "merge: {kind: merge, source: vlpt, alpha: 0.5}", "merge: {kind: merge, source: vlpt, sweep: {alpha: [0.25, 0.75]}}")
+    with pytest.raises(SpecError, match=r"stages\.merge\.sweep"):  # a stage's own sweep
+        graph_of(write_job, own, ["stages.merge.alpha=0.5"])
+    graph = graph_of(write_job, overrides=["stages.maa.train.steps=3"])  # a field no sweep touches
+    assert graph.pipeline.stages["maa"].train.steps == 3

@@ -89,6 +89,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path.strip().split("."), value
 
 
+def swept_by(raw: Any, keys: list[str]) -> str | None:
+    """Where the file sweeps the field ``keys`` names (a sweep would silently
+    replace a ``--set`` value), or None."""
+    if not isinstance(raw, dict):
+        return None
+    field = ".".join(keys)
+    top = raw.get("sweep")
+    for group in ("zip", "product"):
+        fields = top.get(group) if isinstance(top, dict) else None
+        if isinstance(fields, dict) and field in fields:
+            return f"sweep.{group}"
+    stages = raw.get("stages")
+    if len(keys) > 2 and keys[0] == "stages" and isinstance(stages, dict):
+        stage = stages.get(keys[1])
+        own = stage.get("sweep") if isinstance(stage, dict) else None
+        if isinstance(own, dict) and ".".join(keys[2:]) in own:
+            return f"stages.{keys[1]}.sweep"
+    return None
+
+
+def refuse_swept_override(raw: Any, keys: list[str], path: Path) -> None:
+    where = swept_by(raw, keys)
+    if where is not None:
+        raise SpecError(
+            f"--set {'.'.join(keys)}: {path} sweeps this field ({where}), so the sweep's values would "
+            f"replace the one given; change the values under {where} in the file instead"
+        )
+
+
 def apply_override(raw: dict, keys: list[str], value: Any) -> None:
     node = raw
     for depth, key in enumerate(keys[:-1]):
@@ -247,7 +276,9 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     path = Path(path)
     raw = read_yaml(path)
     for text in overrides:
-        apply_override(raw, *parse_override(text))
+        keys, value = parse_override(text)
+        refuse_swept_override(raw, keys, path)
+        apply_override(raw, keys, value)
     problems = check_names(raw)
     if problems:
         raise SpecError(f"{path}: invalid names:\n  " + "\n  ".join(problems[:10]))
