@@ -73,21 +73,31 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
     plt, fig, axes = _grid(len(views.DISTANCES))
     settings = sorted({p.arm.merge.describe() for p in points})
     for ax, distance in zip(axes, views.DISTANCES):
-        for setting in settings:
+        for index, setting in enumerate(settings):
+            style = _series_style(index)
             group = [p for p in points if p.arm.merge.describe() == setting and distance in p.distances]
             xs, ys = [p.distances[distance] for p in group], [p.drop for p in group]
-            r = correlations.get(setting, {}).get(distance, math.nan)
-            ax.scatter(xs, ys, label=f"{setting} (r = {r:.3f})" if not math.isnan(r) else setting)
+            ax.scatter(xs, ys, label=setting, **style)
             fit = _line_fit(xs, ys)
             if fit is not None:
                 slope, intercept = fit
                 ends = [min(xs), max(xs)]
-                ax.plot(ends, [slope * x + intercept for x in ends], linestyle="--")
+                ax.plot(ends, [slope * x + intercept for x in ends], linestyle="--", color=style["color"])
+                r = correlations.get(setting, {}).get(distance, math.nan)
+                # r beside its line's right end, in its colour: the legend is shared by every panel
+                ax.annotate(f"r = {r:.2f}", (ends[1], slope * ends[1] + intercept), color=style["color"],
+                            fontsize=8, xytext=(4, 0), textcoords="offset points", va="center")
         ax.set_xlabel(distance.upper() if distance != "cosine" else "cosine dissimilarity")
         ax.set_ylabel(f"merge drop: {views.label(drop_score)}")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # TSSD is ~1e-4: no overlapping decimals
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _shared_legend(fig, axes[0])
     return _save(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
+
+
+def _series_style(index: int) -> dict:
+    """Ten colours, then another marker: more series than colours stay distinguishable."""
+    return {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5]}
 
 
 def _shared_legend(fig, ax) -> None:
