@@ -48,24 +48,39 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
 
 
 def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
-    """Grouped bars: one group per category (architecture), one bar per series label."""
+    """Grouped bars: one group per category (architecture), one bar per series label.
+    A series with no score at all in a panel gets no slot there (a setting only one
+    architecture has would otherwise fill every other group with n/a marks)."""
     plt, fig, axes = _grid(len(panels))
+    names = list(dict.fromkeys(name for series in panels for name in series.lines))
     for ax, series in zip(axes, panels):
         categories = list(next(iter(series.lines.values()), {}).keys())
-        width = 0.8 / max(len(series.lines), 1)
-        for i, (name, points) in enumerate(series.lines.items()):
-            heights = [points.get(c) for c in categories]
+        shown = [name for name in names if any(v is not None for v in series.lines.get(name, {}).values())]
+        width = 0.8 / max(len(shown), 1)
+        for i, name in enumerate(shown):
+            heights = [series.lines[name].get(c) for c in categories]
             positions = [j + i * width for j in range(len(categories))]
-            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name)
+            index = names.index(name)  # the same colour (and hatch past ten series) in every panel
+            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name,
+                   color=_series_style(index)["color"], hatch=["", "//", "..", "xx", "--"][index // 10 % 5])
             for x, h in zip(positions, heights):
                 if h is None:  # a missing arm is marked, never drawn as a zero score
-                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks([j + width * (len(series.lines) - 1) / 2 for j in range(len(categories))], categories, rotation=20)
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(categories))], categories, rotation=20)
         ax.set_title(series.title, fontsize=10)
         ax.set_ylabel(series.title.split(" by ")[0])
         ax.grid(alpha=0.3, axis="y")
-    _shared_legend(fig, axes[0])
+    _figure_legend(fig, axes)
     return _save(plt, fig, title, path)
+
+
+def _figure_legend(fig, axes) -> None:
+    """Panels may show different series: one legend of every series any panel drew."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 3), fontsize=8, frameon=False)
 
 
 def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: str, path: Path) -> Path:
