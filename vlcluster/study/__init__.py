@@ -4,6 +4,7 @@ the ``report`` stage)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,10 @@ def _drops(arms: list[Arm], drop_score: str, out: Path, report: StudyReport) -> 
 
 def _summary(arms: list[Arm], report: StudyReport, out: Path) -> str:
     lines = [tables.arms_table(arms) if arms else "no finished eval stages"]
-    for setting, r in report.pearson.items():
+    defined = {setting: r for setting, r in report.pearson.items() if not all(math.isnan(v) for v in r.values())}
+    for setting, r in defined.items():
         lines.append(f"Pearson r with the merge drop ({setting}): " + ", ".join(f"{d} {v:.3f}" for d, v in r.items()))
+    if len(defined) < len(report.pearson):  # one point (e.g. a knob swept at one K_seed) has no r
+        lines.append(f"Pearson r undefined for {len(report.pearson) - len(defined)} merge setting(s) with fewer than two points")
     lines.append(f"wrote {out / 'report.md'}" + "".join(f", {path.name}" for path in report.figures))
     return "\n".join(lines)
