@@ -43,7 +43,7 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
         ax.set_xlabel(series.x_label)
         ax.set_ylabel(series.title.split(" vs ")[0].split(" by ")[0])
         ax.grid(alpha=0.3)
-    _shared_legend(fig, axes[0])
+    _figure_legend(fig, axes)
     return _save(plt, fig, title, path)
 
 
@@ -75,7 +75,8 @@ def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
 
 
 def _figure_legend(fig, axes) -> None:
-    """Panels may show different series: one legend of every series any panel drew."""
+    """One legend under the panels, off the data, of every series any panel drew
+    (panels may show different ones)."""
     entries = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -106,19 +107,13 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
         ax.set_ylabel(f"merge drop: {views.label(drop_score)}")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # TSSD is ~1e-4: no overlapping decimals
         ax.grid(alpha=0.3)
-    _shared_legend(fig, axes[0])
+    _figure_legend(fig, axes)
     return _save(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
 
 
 def _series_style(index: int) -> dict:
     """Ten colours, then another marker: more series than colours stay distinguishable."""
     return {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5]}
-
-
-def _shared_legend(fig, ax) -> None:
-    """Every panel draws the same series: one legend under the panels, off the data."""
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
 
 
 def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
