@@ -33,8 +33,10 @@ def write_vqa2(root: Path) -> dict:
         for n, image_id in enumerate(image_ids):
             for k in range(2):
                 qid = image_id * 1000 + k
-                # 10 annotators: "yes" x6, "no" x3, "2" x1 (or a rare answer for one question)
-                given = ["yes"] * 6 + ["no"] * 3 + ["2"] if k == 0 else ["red"] * 2 + ["blue"] * 8
+                # 10 annotators, typed as people type: "yes" x6, "no" x3, "2" x1 (or a rare
+                # answer for one question); the official normalisation makes them one answer each.
+                given = ["yes", "Yes", "yes.", "YES", "yes!", " yes"] + ["no"] * 3 + ["Two."] if k == 0 else \
+                    ["red", "Red."] + ["blue"] * 5 + ["the blue", "Blue", "blue "]
                 if (subtype, image_id, k) == ("train2014", 25, 1):
                     given = [a for a in ("lion", "tiger", "bear", "wolf", "fox") for _ in range(2)]  # all rare
                 questions.append({"image_id": image_id, "question": f"what is shown {k}?", "question_id": qid})

@@ -11,6 +11,7 @@ from tests import task_formats
 from vlcluster.data.stream import shard_items
 from vlcluster.importers.common import ImportFailed, ImportOptions
 from vlcluster.importers.stage import run_import
+from vlcluster.importers.vqa_answers import normalise_answer
 from vlcluster.tasks.dataset import read_task_data
 from vlcluster.tasks.registry import get_task
 
@@ -134,3 +135,13 @@ def test_job_files_check_import_inputs_and_which_task_reads_them(write_job):
     assert "stages.pre.data.from" in message and "stages.ok" not in message
     with pytest.raises(SpecError, match="missing input 'annotations'"):
         load_pipeline(write_job(text.replace("format: karpathy, inputs: {split_json: x.json, images: imgs}", "format: vqa2, inputs: {questions: q.json, images: i}")))
+
+
+@pytest.mark.parametrize("typed, compared", [
+    ("Two.", "2"), ("  the   Dog ", "dog"), ("an apple", "apple"), ("none", "0"), ("ten", "10"),
+    ("dont know", "don't know"), ("isnt", "isn't"), ("well", "well"), ("its", "its"),
+    ("black/white", "black white"), ("hot - dog", "hot dog"), ("yes!", "yes"), ("t-shirt", "t shirt"),
+    ("1,000", "1000"), ("3.5", "3.5"), ("end.", "end"), ("12:30", "12:30"), ("(a) cat, dog", "cat dog"),
+])
+def test_vqa_answers_are_normalised_as_the_official_evaluation_compares_them(typed, compared):
+    assert normalise_answer(typed) == compared

@@ -7,8 +7,9 @@ Questions file: ``{"data_subtype": "train2014", "questions": [{"image_id", "ques
 image directory. Several question/annotation pairs (train2014, val2014) make several
 splits. The answer vocabulary is the ``max_answers`` most frequent annotator answers of
 the training split; each question's answers get the soft score min(#annotators / 3, 1).
-Answers are compared after lower-casing and stripping (the official evaluation also
-normalises punctuation, number words and articles; that is not replicated here).
+Answers are normalised as the official evaluation compares them (``vqa_answers``:
+punctuation, number words, articles, contractions) before they are counted, so
+"Two." and "2" are one answer of the vocabulary.
 A training question with no answer in the vocabulary is skipped (counted as
 ``unknown_answer``); a validation one is kept and can only score 0, as in the
 official metric.
@@ -20,14 +21,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from vlcluster.importers.vqa_answers import normalise_answer
 from vlcluster.importers.common import BadEntries, log, DatasetWriter, ImportFailed, ImportOptions, image_bytes, index_files, need_dir, need_file
 from vlcluster.tasks.vqa import soft_score
 
 SPLITS = {"train2014": "train", "val2014": "val", "test2015": "test", "test-dev2015": "test"}
-
-
-def normalise(answer: str) -> str:
-    return " ".join(answer.lower().strip().rstrip(".").split())
 
 
 def _load(path: Path, key: str) -> dict:
@@ -48,7 +46,7 @@ def _split_of(payload: dict, path: Path) -> tuple[str, str]:
 
 
 def _answer_counts(annotation: dict) -> Counter:
-    return Counter(normalise(a["answer"]) for a in annotation["answers"])
+    return Counter(normalise_answer(a["answer"]) for a in annotation["answers"])
 
 
 def import_vqa2(options: ImportOptions, questions: list[str], annotations: list[str], images: str) -> dict:
