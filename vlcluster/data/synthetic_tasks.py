@@ -8,7 +8,8 @@ train/val shards in the task's sample format, see ``vlcluster.tasks``):
   colour, shape or position, three captions per image, each naming a random
   subset of the objects, so a caption can fit several images of its group
   and recall is not saturated;
-- ``nlvr2``: a statement about a pair of scenes, true or false (balanced);
+- ``nlvr2``: a statement about a pair of scenes, true or false, each sentence
+  true as often as false (the text alone is at chance);
 - ``classification``: one object per image, class = colour x shape (20);
 - ``segmentation``: a mask per image, labels background + the 5 colours
   (1..6; 0 = ignore is never used here).
@@ -104,34 +105,43 @@ def retrieval_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
 # ---- NLVR2 -------------------------------------------------------------------
 
 
-def _has(scene: Scene, color: str | None, shape: str | None) -> bool:
+def _has(scene: Scene, color: str | None = None, shape: str | None = None) -> bool:
     return any((color is None or o.color == color) and (shape is None or o.shape == shape) for o in scene.objects)
 
 
-def _statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str, bool]:
-    kind = rng.randrange(4)
-    side, scene = rng.choice([("left", left), ("right", right)])
-    present = rng.choice(scene.objects)
-    color, shape = (present.color, present.shape) if rng.random() < 0.5 else (rng.choice(COLORS), rng.choice(SHAPES))
-    if kind == 0:
-        return f"the {side} image contains a {color} shape", _has(scene, color, None)
-    if kind == 1:
-        return f"the {side} image contains a {shape}", _has(scene, None, shape)
-    if kind == 2:
-        return f"both images contain a {color} shape", _has(left, color, None) and _has(right, color, None)
-    other = "right" if side == "left" else "left"
-    more = len(scene.objects) > len((right if side == "left" else left).objects)
-    return f"the {side} image has more shapes than the {other} image", more
+Statement = tuple[str, Callable[[Scene, Scene], bool]]  # the sentence, and its truth for (left, right)
+
+
+def _side_has_color(rng: random.Random) -> Statement:
+    side, color = rng.choice(("left", "right")), rng.choice(COLORS)
+    return f"the {side} image contains a {color} shape", lambda left, right: _has(left if side == "left" else right, color)
+
+
+def _side_has_shape(rng: random.Random) -> Statement:
+    side, shape = rng.choice(("left", "right")), rng.choice(SHAPES)
+    return f"the {side} image contains a {shape}", lambda left, right: _has(left if side == "left" else right, shape=shape)
+
+
+def _both_have_color(rng: random.Random) -> Statement:
+    color = rng.choice(COLORS)
+    return f"both images contain a {color} shape", lambda left, right: _has(left, color) and _has(right, color)
+
+
+STATEMENTS: tuple[Callable[[random.Random], Statement], ...] = (_side_has_color, _side_has_shape, _both_have_color)
 
 
 def nlvr2_samples(rng: random.Random, image_size: int) -> Iterator[Sample]:
-    want_true = True
+    """The sentence is drawn first and made true and false in turn, the pair of scenes
+    last (by rejection) to fit: every sentence is true as often as false (to one), so
+    the sentence alone predicts nothing and only looking at the images beats 50%."""
+    next_label: dict[str, bool] = {}
     while True:
+        sentence, truth = rng.choice(STATEMENTS)(rng)
+        label = next_label.get(sentence, rng.random() < 0.5)  # a fixed first label would tilt the set
+        next_label[sentence] = not label
         left, right = sample_scene(rng), sample_scene(rng)
-        sentence, label = _statement(left, right, rng)
-        if label != want_true:  # rejection keeps the labels balanced (chance = 50%)
-            continue
-        want_true = not want_true
+        while truth(left, right) != label:
+            left, right = sample_scene(rng), sample_scene(rng)
         yield {
             "img0.png": _png_bytes(render(left, image_size, rng)),
             "img1.png": _png_bytes(render(right, image_size, rng)),
