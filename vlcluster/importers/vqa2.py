@@ -21,8 +21,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from vlcluster.importers.vqa_answers import normalise_answer
 from vlcluster.importers.common import BadEntries, log, DatasetWriter, ImportFailed, ImportOptions, image_bytes, index_files, need_dir, need_file
+from vlcluster.importers.vqa_answers import normalise_answer
 from vlcluster.tasks.vqa import soft_score
 
 SPLITS = {"train2014": "train", "val2014": "val", "test2015": "test", "test-dev2015": "test"}
