@@ -61,8 +61,8 @@ def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
             heights = [series.lines[name].get(c) for c in categories]
             positions = [j + i * width for j in range(len(categories))]
             index = names.index(name)  # the same colour (and hatch past ten series) in every panel
-            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name,
-                   color=_series_style(index)["color"], hatch=["", "//", "..", "xx", "--"][index // 10 % 5])
+            style = _series_style(index)
+            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name, color=style["color"], hatch=style["hatch"])
             for x, h in zip(positions, heights):
                 if h is None:  # a missing arm is marked, never drawn as a zero score
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -93,7 +93,7 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
             style = _series_style(index)
             group = [p for p in points if p.arm.merge.describe() == setting and distance in p.distances]
             xs, ys = [p.distances[distance] for p in group], [p.drop for p in group]
-            ax.scatter(xs, ys, label=setting, **style)
+            ax.scatter(xs, ys, label=setting, color=style["color"], marker=style["marker"])
             fit = _line_fit(xs, ys)
             if fit is not None:
                 slope, intercept = fit
@@ -112,8 +112,10 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
 
 
 def _series_style(index: int) -> dict:
-    """Ten colours, then another marker: more series than colours stay distinguishable."""
-    return {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5]}
+    """Ten colours, then another marker (points) or hatch (bars): more series than
+    colours stay distinguishable."""
+    cycle = index // 10 % 5
+    return {"color": f"C{index % 10}", "marker": "osD^v"[cycle], "hatch": ["", "//", "..", "xx", "--"][cycle]}
 
 
 def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
