@@ -451,6 +451,18 @@ def report_error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlcluster.clirecord import record_invocation
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = None
+    try:
+        code = run_command(argv)
+        return code
+    finally:  # for the docs check: which commands the tests ran, and how they ended
+        record_invocation(argv, code)
+
+
+def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
