@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import re
@@ -140,22 +141,26 @@ class ParseFailure(ValueError):
     pass
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    """Parse with the real ``vlcluster`` parser, nothing run; a ParseFailure carries argparse's message."""
+@functools.lru_cache(maxsize=1)
+def cli_parser() -> argparse.ArgumentParser:
+    """The real ``vlcluster`` parser (parsing does not change it, so one serves every command)."""
     from vlcluster.cli import build_parser
 
+    return build_parser()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse with the real ``vlcluster`` parser, nothing run; a ParseFailure carries argparse's message."""
     message = io.StringIO()
     try:
         with contextlib.redirect_stderr(message), contextlib.redirect_stdout(io.StringIO()):
-            return build_parser().parse_args(argv)
+            return cli_parser().parse_args(argv)
     except SystemExit:
         raise ParseFailure(message.getvalue().strip().splitlines()[-1] if message.getvalue().strip() else "no command") from None
 
 
 def subparser_for(argv: list[str]) -> tuple[tuple[str, ...], argparse.ArgumentParser]:
-    from vlcluster.cli import build_parser
-
-    parser, path = build_parser(), []
+    parser, path = cli_parser(), []
     for word in argv:
         children = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
         if children is None or word not in children:
