@@ -161,3 +161,18 @@ def test_cli_main_records_each_invocation_with_its_exit_status(tmp_path, monkeyp
     assert main(["schema"]) == 0  # unset: nothing written
     entries = [json.loads(line) for line in record.read_text().splitlines()]
     assert entries == [{"argv": ["schema"], "code": 0}, {"argv": ["plan", str(tmp_path / "missing.yaml")], "code": 2}]
+
+
+@pytest.mark.parametrize(("page", "first_line", "model"), [
+    ("docs/guide/first-cluster-run.md", "name: seed_mylab", "Pipeline"),
+    ("docs/guide/slurm.md", "# slurm/a100.yaml", "ClusterProfile"),
+])
+def test_complete_yaml_examples_validate(page, first_line, model):
+    """The examples a reader copies whole (the others are marked fragments)."""
+    import yaml
+
+    from vlcluster.jobspec import models
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / page).read_text(), re.S)
+    [block] = [b for b in blocks if b.startswith(first_line)]
+    getattr(models, model).model_validate(yaml.safe_load(block))
