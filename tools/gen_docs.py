@@ -33,6 +33,11 @@ def cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def prose(text: str) -> str:
+    """Help or description text for a cell: ``runs/<name>`` must not become an HTML tag."""
+    return cell(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -86,7 +91,7 @@ def default_text(action: argparse.Action) -> str:
 def command_section(prog: str, parser: argparse.ArgumentParser, summary: str, level: int) -> list[str]:
     lines = [f"{'#' * level} `{prog}`", ""]
     if summary:
-        lines += [summary[0].upper() + summary[1:] + ".", ""]
+        lines += [prose(summary[0].upper() + summary[1:]) + ".", ""]
     nested = subcommands(parser)
     if nested:
         helps = subcommand_help(parser)
@@ -100,7 +105,7 @@ def command_section(prog: str, parser: argparse.ArgumentParser, summary: str, le
         lines += ["| argument | default | what |", "|---|---|---|"]
         for action in rows:
             required = " (required)" if action.required and action.option_strings else ""
-            lines.append(f"| `{cell(argument_word(action))}`{required} | {cell(default_text(action))} | {cell(action.help or '')} |")
+            lines.append(f"| `{cell(argument_word(action))}`{required} | {cell(default_text(action))} | {prose(action.help or '')} |")
         lines.append("")
     return lines
 
@@ -114,7 +119,7 @@ def cli_page() -> str:
              "Every command is `vlcluster COMMAND ...` (also `python -m vlcluster.cli COMMAND ...`); "
              "a spec or input error exits with status 2 and one paragraph naming the file and the field.", ""]
     lines += ["| command | what |", "|---|---|"]
-    lines += [f"| [`{name}`](#vlcluster-{name}) | {cell(helps.get(name, ''))} |" for name in subcommands(parser)]
+    lines += [f"| [`{name}`](#vlcluster-{name}) | {prose(helps.get(name, ''))} |" for name in subcommands(parser)]
     lines.append("")
     for name, child in subcommands(parser).items():
         lines += command_section(f"vlcluster {name}", child, helps.get(name, ""), 2)
@@ -179,11 +184,11 @@ def default_cell(name: str, schema: dict, required: list[str]) -> str:
 def model_table(name: str, schema: dict) -> list[str]:
     lines = [f"## {name}", ""]
     if schema.get("description"):
-        lines += [" ".join(schema["description"].split()), ""]
+        lines += [prose(" ".join(schema["description"].split())), ""]
     lines += ["| field | type | default | what |", "|---|---|---|---|"]
     required = schema.get("required", [])
     for field, spec in schema.get("properties", {}).items():
-        lines.append(f"| `{field}` | {cell(field_type(spec))} | {cell(default_cell(field, spec, required))} | {cell(spec.get('description', ''))} |")
+        lines.append(f"| `{field}` | {cell(field_type(spec))} | {cell(default_cell(field, spec, required))} | {prose(spec.get('description', ''))} |")
     return lines + [""]
 
 
