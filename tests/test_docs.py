@@ -176,3 +176,12 @@ def test_complete_yaml_examples_validate(page, first_line, model):
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / page).read_text(), re.S)
     [block] = [b for b in blocks if b.startswith(first_line)]
     getattr(models, model).model_validate(yaml.safe_load(block))
+
+
+def test_readme_stays_a_front_page():
+    """At most 200 lines (everything else lives in docs/), and its test command
+    is the one .ci/run runs."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command.startswith("python3 -m venv .venv") and ci_command in readme.splitlines()
