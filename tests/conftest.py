@@ -126,3 +126,74 @@ def tiny_reference(tmp_path_factory):
                             capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     return job, root / "run"
+
+
+# ---- the docs check: every `vlcluster` command shown in README.md and docs/ was
+# run by some test (tests/docs_commands.py). Every CLI call of the session is
+# recorded (vlcluster/clirecord.py); after a whole-suite run the documented
+# commands no successful call covers fail the session, by page and line.
+# VLCLUSTER_CHECK_DOCS_COMMANDS=1 checks after any selection (to see what a
+# subset covers), =0 never.
+DOCS_CHECK = "VLCLUSTER_CHECK_DOCS_COMMANDS"
+
+
+def pytest_configure(config):
+    import os
+    import tempfile
+
+    from vlcluster.clirecord import ENV
+
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller's record file is inherited
+        return
+    folder = tempfile.mkdtemp(prefix="vlcluster-cli-record-")
+    config._cli_record = (Path(folder) / "invocations.jsonl", os.environ.get(ENV))
+    os.environ[ENV] = str(config._cli_record[0])  # inherited by every CLI subprocess of the session
+
+
+def ran_whole_suite(session) -> bool:
+    """No -k, no -m beyond the default 'not heavy', no files or nodes named, nothing failed."""
+    config, option = session.config, session.config.option
+    if option.keyword or getattr(option, "lf", False) or getattr(option, "deselect", None) or option.collectonly:
+        return False
+    if (option.markexpr or "") not in ("", "not heavy"):
+        return False
+    tests = (REPO / "tests").resolve()
+    if any((config.invocation_params.dir / arg).resolve() != tests for arg in config.args):
+        return False
+    return session.testscollected > 0 and session.testsfailed == 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+    import shutil
+
+    from vlcluster.clirecord import ENV
+
+    record = getattr(session.config, "_cli_record", None)
+    if record is None:
+        return
+    path, previous = record
+    setting = os.environ.get(DOCS_CHECK, "")
+    try:
+        if setting != "0" and exitstatus == 0 and (setting == "1" or ran_whole_suite(session)):
+            from tests.docs_commands import unrun_commands
+
+            missing = unrun_commands(path)
+            if missing:
+                reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+                reporter.write_sep("=", "documented vlcluster commands that no test ran successfully", red=True)
+                for line in missing:
+                    reporter.write_line(line)
+                reporter.write_line("Run each in a test (extra --run-dir/--set are fine), or list it in "
+                                    "tests/docs_commands.py EXEMPT with the reason.")
+                skipped = len(reporter.stats.get("skipped", []))
+                if skipped:  # e.g. no SLURM packages or not root here: CI installs them and runs those tests
+                    reporter.write_line(f"{skipped} test(s) were skipped in this session; the commands they run are "
+                                        f"among these if so. {DOCS_CHECK}=0 turns the check off for such a machine.")
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous

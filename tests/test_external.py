@@ -228,6 +228,23 @@ def test_cli_convert_beit_then_export(beit_dir, tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+
+def test_cli_conversions_as_the_docs_show(beit_dir, tmp_path):
+    """The three `vlcluster convert` commands of docs/guide/pretrained-weights.md:
+    BEiT in with the default `--size base` (what the checkpoint does not fix,
+    vocabulary and text length, comes from it), out to VLMo's layout, and back
+    with `--from vlmo --heads` bitwise."""
+    path, _ = beit_dir
+    assert main(["convert", "--from", "beit", str(path), "-o", str(tmp_path / "beit")]) == 0
+    config = json.loads((tmp_path / "beit" / "model.json").read_text())["config"]
+    assert (config["dim"], config["depth"], config["vocab_size"], config["max_text_len"]) == (DIM, DEPTH, 30522, 40)
+    assert main(["convert", "--to", "vlmo", str(tmp_path / "beit"), "-o", str(tmp_path / "vlmo.ckpt")]) == 0
+    assert main(["convert", "--from", "vlmo", str(tmp_path / "vlmo.ckpt"), "-o", str(tmp_path / "back"), "--heads", str(HEADS)]) == 0
+    original, back = load_file(str(tmp_path / "beit" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+
+
 INIT_FROM_BEIT = """
 name: beit_init
 stages:

@@ -145,3 +145,43 @@ def test_job_files_check_import_inputs_and_which_task_reads_them(write_job):
 ])
 def test_vqa_answers_are_normalised_as_the_official_evaluation_compares_them(typed, compared):
     assert normalise_answer(typed) == compared
+
+
+def import_arguments(fmt: str, root: Path, tokenizer: Path) -> tuple[list[str], str]:
+    """`vlcluster import FMT ...` arguments as docs/guide/tasks.md shows them, on tiny files in the real format."""
+    if fmt == "vqa2":
+        files = task_formats.write_vqa2(root)
+        (train_q, train_a), (val_q, val_a) = files["files"]["train2014"], files["files"]["val2014"]
+        return ["--questions", str(train_q), "--annotations", str(train_a), "--questions", str(val_q),
+                "--annotations", str(val_a), "--images", str(files["images"]), "--tokenizer", str(tokenizer)], "vqa"
+    if fmt == "karpathy":
+        files = task_formats.write_karpathy(root)
+        return ["--split-json", str(files["split_json"]), "--images", str(files["images"]), "--tokenizer", str(tokenizer)], "retrieval"
+    if fmt == "nlvr2":
+        files = task_formats.write_nlvr2(root)
+        return [*(word for path in files["jsonl"] for word in ("--jsonl", str(path))), "--images", str(files["images"]),
+                "--tokenizer", str(tokenizer)], "nlvr2"
+    if fmt == "imagefolder":
+        files = task_formats.write_imagefolder(root)
+        return ["--root", str(files["root"]), "--class-index", str(files["class_index"])], "classification"
+    files = task_formats.write_ade20k(root)
+    return ["--root", str(files["root"])], "segmentation"
+
+
+@pytest.mark.parametrize("fmt", ["vqa2", "karpathy", "nlvr2", "imagefolder", "ade20k"])
+def test_cli_imports_every_format_as_the_docs_show(fmt, tmp_path):
+    """Each importer through `vlcluster import`, the text tasks with the
+    pre-training tokenizer shipped beside the shards (the planted bad entries
+    need a higher --max-bad-fraction than the default 5%)."""
+    from tests.realdata import bert_wordpiece_tokenizer
+    from vlcluster.cli import main
+
+    tokenizer = bert_wordpiece_tokenizer(tmp_path / "bert-tokenizer.json", ["a photo of two dogs", "is there a red square"])
+    arguments, task = import_arguments(fmt, tmp_path / "raw", tokenizer)
+    out = tmp_path / "out"
+    assert main(["import", fmt, *arguments, "-o", str(out), "--max-bad-fraction", "0.5"]) == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["task"] == task and record["format"].startswith(fmt)  # karpathy: karpathy-coco
+    assert all(entry["count"] > 0 for entry in record["splits"].values())
+    if "--tokenizer" in arguments:
+        assert (out / "tokenizer.json").read_bytes() == tokenizer.read_bytes()

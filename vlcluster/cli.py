@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="run a pipeline (skips finished stages, resumes the rest)")
     spec_args(submit)
-    submit.add_argument("--backend", default="local", choices=sorted(BACKENDS))
+    submit.add_argument("--backend", default="local", choices=sorted(BACKENDS), help="where the stages run")
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
     submit.add_argument("--address", help="ray: cluster to join (auto, host:port or http://host:8265); "
                         "default: a local Ray cluster started for the run")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
     spec_args(render)
-    render.add_argument("--backend", default="k8s", choices=["k8s"])
+    render.add_argument("--backend", default="k8s", choices=["k8s"], help="what to render for (KubeRay on Kubernetes)")
     render.add_argument("-o", "--out", help="directory for one file per object (default: all to stdout)")
     render.add_argument("--profile", help="site profile (default: k8s/profile.yaml)")
     render.add_argument("--validate", action="store_true", help="check against the Kubernetes and KubeRay schemas (k8s extra)")
@@ -451,6 +451,18 @@ def report_error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlcluster.clirecord import record_invocation
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = None
+    try:
+        code = run_command(argv)
+        return code
+    finally:  # for the docs check: which commands the tests ran, and how they ended
+        record_invocation(argv, code)
+
+
+def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
