@@ -197,3 +197,25 @@ def pytest_sessionfinish(session, exitstatus):
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = previous
+
+
+# ---- where the suite's time goes: seconds per test module (setup, call and
+# teardown of its tests; a session fixture counts where it is first set up),
+# printed after every run with more than one module, so CI's log shows what to
+# shorten or mark heavy.
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if len(_MODULE_SECONDS) < 2:
+        return
+    total = sum(_MODULE_SECONDS.values())
+    terminalreporter.write_sep("=", f"seconds per test module ({total / 60:.1f} min of tests)")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda item: -item[1]):
+        if seconds >= 1.0:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {100 * seconds / total:5.1f} %  {module}")
