@@ -35,6 +35,23 @@ def image_retrieval_ranks(similarity: torch.Tensor, text_image: torch.Tensor) ->
     return (similarity.t() > correct.unsqueeze(1)).sum(dim=1)
 
 
+def retrieval_items(similarity: torch.Tensor, text_image: torch.Tensor) -> list[float]:
+    """Per image: the mean of its TR hits at 1/5/10 and of its captions' IR hits, halved and summed
+    (percentages). Their mean is (TR + IR) / 2 when every image has as many captions; the study
+    report bootstraps over these items to put an interval on one run's retrieval score."""
+    images = similarity.shape[0]
+    per_caption = _mean_hits(image_retrieval_ranks(similarity, text_image))
+    captions = torch.bincount(text_image, minlength=images).double()
+    ir = torch.zeros(images, dtype=torch.float64).index_add_(0, text_image, per_caption) / captions.clamp(min=1)
+    tr = _mean_hits(text_retrieval_ranks(similarity, text_image))
+    return [round(100 * value, 4) for value in ((tr + ir) / 2).tolist()]
+
+
+def _mean_hits(rank: torch.Tensor) -> torch.Tensor:
+    """Per query: the fraction of R@1, R@5, R@10 it hits."""
+    return sum((rank < k).double() for k in RECALL_AT) / len(RECALL_AT)
+
+
 def retrieval_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor | None = None) -> dict[str, float]:
     """Percentages: text retrieval (image query), image retrieval (text query).
 
