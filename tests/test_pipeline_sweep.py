@@ -386,3 +386,80 @@ def test_set_on_a_swept_field_is_refused_naming_the_sweep(write_job):
         graph_of(write_job, own, ["stages.merge.alpha=0.5"])
     graph = graph_of(write_job, overrides=["stages.maa.train.steps=3"])  # a field no sweep touches
     assert graph.pipeline.stages["maa"].train.steps == 3
+
+
+# ---- replicates: N --------------------------------------------------------------------
+
+def test_replicates_copy_the_seeded_chain_with_their_own_seeds_and_share_the_data(write_job):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 2\n").replace(
+        "train: {steps: 10}}", "train: {steps: 10, seed: 7}}")  # maa: replicate k trains with seed 7 + k
+    stages = graph_of(write_job, text).pipeline.stages
+    assert "data" in stages and "table" in stages  # nothing seeded feeds them
+    for rep in (0, 1):
+        for (k_seed, k_vl), seed, vlpt in zip(((0, 10), (5, 5), (10, 0)), SEED, VLPT):
+            seed_copy = seed.replace("[", f"[rep={rep},")
+            assert (stages[seed_copy].train.seed, stages[seed_copy].train.steps) == (rep, k_seed)
+            vlpt_copy = vlpt.replace("[", f"[rep={rep},")
+            assert stages[vlpt_copy].init.from_ == seed_copy and stages[vlpt_copy].train.seed == rep
+            assert stages[vlpt_copy.replace("vlpt[", "metrics[")].source == vlpt_copy
+        assert stages[f"maa[rep={rep}]"].train.seed == 7 + rep and stages[f"ev_maa[rep={rep}]"].source == f"maa[rep={rep}]"
+    assert len(stages) == 2 + 2 * (3 + 3 + 3 + 6 + 6 + 3 + 1 + 1)
+    assert sorted(label for label in stages["table"].rows if label.startswith("MAA")) == ["MAA [rep=0]", "MAA [rep=1]"]
+
+
+def test_a_written_element_reference_follows_its_replicate(write_job):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 3\n") + (
+        '  attn: {kind: pretrain, model: {arch: custom_attn}, init: {from: "seed[seed.train.steps=5]"}, data: {from: data}, train: {steps: 5}}\n'
+        '  pinned_merge: {kind: merge, source: "vlpt[seed.train.steps=5,vlpt.train.steps=5]", alpha: 0.5}\n')
+    graph = graph_of(write_job, text)
+    for rep in range(3):
+        assert graph.deps[f"attn[rep={rep}]"] == (f"seed[rep={rep},seed.train.steps=5]", "data")
+        assert graph.pipeline.stages[f"pinned_merge[rep={rep}]"].source == f"vlpt[rep={rep},seed.train.steps=5,vlpt.train.steps=5]"
+
+
+FINETUNED = """
+name: finetuned
+replicates: {count: 3, of: finetune}
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, tasks: [retrieval], task_n_train: 32, task_n_val: 16}
+  msa: {kind: pretrain, model: {arch: specific}, data: {from: data}, train: {steps: 4, batch_size: 8}}
+  ft: {kind: finetune, task: retrieval, model: {arch: specific}, init: {from: msa}, data: {from: data}, train: {steps: 2, batch_size: 8}}
+  ev: {kind: eval, task: retrieval, source: ft, data: {from: data}}
+"""
+
+
+def test_fine_tune_only_replicates_share_the_pre_training_and_are_labelled_so(write_job, tmp_path):
+    from vlcluster.context import save_pipeline
+    from vlcluster.study import views
+    from vlcluster.study.lineage import collect_arms
+
+    graph = graph_of(write_job, FINETUNED)
+    assert sorted(graph.pipeline.stages) == ["data", "ev[rep=0]", "ev[rep=1]", "ev[rep=2]", "ft[rep=0]", "ft[rep=1]", "ft[rep=2]", "msa"]
+    assert [graph.pipeline.stages[f"ft[rep={k}]"].train.seed for k in range(3)] == [0, 1, 2]
+    save_pipeline(tmp_path, graph)
+    for k, score in enumerate((40.0, 44.0, 42.0)):
+        (tmp_path / f"ev[rep={k}]").mkdir()
+        (tmp_path / f"ev[rep={k}]" / "result.json").write_text(f'{{"tr": {score}, "ir": {score}}}')
+    arms = collect_arms([tmp_path])
+    assert len(arms) == 3 and len({arm.setting for arm in arms}) == 1
+    assert views.replicate_kind(arms) == "fine-tune seeds only"
+    assert views.cell(arms, "tr").estimate == pytest.approx(42.0) and views.cell(arms, "tr").n == 3
+
+
+def test_paper_recipe_with_three_replicates_plans_and_dry_runs_as_arrays():
+    graph = build_graph(load_pipeline(REPO / PAPER, ["replicates=3"]), PAPER)
+    shared = [name for name in graph.order if "rep=" not in name]
+    assert sorted(graph.pipeline.stages[name].kind for name in shared) == ["import"] * 6 + ["report"]
+    assert len(graph.order) == 3 * (188 - 7) + 7
+    plan = cli("plan", PAPER, "--set", "replicates=3")
+    assert plan.returncode == 0, plan.stderr
+    assert sum("│ run " in line for line in plan.stdout.splitlines()) == len(graph.order) == 550
+    result = cli("submit", PAPER, "--set", "replicates=3", "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    assert result.returncode == 0, result.stderr
+    units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
+    assert sum(unit["tasks"] for unit in units.values()) == 550
+    assert units["seed"] == {"tasks": 12, "array": "0-11%12", "dependency": None, "nodes": 6}  # 3 replicates x 4 K_seed
+    assert units["vlpt"]["dependency"] == "aftercorr:<job:seed>"  # replicate k's element i waits for its own seed only
+    assert units["maa"]["tasks"] == 3 and units["maa"]["array"] == "0-2%3"
+    assert units["attn"]["dependency"] == "afterok:<job:seed>_2:<job:seed>_6:<job:seed>_10"  # K_seed = 100k of each replicate
+    assert units["vqa_data"]["tasks"] == 1 and units["paper"]["tasks"] == 1
