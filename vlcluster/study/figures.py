@@ -57,11 +57,14 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
     for ax, series in zip(axes, panels):
         xs = sorted({x for points in series.lines.values() for x in points}, key=str if categorical else None)
         positions = list(range(len(xs))) if categorical else xs
+        span = (max(positions) - min(positions)) if len(positions) > 1 else 1.0
         for index, (name, points) in enumerate(series.lines.items()):
             cells = [points.get(x) for x in xs]
             style = _series_style(index)
-            ax.errorbar(positions, [_value(c) for c in cells], yerr=_error(cells), marker=style["marker"], color=style["color"],
-                        capsize=3, label=name)
+            # each series a little to the side: error bars of series at one x stay apart
+            dodge = (index - (len(series.lines) - 1) / 2) * 0.012 * span
+            ax.errorbar([x + dodge for x in positions], [_value(c) for c in cells], yerr=_error(cells), marker=style["marker"],
+                        color=style["color"], capsize=3, label=name)
         if categorical:
             ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
         ax.set_title(series.title, fontsize=10)
@@ -124,6 +127,7 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
     settings = sorted(setting for setting, ks in spans.items() if len(ks) > 1)
     plt, fig, axes = _grid(len(views.DISTANCES))
     for column, (ax, distance) in enumerate(zip(axes, views.DISTANCES)):
+        fits: list[tuple[str, float]] = []
         for index, setting in enumerate(settings):
             style = _series_style(index)
             group = [p for p in points if p.arm.merge.describe() == setting and distance in p.distances]
@@ -139,10 +143,8 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
                 slope, intercept = fit
                 ends = [min(xs), max(xs)]
                 ax.plot(ends, [slope * x + intercept for x in ends], linestyle="--", color=style["color"])
-                r = correlations.get(setting, {}).get(distance, math.nan)
-                # r in the panel's corner, in its line's colour: the legend is shared by every panel
-                ax.text(0.02, 0.95 - 0.08 * len(ax.texts), f"r = {r:.2f}", transform=ax.transAxes, color=style["color"],
-                        fontsize=8, va="top")
+                fits.append((style["color"], correlations.get(setting, {}).get(distance, math.nan)))
+        _r_legend(ax, fits)
         ax.set_xlabel(distance.upper() if distance != "cosine" else "cosine dissimilarity")
         if column % 2 == 0:  # one y label per row: long labels would run into the panel on the left
             ax.set_ylabel(f"merge drop ({views.label(drop_score).split(' (')[0]})")
@@ -152,6 +154,16 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
     fig.text(0.01, 0.005, "Faint: one replicate each; solid: mean per K_seed with 95 % intervals; r over the replicate points",
              fontsize=7, ha="left", va="bottom", color="0.3")
     return _save(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
+
+
+def _r_legend(ax, fits: list[tuple[str, float]]) -> None:
+    """Each fitted line's r in a small legend of the panel, placed where it hides no point. Its
+    handles are not drawn on the axes, so the figure's shared legend does not collect them."""
+    if fits:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=color, linestyle="--") for color, _ in fits]
+        ax.legend(handles, [f"r = {r:.2f}" for _, r in fits], loc="best", fontsize=8, handlelength=1.5, framealpha=0.85)
 
 
 def _series_style(index: int) -> dict:

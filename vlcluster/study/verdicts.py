@@ -3,7 +3,7 @@
 A finding is *supported* when the 95 % interval of its measure lies on the
 side the paper claims, *contradicted* when it lies on the other side, and
 *inconclusive at 95 %* when it holds zero or there is no interval (one run
-without per-item results). A measure is a difference computed within each
+without per-item results), and *not measured* when the runs lack its arms. A measure is a difference computed within each
 replicate (``views.contrast``) or a correlation over every replicate's point.
 With one replicate the interval is a bootstrap over evaluation items: it
 ignores run-to-run spread, and the verdict says so.
@@ -20,6 +20,7 @@ from vlcluster.study.lineage import Arm
 from vlcluster.study.stats import Correlation, Interval
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at 95%"
+NOT_MEASURED = "not measured"  # the runs have none of the arms the finding compares
 # The shared-weight architectures finding (c) compares the fully specific one with.
 VARIANTS = ("custom_attn", "custom_ffn", "custom_ln")
 Measure = Interval | Correlation | None
@@ -42,7 +43,7 @@ def judge(measures: list[Measure], claimed_sign: int = 1) -> str:
     """Supported when every measure is on the claimed side of zero, contradicted when any is on the other."""
     present = [m for m in measures if m is not None]
     if not present:
-        return INCONCLUSIVE
+        return NOT_MEASURED
 
     def side(m: Interval | Correlation) -> int:
         if isinstance(m, Correlation):
@@ -124,7 +125,7 @@ class Findings:
         maa = [a for a in self.arms if a.merge is None and a.arch == "agnostic"]
         context = {"MSA − MAA": self.difference(msa, maa)}
         claim = f"the fully modality-specific architecture is best before merging (K_seed = {self.k_ref})"
-        return Verdict("(c)", claim, judge(list(decisive.values())) if decisive else INCONCLUSIVE, decisive, context)
+        return Verdict("(c)", claim, judge(list(decisive.values())), decisive or {"MSA − shared-weight variants": None}, context)
 
     def distances(self) -> Verdict:
         points = [p for p in views.drop_points(self.arms, self.score) if p.arm.merge.describe() == self.setting]
@@ -164,7 +165,7 @@ def section(found: list[Verdict], drop_score: str) -> list[str]:
              "else inconclusive.", "",
              "| finding | claim | verdict |", "|---|---|---|"]
     for v in found:
-        note = " (item bootstrap of one run: narrower than replicates)" if v.item_level_only and v.verdict != INCONCLUSIVE else ""
+        note = " (item bootstrap of one run: narrower than replicates)" if v.item_level_only and v.verdict in (SUPPORTED, CONTRADICTED) else ""
         lines.append(f"| {v.finding} | {v.claim} | **{v.verdict}**{note} |")
     lines.append("")
     for v in found:

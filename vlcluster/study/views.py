@@ -158,7 +158,8 @@ def by_k_seed(arms: list[Arm], name: str) -> Series:
     lines = {"before merging": _points(xs, [a for a in specific if a.merge is None], lambda a: a.k_seed, name)}
     for setting in merge_settings(specific):
         merged = [a for a in specific if a.merge is not None and a.merge.describe() == setting]
-        lines[f"merged: {setting}"] = _points(xs, merged, lambda a: a.k_seed, name)
+        if len({a.k_seed for a in merged}) > 1:  # a knob swept at one K_seed is Table 2's, not a line here
+            lines[f"merged: {setting}"] = _points(xs, merged, lambda a: a.k_seed, name)
     return Series(f"{label(name)} vs K_seed", "K_seed (seed pre-training steps)", lines)
 
 
