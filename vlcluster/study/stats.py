@@ -150,9 +150,11 @@ def bootstrap_interval(columns: Sequence[Sequence[float]], statistic: Callable[.
     statistic = statistic or (lambda values: values.mean(axis=-1))
     estimate = float(statistic(*(a[None, :] for a in arrays))[0])
     rng = np.random.default_rng(seed)
+    items = len(arrays[0])
+    block = max(1, min(1000, 2_000_000 // items))  # resamples per block: about 16 MB of indices at a time
     draws = []
-    for start in range(0, resamples, 1000):  # in blocks: 10,000 x 1,000 items would be 80 MB at once
-        index = rng.integers(0, len(arrays[0]), size=(min(1000, resamples - start), len(arrays[0])))
+    for start in range(0, resamples, block):
+        index = rng.integers(0, items, size=(min(block, resamples - start), items))
         draws.append(statistic(*(a[index] for a in arrays)))
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(np.concatenate(draws), [tail, 100 - tail])
