@@ -472,3 +472,18 @@ def test_paper_recipe_with_three_replicates_plans_and_dry_runs_as_arrays():
     assert units["maa"]["tasks"] == 3 and units["maa"]["array"] == "0-2%3"
     assert units["attn"]["dependency"] == "afterok:<job:seed>_2:<job:seed>_6:<job:seed>_10"  # K_seed = 100k of each replicate
     assert units["vqa_data"]["tasks"] == 1 and units["paper"]["tasks"] == 1
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("replicates: 2", "replicates: 2"), None),
+    (("stages.merge.alpha: [0.25, 0.75]", "stages.merge.alpha: [0.25, 0.75]\n    stages.maa.train.seed: [1, 2]"),
+     "sweep.product.stages.maa.train.seed: replicates set train.seed of this stage"),
+    (("train: {steps: 10}}", "train: {steps: 10}, sweep: {train.seed: [1, 2]}}"), "stages.maa.sweep: replicates set train.seed"),
+    (("replicates: 2", "replicates: 0"), "replicates.count"),
+])
+def test_replicates_and_a_seed_sweep_exclude_each_other(write_job, change, expected):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 2\n").replace(*change)
+    if expected is None:
+        assert len(graph_of(write_job, text).pipeline.stages) == 54
+    else:
+        assert expected in spec_error(write_job, text)

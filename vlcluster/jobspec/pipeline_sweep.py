@@ -140,6 +140,9 @@ class Expansion:
         if pipeline.replicates:  # first: every copy's name starts with its replicate
             kinds = SEEDED_KINDS[pipeline.replicates.of]
             self.fields[REPLICATE_KEY] = ReplicateField(frozenset(n for n, s in pipeline.stages.items() if s.kind in kinds))
+            for name in self.fields[REPLICATE_KEY].seeded:
+                if "train.seed" in (pipeline.stages[name].sweep or {}):
+                    raise self.fail(f"stages.{name}.sweep: replicates set train.seed of this stage; use one or the other")
             self.axes.append([{REPLICATE_KEY: k} for k in range(pipeline.replicates.count)])
         self.fields |= {key: self.resolve(group, key) for group, keys in (("zip", zip_fields), ("product", product)) for key in keys}
         # An axis is the list of its elements; the zip is one axis, each product field another.
@@ -168,6 +171,8 @@ class Expansion:
             raise self.fail(f"sweep.{group}.{key}: {path!r} cannot be swept (only fields that change what the stage computes)")
         if path in (self.pipeline.stages[stage].sweep or {}):
             raise self.fail(f"sweep.{group}.{key}: stages.{stage}.sweep varies {path!r} too; sweep a field once")
+        if path == "train.seed" and REPLICATE_KEY in self.fields and self.fields[REPLICATE_KEY].sets(stage):
+            raise self.fail(f"sweep.{group}.{key}: replicates set train.seed of this stage; use one or the other")
         return SweptField(key, stage, path)
 
     def check_field(self, key: str) -> None:

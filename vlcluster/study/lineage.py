@@ -151,9 +151,10 @@ class Lineage:
         return model.get("arch")
 
     def seed_of(self, name: str | None) -> int | None:
-        train = (self.stages.get(name) or {}).get("train") or {} if name else {}
+        """``train.seed`` of a training stage (0 when not written, the default)."""
+        train = (self.stages.get(name) or {}).get("train") if name else None
         seed = train.get("seed", 0) if isinstance(train, dict) else None
-        return seed if isinstance(seed, int) else None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def arm(self, run: str, eval_stage: str, result: dict) -> Arm:
         finetunes: list[str] = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from vlcluster.study import views
 from vlcluster.study.lineage import Arm
-from vlcluster.study.stats import Correlation, Interval
+from vlcluster.study.stats import Correlation, Interval, pearson_interval
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at 95%"
 NOT_MEASURED = "not measured"  # the runs have none of the arms the finding compares
@@ -94,7 +94,7 @@ class Findings:
 
     # ---- the findings ----------------------------------------------------------
 
-    def all(self) -> list[Verdict]:
+    def verdicts(self) -> list[Verdict]:
         return [self.seeding(), self.interpolation(), self.architecture(), self.distances(), self.finetuned_merge()]
 
     def seeding(self) -> Verdict:
@@ -132,8 +132,6 @@ class Findings:
         found = views.correlations(points).get(self.setting, {})
         decisive = {"Pearson r (TSSD, drop)": found.get("tssd")}
         context: dict[str, Measure] = {f"Pearson r ({d}, drop)": found.get(d) for d in views.DISTANCES if d != "tssd"}
-        from vlcluster.study.stats import pearson_interval
-
         for d in views.DISTANCES:
             pairs = [(p.arm.k_seed, p.distances[d]) for p in points if d in p.distances and p.arm.k_seed is not None]
             if len(pairs) >= 3:
@@ -150,7 +148,7 @@ class Findings:
 
 
 def verdicts(arms: list[Arm], drop_score: str) -> list[Verdict]:
-    return Findings(arms, drop_score).all()
+    return Findings(arms, drop_score).verdicts()
 
 
 def describe(measure: Measure) -> str:
