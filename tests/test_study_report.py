@@ -197,5 +197,9 @@ def test_one_run_with_per_item_results_gets_a_bootstrap_labelled_as_such(tmp_pat
     assert main(["report", str(run), "-o", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert verdict_of(report, "(c)") == "**supported** (item bootstrap of one run: narrower than replicates)"
+    msa_row = next(line for line in report.splitlines() if line.startswith("| MSA | specific | 4 |"))
+    alone = bootstrap_interval([msa_items])
+    assert f"| {sum(msa_items) / 64:.2f} ± {(alone.high - alone.low) / 2:.2f} ᵇ |" in msa_row  # retrieval, marked
+    assert "ᵇ marks a single run's bootstrap over evaluation items" in report
     expected = bootstrap_interval([msa_items, attn_items], mean_difference)
     assert f"MSA − custom_attn = {expected.estimate:.2f} [{expected.low:.2f}, {expected.high:.2f}] (items (bootstrap), n = 64)" in report

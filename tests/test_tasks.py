@@ -125,7 +125,7 @@ def test_random_model_with_frozen_backbone_is_at_chance(name, synthetic, one_thr
     assert (not items) if name == "segmentation" else items
     for score, values in items.items():
         expected = result["rsum_mean"] if score == "retrieval" else result[score]  # 3 captions per image: exact
-        assert len(values) == result.get("vqa_questions", N_VAL)  # one per question, else one per image / pair
+        assert len(values) == result.get("vqa_questions", result.get("retrieval_captions") if score == "ir" else N_VAL)
         assert sum(values) / len(values) == pytest.approx(expected, abs=1e-3)
 
 
@@ -190,8 +190,10 @@ def test_any_caption_recall_by_hand():
     assert scores["ir_r1"] == 50.0
     # Per image: (TR hits at 1/5/10 + its captions' IR hits) / 2. Image 0: TR 1,1,1; captions 0 (miss@1) and 1 (hit).
     items = retrieval_items(similarity, owner)
-    assert items == pytest.approx([100 * (1 + (2 / 3 + 1) / 2) / 2, 100 * (2 / 3 + (2 / 3 + 1) / 2) / 2], abs=1e-3)
-    assert sum(items) / 2 == pytest.approx(scores["rsum_mean"])
+    assert items["retrieval"] == pytest.approx([100 * (1 + (2 / 3 + 1) / 2) / 2, 100 * (2 / 3 + (2 / 3 + 1) / 2) / 2], abs=1e-3)
+    assert sum(items["retrieval"]) / 2 == pytest.approx(scores["rsum_mean"])
+    assert items["tr"] == pytest.approx([100, 100 * 2 / 3]) and items["ir"] == pytest.approx([100 * 2 / 3, 100, 100 * 2 / 3, 100])
+    assert sum(items["tr"]) / 2 == pytest.approx(scores["tr"]) and sum(items["ir"]) / 4 == pytest.approx(scores["ir"])
 
 
 def test_vqa_batch_has_soft_targets_and_every_question_at_eval():

@@ -92,7 +92,7 @@ def evaluate(
         result |= retrieval_scores(image_emb, text_emb, owner)
         result["retrieval_pairs"] = images_seen
         result["retrieval_captions"] = len(text_image)
-        result["items"]["retrieval"] = retrieval_items((image_emb @ text_emb.t()).float(), owner)
+        result["items"] |= retrieval_items((image_emb @ text_emb.t()).float(), owner)
     return result
 
 

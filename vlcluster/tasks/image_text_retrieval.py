@@ -85,4 +85,4 @@ class RetrievalScorer(Scorer):
         similarity = torch.cat(self.image_embs) @ torch.cat(self.text_embs).t()
         owner = torch.cat(self.owners)
         return {**multi_caption_recall(similarity, owner), "retrieval_images": self.images, "retrieval_captions": len(owner),
-                "items": {"retrieval": retrieval_items(similarity.float(), owner)}}
+                "items": retrieval_items(similarity.float(), owner)}
