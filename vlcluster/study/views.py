@@ -37,6 +37,7 @@ def score_names(arms: list[Arm]) -> list[str]:
     primary = [name for name in PRIMARY if name in present]
     if {"tr", "ir"} <= present:  # the paper's COCO score and the drop the verdicts judge, beside its parts
         primary.insert(primary.index("ir") + 1, "retrieval")
+        present.discard("rsum_mean")  # the same number under the task eval's name
     rest = sorted(present - set(primary), key=lambda name: (bool(_DETAIL.search(name)), name))
     return primary + rest
 
