@@ -30,3 +30,10 @@ def test_merged_checkpoint_of_every_arch_evaluates(val_data, arch):
     model = load_model(merged, config.with_arch("agnostic"))  # strict: no missing or unexpected keys
     result = evaluate(model, encoder, [], sorted(str(p) for p in val_data.glob("val-*.tar")), ["retrieval"], 8)
     assert result["retrieval_pairs"] == 24 and 0 <= result["tr"] <= 100
+    # One item per image for the study report's bootstrap; they average to the mean of TR and IR
+    # when every image has as many captions.
+    items = result["items"]
+    assert len(items["retrieval"]) == len(items["tr"]) == 24 and len(items["ir"]) == result["retrieval_captions"]
+    assert sum(items["tr"]) / 24 == pytest.approx(result["tr"], abs=1e-3)
+    if result["retrieval_captions"] % 24 == 0:
+        assert sum(items["retrieval"]) / 24 == pytest.approx((result["tr"] + result["ir"]) / 2, abs=1e-3)

@@ -359,19 +359,28 @@ def test_paper_recipe_renders_for_kubernetes():
     assert job["sweep"]["zip"]["stages.seed.train.steps"] == [0, 50000, 100000, 150000]  # expanded on the head
 
 
-def test_paper_study_small_has_the_full_studys_shape_on_the_synthetic_benchmark(paper_graph):
+# Measured in the single-seed run of the small study (docs/study.md): seconds per pre-training
+# step on 2 ranks and per fine-tuning step on 1 (start-up included), per eval, per merge /
+# metrics / report stage; the data stage once.
+STUDY_RATES = {"pretrain": 0.72, "finetune": 0.196, "eval": 3.7, "merge": 3.4, "metrics": 3.4, "report": 3.4, "data": 24.0}
+
+
+def test_paper_study_small_is_three_replicates_of_the_core_within_two_hours(paper_graph):
     small = build_graph(load_pipeline(REPO / "jobs/paper_study_small.yaml"), "small").pipeline.stages
-    full = paper_graph.pipeline.stages
-    assert len(small) == 125
-    assert {s.kind for s in full.values()} - {s.kind for s in small.values()} == {"import"}  # one data stage instead
-    steps = {name: s.train.steps for name, s in small.items() if name.startswith(("seed[", "vlpt["))}
-    assert sorted(steps.values()) == [0, 150, 150, 300, 300, 450, 450, 600]
-    assert {s.model.arch for s in small.values() if s.kind == "pretrain"} == {s.model.arch for s in full.values() if s.kind == "pretrain"}
-    def merges(stages):  # {(method, merged stage's base name without the task suffix, its kind)}
-        return {(s.method, s.source.split("[")[0].removesuffix("_coco").removesuffix("_ret"), stages[s.source].kind)
-                for s in stages.values() if s.kind == "merge"}
-    assert merges(small) == merges(full)
-    assert ("interpolation", "ft_msa", "finetune") in merges(small)  # merging after fine-tuning
+    assert len(small) == 128
+    for rep in range(3):
+        mine = {name: s for name, s in small.items() if name.split("[")[-1].startswith(f"rep={rep}")}
+        assert {s.train.seed for s in mine.values() if s.kind in ("pretrain", "finetune")} == {rep}
+        k_seeds = sorted(s.train.steps for name, s in mine.items() if name.startswith("seed["))
+        assert k_seeds == [0, 300, 450]
+        assert sorted(s.alpha for name, s in mine.items() if s.kind == "merge" and "300" in s.source and not s.source.startswith("ft_")) \
+            == [0.0, 0.5, 0.75, 1.0]  # Table 2's alpha axis at K_seed = 300
+        assert sum(s.kind == "merge" and s.source.startswith("ft_msa") for s in mine.values()) == 3  # the footnote, per K_seed
+    assert [name for name in small if "rep=" not in name] == ["data", "study"]
+    seconds = sum(STUDY_RATES[s.kind] * (s.train.steps if s.kind in ("pretrain", "finetune") else 1) for s in small.values())
+    assert seconds / 60 <= 120, f"{seconds / 60:.1f} minutes estimated"
+    # The same kinds of merge as the full recipe's interpolation, of pre-trained and of fine-tuned models.
+    assert {(s.method, small[s.source].kind) for s in small.values() if s.kind == "merge"} == {("interpolation", "pretrain"), ("interpolation", "finetune")}
 
 
 def test_set_on_a_swept_field_is_refused_naming_the_sweep(write_job):
@@ -386,3 +395,95 @@ def test_set_on_a_swept_field_is_refused_naming_the_sweep(write_job):
         graph_of(write_job, own, ["stages.merge.alpha=0.5"])
     graph = graph_of(write_job, overrides=["stages.maa.train.steps=3"])  # a field no sweep touches
     assert graph.pipeline.stages["maa"].train.steps == 3
+
+
+# ---- replicates: N --------------------------------------------------------------------
+
+def test_replicates_copy_the_seeded_chain_with_their_own_seeds_and_share_the_data(write_job):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 2\n").replace(
+        "train: {steps: 10}}", "train: {steps: 10, seed: 7}}")  # maa: replicate k trains with seed 7 + k
+    stages = graph_of(write_job, text).pipeline.stages
+    assert "data" in stages and "table" in stages  # nothing seeded feeds them
+    for rep in (0, 1):
+        for (k_seed, k_vl), seed, vlpt in zip(((0, 10), (5, 5), (10, 0)), SEED, VLPT):
+            seed_copy = seed.replace("[", f"[rep={rep},")
+            assert (stages[seed_copy].train.seed, stages[seed_copy].train.steps) == (rep, k_seed)
+            vlpt_copy = vlpt.replace("[", f"[rep={rep},")
+            assert stages[vlpt_copy].init.from_ == seed_copy and stages[vlpt_copy].train.seed == rep
+            assert stages[vlpt_copy.replace("vlpt[", "metrics[")].source == vlpt_copy
+        assert stages[f"maa[rep={rep}]"].train.seed == 7 + rep and stages[f"ev_maa[rep={rep}]"].source == f"maa[rep={rep}]"
+    assert len(stages) == 2 + 2 * (3 + 3 + 3 + 6 + 6 + 3 + 1 + 1)
+    assert sorted(label for label in stages["table"].rows if label.startswith("MAA")) == ["MAA [rep=0]", "MAA [rep=1]"]
+
+
+def test_a_written_element_reference_follows_its_replicate(write_job):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 3\n") + (
+        '  attn: {kind: pretrain, model: {arch: custom_attn}, init: {from: "seed[seed.train.steps=5]"}, data: {from: data}, train: {steps: 5}}\n'
+        '  pinned_merge: {kind: merge, source: "vlpt[seed.train.steps=5,vlpt.train.steps=5]", alpha: 0.5}\n')
+    graph = graph_of(write_job, text)
+    for rep in range(3):
+        assert graph.deps[f"attn[rep={rep}]"] == (f"seed[rep={rep},seed.train.steps=5]", "data")
+        assert graph.pipeline.stages[f"pinned_merge[rep={rep}]"].source == f"vlpt[rep={rep},seed.train.steps=5,vlpt.train.steps=5]"
+
+
+FINETUNED = """
+name: finetuned
+replicates: {count: 3, of: finetune}
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, tasks: [retrieval], task_n_train: 32, task_n_val: 16}
+  msa: {kind: pretrain, model: {arch: specific}, data: {from: data}, train: {steps: 4, batch_size: 8}}
+  ft: {kind: finetune, task: retrieval, model: {arch: specific}, init: {from: msa}, data: {from: data}, train: {steps: 2, batch_size: 8}}
+  ev: {kind: eval, task: retrieval, source: ft, data: {from: data}}
+"""
+
+
+def test_fine_tune_only_replicates_share_the_pre_training_and_are_labelled_so(write_job, tmp_path):
+    from vlcluster.context import save_pipeline
+    from vlcluster.study import views
+    from vlcluster.study.lineage import collect_arms
+
+    graph = graph_of(write_job, FINETUNED)
+    assert sorted(graph.pipeline.stages) == ["data", "ev[rep=0]", "ev[rep=1]", "ev[rep=2]", "ft[rep=0]", "ft[rep=1]", "ft[rep=2]", "msa"]
+    assert [graph.pipeline.stages[f"ft[rep={k}]"].train.seed for k in range(3)] == [0, 1, 2]
+    save_pipeline(tmp_path, graph)
+    for k, score in enumerate((40.0, 44.0, 42.0)):
+        (tmp_path / f"ev[rep={k}]").mkdir()
+        (tmp_path / f"ev[rep={k}]" / "result.json").write_text(f'{{"tr": {score}, "ir": {score}}}')
+    arms = collect_arms([tmp_path])
+    assert len(arms) == 3 and len({arm.setting for arm in arms}) == 1
+    assert views.replicate_kind(arms) == "fine-tune seeds only"
+    assert views.cell(arms, "tr").estimate == pytest.approx(42.0) and views.cell(arms, "tr").n == 3
+
+
+def test_paper_recipe_with_three_replicates_plans_and_dry_runs_as_arrays():
+    graph = build_graph(load_pipeline(REPO / PAPER, ["replicates=3"]), PAPER)
+    shared = [name for name in graph.order if "rep=" not in name]
+    assert sorted(graph.pipeline.stages[name].kind for name in shared) == ["import"] * 6 + ["report"]
+    assert len(graph.order) == 3 * (188 - 7) + 7
+    plan = cli("plan", PAPER, "--set", "replicates=3")
+    assert plan.returncode == 0, plan.stderr
+    assert sum("│ run " in line for line in plan.stdout.splitlines()) == len(graph.order) == 550
+    result = cli("submit", PAPER, "--set", "replicates=3", "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    assert result.returncode == 0, result.stderr
+    units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
+    assert sum(unit["tasks"] for unit in units.values()) == 550
+    assert units["seed"] == {"tasks": 12, "array": "0-11%12", "dependency": None, "nodes": 6}  # 3 replicates x 4 K_seed
+    assert units["vlpt"]["dependency"] == "aftercorr:<job:seed>"  # replicate k's element i waits for its own seed only
+    assert units["maa"]["tasks"] == 3 and units["maa"]["array"] == "0-2%3"
+    assert units["attn"]["dependency"] == "afterok:<job:seed>_2:<job:seed>_6:<job:seed>_10"  # K_seed = 100k of each replicate
+    assert units["vqa_data"]["tasks"] == 1 and units["paper"]["tasks"] == 1
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("replicates: 2", "replicates: 2"), None),
+    (("stages.merge.alpha: [0.25, 0.75]", "stages.merge.alpha: [0.25, 0.75]\n    stages.maa.train.seed: [1, 2]"),
+     "sweep.product.stages.maa.train.seed: replicates set train.seed of this stage"),
+    (("train: {steps: 10}}", "train: {steps: 10}, sweep: {train.seed: [1, 2]}}"), "stages.maa.sweep: replicates set train.seed"),
+    (("replicates: 2", "replicates: 0"), "replicates.count"),
+])
+def test_replicates_and_a_seed_sweep_exclude_each_other(write_job, change, expected):
+    text = ZIPPED.replace("name: zipped\n", "name: zipped\nreplicates: 2\n").replace(*change)
+    if expected is None:
+        assert len(graph_of(write_job, text).pipeline.stages) == 54
+    else:
+        assert expected in spec_error(write_job, text)

@@ -128,3 +128,78 @@ def test_report_on_a_directory_that_is_not_a_run_is_one_clear_error(tmp_path, ca
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "pipeline.json" in err and "Traceback" not in err
+
+
+# ---- replicates, intervals and verdicts ------------------------------------------------
+
+# Run-to-run noise of three replicates: both arms of a replicate share it (one pre-training
+# run), and the custom-attention arm has noise of its own on top.
+SHARED_NOISE = (0.0, 6.0, -5.0)
+OWN_NOISE = (2.0, -2.0, 0.5)
+
+
+def replicated_runs(root: Path, effect: float) -> list[Path]:
+    """Three replicates at K_seed = 4 (one run each); MSA beats custom attention by ``effect``."""
+    runs = []
+    for rep, (shared, own) in enumerate(zip(SHARED_NOISE, OWN_NOISE)):
+        msa = 80.0 + shared
+        scores = {"eval_msa": msa, "eval_attn": msa - effect + own, "eval_interp": msa - 3, "eval_maa": 79.0 + own,
+                  "eval_baseline": 60.0 + shared, "eval_baseline_unmerged": 81.0 + shared}
+        runs.append(make_run(root, f"rep{rep}", 4, scores, {}))
+    return runs
+
+
+def verdict_of(report: str, finding: str) -> str:
+    row = next(line for line in report.splitlines() if line.startswith(f"| {finding} |"))
+    return row.split("|")[3].strip()
+
+
+@pytest.mark.parametrize(("effect", "verdict"), [(0.5, "**inconclusive at 95%**"), (10.0, "**supported**"), (-10.0, "**contradicted**")])
+def test_a_finding_flips_when_its_effect_outgrows_its_spread(tmp_path, effect, verdict):
+    from vlcluster.study.stats import paired_interval
+
+    out = tmp_path / "report"
+    assert main(["report", *map(str, replicated_runs(tmp_path, effect)), "-o", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert verdict_of(report, "(c)") == verdict
+    # The numbers it rests on: MSA - custom attention within each replicate (retrieval = mean of TR and IR).
+    msa = [80.0 + shared for shared in SHARED_NOISE]
+    attn = [m - effect + own for m, own in zip(msa, OWN_NOISE)]
+    interval = paired_interval(msa, attn)
+    assert f"MSA − custom_attn = {interval.estimate:.2f} [{interval.low:.2f}, {interval.high:.2f}] (paired replicates, n = 3)" in report
+
+
+def test_replicates_share_a_row_with_their_t_interval(tmp_path):
+    from vlcluster.study.stats import mean_interval
+
+    out = tmp_path / "report"
+    assert main(["report", *map(str, replicated_runs(tmp_path, 10.0)), "-o", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| MSA | specific | 4 | 4 |"))
+    tr = mean_interval([80.0 + shared for shared in SHARED_NOISE])
+    assert "| 3 (whole chain) |" in row and f"{tr.estimate:.2f} ± {(tr.high - tr.low) / 2:.2f} |" in row
+    # (a): drop at K_seed = 0 (81 - 60) minus drop at K_seed = 4 (3) in every replicate: the shared noise cancels.
+    assert verdict_of(report, "(a)") == "**supported**"
+    assert "drop at K_seed = 0 − drop at K_seed = 4 = 18.00 [18.00, 18.00] (paired replicates, n = 3)" in report
+
+
+def test_one_run_with_per_item_results_gets_a_bootstrap_labelled_as_such(tmp_path):
+    from vlcluster.study.stats import bootstrap_interval, mean_difference
+
+    run = make_run(tmp_path, "single", 4, {"eval_baseline": 60.0, "eval_baseline_unmerged": 81.0}, {})
+    # 64 images scored one by one (retrieval = mean of TR and IR per image); MSA is better on most.
+    msa_items = [70.0 + (i % 7) * 3 for i in range(64)]
+    attn_items = [value - 4 + (i % 5 - 2) * 2 for i, value in enumerate(msa_items)]  # 4 lower, give or take 4
+    for stage, items in (("eval_msa", msa_items), ("eval_attn", attn_items)):
+        mean = sum(items) / len(items)
+        write(run / stage / "result.json", {"tr": mean + 5, "ir": mean - 5, "items": {"retrieval": items}})
+    out = tmp_path / "report"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert verdict_of(report, "(c)") == "**supported** (item bootstrap of one run: narrower than replicates)"
+    msa_row = next(line for line in report.splitlines() if line.startswith("| MSA | specific | 4 |"))
+    alone = bootstrap_interval([msa_items])
+    assert f"| {sum(msa_items) / 64:.2f} ± {(alone.high - alone.low) / 2:.2f} ᵇ |" in msa_row  # retrieval, marked
+    assert "ᵇ marks a single run's bootstrap over evaluation items" in report
+    expected = bootstrap_interval([msa_items, attn_items], mean_difference)
+    assert f"MSA − custom_attn = {expected.estimate:.2f} [{expected.low:.2f}, {expected.high:.2f}] (items (bootstrap), n = 64)" in report

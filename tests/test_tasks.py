@@ -23,6 +23,7 @@ from vlcluster.tasks.dataset import read_task_data
 from vlcluster.tasks.finetune import TaskBatchBuilder, TaskObjective
 from vlcluster.tasks.image_text_retrieval import multi_caption_recall
 from vlcluster.tasks.registry import get_task
+from vlcluster.tasks.retrieval import retrieval_items
 from vlcluster.tasks.task_eval import evaluate_task
 
 SMALL = dict(dim=64, depth=2, heads=2, vl_layers=1, mlp_ratio=2.0, itc_dim=64, num_answers=0)
@@ -117,8 +118,15 @@ def test_fine_tuned_tiny_model_is_clearly_above_chance(name, synthetic, one_thre
 def test_random_model_with_frozen_backbone_is_at_chance(name, synthetic, one_thread):
     _, _, metric, _, random_max, random_min = EXPECT[name]
     result = run_task(name, synthetic[name], 0, 0.0, frozen=True)
-    print(name, result)
+    print(name, {key: value for key, value in result.items() if key != "items"})
     assert random_min <= result[metric] <= random_max, result
+    # Per-item results (the study report's bootstrap) average to the score; mIoU is not a mean over images.
+    items = result.get("items", {})
+    assert (not items) if name == "segmentation" else items
+    for score, values in items.items():
+        expected = result["rsum_mean"] if score == "retrieval" else result[score]  # 3 captions per image: exact
+        assert len(values) == result.get("vqa_questions", result.get("retrieval_captions") if score == "ir" else N_VAL)
+        assert sum(values) / len(values) == pytest.approx(expected, abs=1e-3)
 
 
 def test_synthetic_tasks_have_the_documented_statistics(synthetic):
@@ -180,6 +188,12 @@ def test_any_caption_recall_by_hand():
     assert scores["tr_r1"] == 50.0 and scores["tr_r5"] == 100.0
     # IR: caption 0 -> image 1 scores higher (miss at 1); caption 1 hit; caption 2 -> image 0 higher (miss); caption 3 hit.
     assert scores["ir_r1"] == 50.0
+    # Per image: (TR hits at 1/5/10 + its captions' IR hits) / 2. Image 0: TR 1,1,1; captions 0 (miss@1) and 1 (hit).
+    items = retrieval_items(similarity, owner)
+    assert items["retrieval"] == pytest.approx([100 * (1 + (2 / 3 + 1) / 2) / 2, 100 * (2 / 3 + (2 / 3 + 1) / 2) / 2], abs=1e-3)
+    assert sum(items["retrieval"]) / 2 == pytest.approx(scores["rsum_mean"])
+    assert items["tr"] == pytest.approx([100, 100 * 2 / 3]) and items["ir"] == pytest.approx([100 * 2 / 3, 100, 100 * 2 / 3, 100])
+    assert sum(items["tr"]) / 2 == pytest.approx(scores["tr"]) and sum(items["ir"]) / 4 == pytest.approx(scores["ir"])
 
 
 def test_vqa_batch_has_soft_targets_and_every_question_at_eval():

@@ -495,12 +495,29 @@ class PipelineSweep(Strict):
         return self
 
 
+class Replicates(Strict):
+    """Copies of the seeded stages, replicate k with ``train.seed + k`` (initial weights and data
+    order), everything they feed copied with them (``vlcluster/jobspec/pipeline_sweep.py``)."""
+
+    count: int = Field(ge=1, le=100, description="how many replicates (copies named [rep=0] ... [rep=count-1])")
+    of: Literal["chain", "finetune"] = Field(
+        "chain", description="chain: pre-training, merges, fine-tunes and evals per replicate; "
+        "finetune: one pre-training, several fine-tune seeds of it (labelled so in the report)"
+    )
+
+
 class Pipeline(Strict):
     name: str
     run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
     storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
     stages: dict[str, Stage]
     sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
+    replicates: Replicates | None = Field(None, description="N (or {count: N, of: finetune}): repeat the study with other seeds")
+
+    @field_validator("replicates", mode="before")
+    @classmethod
+    def _replicate_count(cls, value: Any) -> Any:
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("stages")
     @classmethod

@@ -28,6 +28,16 @@ reads copied stages becomes one entry per element, labelled ``label [...]``.
 stages that agree with it (the same zip element), a shared stage for all of them. A copy's own name
 can be used as a reference (``init: {from: "seed[seed.train.steps=100000]"}``)
 to build on one element only.
+
+``replicates: N`` is one more axis, written first in every copy's name
+(``vlpt[rep=1,seed.train.steps=50000,...]``): replicate k of every seeded
+stage (pre-training and fine-tunes; fine-tunes alone with
+``replicates: {count: N, of: finetune}``) trains with ``train.seed + k``, which
+seeds its initial weights and its data order, and every stage it feeds is
+copied with it, also through a reference to one element (the copy of
+``seed[seed.train.steps=300]`` in replicate 1 reads
+``seed[rep=1,seed.train.steps=300]``). Stages no seeded stage feeds (data,
+imports) stay shared.
 """
 
 from __future__ import annotations
@@ -51,6 +61,9 @@ PREFIX = "stages."
 UNSWEPT = {"kind", "sweep", "after", "resources"}
 # The labelled references of a gathering stage (the report's rows and mergeability points).
 GATHERED_FIELDS = ("rows", "mergeability")
+REPLICATE_KEY = "rep"
+# The stage kinds a replicate re-seeds, by ``replicates.of``.
+SEEDED_KINDS = {"chain": ("pretrain", "finetune"), "finetune": ("finetune",)}
 
 
 def sweep_problems(zipped: dict[str, list], product: dict[str, list]) -> list[str]:
@@ -84,6 +97,34 @@ class SweptField:
         """How the field appears in a copy's name: ``seed.train.steps``."""
         return self.key[len(PREFIX):]
 
+    def sets(self, name: str) -> bool:
+        return name == self.stage
+
+    def reaches(self, name: str, upstream: dict[str, set[str]], upstream_pinned: dict[str, set[str]]) -> bool:
+        return self.stage == name or self.stage in upstream[name]
+
+    def apply(self, raw: dict, stage, value: Any) -> None:
+        set_path(raw, self.path, value)
+
+
+@dataclass(frozen=True)
+class ReplicateField:
+    """The replicate axis: sets ``train.seed`` of every seeded stage to its own seed + k."""
+
+    seeded: frozenset[str]
+    key: str = REPLICATE_KEY
+    label: str = REPLICATE_KEY
+
+    def sets(self, name: str) -> bool:
+        return name in self.seeded
+
+    def reaches(self, name: str, upstream: dict[str, set[str]], upstream_pinned: dict[str, set[str]]) -> bool:
+        """Through references to one element too: replicate k of a copy reads replicate k upstream."""
+        return name in self.seeded or bool(self.seeded & upstream_pinned[name])
+
+    def apply(self, raw: dict, stage, value: int) -> None:
+        set_path(raw, "train.seed", stage.train.seed + value)
+
 
 Assignment = dict[str, Any]  # swept key -> value
 
@@ -93,13 +134,22 @@ class Expansion:
 
     def __init__(self, pipeline: Pipeline, source: str):
         self.pipeline, self.source = pipeline, source
-        sweep = pipeline.sweep
-        self.fields = {key: self.resolve(group, key) for group, keys in (("zip", sweep.zip), ("product", sweep.product)) for key in keys}
+        zip_fields, product = (pipeline.sweep.zip, pipeline.sweep.product) if pipeline.sweep else ({}, {})
+        self.fields: dict[str, SweptField | ReplicateField] = {}
+        self.axes: list[list[Assignment]] = []
+        if pipeline.replicates:  # first: every copy's name starts with its replicate
+            kinds = SEEDED_KINDS[pipeline.replicates.of]
+            self.fields[REPLICATE_KEY] = ReplicateField(frozenset(n for n, s in pipeline.stages.items() if s.kind in kinds))
+            for name in self.fields[REPLICATE_KEY].seeded:
+                if "train.seed" in (pipeline.stages[name].sweep or {}):
+                    raise self.fail(f"stages.{name}.sweep: replicates set train.seed of this stage; use one or the other")
+            self.axes.append([{REPLICATE_KEY: k} for k in range(pipeline.replicates.count)])
+        self.fields |= {key: self.resolve(group, key) for group, keys in (("zip", zip_fields), ("product", product)) for key in keys}
         # An axis is the list of its elements; the zip is one axis, each product field another.
-        zipped = [dict(zip(sweep.zip, values)) for values in zip(*sweep.zip.values())]
-        self.axes: list[list[Assignment]] = [zipped] * bool(zipped) + [[{key: value} for value in values] for key, values in sweep.product.items()]
-        self.upstream = self.model_upstream()
-        self.reach = {name: [key for key, f in self.fields.items() if f.stage == name or f.stage in self.upstream[name]]
+        zipped = [dict(zip(zip_fields, values)) for values in zip(*zip_fields.values())]
+        self.axes += [zipped] * bool(zipped) + [[{key: value} for value in values] for key, values in product.items()]
+        self.upstream, self.upstream_pinned = self.model_upstream(), self.model_upstream(through_pinned=True)
+        self.reach = {name: [key for key, f in self.fields.items() if f.reaches(name, self.upstream, self.upstream_pinned)]
                       for name in pipeline.stages}
 
     # ---- the fields ----------------------------------------------------------
@@ -121,6 +171,8 @@ class Expansion:
             raise self.fail(f"sweep.{group}.{key}: {path!r} cannot be swept (only fields that change what the stage computes)")
         if path in (self.pipeline.stages[stage].sweep or {}):
             raise self.fail(f"sweep.{group}.{key}: stages.{stage}.sweep varies {path!r} too; sweep a field once")
+        if path == "train.seed" and REPLICATE_KEY in self.fields and self.fields[REPLICATE_KEY].sets(stage):
+            raise self.fail(f"sweep.{group}.{key}: replicates set train.seed of this stage; use one or the other")
         return SweptField(key, stage, path)
 
     def check_field(self, key: str) -> None:
@@ -145,12 +197,14 @@ class Expansion:
                 raise self.fail(f"sweep.{group}.{key}: a reference to another stage cannot be swept; "
                                 "write one stage per input (or sweep the input stage itself)")
 
-    def model_upstream(self) -> dict[str, set[str]]:
-        """Every stage each stage reads a model or data from, directly or not (``after`` and gathering stages excluded)."""
+    def model_upstream(self, through_pinned: bool = False) -> dict[str, set[str]]:
+        """Every stage each stage reads a model or data from, directly or not (``after`` and gathering stages
+        excluded); ``through_pinned``: a reference to one element (``seed[...]``) counts as one to its stage."""
         from vlcluster.graph import references
 
         stages = self.pipeline.stages
-        parents = {name: [] if stage.kind in GATHERING_KINDS else [r.target for r in references(stage) if r.target in stages]
+        parents = {name: [] if stage.kind in GATHERING_KINDS else
+                   [target for r in references(stage) if (target := self.base_of(r.target) if through_pinned else r.target) in stages]
                    for name, stage in stages.items()}
         upstream: dict[str, set[str]] = {}
 
@@ -166,6 +220,11 @@ class Expansion:
         for name in stages:
             visit(name, ())
         return upstream
+
+    def base_of(self, target: str) -> str:
+        """The stage a reference names: ``seed`` for ``seed[seed.train.steps=300]`` (a written element's name)."""
+        base = target.split("[", 1)[0]
+        return base if target not in self.pipeline.stages and base in self.pipeline.stages else target
 
     # ---- the copies ----------------------------------------------------------
 
@@ -211,8 +270,8 @@ class Expansion:
         for assignment in self.assignments(self.reach[name]):
             raw = stage_raw(stage)
             for key, value in assignment.items():
-                if self.fields[key].stage == name:
-                    set_path(raw, self.fields[key].path, value)
+                if self.fields[key].sets(name):
+                    self.fields[key].apply(raw, stage, value)
             self.point_upstream(stage, raw, assignment)
             yield self.name(name, assignment), raw
 
@@ -223,6 +282,10 @@ class Expansion:
         for ref in references(stage):
             if self.reach.get(ref.target):
                 set_path(raw, ref.field, self.name(ref.target, assignment))
+            elif REPLICATE_KEY in assignment and REPLICATE_KEY in self.reach.get(self.base_of(ref.target), ()):
+                # a written element's name: the same element of this replicate
+                base, rest = ref.target.split("[", 1)
+                set_path(raw, ref.field, f"{base}[{REPLICATE_KEY}={assignment[REPLICATE_KEY]},{rest}")
         if "after" in raw:
             raw["after"] = [name for target in raw["after"] for name in self.agreeing(target, assignment)]
 
@@ -287,14 +350,15 @@ class Expansion:
             sizes = ", ".join(f"{name} x{self.copy_count(name) * max(stage_sweep_size(stage), 1)}"
                               for name, stage in self.pipeline.stages.items() if self.copy_count(name) > 1 or stage.sweep)
             raise self.fail(f"the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
-        for key in self.fields:  # after the cap: a sweep too large is refused before its values are validated
-            self.check_field(key)
+        for key, field in self.fields.items():  # after the cap: a sweep too large is refused before its values are validated
+            if isinstance(field, SweptField):
+                self.check_field(key)
         stages = dict(copy_ for name in self.pipeline.stages for copy_ in self.copies(name))
-        payload = self.pipeline.model_dump(mode="json", by_alias=True, exclude={"stages", "sweep"})
+        payload = self.pipeline.model_dump(mode="json", by_alias=True, exclude={"stages", "sweep", "replicates"})
         return validate({**payload, "stages": stages}, self.source)
 
 
-def suffix(fields: dict[str, SweptField], assignment: Assignment) -> str:
+def suffix(fields: dict[str, SweptField | ReplicateField], assignment: Assignment) -> str:
     return ",".join(f"{fields[key].label}={json.dumps(value)}" for key, value in assignment.items())
 
 
@@ -319,7 +383,7 @@ def set_path(raw: dict, path: str, value: Any) -> None:
 
 
 def expand_pipeline_sweep(pipeline: Pipeline, source: str) -> Pipeline:
-    """The pipeline with its top-level ``sweep`` applied (stage sweeps are left for the graph)."""
-    if pipeline.sweep is None:
+    """The pipeline with its top-level ``sweep`` and ``replicates`` applied (stage sweeps are left for the graph)."""
+    if pipeline.sweep is None and pipeline.replicates is None:
         return pipeline
     return Expansion(pipeline, source).expand()

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlcluster.study import figures, tables, views
+from vlcluster.study import figures, tables, verdicts, views
 from vlcluster.study.lineage import Arm, LineageError, collect_arms
 
 __all__ = ["LineageError", "StudyReport", "write_study_report"]
@@ -20,6 +20,7 @@ class StudyReport:
     summary: str
     figures: list[Path] = field(default_factory=list)
     pearson: dict[str, dict[str, float]] = field(default_factory=dict)
+    verdicts: list[verdicts.Verdict] = field(default_factory=list)
 
 
 def write_study_report(run_dirs: list, out: Path, drop_score: str = "retrieval", title: str = "Study report") -> StudyReport:
@@ -31,6 +32,8 @@ def write_study_report(run_dirs: list, out: Path, drop_score: str = "retrieval",
     if not arms:
         sections.append("No finished eval stage in these runs yet: nothing to report.")
     else:
+        report.verdicts = verdicts.verdicts(arms, drop_score)
+        sections += verdicts.section(report.verdicts, drop_score)
         sections += _table1(arms) + _series_sections(arms, out, report) + _drops(arms, drop_score, out, report)
     report.markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(report.markdown)
@@ -41,7 +44,8 @@ def write_study_report(run_dirs: list, out: Path, drop_score: str = "retrieval",
 def _table1(arms: list[Arm]) -> list[str]:
     return ["## Table 1: every evaluated model", "",
             "Roles follow the paper: MAA (modality-agnostic from scratch), MSA (modality-specific, not merged), "
-            "merging baseline (merged with K_seed = 0), merged.", "", tables.arms_table(arms), ""]
+            "merging baseline (merged with K_seed = 0), merged. Replicates (the same setting with other seeds) "
+            "share a row.", "", tables.INTERVAL_NOTE, "", tables.arms_table(arms), ""]
 
 
 def _figure(report: StudyReport, path: Path) -> str:
@@ -86,9 +90,11 @@ def _drops(arms: list[Arm], drop_score: str, out: Path, report: StudyReport) -> 
     lines = ["## Table 5: mergeability metrics against the merge drop", ""]
     if not points:
         return lines + ["No merged model with both a metrics stage on its source and an unmerged twin in these runs.", ""]
-    report.pearson = views.correlations(points)
-    lines += [f"Drop = unmerged minus merged {views.label(drop_score)}; Pearson r per merge setting.", "",
-              tables.drop_table(points, report.pearson, drop_score), ""]
+    found = views.correlations(points)
+    report.pearson = {setting: {d: c.r for d, c in r.items()} for setting, r in found.items()}
+    lines += [f"Drop = unmerged minus merged {views.label(drop_score)}; every replicate is a point. Pearson r per merge "
+              "setting with its 95 % Fisher-z interval (4 points or more) and a two-sided permutation p-value.", "",
+              tables.drop_table(points, found, drop_score), ""]
     path = figures.drop_figure(points, report.pearson, drop_score, out / "mergeability.png")
     return lines + [_figure(report, path), ""]
 
@@ -99,6 +105,7 @@ def _summary(arms: list[Arm], report: StudyReport, out: Path) -> str:
     for setting, r in defined.items():
         lines.append(f"Pearson r with the merge drop ({setting}): " + ", ".join(f"{d} {v:.3f}" for d, v in r.items()))
     if len(defined) < len(report.pearson):  # one point (e.g. a knob swept at one K_seed) has no r
-        lines.append(f"Pearson r undefined for {len(report.pearson) - len(defined)} merge setting(s) with fewer than two points")
+        lines.append(f"Pearson r undefined for {len(report.pearson) - len(defined)} merge setting(s) with fewer than three points")
+    lines += [f"finding {v.finding}: {v.verdict}" for v in report.verdicts]
     lines.append(f"wrote {out / 'report.md'}" + "".join(f", {path.name}" for path in report.figures))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from vlcluster.study import views
+from vlcluster.study.stats import Interval
 
 
 def _pyplot():
@@ -20,12 +21,34 @@ def _pyplot():
 
 def _grid(count: int):
     plt = _pyplot()
-    columns = min(count, 3)
+    columns = 2 if count == 4 else min(count, 3)  # four panels fill 2 x 2, not 2 x 3 with an empty slot
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows), squeeze=False)
     for extra in axes.flat[count:]:
         extra.set_visible(False)
     return plt, fig, list(axes.flat)
+
+
+def _value(cell: Interval | None) -> float:
+    return math.nan if cell is None else cell.estimate
+
+
+def _error(cells: list[Interval | None]) -> list[list[float]]:
+    """Asymmetric error bars (below, above) from each cell's interval; none where there is no interval."""
+    below = [c.estimate - c.low if c is not None and c.defined else math.nan for c in cells]  # NaN: no bar, no cap
+    above = [c.high - c.estimate if c is not None and c.defined else math.nan for c in cells]
+    return [below, above]
+
+
+def _bar_note(fig, panels) -> None:
+    """Say under the legend what the error bars are (replicates or one run's items)."""
+    bases = {c.basis for series in panels for points in series.lines.values() for c in points.values()
+             if isinstance(c, Interval) and c.defined}
+    text = {"replicates": "t interval over replicates", "paired replicates": "t interval over replicates",
+            "items (bootstrap)": "bootstrap over evaluation items (one run: narrower than replicates)"}
+    shown = sorted({text.get(b, b) for b in bases})
+    note = "Error bars: 95 % " + "; ".join(shown) if shown else "No error bars: one run per point, no per-item results"
+    fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", color="0.3")
 
 
 def line_figure(panels: list[views.Series], title: str, path: Path, categorical: bool = False) -> Path:
@@ -34,9 +57,14 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
     for ax, series in zip(axes, panels):
         xs = sorted({x for points in series.lines.values() for x in points}, key=str if categorical else None)
         positions = list(range(len(xs))) if categorical else xs
-        for name, points in series.lines.items():
-            ys = [points.get(x) for x in xs]
-            ax.plot(positions, [math.nan if y is None else y for y in ys], marker="o", label=name)
+        span = (max(positions) - min(positions)) if len(positions) > 1 else 1.0
+        for index, (name, points) in enumerate(series.lines.items()):
+            cells = [points.get(x) for x in xs]
+            style = _series_style(index)
+            # each series a little to the side: error bars of series at one x stay apart
+            dodge = (index - (len(series.lines) - 1) / 2) * 0.012 * span
+            ax.errorbar([x + dodge for x in positions], [_value(c) for c in cells], yerr=_error(cells), marker=style["marker"],
+                        color=style["color"], capsize=3, label=name)
         if categorical:
             ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
         ax.set_title(series.title, fontsize=10)
@@ -44,6 +72,7 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
         ax.set_ylabel(series.title.split(" vs ")[0].split(" by ")[0])
         ax.grid(alpha=0.3)
     _figure_legend(fig, axes)
+    _bar_note(fig, panels)
     return _save(plt, fig, title, path)
 
 
@@ -58,11 +87,13 @@ def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
         shown = [name for name in names if any(v is not None for v in series.lines.get(name, {}).values())]
         width = 0.8 / max(len(shown), 1)
         for i, name in enumerate(shown):
-            heights = [series.lines[name].get(c) for c in categories]
+            cells = [series.lines[name].get(c) for c in categories]
+            heights = [None if cell is None else cell.estimate for cell in cells]
             positions = [j + i * width for j in range(len(categories))]
             index = names.index(name)  # the same colour (and hatch past ten series) in every panel
             style = _series_style(index)
-            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name, color=style["color"], hatch=style["hatch"])
+            ax.bar(positions, [0 if h is None else h for h in heights], width, label=name, color=style["color"], hatch=style["hatch"],
+                   yerr=_error(cells), capsize=3, error_kw={"elinewidth": 1})
             for x, h in zip(positions, heights):
                 if h is None:  # a missing arm is marked, never drawn as a zero score
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -71,6 +102,7 @@ def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
         ax.set_ylabel(series.title.split(" by ")[0])
         ax.grid(alpha=0.3, axis="y")
     _figure_legend(fig, axes)
+    _bar_note(fig, panels)
     return _save(plt, fig, title, path)
 
 
@@ -81,34 +113,57 @@ def _figure_legend(fig, axes) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 3), fontsize=8, frameon=False)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", bbox_to_anchor=(0.5, 0.025),
+               ncol=min(len(entries), 3), fontsize=8, frameon=False)
 
 
 def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: str, path: Path) -> Path:
-    """Table 5 as scatter plots: each distance against the merge drop, a fitted line and r per merge setting."""
+    """Table 5 as scatter plots, one panel per distance: every replicate a faint point, the mean per
+    K_seed with its 95 % intervals (distance and drop), a fitted line and r per merge setting.
+    Settings at one K_seed only (a knob sweep) have one distance: they would stack on one x and
+    say nothing about a correlation, so they stay in the table."""
+    groups = views.drop_groups(points, drop_score)
+    spans = {setting: {k for (s, k) in groups if s == setting} for setting, _ in groups}
+    settings = sorted(setting for setting, ks in spans.items() if len(ks) > 1)
     plt, fig, axes = _grid(len(views.DISTANCES))
-    settings = sorted({p.arm.merge.describe() for p in points})
-    for ax, distance in zip(axes, views.DISTANCES):
+    for column, (ax, distance) in enumerate(zip(axes, views.DISTANCES)):
+        fits: list[tuple[str, float]] = []
         for index, setting in enumerate(settings):
             style = _series_style(index)
             group = [p for p in points if p.arm.merge.describe() == setting and distance in p.distances]
             xs, ys = [p.distances[distance] for p in group], [p.drop for p in group]
-            ax.scatter(xs, ys, label=setting, color=style["color"], marker=style["marker"])
+            ax.scatter(xs, ys, color=style["color"], marker=style["marker"], alpha=0.3, s=14)
+            means = [(groups[(setting, k)][1][distance], groups[(setting, k)][0]) for k in sorted(spans[setting], key=lambda k: k or 0)
+                     if distance in groups[(setting, k)][1] and groups[(setting, k)][0] is not None]
+            mx, my = [m[0] for m in means], [m[1] for m in means]
+            ax.errorbar([c.estimate for c in mx], [c.estimate for c in my], xerr=_error(mx), yerr=_error(my), fmt=style["marker"],
+                        color=style["color"], capsize=3, label=setting)
             fit = _line_fit(xs, ys)
             if fit is not None:
                 slope, intercept = fit
                 ends = [min(xs), max(xs)]
                 ax.plot(ends, [slope * x + intercept for x in ends], linestyle="--", color=style["color"])
-                r = correlations.get(setting, {}).get(distance, math.nan)
-                # r beside its line's right end, in its colour: the legend is shared by every panel
-                ax.annotate(f"r = {r:.2f}", (ends[1], slope * ends[1] + intercept), color=style["color"],
-                            fontsize=8, xytext=(4, 0), textcoords="offset points", va="center")
+                fits.append((style["color"], correlations.get(setting, {}).get(distance, math.nan)))
+        _r_legend(ax, fits)
         ax.set_xlabel(distance.upper() if distance != "cosine" else "cosine dissimilarity")
-        ax.set_ylabel(f"merge drop: {views.label(drop_score)}")
+        if column % 2 == 0:  # one y label per row: long labels would run into the panel on the left
+            ax.set_ylabel(f"merge drop ({views.label(drop_score).split(' (')[0]})")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # TSSD is ~1e-4: no overlapping decimals
         ax.grid(alpha=0.3)
     _figure_legend(fig, axes)
+    fig.text(0.01, 0.005, "Faint: one replicate each; solid: mean per K_seed with 95 % intervals; r over the replicate points",
+             fontsize=7, ha="left", va="bottom", color="0.3")
     return _save(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
+
+
+def _r_legend(ax, fits: list[tuple[str, float]]) -> None:
+    """Each fitted line's r in a small legend of the panel, placed where it hides no point. Its
+    handles are not drawn on the axes, so the figure's shared legend does not collect them."""
+    if fits:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=color, linestyle="--") for color, _ in fits]
+        ax.legend(handles, [f"r = {r:.2f}" for _, r in fits], loc="best", fontsize=8, handlelength=1.5, framealpha=0.85)
 
 
 def _series_style(index: int) -> dict:
@@ -130,7 +185,7 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 def _save(plt, fig, title: str, path: Path) -> Path:
     fig.suptitle(title)
     legend_rows = max((len(legend.get_texts()) + 2) // 3 for legend in fig.legends) if fig.legends else 0
-    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.05 * legend_rows, 1, 1))  # room for the legend and the error-bar note
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)

@@ -6,6 +6,11 @@ merged) -> the pre-training stage -> (the seed stage it was initialised
 from). From that path follow the facts the paper's tables are keyed by: the
 architecture, K_seed and K_VL, whether and how the experts were merged.
 Nothing is inferred from stage names.
+
+Replicates are arms of one setting (same architecture, K_seed, K_VL, merge)
+that differ in the seeds of their training stages (``train.seed``: initial
+weights and data order), in one run or across runs. ``Arm.replicate`` is what
+tells them apart; ``Arm.setting`` what they share.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from vlcluster.rundir import pipeline_file, read_json, stage_dir
 # The knob each merge method is swept over in the paper's Table 2.
 METHOD_KNOB = {"interpolation": "alpha", "arithmetic": "lam", "regmean": "gamma", "ties": "lam", "dare": "lam"}
 # Result keys that are counts or details, not scores.
-NOT_SCORES = {"vqa_questions", "retrieval_pairs", "retrieval_images", "retrieval_captions"}
+NOT_SCORES = {"vqa_questions", "retrieval_pairs", "retrieval_images", "retrieval_captions", "examples", "classes_present"}
 
 
 class LineageError(ValueError):
@@ -56,6 +61,25 @@ class Arm:
     k_vl: int | None  # steps of the modality-specific stage (None for a modality-agnostic model)
     merge: Merge | None
     mergeability: dict[str, float] | None = field(default=None)  # metrics of the merged source
+    pretrain_seeds: tuple[int, ...] = ()  # train.seed of the seed and VL stages (pre-training order)
+    finetune_seeds: tuple[int, ...] = ()  # train.seed of the fine-tunes on the path (before and after a merge)
+    items: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per-item values of a score (its mean)
+
+    @property
+    def replicate(self) -> tuple:
+        """Which replicate of its setting this arm is: its run and the seeds of its training stages."""
+        return (self.run, self.pretrain_seeds, self.finetune_seeds)
+
+    @property
+    def pairing(self) -> tuple:
+        """What pairs this arm with arms of other settings in the same replicate: its run and the
+        seeds used (``replicates: N`` gives every training stage of replicate k the same seed)."""
+        return (self.run, frozenset(self.pretrain_seeds + self.finetune_seeds))
+
+    @property
+    def setting(self) -> tuple:
+        """What replicates of one another share (everything but run and seeds)."""
+        return (self.role, self.arch, self.k_seed, self.k_vl, self.merge.describe() if self.merge else None)
 
     @property
     def role(self) -> str:
@@ -73,6 +97,19 @@ def scores_of(result: dict) -> dict[str, float]:
         key: float(value)
         for key, value in result.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_SCORES and math.isfinite(value)
+    }
+
+
+def items_of(result: dict) -> dict[str, tuple[float, ...]]:
+    """Per-item values an eval recorded (``items``: score -> list), the finite numeric lists only."""
+    items = result.get("items")
+    if not isinstance(items, dict):
+        return {}
+    return {
+        name: tuple(float(v) for v in values)
+        for name, values in items.items()
+        if isinstance(values, list) and len(values) > 1
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     }
 
 
@@ -113,24 +150,38 @@ class Lineage:
         model = (self.stages.get(name) or {}).get("model") or {}
         return model.get("arch")
 
+    def seed_of(self, name: str | None) -> int | None:
+        """``train.seed`` of a training stage (0 when not written, the default)."""
+        train = (self.stages.get(name) or {}).get("train") if name else None
+        seed = train.get("seed", 0) if isinstance(train, dict) else None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
     def arm(self, run: str, eval_stage: str, result: dict) -> Arm:
+        finetunes: list[str] = []
         model = self.model_source(eval_stage)
         if self.kind(model) == "finetune":
+            finetunes.append(model)
             model = self.model_source(model)
         merge = None
         if self.kind(model) == "merge":
             merged_from = self.model_source(model)
             after_finetune = self.kind(merged_from) == "finetune"
             merge = Merge(model, self.stages[model].get("method", "?"), self.merge_params(model), after_finetune)
+            if after_finetune:
+                finetunes.insert(0, merged_from)
             model = self.model_source(merged_from) if after_finetune else merged_from
+        found = Arm(run, eval_stage, scores_of(result), None, None, None, None, merge,
+                    finetune_seeds=tuple(self.seed_of(name) for name in finetunes), items=items_of(result))
         if self.kind(model) != "pretrain":
-            return Arm(run, eval_stage, scores_of(result), None, None, None, None, merge)
+            return found
         arch = self.arch(model)
         if arch == "agnostic":
-            return Arm(run, eval_stage, scores_of(result), arch, model, self.steps(model), None, merge)
+            return replace(found, arch=arch, pretrain_stage=model, k_seed=self.steps(model), pretrain_seeds=(self.seed_of(model),))
         seed = self.model_source(model)
-        k_seed = self.steps(seed) if self.kind(seed) == "pretrain" and self.arch(seed) == "agnostic" else 0
-        return Arm(run, eval_stage, scores_of(result), arch, model, k_seed, self.steps(model), merge)
+        seeded = self.kind(seed) == "pretrain" and self.arch(seed) == "agnostic"
+        k_seed = self.steps(seed) if seeded else 0
+        seeds = (self.seed_of(seed), self.seed_of(model)) if seeded else (self.seed_of(model),)
+        return replace(found, arch=arch, pretrain_stage=model, k_seed=k_seed, k_vl=self.steps(model), pretrain_seeds=seeds)
 
     def merge_params(self, name: str) -> dict[str, float]:
         spec = self.stages[name]

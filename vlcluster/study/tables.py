@@ -6,14 +6,36 @@ import math
 
 from vlcluster.study import views
 from vlcluster.study.lineage import Arm
+from vlcluster.study.stats import Correlation, Interval
+
+# How a cell's interval is marked: a bootstrap over items is the narrower kind (one training run).
+INTERVAL_MARK = {"replicates": "", "paired replicates": "", "items (bootstrap)": " ᵇ"}
+
+
+def number(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
 
 
 def cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if isinstance(value, Interval):
+        if not value.defined:
+            return number(value.estimate)
+        return f"{number(value.estimate)} ± {number((value.high - value.low) / 2)}{INTERVAL_MARK.get(value.basis, '')}"
+    if isinstance(value, Correlation):
+        if math.isnan(value.r):
+            return "–"
+        shown = f" [{value.low:.2f}, {value.high:.2f}]" if math.isfinite(value.low) else ""
+        return f"{value.r:.2f}{shown} p={value.p_value:.2g}"
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+        return number(value)
     return str(value)
+
+
+INTERVAL_NOTE = ("Cells are mean ± half the 95 % interval: a t interval over replicates (n in the table); "
+                 "ᵇ marks a single run's bootstrap over evaluation items, which leaves out run-to-run spread "
+                 "and is narrower than a replicate interval would be; a bare number has no interval (one run, no items).")
 
 
 def markdown(header: list[str], rows: list[list], numeric_from: int) -> str:
@@ -24,15 +46,16 @@ def markdown(header: list[str], rows: list[list], numeric_from: int) -> str:
 
 
 def arms_table(arms: list[Arm]) -> str:
-    """Table 1 shape: every evaluated model with where it came from."""
+    """Table 1 shape: every evaluated setting with where it came from and its replicates."""
     names = views.score_names(arms)
-    header = ["model", "arch", "K_seed", "K_VL", "merge", "run / eval stage", *map(views.label, names)]
-    rows = [
-        [arm.role, arm.arch, arm.k_seed, arm.k_vl, arm.merge.describe() if arm.merge else None,
-         f"{arm.run} / {arm.eval_stage}", *(arm.scores.get(name) for name in names)]
-        for arm in views.table1_order(arms)
-    ]
-    return markdown(header, rows, numeric_from=6)
+    header = ["model", "arch", "K_seed", "K_VL", "merge", "run / eval stage", "replicates", *map(views.label, names)]
+    rows = []
+    for (role, arch, k_seed, k_vl, merge), group in views.settings(arms).items():
+        replicates = len({arm.replicate for arm in group})
+        where = f"{group[0].run} / {group[0].eval_stage}" + (f" (+{len(group) - 1})" if len(group) > 1 else "")
+        shown = f"{replicates} ({views.replicate_kind(group)})" if replicates > 1 else 1
+        rows.append([role, arch, k_seed, k_vl, merge, where, shown, *(views.cell(group, name) for name in names)])
+    return markdown(header, rows, numeric_from=7)
 
 
 def series_table(series: views.Series) -> str:
@@ -42,7 +65,7 @@ def series_table(series: views.Series) -> str:
     return markdown(header, rows, numeric_from=1)
 
 
-def drop_table(points: list[views.DropPoint], correlations: dict[str, dict[str, float]], drop_score: str) -> str:
+def drop_table(points: list[views.DropPoint], correlations: dict[str, dict[str, Correlation]], drop_score: str) -> str:
     header = ["merged model", "merge", "K_seed", *views.DISTANCES, f"drop ({views.label(drop_score)})"]
     rows = [
         [f"{p.arm.run} / {p.arm.eval_stage}", p.arm.merge.describe(), p.arm.k_seed,
@@ -50,6 +73,7 @@ def drop_table(points: list[views.DropPoint], correlations: dict[str, dict[str, 
         for p in sorted(points, key=lambda p: (p.arm.merge.describe(), p.arm.k_seed or 0))
     ]
     rows += [[f"Pearson r ({setting})", "", "", *(r[d] for d in views.DISTANCES), ""] for setting, r in correlations.items()]
+    # Replicates are separate points; the interval is Fisher z, p a permutation test over the pairings.
     return markdown(header, rows, numeric_from=2)
 
 

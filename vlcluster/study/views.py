@@ -1,7 +1,8 @@
 """The paper's views of a set of arms, as plain data (tables and figures draw them).
 
 Each view selects arms by what they are (architecture, K_seed, merge setting),
-never by stage names, and leaves a gap where an arm is missing.
+never by stage names, and leaves a gap where an arm is missing. A cell holds
+every replicate of its setting, summarised as an ``Interval`` (``cell``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from vlcluster.metrics.correlation import pearson
+from vlcluster.study import stats
 from vlcluster.study.lineage import Arm
+from vlcluster.study.stats import Interval
 
 # Scores drawn in the figures, in this order, when present.
 PRIMARY = ("vqa_acc", "tr", "ir", "nlvr2_acc", "top1", "miou")
@@ -33,6 +35,9 @@ def score_names(arms: list[Arm]) -> list[str]:
     """Scores shown in tables: the primary ones first, then the others (R@k details last)."""
     present = {name for arm in arms for name in arm.scores}
     primary = [name for name in PRIMARY if name in present]
+    if {"tr", "ir"} <= present:  # the paper's COCO score and the drop the verdicts judge, beside its parts
+        primary.insert(primary.index("ir") + 1, "retrieval")
+        present.discard("rsum_mean")  # the same number under the task eval's name
     rest = sorted(present - set(primary), key=lambda name: (bool(_DETAIL.search(name)), name))
     return primary + rest
 
@@ -49,6 +54,71 @@ def score(arm: Arm, name: str) -> float | None:
         tr, ir = arm.scores.get("tr"), arm.scores.get("ir")
         return None if tr is None or ir is None else (tr + ir) / 2
     return arm.scores.get(name)
+
+
+def replicate_values(arms: list[Arm], name: str) -> dict[tuple, Arm]:
+    """One arm per replicate that has the score (the first, when a replicate was evaluated twice)."""
+    chosen: dict[tuple, Arm] = {}
+    for arm in arms:
+        if score(arm, name) is not None:
+            chosen.setdefault(arm.replicate, arm)
+    return chosen
+
+
+def cell(arms: list[Arm], name: str) -> Interval | None:
+    """A score over the replicates of one setting: t interval over replicates; with one
+    replicate, a bootstrap over its evaluation items when it recorded them (the narrower
+    interval, labelled so); else the bare value. None when no arm has the score."""
+    chosen = list(replicate_values(arms, name).values())
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        return stats.mean_interval([score(arm, name) for arm in chosen])
+    items = chosen[0].items.get(name)
+    if items:
+        interval = stats.bootstrap_interval([items])
+        return Interval(score(chosen[0], name), interval.low, interval.high, interval.n, interval.basis)
+    return stats.single(score(chosen[0], name))
+
+
+def contrast(terms: list[tuple[float, list[Arm]]], name: str) -> Interval | None:
+    """Σ weight · score, computed within each replicate (arms paired by their seeds), then its
+    interval over replicates; with one replicate, a bootstrap over the items the arms share.
+    Pairs are looked for within one run first, then across runs by seeds alone (one run per
+    K_seed). None when no replicate has every term."""
+    for key in (lambda arm: arm.pairing, lambda arm: arm.pairing[1:]):
+        per_term = [{key(arm): arm for arm in replicate_values(arms, name).values()} for _, arms in terms]
+        shared = [rep for rep in per_term[0] if all(rep in values for values in per_term[1:])]
+        if shared:
+            break
+    else:
+        return None
+    weights = [weight for weight, _ in terms]
+    per_replicate = [sum(w * score(values[rep], name) for w, values in zip(weights, per_term)) for rep in shared]
+    if len(shared) > 1:
+        return stats.mean_interval(per_replicate, basis="paired replicates")
+    columns = [values[shared[0]].items.get(name) for values in per_term]
+    if all(columns) and len({len(column) for column in columns}) == 1:
+        interval = stats.bootstrap_interval(columns, lambda *cols: sum(w * c.mean(axis=-1) for w, c in zip(weights, cols)))
+        return Interval(per_replicate[0], interval.low, interval.high, interval.n, interval.basis)
+    return stats.single(per_replicate[0])
+
+
+def settings(arms: list[Arm]) -> dict[tuple, list[Arm]]:
+    """Arms grouped by setting (replicates of one another), in Table 1 order."""
+    groups: dict[tuple, list[Arm]] = {}
+    for arm in table1_order(arms):
+        groups.setdefault(arm.setting, []).append(arm)
+    return groups
+
+
+def replicate_kind(arms: list[Arm]) -> str:
+    """How the replicates of one setting differ: whole chains, or fine-tune seeds of one pre-trained model."""
+    runs = {(arm.run, arm.pretrain_seeds) for arm in arms}
+    finetunes = {arm.finetune_seeds for arm in arms}
+    if len(runs) == 1 and len(finetunes) > 1:
+        return "fine-tune seeds only"
+    return "whole chain" if len(runs) > 1 else "one run"
 
 
 def table1_order(arms: list[Arm]) -> list[Arm]:
@@ -77,7 +147,7 @@ def merge_settings(arms: list[Arm]) -> list[str]:
 
 @dataclass
 class Series:
-    """One line or bar group: label -> {x: value or None (a gap)}."""
+    """One line or bar group: label -> {x: Interval or None (a gap)}."""
 
     title: str
     x_label: str
@@ -91,7 +161,8 @@ def by_k_seed(arms: list[Arm], name: str) -> Series:
     lines = {"before merging": _points(xs, [a for a in specific if a.merge is None], lambda a: a.k_seed, name)}
     for setting in merge_settings(specific):
         merged = [a for a in specific if a.merge is not None and a.merge.describe() == setting]
-        lines[f"merged: {setting}"] = _points(xs, merged, lambda a: a.k_seed, name)
+        if len({a.k_seed for a in merged}) > 1:  # a knob swept at one K_seed is Table 2's, not a line here
+            lines[f"merged: {setting}"] = _points(xs, merged, lambda a: a.k_seed, name)
     return Series(f"{label(name)} vs K_seed", "K_seed (seed pre-training steps)", lines)
 
 
@@ -122,13 +193,8 @@ def by_arch(arms: list[Arm], name: str) -> Series:
 
 
 def _points(xs: list, arms: list[Arm], x_of, name: str) -> dict:
-    """First arm per x (arms come in a fixed order); None where there is none."""
-    points: dict = {x: None for x in xs}
-    for arm in arms:
-        x = x_of(arm)
-        if points.get(x) is None:
-            points[x] = score(arm, name)
-    return points
+    """Every replicate at each x as one interval; None where there is none."""
+    return {x: cell([arm for arm in arms if x_of(arm) == x], name) for x in xs}
 
 
 @dataclass
@@ -136,6 +202,7 @@ class DropPoint:
     arm: Arm  # the merged arm
     drop: float  # unmerged score minus merged score
     distances: dict[str, float]
+    twin: Arm | None = None  # the unmerged arm of the same replicate
 
 
 def drop_points(arms: list[Arm], drop_score: str) -> list[DropPoint]:
@@ -150,16 +217,32 @@ def drop_points(arms: list[Arm], drop_score: str) -> list[DropPoint]:
         merged_score = score(merged, drop_score)
         if twin is None or merged_score is None:
             continue
-        points.append(DropPoint(merged, score(twin, drop_score) - merged_score, merged.mergeability))
+        points.append(DropPoint(merged, score(twin, drop_score) - merged_score, merged.mergeability, twin))
     return points
 
 
-def correlations(points: list[DropPoint]) -> dict[str, dict[str, float]]:
-    """Pearson r of each distance with the drop, per merge setting (NaN with fewer than 2 points or a constant series)."""
+def drop_groups(points: list[DropPoint], drop_score: str) -> dict[tuple[str, int | None], tuple[Interval, dict[str, Interval]]]:
+    """Table 5 per merge setting and K_seed: the drop over replicates (paired within each) and each distance's interval."""
+    grouped: dict[tuple[str, int | None], list[DropPoint]] = {}
+    for point in points:
+        grouped.setdefault((point.arm.merge.describe(), point.arm.k_seed), []).append(point)
+    summary = {}
+    for key, group in grouped.items():
+        drop = contrast([(1.0, [p.twin for p in group]), (-1.0, [p.arm for p in group])], drop_score)
+        distances = {d: stats.mean_interval([p.distances[d] for p in group]) for d in DISTANCES
+                     if all(d in p.distances for p in group)}
+        summary[key] = (drop, distances)
+    return summary
+
+
+def correlations(points: list[DropPoint]) -> dict[str, dict[str, stats.Correlation]]:
+    """Pearson r of each distance with the drop per merge setting, every replicate a point, with
+    its Fisher-z interval and permutation p (r is NaN with fewer than 3 points or a constant series)."""
     groups: dict[str, list[DropPoint]] = {}
     for point in points:
         groups.setdefault(point.arm.merge.describe(), []).append(point)
     return {
-        setting: {d: pearson([p.distances.get(d, float("nan")) for p in group], [p.drop for p in group]) for d in DISTANCES}
+        setting: {d: stats.pearson_interval([p.distances.get(d, float("nan")) for p in group], [p.drop for p in group])
+                  for d in DISTANCES}
         for setting, group in groups.items()
     }

@@ -59,13 +59,18 @@ class ClassificationTask(Task):
 class TopKScorer(Scorer):
     def __init__(self, task: ClassificationTask):
         self.task, self.hits, self.count = task, dict.fromkeys(TOP_K, 0), 0
+        self.items: list[float] = []  # top-1: 100 or 0 per image, for the study report's bootstrap
 
     def update(self, model, batch) -> None:
         logits = self.task.logits(model, batch)
         ranked = logits.topk(min(max(TOP_K), logits.shape[-1]), dim=-1).indices
         for k in TOP_K:
-            self.hits[k] += (ranked[:, :k] == batch["label"][:, None]).any(dim=1).sum().item()
+            found = (ranked[:, :k] == batch["label"][:, None]).any(dim=1)
+            self.hits[k] += found.sum().item()
+            if k == 1:
+                self.items += [100.0 * hit for hit in found.tolist()]
         self.count += len(logits)
 
     def result(self) -> dict[str, float]:
-        return {**{f"top{k}": 100 * self.hits[k] / max(self.count, 1) for k in TOP_K}, "examples": self.count}
+        return {**{f"top{k}": 100 * self.hits[k] / max(self.count, 1) for k in TOP_K}, "examples": self.count,
+                "items": {"top1": self.items}}

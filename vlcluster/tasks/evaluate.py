@@ -18,7 +18,7 @@ from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
 from vlcluster.outputs import finish_stage, read_model
-from vlcluster.tasks.retrieval import retrieval_scores
+from vlcluster.tasks.retrieval import retrieval_items, retrieval_scores
 
 log = logging.getLogger("vlcluster.eval")
 
@@ -61,7 +61,7 @@ def evaluate(
     answer_index = {answer: index for index, answer in enumerate(answers)}
     image_embs, text_embs, text_image = [], [], []
     images_seen = 0
-    vqa_correct = vqa_total = 0
+    vqa_hits: list[float] = []  # per question (100 or 0): the study report bootstraps over them
     for chunk in batches(eval_samples(urls, cfg.image_size, quality, fields), batch_size):
         images = torch.stack([sample["image"] for sample in chunk])
         image_bottom = model.bottom_image(images)
@@ -78,19 +78,21 @@ def evaluate(
                 ids, mask = encoder.encode(questions, cfg.max_text_len)
                 fused = model.fuse(image_bottom[rows], model.bottom_text(ids, mask), mask)
                 predicted = model.heads.vqa(fused[:, 0]).argmax(dim=-1)
-                vqa_correct += (predicted == targets).sum().item()
-                vqa_total += len(rows)
+                vqa_hits += [100.0 * hit for hit in (predicted == targets).tolist()]
         images_seen += len(chunk)
     if images_seen == 0:
         raise no_usable_samples(f"evaluation read {len(urls)} shard(s) ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})", quality, FIELDS_HINT)
-    result: dict = {}
+    result: dict = {"items": {}}
     if "vqa" in tasks:
-        result["vqa_acc"] = 100 * vqa_correct / max(vqa_total, 1)
-        result["vqa_questions"] = vqa_total
+        result["vqa_acc"] = sum(vqa_hits) / max(len(vqa_hits), 1)
+        result["vqa_questions"] = len(vqa_hits)
+        result["items"]["vqa_acc"] = vqa_hits
     if "retrieval" in tasks:
-        result |= retrieval_scores(torch.cat(image_embs), torch.cat(text_embs), torch.tensor(text_image))
+        image_emb, text_emb, owner = torch.cat(image_embs), torch.cat(text_embs), torch.tensor(text_image)
+        result |= retrieval_scores(image_emb, text_emb, owner)
         result["retrieval_pairs"] = images_seen
         result["retrieval_captions"] = len(text_image)
+        result["items"] |= retrieval_items((image_emb @ text_emb.t()).float(), owner)
     return result
 
 

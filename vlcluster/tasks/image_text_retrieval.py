@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vlcluster.model import MultiwayTransformer
 from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_lines
-from vlcluster.tasks.retrieval import recall_scores
+from vlcluster.tasks.retrieval import recall_scores, retrieval_items
 from vlcluster.train.losses import itc_loss
 
 
@@ -84,4 +84,5 @@ class RetrievalScorer(Scorer):
             return {}
         similarity = torch.cat(self.image_embs) @ torch.cat(self.text_embs).t()
         owner = torch.cat(self.owners)
-        return {**multi_caption_recall(similarity, owner), "retrieval_images": self.images, "retrieval_captions": len(owner)}
+        return {**multi_caption_recall(similarity, owner), "retrieval_images": self.images, "retrieval_captions": len(owner),
+                "items": retrieval_items(similarity.float(), owner)}

@@ -88,11 +88,14 @@ class NLVR2Task(Task):
 class AccuracyScorer(Scorer):
     def __init__(self, task, metric: str):
         self.task, self.metric, self.correct, self.count = task, metric, 0, 0
+        self.items: list[float] = []  # 100 or 0 per example: the study report bootstraps over them
 
     def update(self, model, batch) -> None:
         predicted = self.task.logits(model, batch).argmax(dim=-1)
-        self.correct += (predicted == batch["label"]).sum().item()
+        hits = predicted == batch["label"]
+        self.correct += hits.sum().item()
         self.count += len(predicted)
+        self.items += [100.0 * hit for hit in hits.tolist()]
 
     def result(self) -> dict[str, float]:
-        return {self.metric: 100 * self.correct / max(self.count, 1), "examples": self.count}
+        return {self.metric: 100 * self.correct / max(self.count, 1), "examples": self.count, "items": {self.metric: self.items}}

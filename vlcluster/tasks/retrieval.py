@@ -35,6 +35,25 @@ def image_retrieval_ranks(similarity: torch.Tensor, text_image: torch.Tensor) ->
     return (similarity.t() > correct.unsqueeze(1)).sum(dim=1)
 
 
+def retrieval_items(similarity: torch.Tensor, text_image: torch.Tensor) -> dict[str, list[float]]:
+    """Per-item scores (percentages) whose means are the retrieval scores, for the study
+    report's bootstrap over one run's items: ``tr`` per image and ``ir`` per caption (the mean
+    of its hits at 1/5/10), ``retrieval`` per image (its TR item and its captions' mean IR item,
+    averaged; their mean is (TR + IR) / 2 when every image has as many captions)."""
+    images = similarity.shape[0]
+    ir = _mean_hits(image_retrieval_ranks(similarity, text_image))
+    tr = _mean_hits(text_retrieval_ranks(similarity, text_image))
+    captions = torch.bincount(text_image, minlength=images).double()
+    ir_per_image = torch.zeros(images, dtype=torch.float64).index_add_(0, text_image, ir) / captions.clamp(min=1)
+    return {name: [round(100 * value, 4) for value in values.tolist()]
+            for name, values in (("tr", tr), ("ir", ir), ("retrieval", (tr + ir_per_image) / 2))}
+
+
+def _mean_hits(rank: torch.Tensor) -> torch.Tensor:
+    """Per query: the fraction of R@1, R@5, R@10 it hits."""
+    return sum((rank < k).double() for k in RECALL_AT) / len(RECALL_AT)
+
+
 def retrieval_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor | None = None) -> dict[str, float]:
     """Percentages: text retrieval (image query), image retrieval (text query).
 

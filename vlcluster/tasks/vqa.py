@@ -95,11 +95,14 @@ class VQATask(Task):
 class VQAScorer(Scorer):
     def __init__(self, task: VQATask):
         self.task, self.score, self.count = task, 0.0, 0
+        self.items: list[float] = []  # per question (percent): the study report bootstraps over them
 
     def update(self, model, batch) -> None:
         predicted = self.task.logits(model, batch).argmax(dim=-1)
-        self.score += batch["soft"].gather(1, predicted[:, None]).sum().item()
+        scores = batch["soft"].gather(1, predicted[:, None]).squeeze(1)
+        self.score += scores.sum().item()
         self.count += len(predicted)
+        self.items += [round(100 * value, 4) for value in scores.tolist()]
 
     def result(self) -> dict[str, float]:
-        return {"vqa_acc": 100 * self.score / max(self.count, 1), "vqa_questions": self.count}
+        return {"vqa_acc": 100 * self.score / max(self.count, 1), "vqa_questions": self.count, "items": {"vqa_acc": self.items}}
