@@ -152,3 +152,33 @@ def test_a_missing_extra_is_one_paragraph_naming_the_install(write_job, tmp_path
     assert "Traceback" not in result.stderr
     assert f"pip install -e '.[{extra}]'" in " ".join(result.stderr.split())
     assert len(result.stderr.strip().splitlines()) <= 4  # one paragraph (wrapped by the console)
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"vlcluster {version('vlcluster')}"
+
+
+def test_schema_into_head_exits_quietly():
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m vlcluster.cli schema | head -1"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "{\n", "")
+
+
+@pytest.mark.parametrize("args", [["schema"], ["--version"], ["plan", "jobs/quickstart.yaml"], ["plan", "--help"]])
+def test_output_to_a_closed_pipe_exits_0_without_a_traceback(args):
+    """The reader is gone before the first byte (``| head -0``): every write fails with EPIPE,
+    through print, rich's console and argparse alike."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")

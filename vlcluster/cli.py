@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,17 @@ from rich.table import Table
 from vlcluster.backends import BACKENDS
 from vlcluster.jobspec.load import SpecError
 
-console = Console(highlight=False, soft_wrap=True)
+
+
+class PipeConsole(Console):
+    """A console that leaves a closed pipe to :func:`main` (rich's own handler exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = PipeConsole(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -351,6 +362,7 @@ def write_study(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def spec_args(p: argparse.ArgumentParser) -> None:
@@ -443,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def installed_version() -> str:
+    """The version pip recorded for this install (pyproject.toml's, also for an editable install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlcluster")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def report_error(message: str) -> int:
     from vlcluster.storage.errors import redact
 
@@ -451,11 +473,34 @@ def report_error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            code = run_command(argv)
+        finally:  # also after --help and --version, which exit from inside argparse
+            sys.stdout.flush()  # output that fit in the buffer meets a closed pipe only here
+    except BrokenPipeError:
+        return reader_went_away()
+    return code
+
+
+def reader_went_away() -> int:
+    """The reader closed the pipe (``vlcluster schema | head -1``): it has what it
+    wanted, so stop quietly with status 0, as ripgrep does. stdout now points at
+    devnull so the interpreter's last flush at exit does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (SpecError, FileNotFoundError, ValueError) as exc:
         return report_error(str(exc))
+    except BrokenPipeError:
+        raise  # not a failure of the command: main() ends quietly
     except Exception as exc:  # a storage failure (credentials, endpoint) is one paragraph, not a traceback
         from vlcluster.storage.errors import explain
 
