@@ -182,3 +182,58 @@ def test_output_to_a_closed_pipe_exits_0_without_a_traceback(args):
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    # a stage: named as unknown, with the closest one (not "stages.sed: missing 'kind'")
+    (["plan", "{job}", "--set", "stages.sed.train.steps=5"], "--set stages.sed.train.steps: no stage 'sed' in this file (stages: data, seed, vlpt); did you mean 'seed'?"),
+    # a field: the closest field of that model
+    (["plan", "{job}", "--set", "stages.seed.train.setps=5"], "stages.seed.train.setps: unknown key; did you mean 'steps'?"),
+    # an import format, a merge method, a backend: the closest entry of their registries
+    (["import", "vqa3", "-o", "{tmp}/x"], "invalid choice: 'vqa3' (choose from 'vqa2', 'karpathy', 'nlvr2', 'imagefolder', 'ade20k'); did you mean 'vqa2'?"),
+    (["merge", "{tmp}", "-o", "{tmp}/x", "--method", "tie"], "did you mean 'ties'?"),
+    (["submit", "{job}", "--backend", "slrum"], "did you mean 'slurm'?"),
+])
+def test_did_you_mean(write_job, tmp_path, args, expected):
+    result = cli(*[arg.format(job=write_job(GOOD), tmp=tmp_path) for arg in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "missing 'kind'" not in result.stderr
+    assert expected in " ".join(result.stderr.split())  # the console wraps long lines
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("stages.seed.kind=pretrian", "stages.seed: unknown stage kind 'pretrian'; expected one of data, import, pretrain, finetune, "
+                                  "grams, merge, metrics, eval, report; did you mean 'pretrain'?"),
+    ("stages.vlpt.model.arch=specfic", "stages.vlpt.model.arch: Input should be 'specific', 'agnostic', 'custom_attn', "
+                                       "'custom_ffn' or 'custom_ln'; did you mean 'specific'?"),
+    ("stages.vlpt.init.from=sed", "stages.vlpt.init.from: unknown stage 'sed'; did you mean 'seed'?"),
+    ("stages.vlpt.data.form=data", "stages.vlpt.data.form: unknown key; did you mean 'from'?"),  # a field named like a stage kind stays in the path
+    ("stages.zzzz.train.steps=5", "no stage 'zzzz' in this file (stages: data, seed, vlpt); a new stage needs stages.zzzz.kind"),
+])
+def test_job_file_suggestions(write_job, override, expected):
+    from vlcluster.jobspec.load import SpecError, load_pipeline
+    from vlcluster.graph import build_graph
+
+    path = write_job(GOOD)
+    with pytest.raises(SpecError) as caught:
+        build_graph(load_pipeline(path, [override]), str(path))
+    assert str(caught.value).startswith(str(path))
+    assert expected in str(caught.value)
+
+
+def test_overrides_may_create_a_stage_with_its_kind(write_job):
+    from vlcluster.jobspec.load import load_pipeline
+
+    pipeline = load_pipeline(write_job(GOOD), ["stages.extra.kind=data", "stages.extra.n_train=8"])
+    assert pipeline.stages["extra"].n_train == 8
+
+
+def test_suggestions_come_from_the_models_fields():
+    from vlcluster.jobspec.load import known_names
+    from vlcluster.jobspec.models import MergeStage, TrainSpec
+    from vlcluster.merge.methods import METHOD_NAMES
+
+    assert known_names(("stages", "s", "pretrain", "train", "setps"), "extra_forbidden") == list(TrainSpec.model_fields)
+    assert known_names(("stages", "m", "merge", "method"), "literal_error") == list(METHOD_NAMES)
+    assert known_names(("stages", "m", "merge", "x"), "extra_forbidden") == [f.alias or n for n, f in MergeStage.model_fields.items()]
+    assert known_names(("stages", "s", "pretrain", "init", "x"), "extra_forbidden") == ["from", "checkpoint", "format"]  # aliases as written

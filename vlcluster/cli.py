@@ -360,8 +360,22 @@ def write_study(args) -> int:
     return 0
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse naming the closest choice to an invalid one (Python 3.14's
+    ``suggest_on_error``, for older Pythons too): sub-commands, import formats,
+    ``--method``, ``--backend``. Sub-parsers are made of the same class."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        from vlcluster.suggest import closest
+
+        if action.choices is not None and value not in action.choices and (match := closest(value, action.choices)):
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices}); did you mean {match!r}?")
+        super()._check_value(action, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
+    parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 

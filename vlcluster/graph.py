@@ -21,6 +21,7 @@ from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.pipeline_sweep import expand_pipeline_sweep
+from vlcluster.suggest import did_you_mean
 
 
 # Which kinds each reference field may point at.
@@ -174,7 +175,7 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
                     f"name one element, e.g. {sweeps[ref.target][0]!r} (or depend on all with after: [{ref.target}])"
                 )
             elif target is None:
-                problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}")
+                problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}{did_you_mean(ref.target, pipeline.stages)}")
             elif target.kind not in REFERENCE_TARGETS[ref.kind_rule]:
                 allowed = ", ".join(sorted(REFERENCE_TARGETS[ref.kind_rule]))
                 problems.append(
@@ -187,7 +188,7 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
             if after in sweeps:  # the whole sweep: downstream waits for every element
                 targets.extend(sweeps[after])
             elif after not in pipeline.stages:
-                problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}")
+                problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}{did_you_mean(after, pipeline.stages)}")
             else:
                 targets.append(after)
         if name in targets:

@@ -43,8 +43,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlcluster.jobspec.kinds import GATHERING_KINDS
-from vlcluster.jobspec.load import SpecError, format_location, validate
+from vlcluster.jobspec.load import SpecError, format_location, known_names, validate
 from vlcluster.jobspec.models import Pipeline
+from vlcluster.suggest import did_you_mean
 
 PREFIX = "stages."
 # What a sweep may not vary: how a stage runs or what it waits for, not what it computes.
@@ -111,7 +112,9 @@ class Expansion:
         rest = key[len(PREFIX):]
         stages = [name for name in self.pipeline.stages if rest.startswith(name + ".")]
         if not stages:
-            raise self.fail(f"sweep.{group}.{key}: no stage of that name (stages: {', '.join(self.pipeline.stages)})")
+            stage = rest.split(".", 1)[0]
+            raise self.fail(f"sweep.{group}.{key}: no stage {stage!r} (stages: {', '.join(self.pipeline.stages)})"
+                            + did_you_mean(stage, self.pipeline.stages))
         stage = max(stages, key=len)  # a stage named "a.b" beside one named "a"
         path = rest[len(stage) + 1:]
         if self.pipeline.stages[stage].kind in GATHERING_KINDS:
@@ -139,6 +142,8 @@ class Expansion:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+                message += did_you_mean(first["loc"][-1] if first["loc"] else None,
+                                        known_names(("stages", field.stage, stage.kind, *first["loc"]), first["type"]))
                 raise self.fail(f"sweep.{group}.{key}[{index}]: {json.dumps(value, default=str)} gives stages.{field.stage}."
                                 f"{format_location(first['loc'])}: {message}") from None
             if references(changed) != references(stage):
