@@ -237,3 +237,24 @@ def test_suggestions_come_from_the_models_fields():
     assert known_names(("stages", "m", "merge", "method"), "literal_error") == list(METHOD_NAMES)
     assert known_names(("stages", "m", "merge", "x"), "extra_forbidden") == [f.alias or n for n, f in MergeStage.model_fields.items()]
     assert known_names(("stages", "s", "pretrain", "init", "x"), "extra_forbidden") == ["from", "checkpoint", "format"]  # aliases as written
+
+
+@pytest.mark.parametrize(("overrides", "steps"), [
+    (["stages.seed.train.steps=5"], 5),  # as Hydra writes it
+    (["stages.seed.train.steps=5", "--run-dir", "{tmp}/r", "stages.seed.train.steps=9"], 9),  # also after an option
+    (["--set", "stages.seed.train.steps=7", "stages.seed.train.steps=5"], 5),  # with --set: the last written wins
+    (["stages.seed.train.steps=5", "--set", "stages.seed.train.steps=3"], 3),
+])
+def test_positional_overrides_beside_set(write_job, tmp_path, overrides, steps):
+    result = cli("plan", str(write_job(GOOD)), *[word.format(tmp=tmp_path) for word in overrides])
+    assert result.returncode == 0, result.stderr
+    assert f"seed: 1 node(s) x 1 rank(s); 0 GPU/node; {steps} steps," in result.stdout
+
+
+def test_positional_overrides_are_checked_like_set(write_job):
+    typo = cli("plan", str(write_job(GOOD)), "stages.sed.train.steps=5")
+    assert typo.returncode == 2 and "no stage 'sed' in this file" in typo.stderr and "did you mean 'seed'?" in typo.stderr
+    stray = cli("plan", str(write_job(GOOD)), "steps")
+    assert stray.returncode == 2 and "'steps' is not KEY=VALUE" in stray.stderr
+    elsewhere = cli("status", "runs/x", "a=1")  # only the commands that take --set take overrides
+    assert elsewhere.returncode == 2 and "unrecognized arguments: a=1" in elsewhere.stderr

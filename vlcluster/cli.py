@@ -374,6 +374,34 @@ class SuggestingParser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
+def is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
+class PositionalOverrides(argparse.Action):
+    """``vlcluster plan job.yaml stages.seed.train.steps=5``: positional
+    overrides join ``--set`` ones, in the order written (the last wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for word in values:
+            if not is_override(word):
+                raise argparse.ArgumentError(self, f"{word!r} is not KEY=VALUE (e.g. stages.seed.train.steps=100)")
+        namespace.set = [*(getattr(namespace, "set", None) or []), *values]
+
+
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``KEY=VALUE`` words also follow options (``plan job.yaml
+    --run-dir r a=1``): argparse takes one run of positionals only."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "set"):
+        args.set += [word for word in extra if is_override(word)]
+        extra = [word for word in extra if not is_override(word)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
@@ -381,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def spec_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", help="pipeline YAML file")
+        p.add_argument("overrides", nargs="*", action=PositionalOverrides, metavar="KEY=VALUE",
+                       help="override a field as Hydra writes it, e.g. stages.seed.train.steps=100 (same as --set)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. stages.seed.train.steps=100")
         p.add_argument("--run-dir", help="run directory (default: the file's run_dir, or runs/<name>)")
 
@@ -508,7 +538,7 @@ def reader_went_away() -> int:
 
 
 def run_command(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         return args.func(args)
     except (SpecError, FileNotFoundError, ValueError) as exc:
