@@ -258,3 +258,57 @@ def test_positional_overrides_are_checked_like_set(write_job):
     assert stray.returncode == 2 and "'steps' is not KEY=VALUE" in stray.stderr
     elsewhere = cli("status", "runs/x", "a=1")  # only the commands that take --set take overrides
     assert elsewhere.returncode == 2 and "unrecognized arguments: a=1" in elsewhere.stderr
+
+
+def rendered(*args: str) -> str:
+    result = cli("render", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_render_slurm_is_the_dry_run_scripts(write_job, tmp_path):
+    job, run_dir = str(write_job(GOOD)), str(tmp_path / "run")
+    scripts = rendered(job, "--backend", "slurm", "--run-dir", run_dir, "stages.seed.train.steps=3")
+    dry = cli("submit", job, "--backend", "slurm", "--dry-run", "--run-dir", run_dir, "stages.seed.train.steps=3")
+    assert scripts.count("#!/bin/bash") == 3 and scripts in dry.stdout  # one renderer for both
+    assert f"-m vlcluster.run {run_dir} seed" in scripts
+
+
+def test_render_ray_lists_the_jobs_api_submissions(write_job, tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    jobs = yaml.safe_load(rendered(str(write_job(GOOD)), "--backend", "ray", "--run-dir", str(run_dir)))
+    assert [(job["stage"], job["starts_after"]) for job in jobs] == [("data", []), ("seed", ["data"]), ("vlpt", ["seed", "data"])]
+    for job in jobs:
+        request = job["submit_job"]
+        assert f"-m vlcluster.backends.ray_stage {run_dir} {job['stage']} " in request["entrypoint"]
+        assert request["metadata"]["stage"] == job["stage"] and request["submission_id"].startswith(f"vlcluster-c-{job['stage']}-")
+        assert (request["entrypoint_num_cpus"], request["entrypoint_num_gpus"]) == (1, 0)
+
+
+def test_render_local_lists_the_commands(write_job, tmp_path):
+    import shlex
+
+    run_dir = str(tmp_path / "run")
+    commands = [shlex.split(line) for line in rendered(str(write_job(GOOD)), "--backend", "local", "--run-dir", run_dir).splitlines()
+                if not line.startswith("#")]
+    assert [command[-3:] for command in commands] == [["vlcluster.run", run_dir, name] for name in ("data", "seed", "vlpt")]
+    assert "--nproc_per_node=1" in commands[1] and "torch.distributed.run" not in commands[0]
+
+
+def test_render_k8s_carries_positional_overrides(write_job):
+    import yaml
+
+    objects = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered(str(write_job(GOOD)), "--backend", "k8s", "stages.seed.train.steps=3"))}
+    assert set(objects) == {"ConfigMap", "RayCluster", "RayJob"}
+    assert "--set stages.seed.train.steps=3" in objects["RayJob"]["spec"]["entrypoint"]
+
+
+def test_render_writes_a_file_and_refuses_k8s_flags_elsewhere(write_job, tmp_path):
+    job = str(write_job(GOOD))
+    result = cli("render", job, "--backend", "slurm", "-o", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "sbatch.sh").read_text().count("#SBATCH --job-name=c.") == 3
+    refused = cli("render", job, "--backend", "ray", "--validate")
+    assert refused.returncode == 2 and "--validate checks k8s manifests" in refused.stderr

@@ -139,8 +139,16 @@ def cmd_submit(args) -> int:
     return 0 if ok else 1
 
 
+# The file ``render -o DIR`` writes for a backend's text (k8s: one file per object).
+RENDERED_FILE = {"slurm": "sbatch.sh", "ray": "ray-jobs.yaml", "local": "commands.sh"}
+
+
 def cmd_render(args) -> int:
-    """The manifests a pipeline becomes on Kubernetes (KubeRay); nothing is applied."""
+    """What a pipeline becomes on a backend, launching nothing: KubeRay manifests
+    (k8s), the sbatch scripts (slurm), the Ray Jobs API submissions (ray), the
+    commands (local). The last three are what ``submit --dry-run`` prints."""
+    if args.backend != "k8s":
+        return render_backend(args)
     from vlcluster.backends.k8s import dump, load_profile, manifest_file, render_manifests
 
     graph, _ = load_graph_from_file(args.file, args.set, args.run_dir)
@@ -160,6 +168,29 @@ def cmd_render(args) -> int:
         path = out / manifest_file(manifest)
         path.write_text(dump([manifest]))
         console.print(f"wrote {path}")
+    return 0
+
+
+def render_backend(args) -> int:
+    from vlcluster.backends import get_backend
+    from vlcluster.plan import make_plan
+
+    if args.profile:
+        raise SpecError(f"--profile is the k8s site profile, not for --backend {args.backend} "
+                        "(a slurm stage names its cluster profile in resources.profile)")
+    if args.validate:
+        raise SpecError(f"--validate checks k8s manifests against their schemas, not for --backend {args.backend}")
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    backend = get_backend(args.backend)
+    backend.validate(graph, args.file)
+    text = backend.render(graph, make_plan(graph, run_dir), run_dir)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.out) / RENDERED_FILE.get(args.backend, f"{args.backend}.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    console.print(f"wrote {path}")
     return 0
 
 
@@ -422,12 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: a local Ray cluster started for the run")
     submit.set_defaults(func=cmd_submit)
 
-    render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
+    render = sub.add_parser("render", help="write what a pipeline becomes on a backend, launching nothing (k8s: KubeRay "
+                            "RayCluster + RayJob; slurm: sbatch scripts; ray: Jobs API submissions; local: commands)")
     spec_args(render)
-    render.add_argument("--backend", default="k8s", choices=["k8s"])
-    render.add_argument("-o", "--out", help="directory for one file per object (default: all to stdout)")
-    render.add_argument("--profile", help="site profile (default: k8s/profile.yaml)")
-    render.add_argument("--validate", action="store_true", help="check against the Kubernetes and KubeRay schemas (k8s extra)")
+    render.add_argument("--backend", default="k8s", choices=["k8s", *sorted(BACKENDS)])
+    render.add_argument("-o", "--out", help="directory to write to (k8s: one file per object; default: all to stdout)")
+    render.add_argument("--profile", help="k8s site profile (default: k8s/profile.yaml)")
+    render.add_argument("--validate", action="store_true", help="k8s: check against the Kubernetes and KubeRay schemas (k8s extra)")
     render.set_defaults(func=cmd_render)
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
