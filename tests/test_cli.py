@@ -35,6 +35,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
             [],
             "stages.seed.data.train: 4 of 4 shard files missing (first: nowhere/shard-0.tar)",
         ),
+        (  # issue: the over-long range was refused without naming the job file
+            GOOD.replace("data: {from: data}, train: {steps: 2}}\n  vlpt", "data: {train: 'x/{0..99999999}.tar'}, train: {steps: 2}}\n  vlpt", 1),
+            [],
+            "stages.seed.data.train: Value error, x/{0..99999999}.tar: the braces expand to 100000000 shard URLs (at most 1000000)",
+        ),
+        (GOOD, ["stages.seed.sweep={train.steps.x: [1]}"], "stages.seed.sweep.train.steps.x: train.steps holds the value 2"),  # was a TypeError
     ],
 )
 def test_bad_spec_exits_nonzero_with_file_and_field(write_job, tmp_path, text, overrides, expected):

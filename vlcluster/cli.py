@@ -162,6 +162,7 @@ def cmd_render(args) -> int:
     if args.out is None:
         sys.stdout.write(dump(manifests))
         return 0
+    output_directory(args.out, "-o", "render writes one file per manifest there")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for manifest in manifests:
@@ -187,6 +188,7 @@ def render_backend(args) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
+    output_directory(args.out, "-o", f"render writes {RENDERED_FILE.get(args.backend, f'{args.backend}.txt')} there")
     path = Path(args.out) / RENDERED_FILE.get(args.backend, f"{args.backend}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -315,6 +317,7 @@ def cmd_merge(args) -> int:
         problems.append("needs the Gram matrices of a grams stage (--grams DIR)")
     if problems:
         raise SpecError(f"vlcluster merge --method {args.method}: " + "; ".join(problems))
+    output_directory(args.out, "-o", "merge writes model.safetensors and model.json there")
     from vlcluster.merge.apply import merge_checkpoint
     from vlcluster.merge.methods import chosen_params
 
@@ -328,6 +331,20 @@ def cmd_merge(args) -> int:
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
+
+
+def output_directory(argument: str, flag: str, purpose: str) -> None:
+    """An output directory that a file stands in the way of is one paragraph, not a FileExistsError."""
+    from vlcluster.storage.paths import is_remote
+
+    if is_remote(argument):  # object stores have no directories to collide with
+        return
+    path = Path(argument)
+    blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
+    if blocking == path:
+        raise SpecError(f"{argument}: {flag} is an existing file; give a directory ({purpose})")
+    if blocking is not None:
+        raise SpecError(f"{argument}: {flag}: {blocking} is a file, so no directory can be made under it ({purpose})")
 
 
 def checkpoint_path(argument: str, role: str):

@@ -20,7 +20,7 @@ from typing import Any
 from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
-from vlcluster.jobspec.pipeline_sweep import expand_pipeline_sweep
+from vlcluster.jobspec.pipeline_sweep import NotAMapping, expand_pipeline_sweep, set_path
 from vlcluster.suggest import did_you_mean
 
 
@@ -61,13 +61,6 @@ def sweep_element_name(base: str, assignment: dict[str, Any]) -> str:
     return f"{base[:-1]},{values}]" if base.endswith("]") else f"{base}[{values}]"
 
 
-def _set_path(raw: dict, path: str, value: Any) -> None:
-    keys = path.split(".")
-    for key in keys[:-1]:
-        raw = raw.setdefault(key, {})
-    raw[keys[-1]] = value
-
-
 # More stages than any cluster queue or run directory listing handles well;
 # 4 keys of 40 values (2.5 million) would otherwise be expanded and hashed.
 MAX_STAGES = 1000
@@ -100,7 +93,10 @@ def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
         for values in itertools.product(*(stage.sweep[key] for key in keys)):
             element = copy.deepcopy(raw)
             for key, value in zip(keys, values):
-                _set_path(element, key, value)
+                try:
+                    set_path(element, key, value)
+                except NotAMapping as exc:
+                    raise SpecError(f"{source}: stages.{name}.sweep.{key}: {exc}") from None
             stages[sweep_element_name(name, dict(zip(keys, values)))] = element
     payload = pipeline.model_dump(mode="json", by_alias=True, exclude={"stages"})
     return validate({**payload, "stages": stages}, source)

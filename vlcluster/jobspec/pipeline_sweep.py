@@ -136,7 +136,10 @@ class Expansion:
         values = self.pipeline.sweep.zip.get(key) or self.pipeline.sweep.product[key]
         for index, value in enumerate(values):
             raw = stage_raw(stage)
-            set_path(raw, field.path, value)
+            try:
+                set_path(raw, field.path, value)
+            except NotAMapping as exc:
+                raise self.fail(f"sweep.{group}.{key}: in stages.{field.stage}, {exc}") from None
             try:
                 changed = type(stage).model_validate(raw)
             except ValidationError as exc:
@@ -313,12 +316,20 @@ def stage_sweep_size(stage) -> int:
     return math.prod(len(values) for values in (stage.sweep or {}).values()) if stage.sweep else 0
 
 
+class NotAMapping(ValueError):
+    """A swept key runs through a value (``train.steps.x`` where ``train.steps`` is 2)."""
+
+
 def set_path(raw: dict, path: str, value: Any) -> None:
+    """Set the dotted ``path`` inside a stage, making the mappings it lacks."""
     keys = path.split(".")
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         child = raw.get(key)
-        if not isinstance(child, dict):
+        if child is None:
             child = raw[key] = {}
+        elif not isinstance(child, dict):
+            held = "a list" if isinstance(child, list) else f"the value {json.dumps(child, default=str)[:60]}"
+            raise NotAMapping(f"{'.'.join(keys[:depth + 1])} holds {held}, not a mapping, so {path!r} cannot be set inside it")
         raw = child
     raw[keys[-1]] = value
 
