@@ -215,6 +215,10 @@ def test_did_you_mean(write_job, tmp_path, args, expected):
     ("stages.vlpt.init.from=sed", "stages.vlpt.init.from: unknown stage 'sed'; did you mean 'seed'?"),
     ("stages.vlpt.data.form=data", "stages.vlpt.data.form: unknown key; did you mean 'from'?"),  # a field named like a stage kind stays in the path
     ("stages.zzzz.train.steps=5", "no stage 'zzzz' in this file (stages: data, seed, vlpt); a new stage needs stages.zzzz.kind"),
+    # the overrides' own errors name the file too
+    ("stages.seed.train.steps.x=5", "--set stages.seed.train.steps.x: stages.seed.train.steps is not a mapping"),
+    ("novalue", "--set 'novalue': expected KEY.PATH=VALUE"),
+    ("stages.seed.train.steps=[unclosed", "--set stages.seed.train.steps: not valid YAML"),
 ])
 def test_job_file_suggestions(write_job, override, expected):
     from vlcluster.jobspec.load import SpecError, load_pipeline
@@ -223,7 +227,7 @@ def test_job_file_suggestions(write_job, override, expected):
     path = write_job(GOOD)
     with pytest.raises(SpecError) as caught:
         build_graph(load_pipeline(path, [override]), str(path))
-    assert str(caught.value).startswith(str(path))
+    assert str(caught.value).startswith(f"{path}: ")
     assert expected in str(caught.value)
 
 

@@ -116,7 +116,7 @@ def refuse_swept_override(raw: Any, keys: list[str], path: Path) -> None:
     where = swept_by(raw, keys)
     if where is not None:
         raise SpecError(
-            f"--set {'.'.join(keys)}: {path} sweeps this field ({where}), so the sweep's values would "
+            f"{path}: --set {'.'.join(keys)}: the file sweeps this field ({where}), so the sweep's values would "
             f"replace the one given; change the values under {where} in the file instead"
         )
 
@@ -351,11 +351,14 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     written = dict(raw["stages"]) if isinstance(raw.get("stages"), dict) else {}
     created: dict[str, str] = {}  # a stage the overrides create -> the first override naming it
     for text in overrides:
-        keys, value = parse_override(text)
-        refuse_swept_override(raw, keys, path)
-        if keys[0] == "stages" and len(keys) > 1 and keys[1] not in written:
-            created.setdefault(keys[1], ".".join(keys))
-        apply_override(raw, keys, value)
+        try:
+            keys, value = parse_override(text)
+            refuse_swept_override(raw, keys, path)
+            if keys[0] == "stages" and len(keys) > 1 and keys[1] not in written:
+                created.setdefault(keys[1], ".".join(keys))
+            apply_override(raw, keys, value)
+        except SpecError as exc:  # the override's own message, with the file it applies to
+            raise SpecError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from None
     refuse_misspelt_stages(raw, created, written, path)
     problems = check_names(raw)
     if problems:
