@@ -322,3 +322,15 @@ def test_render_writes_a_file_and_refuses_k8s_flags_elsewhere(write_job, tmp_pat
     assert (tmp_path / "out" / "sbatch.sh").read_text().count("#SBATCH --job-name=c.") == 3
     refused = cli("render", job, "--backend", "ray", "--validate")
     assert refused.returncode == 2 and "--validate checks k8s manifests" in refused.stderr
+
+
+def test_logs_of_an_unknown_stage_names_the_closest(write_job, tmp_path):
+    from vlcluster.context import save_pipeline
+    from vlcluster.graph import build_graph
+    from vlcluster.jobspec.load import load_pipeline
+
+    path = write_job(GOOD)
+    save_pipeline(tmp_path / "run", build_graph(load_pipeline(path), str(path)))
+    result = cli("logs", str(tmp_path / "run"), "sed")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'run'}: no stage 'sed' in this run (stages: data, seed, vlpt); did you mean 'seed'?" in " ".join(result.stderr.split())

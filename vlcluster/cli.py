@@ -230,9 +230,23 @@ def cmd_logs(args) -> int:
     from vlcluster.storage.paths import run_path
 
     run_dir = run_path(args.run_dir)
+    refuse_unknown_stage(run_dir, args.stage)
     record = stage_dir(run_dir, args.stage).read_state()
     sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
     return 0
+
+
+def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
+    """A stage the run does not have is named with the closest one it has."""
+    from vlcluster.context import load_graph
+    from vlcluster.suggest import did_you_mean
+
+    try:
+        stages = load_graph(run_dir).pipeline.stages
+    except (SpecError, FileNotFoundError, ValueError):
+        return  # no readable pipeline record: the log lookup says what is missing
+    if stage not in stages:
+        raise SpecError(f"{run_dir}: no stage {stage!r} in this run (stages: {', '.join(stages)}){did_you_mean(stage, stages)}")
 
 
 def cmd_cancel(args) -> int:
