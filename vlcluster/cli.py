@@ -16,7 +16,6 @@ from vlcluster.backends import BACKENDS
 from vlcluster.jobspec.load import SpecError
 
 
-
 class PipeConsole(Console):
     """A console that leaves a closed pipe to :func:`main` (rich's own handler exits 1)."""
 
@@ -594,8 +593,12 @@ def reader_went_away() -> int:
     """The reader closed the pipe (``vlcluster schema | head -1``): it has what it
     wanted, so stop quietly with status 0, as ripgrep does. stdout now points at
     devnull so the interpreter's last flush at exit does not raise again."""
+    try:
+        stdout = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (an embedding caller's stream): nothing to point
+        return 0
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stdout)
     os.close(devnull)
     return 0
 
