@@ -172,6 +172,8 @@ def subparser_for(argv: list[str]) -> tuple[tuple[str, ...], argparse.ArgumentPa
 
 def shape(argv: list[str]) -> Shape:
     """A command's shape (see the module docstring); ParseFailure if it does not parse."""
+    if argv == ["--version"]:  # argparse answers it by exiting, so it has no namespace
+        return Shape((), frozenset({"--version"}), frozenset())
     namespace = parse(argv)
     path, parser = subparser_for(argv)
     options = parser._option_string_actions

@@ -94,6 +94,66 @@ paths = st.lists(st.sampled_from(["name", "stages", "data", "seed", "merge", "me
                  min_size=1, max_size=4)
 
 
+# Sweep keys: a path to a value or a list the stage holds (``train.steps``,
+# ``train.betas``), to a field it lacks or its model does not have, or a known
+# sweepable field; then deeper keys that run through it (``train.steps.x``).
+def leaf_paths(node: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        paths += leaf_paths(value, path + ".") if isinstance(value, dict) else [path]
+    return paths
+
+
+def sweep_base() -> dict:
+    """BASE with a list-valued field to run through."""
+    document = json.loads(json.dumps(BASE))
+    document["stages"]["seed"]["train"]["betas"] = [0.9, 0.98]
+    return document
+
+
+HELD = {name: [path for path in leaf_paths(stage) if path != "kind"] for name, stage in sweep_base()["stages"].items()}
+THROUGH_VALUE = [(name, path) for name, paths in HELD.items() for path in paths if path != "train.betas"]
+MISSING = ["nothing", "train.nothing", "checkpoint.every", "model.vl_layers", "init.from", "data.fields.image"]
+# Fields a sweep may vary, with values that fit them: valid sweeps are reached too.
+SWEEPABLE = [("merge", "alpha", st.floats(0, 1)), ("data", "n_train", st.integers(1, 500)), ("seed", "train.steps", st.integers(1, 5)),
+             ("seed", "train.lr", st.floats(1e-5, 1e-2)), ("seed", "checkpoint.every", st.integers(1, 10))]
+segments = st.sampled_from(["x", "0", "1", "steps", "from", "", "-1"])
+
+
+def deeper(pairs: list[tuple[str, str]], min_tail: int) -> st.SearchStrategy:
+    """(stage, path) from ``pairs`` with ``min_tail`` to 2 more keys below the path."""
+    return st.tuples(st.sampled_from(pairs), st.lists(segments, min_size=min_tail, max_size=2)).map(
+        lambda drawn: (drawn[0][0], ".".join([drawn[0][1], *drawn[1]])))
+
+
+# A key through a value, through a list, or to a field that is not there.
+sweep_keys = st.one_of(
+    deeper(THROUGH_VALUE, 1), deeper([("seed", "train.betas")], 1),
+    deeper([(stage, path) for stage in [*HELD, "nope"] for path in MISSING], 0),
+)
+sweep_values = st.one_of(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.lists(st.one_of(scalars, trees), max_size=3), scalars)
+# (stage, key) and values: three in four of the keys above, one a sweepable field.
+sweeps = st.one_of(
+    st.tuples(sweep_keys, sweep_values), st.tuples(sweep_keys, sweep_values), st.tuples(sweep_keys, sweep_values),
+    st.sampled_from(SWEEPABLE).flatmap(lambda field: st.tuples(st.just(field[:2]), st.lists(field[2], min_size=1, max_size=3))),
+)
+
+
+def with_sweep(where: str, stage: str, key: str, values) -> dict:
+    """The sweep base with one swept key, in a stage's own sweep or the pipeline's."""
+    document = sweep_base()
+    if where == "stage":
+        target = document["stages"].get(stage)
+        if isinstance(target, dict):
+            target["sweep"] = {key: values}
+        else:
+            document["stages"][stage] = {"sweep": {key: values}}  # a stage that is only a sweep
+    else:
+        document["sweep"] = {where: {f"stages.{stage}.{key}": values}}
+    return document
+
+
 def mutate(document: dict, path: list[str], value) -> dict:
     node = document
     for key in path[:-1]:
@@ -228,6 +288,13 @@ def run(examples: int) -> dict:
         record("spec", lambda: spec_example(workdir, yaml_text(document, tweak)))
 
     @common
+    @given(where=st.sampled_from(["stage", "zip", "product"]), sweep=sweeps)
+    def fuzz_sweep(where, sweep):
+        (stage, key), values = sweep
+        document = with_sweep(where, stage, key, values)
+        record("sweep", lambda: spec_example(workdir, yaml.safe_dump(document, sort_keys=False, allow_unicode=True)))
+
+    @common
     @given(data=st.binary(max_size=400) | st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")))
     def fuzz_spec_bytes(data):
         record("spec-bytes", lambda: spec_example(workdir, data))
@@ -267,7 +334,7 @@ def run(examples: int) -> dict:
         args = ["metrics", str(model_dir)] if command == "metrics" else ["merge", str(model_dir), "-o", str(workdir / "out")]
         record(command, lambda: cli_example(args))
 
-    for fuzz in (fuzz_spec, fuzz_spec_bytes, fuzz_plan, fuzz_status, fuzz_tensors):
+    for fuzz in (fuzz_spec, fuzz_sweep, fuzz_spec_bytes, fuzz_plan, fuzz_status, fuzz_tensors):
         fuzz()
     totals = Counter()
     for counts in COUNTS.values():

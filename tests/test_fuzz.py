@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_CAP = 8 << 30  # address space: torch alone maps a few GiB
+GENERATORS = 6  # spec, sweep, spec-bytes, plan, status, tensors (metrics or merge)
 
 
 def fuzz(examples_per_target: int, out: Path) -> dict:
@@ -34,11 +35,13 @@ def fuzz(examples_per_target: int, out: Path) -> dict:
 def check(summary: dict, examples_per_target: int) -> None:
     total = summary["total"]
     print(json.dumps(summary["targets"]))
-    assert total["tried"] == 5 * examples_per_target
+    assert total["tried"] == GENERATORS * examples_per_target
     assert total.get("tracebacks", 0) == 0 and total.get("hangs", 0) == 0, summary["failures"]
     assert total["tried"] == total.get("clean_errors", 0) + total.get("accepted", 0)
     # Both outcomes are exercised: the generators reach valid inputs too.
-    assert summary["targets"]["spec"].get("accepted", 0) > 0 and summary["targets"]["status"].get("accepted", 0) > 0
+    for target in ("spec", "status", "sweep"):
+        assert summary["targets"][target].get("accepted", 0) > 0, target
+    assert summary["targets"]["sweep"].get("clean_errors", 0) > 0
 
 
 def test_fuzz_files_ci(tmp_path):

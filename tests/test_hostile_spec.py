@@ -170,20 +170,52 @@ def test_sweep_size_is_capped(write_job):
     assert time.perf_counter() - started < 20  # a bound against hangs, not a performance claim
 
 
-def test_plan_refuses_huge_brace_ranges_and_does_not_glob(write_job, tmp_path):
-    import vlcluster.data.shards  # noqa: F401 - imported before timing (torch takes seconds on a busy machine)
+@pytest.mark.parametrize(("data", "field"), [
+    ("{val: 's-{0..99999999}.tar'}", "stages.ev.data.val"),
+    ("{train: ['a.tar', 's-{0..9}{0..999999}.tar']}", "stages.ev.data.train"),
+    ("{train: [{shards: 's-{0..99999999}.tar', weight: 1}]}", "stages.ev.data.train.list[SourceSpec][0].shards"),
+])
+def test_huge_brace_ranges_are_refused_at_load_naming_the_file_and_field(write_job, data, field):
+    path = write_job(f"name: t\nstages:\n  ev: {{kind: pretrain, data: {data}, train: {{steps: 1}}}}\n")
+    started = time.perf_counter()
+    message = spec_error(path)
+    assert time.perf_counter() - started < 20  # counted, never expanded: a bound against hangs, not a performance claim
+    assert f"{field}: Value error, " in message and "shard URLs (at most 1000000)" in message
+
+
+def test_plan_does_not_glob(write_job, tmp_path):
     from vlcluster.plan import check_inputs
 
     path = write_job(
         f"name: t\nstages:\n  ev:\n    kind: eval\n    source: m\n"
-        f"    data: {{val: '{tmp_path}/s-{{0..99999999}}.tar', tokenizer: /**/*.json}}\n"
+        f"    data: {{val: '{tmp_path}/s-{{0..3}}.tar', tokenizer: /**/*.json}}\n"
         f"  m: {{kind: merge, source: p}}\n  p: {{kind: pretrain, data: {{train: '/**/*.tar'}}, train: {{steps: 1, batch_size: 8}}}}\n"
     )
     graph = build_graph(load_pipeline(path), str(path))
-    started = time.perf_counter()
     with pytest.raises(SpecError) as info:
         check_inputs(graph, str(path), include_remote=False)
-    assert time.perf_counter() - started < 20  # a bound against hangs, not a performance claim
     message = str(info.value)
-    assert "stages.ev.data.val" in message and "expand to 100000000 shard URLs" in message
+    assert message.startswith(str(path)) and "stages.ev.data.val: 4 of 4 shard files missing" in message
     assert "/**/*.tar" not in message  # globs are listed by submit, not plan
+
+
+@pytest.mark.parametrize(("sweep", "expected"), [
+    # a stage's own sweep through a scalar, a list, and a field that is not there
+    ("  seed.sweep: {train.steps.x: [1]}", "stages.seed.sweep.train.steps.x: train.steps holds the value 2, not a mapping, "
+                                           "so 'train.steps.x' cannot be set inside it"),
+    ("  seed.sweep: {train.betas.0: [0.5]}", "stages.seed.sweep.train.betas.0: train.betas holds a list, not a mapping"),
+    ("  seed.sweep: {train.nothing.x: [1]}", "stages.seed[train.nothing.x=1].train.nothing: unknown key"),
+    # the pipeline's sweep, the same three ways
+    ("sweep: {product: {stages.seed.train.steps.x: [1]}}",
+     "sweep.product.stages.seed.train.steps.x: in stages.seed, train.steps holds the value 2, not a mapping"),
+    ("sweep: {zip: {stages.seed.train.betas.0: [0.5]}}", "sweep.zip.stages.seed.train.betas.0: in stages.seed, train.betas holds a list"),
+    ("sweep: {product: {stages.seed.train.nothing.x: [1]}}",
+     "sweep.product.stages.seed.train.nothing.x[0]: 1 gives stages.seed.train.nothing: unknown field"),
+])
+def test_sweep_keys_through_values_name_the_file_and_field(write_job, sweep, expected):
+    seed = "{kind: pretrain, data: {from: data}, train: {steps: 2, betas: [0.9, 0.98]}}"
+    if sweep.startswith("  seed.sweep: "):
+        text = f"name: t\nstages:\n  data: {DATA}\n  seed: {seed[:-1]}, sweep: {sweep.split(': ', 1)[1]}}}\n"
+    else:
+        text = f"name: t\n{sweep}\nstages:\n  data: {DATA}\n  seed: {seed}\n"
+    assert expected in spec_error(write_job(text))

@@ -36,6 +36,17 @@ def test_merge_command_without_seed_is_a_clear_error(tmp_path, capsys):
     assert "needs the seed checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out", ["taken", "taken/model"])
+def test_merge_into_an_existing_file_is_one_paragraph(tmp_path, capsys, out):
+    write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
+    (tmp_path / "taken").write_bytes(b"not a directory")
+    assert main(["merge", str(tmp_path / "src"), "-o", str(tmp_path / out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("error:") == 1 and "Traceback" not in err and "FileExistsError" not in err
+    assert err.startswith(f"error: {tmp_path / out}: -o") and "merge writes model.safetensors and model.json there" in err
+    assert (tmp_path / "taken").read_bytes() == b"not a directory"
+
+
 def test_metrics_command_prints_every_metric(tmp_path, capsys):
     write_model(StageDir(tmp_path / "src"), random_state("specific"), tiny_config("specific"), {})
     assert main(["metrics", str(tmp_path / "src"), "--json"]) == 0

@@ -183,8 +183,9 @@ def test_a_copy_can_be_named_to_build_on_one_element(write_job):
 @pytest.mark.parametrize("sweep, expected", [
     ("{zip: {stages.seed.train.steps: [0, 5, 10], stages.vlpt.train.steps: [10, 5]}}",
      "sweep: Value error, zip.stages.vlpt.train.steps: 2 values, but zip.stages.seed.train.steps has 3; zipped fields vary together"),
-    ("{zip: {stages.sede.train.steps: [0, 5]}}", "sweep.zip.stages.sede.train.steps: no stage of that name"),
-    ("{product: {stages.seed.train.stepz: [0, 5]}}", "sweep.product.stages.seed.train.stepz[0]: 0 gives stages.seed.train.stepz: unknown field"),
+    ("{zip: {stages.sede.train.steps: [0, 5]}}", "sweep.zip.stages.sede.train.steps: no stage 'sede' (stages: data, seed, vlpt, "),
+    ("{zip: {stages.sede.train.steps: [0, 5]}}", "; did you mean 'seed'?"),
+    ("{product: {stages.seed.train.stepz: [0, 5]}}", "sweep.product.stages.seed.train.stepz[0]: 0 gives stages.seed.train.stepz: unknown field; did you mean 'steps'?"),
     ("{zip: {stages.seed.train.steps: [5, -1]}}", "sweep.zip.stages.seed.train.steps[1]: -1 gives stages.seed.train.steps: Input should be greater than or equal to 0"),
     ("{product: {stages.seed.resources.nodes: [1, 2]}}", "sweep.product.stages.seed.resources.nodes: 'resources.nodes' cannot be swept"),
     ("{product: {stages.vlpt.init.from: [data, maa]}}", "sweep.product.stages.vlpt.init.from: a reference to another stage cannot be swept"),

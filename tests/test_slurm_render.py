@@ -86,6 +86,15 @@ def test_profiles_are_validated():
         load_profile("nope")
 
 
+def test_a_missing_profile_names_the_job_file_and_the_field(write_job, tmp_path):
+    from vlcluster.backends.slurm import SlurmBackend
+
+    path = write_job(GOOD.replace("train: {steps: 2}}\n  vlpt", "train: {steps: 2}, resources: {profile: nope}}\n  vlpt", 1))
+    with pytest.raises(SpecError) as info:
+        SlurmBackend().validate(build_graph(load_pipeline(path), str(path)), str(path))
+    assert str(info.value).startswith(f"{path}: stages.seed.resources.profile: cluster profile 'nope' not found")
+
+
 def test_more_gpus_than_the_profile_has_is_a_spec_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vlcluster.cli", "submit", "jobs/seed_100k.yaml", "--backend", "slurm", "--dry-run",

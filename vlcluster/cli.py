@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,16 @@ from rich.table import Table
 from vlcluster.backends import BACKENDS
 from vlcluster.jobspec.load import SpecError
 
-console = Console(highlight=False, soft_wrap=True)
+
+class PipeConsole(Console):
+    """A console that leaves a closed pipe to :func:`main` (rich's own handler exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = PipeConsole(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -128,8 +138,16 @@ def cmd_submit(args) -> int:
     return 0 if ok else 1
 
 
+# The file ``render -o DIR`` writes for a backend's text (k8s: one file per object).
+RENDERED_FILE = {"slurm": "sbatch.sh", "ray": "ray-jobs.yaml", "local": "commands.sh"}
+
+
 def cmd_render(args) -> int:
-    """The manifests a pipeline becomes on Kubernetes (KubeRay); nothing is applied."""
+    """What a pipeline becomes on a backend, launching nothing: KubeRay manifests
+    (k8s), the sbatch scripts (slurm), the Ray Jobs API submissions (ray), the
+    commands (local). The last three are what ``submit --dry-run`` prints."""
+    if args.backend != "k8s":
+        return render_backend(args)
     from vlcluster.backends.k8s import dump, load_profile, manifest_file, render_manifests
 
     graph, _ = load_graph_from_file(args.file, args.set, args.run_dir)
@@ -143,12 +161,37 @@ def cmd_render(args) -> int:
     if args.out is None:
         sys.stdout.write(dump(manifests))
         return 0
+    output_directory(args.out, "-o", "render writes one file per manifest there")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for manifest in manifests:
         path = out / manifest_file(manifest)
         path.write_text(dump([manifest]))
         console.print(f"wrote {path}")
+    return 0
+
+
+def render_backend(args) -> int:
+    from vlcluster.backends import get_backend
+    from vlcluster.plan import make_plan
+
+    if args.profile:
+        raise SpecError(f"--profile is the k8s site profile, not for --backend {args.backend} "
+                        "(a slurm stage names its cluster profile in resources.profile)")
+    if args.validate:
+        raise SpecError(f"--validate checks k8s manifests against their schemas, not for --backend {args.backend}")
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    backend = get_backend(args.backend)
+    backend.validate(graph, args.file)
+    text = backend.render(graph, make_plan(graph, run_dir), run_dir)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    output_directory(args.out, "-o", f"render writes {RENDERED_FILE.get(args.backend, f'{args.backend}.txt')} there")
+    path = Path(args.out) / RENDERED_FILE.get(args.backend, f"{args.backend}.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    console.print(f"wrote {path}")
     return 0
 
 
@@ -186,9 +229,23 @@ def cmd_logs(args) -> int:
     from vlcluster.storage.paths import run_path
 
     run_dir = run_path(args.run_dir)
+    refuse_unknown_stage(run_dir, args.stage)
     record = stage_dir(run_dir, args.stage).read_state()
     sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
     return 0
+
+
+def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
+    """A stage the run does not have is named with the closest one it has."""
+    from vlcluster.context import load_graph
+    from vlcluster.suggest import did_you_mean
+
+    try:
+        stages = load_graph(run_dir).pipeline.stages
+    except (SpecError, FileNotFoundError, ValueError):
+        return  # no readable pipeline record: the log lookup says what is missing
+    if stage not in stages:
+        raise SpecError(f"{run_dir}: no stage {stage!r} in this run (stages: {', '.join(stages)}){did_you_mean(stage, stages)}")
 
 
 def cmd_cancel(args) -> int:
@@ -273,6 +330,7 @@ def cmd_merge(args) -> int:
         problems.append("needs the Gram matrices of a grams stage (--grams DIR)")
     if problems:
         raise SpecError(f"vlcluster merge --method {args.method}: " + "; ".join(problems))
+    output_directory(args.out, "-o", "merge writes model.safetensors and model.json there")
     from vlcluster.merge.apply import merge_checkpoint
     from vlcluster.merge.methods import chosen_params
 
@@ -286,6 +344,20 @@ def cmd_merge(args) -> int:
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
     return 0
+
+
+def output_directory(argument: str, flag: str, purpose: str) -> None:
+    """An output directory that a file stands in the way of is one paragraph, not a FileExistsError."""
+    from vlcluster.storage.paths import is_remote
+
+    if is_remote(argument):  # object stores have no directories to collide with
+        return
+    path = Path(argument)
+    blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
+    if blocking == path:
+        raise SpecError(f"{argument}: {flag} is an existing file; give a directory ({purpose})")
+    if blocking is not None:
+        raise SpecError(f"{argument}: {flag}: {blocking} is a file, so no directory can be made under it ({purpose})")
 
 
 def checkpoint_path(argument: str, role: str):
@@ -349,12 +421,57 @@ def write_study(args) -> int:
     return 0
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse naming the closest choice to an invalid one (Python 3.14's
+    ``suggest_on_error``, for older Pythons too): sub-commands, import formats,
+    ``--method``, ``--backend``. Sub-parsers are made of the same class."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        from vlcluster.suggest import closest
+
+        if action.choices is not None and value not in action.choices and (match := closest(value, action.choices)):
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices}); did you mean {match!r}?")
+        super()._check_value(action, value)
+
+
+def is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
+class PositionalOverrides(argparse.Action):
+    """``vlcluster plan job.yaml stages.seed.train.steps=5``: positional
+    overrides join ``--set`` ones, in the order written (the last wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for word in values:
+            if not is_override(word):
+                raise argparse.ArgumentError(self, f"{word!r} is not KEY=VALUE (e.g. stages.seed.train.steps=100)")
+        namespace.set = [*(getattr(namespace, "set", None) or []), *values]
+
+
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``KEY=VALUE`` words also follow options (``plan job.yaml
+    --run-dir r a=1``): argparse takes one run of positionals only."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "set"):
+        args.set += [word for word in extra if is_override(word)]
+        extra = [word for word in extra if not is_override(word)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
+    parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def spec_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", help="pipeline YAML file")
+        p.add_argument("overrides", nargs="*", action=PositionalOverrides, metavar="KEY=VALUE",
+                       help="override a field as Hydra writes it, e.g. stages.seed.train.steps=100 (same as --set)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. stages.seed.train.steps=100")
         p.add_argument("--run-dir", help="run directory (default: the file's run_dir, or runs/<name>)")
 
@@ -366,12 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: a local Ray cluster started for the run")
     submit.set_defaults(func=cmd_submit)
 
-    render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
+    render = sub.add_parser("render", help="write what a pipeline becomes on a backend, launching nothing (k8s: KubeRay "
+                            "RayCluster + RayJob; slurm: sbatch scripts; ray: Jobs API submissions; local: commands)")
     spec_args(render)
-    render.add_argument("--backend", default="k8s", choices=["k8s"], help="what to render for (KubeRay on Kubernetes)")
-    render.add_argument("-o", "--out", help="directory for one file per object (default: all to stdout)")
-    render.add_argument("--profile", help="site profile (default: k8s/profile.yaml)")
-    render.add_argument("--validate", action="store_true", help="check against the Kubernetes and KubeRay schemas (k8s extra)")
+    render.add_argument("--backend", default="k8s", choices=["k8s", *sorted(BACKENDS)], help="what to render for")
+    render.add_argument("-o", "--out", help="directory to write to (k8s: one file per object; default: all to stdout)")
+    render.add_argument("--profile", help="k8s site profile (default: k8s/profile.yaml)")
+    render.add_argument("--validate", action="store_true", help="k8s: check against the Kubernetes and KubeRay schemas (k8s extra)")
     render.set_defaults(func=cmd_render)
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
@@ -443,6 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def installed_version() -> str:
+    """The version pip recorded for this install (pyproject.toml's, also for an editable install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlcluster")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def report_error(message: str) -> int:
     from vlcluster.storage.errors import redact
 
@@ -456,18 +584,43 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     code = None
     try:
-        code = run_command(argv)
+        try:
+            try:
+                code = run_command(argv)
+            finally:  # also after --help and --version, which exit from inside argparse
+                sys.stdout.flush()  # output that fit in the buffer meets a closed pipe only here
+        except BrokenPipeError:
+            code = reader_went_away()
         return code
+    except SystemExit as exc:  # --help, --version and usage errors leave argparse this way
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        raise
     finally:  # for the docs check: which commands the tests ran, and how they ended
         record_invocation(argv, code)
 
 
+def reader_went_away() -> int:
+    """The reader closed the pipe (``vlcluster schema | head -1``): it has what it
+    wanted, so stop quietly with status 0, as ripgrep does. stdout now points at
+    devnull so the interpreter's last flush at exit does not raise again."""
+    try:
+        stdout = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (an embedding caller's stream): nothing to point
+        return 0
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout)
+    os.close(devnull)
+    return 0
+
+
 def run_command(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         return args.func(args)
     except (SpecError, FileNotFoundError, ValueError) as exc:
         return report_error(str(exc))
+    except BrokenPipeError:
+        raise  # not a failure of the command: main() ends quietly
     except Exception as exc:  # a storage failure (credentials, endpoint) is one paragraph, not a traceback
         from vlcluster.storage.errors import explain
 

@@ -20,7 +20,8 @@ from typing import Any
 from vlcluster.jobspec.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
-from vlcluster.jobspec.pipeline_sweep import expand_pipeline_sweep
+from vlcluster.jobspec.pipeline_sweep import NotAMapping, expand_pipeline_sweep, set_path
+from vlcluster.suggest import did_you_mean
 
 
 # Which kinds each reference field may point at.
@@ -60,13 +61,6 @@ def sweep_element_name(base: str, assignment: dict[str, Any]) -> str:
     return f"{base[:-1]},{values}]" if base.endswith("]") else f"{base}[{values}]"
 
 
-def _set_path(raw: dict, path: str, value: Any) -> None:
-    keys = path.split(".")
-    for key in keys[:-1]:
-        raw = raw.setdefault(key, {})
-    raw[keys[-1]] = value
-
-
 # More stages than any cluster queue or run directory listing handles well;
 # 4 keys of 40 values (2.5 million) would otherwise be expanded and hashed.
 MAX_STAGES = 1000
@@ -99,7 +93,10 @@ def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
         for values in itertools.product(*(stage.sweep[key] for key in keys)):
             element = copy.deepcopy(raw)
             for key, value in zip(keys, values):
-                _set_path(element, key, value)
+                try:
+                    set_path(element, key, value)
+                except NotAMapping as exc:
+                    raise SpecError(f"{source}: stages.{name}.sweep.{key}: {exc}") from None
             stages[sweep_element_name(name, dict(zip(keys, values)))] = element
     payload = pipeline.model_dump(mode="json", by_alias=True, exclude={"stages"})
     return validate({**payload, "stages": stages}, source)
@@ -174,7 +171,7 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
                     f"name one element, e.g. {sweeps[ref.target][0]!r} (or depend on all with after: [{ref.target}])"
                 )
             elif target is None:
-                problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}")
+                problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}{did_you_mean(ref.target, pipeline.stages)}")
             elif target.kind not in REFERENCE_TARGETS[ref.kind_rule]:
                 allowed = ", ".join(sorted(REFERENCE_TARGETS[ref.kind_rule]))
                 problems.append(
@@ -187,7 +184,7 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
             if after in sweeps:  # the whole sweep: downstream waits for every element
                 targets.extend(sweeps[after])
             elif after not in pipeline.stages:
-                problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}")
+                problems.append(f"stages.{name}.after[{index}]: unknown stage {after!r}{did_you_mean(after, pipeline.stages)}")
             else:
                 targets.append(after)
         if name in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from vlcluster.backends.base import Backend
+from vlcluster.suggest import did_you_mean
 
 # name -> "module:Class"; imported only when chosen, so the CLI does not pay
 # for cluster client libraries it does not use.
@@ -18,6 +19,6 @@ BACKENDS: dict[str, str] = {
 def get_backend(name: str, **options) -> Backend:
     target = BACKENDS.get(name)
     if target is None:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}{did_you_mean(name, BACKENDS)}")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)(**options)

@@ -90,7 +90,15 @@ class LocalBackend:
     # ---- what status, logs and cancel ask ---------------------------------------
 
     def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
-        return ""  # stages run as local processes; nothing is generated
+        """The commands submit would run, one after another (finished stages are skipped)."""
+        import shlex
+
+        lines = [f"# {len(plans)} stage(s) of {graph.pipeline.name}, run one after another by `vlcluster submit`"]
+        for index, plan in enumerate(plans, start=1):
+            if plan.runs:
+                lines += [f"# [{index}/{len(plans)}] {plan.name} ({plan.kind}): {plan.describe()}",
+                          shlex.join(stage_command(plan.kind, str(run_dir), plan.name, plan.ranks))]
+        return "\n".join(lines) + "\n"
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
         described = {}

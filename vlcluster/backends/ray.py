@@ -69,10 +69,10 @@ POLL_S = 1.0
 FAILED = frozenset({"failed", "cancelled", "blocked"})
 
 
-def submission_id(pipeline: str, stage: str) -> str:
+def submission_id(pipeline: str, stage: str, unique: str | None = None) -> str:
     """Unique per submit (a resumed stage is a new job); readable on the dashboard."""
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{pipeline}-{stage}").strip("_")
-    return f"vlcluster-{readable}-{uuid.uuid4().hex[:8]}"
+    return f"vlcluster-{readable}-{unique or uuid.uuid4().hex[:8]}"
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -153,6 +153,16 @@ class RayBackend:
                 env[name] = os.environ[name]
         return env
 
+    def job_request(self, graph: Graph, plan: StagePlan, run_dir: Path, job_id: str) -> dict:
+        """The keyword arguments of ``JobSubmissionClient.submit_job`` for one stage."""
+        return {
+            "entrypoint": self.entrypoint(run_dir, plan),
+            "submission_id": job_id,
+            "metadata": {"vlcluster_run": str(run_dir), "pipeline": graph.pipeline.name, "stage": plan.name, "kind": plan.kind},
+            "runtime_env": {"env_vars": self.job_env()},
+            **self.entrypoint_resources(graph, plan),
+        }
+
     def launch(self, client, graph: Graph, plan: StagePlan, run_dir: Path, address: str, prefix: str) -> Launched:
         job_id = submission_id(graph.pipeline.name, plan.name)
         directory = stage_dir(run_dir, plan.name)
@@ -161,14 +171,7 @@ class RayBackend:
             "backend": "ray", "state": "submitted", "job_id": job_id, "address": address,
             "submitted": time.time(), "log": str(directory.log_file),
         })
-        client.submit_job(
-            entrypoint=self.entrypoint(run_dir, plan),
-            submission_id=job_id,
-            metadata={"vlcluster_run": str(run_dir), "pipeline": graph.pipeline.name, "stage": plan.name, "kind": plan.kind},
-            # Ray's stop sends SIGTERM, then SIGKILL after this long: time for the ranks to checkpoint.
-            runtime_env={"env_vars": self.job_env()},
-            **self.entrypoint_resources(graph, plan),
-        )
+        client.submit_job(**self.job_request(graph, plan, run_dir, job_id))
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
         self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()} -> Ray job {job_id}")
         return Launched(plan, job_id, prefix, time.time())
@@ -283,7 +286,16 @@ class RayBackend:
     # ---- what status, logs and cancel ask ---------------------------------------
 
     def render(self, graph: Graph, plans: list[StagePlan], run_dir: Path) -> str:
-        return ""  # the jobs are submitted through the Jobs API; `vlcluster render --backend k8s` for manifests
+        """The Jobs API submissions submit would make (``submit_job`` keyword arguments), in order."""
+        import yaml
+
+        run_dir = run_dir.resolve()  # as submit does
+        jobs = [{"stage": plan.name, "starts_after": list(graph.deps[plan.name]),
+                 "submit_job": self.job_request(graph, plan, run_dir, submission_id(graph.pipeline.name, plan.name, "<8 hex digits>"))}
+                for plan in plans if plan.runs]
+        header = ("# Ray Jobs API submissions of `vlcluster submit --backend ray` (JobSubmissionClient.submit_job arguments);\n"
+                  "# the driver submits each once the stages it starts after are done; finished stages are left out.\n")
+        return header + yaml.safe_dump(jobs, sort_keys=False, width=1000)
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
         statuses = job_statuses(records) if ray_records(records) else {}

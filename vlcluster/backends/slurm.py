@@ -144,7 +144,11 @@ class SlurmBackend:
     def validate(self, graph: Graph, source: str) -> None:
         require("submitit", "--backend slurm")
         for name, spec in graph.pipeline.stages.items():
-            profile = load_profile(profile_name(spec))
+            try:
+                profile = load_profile(profile_name(spec))
+            except SpecError as exc:  # named where it was chosen: the stage's field or the environment
+                chosen = f"stages.{name}.resources.profile" if spec.resources.profile else f"stages.{name}: $VLCLUSTER_SLURM_PROFILE"
+                raise SpecError(f"{source}: {chosen}: {exc}") from None
             gpus = spec.resources.gpus_per_node
             if gpus and gpus > profile.gpus_per_node:
                 raise SpecError(

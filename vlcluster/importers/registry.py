@@ -6,6 +6,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlcluster.suggest import did_you_mean
+
 
 @dataclass(frozen=True)
 class Input:
@@ -56,7 +58,7 @@ FORMATS: dict[str, Format] = {
 def check_inputs(fmt: str, inputs: dict) -> list[str]:
     """Problems with ``inputs`` for ``fmt`` (empty when they fit)."""
     if fmt not in FORMATS:
-        return [f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}"]
+        return [f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}{did_you_mean(fmt, FORMATS)}"]
     known = {i.name: i for i in FORMATS[fmt].inputs}
     problems = [f"unknown input {name!r} for {fmt} (expected {sorted(known)})" for name in inputs if name not in known]
     problems += [f"missing input {i.name!r} ({i.help})" for i in known.values() if i.required and i.name not in inputs]

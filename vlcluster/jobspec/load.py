@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vlcluster.jobspec.kinds import STAGE_KINDS
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.names import name_problem
+from vlcluster.suggest import did_you_mean
 
 
 
@@ -113,9 +116,22 @@ def refuse_swept_override(raw: Any, keys: list[str], path: Path) -> None:
     where = swept_by(raw, keys)
     if where is not None:
         raise SpecError(
-            f"--set {'.'.join(keys)}: {path} sweeps this field ({where}), so the sweep's values would "
+            f"{path}: --set {'.'.join(keys)}: the file sweeps this field ({where}), so the sweep's values would "
             f"replace the one given; change the values under {where} in the file instead"
         )
+
+
+def refuse_misspelt_stages(raw: dict, created: dict[str, str], written: dict, path: Path) -> None:
+    """``--set stages.sed.train.steps=5`` would add a stage ``sed`` without a
+    kind: name the unknown stage and the closest one instead. (A stage the
+    overrides create with its ``kind`` is a new stage, and welcome.)"""
+    stages = raw.get("stages")
+    for name, override in created.items():
+        stage = stages.get(name) if isinstance(stages, dict) else None
+        if not isinstance(stage, dict) or "kind" not in stage:
+            hint = did_you_mean(name, written) or f"; a new stage needs stages.{name}.kind"
+            raise SpecError(f"{path}: --set {override}: no stage {name!r} in this file "
+                            f"(stages: {', '.join(map(str, written)) or 'none'}){hint}")
 
 
 def apply_override(raw: dict, keys: list[str], value: Any) -> None:
@@ -134,14 +150,68 @@ def apply_override(raw: dict, keys: list[str], value: Any) -> None:
 def format_location(loc: tuple) -> str:
     """Pydantic's location tuple as a dotted path, dropping union tags."""
     parts: list[str] = []
-    for item in loc:
+    for index, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
             continue
-        if item in STAGE_KINDS and parts[:1] == ["stages"] and len(parts) == 2:
-            continue  # the discriminator tag pydantic inserts after the stage name
+        if index == 2 and item in STAGE_KINDS and loc[0] == "stages":
+            continue  # the discriminator tag pydantic inserts after the stage name (not a field named like a kind)
         parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"
+
+
+def model_type_at(loc: tuple) -> Any:
+    """The type pydantic validated at ``loc`` inside a pipeline, or None where
+    it cannot be told (the known names a did-you-mean is drawn from)."""
+    node: Any = Pipeline
+    for item in loc:
+        node = _step(node, item)
+        if node is None:
+            return None
+    return _bare(node)
+
+
+def _bare(node: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``."""
+    while typing.get_origin(node) is typing.Annotated:
+        node = typing.get_args(node)[0]
+    if typing.get_origin(node) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(node) if member is not type(None)]
+        if len(members) == 1:
+            return _bare(members[0])
+    return node
+
+
+def _step(node: Any, item: Any) -> Any:
+    node = _bare(node)
+    origin, args = typing.get_origin(node), typing.get_args(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return next((field.annotation for name, field in node.model_fields.items() if item in (name, field.alias)), None)
+    if origin in (typing.Union, types.UnionType):  # pydantic names the member: a stage kind or a class name
+        members = [_bare(member) for member in args]
+        for member in members:
+            kind = getattr(member, "model_fields", {}).get("kind")
+            if kind is not None and typing.get_args(kind.annotation) == (item,):
+                return member
+        return next((member for member in members if getattr(member, "__name__", None) == item), None)
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (list, tuple) and args and isinstance(item, int):
+        return args[0]
+    return None
+
+
+def known_names(loc: tuple, error_type: str) -> list[str]:
+    """What could have been meant at ``loc``: the fields of its model, the values of its Literal."""
+    if error_type == "extra_forbidden":
+        model = model_type_at(loc[:-1])
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return [field.alias or name for name, field in model.model_fields.items()]
+    elif error_type == "literal_error":
+        literal = model_type_at(loc)
+        if typing.get_origin(literal) is typing.Literal:
+            return [value for value in typing.get_args(literal) if isinstance(value, str)]
+    return []
 
 
 def describe_validation_error(source: str, exc: ValidationError) -> str:
@@ -150,9 +220,12 @@ def describe_validation_error(source: str, exc: ValidationError) -> str:
         where = format_location(error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(error["loc"][-1], known_names(error["loc"], error["type"]))
+        elif error["type"] == "literal_error":
+            message += did_you_mean(error["input"], known_names(error["loc"], error["type"]))
         elif error["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {error.get('ctx', {}).get('tag')!r}; expected one of {', '.join(STAGE_KINDS)}"
+            tag = error.get("ctx", {}).get("tag")
+            message = f"unknown stage kind {tag!r}; expected one of {', '.join(STAGE_KINDS)}{did_you_mean(tag, STAGE_KINDS)}"
         elif error["type"] == "union_tag_not_found":
             message = f"missing 'kind' (one of {', '.join(STAGE_KINDS)})"
         lines.append(f"  {where}: {message}")
@@ -275,10 +348,18 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     """Read, override and validate a pipeline file (graph checks are separate)."""
     path = Path(path)
     raw = read_yaml(path)
+    written = dict(raw["stages"]) if isinstance(raw.get("stages"), dict) else {}
+    created: dict[str, str] = {}  # a stage the overrides create -> the first override naming it
     for text in overrides:
-        keys, value = parse_override(text)
-        refuse_swept_override(raw, keys, path)
-        apply_override(raw, keys, value)
+        try:
+            keys, value = parse_override(text)
+            refuse_swept_override(raw, keys, path)
+            if keys[0] == "stages" and len(keys) > 1 and keys[1] not in written:
+                created.setdefault(keys[1], ".".join(keys))
+            apply_override(raw, keys, value)
+        except SpecError as exc:  # the override's own message, with the file it applies to
+            raise SpecError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from None
+    refuse_misspelt_stages(raw, created, written, path)
     problems = check_names(raw)
     if problems:
         raise SpecError(f"{path}: invalid names:\n  " + "\n  ".join(problems[:10]))

@@ -98,11 +98,25 @@ class FieldsSpec(Strict):
     caption: list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(["txt", "json.caption"], min_length=1)
 
 
+def countable_patterns(patterns: str | list | None) -> str | list | None:
+    """Shard patterns whose braces expand to a list that can be held: a range
+    like ``{0..99999999}`` is a typo, refused at load time where the error can
+    name the job file and the field (counted, never expanded)."""
+    from vlcluster.storage.shardlist import check_size
+
+    for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+        if isinstance(pattern, str):
+            check_size(pattern)
+    return patterns
+
+
 class SourceSpec(Strict):
     """One corpus of a training mixture."""
 
     shards: str | list[str] = Field(description="shard URL pattern(s), brace expansion allowed")
     weight: float = Field(1.0, gt=0, description="relative sampling weight")
+
+    _countable = field_validator("shards")(countable_patterns)
 
 
 class DataSpec(Strict):
@@ -133,6 +147,8 @@ class DataSpec(Strict):
         0.01, ge=0, le=1, description="a training stage fails when more of the samples read are bad "
         "(bad samples are skipped and counted per shard)"
     )
+
+    _countable = field_validator("train", "val")(countable_patterns)
 
     @model_validator(mode="after")
     def _source_given(self) -> DataSpec:

@@ -53,8 +53,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlcluster.jobspec.kinds import GATHERING_KINDS
-from vlcluster.jobspec.load import SpecError, format_location, validate
+from vlcluster.jobspec.load import SpecError, format_location, known_names, validate
 from vlcluster.jobspec.models import Pipeline
+from vlcluster.suggest import did_you_mean
 
 PREFIX = "stages."
 # What a sweep may not vary: how a stage runs or what it waits for, not what it computes.
@@ -161,7 +162,9 @@ class Expansion:
         rest = key[len(PREFIX):]
         stages = [name for name in self.pipeline.stages if rest.startswith(name + ".")]
         if not stages:
-            raise self.fail(f"sweep.{group}.{key}: no stage of that name (stages: {', '.join(self.pipeline.stages)})")
+            stage = rest.split(".", 1)[0]
+            raise self.fail(f"sweep.{group}.{key}: no stage {stage!r} (stages: {', '.join(self.pipeline.stages)})"
+                            + did_you_mean(stage, self.pipeline.stages))
         stage = max(stages, key=len)  # a stage named "a.b" beside one named "a"
         path = rest[len(stage) + 1:]
         if self.pipeline.stages[stage].kind in GATHERING_KINDS:
@@ -185,12 +188,17 @@ class Expansion:
         values = self.pipeline.sweep.zip.get(key) or self.pipeline.sweep.product[key]
         for index, value in enumerate(values):
             raw = stage_raw(stage)
-            set_path(raw, field.path, value)
+            try:
+                set_path(raw, field.path, value)
+            except NotAMapping as exc:
+                raise self.fail(f"sweep.{group}.{key}: in stages.{field.stage}, {exc}") from None
             try:
                 changed = type(stage).model_validate(raw)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+                message += did_you_mean(first["loc"][-1] if first["loc"] else None,
+                                        known_names(("stages", field.stage, stage.kind, *first["loc"]), first["type"]))
                 raise self.fail(f"sweep.{group}.{key}[{index}]: {json.dumps(value, default=str)} gives stages.{field.stage}."
                                 f"{format_location(first['loc'])}: {message}") from None
             if references(changed) != references(stage):
@@ -372,12 +380,20 @@ def stage_sweep_size(stage) -> int:
     return math.prod(len(values) for values in (stage.sweep or {}).values()) if stage.sweep else 0
 
 
+class NotAMapping(ValueError):
+    """A swept key runs through a value (``train.steps.x`` where ``train.steps`` is 2)."""
+
+
 def set_path(raw: dict, path: str, value: Any) -> None:
+    """Set the dotted ``path`` inside a stage, making the mappings it lacks."""
     keys = path.split(".")
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         child = raw.get(key)
-        if not isinstance(child, dict):
+        if child is None:
             child = raw[key] = {}
+        elif not isinstance(child, dict):
+            held = "a list" if isinstance(child, list) else f"the value {json.dumps(child, default=str)[:60]}"
+            raise NotAMapping(f"{'.'.join(keys[:depth + 1])} holds {held}, not a mapping, so {path!r} cannot be set inside it")
         raw = child
     raw[keys[-1]] = value
 

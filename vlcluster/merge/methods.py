@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vlcluster.suggest import did_you_mean
+
 if TYPE_CHECKING:
     import torch
 
@@ -153,7 +155,7 @@ def register(name: str) -> Callable[[MergeFn], MergeFn]:
 
 def get_method(name: str) -> Method:
     if name not in SPECS:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(SPECS)}")
+        raise ValueError(f"unknown merge method {name!r}; known: {sorted(SPECS)}{did_you_mean(name, SPECS)}")
     importlib.import_module(SPECS[name].module)  # registers its function
     return METHODS[name]
 
