@@ -78,16 +78,69 @@ def test_beit_from_transformers_matches_beit_on_the_vision_route(beit_dir, arch,
         assert torch.equal(layer["v"].fc1.weight, layer["vl"].fc1.weight)
 
 
-def test_beit_with_relative_bias_and_mean_pooling_reports_what_it_drops(tmp_path):
-    saved_beit(tmp_path, use_relative_position_bias=True, use_absolute_position_embeddings=False, use_mean_pooling=True)
+def randomised(model):
+    """Random weights everywhere, relative bias tables included (BEiT starts them at zero)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.normal_(0, 1.0)
+    return model
+
+
+BEIT_VARIANTS = {
+    # name: (BeitConfig changes, vlcluster position, relative_bias)
+    "per_layer_mean_pooling": (dict(use_relative_position_bias=True, use_absolute_position_embeddings=False, use_mean_pooling=True), "relative", "per_layer"),
+    "shared": (dict(use_shared_relative_position_bias=True, use_absolute_position_embeddings=False), "relative", "shared"),
+    "shared_and_absolute": (dict(use_shared_relative_position_bias=True, use_mean_pooling=True), "both", "shared"),
+    "per_layer_and_shared": (dict(use_relative_position_bias=True, use_shared_relative_position_bias=True, use_absolute_position_embeddings=False), "relative", "per_layer"),
+}
+
+
+def beit_tokens(beit, images):
+    """BEiT's token features: last hidden states after its final norm (a mean-pooling BEiT has
+    none on the sequence; its pooler's norm is the one vlcluster takes as the final norm)."""
+    hidden = beit(pixel_values=images).last_hidden_state
+    return beit.pooler.layernorm(hidden) if beit.config.use_mean_pooling else hidden
+
+
+@pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS))
+def test_beit_with_relative_bias_is_the_same_function(tmp_path, variant):
+    changes, position, relative_bias = BEIT_VARIANTS[variant]
+    torch.manual_seed(0)
+    beit = randomised(saved_beit(tmp_path, **changes))
+    beit.save_pretrained(tmp_path)
     converted = convert(tmp_path, "beit")
-    dropped = converted.report.summary()["dropped"]
-    assert "relative position bias" in dropped["encoder.layer.*.attention.attention.relative_position_bias.relative_position_bias_table"]
-    assert any("pooler.layernorm" in note for note in converted.report.notes)
-    model = MultiwayTransformer(small("agnostic", layer_scale=0.1), heads=())
+    assert (converted.structure["position"], converted.structure["relative_bias"]) == (position, relative_bias)
+    model = MultiwayTransformer(small("specific", layer_scale=0.1, position=position, relative_bias=relative_bias), heads=())
     state, fresh = fit(converted, model)
-    assert "embed.image.pos" in fresh  # no absolute positions in the source
     load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert "position_bias.image" not in fresh and {"position_bias.text", "position_bias.cross"} <= set(fresh)
+    assert not any("relative_position_bias_table" in key for key in converted.report.dropped)
+    with torch.no_grad():
+        model.embed["token_type"].weight.zero_()  # BEiT has no token types
+        images = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+        expected, ours = beit_tokens(beit.eval(), images), model.eval().encode_image(images)
+    assert (ours - expected).abs().max() < 1e-5, (ours - expected).abs().max()
+    assert expected.abs().mean() > 0.1  # a real signal, not zeros
+    # Without the bias the function is another one: the tables matter.
+    with torch.no_grad():
+        model.position_bias.image.zero_()
+        assert (model.encode_image(images) - expected).abs().max() > 1e-2
+
+
+def test_shared_beit_bias_is_copied_to_every_layer_of_a_per_layer_model(tmp_path):
+    beit = randomised(saved_beit(tmp_path, use_shared_relative_position_bias=True, use_absolute_position_embeddings=False))
+    beit.save_pretrained(tmp_path)
+    model = MultiwayTransformer(small("agnostic", layer_scale=0.1, position="relative"), heads=())
+    report = init_from_checkpoint(model, str(tmp_path), "beit")
+    assert any("copied to every layer" in note for note in report.notes)
+    with torch.no_grad():
+        model.embed["token_type"].weight.zero_()
+        images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(model.eval().encode_image(images), beit_tokens(beit.eval(), images), atol=1e-5, rtol=0)
+    absolute = MultiwayTransformer(small("agnostic", layer_scale=0.1), heads=())
+    with pytest.raises(CheckpointError, match="model.position: the checkpoint has relative, the model absolute"):
+        init_from_checkpoint(absolute, str(tmp_path), "beit")
 
 
 def test_beit_that_does_not_fit_the_model_names_the_fields(beit_dir):
@@ -121,7 +174,6 @@ def authors_state(depth=4, vl_from=3, dim=DIM, vocab=50, text_len=12, generator=
         "text_embeddings.LayerNorm.weight": r(dim),
         "text_embeddings.LayerNorm.bias": r(dim),
         "token_type_embeddings.weight": r(2, dim),
-        "relative_position_bias_table": r(100, HEADS),
     }
     for i in range(depth):
         block = f"transformer.blocks.{i}"
@@ -161,7 +213,7 @@ def test_vlmo_layout_converts_and_loads_strictly(tmp_path):
     dropped = converted.report.summary()["dropped"]
     assert set(dropped) == {
         "transformer.mask_token", "text_embeddings.LayerNorm.weight", "text_embeddings.LayerNorm.bias",
-        "text_embeddings.token_type_embeddings.weight", "relative_position_bias_table",
+        "text_embeddings.token_type_embeddings.weight",
     }
 
 
@@ -276,14 +328,20 @@ def test_timm_beit_layout_and_a_converted_vlcluster_dir_load(tmp_path):
     timm = {key.removeprefix("transformer."): tensor for key, tensor in authors_state(depth=2, vl_from=2).items()
             if key.startswith("transformer.") and ".l." not in key}
     timm = {key.replace(".v.", "."): tensor for key, tensor in timm.items()}
-    timm["blocks.0.attn.relative_position_bias_table"] = torch.zeros(10, HEADS)
+    rows = (2 * (IMAGE // PATCH) - 1) ** 2 + 3
+    for i in range(2):  # timm's BEiT: a relative position bias table (and its index buffer) per block
+        timm[f"blocks.{i}.attn.relative_position_bias_table"] = torch.randn(rows, HEADS)
+        timm[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
     torch.save({"model": timm}, tmp_path / "beit_timm.pth")  # BEiT's own releases nest the weights under "model"
     report = convert_to_model_dir(str(tmp_path / "beit_timm.pth"), "beit", str(tmp_path / "model"), size="tiny", heads=HEADS)
-    assert report.summary()["dropped"]["blocks.*.attn.relative_position_bias_table"].startswith("relative position bias")
+    assert report.summary()["dropped"]["blocks.*.attn.relative_position_index"].startswith("buffer")
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["config"]["position"] == "both"
 
-    model = MultiwayTransformer(small("custom_attn", layer_scale=0.1, vocab_size=64, max_text_len=32), heads=("itc",))
+    model = MultiwayTransformer(small("custom_attn", layer_scale=0.1, vocab_size=64, max_text_len=32, position="both"), heads=("itc",))
     report = init_from_checkpoint(model, str(tmp_path / "model"), "vlcluster")
     assert set(report.fresh) == {key for key in model.state_dict() if key.startswith("heads.")}
+    tables = [timm[f"blocks.{i}.attn.relative_position_bias_table"] for i in range(2)]
+    assert torch.equal(model.position_bias.image, torch.cat(tables, dim=1))
     assert torch.equal(model.layers[1].attn["vl"].qkv.weight, timm["blocks.1.attn.qkv.weight"])
     assert torch.equal(model.layers[1].ffn["shared"].fc2.weight, timm["blocks.1.mlp.fc2.weight"])
     assert torch.equal(model.layers[0].gamma_attn, timm["blocks.0.gamma_1"])

@@ -417,9 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--score", default="retrieval", choices=["retrieval", "tr", "ir", "vqa_acc"])
     report.set_defaults(func=cmd_report)
 
-    convert = sub.add_parser("convert", help="convert a BEiT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout")
+    convert = sub.add_parser("convert", help="convert a BEiT / ViT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout")
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=["beit", "vlmo"], help="format of SRC")
+    direction.add_argument("--from", dest="from_format", choices=["beit", "vit", "vlmo"], help="format of SRC")
     direction.add_argument("--to", dest="to_format", choices=["vlmo"], help="format to write (SRC: a vlcluster model directory)")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
