@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlcluster.cli import main
-from vlcluster.model import MultiwayTransformer, load_into, preset
+from vlcluster.model import ModelConfig, MultiwayTransformer, load_into, preset
 from vlcluster.model.external import CheckpointError, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint
 from vlcluster.outputs import write_model
 from vlcluster.rundir import StageDir
@@ -141,6 +141,33 @@ def test_shared_beit_bias_is_copied_to_every_layer_of_a_per_layer_model(tmp_path
     absolute = MultiwayTransformer(small("agnostic", layer_scale=0.1), heads=())
     with pytest.raises(CheckpointError, match="model.position: the checkpoint has relative, the model absolute"):
         init_from_checkpoint(absolute, str(tmp_path), "beit")
+
+
+def test_vit_from_transformers_is_the_same_function(tmp_path):
+    """The paper's Table 4 backbone: a supervised ViT as `transformers` writes it, vit_tiny's
+    width and heads at a small depth and resolution."""
+    config = transformers.ViTConfig(hidden_size=192, num_attention_heads=3, intermediate_size=768, num_hidden_layers=2,
+                                    image_size=IMAGE, patch_size=PATCH)
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(config).eval()
+    with torch.no_grad():
+        for param in vit.parameters():
+            param.normal_(0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
+    vit.save_pretrained(tmp_path)
+    assert "encoder.layer.0.attention.attention.key.bias" in load_file(str(tmp_path / "model.safetensors"))
+    report = convert_to_model_dir(str(tmp_path), "vit", str(tmp_path / "model"), size="vit_tiny")
+    assert set(report.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}  # ViT's tanh pooler
+    record = json.loads((tmp_path / "model" / "model.json").read_text())["config"]
+    assert (record["dim"], record["heads"], record["depth"], record["position"], record["layer_scale"]) == (192, 3, 2, "absolute", 0.0)
+    assert record["layer_norm_eps"] == config.layer_norm_eps
+    model = MultiwayTransformer(ModelConfig.from_dict(record), heads=())
+    load_into(model, {k: v for k, v in load_file(str(tmp_path / "model" / "model.safetensors")).items() if not k.startswith("heads.")},
+              allow_missing_prefixes=())
+    with torch.no_grad():
+        model.embed["token_type"].weight.zero_()
+        images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+        expected, ours = vit(pixel_values=images).last_hidden_state, model.eval().encode_image(images)
+    assert (ours - expected).abs().max() < 1e-5 and expected.abs().mean() > 0.1
 
 
 def test_beit_that_does_not_fit_the_model_names_the_fields(beit_dir):
