@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vlcluster.cli import main
 from vlcluster.model import ModelConfig, MultiwayTransformer, load_into, preset
-from vlcluster.model.external import CheckpointError, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint
+from vlcluster.model.external import (
+    CheckpointError, config_for, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint,
+)
 from vlcluster.outputs import write_model
 from vlcluster.rundir import StageDir
 
@@ -244,6 +247,132 @@ def test_vlmo_layout_converts_and_loads_strictly(tmp_path):
     }
 
 
+# --- the authors' layout with relative position bias: a reference forward from VLMo's equations ---
+
+GRID, T0 = IMAGE // PATCH, 20  # T0: the text distances their table was written for (max_text_len_of_initckpt)
+
+
+def relative_authors_state(depth=4, vl_from=3, text_len=12):
+    """VLMo-base's kind of model in the authors' layout: no absolute image table, one relative
+    bias table (heads x layers columns), BERT text embedding with its LayerNorm; random weights."""
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for key, tensor in authors_state(depth=depth, vl_from=vl_from, text_len=text_len, generator=g).items():
+        if key == "transformer.pos_embed":
+            continue
+        state[key] = torch.randn(tensor.shape, generator=g) * 0.1 if tensor.ndim > 1 else torch.rand(tensor.shape, generator=g) + 0.5
+    rows = (2 * GRID - 1) ** 2 + 3 + 2 + 2 * T0
+    state["relative_position_bias_table"] = torch.randn(rows, HEADS * depth, generator=g)
+    return state
+
+
+def vlmo_indices(text_len):
+    """Row indices of VLMo's table: image (query - key in 2-D), text (key - query in 1-D), both with
+    [CLS] rows, and the fused [text; image] sequence with the two cross rows."""
+    n_img, side = (2 * GRID - 1) ** 2 + 3, 2 * GRID - 1
+    total = n_img + 2 * T0 + 2
+    ys, xs = torch.arange(GRID).repeat_interleave(GRID), torch.arange(GRID).repeat(GRID)
+    image = torch.zeros(GRID**2 + 1, GRID**2 + 1, dtype=torch.long)
+    image[1:, 1:] = (ys[:, None] - ys[None, :] + GRID - 1) * side + (xs[:, None] - xs[None, :] + GRID - 1)
+    image[0, :], image[:, 0], image[0, 0] = n_img - 3, n_img - 2, n_img - 1
+    text = torch.zeros(text_len, text_len, dtype=torch.long)
+    positions = torch.arange(text_len - 1)
+    text[1:, 1:] = positions[None, :] - positions[:, None] - (2 - T0) + n_img + 2
+    text[0, :], text[:, 0], text[0, 0] = total - 3, total - 2, total - 1
+    fused = torch.cat([
+        torch.cat([text, torch.full((text_len, GRID**2 + 1), n_img)], dim=1),
+        torch.cat([torch.full((GRID**2 + 1, text_len), n_img + 1), image], dim=1),
+    ])
+    return image, text, fused
+
+
+def vlmo_reference(state, images, ids, mask, depth=4, vl_from=3):
+    """VLMo's forward written from its equations (their text-first fused order); fusion below
+    ``vl_from`` keeps image and text apart, as vl-merging's modality-specific model does."""
+    table = state["relative_position_bias_table"]
+    image_index, text_index, fused_index = vlmo_indices(ids.shape[1])
+
+    def biases(index):
+        return table[index].permute(2, 0, 1).chunk(depth, dim=0)
+
+    def block(x, i, expert, bias, key_mask):
+        b = f"transformer.blocks.{i}"
+        B, n, d = x.shape
+        h = F.layer_norm(x, (d,), state[f"{b}.norm1.{expert}.weight"], state[f"{b}.norm1.{expert}.bias"], 1e-6)
+        qkv_bias = torch.cat([state[f"{b}.attn.{expert}.q_bias"], torch.zeros(d), state[f"{b}.attn.{expert}.v_bias"]])
+        q, k, v = F.linear(h, state[f"{b}.attn.{expert}.qkv.weight"], qkv_bias).reshape(B, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        scores = (q * (d // HEADS) ** -0.5) @ k.transpose(-2, -1) + bias[None]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, n, d)
+        x = x + state[f"{b}.gamma_1"] * F.linear(out, state[f"{b}.attn.{expert}.proj.weight"], state[f"{b}.attn.{expert}.proj.bias"])
+        h = F.layer_norm(x, (d,), state[f"{b}.norm2.{expert}.weight"], state[f"{b}.norm2.{expert}.bias"], 1e-6)
+        ffn = F.linear(F.gelu(F.linear(h, state[f"{b}.mlp.{expert}.fc1.weight"], state[f"{b}.mlp.{expert}.fc1.bias"])),
+                       state[f"{b}.mlp.{expert}.fc2.weight"], state[f"{b}.mlp.{expert}.fc2.bias"])
+        return x + state[f"{b}.gamma_2"] * ffn
+
+    def run(x, expert, layers, bias, key_mask=None):
+        for i in layers:
+            x = block(x, i, expert, bias[i], key_mask)
+        return x
+
+    def norm(x):
+        return F.layer_norm(x, (x.shape[-1],), state["transformer.norm.weight"], state["transformer.norm.bias"], 1e-6)
+
+    types = state["token_type_embeddings.weight"]  # 0 = text, 1 = image
+    words = state["text_embeddings.word_embeddings.weight"][ids] + state["text_embeddings.token_type_embeddings.weight"][0]
+    text = F.layer_norm(words, (words.shape[-1],), state["text_embeddings.LayerNorm.weight"],
+                        state["text_embeddings.LayerNorm.bias"], 1e-12) + types[0]  # relative: BERT adds no positions
+    patches = F.conv2d(images, state["transformer.patch_embed.proj.weight"], state["transformer.patch_embed.proj.bias"], stride=PATCH)
+    image = torch.cat([state["transformer.cls_token"].expand(len(images), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1) + types[1]
+    image_bias, text_bias, fused_bias = biases(image_index), biases(text_index), biases(fused_index)
+    image_bottom = run(image, "v", range(vl_from), image_bias)
+    text_bottom = run(text, "l", range(vl_from), text_bias, mask)
+    fused_mask = torch.cat([mask, torch.ones(len(images), GRID**2 + 1, dtype=torch.bool)], dim=1)
+    return {
+        "image": norm(run(image_bottom, "v", range(vl_from, depth), image_bias)),
+        "text": norm(run(text_bottom, "l", range(vl_from, depth), text_bias, mask)),
+        "fused": norm(run(torch.cat([text_bottom, image_bottom], dim=1), "vl", range(vl_from, depth), fused_bias, fused_mask)),
+    }
+
+
+@pytest.mark.parametrize("with_buffers", [False, True])
+def test_vlmo_with_relative_bias_is_the_same_function(tmp_path, with_buffers):
+    from vlcluster.model.formats.vlmo import index_buffers
+
+    source = relative_authors_state()
+    if with_buffers:  # vl-merging saves its index buffers: their shapes fix the grid and the text length (12)
+        source.update(index_buffers(GRID, 12))
+    torch.save({"state_dict": source}, tmp_path / "vlmo.ckpt")
+    converted = convert(tmp_path / "vlmo.ckpt", "vlmo")
+    assert (converted.structure["position"], converted.structure["heads"]) == ("relative", HEADS)
+    assert any("folded into the word table" in note for note in converted.report.notes)
+    fix = {} if with_buffers else {"max_text_len": 12}  # without the buffers the text length is the model's to say
+    if with_buffers:
+        assert (converted.structure["image_size"], converted.structure["max_text_len"]) == (IMAGE, 12)
+    model = MultiwayTransformer(config_for(converted, "tiny", vocab_size=50, **fix), heads=()).eval()
+    assert (model.config.position, model.config.layer_scale, model.config.vl_layers) == ("relative", 0.1, 1)
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+    assert not fresh
+
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
+    ids = torch.randint(0, 50, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        expected = vlmo_reference(source, images, ids, mask)
+        ours = {"image": model.encode_image(images), "text": model.encode_text(ids, mask), "fused": model.fusion(images, ids, mask)}
+    ours["fused"] = torch.cat([ours["fused"][:, GRID**2 + 1 :], ours["fused"][:, : GRID**2 + 1]], dim=1)  # ours: image first
+    for route in ("image", "text", "fused"):
+        assert (ours[route] - expected[route]).abs().max() < 1e-5, (route, (ours[route] - expected[route]).abs().max())
+        assert expected[route].abs().mean() > 0.1
+    with torch.no_grad():  # the image<->text rows are read where VLMo reads them: without them the fused route differs
+        model.position_bias.cross.copy_(model.position_bias.cross.flip(0))
+        assert (model.fusion(images, ids, mask) - ours["fused"].roll(GRID**2 + 1, dims=1)).abs().max() > 1e-3
+
+
 def test_original_vlmo_ffn_expert_names_are_read(tmp_path):
     source = {}
     for key, tensor in authors_state(depth=2, vl_from=2).items():
@@ -263,9 +392,12 @@ def test_original_vlmo_ffn_expert_names_are_read(tmp_path):
     assert torch.equal(model.layers[1].attn["l"].proj.weight, source["transformer.blocks.1.attn.proj.weight"])
 
 
-@pytest.mark.parametrize(("arch", "layer_scale"), [("specific", 0.1), ("custom_ffn", 0.0), ("agnostic", 0.0)])
-def test_round_trip_vlcluster_vlmo_vlcluster_is_bitwise(tmp_path, arch, layer_scale):
-    config = preset("tiny", arch, layer_scale=layer_scale, vocab_size=40, num_answers=7, max_text_len=12)
+@pytest.mark.parametrize(("arch", "layer_scale", "position"), [
+    ("specific", 0.1, "absolute"), ("custom_ffn", 0.0, "absolute"), ("agnostic", 0.0, "absolute"),
+    ("specific", 0.1, "relative"), ("custom_ffn", 0.0, "both"),
+])
+def test_round_trip_vlcluster_vlmo_vlcluster_is_bitwise(tmp_path, arch, layer_scale, position):
+    config = preset("tiny", arch, layer_scale=layer_scale, vocab_size=40, num_answers=7, max_text_len=12, position=position)
     torch.manual_seed(4)
     model = MultiwayTransformer(config, heads=("itc", "itm", "mlm", "vqa"))
     with torch.no_grad():
@@ -283,6 +415,14 @@ def test_round_trip_vlcluster_vlmo_vlcluster_is_bitwise(tmp_path, arch, layer_sc
         assert key in exported, key
     if not layer_scale:
         assert bool((exported["transformer.blocks.0.gamma_1"] == 1).all())
+    if position != "absolute":  # one table: image rows, text->image, image->text, text rows; heads x layers columns
+        table = exported["relative_position_bias_table"]
+        assert table.shape == ((2 * 4 - 1) ** 2 + 3 + 2 + 2 * 12, config.heads * config.depth)
+        assert torch.equal(table[:52, 4:8], original["position_bias.image"][:, 4:8])
+        assert torch.equal(table[52:54], original["position_bias.cross"])
+    assert ("transformer.pos_embed" in exported) == (position != "relative")
+    # Token type 0 is text in their code, the image in ours.
+    assert torch.equal(exported["token_type_embeddings.weight"][1], original["embed.token_type.weight"][0])
 
     convert_to_model_dir(str(tmp_path / "vlmo.safetensors"), "vlmo", str(tmp_path / "back"), size="tiny", heads=config.heads)
     back = load_file(str(tmp_path / "back" / "model.safetensors"))

@@ -30,6 +30,7 @@ prefix ``vlcluster.``; their loader (non-strict) ignores them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -129,6 +130,10 @@ def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
             _export_layer_tensor(parsed, tensor, out)
         elif (m := re.fullmatch(r"layers\.(\d+)\.(gamma_attn|gamma_ffn)", key)) is not None:
             out[f"{BLOCKS}.{m[1]}.{GAMMAS[m[2]]}"] = tensor
+        elif key == "embed.text.pos" and config.relative_positions:
+            # Their BERT embedding adds no position table when the bias is relative: kept aside.
+            out[EXTRA + key] = tensor
+            report.notes.append(f"{key}: the authors' text embedding adds no positions with a relative bias; kept as {EXTRA}{key}")
         elif key in GLOBAL:
             theirs, lead = GLOBAL[key]
             out[theirs] = tensor.squeeze(0) if lead else tensor
@@ -142,6 +147,7 @@ def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
         report.mapped += 1
     if BIAS_PARTS[0] in state:
         out[BIAS_TABLE] = _whole_table(state, config, report)
+        out.update(index_buffers(config.grid, config.max_text_len))
     if not config.layer_scale:
         for layer in range(config.depth):
             for name in GAMMAS.values():
@@ -164,6 +170,19 @@ def _whole_table(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
         table = table.repeat(1, config.depth)
         report.notes.append("shared relative position bias written once per layer")
     return table
+
+
+def index_buffers(grid: int, max_text_len: int) -> dict[str, Tensor]:
+    """The index buffers vl-merging saves beside the table (text first in the fused one); they also
+    tell an importer the grid and text length the table was written for."""
+    image_length = grid * grid + 1
+    fused = posbias.fused_index(grid, max_text_len, max_text_len)
+    text_first = torch.cat([torch.arange(image_length, image_length + max_text_len), torch.arange(image_length)])
+    return {
+        "relative_position_index": posbias.image_index(grid),
+        "text_relative_position_index": posbias.text_index(max_text_len, max_text_len) + posbias.image_rows(grid) + 2,
+        "text_imag_relative_position_index": fused[text_first][:, text_first],
+    }
 
 
 def _export_layer_tensor(parsed: tuple[int, str, str, str], tensor: Tensor, out: dict[str, Tensor]) -> None:
@@ -294,6 +313,12 @@ def position_structure(source: Mapping[str, Tensor]) -> dict[str, Any]:
     }
     if depth and source[BIAS_TABLE].shape[1] % depth == 0:
         structure["heads"] = source[BIAS_TABLE].shape[1] // depth
+    # Without absolute tables only the index buffers (vl-merging saves them) tell the grid and text length.
+    patch = source.get("transformer.patch_embed.proj.weight")
+    if "relative_position_index" in source and patch is not None:
+        structure["image_size"] = math.isqrt(source["relative_position_index"].shape[0] - 1) * patch.shape[-1]
+    if "text_relative_position_index" in source:
+        structure["max_text_len"] = source["text_relative_position_index"].shape[0]
     return structure
 
 
