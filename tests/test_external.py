@@ -553,3 +553,62 @@ def test_converted_model_dir_initialises_only_the_fresh_parts(beit_dir, tmp_path
     assert 0.01 < float(word.std()) < 0.03 and float(word.abs().max()) <= 0.04 + 1e-6  # trunc. normal, std 0.02
     assert 0.01 < float(pos.std()) < 0.03
     assert torch.isfinite(a["embed.token_type.weight"]).all() and a["embed.token_type.weight"].abs().max() <= 0.04 + 1e-6
+
+
+# --- out of vlcluster: the image route as a transformers BEiT, and load_model ------------------
+
+
+@pytest.mark.parametrize("variant", ["per_layer_mean_pooling", "shared_and_absolute"])
+def test_to_beit_loads_in_transformers_as_the_same_function(tmp_path, variant):
+    import vlcluster
+
+    changes, _, _ = BEIT_VARIANTS[variant]
+    beit = randomised(saved_beit(tmp_path / "beit", **changes)).eval()
+    beit.save_pretrained(tmp_path / "beit")
+    assert main(["convert", "--from", "beit", str(tmp_path / "beit"), "-o", str(tmp_path / "model"), "--size", "tiny"]) == 0
+    model = vlcluster.load_model(tmp_path / "model")
+    assert model.config.position == BEIT_VARIANTS[variant][1]
+    assert main(["convert", "--to", "beit", str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
+    exported = transformers.BeitModel.from_pretrained(tmp_path / "out").eval()
+    images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # The converted model's fresh token type is folded into BEiT's [CLS] and patch bias.
+        torch.testing.assert_close(exported(pixel_values=images).last_hidden_state, model.encode_image(images), atol=1e-5, rtol=0)
+        model.embed["token_type"].weight.zero_()  # BEiT has none: then the round trip is BEiT itself
+    write_model(StageDir(tmp_path / "zeroed"), model.state_dict(), model.config, {"stage": "test"})
+    assert main(["convert", "--to", "beit", str(tmp_path / "zeroed"), "-o", str(tmp_path / "out2")]) == 0
+    again = transformers.BeitModel.from_pretrained(tmp_path / "out2").eval()
+    with torch.no_grad():
+        assert (again(pixel_values=images).last_hidden_state - beit_tokens(beit, images)).abs().max() < 1e-5
+
+
+def test_load_model_reads_stage_and_converted_dirs_and_training_checkpoints(beit_dir, tmp_path):
+    import vlcluster
+    from vlcluster.train import checkpoint as ckpt
+    from vlcluster.train.dist import DistEnv
+
+    config = preset("tiny", "specific", position="relative", vocab_size=40, max_text_len=12)
+    torch.manual_seed(3)
+    trained = MultiwayTransformer(config, heads=("itc", "itm")).eval()
+    with torch.no_grad():
+        for table in trained.position_bias.parameters():
+            table.normal_()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = torch.randint(0, 40, (2, 12)), torch.ones(2, 12, dtype=torch.bool)
+    write_model(StageDir(tmp_path / "stage"), trained.state_dict(), config, {"stage": "vlpt"})
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    objective_state = {f"model.{key}": value for key, value in trained.state_dict().items()}  # as training saves it
+    step = ckpt.save_checkpoint(tmp_path / "checkpoints", 7, env, objective_state, {"state": {}, "param_groups": []},
+                                {"spec_hash": "h", "world_size": 1, "model_config": config.to_dict()}, {}, {}, keep=2)
+    for path in (tmp_path / "stage", step):
+        loaded = vlcluster.load_model(path)
+        assert set(loaded.heads) == {"itc", "itm"} and not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_image(images), trained.encode_image(images))
+            assert torch.equal(loaded.encode_text(ids, mask), trained.encode_text(ids, mask))
+            assert torch.equal(loaded.fusion(images, ids, mask), trained.fusion(images, ids, mask))
+    path, _ = beit_dir
+    convert_to_model_dir(str(path), "beit", str(tmp_path / "converted"), size="tiny")
+    assert vlcluster.load_model(tmp_path / "converted").config.dim == DIM
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        vlcluster.load_model(tmp_path)

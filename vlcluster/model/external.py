@@ -363,3 +363,20 @@ def export_vlmo(src: str, out: str) -> ConversionReport:
         write_json(target / "conversion.json", {"config": config.to_dict(), "conversion": report.summary()})
     return report
 
+
+
+def export_beit(src: str, out: str) -> ConversionReport:
+    """`vlcluster convert --to beit SRC -o OUT`: a vlcluster model's image route as a
+    `transformers` BEiT directory (model.safetensors + config.json), loadable with
+    ``BeitModel.from_pretrained(OUT)`` so a merged model can be used outside vlcluster."""
+    tensors, meta = read_tensors(src)
+    if not meta or "config" not in meta:
+        raise CheckpointError(f"{src}: not a vlcluster model directory (model.safetensors + model.json)")
+    config = ModelConfig.from_dict(meta["config"])
+    report = ConversionReport(str(src), "vlcluster")
+    state, beit_config = beit.export_state(tensors, config, report)
+    target = run_path(out)
+    with writable(target / "model.safetensors") as tmp:
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp), metadata={"format": "pt"})
+    write_json(target / "config.json", beit_config)
+    return report

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SHARED
+from ..config import SHARED, ModelConfig
 from ..convert import layer_key
+from ..multiway import IMAGE_TYPE
 from . import vlmo
 from .report import CheckpointError, ConversionReport
 
@@ -227,3 +228,82 @@ def _import_timm(source: Mapping[str, Tensor], report: ConversionReport) -> dict
     # Report dropped keys by their timm names.
     report.dropped = {key.removeprefix("transformer."): reason for key, reason in report.dropped.items()}
     return sub
+
+
+# --- vlcluster -> transformers BEiT (the image route) ------------------------------------
+
+
+def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: ConversionReport) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The image route of a vlcluster model as a `transformers` BeitModel: its tensors and config.json.
+
+    Each block part takes the "v" expert (or the shared weight). The image token
+    type is folded into the [CLS] token and the patch projection's bias (BEiT
+    has no token types; every image token gets it either way). The key bias is
+    left out: BEiT has none, and it moves every score of a query alike."""
+    out: dict[str, Tensor] = {}
+    image_type = state["embed.token_type.weight"][IMAGE_TYPE]
+    ours_to_theirs = {ours: theirs for theirs, ours in GLOBAL.items()}
+    for ours, theirs in ours_to_theirs.items():
+        if ours in state:
+            out[theirs] = state[ours]
+    out["embeddings.cls_token"] = state["embed.image.cls"] + image_type
+    out["embeddings.patch_embeddings.projection.bias"] = state["embed.image.patch.bias"] + image_type
+    for layer in range(config.depth):
+        out.update(_export_layer(state, layer, config))
+    if config.relative_positions:
+        out.update(_export_bias(state["position_bias.image"], config))
+    report.mapped = len(out)
+    report.notes.append("image route only: the 'v' experts (or shared weights); text, fusion and heads are not written")
+    report.notes.append("image token type folded into the [CLS] token and the patch projection bias; key bias left out (no effect on attention)")
+    return out, _beit_config(config)
+
+
+def _export_layer(state: Mapping[str, Tensor], layer: int, config: ModelConfig) -> dict[str, Tensor]:
+    def ours(part: str, rest: str) -> Tensor:
+        key = layer_key(layer, part, "v", rest)
+        return state[key if key in state else layer_key(layer, part, SHARED, rest)]
+
+    prefix = f"encoder.layer.{layer}."
+    out = {prefix + theirs: ours(part, rest) for theirs, (part, rest) in LAYER.items()}
+    weight, bias = ours("attn", "qkv.weight").chunk(3), ours("attn", "qkv.bias").chunk(3)
+    for name, index in QKV.items():
+        out[f"{prefix}attention.attention.{name}.weight"] = weight[index]
+        if name != "key":
+            out[f"{prefix}attention.attention.{name}.bias"] = bias[index]
+    if config.layer_scale:
+        for theirs, gamma in GAMMAS.items():
+            out[prefix + theirs] = state[f"layers.{layer}.{gamma}"]
+    return out
+
+
+def _export_bias(table: Tensor, config: ModelConfig) -> dict[str, Tensor]:
+    if config.relative_bias == "shared":
+        return {SHARED_TABLES[0]: table}
+    return {
+        f"encoder.layer.{layer}.attention.attention.relative_position_bias.relative_position_bias_table": columns
+        for layer, columns in enumerate(table.split(config.heads, dim=1))
+    }
+
+
+def _beit_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "beit",
+        "architectures": ["BeitModel"],
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.heads,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": "gelu",
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "num_channels": 3,
+        "layer_norm_eps": config.layer_norm_eps,
+        "layer_scale_init_value": config.layer_scale,
+        "use_absolute_position_embeddings": config.absolute_positions,
+        "use_relative_position_bias": config.relative_positions and config.relative_bias == "per_layer",
+        "use_shared_relative_position_bias": config.relative_positions and config.relative_bias == "shared",
+        "use_mean_pooling": False,  # vlcluster normalises every token and pools [CLS]
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "drop_path_rate": 0.0,
+    }
