@@ -61,6 +61,10 @@ def test_size_presets_and_structure_overrides():
     assert small.position == "relative" and not hasattr(model.embed["image"], "pos")
     assert model.position_bias.image.shape == ((2 * 4 - 1) ** 2 + 3, 2 * 3)
     assert preset("tiny", "agnostic").position == "absolute"
+    with pytest.raises(ValueError, match="position: must be one of"):
+        preset("tiny", "agnostic", position="rotary")
+    with pytest.raises(ValueError, match="relative_bias: must be one of"):
+        preset("tiny", "agnostic", position="relative", relative_bias="per_head")
     with pytest.raises(ValueError, match="heads: dim 96 is not divisible by heads 5"):
         preset("base", "agnostic", dim=96, heads=5)
     with pytest.raises(ValueError, match="vl_layers: must be in"):
@@ -463,3 +467,31 @@ def test_relative_image_table_is_resized_for_another_resolution():
     resized = resize_image_table(table, 6)[:-3, 0].reshape(11, 11)
     assert resized[5, 5].abs() < 1e-4 and (resized.diff(dim=0) > 0).all() and (resized.diff(dim=1) > 0).all()
     assert math.isfinite(high.encode_image(torch.zeros(1, 3, 48, 48)).sum().item())
+
+
+def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_positions(write_job, tmp_path):
+    from vlcluster.context import StageContext
+    from vlcluster.graph import build_graph
+    from vlcluster.jobspec.load import load_pipeline
+    from vlcluster.outputs import write_model
+    from vlcluster.rundir import StageDir
+    from vlcluster.train.model_config import build_model_config
+
+    old = {key: value for key, value in tiny("specific").to_dict().items() if key not in ("position", "relative_bias")}
+    assert ModelConfig.from_dict(old).position == "absolute"  # a model.json written before positions were a field
+    path = write_job("""
+        name: positions
+        stages:
+          data: {kind: data, n_train: 8, n_val: 8, shard_size: 8, image_size: 32}
+          seed: {kind: pretrain, model: {size: base, arch: agnostic, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+          vlpt: {kind: pretrain, model: {size: base, arch: specific, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8}, init: {from: seed}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+          chosen: {kind: pretrain, model: {size: base, arch: specific, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8, position: relative}, init: {from: seed}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+    """)
+    graph = build_graph(load_pipeline(path, []), str(path))
+    seed = StageContext(tmp_path / "run", "seed", graph)
+    assert build_model_config(seed, 64, 0).position == "relative"  # base is VLMo's: relative
+    # The seed was trained as an absolute-position model (e.g. before base became relative).
+    seed_config = build_model_config(seed, 64, 0).to_dict() | {"position": "absolute"}
+    write_model(StageDir(tmp_path / "run" / "seed"), {}, ModelConfig.from_dict(seed_config), {"stage": "seed"})
+    assert build_model_config(StageContext(tmp_path / "run", "vlpt", graph), 64, 0).position == "absolute"
+    assert build_model_config(StageContext(tmp_path / "run", "chosen", graph), 64, 0).position == "relative"

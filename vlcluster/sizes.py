@@ -57,6 +57,8 @@ def structure_errors(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
         errors.append(("patch_size", f"image_size {get('image_size')} is not a multiple of patch_size {get('patch_size')}"))
     if get("position") is not None and get("position") not in POSITIONS:
         errors.append(("position", f"must be one of {POSITIONS}, got {str(get('position'))[:40]!r}"))
+    if get("position") in ("relative", "both") and get("max_text_len") is not None and get("max_text_len") < 2:
+        errors.append(("max_text_len", "a relative position bias needs max_text_len >= 2 ([CLS] and a token)"))
     if get("relative_bias") is not None and get("relative_bias") not in RELATIVE_BIASES:
         errors.append(("relative_bias", f"must be one of {RELATIVE_BIASES}, got {str(get('relative_bias'))[:40]!r}"))
     if get("layer_scale") is not None and get("layer_scale") < 0:

@@ -268,9 +268,9 @@ class MultiwayTransformer(nn.Module):
         # One lookup per route for all layers (the sequence layout follows from
         # the modality and length: "vl" is [image; text]), then a slice per layer.
         table = getattr(self, "position_bias", None)
-        bias = None if table is None else table(modality, x.shape[1])
+        bias = None if table is None else table(modality, x.shape[1], start, end)
         for index in range(start, end):
-            x = self.layers[index](x, modality, mask, None if bias is None else table.for_layer(bias, index))
+            x = self.layers[index](x, modality, mask, None if bias is None else table.for_layer(bias, index - start))
         return x
 
     def bottom_image(self, images: Tensor) -> Tensor:

@@ -94,6 +94,11 @@ class RelativePositionBias(nn.Module):
         for table in (self.image, self.cross, self.text):
             nn.init.zeros_(table)
 
+    def _text_length(self, length: int) -> int:
+        if not 0 < length <= self.max_text_len:
+            raise ValueError(f"text of {length} tokens; the position bias covers 1 to max_text_len = {self.max_text_len}")
+        return length
+
     def _index(self, modality: str, length: int, device: torch.device) -> Tensor:
         key = (modality, length, str(device))
         if key not in self._index_cache:
@@ -103,21 +108,23 @@ class RelativePositionBias(nn.Module):
                     raise ValueError(f"image sequence of {length} tokens; the position bias is for {image_length}")
                 index = image_index(self.grid)
             elif modality == "l":
-                index = text_index(self.max_text_len, length) + image_rows(self.grid) + 2
+                index = text_index(self.max_text_len, self._text_length(length)) + image_rows(self.grid) + 2
             else:
-                index = fused_index(self.grid, self.max_text_len, length - image_length)
+                index = fused_index(self.grid, self.max_text_len, self._text_length(length - image_length))
             self._index_cache[key] = index.to(device)
         return self._index_cache[key]
 
-    def forward(self, modality: str, length: int) -> Tensor:
-        """[C, length, length]: the bias of every layer's heads for this route's sequence."""
-        if modality in ("l", "vl") and length - (0 if modality == "l" else self.grid**2 + 1) > self.max_text_len:
-            raise ValueError(f"text longer than max_text_len {self.max_text_len}")
+    def forward(self, modality: str, length: int, start: int, end: int) -> Tensor:
+        """[C, length, length]: the bias of layers start..end-1 (their heads side by side;
+        the shared heads once) for this route's sequence."""
         table = torch.cat([self.image, self.cross, self.text])
+        if self.per_layer:  # gather only the columns of the layers this call runs
+            table = table[:, start * self.heads : end * self.heads]
         return F.embedding(self._index(modality, length, table.device), table).permute(2, 0, 1).contiguous()
 
-    def for_layer(self, bias: Tensor, layer: int) -> Tensor:
-        return bias[layer * self.heads : (layer + 1) * self.heads] if self.per_layer else bias
+    def for_layer(self, bias: Tensor, offset: int) -> Tensor:
+        """The heads of the ``offset``-th layer of a ``forward`` result."""
+        return bias[offset * self.heads : (offset + 1) * self.heads] if self.per_layer else bias
 
 
 def resize_image_table(table: Tensor, grid: int) -> Tensor:
