@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import SHARED, ModelConfig
 from .. import posbias
+from ..config import SHARED, ModelConfig
 from ..convert import layer_key, parse_layer_key
 from .report import CheckpointError, ConversionReport
 
@@ -138,7 +138,7 @@ def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
             theirs, lead = GLOBAL[key]
             out[theirs] = tensor.squeeze(0) if lead else tensor
         elif key == TOKEN_TYPES[0]:
-            out[TOKEN_TYPES[1]] = tensor.flip(0)
+            out[TOKEN_TYPES[1]] = tensor[[1, 0]]
         elif key in BIAS_PARTS:
             continue  # written whole below
         else:
@@ -208,14 +208,14 @@ def import_state(source: Mapping[str, Tensor], report: ConversionReport) -> dict
     for raw_key, tensor in source.items():
         key = _dealias(raw_key)
         if key in folded:
-            pass
+            pass  # in the word table already
         elif relative and key == TEXT_POSITIONS:
             report.drop(raw_key, "BERT position table: unused by the source (relative positions add none)")
             continue
         elif key == BIAS_TABLE:
             out[WHOLE_TABLE] = tensor
         elif key == TOKEN_TYPES[1]:
-            out[TOKEN_TYPES[0]] = tensor.flip(0)
+            out[TOKEN_TYPES[0]] = tensor[[1, 0]]  # (an NLVR2 model's third row, its second image, has no place)
         elif key.startswith(EXTRA):
             _import_extra(key[len(EXTRA):], tensor, out, attn_bias)
         elif (m := _BLOCK.match(key)) is not None and not _dropped(key):
@@ -300,7 +300,6 @@ def _assemble_qkv_bias(attn_bias: dict, out: dict[str, Tensor], report: Conversi
             f"{without_key_bias} attention experts have no key bias in the source: set to zero "
             "(a key bias never changes attention weights)"
         )
-
 
 
 def position_structure(source: Mapping[str, Tensor]) -> dict[str, Any]:
