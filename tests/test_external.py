@@ -514,6 +514,21 @@ def test_timm_beit_layout_and_a_converted_vlcluster_dir_load(tmp_path):
     assert torch.equal(model.layers[0].gamma_attn, timm["blocks.0.gamma_1"])
 
 
+def test_timm_vit_layout_keeps_its_qkv_bias(tmp_path):
+    # timm's ViT: the authors' agnostic block names, one bias for q, k and v, no layer scale.
+    timm = {key.removeprefix("transformer.").replace(".v.", "."): tensor for key, tensor in authors_state(depth=2, vl_from=2).items()
+            if key.startswith("transformer.") and ".l." not in key and "gamma" not in key and "_bias" not in key}
+    for i in range(2):
+        timm[f"blocks.{i}.attn.qkv.bias"] = torch.randn(3 * DIM)
+    save_file(timm, str(tmp_path / "vit.safetensors"))
+    converted = convert(tmp_path / "vit.safetensors", "vit")
+    assert converted.structure["position"] == "absolute" and "layer_scale" not in converted.structure
+    assert torch.equal(converted.state["layers.1.attn.shared.qkv.bias"], timm["blocks.1.attn.qkv.bias"])  # key bias included
+    model = MultiwayTransformer(small("agnostic"), heads=())
+    state, fresh = fit(converted, model)
+    load_into(model, state, allow_missing_prefixes=tuple(fresh))
+
+
 def test_unreadable_checkpoints_fail_clearly(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):

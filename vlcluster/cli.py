@@ -236,7 +236,7 @@ def cmd_convert(args) -> int:
     if args.to_format:
         report = (export_beit if args.to_format == "beit" else export_vlmo)(args.source, args.out)
     else:
-        names = ("heads", "vocab_size", "max_text_len", "vl_layers")
+        names = ("heads", "vocab_size", "max_text_len", "vl_layers", "image_size")
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         report = convert_to_model_dir(args.source, args.from_format, args.out, args.size, **overrides)
     for line in report.lines():
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
     convert.add_argument("--size", default="base", choices=["tiny", "vit_tiny", "base"], help="preset for what the checkpoint does not fix (vocabulary, text length)")
-    for name in ("heads", "vocab-size", "max-text-len", "vl-layers"):
+    for name in ("heads", "vocab-size", "max-text-len", "vl-layers", "image-size"):
         convert.add_argument(f"--{name}", type=int, default=None, help=f"{name} of the written model (--from; default: from the checkpoint, else --size)")
     convert.set_defaults(func=cmd_convert)
 
