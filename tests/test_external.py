@@ -131,6 +131,19 @@ def test_beit_with_relative_bias_is_the_same_function(tmp_path, variant):
         assert (model.encode_image(images) - expected).abs().max() > 1e-2
 
 
+def test_a_checkpoint_of_another_resolution_loads_with_resized_position_tables(tmp_path):
+    saved_beit(tmp_path, use_relative_position_bias=True)  # absolute table and relative bias, 32 px
+    model = MultiwayTransformer(small("agnostic", layer_scale=0.1, position="both", image_size=48), heads=())
+    report = init_from_checkpoint(model, str(tmp_path), "beit")
+    assert any("resized from 32 px to 48 px" in note for note in report.notes)
+    assert model.embed["image"].pos.shape == (1, 1 + 6 * 6, DIM)
+    assert model.position_bias.image.shape == ((2 * 6 - 1) ** 2 + 3, HEADS * DEPTH)
+    source = load_file(str(tmp_path / "model.safetensors"))
+    table = source["encoder.layer.1.attention.attention.relative_position_bias.relative_position_bias_table"]
+    assert torch.equal(model.position_bias.image[-3:, HEADS:], table[-3:])  # [CLS] rows kept
+    assert torch.isfinite(model.encode_image(torch.randn(1, 3, 48, 48))).all()
+
+
 def test_shared_beit_bias_is_copied_to_every_layer_of_a_per_layer_model(tmp_path):
     beit = randomised(saved_beit(tmp_path, use_shared_relative_position_bias=True, use_absolute_position_embeddings=False))
     beit.save_pretrained(tmp_path)

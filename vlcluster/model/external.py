@@ -23,12 +23,13 @@ from torch import Tensor
 
 from vlcluster.storage.paths import local_copy, read_json, run_path, writable, write_json
 
+from . import posbias
 from .config import CUSTOM_PARTS, SHARED, ModelConfig, preset
 from .convert import expand_to_experts, load_into, parse_layer_key
 from .formats import beit, vlmo
-from . import posbias
 from .formats.report import CheckpointError, ConversionReport, same_values
 from .multiway import MultiwayTransformer
+from .posembed import resize_position_table
 
 FORMATS = ("beit", "vit", "vlmo", "vlcluster")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -195,7 +196,7 @@ def fit(converted: Converted, model: MultiwayTransformer) -> tuple[dict[str, Ten
     state = dict(converted.state)
     _fit_layer_scale(state, model.config, converted.report)
     _check_structure(converted, model.config)
-    _fit_position_bias(state, model.config, converted.report)
+    _fit_position_bias(state, model.config, converted.report, converted.structure.get("image_size"))
     _complete_itc_bias(state)
     target = model.state_dict()
     try:
@@ -251,10 +252,19 @@ def _fold_gamma(state: dict[str, Tensor], layer: int, part: str, gamma: Tensor) 
             state[key] = state[key] * scale
 
 
-def _fit_position_bias(state: dict[str, Tensor], config: ModelConfig, report: ConversionReport) -> None:
-    """The authors' whole table split for this model; a shared table copied to every layer for a per-layer model."""
+def _fit_position_bias(state: dict[str, Tensor], config: ModelConfig, report: ConversionReport, image_size: int | None) -> None:
+    """Image position tables resized to the model's resolution (a fine-tune at 384 or 480 px of a
+    224 px checkpoint, as VLMo's); the authors' whole table split for this model; a shared table
+    copied to every layer for a per-layer model."""
     if vlmo.WHOLE_TABLE in state:
-        state.update(vlmo.split_table(state.pop(vlmo.WHOLE_TABLE), config.grid, config.max_text_len, report.source))
+        grid = image_size // config.patch_size if image_size else config.grid
+        state.update(vlmo.split_table(state.pop(vlmo.WHOLE_TABLE), grid, config.max_text_len, report.source))
+    if image_size and image_size != config.image_size:
+        if "embed.image.pos" in state:
+            state["embed.image.pos"] = resize_position_table(state["embed.image.pos"], config.grid)
+        if IMAGE_BIAS in state:
+            state[IMAGE_BIAS] = posbias.resize_image_table(state[IMAGE_BIAS], config.grid)
+        report.notes.append(f"image position tables resized from {image_size} px to {config.image_size} px (bicubic, [CLS] kept)")
     tables = [key for key in vlmo.BIAS_PARTS if key in state]
     if not tables or not config.relative_positions:
         return
@@ -278,9 +288,8 @@ def _complete_itc_bias(state: dict[str, Tensor]) -> None:
             state[f"heads.itc.{side}.bias"] = weight.new_zeros(weight.shape[0])
 
 
-STRUCTURE_CHECKED = (
-    "dim", "depth", "heads", "patch_size", "mlp_ratio", "image_size", "vocab_size", "max_text_len", "position",
-)
+# image_size is not among them: the position tables are resized to the model's resolution.
+STRUCTURE_CHECKED = ("dim", "depth", "heads", "patch_size", "mlp_ratio", "vocab_size", "max_text_len", "position")
 
 
 def _check_structure(converted: Converted, config: ModelConfig) -> None:
