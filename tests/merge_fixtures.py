@@ -18,13 +18,13 @@ ARCH_CUSTOM_PARTS = {
 }
 
 
-def tiny_config(arch: str):
-    return preset("tiny", arch, vocab_size=40, num_answers=7, max_text_len=12)
+def tiny_config(arch: str, position: str = "absolute"):
+    return preset("tiny", arch, vocab_size=40, num_answers=7, max_text_len=12, position=position)
 
 
-def random_model(arch: str, seed: int = 0) -> MultiwayTransformer:
+def random_model(arch: str, seed: int = 0, position: str = "absolute") -> MultiwayTransformer:
     torch.manual_seed(seed)
-    model = MultiwayTransformer(tiny_config(arch), heads=("itc", "vqa"))
+    model = MultiwayTransformer(tiny_config(arch, position), heads=("itc", "vqa"))
     with torch.no_grad():
         for param in model.parameters():
             param.normal_()  # experts differ everywhere, LNs included
@@ -32,13 +32,13 @@ def random_model(arch: str, seed: int = 0) -> MultiwayTransformer:
 
 
 @lru_cache(maxsize=None)
-def _cached_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
-    return random_model(arch, seed).state_dict()
+def _cached_state(arch: str, seed: int, position: str) -> dict[str, torch.Tensor]:
+    return random_model(arch, seed, position).state_dict()
 
 
-def random_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fresh copy each call (tests may modify it); built once per (arch, seed)."""
-    return {key: value.clone() for key, value in _cached_state(arch, seed).items()}
+def random_state(arch: str, seed: int = 0, position: str = "absolute") -> dict[str, torch.Tensor]:
+    """A fresh copy each call (tests may modify it); built once per (arch, seed, position)."""
+    return {key: value.clone() for key, value in _cached_state(arch, seed, position).items()}
 
 
 def random_grams(state: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:

@@ -63,9 +63,9 @@ def run_reference(model, data):
     return recorder.grams()
 
 
-@pytest.mark.parametrize("arch", ["specific", "custom_attn"])
-def test_grams_match_reference_and_cover_every_expert_linear(arch):
-    model = random_model(arch).eval()
+@pytest.mark.parametrize(("arch", "position"), [("specific", "absolute"), ("custom_attn", "absolute"), ("specific", "relative")])
+def test_grams_match_reference_and_cover_every_expert_linear(arch, position):
+    model = random_model(arch, position=position).eval()
     for param in model.parameters():
         param.data.mul_(0.05)  # keep activations finite through the layers
     grams, counts = collect_grams(model, batches())
@@ -82,8 +82,9 @@ def test_grams_match_reference_and_cover_every_expert_linear(arch):
         assert counts["layers.3.ffn.vl.fc1.weight"] == (17 * 3 + 19) * 2
 
 
-def test_padding_does_not_change_grams():
-    model = random_model("specific").eval()
+@pytest.mark.parametrize("position", ["absolute", "relative"])
+def test_padding_does_not_change_grams(position):
+    model = random_model("specific", position=position).eval()
     for param in model.parameters():
         param.data.mul_(0.05)
     data = batches()

@@ -203,6 +203,21 @@ def test_every_method_and_arch_loads_strictly_into_agnostic_model(arch, method):
     assert agnostic.fusion(images, ids).shape == (2, 1 + agnostic.config.num_patches + 12, agnostic.config.dim)
 
 
+@pytest.mark.parametrize("method", ["interpolation", "arithmetic", "regmean", "ties", "dare"])
+def test_relative_position_bias_is_copied_by_every_method(method):
+    """The bias tables are shared by a layer's experts (outside ``layers.*.{part}.{expert}``):
+    merging copies them, as it copies layer scale and the embeddings."""
+    model = random_model("specific", position="relative")
+    state = model.state_dict()
+    extra = {"base": random_state("agnostic", seed=7, position="relative"), "grams": random_grams(state)}
+    merged = merge_state(state, method, alpha=0.5, lam=0.5, gamma=0.9, density=0.5, random_seed=0, **extra)
+    for name in ("image", "cross", "text"):
+        assert torch.equal(merged[f"position_bias.{name}"], state[f"position_bias.{name}"])
+    agnostic = MultiwayTransformer(model.config.with_arch("agnostic"), heads=("itc", "vqa"))
+    load_into(agnostic, merged, allow_missing_prefixes=())
+    assert agnostic.fusion(torch.randn(2, 3, 32, 32), torch.randint(5, 40, (2, 12))).isfinite().all()
+
+
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="unknown merge method"):
         merge_state(random_state("specific"), "average-ish")

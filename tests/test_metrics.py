@@ -93,6 +93,16 @@ def test_checkpoint_metrics_match_float64_reference_per_layer_and_overall(tmp_pa
             assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (scope, name)
 
 
+def test_relative_position_bias_is_not_a_vl_pair(tmp_path):
+    """Metrics compare V and L experts only; the bias tables are shared by them."""
+    state = random_state("specific", position="relative")
+    assert "position_bias.image" in state
+    save_file(state, str(tmp_path / "relative.safetensors"))
+    without = {key: value for key, value in state.items() if not key.startswith("position_bias.")}
+    save_file(without, str(tmp_path / "without.safetensors"))
+    assert checkpoint_distances(tmp_path / "relative.safetensors") == checkpoint_distances(tmp_path / "without.safetensors")
+
+
 def test_agnostic_checkpoint_has_nothing_to_measure(tmp_path):
     save_file(random_state("agnostic"), str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match="no layer has both a V and an L expert"):

@@ -57,7 +57,14 @@ def test_size_presets_and_structure_overrides():
     small = preset("base", "agnostic", dim=96, depth=3, heads=2, vl_layers=1, patch_size=8, image_size=32)
     model = MultiwayTransformer(small, heads=())
     assert (len(model.layers), model.layers[0].attn["shared"].heads) == (3, 2)
-    assert model.embed["image"].pos.shape == (1, 17, 96)
+    # base is VLMo-base's positions: a relative bias per layer, no absolute tables.
+    assert small.position == "relative" and not hasattr(model.embed["image"], "pos")
+    assert model.position_bias.image.shape == ((2 * 4 - 1) ** 2 + 3, 2 * 3)
+    assert preset("tiny", "agnostic").position == "absolute"
+    with pytest.raises(ValueError, match="position: must be one of"):
+        preset("tiny", "agnostic", position="rotary")
+    with pytest.raises(ValueError, match="relative_bias: must be one of"):
+        preset("tiny", "agnostic", position="relative", relative_bias="per_head")
     with pytest.raises(ValueError, match="heads: dim 96 is not divisible by heads 5"):
         preset("base", "agnostic", dim=96, heads=5)
     with pytest.raises(ValueError, match="vl_layers: must be in"):
@@ -364,3 +371,127 @@ def test_layer_scale_is_shared_by_experts_and_never_merged():
     steps = {step.key: step for step in plan_merge(vl.state_dict())}
     assert steps["layers.2.gamma_ffn"] == CopyTensor("layers.2.gamma_ffn", "layers.2.gamma_ffn")
     assert not any("gamma" in key for pairs in vl_pairs(vl.state_dict()).values() for pair in pairs for key in pair)
+
+
+# --- relative position bias -------------------------------------------------------
+
+
+def relative(arch: str = "specific", seed: int = 0, **kw) -> MultiwayTransformer:
+    """A relative-position model with random bias tables (they start at zero)."""
+    torch.manual_seed(seed)
+    model = MultiwayTransformer(tiny(arch, position="relative", **kw), heads=()).eval()
+    with torch.no_grad():
+        for table in model.position_bias.parameters():
+            table.normal_()
+    return model
+
+
+def test_relative_index_layout_follows_vlmo():
+    from vlcluster.model.posbias import fused_index, image_index, image_rows, text_index
+
+    grid, text_len = 3, 6  # image table: 25 distance rows + 3 [CLS] rows
+    image = image_index(grid)
+    assert image.shape == (10, 10) and image_rows(grid) == 28
+    # patch (row 0, col 0) querying patch (row 2, col 1): dy = -2, dx = -1 -> (0) * 5 + 1
+    assert image[1, 1 + 2 * 3 + 1] == 1 and image[1 + 2 * 3 + 1, 1] == 4 * 5 + 3
+    assert (image[0, 1:] == 25).all() and (image[1:, 0] == 26).all() and image[0, 0] == 27
+    assert (image.diagonal()[1:] == 2 * 5 + 2).all()  # distance (0, 0)
+    text = text_index(text_len, 4)  # rows j - i + T - 2, key minus query; [CLS] rows 2T-3 ..
+    assert text[1, 3] == 2 + 4 and text[3, 1] == -2 + 4
+    assert (text[0, 1:] == 9).all() and (text[1:, 0] == 10).all() and text[0, 0] == 11
+    fused = fused_index(grid, text_len, 4)
+    assert fused.shape == (14, 14)
+    assert (fused[:10, 10:] == 29).all() and (fused[10:, :10] == 28).all()  # image->text, text->image
+    assert torch.equal(fused[:10, :10], image) and torch.equal(fused[10:, 10:], text + 30)
+
+
+def test_relative_model_has_no_absolute_tables_and_masks_padding(batch):
+    images, ids, mask = batch
+    model = relative()
+    assert not any(name.endswith(".pos") for name in model.state_dict())
+    assert {name for name in model.state_dict() if name.startswith("position_bias.")} == {
+        "position_bias.image", "position_bias.cross", "position_bias.text"}
+    assert model.position_bias.image.shape[1] == 4 * 4  # heads x layers
+    short = model.encode_text(ids[:1, :6])
+    padded = model.encode_text(ids[:1], mask[:1])
+    torch.testing.assert_close(padded[:, :6], short, atol=1e-5, rtol=1e-5)  # padding changes nothing real
+    fused_short = model.fusion(images[:1], ids[:1, :6])
+    fused_padded = model.fusion(images[:1], ids[:1], mask[:1])
+    torch.testing.assert_close(fused_padded[:, : 17 + 6], fused_short, atol=1e-5, rtol=1e-5)
+
+
+def test_each_bias_table_reaches_only_its_routes(batch):
+    images, ids, mask = batch
+    model = relative()
+    before = (model.encode_image(images), model.encode_text(ids, mask), model.fusion(images, ids, mask))
+    with torch.no_grad():
+        model.position_bias.cross[1].add_(3.0)  # image -> text pairs: only the fused route's top layers
+    after = (model.encode_image(images), model.encode_text(ids, mask), model.fusion(images, ids, mask))
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert (before[2] - after[2]).abs().max() > 1e-3
+    with torch.no_grad():
+        # The last layer's columns (a constant for every key would change no softmax: random rows).
+        model.position_bias.image[:, -4:].add_(torch.randn(model.position_bias.image.shape[0], 4))
+    last = model.encode_image(images)
+    bottom = model.bottom_image(images)  # layers 0..2 do not read the last layer's columns
+    torch.testing.assert_close(bottom, model.run_layers(model.embed_image(images), "v", 0, 3))
+    assert (last - before[0]).abs().max() > 1e-3
+
+
+def test_shared_bias_is_one_table_for_every_layer(batch):
+    images, _, _ = batch
+    shared = relative(relative_bias="shared")
+    assert shared.position_bias.image.shape[1] == 4  # heads
+    per_layer = relative(relative_bias="per_layer")
+    with torch.no_grad():
+        per_layer.load_state_dict({**shared.state_dict(), **{
+            f"position_bias.{name}": table.repeat(1, 4) for name, table in shared.position_bias.named_parameters()}})
+    torch.testing.assert_close(per_layer.encode_image(images), shared.encode_image(images), atol=1e-6, rtol=0)
+
+
+def test_relative_image_table_is_resized_for_another_resolution():
+    from vlcluster.model.posbias import resize_image_table
+    from vlcluster.model.posembed import fit_position_table
+
+    low = relative(image_size=32)  # 4 x 4 patches: 7 x 7 distances
+    high = MultiwayTransformer(tiny("specific", position="relative", image_size=48), heads=())  # 6 x 6: 11 x 11
+    state = fit_position_table(low.state_dict(), high)
+    load_into(high, state, allow_missing_prefixes=())
+    assert high.position_bias.image.shape == (11 * 11 + 3, 16)
+    assert torch.equal(high.position_bias.image[-3:], low.position_bias.image[-3:])  # [CLS] rows kept
+    assert torch.equal(high.position_bias.text, low.position_bias.text)
+    assert torch.equal(resize_image_table(low.position_bias.image.detach(), 4), low.position_bias.image.detach())
+    # A field linear in (dy, dx) stays one, with the centre (distance 0) where it was.
+    dy, dx = torch.meshgrid(torch.arange(7.0) - 3, torch.arange(7.0) - 3, indexing="ij")
+    table = torch.cat([(dy + 2 * dx).reshape(49, 1), torch.full((3, 1), 9.0)])
+    resized = resize_image_table(table, 6)[:-3, 0].reshape(11, 11)
+    assert resized[5, 5].abs() < 1e-4 and (resized.diff(dim=0) > 0).all() and (resized.diff(dim=1) > 0).all()
+    assert math.isfinite(high.encode_image(torch.zeros(1, 3, 48, 48)).sum().item())
+
+
+def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_positions(write_job, tmp_path):
+    from vlcluster.context import StageContext
+    from vlcluster.graph import build_graph
+    from vlcluster.jobspec.load import load_pipeline
+    from vlcluster.outputs import write_model
+    from vlcluster.rundir import StageDir
+    from vlcluster.train.model_config import build_model_config
+
+    old = {key: value for key, value in tiny("specific").to_dict().items() if key not in ("position", "relative_bias")}
+    assert ModelConfig.from_dict(old).position == "absolute"  # a model.json written before positions were a field
+    path = write_job("""
+        name: positions
+        stages:
+          data: {kind: data, n_train: 8, n_val: 8, shard_size: 8, image_size: 32}
+          seed: {kind: pretrain, model: {size: base, arch: agnostic, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+          vlpt: {kind: pretrain, model: {size: base, arch: specific, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8}, init: {from: seed}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+          chosen: {kind: pretrain, model: {size: base, arch: specific, dim: 64, heads: 4, depth: 2, vl_layers: 1, patch_size: 8, position: relative}, init: {from: seed}, data: {from: data}, train: {steps: 1, batch_size: 8}}
+    """)
+    graph = build_graph(load_pipeline(path, []), str(path))
+    seed = StageContext(tmp_path / "run", "seed", graph)
+    assert build_model_config(seed, 64, 0).position == "relative"  # base is VLMo's: relative
+    # The seed was trained as an absolute-position model (e.g. before base became relative).
+    seed_config = build_model_config(seed, 64, 0).to_dict() | {"position": "absolute"}
+    write_model(StageDir(tmp_path / "run" / "seed"), {}, ModelConfig.from_dict(seed_config), {"stage": "seed"})
+    assert build_model_config(StageContext(tmp_path / "run", "vlpt", graph), 64, 0).position == "absolute"
+    assert build_model_config(StageContext(tmp_path / "run", "chosen", graph), 64, 0).position == "relative"

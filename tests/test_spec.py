@@ -163,8 +163,8 @@ def test_init_takes_a_stage_or_an_external_checkpoint(write_job):
     ("overrides", "expected"),
     [
         (["stages.vlpt.init.checkpoint=/m", "stages.vlpt.init.format=beit"], "give exactly one of 'from' (a stage) or 'checkpoint'"),
-        (["stages.seed.init.checkpoint=/m"], "stages.seed.init: Value error, 'checkpoint' needs 'format': beit, vlmo or vlcluster"),
-        (["stages.seed.init.checkpoint=/m", "stages.seed.init.format=clip"], "stages.seed.init.format: Input should be 'beit', 'vlmo' or 'vlcluster'"),
+        (["stages.seed.init.checkpoint=/m"], "stages.seed.init: Value error, 'checkpoint' needs 'format': beit, vit, vlmo or vlcluster"),
+        (["stages.seed.init.checkpoint=/m", "stages.seed.init.format=clip"], "stages.seed.init.format: Input should be 'beit', 'vit', 'vlmo' or 'vlcluster'"),
         (["stages.vlpt.init.format=beit"], "'format' goes with 'checkpoint'"),
     ],
 )

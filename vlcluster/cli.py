@@ -288,12 +288,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from vlcluster.model.external import convert_to_model_dir, export_vlmo
+    from vlcluster.model.external import convert_to_model_dir, export_beit, export_vlmo
 
     if args.to_format:
-        report = export_vlmo(args.source, args.out)
+        report = (export_beit if args.to_format == "beit" else export_vlmo)(args.source, args.out)
     else:
-        names = ("heads", "vocab_size", "max_text_len", "vl_layers")
+        names = ("heads", "vocab_size", "max_text_len", "vl_layers", "image_size")
         overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         report = convert_to_model_dir(args.source, args.from_format, args.out, args.size, **overrides)
     for line in report.lines():
@@ -535,14 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--score", default="retrieval", choices=["retrieval", "tr", "ir", "vqa_acc"])
     report.set_defaults(func=cmd_report)
 
-    convert = sub.add_parser("convert", help="convert a BEiT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout")
+    convert = sub.add_parser("convert", help="convert a BEiT / ViT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout or a BEiT")
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=["beit", "vlmo"], help="format of SRC")
-    direction.add_argument("--to", dest="to_format", choices=["vlmo"], help="format to write (SRC: a vlcluster model directory)")
+    direction.add_argument("--from", dest="from_format", choices=["beit", "vit", "vlmo"], help="format of SRC")
+    direction.add_argument("--to", dest="to_format", choices=["vlmo", "beit"],
+                           help="format to write (SRC: a vlcluster model directory); beit: the image route as a transformers BEiT directory")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
     convert.add_argument("--size", default="base", choices=["tiny", "vit_tiny", "base"], help="preset for what the checkpoint does not fix (vocabulary, text length)")
-    for name in ("heads", "vocab-size", "max-text-len", "vl-layers"):
+    for name in ("heads", "vocab-size", "max-text-len", "vl-layers", "image-size"):
         convert.add_argument(f"--{name}", type=int, default=None, help=f"{name} of the written model (--from; default: from the checkpoint, else --size)")
     convert.set_defaults(func=cmd_convert)
 

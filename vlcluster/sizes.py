@@ -19,10 +19,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=192, depth=12, heads=3, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
         itc_dim=192, vocab_size=30522, max_text_len=40, num_answers=3129,
     ),
-    # ViT-B/16 with the bert-base-uncased vocabulary and VQA v2 answers (paper setting).
+    # ViT-B/16 with the bert-base-uncased vocabulary and VQA v2 answers (paper setting);
+    # positions as VLMo-base: a relative position bias per layer, no absolute tables.
     "base": dict(
         dim=768, depth=12, heads=12, vl_layers=2, image_size=224, patch_size=16, mlp_ratio=4.0,
-        itc_dim=768, vocab_size=30522, max_text_len=40, num_answers=3129,
+        itc_dim=768, vocab_size=30522, max_text_len=40, num_answers=3129, position="relative",
     ),
 }
 SIZES = tuple(PRESETS)
@@ -30,7 +31,13 @@ SIZES = tuple(PRESETS)
 # Fields a job spec's `model:` may set on top of a size preset.
 STRUCTURE_FIELDS = (
     "dim", "depth", "heads", "vl_layers", "patch_size", "image_size", "mlp_ratio", "max_text_len", "layer_scale",
+    "position", "relative_bias",
 )
+# How tokens know where they are: absolute tables added to the embeddings, a
+# relative bias added to the attention scores (BEiT, VLMo), or both (some BEiTs).
+POSITIONS = ("absolute", "relative", "both")
+# A relative bias table per layer (VLMo, most BEiTs) or one for all layers (BEiT's shared option).
+RELATIVE_BIASES = ("per_layer", "shared")
 
 
 def structure_errors(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -48,6 +55,12 @@ def structure_errors(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
         errors.append(("vl_layers", f"must be in [0, depth={get('depth')}], got {get('vl_layers')}"))
     if get("image_size") and get("patch_size") and get("image_size") % get("patch_size"):
         errors.append(("patch_size", f"image_size {get('image_size')} is not a multiple of patch_size {get('patch_size')}"))
+    if get("position") is not None and get("position") not in POSITIONS:
+        errors.append(("position", f"must be one of {POSITIONS}, got {str(get('position'))[:40]!r}"))
+    if get("position") in ("relative", "both") and get("max_text_len") is not None and get("max_text_len") < 2:
+        errors.append(("max_text_len", "a relative position bias needs max_text_len >= 2 ([CLS] and a token)"))
+    if get("relative_bias") is not None and get("relative_bias") not in RELATIVE_BIASES:
+        errors.append(("relative_bias", f"must be one of {RELATIVE_BIASES}, got {str(get('relative_bias'))[:40]!r}"))
     if get("layer_scale") is not None and get("layer_scale") < 0:
         errors.append(("layer_scale", f"must be >= 0 (0 = no layer scale), got {get('layer_scale')}"))
     return errors

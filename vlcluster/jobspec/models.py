@@ -41,8 +41,8 @@ class InitSpec(Strict):
 
     from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
     checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://")
-    format: Literal["beit", "vlmo", "vlcluster"] | None = Field(
-        None, description="layout of `checkpoint`: beit (transformers or timm), vlmo (the authors' code), vlcluster"
+    format: Literal["beit", "vit", "vlmo", "vlcluster"] | None = Field(
+        None, description="layout of `checkpoint`: beit or vit (transformers or timm), vlmo (the authors' code), vlcluster"
     )
 
     @model_validator(mode="after")
@@ -50,7 +50,7 @@ class InitSpec(Strict):
         if (self.from_ is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of 'from' (a stage) or 'checkpoint' (a file or directory)")
         if self.checkpoint is not None and self.format is None:
-            raise ValueError("'checkpoint' needs 'format': beit, vlmo or vlcluster")
+            raise ValueError("'checkpoint' needs 'format': beit, vit, vlmo or vlcluster")
         if self.from_ is not None and self.format is not None:
             raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
         return self
@@ -71,6 +71,13 @@ class ModelSpec(Strict):
     mlp_ratio: float | None = Field(None, gt=0, description="FFN width / dim (default from size)")
     layer_scale: float | None = Field(
         None, ge=0, description="initial value of BEiT/VLMo per-channel residual scales (e.g. 0.1); unset or 0: none"
+    )
+    position: Literal["absolute", "relative", "both"] | None = Field(
+        None, description="absolute position tables, a relative position bias on the attention scores (VLMo, BEiT), "
+        "or both (default from size: base relative, tiny and vit_tiny absolute)"
+    )
+    relative_bias: Literal["per_layer", "shared"] | None = Field(
+        None, description="with a relative bias: a table per layer (VLMo) or one for all layers (BEiT's shared option)"
     )
 
     def overrides(self) -> dict[str, Any]:

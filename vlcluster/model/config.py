@@ -45,6 +45,11 @@ class ModelConfig:
     layer_norm_eps: float = 1e-6
     # Initial value of BEiT/VLMo-style per-channel residual scales (gamma); 0 = none.
     layer_scale: float = 0.0
+    # "absolute" (position tables added to the embeddings), "relative" (a bias on the
+    # attention scores, as VLMo-base) or "both"; see posbias.py.
+    position: str = "absolute"
+    # With a relative bias: one table per layer ("per_layer") or one for all ("shared").
+    relative_bias: str = "per_layer"
 
     def __post_init__(self) -> None:
         # A config also comes from model.json files on disk: check types and
@@ -63,6 +68,19 @@ class ModelConfig:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if errors := structure_errors(dataclasses.asdict(self)):
             raise ValueError("; ".join(f"{name}: {problem}" for name, problem in errors))
+
+    @property
+    def absolute_positions(self) -> bool:
+        return self.position in ("absolute", "both")
+
+    @property
+    def relative_positions(self) -> bool:
+        return self.position in ("relative", "both")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the (square) image."""
+        return self.image_size // self.patch_size
 
     @property
     def bottom_layers(self) -> int:

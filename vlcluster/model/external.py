@@ -1,4 +1,4 @@
-"""Checkpoints from and for other code: BEiT, the authors' VLMo layout, vlcluster.
+"""Checkpoints from and for other code: BEiT, ViT, the authors' VLMo layout, vlcluster.
 
 `convert` reads a checkpoint file or directory (local or s3://) into
 vlcluster names plus the structure it fixes (width, depth, patch, ...).
@@ -23,16 +23,19 @@ from torch import Tensor
 
 from vlcluster.storage.paths import local_copy, read_json, run_path, writable, write_json
 
+from . import posbias
 from .config import CUSTOM_PARTS, SHARED, ModelConfig, preset
 from .convert import expand_to_experts, load_into, parse_layer_key
 from .formats import beit, vlmo
 from .formats.report import CheckpointError, ConversionReport, same_values
 from .multiway import MultiwayTransformer
+from .posembed import resize_position_table
 
-FORMATS = ("beit", "vlmo", "vlcluster")
+FORMATS = ("beit", "vit", "vlmo", "vlcluster")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_WRAPPERS = ("state_dict", "model", "module")  # Lightning / timm / DeepSpeed-style nesting
 _GAMMA = re.compile(r"^layers\.(\d+)\.gamma_(attn|ffn)$")
+IMAGE_BIAS = "position_bias.image"
 # A layer-scale gamma scales a residual branch's output, i.e. the rows of its last linear.
 _GAMMA_TARGETS = {"attn": "proj", "ffn": "fc2"}
 
@@ -90,12 +93,14 @@ def convert(path: str | Path, fmt: str) -> Converted:
     tensors, meta = read_tensors(path)
     report = ConversionReport(str(path), fmt)
     structure: dict[str, Any] = {}
-    if fmt == "beit":
+    if fmt in ("beit", "vit"):  # transformers writes ViT in BEiT's layout (plus a key bias, less layer scale)
         state = beit.import_state(tensors, report)
-        if meta and meta.get("model_type") == "beit":
-            structure = beit.structure_from_config(meta)
+        structure = beit.position_structure(tensors)
+        if meta and meta.get("model_type") in ("beit", "vit"):
+            structure.update(beit.structure_from_config(meta))
     elif fmt == "vlmo":
         state = vlmo.import_state(tensors, report)
+        structure = vlmo.position_structure(tensors)
     else:
         state = dict(tensors)
         report.mapped = len(state)
@@ -123,6 +128,9 @@ def infer_structure(state: dict[str, Tensor], report: ConversionReport) -> dict[
     if "embed.image.pos" in state:
         side = math.isqrt(state["embed.image.pos"].shape[1] - 1)
         structure["image_size"] = side * patch
+    elif IMAGE_BIAS in state:  # (2g-1)^2 + 3 rows
+        side = (math.isqrt(state[IMAGE_BIAS].shape[0] - posbias.CLS_ROWS) + 1) // 2
+        structure["image_size"] = side * patch
     if "embed.text.word.weight" in state:
         structure["vocab_size"] = state["embed.text.word.weight"].shape[0]
     if "embed.text.pos" in state:
@@ -131,6 +139,9 @@ def infer_structure(state: dict[str, Tensor], report: ConversionReport) -> dict[
         structure["num_answers"] = state["heads.vqa.fc2.weight"].shape[0]
     if "heads.itc.image.weight" in state:
         structure["itc_dim"] = state["heads.itc.image.weight"].shape[0]
+    relative = any(key.startswith("position_bias.") for key in state)
+    absolute = "embed.image.pos" in state or "embed.text.pos" in state
+    structure["position"] = "both" if relative and absolute else "relative" if relative else "absolute"
     if any(_GAMMA.match(key) for key in state):
         structure["layer_scale"] = 0.1  # BEiT's and VLMo's initial value; the gammas themselves are loaded
     structure.update(_expert_layout(state, report))
@@ -185,6 +196,7 @@ def fit(converted: Converted, model: MultiwayTransformer) -> tuple[dict[str, Ten
     state = dict(converted.state)
     _fit_layer_scale(state, model.config, converted.report)
     _check_structure(converted, model.config)
+    _fit_position_bias(state, model.config, converted.report, converted.structure.get("image_size"))
     _complete_itc_bias(state)
     target = model.state_dict()
     try:
@@ -211,6 +223,8 @@ def _fresh_reason(key: str) -> str:
         return "task head not in the checkpoint"
     if key.startswith(("embed.text.", "embed.token_type.")):
         return "text / token-type embedding not in the checkpoint (vision-only source)"
+    if key in ("position_bias.text", "position_bias.cross"):
+        return "relative position bias of text and image<->text pairs not in the checkpoint (vision-only source)"
     return "not in the checkpoint"
 
 
@@ -238,6 +252,34 @@ def _fold_gamma(state: dict[str, Tensor], layer: int, part: str, gamma: Tensor) 
             state[key] = state[key] * scale
 
 
+def _fit_position_bias(state: dict[str, Tensor], config: ModelConfig, report: ConversionReport, image_size: int | None) -> None:
+    """Image position tables resized to the model's resolution (a fine-tune at 384 or 480 px of a
+    224 px checkpoint, as VLMo's); the authors' whole table split for this model; a shared table
+    copied to every layer for a per-layer model."""
+    if vlmo.WHOLE_TABLE in state:
+        grid = image_size // config.patch_size if image_size else config.grid
+        state.update(vlmo.split_table(state.pop(vlmo.WHOLE_TABLE), grid, config.max_text_len, report.source))
+    if image_size and image_size != config.image_size:
+        if "embed.image.pos" in state:
+            state["embed.image.pos"] = resize_position_table(state["embed.image.pos"], config.grid)
+        if IMAGE_BIAS in state:
+            state[IMAGE_BIAS] = posbias.resize_image_table(state[IMAGE_BIAS], config.grid)
+        report.notes.append(f"image position tables resized from {image_size} px to {config.image_size} px (bicubic, [CLS] kept)")
+    tables = [key for key in vlmo.BIAS_PARTS if key in state]
+    if not tables or not config.relative_positions:
+        return
+    columns = state[tables[0]].shape[1]
+    if config.relative_bias == "per_layer" and columns == config.heads and config.depth > 1:
+        for key in tables:
+            state[key] = state[key].repeat(1, config.depth)
+        report.notes.append("shared relative position bias copied to every layer (the same scores; model.relative_bias is per_layer)")
+    elif config.relative_bias == "shared" and columns != config.heads:
+        raise CheckpointError(
+            f"{report.source}: a relative position bias per layer does not fit model.relative_bias: shared "
+            "(set model.relative_bias: per_layer)"
+        )
+
+
 def _complete_itc_bias(state: dict[str, Tensor]) -> None:
     """The authors' ITC projections have no bias: a zero bias is the same function."""
     for side in ("image", "text"):
@@ -246,7 +288,8 @@ def _complete_itc_bias(state: dict[str, Tensor]) -> None:
             state[f"heads.itc.{side}.bias"] = weight.new_zeros(weight.shape[0])
 
 
-STRUCTURE_CHECKED = ("dim", "depth", "heads", "patch_size", "mlp_ratio", "image_size", "vocab_size", "max_text_len")
+# image_size is not among them: the position tables are resized to the model's resolution.
+STRUCTURE_CHECKED = ("dim", "depth", "heads", "patch_size", "mlp_ratio", "vocab_size", "max_text_len", "position")
 
 
 def _check_structure(converted: Converted, config: ModelConfig) -> None:
@@ -329,3 +372,20 @@ def export_vlmo(src: str, out: str) -> ConversionReport:
         write_json(target / "conversion.json", {"config": config.to_dict(), "conversion": report.summary()})
     return report
 
+
+
+def export_beit(src: str, out: str) -> ConversionReport:
+    """`vlcluster convert --to beit SRC -o OUT`: a vlcluster model's image route as a
+    `transformers` BEiT directory (model.safetensors + config.json), loadable with
+    ``BeitModel.from_pretrained(OUT)`` so a merged model can be used outside vlcluster."""
+    tensors, meta = read_tensors(src)
+    if not meta or "config" not in meta:
+        raise CheckpointError(f"{src}: not a vlcluster model directory (model.safetensors + model.json)")
+    config = ModelConfig.from_dict(meta["config"])
+    report = ConversionReport(str(src), "vlcluster")
+    state, beit_config = beit.export_state(tensors, config, report)
+    target = run_path(out)
+    with writable(target / "model.safetensors") as tmp:
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp), metadata={"format": "pt"})
+    write_json(target / "config.json", beit_config)
+    return report

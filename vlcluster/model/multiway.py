@@ -5,7 +5,9 @@ expert ("v", "l", "vl" or "shared"), so parameters are named
 ``layers.{i}.{part}.{expert}.…`` and merging can group experts by name.
 A modality with no expert of its own falls back to "shared". With
 ``layer_scale`` a block also has ``layers.{i}.gamma_attn`` / ``gamma_ffn``,
-shared by its experts and never merged.
+shared by its experts and never merged. With ``position: relative`` (or
+``both``) the attention scores get a relative position bias (posbias.py,
+``position_bias.*``), one table for the whole model, also outside the experts.
 
 Public routes (N = depth, M = vl_layers, B = N - M bottom layers):
 
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from .config import MODALITIES, PARTS, SHARED, ModelConfig, experts_for
 from .heads import build_heads
+from .posbias import RelativePositionBias
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
 INIT_STD = 0.02
@@ -83,11 +86,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``mask``: key padding [B, L], True = real token; ``bias``: [heads, L, L] added to the scores."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         # Key-padding mask broadcast over heads and queries; None keeps the fused kernels eligible.
         attn_mask = None if mask is None else mask[:, None, None, :]
+        if bias is not None:
+            attn_mask = bias[None].to(q.dtype)
+            if mask is not None:
+                attn_mask = attn_mask.masked_fill(~mask[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
@@ -128,8 +136,8 @@ class MultiwayBlock(nn.Module):
             nn.init.constant_(self.gamma_attn, self.layer_scale)
             nn.init.constant_(self.gamma_ffn, self.layer_scale)
 
-    def forward(self, x: Tensor, modality: str, mask: Tensor | None = None) -> Tensor:
-        attn = self.attn(self.ln1(x, modality), modality, mask)
+    def forward(self, x: Tensor, modality: str, mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        attn = self.attn(self.ln1(x, modality), modality, mask, bias)
         x = x + (self.gamma_attn * attn if self.layer_scale else attn)
         ffn = self.ffn(self.ln2(x, modality), modality)
         return x + (self.gamma_ffn * ffn if self.layer_scale else ffn)
@@ -141,32 +149,40 @@ class ImageEmbedding(nn.Module):
         self.image_size = config.image_size
         self.patch = nn.Conv2d(3, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls = nn.Parameter(torch.empty(1, 1, config.dim))
-        self.pos = nn.Parameter(torch.empty(1, config.num_patches + 1, config.dim))
+        # Only with absolute positions: a model with relative ones has no table at all.
+        if config.absolute_positions:
+            self.pos = nn.Parameter(torch.empty(1, config.num_patches + 1, config.dim))
 
     def init_weights(self) -> None:
         trunc_normal_(self.cls)
-        trunc_normal_(self.pos)
+        if hasattr(self, "pos"):
+            trunc_normal_(self.pos)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"expected {self.image_size}px images, got {tuple(images.shape)}")
         x = self.patch(images).flatten(2).transpose(1, 2)  # [B, P, D]
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos if hasattr(self, "pos") else x
 
 
 class TextEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.dim)
-        self.pos = nn.Parameter(torch.empty(1, config.max_text_len, config.dim))
+        self.max_text_len = config.max_text_len
+        if config.absolute_positions:
+            self.pos = nn.Parameter(torch.empty(1, config.max_text_len, config.dim))
 
     def init_weights(self) -> None:
-        trunc_normal_(self.pos)
+        if hasattr(self, "pos"):
+            trunc_normal_(self.pos)
 
     def forward(self, ids: Tensor) -> Tensor:
-        if ids.shape[1] > self.pos.shape[1]:
-            raise ValueError(f"text length {ids.shape[1]} exceeds max_text_len {self.pos.shape[1]}")
-        return self.word(ids) + self.pos[:, : ids.shape[1]]
+        if ids.shape[1] > self.max_text_len:
+            raise ValueError(f"text length {ids.shape[1]} exceeds max_text_len {self.max_text_len}")
+        x = self.word(ids)
+        return x + self.pos[:, : ids.shape[1]] if hasattr(self, "pos") else x
 
 
 def _init_module(m: nn.Module) -> None:
@@ -192,6 +208,8 @@ class MultiwayTransformer(nn.Module):
             "token_type": nn.Embedding(2, config.dim),  # 0 = image, 1 = text
         })
         self.layers = nn.ModuleList(MultiwayBlock(config, i) for i in range(config.depth))
+        if config.relative_positions:
+            self.position_bias = RelativePositionBias(config)
         self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.heads = build_heads(config, heads)
         # Meta-device models (FSDP / checkpoint loading) are initialised after materialisation.
@@ -213,8 +231,15 @@ class MultiwayTransformer(nn.Module):
     def init_modules_of(self, keys: Iterable[str]) -> None:
         """Initialise only the modules owning `keys`, e.g. the parts a checkpoint
         did not fill after the rest was loaded into an empty (``to_empty``) model."""
+        keys = set(keys)
         for owner in sorted({key.rsplit(".", 1)[0] for key in keys}):
-            _init_module(self.get_submodule(owner))
+            module = self.get_submodule(owner)
+            # A module's init covers all its own tensors; keep the loaded ones (e.g. the
+            # image bias table of a BEiT beside fresh text tables).
+            loaded = {name: t.detach().clone() for name, t in module.named_parameters(recurse=False) if f"{owner}.{name}" not in keys}
+            _init_module(module)
+            for name, tensor in loaded.items():
+                getattr(module, name).copy_(tensor)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         return sum(
@@ -240,8 +265,12 @@ class MultiwayTransformer(nn.Module):
         self, x: Tensor, modality: str, start: int, end: int, mask: Tensor | None = None
     ) -> Tensor:
         mask = None if mask is None else mask.bool()
-        for layer in self.layers[start:end]:
-            x = layer(x, modality, mask)
+        # One lookup per route for all layers (the sequence layout follows from
+        # the modality and length: "vl" is [image; text]), then a slice per layer.
+        table = getattr(self, "position_bias", None)
+        bias = None if table is None else table(modality, x.shape[1], start, end)
+        for index in range(start, end):
+            x = self.layers[index](x, modality, mask, None if bias is None else table.for_layer(bias, index - start))
         return x
 
     def bottom_image(self, images: Tensor) -> Tensor:

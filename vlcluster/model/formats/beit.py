@@ -9,6 +9,13 @@ layer scale as ``lambda_1/lambda_2`` and, for mean-pooling models, the final
 norm as ``pooler.layernorm``. timm's layout is the authors' VLMo layout of
 one agnostic block stack without the ``transformer.`` prefix, so it is read
 through that module.
+
+Relative position bias tables (one per layer, or one shared) become
+``position_bias.image`` with the layers' tables side by side (posbias.py);
+BEiT's row order is vlcluster's. A BEiT with both a shared and per-layer
+tables gets their sums per layer (the same scores). A supervised ViT written
+by `transformers` (``ViTModel``) has this layout too, with a key bias and no
+layer scale, so it is read here as well.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SHARED
+from ..config import SHARED, ModelConfig
 from ..convert import layer_key
+from ..multiway import IMAGE_TYPE
 from . import vlmo
 from .report import CheckpointError, ConversionReport
 
@@ -54,13 +62,19 @@ GLOBAL = {
 FINAL_NORM_FALLBACK = {"pooler.layernorm.weight": "norm.weight", "pooler.layernorm.bias": "norm.bias"}
 
 DROP_REASONS: list[tuple[str, str]] = [
-    (r"relative_position_(bias_table|index)$", "relative position bias: vlcluster uses absolute positions only "
-     "(attention scores differ from the source's)"),
+    (r"relative_position_index$", "buffer: the relative position index is recomputed"),
     (r"mask_token$", "masked-image-modelling token: no counterpart"),
     (r"^lm_head\.", "BEiT's masked-image-modelling head: no counterpart"),
     (r"^classifier\.", "image-classification head: no counterpart"),
-    (r"^pooler\.", "mean-pooling head: vlcluster pools the [CLS] token"),
+    (r"^pooler\.", "mean-pooling / ViT pooler head: vlcluster pools the [CLS] token"),
 ]
+# Relative position bias tables: per layer, or one for all layers.
+_LAYER_TABLE = re.compile(
+    r"^(?:encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias"
+    r"|blocks\.(\d+)\.attn)\.relative_position_bias_table$"
+)
+SHARED_TABLES = ("encoder.relative_position_bias.relative_position_bias_table", "rel_pos_bias.relative_position_bias_table")
+IMAGE_BIAS = "position_bias.image"
 
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _QKV_KEY = re.compile(r"^attention\.attention\.(query|key|value)\.(weight|bias)$")
@@ -68,19 +82,48 @@ _QKV_KEY = re.compile(r"^attention\.attention\.(query|key|value)\.(weight|bias)$
 
 def import_state(source: Mapping[str, Tensor], report: ConversionReport) -> dict[str, Tensor]:
     source = _unwrapped(source)
+    tables = _bias_tables(source, report)
+    source = {key: tensor for key, tensor in source.items() if not key.endswith("relative_position_bias_table")}
     if any(key.startswith("encoder.layer.") for key in source):
-        return _import_transformers(source, report)
+        return {**_import_transformers(source, report), **tables}
     if any(key.startswith("blocks.") for key in source):
         report.notes.append("timm BEiT layout")
-        return _import_timm(source, report)
+        return {**_import_timm(source, report), **tables}
     raise CheckpointError(
         "not a BEiT checkpoint: expected the keys `transformers` writes (encoder.layer.N.…) or timm's (blocks.N.…); "
         f"found e.g. {sorted(source)[:3]}"
     )
 
 
+def position_structure(source: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``position`` and ``relative_bias`` of a BEiT (or ViT) from its tensor names."""
+    source = _unwrapped(source)
+    absolute = any(key in source for key in ("embeddings.position_embeddings", "pos_embed"))
+    per_layer = any(_LAYER_TABLE.match(key) for key in source)
+    shared = any(key in source for key in SHARED_TABLES)
+    if not (per_layer or shared):
+        return {"position": "absolute"}
+    return {"position": "both" if absolute else "relative", "relative_bias": "per_layer" if per_layer else "shared"}
+
+
+def _bias_tables(source: Mapping[str, Tensor], report: ConversionReport) -> dict[str, Tensor]:
+    """``position_bias.image`` from the per-layer tables (side by side) or the shared one."""
+    layers = {int(m[1] or m[2]): tensor for key, tensor in source.items() if (m := _LAYER_TABLE.match(key))}
+    shared = next((source[key] for key in SHARED_TABLES if key in source), None)
+    report.mapped += len(layers) + (shared is not None)
+    if not layers:
+        return {} if shared is None else {IMAGE_BIAS: shared}
+    if sorted(layers) != list(range(len(layers))):
+        raise CheckpointError(f"relative position bias tables of layers {sorted(layers)}: expected one for every layer")
+    tables = [layers[i] for i in range(len(layers))]
+    if shared is not None:  # both kinds add to the same scores: their sums are one table per layer
+        tables = [table + shared for table in tables]
+        report.notes.append("shared and per-layer relative position bias tables summed per layer (the same scores)")
+    return {IMAGE_BIAS: torch.cat(tables, dim=1)}
+
+
 def structure_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields from a `transformers` BeitConfig (config.json)."""
+    """ModelConfig fields from a `transformers` BeitConfig or ViTConfig (config.json)."""
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"hidden_act {config['hidden_act']!r}: vlcluster's FFN uses exact GELU only")
     dim = config["hidden_size"]
@@ -185,3 +228,82 @@ def _import_timm(source: Mapping[str, Tensor], report: ConversionReport) -> dict
     # Report dropped keys by their timm names.
     report.dropped = {key.removeprefix("transformer."): reason for key, reason in report.dropped.items()}
     return sub
+
+
+# --- vlcluster -> transformers BEiT (the image route) ------------------------------------
+
+
+def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: ConversionReport) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The image route of a vlcluster model as a `transformers` BeitModel: its tensors and config.json.
+
+    Each block part takes the "v" expert (or the shared weight). The image token
+    type is folded into the [CLS] token and the patch projection's bias (BEiT
+    has no token types; every image token gets it either way). The key bias is
+    left out: BEiT has none, and it moves every score of a query alike."""
+    out: dict[str, Tensor] = {}
+    image_type = state["embed.token_type.weight"][IMAGE_TYPE]
+    ours_to_theirs = {ours: theirs for theirs, ours in GLOBAL.items()}
+    for ours, theirs in ours_to_theirs.items():
+        if ours in state:
+            out[theirs] = state[ours]
+    out["embeddings.cls_token"] = state["embed.image.cls"] + image_type
+    out["embeddings.patch_embeddings.projection.bias"] = state["embed.image.patch.bias"] + image_type
+    for layer in range(config.depth):
+        out.update(_export_layer(state, layer, config))
+    if config.relative_positions:
+        out.update(_export_bias(state["position_bias.image"], config))
+    report.mapped = len(out)
+    report.notes.append("image route only: the 'v' experts (or shared weights); text, fusion and heads are not written")
+    report.notes.append("image token type folded into the [CLS] token and the patch projection bias; key bias left out (no effect on attention)")
+    return out, _beit_config(config)
+
+
+def _export_layer(state: Mapping[str, Tensor], layer: int, config: ModelConfig) -> dict[str, Tensor]:
+    def ours(part: str, rest: str) -> Tensor:
+        key = layer_key(layer, part, "v", rest)
+        return state[key if key in state else layer_key(layer, part, SHARED, rest)]
+
+    prefix = f"encoder.layer.{layer}."
+    out = {prefix + theirs: ours(part, rest) for theirs, (part, rest) in LAYER.items()}
+    weight, bias = ours("attn", "qkv.weight").chunk(3), ours("attn", "qkv.bias").chunk(3)
+    for name, index in QKV.items():
+        out[f"{prefix}attention.attention.{name}.weight"] = weight[index]
+        if name != "key":
+            out[f"{prefix}attention.attention.{name}.bias"] = bias[index]
+    if config.layer_scale:
+        for theirs, gamma in GAMMAS.items():
+            out[prefix + theirs] = state[f"layers.{layer}.{gamma}"]
+    return out
+
+
+def _export_bias(table: Tensor, config: ModelConfig) -> dict[str, Tensor]:
+    if config.relative_bias == "shared":
+        return {SHARED_TABLES[0]: table}
+    return {
+        f"encoder.layer.{layer}.attention.attention.relative_position_bias.relative_position_bias_table": columns
+        for layer, columns in enumerate(table.split(config.heads, dim=1))
+    }
+
+
+def _beit_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "beit",
+        "architectures": ["BeitModel"],
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.heads,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": "gelu",
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "num_channels": 3,
+        "layer_norm_eps": config.layer_norm_eps,
+        "layer_scale_init_value": config.layer_scale,
+        "use_absolute_position_embeddings": config.absolute_positions,
+        "use_relative_position_bias": config.relative_positions and config.relative_bias == "per_layer",
+        "use_shared_relative_position_bias": config.relative_positions and config.relative_bias == "shared",
+        "use_mean_pooling": False,  # vlcluster normalises every token and pools [CLS]
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "drop_path_rate": 0.0,
+    }

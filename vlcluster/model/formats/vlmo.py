@@ -14,6 +14,15 @@ those are read as aliases. Differences that matter for conversion:
   without layer scale is written with gammas of one (the identity);
 - the text embedding is BERT's (with a LayerNorm and token-type table of its
   own); its position table is ``[L, D]`` where vlcluster's is ``[1, L, D]``.
+  With relative positions BERT adds no position table, so the embedding of a
+  token depends on its id alone: LayerNorm(word + token type 0) is folded
+  into vlcluster's word table (the same function);
+- token type 0 is text and 1 the image there, the other way round in vlcluster;
+- relative position bias is one top-level table ``relative_position_bias_table``
+  [image rows; text->image, image->text; text rows] x (heads x layers), text
+  rows for ``max_text_len_of_initckpt`` distances (vlcluster: max_text_len).
+  It is read whole (``position_bias.table``) and split for the model in
+  ``external.fit``, where the model's grid and text length are known.
 
 Tensors without a counterpart in the authors' layout are written under the
 prefix ``vlcluster.``; their loader (non-strict) ignores them.
@@ -21,14 +30,19 @@ prefix ``vlcluster.``; their loader (non-strict) ignores them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .. import posbias
 from ..config import SHARED, ModelConfig
 from ..convert import layer_key, parse_layer_key
-from .report import ConversionReport
+from .report import CheckpointError, ConversionReport
 
 EXTRA = "vlcluster."
 BLOCKS = "transformer.blocks"
@@ -45,7 +59,6 @@ GLOBAL: dict[str, tuple[str, bool]] = {
     "embed.image.pos": ("transformer.pos_embed", False),
     "embed.text.word.weight": ("text_embeddings.word_embeddings.weight", False),
     "embed.text.pos": ("text_embeddings.position_embeddings.weight", True),
-    "embed.token_type.weight": ("token_type_embeddings.weight", False),
     "norm.weight": ("transformer.norm.weight", False),
     "norm.bias": ("transformer.norm.bias", False),
     # Heads (vl-merging / ViLT names).
@@ -70,6 +83,13 @@ GLOBAL: dict[str, tuple[str, bool]] = {
     "heads.vqa.fc2.bias": ("vqa_classifier.3.bias", False),
 }
 GLOBAL_BY_AUTHORS = {theirs: (ours, lead) for ours, (theirs, lead) in GLOBAL.items()}
+TOKEN_TYPES = ("embed.token_type.weight", "token_type_embeddings.weight")  # rows swapped: image/text
+BIAS_TABLE = "relative_position_bias_table"
+WHOLE_TABLE = "position_bias.table"  # the authors' table, split in external.fit
+BIAS_PARTS = ("position_bias.image", "position_bias.cross", "position_bias.text")  # their row order
+TEXT_NORM = "text_embeddings.LayerNorm"
+TEXT_TYPES = "text_embeddings.token_type_embeddings.weight"
+TEXT_POSITIONS = "text_embeddings.position_embeddings.weight"
 
 # Original VLMo names of FFN experts -> the vl-merging names read here.
 ALIASES = {
@@ -79,8 +99,7 @@ ALIASES = {
 
 # Source tensors with no vlcluster counterpart, and what dropping them means.
 DROP_REASONS: list[tuple[str, str]] = [
-    (r"relative_position_(bias_table|index)$", "relative position bias: vlcluster uses absolute positions only "
-     "(attention scores differ from the source's)"),
+    (r"relative_position_index$", "buffer: the relative position index is recomputed"),
     (r"mask_token$", "masked-image-modelling token: no counterpart"),
     (r"^text_embeddings\.LayerNorm\.", "BERT text-embedding LayerNorm: vlcluster's text embedding has none "
      "(the text route differs until trained)"),
@@ -111,13 +130,24 @@ def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
             _export_layer_tensor(parsed, tensor, out)
         elif (m := re.fullmatch(r"layers\.(\d+)\.(gamma_attn|gamma_ffn)", key)) is not None:
             out[f"{BLOCKS}.{m[1]}.{GAMMAS[m[2]]}"] = tensor
+        elif key == "embed.text.pos" and config.relative_positions:
+            # Their BERT embedding adds no position table when the bias is relative: kept aside.
+            out[EXTRA + key] = tensor
+            report.notes.append(f"{key}: the authors' text embedding adds no positions with a relative bias; kept as {EXTRA}{key}")
         elif key in GLOBAL:
             theirs, lead = GLOBAL[key]
             out[theirs] = tensor.squeeze(0) if lead else tensor
+        elif key == TOKEN_TYPES[0]:
+            out[TOKEN_TYPES[1]] = tensor[[1, 0]]
+        elif key in BIAS_PARTS:
+            continue  # written whole below
         else:
             out[EXTRA + key] = tensor
             report.notes.append(f"{key}: no counterpart in the authors' layout, kept as {EXTRA}{key}")
         report.mapped += 1
+    if BIAS_PARTS[0] in state:
+        out[BIAS_TABLE] = _whole_table(state, config, report)
+        out.update(index_buffers(config.grid, config.max_text_len))
     if not config.layer_scale:
         for layer in range(config.depth):
             for name in GAMMAS.values():
@@ -128,6 +158,31 @@ def export_state(state: Mapping[str, Tensor], config: ModelConfig, report: Conve
         "(text first); pooler/itm/vqa heads transfer only approximately"
     )
     return out
+
+
+def _whole_table(state: Mapping[str, Tensor], config: ModelConfig, report: ConversionReport) -> Tensor:
+    table = torch.cat([state[key] for key in BIAS_PARTS])
+    report.notes.append(
+        f"relative position bias written as one table for max_text_len_of_initckpt = {config.max_text_len} "
+        "(set it so in the authors' config)"
+    )
+    if config.relative_bias == "shared":  # their code reads a table per layer: the same one for each (the same scores)
+        table = table.repeat(1, config.depth)
+        report.notes.append("shared relative position bias written once per layer")
+    return table
+
+
+def index_buffers(grid: int, max_text_len: int) -> dict[str, Tensor]:
+    """The index buffers vl-merging saves beside the table (text first in the fused one); they also
+    tell an importer the grid and text length the table was written for."""
+    image_length = grid * grid + 1
+    fused = posbias.fused_index(grid, max_text_len, max_text_len)
+    text_first = torch.cat([torch.arange(image_length, image_length + max_text_len), torch.arange(image_length)])
+    return {
+        "relative_position_index": posbias.image_index(grid),
+        "text_relative_position_index": posbias.text_index(max_text_len, max_text_len) + posbias.image_rows(grid) + 2,
+        "text_imag_relative_position_index": fused[text_first][:, text_first],
+    }
 
 
 def _export_layer_tensor(parsed: tuple[int, str, str, str], tensor: Tensor, out: dict[str, Tensor]) -> None:
@@ -148,9 +203,20 @@ def import_state(source: Mapping[str, Tensor], report: ConversionReport) -> dict
     """The authors' state dict in vlcluster names (experts as the source has them)."""
     out: dict[str, Tensor] = {}
     attn_bias: dict[tuple[int, str], dict[str, Tensor]] = {}
+    relative = BIAS_TABLE in source
+    folded = _fold_text_norm(source, out, report) if relative else set()
     for raw_key, tensor in source.items():
         key = _dealias(raw_key)
-        if key.startswith(EXTRA):
+        if key in folded:
+            pass  # in the word table already
+        elif relative and key == TEXT_POSITIONS:
+            report.drop(raw_key, "BERT position table: unused by the source (relative positions add none)")
+            continue
+        elif key == BIAS_TABLE:
+            out[WHOLE_TABLE] = tensor
+        elif key == TOKEN_TYPES[1]:
+            out[TOKEN_TYPES[0]] = tensor[[1, 0]]  # (an NLVR2 model's third row, its second image, has no place)
+        elif key.startswith(EXTRA):
             _import_extra(key[len(EXTRA):], tensor, out, attn_bias)
         elif (m := _BLOCK.match(key)) is not None and not _dropped(key):
             _import_block_tensor(m, tensor, out, attn_bias)
@@ -165,6 +231,22 @@ def import_state(source: Mapping[str, Tensor], report: ConversionReport) -> dict
         report.mapped += 1
     _assemble_qkv_bias(attn_bias, out, report)
     return out
+
+
+def _fold_text_norm(source: Mapping[str, Tensor], out: dict[str, Tensor], report: ConversionReport) -> set[str]:
+    """LayerNorm(word + token type 0) as the word table; the source keys it used (none if one is missing)."""
+    pieces = ("text_embeddings.word_embeddings.weight", TEXT_TYPES, f"{TEXT_NORM}.weight", f"{TEXT_NORM}.bias")
+    if not all(key in source for key in pieces):
+        return set()
+    word, types, weight, bias = (source[key].double() for key in pieces)
+    eps = 1e-12  # BertConfig's layer_norm_eps, which the authors' text embedding keeps
+    folded = F.layer_norm(word + types[0], (word.shape[1],), weight, bias, eps)
+    out["embed.text.word.weight"] = folded.to(source[pieces[0]].dtype)
+    report.notes.append(
+        "text embedding: LayerNorm(word + token type 0) folded into the word table (with relative "
+        "positions BERT adds no position table, so this is the source's function)"
+    )
+    return set(pieces)
 
 
 def _dealias(key: str) -> str:
@@ -202,6 +284,8 @@ def _assemble_qkv_bias(attn_bias: dict, out: dict[str, Tensor], report: Conversi
     biases (qkv_bias=False in the source) gets zeros."""
     without_key_bias = 0
     for key in [k for k in out if k.endswith(".qkv.weight")]:
+        if key.replace(".weight", ".bias") in out:  # one bias for q, k and v (timm's ViT)
+            continue
         layer, part, expert, _ = parse_layer_key(key)
         parts = attn_bias.get((layer, expert), {})
         dim = out[key].shape[1]
@@ -217,3 +301,44 @@ def _assemble_qkv_bias(attn_bias: dict, out: dict[str, Tensor], report: Conversi
             "(a key bias never changes attention weights)"
         )
 
+
+def position_structure(source: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``position`` (and heads, which the per-layer bias table's width gives) from the tensor names."""
+    if BIAS_TABLE not in source:
+        return {"position": "absolute"}
+    depth = len({int(m[1]) for key in source if (m := re.match(r"^transformer\.blocks\.(\d+)\.", key))})
+    structure: dict[str, Any] = {
+        "position": "both" if "transformer.pos_embed" in source else "relative", "relative_bias": "per_layer",
+    }
+    if depth and source[BIAS_TABLE].shape[1] % depth == 0:
+        structure["heads"] = source[BIAS_TABLE].shape[1] // depth
+    # Without absolute tables only the index buffers (vl-merging saves them) tell the grid and text length.
+    patch = source.get("transformer.patch_embed.proj.weight")
+    if "relative_position_index" in source and patch is not None:
+        structure["image_size"] = math.isqrt(source["relative_position_index"].shape[0] - 1) * patch.shape[-1]
+    if "text_relative_position_index" in source:
+        structure["max_text_len"] = source["text_relative_position_index"].shape[0]
+    return structure
+
+
+def split_table(table: Tensor, grid: int, max_text_len: int, source: str) -> dict[str, Tensor]:
+    """The authors' whole table as vlcluster's three, for a model of this grid and text length.
+
+    Their text rows cover ``max_text_len_of_initckpt`` (T0) distances; a model
+    with T <= T0 keeps distances -(T-2)..T-2 and the three [CLS] rows."""
+    image = posbias.image_rows(grid)
+    text0 = table.shape[0] - image - 2
+    if text0 <= 0 or text0 % 2 or text0 // 2 < max_text_len:
+        raise CheckpointError(
+            f"{source}: relative_position_bias_table has {table.shape[0]} rows, which does not fit a {grid}x{grid} "
+            f"patch grid ({image} image rows + 2) with text rows for at least max_text_len {max_text_len}; "
+            "is model.image_size the checkpoint's?"
+        )
+    t0, t = text0 // 2, max_text_len
+    text = table[image + 2 :]
+    distances = text[t0 - t : t0 + t - 3]  # row d + T0 - 2 there is row d + T - 2 here
+    return {
+        BIAS_PARTS[0]: table[:image].clone(),
+        BIAS_PARTS[1]: table[image : image + 2].clone(),
+        BIAS_PARTS[2]: torch.cat([distances, text[-posbias.CLS_ROWS :]]),
+    }
