@@ -74,16 +74,62 @@ def shard_count(patterns: str | list[str]) -> str:
 
 
 def cmd_plan(args) -> int:
+    from vlcluster.estimate import estimate, summary
     from vlcluster.plan import check_inputs, make_plan
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
-    print_plan(graph, make_plan(graph, run_dir), run_dir)
+    plans = make_plan(graph, run_dir)
+    estimates = estimate(graph, run_dir, args.mfu)
+    totals = summary(graph, estimates, args.file)
+    if args.json:
+        return print_plan_json(graph, plans, estimates, totals, run_dir)
+    print_plan(graph, plans, run_dir)
     for line in resolved_details(graph):
         console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
+    print_estimates(graph, estimates, totals)
     try:
         check_inputs(graph, args.file, include_remote=False)
     except SpecError as exc:  # plan still shows everything; submit refuses
         console.print(f"[yellow]warning:[/] {escape(str(exc))}")
+    return 0
+
+
+def print_estimates(graph, estimates, totals) -> None:
+    """GPU-hours and wall time of the training stages, the total and the critical path (estimate.py)."""
+    from vlcluster.estimate import gpu_hours_text, hours_text
+
+    table = Table(title="estimates (FLOPs per sample x samples / (GPUs x peak x MFU))", title_justify="left")
+    for column in ("stage", "GPUs", "GPU-h", "wall", "MFU", "how"):
+        table.add_column(column, overflow="fold")
+    for name, e in estimates.items():
+        if e.hours is not None:
+            mfu = f"{e.mfu.value:.2f} ({'default' if e.mfu.source == 'default' else 'measured'})" if e.mfu else "-"
+            table.add_row(escape(name), str(e.gpus), gpu_hours_text(e.gpu_hours), hours_text(e.hours), mfu, escape(e.note))
+    console.print(table)
+    gpus = ", ".join(totals["gpus"]) or "-"
+    console.print(f"total: {gpu_hours_text(totals['gpu_hours'])} GPU-hours on {escape(gpus)} over {totals['estimated']} training stage(s)")
+    bound = totals["unestimated_gpu_hours_bound"]
+    if bound["stages"]:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in bound["kinds"].items())
+        console.print(f"not estimated: {bound['stages']} GPU stage(s) ({kinds}); at their time limits they hold at most "
+                      f"{gpu_hours_text(bound['gpu_hours'])} GPU-hours (counted 0 in the critical path)")
+    for source in totals["mfu_sources"]:
+        console.print(escape(f"MFU {source}" + (" (plan --mfu sets it; a finished stage of the same shape and GPU in "
+                                                "this or a sibling run directory replaces it)" if source == "default" else "")))
+    path = totals["critical_path"]
+    console.print(escape(f"critical path, unlimited GPUs: {hours_text(path['hours'])} ({' -> '.join(path['stages'])})"))
+    if totals["limits"]:
+        console.print(f"critical path with limits.gpus {totals['limits']['gpus']}: {hours_text(totals['limits']['hours'])}")
+
+
+def print_plan_json(graph, plans, estimates, totals, run_dir) -> int:
+    import json
+
+    from vlcluster.storage.errors import redact
+
+    stages = [{"name": plan.name, "kind": plan.kind, "deps": list(plan.deps), "action": plan.status, "nodes": plan.nodes,
+               "ranks": plan.ranks, "estimate": estimates[plan.name].to_json()} for plan in plans]
+    print(json.dumps({"pipeline": graph.pipeline.name, "run_dir": redact(str(run_dir)), "stages": stages, "total": totals}, indent=2))
     return 0
 
 
@@ -376,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
     spec_args(plan)
+    plan.add_argument("--json", action="store_true", help="the plan and its estimates as JSON")
+    plan.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation where no measured run gives one "
+                      "(default: estimate.DEFAULT_MFU)")
     plan.set_defaults(func=cmd_plan)
 
     status = sub.add_parser("status", help="state of every stage of a run")
