@@ -160,3 +160,40 @@ def test_every_generated_shell_word_is_quoted_for_a_hostile_run_dir(write_job, t
     assert all(len(words) == 1 for words in flags)  # every sbatch flag one word
     assert "# ---- after-1.x: one job" in script
     assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
+CAPPED = """
+name: capped
+limits: {gpus: 32}
+sweep:
+  zip:
+    stages.seed.train.steps: [0, 100, 200, 300]
+    stages.vlpt.train.steps: [400, 300, 200, 100]
+x-big: &big {nodes: 2, gpus_per_node: 8, profile: v100}
+stages:
+  seed: {kind: pretrain, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 1, batch_size: 64}, resources: *big}
+  vlpt: {kind: pretrain, model: {arch: specific}, init: {from: seed}, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 1, batch_size: 64}, resources: *big}
+  evals: {kind: pretrain, init: {from: vlpt}, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 10, batch_size: 64},
+          resources: {gpus_per_node: 8, profile: v100, max_concurrent: 1}}
+"""
+
+
+def test_a_gpu_cap_becomes_array_throttles_and_afterany_on_the_slots_golden(write_job):
+    """limits.gpus 32 with 16-GPU tasks: two at a time, and a job waits for
+    the jobs whose GPUs it takes; max_concurrent 1 serialises its array."""
+    script = dry_run(str(write_job(CAPPED)), "--run-dir", "/scratch/vl/runs/capped")
+    check_golden("capped.v100.sbatch", script)
+    blocks = {block.split(":")[0]: block for block in script.split("# ---- ")[1:]}
+    assert "#SBATCH --array=0-3%2" in blocks["seed"] and "#SBATCH --array=0-3%2" in blocks["vlpt"]
+    assert "aftercorr:<job:seed>,afterany:<job:seed>" in blocks["vlpt"]
+    assert "#SBATCH --array=0-3%1" in blocks["evals"] and "afterany:<job:vlpt>" in blocks["evals"]
+    uncapped = dry_run(str(write_job(CAPPED.replace("limits: {gpus: 32}\n", ""))), "--run-dir", "/scratch/vl/runs/capped")
+    assert "#SBATCH --array=0-3%4" in uncapped and "afterany" not in uncapped and "%1" in uncapped
+
+
+def test_a_stage_larger_than_the_cap_is_refused_before_anything_is_queued(write_job):
+    result = subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", "submit", str(write_job(CAPPED.replace("gpus: 32", "gpus: 8"))),
+         "--backend", "slurm", "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "stage seed[seed.train.steps=0] asks for 16 GPUs; limits.gpus is 8" in result.stderr

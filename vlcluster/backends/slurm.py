@@ -13,6 +13,9 @@ at once and no driver process stays alive.
   array whose every task reads the same-numbered task of another waits with
   ``aftercorr:<array id>``, so element 2 of ``vlpt`` starts as soon as element
   2 of ``seed`` is done.
+- ``resources.max_concurrent`` is an array's ``%N``; under ``limits: {gpus: N}``
+  each job also waits (``afterany``) for the jobs that held the GPU slots it
+  takes (``schedule.py``), so at most N GPUs are requested at once.
 - ``--kill-on-invalid-dep=yes``: a failed job's dependants are cancelled,
   never started.
 - Stages already done are not submitted; the job id of every submitted stage
@@ -37,6 +40,7 @@ from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
+from vlcluster.schedule import CapError, CapShape, shape_for_cap
 from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError, read_yaml
 from vlcluster.jobspec.models import ClusterProfile
@@ -119,9 +123,11 @@ def comment(text: str) -> str:
     return "# " + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
-def dependency_flag(job_ids: list[str], corresponding: list[str] = ()) -> dict:
-    """``afterok`` on whole jobs or array tasks, ``aftercorr`` on arrays read task by task (both must hold)."""
-    parts = [f"{kind}:" + ":".join(dict.fromkeys(ids)) for kind, ids in (("afterok", job_ids), ("aftercorr", corresponding)) if ids]
+def dependency_flag(job_ids: list[str], corresponding: list[str] = (), ended: list[str] = ()) -> dict:
+    """``afterok`` on whole jobs or array tasks, ``aftercorr`` on arrays read task by task, ``afterany`` on
+    the jobs that held the GPU slots this one takes under ``limits.gpus`` (all must hold)."""
+    kinds = (("afterok", job_ids), ("aftercorr", corresponding), ("afterany", ended))
+    parts = [f"{kind}:" + ":".join(dict.fromkeys(ids)) for kind, ids in kinds if ids]
     if not parts:
         return {}
     return {"dependency": ",".join(parts), "kill-on-invalid-dep": "yes"}
@@ -151,16 +157,32 @@ class SlurmBackend:
                     f"{source}: stages.{name}.resources.gpus_per_node is {gpus}; "
                     f"profile {profile_name(spec)!r} nodes have {profile.gpus_per_node}"
                 )
+        cap_shape(graph, list(graph.order), None, source)  # a stage larger than limits.gpus: refused now
+
+    # ---- the GPU cap -----------------------------------------------------------
+
+    @staticmethod
+    def throttle(graph: Graph, unit: Unit, shape: CapShape | None) -> int:
+        """Tasks of an array running at once: its ``%N``."""
+        if shape is not None:
+            return shape.parallel[unit.base]
+        limits = [graph.pipeline.stages[plan.name].resources.max_concurrent or len(unit.plans) for plan in unit.plans]
+        return min(len(unit.plans), *limits)
 
     # ---- what each job is ------------------------------------------------
 
     def folder(self, run_dir: Path, unit: Unit) -> Path:
         return local_side(run_dir).resolve() / "slurm" / unit.base  # submitit's pickles and logs: a file system
 
-    def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str]) -> dict:
+    def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str], shape: CapShape | None = None,
+                   unit_jobs: dict[str, str] | None = None) -> dict:
+        """sbatch parameters of one unit; ``shape`` and ``unit_jobs`` (unit -> job id) under ``limits.gpus``."""
         spec = graph.pipeline.stages[unit.plans[0].name]
         params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.base}")
-        params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted)))
+        ended = [unit_jobs[base] for base in shape.waits_for[unit.base]] if shape is not None else []
+        params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted), ended))
+        if unit.is_array:
+            params["array_parallelism"] = self.throttle(graph, unit, shape)
         return params
 
     def python_for(self, graph: Graph, unit: Unit) -> str:
@@ -209,9 +231,14 @@ class SlurmBackend:
 
         from vlcluster.launch import Rendezvous, stage_command
 
-        out, submitted = [], {}
+        out, submitted, unit_jobs = [], {}, {}
+        shape = cap_shape(graph, [plan.name for plan in plans if plan.runs], run_dir)
+        if shape is not None:
+            out.append(comment(f"limits.gpus {shape.cap}: each job also waits (afterany) for the jobs that held its GPUs "
+                               f"before; estimated wall time {shape.hours:.1f} h"))
         for unit in submission_units(plans):
-            params = self.parameters(graph, unit, submitted)
+            params = self.parameters(graph, unit, submitted, shape, unit_jobs)
+            unit_jobs[unit.base] = f"<job:{unit.base}>"
             for index, plan in enumerate(unit.plans):
                 submitted[plan.name] = f"<job:{unit.base}>_{index}" if unit.is_array else f"<job:{unit.base}>"
             folder = self.folder(run_dir, unit)
@@ -240,16 +267,19 @@ class SlurmBackend:
 
         self.refuse_if_queued(run_dir, plans)
         submitted: dict[str, str] = {}
+        unit_jobs: dict[str, str] = {}
+        shape = cap_shape(graph, [plan.name for plan in plans if plan.runs], run_dir)
         for index, unit in enumerate(submission_units(plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
                                               python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
-            executor.update_parameters(**self.parameters(graph, unit, submitted))
+            executor.update_parameters(**self.parameters(graph, unit, submitted, shape, unit_jobs))
             jobs = self.jobs(graph, unit, run_dir)
             if unit.is_array:
                 with executor.batch():
                     handles = [executor.submit(job) for job in jobs]
             else:
                 handles = [executor.submit(jobs[0])]
+            unit_jobs[unit.base] = split_task(handles[0].job_id)[0]
             for plan, handle in zip(unit.plans, handles):
                 submitted[plan.name] = handle.job_id
                 self.record(run_dir, plan, handle.job_id, handle.paths.stdout)
@@ -318,6 +348,21 @@ class SlurmBackend:
         names = [name for name, record in records.items() if record.get("job_id")]
         slurm_queue.cancel([records[name]["job_id"] for name in names])
         return names
+
+
+def cap_shape(graph: Graph, names: list[str], run_dir: Path | None, source: str = "") -> CapShape | None:
+    """How the stages that run are held to ``limits.gpus`` (None without a cap); the estimates
+    (``estimate.py``) only choose which GPU slots each job takes."""
+    cap = graph.pipeline.limits.gpus
+    if not cap:
+        return None
+    from vlcluster.estimate import estimate, jobs_of
+
+    estimates = estimate(graph, run_dir) if run_dir is not None else {}
+    try:
+        return shape_for_cap(jobs_of(graph, estimates, names), cap)
+    except CapError as exc:
+        raise SpecError(f"{source or graph.pipeline.name}: {exc}") from None
 
 
 def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:
