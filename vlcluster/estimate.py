@@ -246,18 +246,26 @@ def total_gpu_hours(estimates: dict[str, StageEstimate]) -> float:
 
 def jobs_of(graph: Graph, estimates: dict[str, StageEstimate], names: list[str] | None = None):
     """The stages as ``schedule.Job`` (an unestimated stage counts 0 hours)."""
-    from vlcluster.graph import sweep_base
     from vlcluster.schedule import Job
 
-    chosen = set(graph.order if names is None else names)
+    chosen = [name for name in graph.order if names is None or name in names]
+    families = submission_keys(graph, chosen)
     jobs = []
-    for name in graph.order:
-        if name in chosen:
-            res = graph.pipeline.stages[name].resources
-            hours = estimates[name].hours if name in estimates else None
-            deps = tuple(dep for dep in graph.deps[name] if dep in chosen)
-            jobs.append(Job(name, sweep_base(name), res.nodes * res.gpus_per_node, hours or 0.0, deps, res.max_concurrent))
+    for name in chosen:
+        res = graph.pipeline.stages[name].resources
+        hours = estimates[name].hours if name in estimates else None
+        deps = tuple(dep for dep in graph.deps[name] if dep in families)
+        jobs.append(Job(name, families[name], res.nodes * res.gpus_per_node, hours or 0.0, deps, res.max_concurrent))
     return jobs
+
+
+def submission_keys(graph: Graph, names: list[str]) -> dict[str, str]:
+    """Stage -> the SLURM submission (job or array) it belongs to (``schedule.unit_keys``)."""
+    import json
+
+    from vlcluster.schedule import unit_keys
+
+    return unit_keys(names, lambda name: json.dumps(graph.pipeline.stages[name].resources.model_dump(), sort_keys=True))
 
 
 def unestimated_bound(graph: Graph, estimates: dict[str, StageEstimate]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ sweep makes of one stage, throttled together by ``resources.max_concurrent``):
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -49,6 +50,24 @@ class Family:
         if cap is not None and self.gpus:
             limit = min(limit, cap // self.gpus)
         return max(1, min(len(self.jobs), limit))
+
+
+def unit_keys(names: list[str], shape_of: Callable[[str], str]) -> dict[str, str]:
+    """Stage -> its submission unit: the elements of one sweep that ask for the same
+    resources (``shape_of``), since one SLURM array has one shape. Elements asking
+    for other resources (a zipped ``resources``) form units of their own, ``seed~2``
+    (``~`` is never in a stage name)."""
+    from vlcluster.graph import sweep_base
+
+    shapes: dict[str, list[str]] = {}
+    keys = {}
+    for name in names:
+        seen = shapes.setdefault(sweep_base(name), [])
+        if shape_of(name) not in seen:
+            seen.append(shape_of(name))
+        index = seen.index(shape_of(name))
+        keys[name] = sweep_base(name) if index == 0 else f"{sweep_base(name)}~{index + 1}"
+    return keys
 
 
 def families(jobs: list[Job]) -> list[Family]:
@@ -118,7 +137,9 @@ def shape_for_cap(jobs: list[Job], cap: int) -> CapShape:
         parallel[fam.name] = fam.parallel(cap)
         upstream = {family_of[dep] for job in fam.jobs for dep in job.deps if dep in family_of} - {fam.name}
         ready = max((finish[up] for up in upstream), default=0.0)
-        slots = sorted(range(cap), key=lambda slot: (free_at[slot], slot))[: fam.gpus * parallel[fam.name]]
+        # the slots that free up first, never-held ones first on a tie (no needless waiting)
+        order = sorted(range(cap), key=lambda slot: (free_at[slot], holder[slot] is not None, slot))
+        slots = order[: fam.gpus * parallel[fam.name]]
         begins = max([ready, *(free_at[slot] for slot in slots)])
         start[fam.name] = begins
         finish[fam.name] = begins + tasks_duration([job.hours for job in fam.jobs], parallel[fam.name])

@@ -99,21 +99,29 @@ def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
 
 @dataclass
 class Unit:
-    """One SLURM submission: a stage, or the elements of a sweep as an array."""
+    """One SLURM submission: a stage, or the elements of a sweep as an array
+    (those asking for the same resources: ``key`` is ``base~2`` for a second shape)."""
 
-    base: str
+    key: str
     plans: list[StagePlan]
+
+    @property
+    def base(self) -> str:
+        return sweep_base(self.plans[0].name)
 
     @property
     def is_array(self) -> bool:
         return len(self.plans) > 1 or self.plans[0].name != self.base
 
 
-def submission_units(plans: list[StagePlan]) -> list[Unit]:
+def submission_units(graph: Graph, plans: list[StagePlan]) -> list[Unit]:
+    from vlcluster.estimate import submission_keys
+
+    keys = submission_keys(graph, [plan.name for plan in plans if plan.runs])
     units: dict[str, Unit] = {}
     for plan in plans:
         if plan.runs:
-            units.setdefault(sweep_base(plan.name), Unit(sweep_base(plan.name), [])).plans.append(plan)
+            units.setdefault(keys[plan.name], Unit(keys[plan.name], [])).plans.append(plan)
     return list(units.values())
 
 
@@ -165,21 +173,21 @@ class SlurmBackend:
     def throttle(graph: Graph, unit: Unit, shape: CapShape | None) -> int:
         """Tasks of an array running at once: its ``%N``."""
         if shape is not None:
-            return shape.parallel[unit.base]
+            return shape.parallel[unit.key]
         limits = [graph.pipeline.stages[plan.name].resources.max_concurrent or len(unit.plans) for plan in unit.plans]
         return min(len(unit.plans), *limits)
 
     # ---- what each job is ------------------------------------------------
 
     def folder(self, run_dir: Path, unit: Unit) -> Path:
-        return local_side(run_dir).resolve() / "slurm" / unit.base  # submitit's pickles and logs: a file system
+        return local_side(run_dir).resolve() / "slurm" / unit.key  # submitit's pickles and logs: a file system
 
     def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str], shape: CapShape | None = None,
                    unit_jobs: dict[str, str] | None = None) -> dict:
         """sbatch parameters of one unit; ``shape`` and ``unit_jobs`` (unit -> job id) under ``limits.gpus``."""
         spec = graph.pipeline.stages[unit.plans[0].name]
-        params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.base}")
-        ended = [unit_jobs[base] for base in shape.waits_for[unit.base]] if shape is not None else []
+        params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.key}")
+        ended = [unit_jobs[base] for base in shape.waits_for[unit.key]] if shape is not None else []
         params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted), ended))
         if unit.is_array:
             params["array_parallelism"] = self.throttle(graph, unit, shape)
@@ -236,11 +244,11 @@ class SlurmBackend:
         if shape is not None:
             out.append(comment(f"limits.gpus {shape.cap}: each job also waits (afterany) for the jobs that held its GPUs "
                                f"before; estimated wall time {shape.hours:.1f} h"))
-        for unit in submission_units(plans):
+        for unit in submission_units(graph, plans):
             params = self.parameters(graph, unit, submitted, shape, unit_jobs)
-            unit_jobs[unit.base] = f"<job:{unit.base}>"
+            unit_jobs[unit.key] = f"<job:{unit.key}>"
             for index, plan in enumerate(unit.plans):
-                submitted[plan.name] = f"<job:{unit.base}>_{index}" if unit.is_array else f"<job:{unit.base}>"
+                submitted[plan.name] = f"<job:{unit.key}>_{index}" if unit.is_array else f"<job:{unit.key}>"
             folder = self.folder(run_dir, unit)
             if unit.is_array:
                 params["map_count"] = len(unit.plans)
@@ -253,7 +261,7 @@ class SlurmBackend:
             launch = " ".join(stage_command(spec.kind, absolute(run_dir), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
             elements = "".join(comment(f"  task {index}: {plan.name}") for index, plan in enumerate(unit.plans)) if unit.is_array else ""
             out.append(
-                comment(f"---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
+                comment(f"---- {unit.key}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
                         f" ({spec.kind}, profile {profile_name(spec)})") + elements
                 + comment(f"each task runs: {launch}")
                 + _make_sbatch_string(command=command, folder=folder, **params)
@@ -269,7 +277,7 @@ class SlurmBackend:
         submitted: dict[str, str] = {}
         unit_jobs: dict[str, str] = {}
         shape = cap_shape(graph, [plan.name for plan in plans if plan.runs], run_dir)
-        for index, unit in enumerate(submission_units(plans), start=1):
+        for index, unit in enumerate(submission_units(graph, plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
                                               python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
             executor.update_parameters(**self.parameters(graph, unit, submitted, shape, unit_jobs))
@@ -279,12 +287,12 @@ class SlurmBackend:
                     handles = [executor.submit(job) for job in jobs]
             else:
                 handles = [executor.submit(jobs[0])]
-            unit_jobs[unit.base] = split_task(handles[0].job_id)[0]
+            unit_jobs[unit.key] = split_task(handles[0].job_id)[0]
             for plan, handle in zip(unit.plans, handles):
                 submitted[plan.name] = handle.job_id
                 self.record(run_dir, plan, handle.job_id, handle.paths.stdout)
             ids = ", ".join(handle.job_id for handle in handles)
-            self.console.print(f"[bold]{unit.base}[/]: submitted as job {ids}")
+            self.console.print(f"[bold]{unit.key}[/]: submitted as job {ids}")
         for plan in plans:
             if not plan.runs:
                 self.console.print(f"[dim]{plan.name}: skipped (done)[/]")
