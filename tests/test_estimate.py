@@ -157,3 +157,27 @@ def test_a_cap_below_one_stage_is_a_spec_error_in_plan(write_job, tmp_path):
     graph = build_graph(load_pipeline(write_job(JOB), ["limits.gpus=8"]))
     with pytest.raises(SpecError, match="stage seed asks for 16 GPUs; limits.gpus is 8"):
         summary(graph, estimate(graph, tmp_path / "run"), "job.yaml")
+
+
+def test_ray_starts_a_ready_stage_only_within_the_cap_and_its_family_throttle(write_job):
+    from vlcluster.backends.ray import admitted
+
+    graph = build_graph(load_pipeline(write_job("""
+name: ray-cap
+limits: {gpus: 24}
+stages:
+  seed:
+    kind: pretrain
+    data: {train: "shards/{0..3}.tar"}
+    train: {steps: 1}
+    sweep: {train.steps: [1, 2, 3]}
+    resources: {gpus_per_node: 8, max_concurrent: 2}
+  ft: {kind: pretrain, data: {train: "shards/{0..3}.tar"}, train: {steps: 1}, resources: {gpus_per_node: 8}}
+  cpu: {kind: pretrain, data: {train: "shards/{0..3}.tar"}, train: {steps: 1}}
+""")))
+    seeds = [name for name in graph.order if name.startswith("seed[")]
+    assert admitted(graph, seeds[0], []) and admitted(graph, seeds[1], seeds[:1])
+    assert not admitted(graph, seeds[2], seeds[:2])  # max_concurrent 2 of the sweep
+    assert admitted(graph, "ft", seeds[:2])  # 16 + 8 = 24 GPUs: fits
+    assert not admitted(graph, "ft", [*seeds[:2], "ft"])  # 32 > 24
+    assert admitted(graph, "cpu", [*seeds[:2], "ft"])  # no GPUs: never held back by the cap
