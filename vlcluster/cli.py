@@ -78,6 +78,7 @@ def cmd_plan(args) -> int:
     from vlcluster.plan import check_inputs, make_plan
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    profile_options(args, graph)  # --profile, --time: estimates on another cluster
     plans = make_plan(graph, run_dir)
     estimates = estimate(graph, run_dir, args.mfu)
     totals = summary(graph, estimates, args.file)
@@ -133,6 +134,44 @@ def print_plan_json(graph, plans, estimates, totals, run_dir) -> int:
     return 0
 
 
+def add_profile_flags(parser: argparse.ArgumentParser, slurm_fields: bool) -> None:
+    """--profile and --time for every stage; --partition/--account/--qos override the SLURM profile's."""
+    parser.add_argument("--profile", help="cluster profile of every stage (`vlcluster profiles` lists them)")
+    parser.add_argument("--time", type=int, metavar="MIN", help="time limit of every stage, in minutes")
+    if slurm_fields:
+        for name in ("partition", "account", "qos"):
+            parser.add_argument(f"--{name}", help=f"slurm: the {name} of every job (instead of the profile's)")
+
+
+def profile_options(args, graph) -> dict:
+    """Apply --profile/--time to the stages; the backend options --partition/--account/--qos become."""
+    from vlcluster.profiles import ProfileOverrides
+
+    overrides = ProfileOverrides.from_args(args)
+    if overrides.time_min is not None and overrides.time_min <= 0:
+        raise SpecError(f"--time must be a positive number of minutes, got {overrides.time_min}")
+    overrides.apply_to_stages(graph)
+    if not overrides.fields:
+        return {}
+    if args.backend != "slurm":
+        raise SpecError(f"--{overrides.fields[0][0]} is for --backend slurm (not {args.backend})")
+    return {"profile_fields": dict(overrides.fields)}
+
+
+def cmd_profiles(args) -> int:
+    """The SLURM cluster profiles on the search path, and where each was found."""
+    from vlcluster.profiles import found_profiles, profile_dirs
+
+    console.print("search path (first match wins): " + escape(", ".join(str(folder) for folder in profile_dirs())))
+    table = Table()
+    for column in ("profile", "file", "note"):
+        table.add_column(column, overflow="fold")
+    for name, path, shadowed in found_profiles():
+        table.add_row(escape(name), escape(str(path)), "shadowed by an earlier one" if shadowed else "")
+    console.print(table)
+    return 0
+
+
 def cmd_submit(args) -> int:
     from vlcluster.backends import get_backend
     from vlcluster.context import save_pipeline
@@ -141,7 +180,7 @@ def cmd_submit(args) -> int:
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
-    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))
+    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}), **profile_options(args, graph))
     backend.validate(graph, args.file)
     if not args.dry_run:
         from vlcluster.storage.errors import check_run_dir
@@ -410,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
     submit.add_argument("--address", help="ray: cluster to join (auto, host:port or http://host:8265); "
                         "default: a local Ray cluster started for the run")
+    add_profile_flags(submit, slurm_fields=True)
     submit.set_defaults(func=cmd_submit)
+
+    profiles = sub.add_parser("profiles", help="list the SLURM cluster profiles found and where")
+    profiles.set_defaults(func=cmd_profiles)
 
     render = sub.add_parser("render", help="write the manifests a pipeline becomes (k8s: KubeRay RayCluster + RayJob)")
     spec_args(render)
@@ -422,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
     spec_args(plan)
+    add_profile_flags(plan, slurm_fields=False)
     plan.add_argument("--json", action="store_true", help="the plan and its estimates as JSON")
     plan.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation where no measured run gives one "
                       "(default: estimate.DEFAULT_MFU)")

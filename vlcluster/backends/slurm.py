@@ -2,9 +2,11 @@
 chained with ``--dependency=afterok:<ids>``; the whole pipeline is queued
 at once and no driver process stays alive.
 
-- A stage's ``resources`` plus its cluster profile (``slurm/<name>.yaml``,
-  chosen by ``resources.profile`` or ``$VLCLUSTER_SLURM_PROFILE``, default
-  ``local``) give nodes, GPUs, CPUs, memory and time.
+- A stage's ``resources`` plus its cluster profile (``<name>.yaml`` on the
+  search path of ``profiles.py``, chosen by ``resources.profile`` or
+  ``$VLCLUSTER_SLURM_PROFILE``, default ``local``; ``submit --profile``,
+  ``--partition``, ``--account``, ``--qos``, ``--time`` override) give nodes,
+  GPUs, CPUs, memory and time.
 - Training stages run one task per node; the task starts torchrun with the
   rendezvous on the first host of the allocation (``slurm_job.py``).
 - The elements of a sweep (and the copies a pipeline sweep makes of a stage)
@@ -46,19 +48,23 @@ from vlcluster.jobspec.load import SpecError, read_yaml
 from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
 
-PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
+def load_profile(name: str) -> ClusterProfile:
+    """``<name>.yaml`` on the profile search path (``profiles.py``), or a path
+    to a YAML file; validated like job files."""
+    from vlcluster.profiles import profile_dirs
+
+    return load_profile_from(name, tuple(profile_dirs()))
 
 
 @functools.lru_cache(maxsize=None)
-def load_profile(name: str) -> ClusterProfile:
-    """``slurm/<name>.yaml`` (next to the job, then in the vlcluster checkout),
-    or a path to a YAML file; validated like job files."""
+def load_profile_from(name: str, folders: tuple[Path, ...]) -> ClusterProfile:
     from pydantic import ValidationError
 
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in PROFILE_DIRS]
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in folders]
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
-        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)}; "
+                        "`vlcluster profiles` lists those found)")
     try:
         return ClusterProfile.model_validate(read_yaml(path))
     except ValidationError as exc:
@@ -151,14 +157,18 @@ class SlurmBackend:
     name = "slurm"
     queues = True  # submit returns once the jobs are queued; no driver stays alive
 
-    def __init__(self, console: Console | None = None, python: str | None = None):
+    def __init__(self, console: Console | None = None, python: str | None = None, profile_fields: dict | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.python = python
+        self.profile_fields = profile_fields or {}  # submit --partition/--account/--qos
+
+    def profile(self, spec) -> ClusterProfile:
+        return load_profile(profile_name(spec)).model_copy(update=self.profile_fields)
 
     def validate(self, graph: Graph, source: str) -> None:
         require("submitit", "--backend slurm")
         for name, spec in graph.pipeline.stages.items():
-            profile = load_profile(profile_name(spec))
+            profile = self.profile(spec)
             gpus = spec.resources.gpus_per_node
             if gpus and gpus > profile.gpus_per_node:
                 raise SpecError(
@@ -186,7 +196,7 @@ class SlurmBackend:
                    unit_jobs: dict[str, str] | None = None) -> dict:
         """sbatch parameters of one unit; ``shape`` and ``unit_jobs`` (unit -> job id) under ``limits.gpus``."""
         spec = graph.pipeline.stages[unit.plans[0].name]
-        params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.key}")
+        params = sbatch_parameters(spec, self.profile(spec), f"{graph.pipeline.name}.{unit.key}")
         ended = [unit_jobs[base] for base in shape.waits_for[unit.key]] if shape is not None else []
         params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted), ended))
         if unit.is_array:
@@ -194,7 +204,7 @@ class SlurmBackend:
         return params
 
     def python_for(self, graph: Graph, unit: Unit) -> str:
-        profile = load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name]))
+        profile = self.profile(graph.pipeline.stages[unit.plans[0].name])
         return self.python or profile.python or sys.executable
 
     def jobs(self, graph: Graph, unit: Unit, run_dir: Path):
@@ -300,7 +310,7 @@ class SlurmBackend:
         return True
 
     def max_requeues(self, graph: Graph, unit: Unit) -> int:
-        return load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name])).max_requeues
+        return self.profile(graph.pipeline.stages[unit.plans[0].name]).max_requeues
 
     @staticmethod
     def record(run_dir: Path, plan: StagePlan, job_id: str, slurm_log: Path) -> None:
