@@ -150,7 +150,7 @@ def profile_options(args, graph) -> dict:
     overrides = ProfileOverrides.from_args(args)
     if overrides.time_min is not None and overrides.time_min <= 0:
         raise SpecError(f"--time must be a positive number of minutes, got {overrides.time_min}")
-    overrides.apply_to_stages(graph)
+    overrides.apply_to_stages(graph.pipeline)
     if not overrides.fields:
         return {}
     if args.backend != "slurm":
@@ -172,11 +172,38 @@ def cmd_profiles(args) -> int:
     return 0
 
 
+def run_preflight(args) -> None:
+    """Every input of the pipeline checked before anything is queued: all problems in one report
+    (exit 2); a dry run prints them as a warning and still shows what would be queued."""
+    from vlcluster.jobspec.load import load_pipeline
+    from vlcluster.preflight import preflight, report
+    from vlcluster.profiles import ProfileOverrides
+    from vlcluster.storage.config import activate
+
+    pipeline = load_pipeline(args.file, args.set)
+    activate(pipeline.storage)
+    problems = preflight(pipeline, args.file, args.backend, include_remote=not args.dry_run,
+                         adjust=ProfileOverrides.from_args(args).apply_to_stages)
+    if not args.dry_run:
+        from vlcluster.storage.errors import check_run_dir
+        from vlcluster.storage.paths import run_path
+
+        try:  # the run directory's bucket and credentials, in the same report
+            check_run_dir(run_path(args.run_dir or pipeline.resolved_run_dir), "run_dir")
+        except SpecError as exc:
+            problems.append(str(exc).removeprefix("run_dir: "))
+    if problems and not args.dry_run:
+        raise SpecError(report(args.file, problems))
+    if problems:
+        errors.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
+
+
 def cmd_submit(args) -> int:
     from vlcluster.backends import get_backend
     from vlcluster.context import save_pipeline
-    from vlcluster.plan import check_inputs, make_plan
+    from vlcluster.plan import make_plan
 
+    run_preflight(args)
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
@@ -186,12 +213,6 @@ def cmd_submit(args) -> int:
         from vlcluster.storage.errors import check_run_dir
 
         check_run_dir(run_dir, args.file)
-    try:
-        check_inputs(graph, args.file, include_remote=not args.dry_run)
-    except SpecError as exc:
-        if not args.dry_run:
-            raise
-        errors.print(f"[yellow]warning:[/] {escape(str(exc))}")  # a dry run still shows what would be queued
     plans = make_plan(graph, run_dir)
     print_plan(graph, plans, run_dir)
     if args.dry_run:

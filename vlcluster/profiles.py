@@ -52,11 +52,11 @@ class ProfileOverrides:
         fields = tuple((name, value) for name in ("partition", "account", "qos") if (value := getattr(args, name, None)))
         return cls(getattr(args, "profile", None), getattr(args, "time", None), fields)
 
-    def apply_to_stages(self, graph) -> None:
+    def apply_to_stages(self, pipeline) -> None:
         """Profile and time limit say how a stage runs, not what it computes: hashes stay."""
         update = {key: value for key, value in (("profile", self.profile), ("time_min", self.time_min)) if value is not None}
         if not update:
             return
-        stages = graph.pipeline.stages
+        stages = pipeline.stages
         for name, spec in stages.items():
             stages[name] = spec.model_copy(update={"resources": spec.resources.model_copy(update=update)})
