@@ -7,7 +7,8 @@ GPU), with squeue sampled every second while the jobs run:
 - ``limits.gpus``: GPUs cannot be requested on this node, so each GPU is counted
   as a CPU (the sbatch line asks for CPUs instead; the dependencies are shaped
   from the GPUs the spec names): three independent 1-GPU stages under
-  ``limits.gpus: 1`` never overlap.
+  ``limits.gpus: 1`` never overlap;
+- ``status --watch`` and ``logs -f`` follow a SLURM run to its end.
 """
 
 from __future__ import annotations
@@ -130,3 +131,15 @@ def test_limits_gpus_never_runs_more_stages_than_the_cap_allows(write_job, tmp_p
     times = sacct_times([job_id(run_dir, stage) for stage in "abc"])
     spans = sorted(times.values())
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))  # one after another
+
+
+def test_status_watch_and_logs_follow_a_slurm_run_to_its_end(write_job, tmp_path):
+    from tests.test_watch import CHAIN, vlcluster, watch_while_running
+
+    run_dir = tmp_path / "run"
+    submit = vlcluster("submit", str(write_job(CHAIN)), "--backend", "slurm", "--run-dir", str(run_dir))
+    docs, followed, code = watch_while_running(run_dir, submit, "second")
+    assert submit.wait(timeout=60) == 0
+    assert docs[-1]["ended"] and [stage["state"] for stage in docs[-1]["stages"]] == ["done", "done"]
+    assert all(stage["job"].startswith("slurm ") for stage in docs[-1]["stages"])
+    assert code == 0 and followed == (run_dir / "second" / "logs" / "stage.log").read_text() and "slurm job" in followed

@@ -274,15 +274,34 @@ def load_run(run_dir_arg: str):
 def cmd_status(args) -> int:
     from vlcluster.backends.status import run_status
     from vlcluster.storage.errors import redact
+    from vlcluster.watch import all_ended, status_record
 
-    run_dir, graph, plans, records = load_run(args.run_dir)
-    table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
-    for column in ("stage", "kind", "job", "state", "detail"):
-        table.add_column(column)
-    for plan, status in zip(plans, run_status(graph, plans, records, run_dir).values()):
-        table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
-    console.print(table)
-    return 0
+    while True:
+        run_dir, graph, plans, records = load_run(args.run_dir)
+        statuses = run_status(graph, plans, records, run_dir)
+        if args.json:
+            import json
+
+            print(json.dumps(status_record(graph.pipeline.name, plans, statuses, run_dir), indent=2), flush=True)
+        else:
+            table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
+            for column in ("stage", "kind", "job", "state", "detail"):
+                table.add_column(column)
+            for plan, status in zip(plans, statuses.values()):
+                table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
+            if args.watch and console.is_terminal:
+                console.clear()
+            console.print(table)
+        if not args.watch or all_ended(statuses):
+            return 0 if all(status.state == "done" for status in statuses.values()) or not args.watch else 1
+        time.sleep(args.interval)
+
+
+def add_watch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--watch", action="store_true", help="redraw until every stage has ended (or Ctrl-C); "
+                        "exit 0 when all are done")
+    parser.add_argument("--json", action="store_true", help="the states as JSON (with --watch: one document per look)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between looks (--watch)")
 
 
 def cmd_logs(args) -> int:
@@ -292,9 +311,35 @@ def cmd_logs(args) -> int:
     from vlcluster.storage.paths import run_path
 
     run_dir = run_path(args.run_dir)
+    if args.follow:
+        return follow_stage_log(run_dir, args.stage, args.interval)
     record = stage_dir(run_dir, args.stage).read_state()
     sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
     return 0
+
+
+def follow_stage_log(run_dir: Path, stage: str, interval: float) -> int:
+    """``logs -f``: the stage log as it grows, until the stage has ended (any backend: every one writes it)."""
+    from vlcluster.backends.status import run_status
+    from vlcluster.rundir import stage_dir
+    from vlcluster.watch import ENDED, follow
+
+    _, graph, _, _ = load_run(str(run_dir))
+    if stage not in graph.pipeline.stages:
+        raise SpecError(f"{run_dir}: no stage {stage!r} in this run")
+    final: dict[str, str] = {}
+
+    def ended() -> bool:
+        _, graph, plans, records = load_run(str(run_dir))
+        final["state"] = run_status(graph, plans, records, run_dir)[stage].state
+        return final["state"] in ENDED
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    follow(stage_dir(run_dir, stage).log_file, write, ended, interval)
+    return 0 if final.get("state") == "done" else 1
 
 
 def cmd_cancel(args) -> int:
@@ -494,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="state of every stage of a run")
     status.add_argument("run_dir")
+    add_watch_flags(status)
     status.set_defaults(func=cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel every queued or running job of a run")
@@ -503,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print a stage's log")
     logs.add_argument("run_dir")
     logs.add_argument("stage")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow the log until the stage has ended")
+    logs.add_argument("--interval", type=float, default=1.0, help="seconds between looks (-f)")
     logs.set_defaults(func=cmd_logs)
 
     schema = sub.add_parser("schema", help="print the JSON schema of pipeline files")
