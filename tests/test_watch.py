@@ -1,7 +1,7 @@
 """Watching a run while it runs: ``status --watch`` (and ``--json``) ends when
 every stage has ended, ``logs -f`` prints a stage's log as it grows and ends
-with the stage; on the local backend here, on the real SLURM test cluster
-in test_slurm_caps.py."""
+with the stage; on the local backend and a private Ray cluster here, on the
+real SLURM test cluster in test_slurm_caps.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -84,3 +86,19 @@ def test_following_a_stage_that_never_starts_ends_when_it_is_blocked(write_job, 
     unknown = subprocess.run([sys.executable, "-m", "vlcluster.cli", "logs", str(run_dir), "third", "-f"],
                              capture_output=True, text=True, cwd=REPO, timeout=60)
     assert unknown.returncode == 2 and "no stage 'third' in this run" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_status_watch_and_logs_follow_a_ray_run_to_its_end(write_job, tmp_path):
+    pytest.importorskip("ray.job_submission")
+    from vlcluster.backends.ray_cluster import LocalRayCluster
+
+    run_dir = tmp_path / "run"
+    with LocalRayCluster(num_cpus=2) as cluster:
+        submit = vlcluster("submit", str(write_job(CHAIN)), "--backend", "ray", "--address", cluster.gcs_address,
+                           "--run-dir", str(run_dir))
+        docs, followed, code = watch_while_running(run_dir, submit, "second", timeout=240)
+        assert submit.wait(timeout=120) == 0
+    assert docs[-1]["ended"] and [stage["state"] for stage in docs[-1]["stages"]] == ["done", "done"]
+    assert all(stage["job"].startswith("ray ") for stage in docs[-1]["stages"])
+    assert code == 0 and followed == (run_dir / "second" / "logs" / "stage.log").read_text() and followed
