@@ -82,3 +82,16 @@ def test_a_dry_run_reports_the_same_problems_as_a_warning_and_lists_no_bucket(wr
     # remote inputs and globs are listed by a submit only (a glob could walk a whole file system)
     assert "no-such-profile" not in result.stderr and "no-such-bucket" not in result.stderr and "empty" not in result.stderr
     assert "#SBATCH" in result.stdout
+
+
+def test_a_checkpoint_directory_without_weights_is_a_problem(tmp_path):
+    from vlcluster.model.external import WEIGHT_FILES
+    from vlcluster.preflight import WEIGHT_FILES as CHECKED, weights_problem
+
+    assert CHECKED == WEIGHT_FILES
+    empty = tmp_path / "converted"
+    empty.mkdir()
+    assert weights_problem(str(empty), "stages.s.init.checkpoint") == (
+        f"stages.s.init.checkpoint: {empty} holds no model.safetensors or pytorch_model.bin")
+    (empty / "model.safetensors").write_bytes(b"")
+    assert weights_problem(str(empty), "f") is None

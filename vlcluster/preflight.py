@@ -91,12 +91,24 @@ class Preflight:
             return f"{field}: {exc}"
 
 
+# The weight files a checkpoint directory holds (model/external.py's WEIGHT_FILES; not imported: torch).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weights_problem(checkpoint: str, field: str) -> str | None:
+    """A local checkpoint directory (a converted model, a transformers download) holds its weights."""
+    path = Path(checkpoint)
+    if is_remote(checkpoint) or not path.is_dir() or any((path / name).is_file() for name in WEIGHT_FILES):
+        return None
+    return f"{field}: {checkpoint} holds no {' or '.join(WEIGHT_FILES)}"
+
+
 def stage_problems(name: str, stage, check: Preflight) -> list[str]:
     where = f"stages.{name}"
     found: list[str | None] = []
     init = getattr(stage, "init", None)
     if init is not None and init.checkpoint:
-        found.append(check.path_problem(init.checkpoint, f"{where}.init.checkpoint"))
+        found.append(check.path_problem(init.checkpoint, f"{where}.init.checkpoint") or weights_problem(init.checkpoint, f"{where}.init.checkpoint"))
     if stage.kind == "import":
         from vlcluster.importers.registry import FORMATS
 
