@@ -99,6 +99,9 @@ def print_estimates(graph, estimates, totals) -> None:
     """GPU-hours and wall time of the training stages, the total and the critical path (estimate.py)."""
     from vlcluster.estimate import gpu_hours_text, hours_text
 
+    if not totals["estimated"] and not totals["unestimated_gpu_hours_bound"]["stages"]:
+        console.print("estimates: no stage asks for GPUs (GPU-hours and wall times are estimated for GPU training stages)")
+        return
     table = Table(title="estimates (FLOPs per sample x samples / (GPUs x peak x MFU))", title_justify="left")
     for column in ("stage", "GPUs", "GPU-h", "wall", "MFU", "how"):
         table.add_column(column, overflow="fold")
