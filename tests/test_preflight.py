@@ -95,3 +95,17 @@ def test_a_checkpoint_directory_without_weights_is_a_problem(tmp_path):
         f"stages.s.init.checkpoint: {empty} holds no model.safetensors or pytorch_model.bin")
     (empty / "model.safetensors").write_bytes(b"")
     assert weights_problem(str(empty), "f") is None
+
+
+def test_the_same_problem_in_every_copy_of_a_sweep_is_one_line():
+    from vlcluster.preflight import collapse_copies
+
+    lines = collapse_copies({
+        "seed[train.steps=0]": ["stages.seed[train.steps=0].data.tokenizer: no such file or directory: t.json"],
+        "seed[train.steps=5]": ["stages.seed[train.steps=5].data.tokenizer: no such file or directory: t.json",
+                                "stages.seed[train.steps=5].init.checkpoint: no such file or directory: c"],
+        "vlpt": ["stages.vlpt.data.tokenizer: no such file or directory: t.json"],
+    })
+    assert lines == ["stages.seed[2 copies].data.tokenizer: no such file or directory: t.json",
+                     "stages.seed[train.steps=5].init.checkpoint: no such file or directory: c",
+                     "stages.vlpt.data.tokenizer: no such file or directory: t.json"]

@@ -156,9 +156,19 @@ def preflight(pipeline, source: str, backend: str, include_remote: bool,
     adjust(expanded)
     problems = reference_problems(expanded)[1] + profile_problems(expanded, backend)
     check = Preflight(include_remote)
-    for name, stage in expanded.stages.items():
-        problems += stage_problems(name, stage, check)
-    return problems
+    return problems + collapse_copies({name: stage_problems(name, stage, check) for name, stage in expanded.stages.items()})
+
+
+def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:
+    """The same problem in every copy of a swept stage is one line: ``stages.seed[4 copies].data.tokenizer: ...``."""
+    from vlcluster.graph import sweep_base
+
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for name, lines in per_stage.items():
+        for line in lines:
+            grouped.setdefault((sweep_base(name), line[len(f"stages.{name}"):]), []).append(name)
+    return [f"stages.{names[0]}{rest}" if len(names) == 1 else f"stages.{base}[{len(names)} copies]{rest}"
+            for (base, rest), names in grouped.items()]
 
 
 def report(source: str, problems: list[str]) -> str:
