@@ -57,7 +57,7 @@ def test_every_planted_problem_is_in_one_report_and_nothing_is_queued(write_job,
     result = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir), env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     report = result.stderr
-    assert f"{job}: 7 problem(s) found before anything was queued" in report, report
+    assert f"{job}: 7 problem(s) with the inputs:" in report, report
     for problem, line in EXPECTED.items():
         assert line.format(tmp=tmp_path) in report, (problem, report)
     assert "no shard files match" in report.split("stages.seed.data.train: ")[1].splitlines()[0]

@@ -75,23 +75,24 @@ def shard_count(patterns: str | list[str]) -> str:
 
 def cmd_plan(args) -> int:
     from vlcluster.estimate import estimate, summary
-    from vlcluster.plan import check_inputs, make_plan
+    from vlcluster.plan import make_plan
+    from vlcluster.preflight import preflight, report
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     profile_options(args, graph)  # --profile, --time: estimates on another cluster
     plans = make_plan(graph, run_dir)
     estimates = estimate(graph, run_dir, args.mfu)
     totals = summary(graph, estimates, args.file)
+    # plan lists no object store and no glob (submit does); it still shows everything, submit refuses
+    problems = preflight(graph.pipeline, args.file, "local", include_remote=False)
     if args.json:
-        return print_plan_json(graph, plans, estimates, totals, run_dir)
+        return print_plan_json(graph, plans, estimates, {**totals, "problems": problems}, run_dir)
     print_plan(graph, plans, run_dir)
     for line in resolved_details(graph):
         console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
     print_estimates(graph, estimates, totals)
-    try:
-        check_inputs(graph, args.file, include_remote=False)
-    except SpecError as exc:  # plan still shows everything; submit refuses
-        console.print(f"[yellow]warning:[/] {escape(str(exc))}")
+    if problems:
+        console.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
     return 0
 
 

@@ -172,4 +172,4 @@ def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:
 
 
 def report(source: str, problems: list[str]) -> str:
-    return f"{source}: {len(problems)} problem(s) found before anything was queued:\n  " + "\n  ".join(problems)
+    return f"{source}: {len(problems)} problem(s) with the inputs:\n  " + "\n  ".join(problems)
