@@ -82,7 +82,10 @@ def admitted(graph: Graph, name: str, running: Iterable[str]) -> bool:
     """Whether a ready stage may start beside the running ones: ``limits.gpus`` over all of
     them and ``resources.max_concurrent`` over its family (the elements of its sweep)."""
     stages = graph.pipeline.stages
-    gpus = lambda stage: stages[stage].resources.nodes * stages[stage].resources.gpus_per_node  # noqa: E731
+
+    def gpus(stage: str) -> int:
+        return stages[stage].resources.nodes * stages[stage].resources.gpus_per_node
+
     cap = graph.pipeline.limits.gpus
     running = list(running)
     if cap and gpus(name) and gpus(name) + sum(gpus(other) for other in running) > cap:
