@@ -153,6 +153,18 @@ def test_the_cap_holds_whatever_the_real_durations_are():
         shape_for_cap(jobs, 32)
 
 
+def test_paper_recipe_under_its_cap_never_asks_for_more_than_96_gpus():
+    from vlcluster.estimate import jobs_of
+
+    graph = build_graph(load_pipeline(REPO / "jobs/paper_recipe.yaml"))
+    assert graph.pipeline.limits.gpus == 96
+    jobs = jobs_of(graph, estimate(graph, REPO / "runs" / "paper_recipe"))
+    rng = random.Random(1)
+    for _ in range(20):
+        assert replay(jobs, 96, {job.name: rng.uniform(0.1, 50.0) for job in jobs}) <= 96
+    assert replay(jobs, 96, {job.name: job.hours + 0.01 for job in jobs}) == 96
+
+
 def test_a_cap_below_one_stage_is_a_spec_error_in_plan(write_job, tmp_path):
     graph = build_graph(load_pipeline(write_job(JOB), ["limits.gpus=8"]))
     with pytest.raises(SpecError, match="stage seed asks for 16 GPUs; limits.gpus is 8"):
