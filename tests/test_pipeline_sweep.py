@@ -325,24 +325,27 @@ def sbatch_units(script: str) -> dict[str, dict]:
 
 def test_paper_recipe_dry_runs_on_slurm_as_arrays_chained_task_by_task():
     """Without its GPU cap (below, with): the K_seed = 0 copy asks for one GPU,
-    so it is a job of its own, and the VL array waits for both seed jobs."""
+    so it is a job of its own, and so is every copy reading it: each array
+    still waits for its own element upstream."""
     result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", "--set", "limits={}")
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert sum(unit["tasks"] for unit in units.values()) == 188
     assert units["seed"] == {"tasks": 1, "array": "0-0%1", "dependency": None, "nodes": 1}
     assert units["seed~2"] == {"tasks": 3, "array": "0-2%3", "dependency": None, "nodes": 6}
-    assert units["vlpt"] == {"tasks": 4, "array": "0-3%4", "dependency": "afterok:<job:seed>:<job:seed~2>", "nodes": 6}
+    assert units["vlpt"] == {"tasks": 1, "array": "0-0%1", "dependency": "aftercorr:<job:seed>", "nodes": 6}
+    assert units["vlpt~2"] == {"tasks": 3, "array": "0-2%3", "dependency": "aftercorr:<job:seed~2>", "nodes": 6}
     assert units["maa"]["tasks"] == 1 and units["maa"]["dependency"] is None
     for arch in ("attn", "ffn", "ln"):  # at K_seed = 100k: task 1 of the seed array of 48-GPU copies only
         assert units[arch]["dependency"] == "afterok:<job:seed~2>_1"
     assert units["metrics"]["dependency"] == units["merge"]["dependency"] == "aftercorr:<job:vlpt>"
+    assert units["metrics~2"]["dependency"] == units["merge~2"]["dependency"] == "aftercorr:<job:vlpt~2>"
     assert (units["interp"]["tasks"], units["arith"]["tasks"], units["regmean"]["tasks"]) == (4, 4, 5)
-    assert units["interp"]["dependency"] == "afterok:<job:vlpt>_2"
-    assert units["arith"]["dependency"] == "afterok:<job:vlpt>_2:<job:seed~2>_1"
-    assert units["regmean"]["dependency"] == "afterok:<job:grams>:<job:vlpt>_2"
-    assert units["ft_merged_vqa"] == {"tasks": 4, "array": "0-3%4", "dependency": "afterok:<job:vqa_data>,aftercorr:<job:merge>", "nodes": 1}
-    assert units["ft_msa_coco"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:vlpt>"
+    assert units["interp"]["dependency"] == "afterok:<job:vlpt~2>_1"
+    assert units["arith"]["dependency"] == "afterok:<job:vlpt~2>_1:<job:seed~2>_1"
+    assert units["regmean"]["dependency"] == "afterok:<job:grams>:<job:vlpt~2>_1"
+    assert units["ft_merged_vqa~2"] == {"tasks": 3, "array": "0-2%3", "dependency": "afterok:<job:vqa_data>,aftercorr:<job:merge~2>", "nodes": 1}
+    assert units["ft_msa_coco~2"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:vlpt~2>"
     assert units["ft_msa_coco"]["nodes"] == 4
     assert units["eval_regmean_coco"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:ft_regmean_coco>"
     report = units["paper"]["dependency"]
@@ -360,7 +363,7 @@ def test_paper_recipe_asks_for_at_most_96_gpus_at_once_on_slurm():
     assert "# limits.gpus 96: each job also waits (afterany)" in result.stdout
     assert units["seed"]["array"] == "0-0%1" and "#SBATCH --gpus-per-node=v100:1" in result.stdout
     assert units["seed~2"] == {"tasks": 3, "array": "0-2%2", "dependency": "afterany:<job:seed>", "nodes": 6}
-    assert units["vlpt"]["array"] == "0-3%2" and units["vlpt"]["dependency"] == "afterok:<job:seed>:<job:seed~2>,afterany:<job:seed~2>"
+    assert units["vlpt~2"]["array"] == "0-2%2" and units["vlpt~2"]["dependency"].startswith("aftercorr:<job:seed~2>,afterany:")
     assert "afterany" in units["maa"]["dependency"]
     for name, unit in units.items():  # 6 x 8 GPUs a task: at most two at once; 4 x 8: at most three
         if unit["array"] and unit["nodes"] > 1:
@@ -375,7 +378,9 @@ def test_zipped_resources_set_each_copy_without_renaming_it(write_job):
     assert graph.hashes == graph_of(write_job, ZIPPED).hashes  # nor any stage's identity
     queued = units_and_dependencies(graph)
     assert (queued["seed"], queued["seed~2"]) == ((1, "afterok:100"), (2, "afterok:100"))
-    assert queued["vlpt"] == (3, "afterok:100:101:102")  # reads both seed jobs: waits for both
+    # every stage reading the copies splits alike, so each array still waits task by task
+    assert (queued["vlpt"], queued["vlpt~2"]) == ((1, "afterok:100,aftercorr:101"), (2, "afterok:100,aftercorr:102"))
+    assert (queued["merge"], queued["merge~2"]) == ((2, "afterok:103"), (4, "afterok:104"))
     clash = text.replace("stages.vlpt.train.steps: [10, 5, 0]", "stages.vlpt.train.steps: [10, 5, 1]").replace(
         "stages.seed.train.steps: [0, 5, 10]", "stages.seed.train.steps: [0, 0, 10]")
     assert "give it different values" in spec_error(write_job, clash)

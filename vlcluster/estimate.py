@@ -265,7 +265,8 @@ def submission_keys(graph: Graph, names: list[str]) -> dict[str, str]:
 
     from vlcluster.schedule import unit_keys
 
-    return unit_keys(names, lambda name: json.dumps(graph.pipeline.stages[name].resources.model_dump(), sort_keys=True))
+    return unit_keys(names, lambda name: json.dumps(graph.pipeline.stages[name].resources.model_dump(), sort_keys=True),
+                     lambda name: graph.deps[name])
 
 
 def unestimated_bound(graph: Graph, estimates: dict[str, StageEstimate]) -> dict[str, Any]:

@@ -52,20 +52,25 @@ class Family:
         return max(1, min(len(self.jobs), limit))
 
 
-def unit_keys(names: list[str], shape_of: Callable[[str], str]) -> dict[str, str]:
+def unit_keys(names: list[str], shape_of: Callable[[str], str], deps_of: Callable[[str], tuple[str, ...]]) -> dict[str, str]:
     """Stage -> its submission unit: the elements of one sweep that ask for the same
-    resources (``shape_of``), since one SLURM array has one shape. Elements asking
-    for other resources (a zipped ``resources``) form units of their own, ``seed~2``
-    (``~`` is never in a stage name)."""
+    resources (``shape_of``), since one SLURM array has one shape, and that read the
+    same split upstream units, so an array can still wait for its upstream task by
+    task. Other elements form units of their own, ``seed~2`` (``~`` is never in a
+    stage name): a zipped ``resources`` splits a stage, and every stage reading its
+    copies splits alike. ``names`` in dependency order."""
     from vlcluster.graph import sweep_base
 
-    shapes: dict[str, list[str]] = {}
-    keys = {}
+    signatures: dict[str, list[tuple]] = {}
+    keys: dict[str, str] = {}
     for name in names:
-        seen = shapes.setdefault(sweep_base(name), [])
-        if shape_of(name) not in seen:
-            seen.append(shape_of(name))
-        index = seen.index(shape_of(name))
+        # only a split upstream splits: an array reading one upstream array keeps its shape (upstream_jobs pairs the tasks)
+        split_upstream = {keys[dep] for dep in deps_of(name) if dep in keys and "~" in keys[dep]}
+        signature = (shape_of(name), tuple(sorted(split_upstream)))
+        seen = signatures.setdefault(sweep_base(name), [])
+        if signature not in seen:
+            seen.append(signature)
+        index = seen.index(signature)
         keys[name] = sweep_base(name) if index == 0 else f"{sweep_base(name)}~{index + 1}"
     return keys
 
