@@ -133,6 +133,7 @@ def test_base_model_forward_is_in_vit_b_range():
         ("NVIDIA L40S", "fp16", 362.0),
         ("NVIDIA A10G", "bf16", None),  # not published: no MFU rather than a guess
         ("cpu", "fp32", None),
+        ("v100", "fp16", 112.0),  # a profile's gpu_type, any case: the PCIe peak without the SXM2 in the name
     ],
 )
 def test_peak_table(name, precision, peak):
@@ -151,6 +152,8 @@ def test_meter_rates_on_cpu_have_flops_but_no_mfu():
     assert scalars["throughput/tflops"] == pytest.approx(meter.total["flops"] / meter.total["seconds"] / 1e12)
     assert "throughput/mfu" not in scalars and "memory/peak_gb" not in scalars
     assert meter.window()["throughput/tflops"] == 0.0  # counts restart every window
+    summary = meter.summary()  # result.json: what `plan` matches a measured MFU by
+    assert (summary["device"], summary["precision"], summary["mfu"]) == ("cpu", "fp32", None)
 
 
 def test_expected_masked_tokens_counts_maskable_tokens_and_at_least_one():

@@ -187,7 +187,11 @@ def test_a_copy_can_be_named_to_build_on_one_element(write_job):
     ("{zip: {stages.sede.train.steps: [0, 5]}}", "; did you mean 'seed'?"),
     ("{product: {stages.seed.train.stepz: [0, 5]}}", "sweep.product.stages.seed.train.stepz[0]: 0 gives stages.seed.train.stepz: unknown field; did you mean 'steps'?"),
     ("{zip: {stages.seed.train.steps: [5, -1]}}", "sweep.zip.stages.seed.train.steps[1]: -1 gives stages.seed.train.steps: Input should be greater than or equal to 0"),
-    ("{product: {stages.seed.resources.nodes: [1, 2]}}", "sweep.product.stages.seed.resources.nodes: 'resources.nodes' cannot be swept"),
+    ("{product: {stages.seed.resources.nodes: [1, 2]}}", "sweep.product.stages.seed.resources.nodes: resources vary only in a zip"),
+    ("{zip: {stages.seed.resources.nodes: [1, 2]}}", "sweep.zip.stages.seed.resources.nodes: no zipped field that changes what the stage computes"),
+    ("{zip: {stages.seed.train.steps: [0, 5], stages.seed.resources.nodes: [1, 0]}}",
+     "sweep.zip.stages.seed.resources.nodes[1]: 0 gives stages.seed.resources.nodes: Input should be greater than or equal to 1"),
+    ("{zip: {stages.seed.train.steps: [0, 5], stages.seed.after: [[], [data]]}}", "'after' cannot be swept"),
     ("{product: {stages.vlpt.init.from: [data, maa]}}", "sweep.product.stages.vlpt.init.from: a reference to another stage cannot be swept"),
     ("{product: {stages.seed.model.size: [tiny, 2024-01-01]}}",  # YAML reads a date: one clear error, no traceback
      "sweep.product.stages.seed.model.size[1]: \"2024-01-01\" gives stages.seed.model.size: Input should be"),
@@ -230,10 +234,10 @@ def units_and_dependencies(graph, done: set[str] = frozenset()) -> dict[str, tup
                        "done" if name in done else "new", None, 1, 1) for name in graph.order]
     submitted: dict[str, str] = {}
     queued = {}
-    for number, unit in enumerate(submission_units(plans), start=100):
+    for number, unit in enumerate(submission_units(graph, plans), start=100):
         whole, corresponding = SlurmBackend.upstream_jobs(graph, unit, submitted)
         flags = [f"afterok:{':'.join(dict.fromkeys(whole))}"] * bool(whole) + [f"aftercorr:{':'.join(corresponding)}"] * bool(corresponding)
-        queued[unit.base] = (len(unit.plans), ",".join(flags) or None)
+        queued[unit.key] = (len(unit.plans), ",".join(flags) or None)
         for index, plan in enumerate(unit.plans):
             submitted[plan.name] = f"{number}_{index}" if unit.is_array else str(number)
     return queued
@@ -321,28 +325,66 @@ def sbatch_units(script: str) -> dict[str, dict]:
 
 
 def test_paper_recipe_dry_runs_on_slurm_as_arrays_chained_task_by_task():
-    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    """Without its GPU cap (below, with): the K_seed = 0 copy asks for one GPU,
+    so it is a job of its own, and so is every copy reading it: each array
+    still waits for its own element upstream."""
+    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", "--set", "limits={}")
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert sum(unit["tasks"] for unit in units.values()) == 188
-    assert units["seed"] == {"tasks": 4, "array": "0-3%4", "dependency": None, "nodes": 6}
-    assert units["vlpt"] == {"tasks": 4, "array": "0-3%4", "dependency": "aftercorr:<job:seed>", "nodes": 6}
+    assert units["seed"] == {"tasks": 1, "array": "0-0%1", "dependency": None, "nodes": 1}
+    assert units["seed~2"] == {"tasks": 3, "array": "0-2%3", "dependency": None, "nodes": 6}
+    assert units["vlpt"] == {"tasks": 1, "array": "0-0%1", "dependency": "aftercorr:<job:seed>", "nodes": 6}
+    assert units["vlpt~2"] == {"tasks": 3, "array": "0-2%3", "dependency": "aftercorr:<job:seed~2>", "nodes": 6}
     assert units["maa"]["tasks"] == 1 and units["maa"]["dependency"] is None
-    for arch in ("attn", "ffn", "ln"):  # at K_seed = 100k: task 2 of the seed array only
-        assert units[arch]["dependency"] == "afterok:<job:seed>_2"
+    for arch in ("attn", "ffn", "ln"):  # at K_seed = 100k: task 1 of the seed array of 48-GPU copies only
+        assert units[arch]["dependency"] == "afterok:<job:seed~2>_1"
     assert units["metrics"]["dependency"] == units["merge"]["dependency"] == "aftercorr:<job:vlpt>"
+    assert units["metrics~2"]["dependency"] == units["merge~2"]["dependency"] == "aftercorr:<job:vlpt~2>"
     assert (units["interp"]["tasks"], units["arith"]["tasks"], units["regmean"]["tasks"]) == (4, 4, 5)
-    assert units["interp"]["dependency"] == "afterok:<job:vlpt>_2"
-    assert units["arith"]["dependency"] == "afterok:<job:vlpt>_2:<job:seed>_2"
-    assert units["regmean"]["dependency"] == "afterok:<job:grams>:<job:vlpt>_2"
-    assert units["ft_merged_vqa"] == {"tasks": 4, "array": "0-3%4", "dependency": "afterok:<job:vqa_data>,aftercorr:<job:merge>", "nodes": 1}
-    assert units["ft_msa_coco"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:vlpt>"
+    assert units["interp"]["dependency"] == "afterok:<job:vlpt~2>_1"
+    assert units["arith"]["dependency"] == "afterok:<job:vlpt~2>_1:<job:seed~2>_1"
+    assert units["regmean"]["dependency"] == "afterok:<job:grams>:<job:vlpt~2>_1"
+    assert units["ft_merged_vqa~2"] == {"tasks": 3, "array": "0-2%3", "dependency": "afterok:<job:vqa_data>,aftercorr:<job:merge~2>", "nodes": 1}
+    assert units["ft_msa_coco~2"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:vlpt~2>"
     assert units["ft_msa_coco"]["nodes"] == 4
     assert units["eval_regmean_coco"]["dependency"] == "afterok:<job:coco_data>,aftercorr:<job:ft_regmean_coco>"
     report = units["paper"]["dependency"]
     for array in ("eval_msa_vqa", "eval_merged_coco", "eval_interp_vqa", "metrics"):
         assert f"<job:{array}>" in report  # the report waits for every element
     assert "#SBATCH --gpus-per-node=v100:8" in result.stdout and "#SBATCH --partition=gpu" in result.stdout
+
+
+def test_paper_recipe_asks_for_at_most_96_gpus_at_once_on_slurm():
+    """limits.gpus: 96 in the file: two 48-GPU pre-trainings at a time, each job
+    after the jobs whose GPUs it takes (afterany), the 1-GPU K_seed = 0 copy first."""
+    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    assert result.returncode == 0, result.stderr
+    units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
+    assert "# limits.gpus 96: each job also waits (afterany)" in result.stdout
+    assert units["seed"]["array"] == "0-0%1" and "#SBATCH --gpus-per-node=v100:1" in result.stdout
+    assert units["seed~2"] == {"tasks": 3, "array": "0-2%2", "dependency": "afterany:<job:seed>", "nodes": 6}
+    assert units["vlpt~2"]["array"] == "0-2%2" and units["vlpt~2"]["dependency"].startswith("aftercorr:<job:seed~2>,afterany:")
+    assert "afterany" in units["maa"]["dependency"]
+    for name, unit in units.items():  # 6 x 8 GPUs a task: at most two at once; 4 x 8: at most three
+        if unit["array"] and unit["nodes"] > 1:
+            assert int(unit["array"].split("%")[1]) <= 96 // (unit["nodes"] * 8), name
+
+
+def test_zipped_resources_set_each_copy_without_renaming_it(write_job):
+    text = ZIPPED.replace("    stages.vlpt.train.steps: [10, 5, 0]\n", "    stages.vlpt.train.steps: [10, 5, 0]\n    stages.seed.resources: [{nodes: 1}, {nodes: 2}, {nodes: 2}]\n")
+    graph = graph_of(write_job, text)
+    assert [graph.pipeline.stages[name].resources.nodes for name in SEED] == [1, 2, 2]
+    assert [graph.pipeline.stages[name].resources.nodes for name in VLPT] == [1, 1, 1]  # resources reach nothing downstream
+    assert graph.hashes == graph_of(write_job, ZIPPED).hashes  # nor any stage's identity
+    queued = units_and_dependencies(graph)
+    assert (queued["seed"], queued["seed~2"]) == ((1, "afterok:100"), (2, "afterok:100"))
+    # every stage reading the copies splits alike, so each array still waits task by task
+    assert (queued["vlpt"], queued["vlpt~2"]) == ((1, "afterok:100,aftercorr:101"), (2, "afterok:100,aftercorr:102"))
+    assert (queued["merge"], queued["merge~2"]) == ((2, "afterok:103"), (4, "afterok:104"))
+    clash = text.replace("stages.vlpt.train.steps: [10, 5, 0]", "stages.vlpt.train.steps: [10, 5, 1]").replace(
+        "stages.seed.train.steps: [0, 5, 10]", "stages.seed.train.steps: [0, 0, 10]")
+    assert "give it different values" in spec_error(write_job, clash)
 
 
 def test_paper_recipe_renders_for_kubernetes():
@@ -468,10 +510,15 @@ def test_paper_recipe_with_three_replicates_plans_and_dry_runs_as_arrays():
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert sum(unit["tasks"] for unit in units.values()) == 550
-    assert units["seed"] == {"tasks": 12, "array": "0-11%12", "dependency": None, "nodes": 6}  # 3 replicates x 4 K_seed
-    assert units["vlpt"]["dependency"] == "aftercorr:<job:seed>"  # replicate k's element i waits for its own seed only
-    assert units["maa"]["tasks"] == 3 and units["maa"]["array"] == "0-2%3"
-    assert units["attn"]["dependency"] == "afterok:<job:seed>_2:<job:seed>_6:<job:seed>_10"  # K_seed = 100k of each replicate
+    # 3 replicates x 4 K_seed: the K_seed = 0 copies ask for one GPU (the zipped resources), so they are an
+    # array of their own beside the 6-node one; limits.gpus adds throttles and afterany slots
+    assert units["seed"] | {"dependency": None} == {"tasks": 3, "array": "0-2%3", "dependency": None, "nodes": 1}
+    assert (units["seed~2"]["tasks"], units["seed~2"]["nodes"]) == (9, 6)
+    assert units["vlpt"]["dependency"].startswith("aftercorr:<job:seed>")  # replicate k's element i waits for its own seed only
+    assert units["vlpt~2"]["dependency"].startswith("aftercorr:<job:seed~2>")
+    assert units["maa"]["tasks"] == 3 and units["maa"]["array"].startswith("0-2%")
+    # K_seed = 100k of each replicate: element 1 of the three non-zero K_seed of each
+    assert units["attn"]["dependency"].startswith("afterok:<job:seed~2>_1:<job:seed~2>_4:<job:seed~2>_7")
     assert units["vqa_data"]["tasks"] == 1 and units["paper"]["tasks"] == 1
 
 

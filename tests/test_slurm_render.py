@@ -169,3 +169,70 @@ def test_every_generated_shell_word_is_quoted_for_a_hostile_run_dir(write_job, t
     assert all(len(words) == 1 for words in flags)  # every sbatch flag one word
     assert "# ---- after-1.x: one job" in script
     assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
+CAPPED = """
+name: capped
+limits: {gpus: 32}
+sweep:
+  zip:
+    stages.seed.train.steps: [0, 100, 200, 300]
+    stages.vlpt.train.steps: [400, 300, 200, 100]
+x-big: &big {nodes: 2, gpus_per_node: 8, profile: v100}
+stages:
+  seed: {kind: pretrain, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 1, batch_size: 64}, resources: *big}
+  vlpt: {kind: pretrain, model: {arch: specific}, init: {from: seed}, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 1, batch_size: 64}, resources: *big}
+  evals: {kind: pretrain, init: {from: vlpt}, data: {train: "/data/shards/{0..3}.tar"}, train: {steps: 10, batch_size: 64},
+          resources: {gpus_per_node: 8, profile: v100, max_concurrent: 1}}
+"""
+
+
+def test_a_gpu_cap_becomes_array_throttles_and_afterany_on_the_slots_golden(write_job):
+    """limits.gpus 32 with 16-GPU tasks: two at a time, and a job waits for
+    the jobs whose GPUs it takes; max_concurrent 1 serialises its array."""
+    script = dry_run(str(write_job(CAPPED)), "--run-dir", "/scratch/vl/runs/capped")
+    check_golden("capped.v100.sbatch", script)
+    blocks = {block.split(":")[0]: block for block in script.split("# ---- ")[1:]}
+    assert "#SBATCH --array=0-3%2" in blocks["seed"] and "#SBATCH --array=0-3%2" in blocks["vlpt"]
+    assert "aftercorr:<job:seed>,afterany:<job:seed>" in blocks["vlpt"]
+    assert "#SBATCH --array=0-3%1" in blocks["evals"] and "afterany:<job:vlpt>" in blocks["evals"]
+    uncapped = dry_run(str(write_job(CAPPED.replace("limits: {gpus: 32}\n", ""))), "--run-dir", "/scratch/vl/runs/capped")
+    assert "#SBATCH --array=0-3%4" in uncapped and "afterany" not in uncapped and "%1" in uncapped
+
+
+def test_a_stage_larger_than_the_cap_is_refused_before_anything_is_queued(write_job):
+    result = subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", "submit", str(write_job(CAPPED.replace("gpus: 32", "gpus: 8"))),
+         "--backend", "slurm", "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "stage seed[seed.train.steps=0] asks for 16 GPUs; limits.gpus is 8" in result.stderr
+
+
+def test_command_line_overrides_the_profile_of_every_stage(tmp_path):
+    """--profile picks a lab's own profile from $VLCLUSTER_PROFILE_PATH; --partition,
+    --account, --qos and --time override what it says."""
+    lab = tmp_path / "lab-profiles"
+    lab.mkdir()
+    (lab / "lab.yaml").write_text("partition: big\naccount: lab-7\ngpus_per_node: 8\ngpu_type: a100\ntime_min: 600\n")
+    env = {**os.environ, "VLCLUSTER_PROFILE_PATH": str(lab)}
+    listed = subprocess.run([sys.executable, "-m", "vlcluster.cli", "profiles"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, env={**env, "COLUMNS": "300"})
+    assert listed.returncode == 0 and f"{lab}/lab.yaml" in listed.stdout and "slurm/v100.yaml" in listed.stdout
+    base = [sys.executable, "-m", "vlcluster.cli", "submit", "jobs/seed_100k.yaml", "--backend", "slurm", "--dry-run"]
+    script = subprocess.run([*base, "--profile", "lab"], capture_output=True, text=True, cwd=REPO, timeout=120, env=env).stdout
+    assert "#SBATCH --account=lab-7" in script and "#SBATCH --gpus-per-node=a100:8" in script and "profile lab)" in script
+    script = subprocess.run([*base, "--profile", "lab", "--account", "other", "--partition", "p", "--qos", "q", "--time", "30"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env).stdout
+    for line in ("#SBATCH --account=other", "#SBATCH --partition=p", "#SBATCH --qos=q", "#SBATCH --time=30"):
+        assert line in script
+    assert "--time=2880" not in script  # the stage's own limit is overridden too
+    missing = subprocess.run([*base, "--profile", "nowhere"], capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert missing.returncode == 2 and "cluster profile 'nowhere' not found" in missing.stderr and "vlcluster profiles" in missing.stderr
+
+
+def test_shipped_job_files_and_profiles_name_no_account():
+    for path in [*(REPO / "jobs").glob("*.yaml"), *(REPO / "slurm").glob("*.yaml")]:
+        for line in path.read_text().splitlines():
+            assert not line.split("#")[0].strip().startswith("account:"), f"{path}: {line}"
+    v100 = (REPO / "slurm" / "v100.yaml").read_text()
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in v100 and "- export NCCL_ASYNC" not in v100

@@ -84,39 +84,149 @@ def shard_count(patterns: str | list[str]) -> str:
 
 
 def cmd_plan(args) -> int:
-    from vlcluster.plan import check_inputs, make_plan
+    from vlcluster.estimate import estimate, summary
+    from vlcluster.plan import make_plan
+    from vlcluster.preflight import preflight, report
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
-    print_plan(graph, make_plan(graph, run_dir), run_dir)
+    profile_options(args, graph)  # --profile, --time: estimates on another cluster
+    plans = make_plan(graph, run_dir)
+    estimates = estimate(graph, run_dir, args.mfu)
+    totals = summary(graph, estimates, args.file)
+    # plan lists no object store and no glob (submit does); it still shows everything, submit refuses
+    problems = preflight(graph.pipeline, args.file, "local", include_remote=False)
+    if args.json:
+        return print_plan_json(graph, plans, estimates, {**totals, "problems": problems}, run_dir)
+    print_plan(graph, plans, run_dir)
     for line in resolved_details(graph):
         console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
-    try:
-        check_inputs(graph, args.file, include_remote=False)
-    except SpecError as exc:  # plan still shows everything; submit refuses
-        console.print(f"[yellow]warning:[/] {escape(str(exc))}")
+    print_estimates(graph, estimates, totals)
+    if problems:
+        console.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
     return 0
+
+
+def print_estimates(graph, estimates, totals) -> None:
+    """GPU-hours and wall time of the training stages, the total and the critical path (estimate.py)."""
+    from vlcluster.estimate import gpu_hours_text, hours_text
+
+    if not totals["estimated"] and not totals["unestimated_gpu_hours_bound"]["stages"]:
+        console.print("estimates: no stage asks for GPUs (GPU-hours and wall times are estimated for GPU training stages)")
+        return
+    table = Table(title="estimates (FLOPs per sample x samples / (GPUs x peak x MFU))", title_justify="left")
+    for column in ("stage", "GPUs", "GPU-h", "wall", "MFU", "how"):
+        table.add_column(column, overflow="fold")
+    for name, e in estimates.items():
+        if e.hours is not None:
+            mfu = f"{e.mfu.value:.2f} ({'default' if e.mfu.source == 'default' else 'measured'})" if e.mfu else "-"
+            table.add_row(escape(name), str(e.gpus), gpu_hours_text(e.gpu_hours), hours_text(e.hours), mfu, escape(e.note))
+    console.print(table)
+    gpus = ", ".join(totals["gpus"]) or "-"
+    console.print(f"total: {gpu_hours_text(totals['gpu_hours'])} GPU-hours on {escape(gpus)} over {totals['estimated']} training stage(s)")
+    bound = totals["unestimated_gpu_hours_bound"]
+    if bound["stages"]:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in bound["kinds"].items())
+        console.print(f"not estimated: {bound['stages']} GPU stage(s) ({kinds}); at their time limits they hold at most "
+                      f"{gpu_hours_text(bound['gpu_hours'])} GPU-hours (counted 0 in the critical path)")
+    for source in totals["mfu_sources"]:
+        console.print(escape(f"MFU {source}" + (" (plan --mfu sets it; a finished stage of the same shape and GPU in "
+                                                "this or a sibling run directory replaces it)" if source == "default" else "")))
+    path = totals["critical_path"]
+    console.print(escape(f"critical path, unlimited GPUs: {hours_text(path['hours'])} ({' -> '.join(path['stages'])})"))
+    if totals["limits"]:
+        console.print(f"critical path with limits.gpus {totals['limits']['gpus']}: {hours_text(totals['limits']['hours'])}")
+
+
+def print_plan_json(graph, plans, estimates, totals, run_dir) -> int:
+    import json
+
+    from vlcluster.storage.errors import redact
+
+    stages = [{"name": plan.name, "kind": plan.kind, "deps": list(plan.deps), "action": plan.status, "nodes": plan.nodes,
+               "ranks": plan.ranks, "estimate": estimates[plan.name].to_json()} for plan in plans]
+    print(json.dumps({"pipeline": graph.pipeline.name, "run_dir": redact(str(run_dir)), "stages": stages, "total": totals}, indent=2))
+    return 0
+
+
+def add_profile_flags(parser: argparse.ArgumentParser, slurm_fields: bool) -> None:
+    """--profile and --time for every stage; --partition/--account/--qos override the SLURM profile's."""
+    parser.add_argument("--profile", help="cluster profile of every stage (`vlcluster profiles` lists them)")
+    parser.add_argument("--time", type=int, metavar="MIN", help="time limit of every stage, in minutes")
+    if slurm_fields:
+        for name in ("partition", "account", "qos"):
+            parser.add_argument(f"--{name}", help=f"slurm: the {name} of every job (instead of the profile's)")
+
+
+def profile_options(args, graph) -> dict:
+    """Apply --profile/--time to the stages; the backend options --partition/--account/--qos become."""
+    from vlcluster.profiles import ProfileOverrides
+
+    overrides = ProfileOverrides.from_args(args)
+    if overrides.time_min is not None and overrides.time_min <= 0:
+        raise SpecError(f"--time must be a positive number of minutes, got {overrides.time_min}")
+    overrides.apply_to_stages(graph.pipeline)
+    if not overrides.fields:
+        return {}
+    if args.backend != "slurm":
+        raise SpecError(f"--{overrides.fields[0][0]} is for --backend slurm (not {args.backend})")
+    return {"profile_fields": dict(overrides.fields)}
+
+
+def cmd_profiles(args) -> int:
+    """The SLURM cluster profiles on the search path, and where each was found."""
+    from vlcluster.profiles import found_profiles, profile_dirs
+
+    console.print("search path (first match wins): " + escape(", ".join(str(folder) for folder in profile_dirs())))
+    table = Table()
+    for column in ("profile", "file", "note"):
+        table.add_column(column, overflow="fold")
+    for name, path, shadowed in found_profiles():
+        table.add_row(escape(name), escape(str(path)), "shadowed by an earlier one" if shadowed else "")
+    console.print(table)
+    return 0
+
+
+def run_preflight(args) -> None:
+    """Every input of the pipeline checked before anything is queued: all problems in one report
+    (exit 2); a dry run prints them as a warning and still shows what would be queued."""
+    from vlcluster.jobspec.load import load_pipeline
+    from vlcluster.preflight import preflight, report
+    from vlcluster.profiles import ProfileOverrides
+    from vlcluster.storage.config import activate
+
+    pipeline = load_pipeline(args.file, args.set)
+    activate(pipeline.storage)
+    problems = preflight(pipeline, args.file, args.backend, include_remote=not args.dry_run,
+                         adjust=ProfileOverrides.from_args(args).apply_to_stages)
+    if not args.dry_run:
+        from vlcluster.storage.errors import check_run_dir
+        from vlcluster.storage.paths import run_path
+
+        try:  # the run directory's bucket and credentials, in the same report
+            check_run_dir(run_path(args.run_dir or pipeline.resolved_run_dir), "run_dir")
+        except SpecError as exc:
+            problems.append(str(exc).removeprefix("run_dir: "))
+    if problems and not args.dry_run:
+        raise SpecError(report(args.file, problems))
+    if problems:
+        errors.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
 
 
 def cmd_submit(args) -> int:
     from vlcluster.backends import get_backend
     from vlcluster.context import save_pipeline
-    from vlcluster.plan import check_inputs, make_plan
+    from vlcluster.plan import make_plan
 
+    run_preflight(args)
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
-    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}))
+    backend = get_backend(args.backend, **({"address": args.address} if args.address else {}), **profile_options(args, graph))
     backend.validate(graph, args.file)
     if not args.dry_run:
         from vlcluster.storage.errors import check_run_dir
 
         check_run_dir(run_dir, args.file)
-    try:
-        check_inputs(graph, args.file, include_remote=not args.dry_run)
-    except SpecError as exc:
-        if not args.dry_run:
-            raise
-        errors.print(f"[yellow]warning:[/] {escape(str(exc))}")  # a dry run still shows what would be queued
     plans = make_plan(graph, run_dir)
     print_plan(graph, plans, run_dir)
     if args.dry_run:
@@ -211,15 +321,34 @@ def load_run(run_dir_arg: str):
 def cmd_status(args) -> int:
     from vlcluster.backends.status import run_status
     from vlcluster.storage.errors import redact
+    from vlcluster.watch import all_ended, status_record
 
-    run_dir, graph, plans, records = load_run(args.run_dir)
-    table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
-    for column in ("stage", "kind", "job", "state", "detail"):
-        table.add_column(column)
-    for plan, status in zip(plans, run_status(graph, plans, records, run_dir).values()):
-        table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
-    console.print(table)
-    return 0
+    while True:
+        run_dir, graph, plans, records = load_run(args.run_dir)
+        statuses = run_status(graph, plans, records, run_dir)
+        if args.json:
+            import json
+
+            print(json.dumps(status_record(graph.pipeline.name, plans, statuses, run_dir), indent=2), flush=True)
+        else:
+            table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
+            for column in ("stage", "kind", "job", "state", "detail"):
+                table.add_column(column)
+            for plan, status in zip(plans, statuses.values()):
+                table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
+            if args.watch and console.is_terminal:
+                console.clear()
+            console.print(table)
+        if not args.watch or all_ended(statuses):
+            return 0 if all(status.state == "done" for status in statuses.values()) or not args.watch else 1
+        time.sleep(args.interval)
+
+
+def add_watch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--watch", action="store_true", help="redraw until every stage has ended (or Ctrl-C); "
+                        "exit 0 when all are done")
+    parser.add_argument("--json", action="store_true", help="the states as JSON (with --watch: one document per look)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between looks (--watch)")
 
 
 def cmd_logs(args) -> int:
@@ -230,6 +359,8 @@ def cmd_logs(args) -> int:
 
     run_dir = run_path(args.run_dir)
     refuse_unknown_stage(run_dir, args.stage)
+    if args.follow:
+        return follow_stage_log(run_dir, args.stage, args.interval)
     record = stage_dir(run_dir, args.stage).read_state()
     sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
     return 0
@@ -246,6 +377,27 @@ def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
         return  # no readable pipeline record: the log lookup says what is missing
     if stage not in stages:
         raise SpecError(f"{run_dir}: no stage {stage!r} in this run (stages: {', '.join(stages)}){did_you_mean(stage, stages)}")
+
+
+def follow_stage_log(run_dir: Path, stage: str, interval: float) -> int:
+    """``logs -f``: the stage log as it grows, until the stage has ended (any backend: every one writes it)."""
+    from vlcluster.backends.status import run_status
+    from vlcluster.rundir import stage_dir
+    from vlcluster.watch import ENDED, follow
+
+    final: dict[str, str] = {}
+
+    def ended() -> bool:
+        _, graph, plans, records = load_run(str(run_dir))
+        final["state"] = run_status(graph, plans, records, run_dir)[stage].state
+        return final["state"] in ENDED
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    follow(stage_dir(run_dir, stage).log_file, write, ended, interval)
+    return 0 if final.get("state") == "done" else 1
 
 
 def cmd_cancel(args) -> int:
@@ -481,7 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true", help="show the plan, launch nothing")
     submit.add_argument("--address", help="ray: cluster to join (auto, host:port or http://host:8265); "
                         "default: a local Ray cluster started for the run")
+    add_profile_flags(submit, slurm_fields=True)
     submit.set_defaults(func=cmd_submit)
+
+    profiles = sub.add_parser("profiles", help="list the SLURM cluster profiles found and where")
+    profiles.set_defaults(func=cmd_profiles)
 
     render = sub.add_parser("render", help="write what a pipeline becomes on a backend, launching nothing (k8s: KubeRay "
                             "RayCluster + RayJob; slurm: sbatch scripts; ray: Jobs API submissions; local: commands)")
@@ -494,10 +650,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show the DAG, resources and what would be skipped")
     spec_args(plan)
+    add_profile_flags(plan, slurm_fields=False)
+    plan.add_argument("--json", action="store_true", help="the plan and its estimates as JSON")
+    plan.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation where no measured run gives one "
+                      "(default: estimate.DEFAULT_MFU)")
     plan.set_defaults(func=cmd_plan)
 
     status = sub.add_parser("status", help="state of every stage of a run")
     status.add_argument("run_dir")
+    add_watch_flags(status)
     status.set_defaults(func=cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel every queued or running job of a run")
@@ -507,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print a stage's log")
     logs.add_argument("run_dir")
     logs.add_argument("stage")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow the log until the stage has ended")
+    logs.add_argument("--interval", type=float, default=1.0, help="seconds between looks (-f)")
     logs.set_defaults(func=cmd_logs)
 
     schema = sub.add_parser("schema", help="print the JSON schema of pipeline files")

@@ -155,6 +155,14 @@ class Graph:
 
 
 def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, ...]]:
+    deps, problems = reference_problems(pipeline)
+    if problems:
+        raise SpecError(f"{source}: invalid references:\n  " + "\n  ".join(problems))
+    return deps
+
+
+def reference_problems(pipeline: Pipeline) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """Each stage's dependencies, and every reference that names no stage or a stage of the wrong kind."""
     problems: list[str] = []
     deps: dict[str, tuple[str, ...]] = {}
     sweeps: dict[str, list[str]] = {}
@@ -190,9 +198,7 @@ def _check_references(pipeline: Pipeline, source: str) -> dict[str, tuple[str, .
         if name in targets:
             problems.append(f"stages.{name}: a stage cannot depend on itself")
         deps[name] = tuple(dict.fromkeys(t for t in targets if t in pipeline.stages and t != name))
-    if problems:
-        raise SpecError(f"{source}: invalid references:\n  " + "\n  ".join(problems))
-    return deps
+    return deps, problems
 
 
 def _import_feeds_its_task(name: str, stage, source: str, producer) -> list[str]:

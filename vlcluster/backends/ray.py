@@ -25,6 +25,9 @@ side by side as far as the cluster's resources allow.
 - Fault tolerance (``ray_stage.py``): a rank killed mid-training makes the
   job start the stage's torchrun again (``--max-restarts``, default 3), and
   the trainer resumes from the stage's latest checkpoint under its run dir.
+- ``limits.gpus`` and ``resources.max_concurrent``: a ready stage starts only
+  while the GPUs of the running stages and its own stay within the cap, and
+  fewer than ``max_concurrent`` elements of its sweep run (``admitted``).
 - A failed or cancelled stage's dependants are never submitted (state
   ``blocked``). ``submit`` returns when every stage has ended, like the local
   backend (a KubeRay RayJob's entrypoint is this driver); interrupting it
@@ -42,7 +45,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +60,7 @@ from vlcluster.extras import require
 from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
-from vlcluster.graph import Graph
+from vlcluster.graph import Graph, sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.progress import describe_progress, read_progress
@@ -73,6 +76,22 @@ def submission_id(pipeline: str, stage: str, unique: str | None = None) -> str:
     """Unique per submit (a resumed stage is a new job); readable on the dashboard."""
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{pipeline}-{stage}").strip("_")
     return f"vlcluster-{readable}-{unique or uuid.uuid4().hex[:8]}"
+
+
+def admitted(graph: Graph, name: str, running: Iterable[str]) -> bool:
+    """Whether a ready stage may start beside the running ones: ``limits.gpus`` over all of
+    them and ``resources.max_concurrent`` over its family (the elements of its sweep)."""
+    stages = graph.pipeline.stages
+
+    def gpus(stage: str) -> int:
+        return stages[stage].resources.nodes * stages[stage].resources.gpus_per_node
+
+    cap = graph.pipeline.limits.gpus
+    running = list(running)
+    if cap and gpus(name) and gpus(name) + sum(gpus(other) for other in running) > cap:
+        return False
+    limit = stages[name].resources.max_concurrent
+    return not limit or sum(sweep_base(other) == sweep_base(name) for other in running) < limit
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -100,6 +119,9 @@ class RayBackend:
         self.max_restarts = max_restarts
 
     def validate(self, graph: Graph, source: str) -> None:
+        from vlcluster.backends.slurm import cap_shape
+
+        cap_shape(graph, list(graph.order), None, source)  # a stage larger than limits.gpus would never start
         """Any stage fits: resources are checked by Ray when it places the job."""
         require("ray.job_submission", "--backend ray")
 
@@ -247,7 +269,7 @@ class RayBackend:
                         outcome[plan.name] = "blocked"
                         stage_dir(run_dir, plan.name).write_state(backend="ray", state="blocked", blocked_by=blocked)
                         self.console.print(f"[yellow]{numbers[plan.name]}: not started, upstream failed: {', '.join(blocked)}[/]")
-                    elif all(outcome.get(dep) == "done" for dep in deps):
+                    elif all(outcome.get(dep) == "done" for dep in deps) and admitted(graph, plan.name, running):
                         waiting.remove(plan)
                         running[plan.name] = self.launch(client, graph, plan, run_dir, address, numbers[plan.name])
                 for name, job in list(running.items()):

@@ -2,9 +2,11 @@
 chained with ``--dependency=afterok:<ids>``; the whole pipeline is queued
 at once and no driver process stays alive.
 
-- A stage's ``resources`` plus its cluster profile (``slurm/<name>.yaml``,
-  chosen by ``resources.profile`` or ``$VLCLUSTER_SLURM_PROFILE``, default
-  ``local``) give nodes, GPUs, CPUs, memory and time.
+- A stage's ``resources`` plus its cluster profile (``<name>.yaml`` on the
+  search path of ``profiles.py``, chosen by ``resources.profile`` or
+  ``$VLCLUSTER_SLURM_PROFILE``, default ``local``; ``submit --profile``,
+  ``--partition``, ``--account``, ``--qos``, ``--time`` override) give nodes,
+  GPUs, CPUs, memory and time.
 - Training stages run one task per node; the task starts torchrun with the
   rendezvous on the first host of the allocation (``slurm_job.py``).
 - The elements of a sweep (and the copies a pipeline sweep makes of a stage)
@@ -13,6 +15,9 @@ at once and no driver process stays alive.
   array whose every task reads the same-numbered task of another waits with
   ``aftercorr:<array id>``, so element 2 of ``vlpt`` starts as soon as element
   2 of ``seed`` is done.
+- ``resources.max_concurrent`` is an array's ``%N``; under ``limits: {gpus: N}``
+  each job also waits (``afterany``) for the jobs that held the GPU slots it
+  takes (``schedule.py``), so at most N GPUs are requested at once.
 - ``--kill-on-invalid-dep=yes``: a failed job's dependants are cancelled,
   never started.
 - Stages already done are not submitted; the job id of every submitted stage
@@ -37,24 +42,29 @@ from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
+from vlcluster.schedule import CapError, CapShape, shape_for_cap
 from vlcluster.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError, read_yaml
 from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
 
-PROFILE_DIRS = (Path("slurm"), Path(__file__).resolve().parents[2] / "slurm")
+def load_profile(name: str) -> ClusterProfile:
+    """``<name>.yaml`` on the profile search path (``profiles.py``), or a path
+    to a YAML file; validated like job files."""
+    from vlcluster.profiles import profile_dirs
+
+    return load_profile_from(name, tuple(profile_dirs()))
 
 
 @functools.lru_cache(maxsize=None)
-def load_profile(name: str) -> ClusterProfile:
-    """``slurm/<name>.yaml`` (next to the job, then in the vlcluster checkout),
-    or a path to a YAML file; validated like job files."""
+def load_profile_from(name: str, folders: tuple[Path, ...]) -> ClusterProfile:
     from pydantic import ValidationError
 
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in PROFILE_DIRS]
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in folders]
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
-        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)}; "
+                        "`vlcluster profiles` lists those found)")
     try:
         return ClusterProfile.model_validate(read_yaml(path))
     except ValidationError as exc:
@@ -95,21 +105,29 @@ def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
 
 @dataclass
 class Unit:
-    """One SLURM submission: a stage, or the elements of a sweep as an array."""
+    """One SLURM submission: a stage, or the elements of a sweep as an array
+    (those asking for the same resources: ``key`` is ``base~2`` for a second shape)."""
 
-    base: str
+    key: str
     plans: list[StagePlan]
+
+    @property
+    def base(self) -> str:
+        return sweep_base(self.plans[0].name)
 
     @property
     def is_array(self) -> bool:
         return len(self.plans) > 1 or self.plans[0].name != self.base
 
 
-def submission_units(plans: list[StagePlan]) -> list[Unit]:
+def submission_units(graph: Graph, plans: list[StagePlan]) -> list[Unit]:
+    from vlcluster.estimate import submission_keys
+
+    keys = submission_keys(graph, [plan.name for plan in plans if plan.runs])
     units: dict[str, Unit] = {}
     for plan in plans:
         if plan.runs:
-            units.setdefault(sweep_base(plan.name), Unit(sweep_base(plan.name), [])).plans.append(plan)
+            units.setdefault(keys[plan.name], Unit(keys[plan.name], [])).plans.append(plan)
     return list(units.values())
 
 
@@ -119,9 +137,11 @@ def comment(text: str) -> str:
     return "# " + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
-def dependency_flag(job_ids: list[str], corresponding: list[str] = ()) -> dict:
-    """``afterok`` on whole jobs or array tasks, ``aftercorr`` on arrays read task by task (both must hold)."""
-    parts = [f"{kind}:" + ":".join(dict.fromkeys(ids)) for kind, ids in (("afterok", job_ids), ("aftercorr", corresponding)) if ids]
+def dependency_flag(job_ids: list[str], corresponding: list[str] = (), ended: list[str] = ()) -> dict:
+    """``afterok`` on whole jobs or array tasks, ``aftercorr`` on arrays read task by task, ``afterany`` on
+    the jobs that held the GPU slots this one takes under ``limits.gpus`` (all must hold)."""
+    kinds = (("afterok", job_ids), ("aftercorr", corresponding), ("afterany", ended))
+    parts = [f"{kind}:" + ":".join(dict.fromkeys(ids)) for kind, ids in kinds if ids]
     if not parts:
         return {}
     return {"dependency": ",".join(parts), "kill-on-invalid-dep": "yes"}
@@ -137,15 +157,19 @@ class SlurmBackend:
     name = "slurm"
     queues = True  # submit returns once the jobs are queued; no driver stays alive
 
-    def __init__(self, console: Console | None = None, python: str | None = None):
+    def __init__(self, console: Console | None = None, python: str | None = None, profile_fields: dict | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.python = python
+        self.profile_fields = profile_fields or {}  # submit --partition/--account/--qos
+
+    def profile(self, spec) -> ClusterProfile:
+        return load_profile(profile_name(spec)).model_copy(update=self.profile_fields)
 
     def validate(self, graph: Graph, source: str) -> None:
         require("submitit", "--backend slurm")
         for name, spec in graph.pipeline.stages.items():
             try:
-                profile = load_profile(profile_name(spec))
+                profile = self.profile(spec)
             except SpecError as exc:  # named where it was chosen: the stage's field or the environment
                 chosen = f"stages.{name}.resources.profile" if spec.resources.profile else f"stages.{name}: $VLCLUSTER_SLURM_PROFILE"
                 raise SpecError(f"{source}: {chosen}: {exc}") from None
@@ -155,20 +179,36 @@ class SlurmBackend:
                     f"{source}: stages.{name}.resources.gpus_per_node is {gpus}; "
                     f"profile {profile_name(spec)!r} nodes have {profile.gpus_per_node}"
                 )
+        cap_shape(graph, list(graph.order), None, source)  # a stage larger than limits.gpus: refused now
+
+    # ---- the GPU cap -----------------------------------------------------------
+
+    @staticmethod
+    def throttle(graph: Graph, unit: Unit, shape: CapShape | None) -> int:
+        """Tasks of an array running at once: its ``%N``."""
+        if shape is not None:
+            return shape.parallel[unit.key]
+        limits = [graph.pipeline.stages[plan.name].resources.max_concurrent or len(unit.plans) for plan in unit.plans]
+        return min(len(unit.plans), *limits)
 
     # ---- what each job is ------------------------------------------------
 
     def folder(self, run_dir: Path, unit: Unit) -> Path:
-        return local_side(run_dir).resolve() / "slurm" / unit.base  # submitit's pickles and logs: a file system
+        return local_side(run_dir).resolve() / "slurm" / unit.key  # submitit's pickles and logs: a file system
 
-    def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str]) -> dict:
+    def parameters(self, graph: Graph, unit: Unit, submitted: dict[str, str], shape: CapShape | None = None,
+                   unit_jobs: dict[str, str] | None = None) -> dict:
+        """sbatch parameters of one unit; ``shape`` and ``unit_jobs`` (unit -> job id) under ``limits.gpus``."""
         spec = graph.pipeline.stages[unit.plans[0].name]
-        params = sbatch_parameters(spec, load_profile(profile_name(spec)), f"{graph.pipeline.name}.{unit.base}")
-        params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted)))
+        params = sbatch_parameters(spec, self.profile(spec), f"{graph.pipeline.name}.{unit.key}")
+        ended = [unit_jobs[base] for base in shape.waits_for[unit.key]] if shape is not None else []
+        params["additional_parameters"].update(dependency_flag(*self.upstream_jobs(graph, unit, submitted), ended))
+        if unit.is_array:
+            params["array_parallelism"] = self.throttle(graph, unit, shape)
         return params
 
     def python_for(self, graph: Graph, unit: Unit) -> str:
-        profile = load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name]))
+        profile = self.profile(graph.pipeline.stages[unit.plans[0].name])
         return self.python or profile.python or sys.executable
 
     def jobs(self, graph: Graph, unit: Unit, run_dir: Path):
@@ -213,11 +253,16 @@ class SlurmBackend:
 
         from vlcluster.launch import Rendezvous, stage_command
 
-        out, submitted = [], {}
-        for unit in submission_units(plans):
-            params = self.parameters(graph, unit, submitted)
+        out, submitted, unit_jobs = [], {}, {}
+        shape = cap_shape(graph, [plan.name for plan in plans if plan.runs], run_dir)
+        if shape is not None:
+            out.append(comment(f"limits.gpus {shape.cap}: each job also waits (afterany) for the jobs that held its GPUs "
+                               f"before; estimated wall time {shape.hours:.1f} h"))
+        for unit in submission_units(graph, plans):
+            params = self.parameters(graph, unit, submitted, shape, unit_jobs)
+            unit_jobs[unit.key] = f"<job:{unit.key}>"
             for index, plan in enumerate(unit.plans):
-                submitted[plan.name] = f"<job:{unit.base}>_{index}" if unit.is_array else f"<job:{unit.base}>"
+                submitted[plan.name] = f"<job:{unit.key}>_{index}" if unit.is_array else f"<job:{unit.key}>"
             folder = self.folder(run_dir, unit)
             if unit.is_array:
                 params["map_count"] = len(unit.plans)
@@ -230,7 +275,7 @@ class SlurmBackend:
             launch = " ".join(stage_command(spec.kind, absolute(run_dir), unit.plans[0].name, res.ranks_per_node, python, rendezvous))
             elements = "".join(comment(f"  task {index}: {plan.name}") for index, plan in enumerate(unit.plans)) if unit.is_array else ""
             out.append(
-                comment(f"---- {unit.base}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
+                comment(f"---- {unit.key}: {'job array of ' + str(len(unit.plans)) if unit.is_array else 'one job'}"
                         f" ({spec.kind}, profile {profile_name(spec)})") + elements
                 + comment(f"each task runs: {launch}")
                 + _make_sbatch_string(command=command, folder=folder, **params)
@@ -244,21 +289,24 @@ class SlurmBackend:
 
         self.refuse_if_queued(run_dir, plans)
         submitted: dict[str, str] = {}
-        for index, unit in enumerate(submission_units(plans), start=1):
+        unit_jobs: dict[str, str] = {}
+        shape = cap_shape(graph, [plan.name for plan in plans if plan.runs], run_dir)
+        for index, unit in enumerate(submission_units(graph, plans), start=1):
             executor = submitit.SlurmExecutor(folder=self.folder(run_dir, unit), max_num_timeout=self.max_requeues(graph, unit),
                                               python=shlex.quote(self.python_for(graph, unit)))  # a word of the sbatch script
-            executor.update_parameters(**self.parameters(graph, unit, submitted))
+            executor.update_parameters(**self.parameters(graph, unit, submitted, shape, unit_jobs))
             jobs = self.jobs(graph, unit, run_dir)
             if unit.is_array:
                 with executor.batch():
                     handles = [executor.submit(job) for job in jobs]
             else:
                 handles = [executor.submit(jobs[0])]
+            unit_jobs[unit.key] = split_task(handles[0].job_id)[0]
             for plan, handle in zip(unit.plans, handles):
                 submitted[plan.name] = handle.job_id
                 self.record(run_dir, plan, handle.job_id, handle.paths.stdout)
             ids = ", ".join(handle.job_id for handle in handles)
-            self.console.print(f"[bold]{unit.base}[/]: submitted as job {ids}")
+            self.console.print(f"[bold]{unit.key}[/]: submitted as job {ids}")
         for plan in plans:
             if not plan.runs:
                 self.console.print(f"[dim]{plan.name}: skipped (done)[/]")
@@ -266,7 +314,7 @@ class SlurmBackend:
         return True
 
     def max_requeues(self, graph: Graph, unit: Unit) -> int:
-        return load_profile(profile_name(graph.pipeline.stages[unit.plans[0].name])).max_requeues
+        return self.profile(graph.pipeline.stages[unit.plans[0].name]).max_requeues
 
     @staticmethod
     def record(run_dir: Path, plan: StagePlan, job_id: str, slurm_log: Path) -> None:
@@ -322,6 +370,21 @@ class SlurmBackend:
         names = [name for name, record in records.items() if record.get("job_id")]
         slurm_queue.cancel([records[name]["job_id"] for name in names])
         return names
+
+
+def cap_shape(graph: Graph, names: list[str], run_dir: Path | None, source: str = "") -> CapShape | None:
+    """How the stages that run are held to ``limits.gpus`` (None without a cap); the estimates
+    (``estimate.py``) only choose which GPU slots each job takes."""
+    cap = graph.pipeline.limits.gpus
+    if not cap:
+        return None
+    from vlcluster.estimate import estimate, jobs_of
+
+    estimates = estimate(graph, run_dir) if run_dir is not None else {}
+    try:
+        return shape_for_cap(jobs_of(graph, estimates, names), cap)
+    except CapError as exc:
+        raise SpecError(f"{source or graph.pipeline.name}: {exc}") from None
 
 
 def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:

@@ -15,6 +15,7 @@ class Input:
     help: str
     required: bool = True
     many: bool = False  # may be given several times (a list)
+    directory: bool = False  # a directory (else a file): what preflight checks it is
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,22 @@ FORMATS: dict[str, Format] = {
     "vqa2": Format("vqa", "vlcluster.importers.vqa2:import_vqa2", (
         Input("questions", "official VQA v2 questions JSON (repeat for train and val)", many=True),
         Input("annotations", "the matching annotations JSON (same order)", many=True),
-        Input("images", "directory holding the COCO images"),
+        Input("images", "directory holding the COCO images", directory=True),
     )),
     "karpathy": Format("retrieval", "vlcluster.importers.karpathy:import_karpathy", (
         Input("split_json", "Karpathy split file: dataset_coco.json or dataset_flickr30k.json"),
-        Input("images", "image directory (COCO: holding train2014/ and val2014/)"),
+        Input("images", "image directory (COCO: holding train2014/ and val2014/)", directory=True),
     )),
     "nlvr2": Format("nlvr2", "vlcluster.importers.nlvr2:import_nlvr2", (
         Input("jsonl", "NLVR2 JSON-lines file (repeat for train, dev, test1)", many=True),
-        Input("images", "directory holding the *-img0.png / *-img1.png pairs"),
+        Input("images", "directory holding the *-img0.png / *-img1.png pairs", directory=True),
     )),
     "imagefolder": Format("classification", "vlcluster.importers.imagefolder:import_imagefolder", (
-        Input("root", "directory with train/ and val/ class folders"),
+        Input("root", "directory with train/ and val/ class folders", directory=True),
         Input("class_index", "class order: imagenet_class_index.json or one folder name per line", required=False),
     )),
     "ade20k": Format("segmentation", "vlcluster.importers.ade20k:import_ade20k", (
-        Input("root", "the ADEChallengeData2016 directory"),
+        Input("root", "the ADEChallengeData2016 directory", directory=True),
     )),
 }
 

@@ -235,6 +235,10 @@ class ResourcesSpec(Strict):
     time_min: int | None = Field(None, gt=0)
     shm_gb: float | None = Field(None, gt=0, description="/dev/shm per node for data-loader workers (k8s; default: a share of mem_gb)")
     profile: str | None = Field(None, description="cluster profile in slurm/")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="at most this many elements of this stage's sweep (or copies made by the pipeline "
+        "sweep) run at once; SLURM: the array's %N throttle"
+    )
 
     @property
     def ranks_per_node(self) -> int:
@@ -486,6 +490,10 @@ class ClusterProfile(Strict):
     constraint: str | None = Field(None, description="sbatch --constraint, e.g. a GPU model feature")
     gpus_per_node: int = Field(0, ge=0, description="GPUs a node of this cluster has")
     gpu_type: str | None = Field(None, description="GRES type, e.g. v100 -> --gpus-per-node=v100:8")
+    gpu_name: str | None = Field(
+        None, description="the device name torch reports, e.g. 'Tesla V100-SXM2-32GB': its peak FLOP/s and measured "
+        "MFU give plan's estimates (default: gpu_type)"
+    )
     cpus_per_gpu: int | None = Field(None, ge=1)
     mem_gb_per_gpu: float | None = Field(None, gt=0)
     cpus_per_node: int | None = Field(None, ge=1, description="default CPUs for a stage without GPUs")
@@ -529,6 +537,13 @@ class Replicates(Strict):
     )
 
 
+class LimitsSpec(Strict):
+    """What the whole pipeline may hold at once."""
+
+    gpus: int | None = Field(None, ge=1, description="GPUs requested at once over all stages (SLURM: array throttles "
+                             "and dependencies; Ray: placement); the local backend runs one stage at a time anyway")
+
+
 class Pipeline(Strict):
     name: str
     run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
@@ -536,6 +551,7 @@ class Pipeline(Strict):
     stages: dict[str, Stage]
     sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
     replicates: Replicates | None = Field(None, description="N (or {count: N, of: finetune}): repeat the study with other seeds")
+    limits: LimitsSpec = LimitsSpec()
 
     @field_validator("replicates", mode="before")
     @classmethod

@@ -92,6 +92,7 @@ class SweptField:
     key: str  # as written: stages.seed.train.steps
     stage: str
     path: str  # within the stage: train.steps
+    rider: bool = False  # resources: set per zip element, not part of a copy's name
 
     @property
     def label(self) -> str:
@@ -145,15 +146,24 @@ class Expansion:
                 if "train.seed" in (pipeline.stages[name].sweep or {}):
                     raise self.fail(f"stages.{name}.sweep: replicates set train.seed of this stage; use one or the other")
             self.axes.append([{REPLICATE_KEY: k} for k in range(pipeline.replicates.count)])
-        self.fields |= {key: self.resolve(group, key) for group, keys in (("zip", zip_fields), ("product", product)) for key in keys}
+        resolved = {key: self.resolve(group, key) for group, keys in (("zip", zip_fields), ("product", product)) for key in keys}
+        # ``resources`` rides along a zip: it sets what each copy asks for, not what it computes, so it
+        # neither names copies nor reaches downstream (its values are applied per element in ``copies``).
+        self.riders = {key: field for key, field in resolved.items() if field.rider}
+        self.fields |= {key: field for key, field in resolved.items() if not field.rider}
         # An axis is the list of its elements; the zip is one axis, each product field another.
-        zipped = [dict(zip(zip_fields, values)) for values in zip(*zip_fields.values())]
+        computing = [key for key in zip_fields if key in self.fields]
+        zipped = [{key: element[key] for key in computing} for element in self.zip_elements()] if computing else []
         self.axes += [zipped] * bool(zipped) + [[{key: value} for value in values] for key, values in product.items()]
         self.upstream, self.upstream_pinned = self.model_upstream(), self.model_upstream(through_pinned=True)
         self.reach = {name: [key for key, f in self.fields.items() if f.reaches(name, self.upstream, self.upstream_pinned)]
                       for name in pipeline.stages}
 
     # ---- the fields ----------------------------------------------------------
+
+    def zip_elements(self) -> list[Assignment]:
+        zipped = self.pipeline.sweep.zip if self.pipeline.sweep else {}
+        return [dict(zip(zipped, values)) for values in zip(*zipped.values())]
 
     def fail(self, message: str) -> SpecError:
         return SpecError(f"{self.source}: {message}")
@@ -170,6 +180,11 @@ class Expansion:
         if self.pipeline.stages[stage].kind in GATHERING_KINDS:
             raise self.fail(f"sweep.{group}.{key}: a {self.pipeline.stages[stage].kind} stage gathers the copies of others "
                             "and is never copied itself; sweep the stages it reads")
+        if path.split(".")[0] == "resources":
+            if group != "zip":
+                raise self.fail(f"sweep.{group}.{key}: resources vary only in a zip, beside a field that changes what "
+                                "the stage computes (e.g. fewer GPUs for the element of 0 steps)")
+            return SweptField(key, stage, path, rider=True)
         if path.split(".")[0] in UNSWEPT:
             raise self.fail(f"sweep.{group}.{key}: {path!r} cannot be swept (only fields that change what the stage computes)")
         if path in (self.pipeline.stages[stage].sweep or {}):
@@ -182,7 +197,7 @@ class Expansion:
         """Every value must give a valid stage that reads the same stages (a reference is not swept)."""
         from vlcluster.graph import references
 
-        field = self.fields[key]
+        field = self.fields.get(key) or self.riders[key]
         stage = self.pipeline.stages[field.stage]
         group = "zip" if key in self.pipeline.sweep.zip else "product"
         values = self.pipeline.sweep.zip.get(key) or self.pipeline.sweep.product[key]
@@ -280,8 +295,22 @@ class Expansion:
             for key, value in assignment.items():
                 if self.fields[key].sets(name):
                     self.fields[key].apply(raw, stage, value)
+            self.apply_riders(name, raw, assignment)
             self.point_upstream(stage, raw, assignment)
             yield self.name(name, assignment), raw
+
+    def apply_riders(self, name: str, raw: dict, assignment: Assignment) -> None:
+        """The ``resources`` the zip elements of this copy give it (they must agree)."""
+        for key, field in self.riders.items():
+            if field.stage != name:
+                continue
+            values = {json.dumps(element[key], sort_keys=True): element[key] for element in self.zip_elements()
+                      if all(element[k] == v for k, v in assignment.items() if k in element)}
+            if len(values) > 1:
+                raise self.fail(f"sweep.zip.{key}: zip elements that make the same copy {self.name(name, assignment)!r} "
+                                f"give it different values: {', '.join(values)}")
+            if values:
+                set_path(raw, field.path, next(iter(values.values())))
 
     def point_upstream(self, stage, raw: dict, assignment: Assignment) -> None:
         """References of a copy lead to the copies of the same element."""
@@ -358,9 +387,13 @@ class Expansion:
             sizes = ", ".join(f"{name} x{self.copy_count(name) * max(stage_sweep_size(stage), 1)}"
                               for name, stage in self.pipeline.stages.items() if self.copy_count(name) > 1 or stage.sweep)
             raise self.fail(f"the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
-        for key, field in self.fields.items():  # after the cap: a sweep too large is refused before its values are validated
+        for key, field in [*self.fields.items(), *self.riders.items()]:  # after the cap: a sweep too large is refused before its values are validated
             if isinstance(field, SweptField):
                 self.check_field(key)
+        for key, field in self.riders.items():
+            if not any(k in self.pipeline.sweep.zip for k in self.reach[field.stage]):
+                raise self.fail(f"sweep.zip.{key}: no zipped field that changes what the stage computes reaches "
+                                f"stages.{field.stage}, so it has no copies whose resources could differ")
         stages = dict(copy_ for name in self.pipeline.stages for copy_ in self.copies(name))
         payload = self.pipeline.model_dump(mode="json", by_alias=True, exclude={"stages", "sweep", "replicates"})
         return validate({**payload, "stages": stages}, self.source)

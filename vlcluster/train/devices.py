@@ -44,6 +44,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """Peak dense TFLOP/s of one device in ``precision``, or None when unknown."""
     for pattern, peaks in PEAK_TFLOPS:
-        if re.search(pattern, device_name):
+        if re.search(pattern, device_name, re.IGNORECASE):  # a profile may write v100
             return peaks.get(precision)
     return None

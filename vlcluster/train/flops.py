@@ -29,8 +29,10 @@ Lt text tokens) as ``Objective`` runs them:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vlcluster.model.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: `plan` counts FLOPs without importing the model (and torch)
+    from vlcluster.model.config import ModelConfig
 
 TRAIN_FACTOR = 3  # forward + backward (2x forward)
 

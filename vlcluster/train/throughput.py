@@ -47,6 +47,7 @@ def device_name(device: torch.device) -> str:
 class ThroughputMeter:
     def __init__(self, config: ModelConfig, objectives: Objectives, precision: str, device: torch.device, world_size: int):
         self.config, self.objectives, self.device, self.world_size = config, objectives, device, world_size
+        self.precision = precision
         self.peak = peak_tflops(device_name(device), precision) if device.type == "cuda" else None
         self._counts = torch.zeros(3, dtype=torch.float64)  # flops, samples, tokens of this rank since the last window
         self._since = time.perf_counter()
@@ -97,6 +98,9 @@ class ThroughputMeter:
             "peak_tflops_per_device": self.peak,
             "peak_memory_gb": rates.get("memory/peak_gb"),
             "train_flops_per_sample": total["flops"] / total["samples"] if total["samples"] else None,
+            # what `plan` matches a measured MFU by (estimate.py)
+            "device": device_name(self.device),
+            "precision": self.precision,
         }
 
     @staticmethod

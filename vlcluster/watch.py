@@ -1,0 +1,52 @@
+"""Watching a run: its stages' states until every one has ended, and a
+stage's log as it grows (``status --watch``, ``status --json``, ``logs -f``).
+
+Both read the run directory and ask the backends, as ``status`` and
+``logs`` do, so they work for every backend and from any host that sees
+the run directory; neither changes anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vlcluster.backends.base import StageStatus
+
+# States a stage does not leave without a new submit.
+ENDED = frozenset({"done", "failed", "gated", "blocked", "cancelled", "interrupted"})
+
+
+def all_ended(statuses: dict[str, StageStatus]) -> bool:
+    return all(status.state in ENDED for status in statuses.values())
+
+
+def status_record(name: str, plans, statuses: dict[str, StageStatus], run_dir: Path) -> dict:
+    """``status --json``: every stage with its job, state and detail, and whether the run has ended."""
+    from vlcluster.storage.errors import redact
+
+    stages = [{"name": plan.name, "kind": plan.kind, "job": statuses[plan.name].job, "state": statuses[plan.name].state,
+               "detail": statuses[plan.name].detail} for plan in plans]
+    counts: dict[str, int] = {}
+    for stage in stages:
+        counts[stage["state"]] = counts.get(stage["state"], 0) + 1
+    return {"pipeline": name, "run_dir": redact(str(run_dir)), "ended": all_ended(statuses), "counts": counts, "stages": stages}
+
+
+def follow(path: Path, write: Callable[[str], None], stage_ended: Callable[[], bool], interval: float = 1.0) -> None:
+    """Write the log at ``path`` and then what is appended to it, until the
+    stage has ended and nothing more arrives (the file may not exist yet)."""
+    offset = 0
+    while True:
+        ended = stage_ended()  # asked before reading: what the stage wrote before it ended is read below
+        if path.is_file():
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            if chunk:
+                offset += len(chunk)
+                write(chunk.decode(errors="replace"))
+        if ended:
+            return
+        time.sleep(interval)
