@@ -144,8 +144,8 @@ def test_status_and_logs(finished_run):
     assert status.stdout.count("done") >= 12
     logs = cli("logs", str(run_dir), "vlpt")
     assert logs.returncode == 0 and "step 24/24" in logs.stdout
-    missing = cli("logs", str(run_dir), "nope")
-    assert missing.returncode == 2 and "no log" in missing.stderr
+    missing = cli("logs", str(run_dir), "nope")  # a stage the run does not have: named, with the stages it has
+    assert missing.returncode == 2 and "no stage 'nope' in this run" in missing.stderr and "vlpt" in missing.stderr
 
 
 def live_processes_mentioning(text: str) -> list[int]:
