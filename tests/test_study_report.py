@@ -203,3 +203,13 @@ def test_one_run_with_per_item_results_gets_a_bootstrap_labelled_as_such(tmp_pat
     assert "ᵇ marks a single run's bootstrap over evaluation items" in report
     expected = bootstrap_interval([msa_items, attn_items], mean_difference)
     assert f"MSA − custom_attn = {expected.estimate:.2f} [{expected.low:.2f}, {expected.high:.2f}] (items (bootstrap), n = 64)" in report
+
+
+def test_one_k_seed_with_metrics_draws_table5_without_a_series(tmp_path):
+    """A run at one K_seed (jobs/merge_methods.yaml): every merge setting has one distance, so
+    Table 5's figure has no series to draw; the report is still written, figure included."""
+    run = make_run(tmp_path, "one", 4, {"eval_msa": 80.0, "eval_interp": 75.0},
+                   {"metrics_vlpt": {"l2": 6.0, "cosine": 0.2, "ssd": 0.1, "tssd": 0.06}})
+    out = tmp_path / "report"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    assert (out / "mergeability.png").stat().st_size > 0

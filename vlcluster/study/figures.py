@@ -113,6 +113,8 @@ def _figure_legend(fig, axes) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
+    if not entries:  # nothing drawn (e.g. Table 5 of one K_seed): no legend, rather than one of no columns
+        return
     fig.legend(list(entries.values()), list(entries), loc="lower center", bbox_to_anchor=(0.5, 0.025),
                ncol=min(len(entries), 3), fontsize=8, frameon=False)
 
