@@ -135,8 +135,11 @@ class Position:
 class CanonicalOrder:
     """Positions of the run -> (source, source position), for one source or a weighted mixture."""
 
-    def __init__(self, sources: Sequence[SourceOrder], weights: Sequence[float], seed: int | str, window: int) -> None:
+    def __init__(
+        self, sources: Sequence[SourceOrder], weights: Sequence[float], seed: int | str, window: int, locations: dict | None = None,
+    ) -> None:
         self.sources, self.weights, self.seed, self.window = tuple(sources), tuple(weights), seed, window
+        self.locations = dict(locations or {})  # shard URL -> rangedread.ShardLocation: where its member table lies
         total = sum(weights)
         self.cumulative = list(itertools.accumulate(weight / total for weight in weights))
         self._block: tuple[int, list[int]] | None = None
