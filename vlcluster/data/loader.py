@@ -87,6 +87,7 @@ class LoaderConfig:
     augment: Augment = NO_AUGMENT
     uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
     decode: Decoder | None = None  # a task's sample decoder; picklable for worker processes
+    shuffle_run: int = 1  # the window is shuffled in runs of this many consecutive items (order.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
@@ -102,14 +103,14 @@ class LoaderConfig:
             seed = self.seed if len(self.sources) == 1 else f"{self.seed}:source{index}"
             counts, found = locate_shards(source.urls)
             locations.update(found)
-            order = SourceOrder(source.urls, counts, seed, self.shuffle_buffer)
+            order = SourceOrder(source.urls, counts, seed, self.shuffle_buffer, self.shuffle_run)
             if order.epoch_items == 0:
                 which = f"source {index + 1} of data.train" if len(self.sources) > 1 else "data.train"
                 raise BadDataError(
                     f"{which} has no samples at all in its {len(source.urls)} shard(s) ({_shortlist(list(source.urls))}): empty tar files?"
                 )
             orders.append(order)
-        return CanonicalOrder(orders, [source.weight for source in self.sources], self.seed, self.shuffle_buffer, locations)
+        return CanonicalOrder(orders, [source.weight for source in self.sources], self.seed, self.shuffle_buffer, locations, self.shuffle_run)
 
 
 def as_sources(sources: Sequence[str] | Sequence[ShardSource]) -> tuple[ShardSource, ...]:
@@ -324,6 +325,7 @@ class TrainLoader:
         uint8_images: bool = False,
         decode: Decoder | None = None,
         rank_sizes: Sequence[int] | None = None,
+        shuffle_run: int = 1,
     ) -> None:
         """``batch_size``: this rank's share of a step; ``rank_sizes``: every rank's (default: ``batch_size`` each)."""
         if batch_size < 1:
@@ -334,7 +336,7 @@ class TrainLoader:
         if len(sizes) != world_size or sizes[rank] != batch_size:
             raise ValueError(f"rank_sizes {sizes} do not give rank {rank} of {world_size} its batch of {batch_size}")
         self.config = LoaderConfig(
-            as_sources(urls), rank, sizes, seed, shuffle_buffer, image_size, fields, augment, uint8_images, decode
+            as_sources(urls), rank, sizes, seed, shuffle_buffer, image_size, fields, augment, uint8_images, decode, shuffle_run
         )
         self.num_workers = num_workers
         self.pin_memory = pin_memory  # page-locked batches: host-to-device copies run asynchronously

@@ -56,11 +56,12 @@ def _rng(*parts: object) -> random.Random:
 class SourceOrder:
     """The canonical order of one source's items, over epochs."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], seed: int | str, window: int) -> None:
-        self.urls, self.counts, self.seed, self.window = tuple(urls), tuple(counts), seed, max(1, window)
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], seed: int | str, window: int, run: int = 1) -> None:
+        self.urls, self.counts, self.seed, self.run = tuple(urls), tuple(counts), seed, max(1, run)
+        self.window = -(-max(1, window) // self.run) * self.run  # whole runs per window
         self.epoch_items = sum(self.counts)
         self._epochs: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
-        self._windows: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._windows: OrderedDict[tuple[int, int], tuple[list[int], list[int]]] = OrderedDict()
 
     def shard_order(self, epoch: int) -> list[int]:
         """Shard indices in the order epoch ``epoch`` reads them."""
@@ -77,12 +78,14 @@ class SourceOrder:
                 self._epochs.popitem(last=False)
         return self._epochs[epoch]
 
-    def _permutation(self, epoch: int, window: int, length: int) -> list[int]:
+    def _permutation(self, epoch: int, window: int, length: int) -> tuple[list[int], list[int]]:
+        """The window's runs in shuffled order (their first items, window-relative) and where each starts in it."""
         key = (epoch, window)
         if key not in self._windows:
-            permutation = list(range(length))
-            _rng(self.seed, epoch, window, "window").shuffle(permutation)
-            self._windows[key] = permutation
+            runs = list(range(0, length, self.run))
+            _rng(self.seed, epoch, window, "window").shuffle(runs)  # with runs of 1: the items themselves
+            starts = list(itertools.accumulate((min(self.run, length - first) for first in runs), initial=0))[:-1]
+            self._windows[key] = (runs, starts)
             while len(self._windows) > CACHED_WINDOWS:
                 self._windows.popitem(last=False)
         return self._windows[key]
@@ -92,7 +95,10 @@ class SourceOrder:
         epoch, within = divmod(position, self.epoch_items)
         window, slot = divmod(within, self.window)
         length = min(self.window, self.epoch_items - window * self.window)
-        flat = window * self.window + self._permutation(epoch, window, length)[slot]
+        runs, run_starts = self._permutation(epoch, window, length)
+        # Runs are whole but for a window's last one (the epoch's end): then where each starts is looked up.
+        index = slot // self.run if length % self.run == 0 else bisect.bisect_right(run_starts, slot) - 1
+        flat = window * self.window + runs[index] + slot - run_starts[index]
         order, starts = self._epoch(epoch)
         index = bisect.bisect_right(starts, flat) - 1
         return epoch, order[index], flat - starts[index]
@@ -137,8 +143,9 @@ class CanonicalOrder:
 
     def __init__(
         self, sources: Sequence[SourceOrder], weights: Sequence[float], seed: int | str, window: int, locations: dict | None = None,
+        run: int = 1,
     ) -> None:
-        self.sources, self.weights, self.seed, self.window = tuple(sources), tuple(weights), seed, window
+        self.sources, self.weights, self.seed, self.window, self.run = tuple(sources), tuple(weights), seed, window, run
         self.locations = dict(locations or {})  # shard URL -> rangedread.ShardLocation: where its member table lies
         total = sum(weights)
         self.cumulative = list(itertools.accumulate(weight / total for weight in weights))
@@ -176,9 +183,11 @@ class CanonicalOrder:
 
     def fingerprint(self) -> dict:
         """What a resume must find unchanged (the topology is not part of it)."""
+        runs = {"shuffle_run": self.run} if self.run != 1 else {}  # absent: runs of 1 (checkpoints from before runs)
         return {
             "seed": str(self.seed),
             "shuffle_buffer": self.window,
+            **runs,
             "sources": [
                 {"shards": len(source.urls), "items": source.epoch_items, "digest": source.fingerprint(), "weight": weight}
                 for source, weight in zip(self.sources, self.weights)
@@ -195,6 +204,8 @@ def refusal(saved: dict, current: dict) -> str | None:
             f"data.shuffle_buffer changed ({saved.get('shuffle_buffer')} -> {current['shuffle_buffer']}): it is the window "
             "the canonical order shuffles within"
         )
+    if saved.get("shuffle_run", 1) != current.get("shuffle_run", 1):
+        return f"data.shuffle_run changed ({saved.get('shuffle_run', 1)} -> {current.get('shuffle_run', 1)}): the window is shuffled in runs of it"
     old, new = saved.get("sources") or [], current["sources"]
     if len(old) != len(new):
         return f"data.train changed: it has {len(new)} source(s), the checkpoint's data had {len(old)}"
