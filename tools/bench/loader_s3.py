@@ -13,7 +13,8 @@ each R and each worker count it measures, without a node cache:
 - bytes fetched before the first batch (start-up: index header, member tables, first items);
 - bytes fetched until the rank's last batch of epoch 0 arrived (prefetched later steps
   included), divided by the bytes the samples it trained on in that epoch take in the
-  shards (files, tar headers, padding: ``sample_bytes``);
+  shards (files, tar headers, padding: ``sample_bytes``); in brackets the same from the
+  first batch on (start-up and prefetch depth then cancel: the steady ratio);
 - steady samples/s (batches after the first; JPEG decode + resize to 224 px),
   against plain webdataset (``WebDataset(its 1/R of the shards).shuffle(256)``,
   the same decode) over the rank's share, measured in the same run.
@@ -96,56 +97,59 @@ def use_fsspec_for_s3_in_webdataset() -> None:
 
 
 def plain_webdataset(share: list[str], batch: int, batches: int, sizes: dict[str, int], proxy: CountingProxy) -> dict:
-    """Plain webdataset over the rank's shards, read once (then again if the timing needs more batches)."""
-    items = sum(1 for key in sizes if any(key.startswith(Path(url).stem) for url in share))
-    repeats = max(1, -(-(batches * batch) // items))
+    """Plain webdataset over the rank's shards: one pass for the bytes, then a timed pass (the shards repeated
+    as often as the timing needs)."""
+    proxy.reset()
+    keys = [sample["__key__"] for sample in wds.WebDataset(share, shardshuffle=False, empty_check=False)]
+    epoch_bytes = proxy.counts()[1]
+    repeats = max(1, -(-((batches + 1) * batch) // len(keys)))
     dataset = (
         wds.WebDataset(share * repeats, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
         .to_tuple("jpg", "txt", "json", "__key__").map(lambda s: (to_tensor(s[0]), s[1], s[3])).batched(batch, collation_fn=None)
     )
     proxy.reset()
     stream = iter(dataset)
-    first = next(stream)
+    next(stream)
     before_first = proxy.counts()[1]
-    started, trained, epoch_bytes = time.perf_counter(), {k for _, _, k in first}, None
-    done = 1
-    for chunk in stream:
-        torch.stack([image for image, _, _ in chunk])
-        trained.update(k for _, _, k in chunk)
-        done += 1
-        if epoch_bytes is None and len(trained) >= items:
-            epoch_bytes = proxy.counts()[1]
-        if done > batches and epoch_bytes is not None:
-            break
-    rate = (done - 1) * batch / (time.perf_counter() - started)
-    epoch_bytes = epoch_bytes or proxy.counts()[1]
-    return {"first": before_first, "ratio": epoch_bytes / sum(sizes[k] for k in trained if k in sizes), "rate": rate}
+    started = time.perf_counter()
+    for _ in range(batches):
+        torch.stack([image for image, _, _ in next(stream)])
+    rate = batches * batch / (time.perf_counter() - started)
+    return {"first": before_first, "ratio": epoch_bytes / sum(sizes[k] for k in keys), "rate": rate}
 
 
-def train_loader(urls, rank: int, world: int, batch: int, workers: int, window: int) -> TrainLoader:
-    return TrainLoader(urls, rank, world, seed=0, shuffle_buffer=window, batch_size=batch, image_size=TRAINED, num_workers=workers)
+def train_loader(urls, rank: int, world: int, batch: int, workers: int, window: int, run: int) -> TrainLoader:
+    return TrainLoader(
+        urls, rank, world, seed=0, shuffle_buffer=window, batch_size=batch, image_size=TRAINED, num_workers=workers, shuffle_run=run
+    )
 
 
-def vlcluster_reader(urls, world: int, workers: int, args, sizes: dict[str, int], proxy: CountingProxy) -> dict:
+def vlcluster_reader(urls, world: int, workers: int, run: int, args, sizes: dict[str, int], proxy: CountingProxy) -> dict:
+    """Rank 0 of ``world`` over epoch 0 (and on, if the timing needs more batches)."""
     proxy.reset()
-    loader = train_loader(urls, 0, world, args.batch, workers, args.shuffle_buffer)
+    loader = train_loader(urls, 0, world, args.batch, workers, args.shuffle_buffer, run)
     epoch_steps = len(sizes) // (args.batch * world)
     batch = loader.next_batch()
     before_first = proxy.counts()[1]
-    trained, epoch_bytes = sum(sizes[k] for k in batch["key"]), None
+    first_trained = trained = sum(sizes[k] for k in batch["key"])
+    epoch_bytes = None
     started = time.perf_counter()
-    for step in range(1, max(epoch_steps, args.batches + 1)):
+    total = max(epoch_steps, args.batches + 1)
+    for step in range(1, total):
         batch = loader.next_batch()
         if step < epoch_steps:
             trained += sum(sizes[k] for k in batch["key"])
         if step == epoch_steps - 1:
             epoch_bytes = proxy.counts()[1]
-    rate = (max(epoch_steps, args.batches + 1) - 1) * args.batch / (time.perf_counter() - started)
+    rate = (total - 1) * args.batch / (time.perf_counter() - started)
     loader.close()
-    return {"first": before_first, "ratio": (epoch_bytes or proxy.counts()[1]) / trained, "rate": rate, "steps": epoch_steps}
+    epoch_bytes = epoch_bytes or proxy.counts()[1]
+    # After the first batch, readers are as far ahead (prefetch) at the start as at the end: that ratio is the steady one.
+    after_first = (epoch_bytes - before_first) / (trained - first_trained) if trained > first_trained else float("nan")
+    return {"first": before_first, "ratio": epoch_bytes / trained, "after_first": after_first, "rate": rate, "steps": epoch_steps}
 
 
-def elastic_resume(urls, args, sizes: dict[str, int], proxy: CountingProxy) -> str:
+def elastic_resume(urls, run: int, args, sizes: dict[str, int], proxy: CountingProxy) -> str:
     """2 ranks for part of epoch 0, then 3 ranks from the saved position to its end: every sample once?"""
     global_batch = 6 * args.batch
     steps = len(sizes) // global_batch
@@ -153,7 +157,7 @@ def elastic_resume(urls, args, sizes: dict[str, int], proxy: CountingProxy) -> s
     proxy.reset()
     seen: list[str] = []
     trained = 0
-    two = [train_loader(urls, rank, 2, 3 * args.batch, 0, args.shuffle_buffer) for rank in range(2)]
+    two = [train_loader(urls, rank, 2, 3 * args.batch, 0, args.shuffle_buffer, run) for rank in range(2)]
     for _ in range(cut):
         for loader in two:
             keys = loader.next_batch()["key"]
@@ -162,7 +166,7 @@ def elastic_resume(urls, args, sizes: dict[str, int], proxy: CountingProxy) -> s
     state = json.loads(json.dumps(two[0].state_dict()))
     for loader in two:
         loader.close()
-    three = [train_loader(urls, rank, 3, 2 * args.batch, 0, args.shuffle_buffer) for rank in range(3)]
+    three = [train_loader(urls, rank, 3, 2 * args.batch, 0, args.shuffle_buffer, run) for rank in range(3)]
     for loader in three:
         loader.load_state_dict(state)
     for _ in range(steps - cut):
@@ -174,7 +178,7 @@ def elastic_resume(urls, args, sizes: dict[str, int], proxy: CountingProxy) -> s
         loader.close()
     fetched = proxy.counts()[1]
     once = len(seen) == len(set(seen)) == steps * global_batch
-    return (f"2 -> 3 ranks at step {cut} of {steps}: {len(seen)} samples, each once: {once}; "
+    return (f"shuffle_run {run}: 2 -> 3 ranks at step {cut} of {steps}: {len(seen)} samples, each once: {once}; "
             f"bytes fetched / bytes trained on, all five readers: {fetched / trained:.2f}")
 
 
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", default="0,20")
     parser.add_argument("--batches", type=int, default=12, help="timed batches at least (after the first)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--shuffle-runs", default="1,16", help="data.shuffle_run values of the TrainLoader rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="vlbench-loader-s3-"))
@@ -207,7 +212,7 @@ def main() -> None:
             print(f"{len(sizes)} samples ({STORED} px JPEG, jpg/txt/json) in {len(urls)} shards, {corpus / 2**20:.1f} MB; "
                   f"index {index_bytes / 1024:.0f} KB; batch {args.batch} per rank; shuffle_buffer {args.shuffle_buffer}; "
                   f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-            print("| latency | R | reader | before 1st batch | epoch bytes / trained bytes | samples/s | vs plain |")
+            print("| latency | R | reader | before 1st batch | epoch bytes / trained bytes (after the 1st batch) | samples/s | vs plain |")
             print("|---:|---:|---|---:|---:|---:|---:|")
             with CountingProxy(int(server.endpoint.rsplit(":", 1)[1])) as proxy:
                 config.activate(config.StorageSpec(endpoint_url=proxy.endpoint))
@@ -219,13 +224,14 @@ def main() -> None:
                         shard_mb = corpus / len(urls) / 2**20
                         print(f"| {latency} ms | {world} | plain webdataset, its {len(share)} shard(s) | {plain['first'] / 2**20:.2f} MB "
                               f"| {plain['ratio']:.2f} | {plain['rate']:.0f} | 1.00 |")
-                        for workers in (int(x) for x in args.workers.split(",")):
-                            ours = vlcluster_reader(urls, world, workers, args, sizes, proxy)
-                            print(f"| {latency} ms | {world} | TrainLoader, {workers} workers ({ours['steps']} steps/epoch) | "
+                        for run, workers in ((r, w) for r in map(int, args.shuffle_runs.split(",")) for w in map(int, args.workers.split(","))):
+                            ours = vlcluster_reader(urls, world, workers, run, args, sizes, proxy)
+                            print(f"| {latency} ms | {world} | TrainLoader, shuffle_run {run}, {workers} workers ({ours['steps']} steps/epoch) | "
                                   f"{ours['first'] / 2**20:.2f} MB ({ours['first'] / (index_bytes + 2 * shard_mb * 2**20):.2f} of index + 2 shards) "
-                                  f"| {ours['ratio']:.2f} | {ours['rate']:.0f} | {ours['rate'] / plain['rate']:.2f} |", flush=True)
+                                  f"| {ours['ratio']:.2f} ({ours['after_first']:.2f}) | {ours['rate']:.0f} | {ours['rate'] / plain['rate']:.2f} |", flush=True)
                 proxy.latency_s = 0
-                print(elastic_resume(urls, args, sizes, proxy))
+                for run in map(int, args.shuffle_runs.split(",")):
+                    print(elastic_resume(urls, run, args, sizes, proxy))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

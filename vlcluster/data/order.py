@@ -8,9 +8,12 @@ One source: every epoch ``e`` permutes the shards (seeded by ``seed`` and
 ``e``) and concatenates their items in file order (an item is a sample, or
 the error marker of a damaged shard: ``tarindex.ShardIndex``); that list is
 cut into windows of ``shuffle_buffer`` items and each window is permuted by
-its own seeded permutation. Item counts per shard come from one walk over
-the tar headers (``shard_counts``), so position ``k`` of the run, across
-epochs, maps to (epoch, shard, item) by arithmetic: ``SourceOrder.locate``.
+its own seeded permutation: of its items, or, with ``run`` > 1 (``data.shuffle_run``),
+of its runs of ``run`` consecutive items (the window rounded up to whole runs),
+so that a reader's slice of a step comes from few shards in few ranged reads.
+Item counts per shard come from the shard index (``corpusindex.py``), or one
+walk over the tar headers (``shard_counts``), so position ``k`` of the run,
+across epochs, maps to (epoch, shard, item) by arithmetic: ``SourceOrder.locate``.
 
 A weighted mixture picks the source of each position by weight, from RNG
 blocks seeded by (seed, block): position ``p`` takes the next unread
