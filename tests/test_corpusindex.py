@@ -184,3 +184,51 @@ def test_on_s3_the_loader_reads_the_index_and_ranges_of_the_shards(corpus: list[
     shard_bytes = sum(Path(url).stat().st_size for url in corpus)
     # 48 positions read = 1.2 epochs of the corpus; the walk reads every shard whole each time it opens one.
     assert 0 < fetched < 1.5 * shard_bytes, (requests, fetched, shard_bytes)
+
+
+def tar_spans(urls: list[str]) -> dict[str, int]:
+    """Bytes each sample takes in its shard (its files, their headers and padding), by key."""
+    spans = {}
+    for url in urls:
+        walked = ShardIndex(url)
+        walked.close()
+        previous = 0
+        for sample in walked.samples:
+            if sample.error is None:
+                end = -(-max(offset + size for _, offset, size in sample.files) // 512) * 512
+                spans[sample.key], previous = end - previous, end
+    return spans
+
+
+def test_a_2_to_3_rank_resume_on_s3_reads_every_sample_once_and_little_else(s3_env, s3_server, tmp_path: Path) -> None:
+    import fsspec
+
+    from tests.countingproxy import CountingProxy
+    from vlcluster.storage import config
+
+    built = syn.build_dataset(str(tmp_path / "clean"), 96, 4, 16, 48, seed=4)
+    config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
+    fsspec.filesystem("s3").put([*built["train_shards"], str(tmp_path / "clean" / INDEX_NAME)], "s3://data/resume/")
+    remote = [f"s3://data/resume/{Path(url).name}" for url in built["train_shards"]]
+    spans = tar_spans(built["train_shards"])
+
+    def run(world: int, steps: int, state: dict | None) -> tuple[list[str], dict]:
+        loaders = [TrainLoader(remote, rank, world, 0, 24, 12 // world, shuffle_run=4) for rank in range(world)]
+        for train in loaders:
+            if state is not None:
+                train.load_state_dict(state)
+        seen = [key for _ in range(steps) for train in loaders for key in train.next_batch()["key"]]
+        state = json.loads(json.dumps(loaders[0].state_dict()))
+        for train in loaders:
+            train.close()
+        return seen, state
+
+    with CountingProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        config.activate(config.StorageSpec(endpoint_url=proxy.endpoint))
+        fsspec.filesystem("s3").clear_instance_cache()
+        before, state = run(2, 3, None)
+        after, _ = run(3, 5, state)
+        fetched = proxy.counts()[1]
+    assert sorted(before + after) == sorted(spans)  # 8 steps of 12: the epoch of 96, each sample once
+    # Five readers' start-up (index header, listing, member tables) and HTTP overhead on 96 samples of ~3 KB.
+    assert fetched / sum(spans.values()) < 1.6, fetched / sum(spans.values())
