@@ -187,13 +187,14 @@ class RangedReader:
 
     def _source(self, url: str) -> str:
         """What to read ``url``'s bytes from: the node cache's local copy where one is configured."""
-        cache_dir = active().cache_dir
-        if not cache_dir or "://" not in url or url.startswith("file://"):
+        spec = active()
+        if not spec.cache_dir or "://" not in url or url.startswith("file://"):
             return url
-        if url not in self._local:
+        if url not in self._local or not Path(self._local[url]).exists():  # a bounded cache may have removed it
             from vlcluster.storage.cache import cached_copy
+            from vlcluster.storage.shardlist import limit_bytes
 
-            self._local[url] = str(cached_copy(url, Path(cache_dir).expanduser() / "shards"))
+            self._local[url] = str(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards", limit_bytes(spec)))
         return self._local[url]
 
     def fetch(self, wanted: Sequence[tuple[str, int]]) -> list[RawSample]:
@@ -227,6 +228,10 @@ class RangedReader:
         for key, group in by_fs.items():
             results = fss[key].cat_ranges([p for p, _ in group], [b[1] for _, b in group], [b[2] for _, b in group], on_error="return")
             for (_, (url, start, end, members)), result in zip(group, results):
+                if isinstance(result, FileNotFoundError) and url in self._local:  # a node cache's copy removed meanwhile
+                    self._local.pop(url)
+                    fs, path = fsspec.core.url_to_fs(self._source(url))
+                    result = fs.cat_file(path, start=start, end=end)
                 if isinstance(result, BaseException) and not isinstance(result, (EOFError, ValueError)):
                     raise result
                 blob = b"" if isinstance(result, BaseException) else result
