@@ -111,11 +111,11 @@ def plain_webdataset(share: list[str], batch: int, batches: int, sizes: dict[str
     stream = iter(dataset)
     next(stream)
     before_first = proxy.counts()[1]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         torch.stack([image for image, _, _ in next(stream)])
-    rate = batches * batch / (time.perf_counter() - started)
-    return {"first": before_first, "ratio": epoch_bytes / sum(sizes[k] for k in keys), "rate": rate}
+    rate, cpu_rate = batches * batch / (time.perf_counter() - started), batches * batch / (time.process_time() - cpu)
+    return {"first": before_first, "ratio": epoch_bytes / sum(sizes[k] for k in keys), "rate": rate, "cpu_rate": cpu_rate}
 
 
 def train_loader(urls, rank: int, world: int, batch: int, workers: int, window: int, run: int) -> TrainLoader:
@@ -133,7 +133,7 @@ def vlcluster_reader(urls, world: int, workers: int, run: int, args, sizes: dict
     before_first = proxy.counts()[1]
     first_trained = trained = sum(sizes[k] for k in batch["key"])
     epoch_bytes = None
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     total = max(epoch_steps, args.batches + 1)
     for step in range(1, total):
         batch = loader.next_batch()
@@ -142,11 +142,13 @@ def vlcluster_reader(urls, world: int, workers: int, run: int, args, sizes: dict
         if step == epoch_steps - 1:
             epoch_bytes = proxy.counts()[1]
     rate = (total - 1) * args.batch / (time.perf_counter() - started)
+    cpu_rate = (total - 1) * args.batch / (time.process_time() - cpu) if not workers else float("nan")
     loader.close()
     epoch_bytes = epoch_bytes or proxy.counts()[1]
     # After the first batch, readers are as far ahead (prefetch) at the start as at the end: that ratio is the steady one.
     after_first = (epoch_bytes - before_first) / (trained - first_trained) if trained > first_trained else float("nan")
-    return {"first": before_first, "ratio": epoch_bytes / trained, "after_first": after_first, "rate": rate, "steps": epoch_steps}
+    return {"first": before_first, "ratio": epoch_bytes / trained, "after_first": after_first, "rate": rate, "cpu_rate": cpu_rate,
+            "steps": epoch_steps}
 
 
 def elastic_resume(urls, run: int, args, sizes: dict[str, int], proxy: CountingProxy) -> str:
@@ -212,8 +214,9 @@ def main() -> None:
             print(f"{len(sizes)} samples ({STORED} px JPEG, jpg/txt/json) in {len(urls)} shards, {corpus / 2**20:.1f} MB; "
                   f"index {index_bytes / 1024:.0f} KB; batch {args.batch} per rank; shuffle_buffer {args.shuffle_buffer}; "
                   f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-            print("| latency | R | reader | before 1st batch | epoch bytes / trained bytes (after the 1st batch) | samples/s | vs plain |")
-            print("|---:|---:|---|---:|---:|---:|---:|")
+            print("| latency | R | reader | before 1st batch | epoch bytes / trained bytes (after the 1st batch) | samples/s | vs plain "
+                  "| samples per CPU s (this process) | vs plain |")
+            print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
             with CountingProxy(int(server.endpoint.rsplit(":", 1)[1])) as proxy:
                 config.activate(config.StorageSpec(endpoint_url=proxy.endpoint))
                 for latency in (int(x) for x in args.latency_ms.split(",")):
@@ -223,12 +226,13 @@ def main() -> None:
                         plain = plain_webdataset(share, args.batch, args.batches, sizes, proxy)
                         shard_mb = corpus / len(urls) / 2**20
                         print(f"| {latency} ms | {world} | plain webdataset, its {len(share)} shard(s) | {plain['first'] / 2**20:.2f} MB "
-                              f"| {plain['ratio']:.2f} | {plain['rate']:.0f} | 1.00 |")
+                              f"| {plain['ratio']:.2f} | {plain['rate']:.0f} | 1.00 | {plain['cpu_rate']:.0f} | 1.00 |")
                         for run, workers in ((r, w) for r in map(int, args.shuffle_runs.split(",")) for w in map(int, args.workers.split(","))):
                             ours = vlcluster_reader(urls, world, workers, run, args, sizes, proxy)
                             print(f"| {latency} ms | {world} | TrainLoader, shuffle_run {run}, {workers} workers ({ours['steps']} steps/epoch) | "
                                   f"{ours['first'] / 2**20:.2f} MB ({ours['first'] / (index_bytes + 2 * shard_mb * 2**20):.2f} of index + 2 shards) "
-                                  f"| {ours['ratio']:.2f} ({ours['after_first']:.2f}) | {ours['rate']:.0f} | {ours['rate'] / plain['rate']:.2f} |", flush=True)
+                                  f"| {ours['ratio']:.2f} ({ours['after_first']:.2f}) | {ours['rate']:.0f} | {ours['rate'] / plain['rate']:.2f} "
+                                  f"| {ours['cpu_rate']:.0f} | {ours['cpu_rate'] / plain['cpu_rate']:.2f} |", flush=True)
                 proxy.latency_s = 0
                 for run in map(int, args.shuffle_runs.split(",")):
                     print(elastic_resume(urls, run, args, sizes, proxy))
