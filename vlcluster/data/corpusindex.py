@@ -28,7 +28,6 @@ its shard's bytes never yields wrong data.
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import struct
 import zlib
@@ -40,8 +39,6 @@ from typing import Any
 import fsspec
 
 from vlcluster.data.tarindex import IndexedSample, ShardIndex
-
-log = logging.getLogger("vlcluster.data")
 
 INDEX_NAME = "shards.vlindex"
 MAGIC = b"VLCLUSTER-SHARD-INDEX\n"

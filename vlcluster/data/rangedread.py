@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,7 @@ def _check(index: CorpusIndex, urls: Sequence[str], sizes: dict[str, int]) -> di
 def locate_shards(urls: Sequence[str]) -> tuple[tuple[int, ...], dict[str, ShardLocation]]:
     """Items per shard of ``urls``, and where the indexed ones' member tables lie."""
     locations: dict[str, ShardLocation] = {}
-    by_directory: dict[str, list[str]] = {}
-    for url in urls:
-        by_directory.setdefault(_directory(url), []).append(url)
-    for directory, group in by_directory.items():
+    for directory, group in _by_directory(urls).items():
         index = _index_of(directory)
         if index is not None:
             locations.update(_check(index, group, _listed_sizes(directory)))
@@ -113,14 +111,11 @@ def locate_shards(urls: Sequence[str]) -> tuple[tuple[int, ...], dict[str, Shard
             "store; run `vlcluster index` over them, or set storage.cache_dir to index them once per node",
             len(missing), missing[0],
         )
-        with_counts = dict(zip(missing, _walk_counts(missing)))
-        counts.update(with_counts)
+        counts.update(zip(missing, _walk_counts(missing)))
     return tuple(counts[url] for url in urls), locations
 
 
 def _walk_counts(urls: Sequence[str]) -> list[int]:
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(min(8, max(1, len(urls)))) as pool:
         return list(pool.map(count_items, urls))
 
