@@ -34,6 +34,8 @@ import logging
 import os
 import random
 import signal
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,8 @@ Decoder = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
 MAX_LOGGED_BAD = 100
 # data.num_workers: auto stops here: decode rarely needs more per GPU.
 MAX_AUTO_WORKERS = 8
+# Steps whose items are being fetched while the current one decodes (per worker).
+FETCH_AHEAD = 2
 
 
 def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
@@ -213,20 +217,27 @@ class _ItemReader:
         self.order = order
         self.ranged = RangedReader({url: at for url, at in order.locations.items() if not at.entry.compressed})
         self.open: dict[str, ShardIndex] = {}
+        self.lock = threading.Lock()
         # Fewer open shards than a window of every source spans would index shards again and again.
         self.capacity = sum(source.shards_per_window() for source in order.sources) + 1
 
     def read_many(self, served: list[tuple[int, int]]) -> list[RawSample]:
-        """The items at ``(source, source position)``, in that order."""
-        located = []
-        for source, position in served:
-            epoch, shard, item = self.order.sources[source].locate(position)
-            located.append((epoch, self.order.sources[source].urls[shard], item))
+        """The items at ``(source, source position)``, in that order (from FETCH_AHEAD threads at once:
+        the order's caches, member tables and walked shards are used under ``lock``, the ranged reads not)."""
+        with self.lock:
+            located = []
+            for source, position in served:
+                epoch, shard, item = self.order.sources[source].locate(position)
+                located.append((epoch, self.order.sources[source].urls[shard], item))
         ranged = [(url, item) for _, url, item in located if url in self.ranged.locations]
-        fetched = iter(self.ranged.fetch(ranged)) if ranged else iter(())
+        fetched = iter(self.ranged.fetch(ranged, self.lock)) if ranged else iter(())
         raws = []
         for epoch, url, item in located:
-            raw = next(fetched) if url in self.ranged.locations else self._walked(url).read(item)
+            if url in self.ranged.locations:
+                raw = next(fetched)
+            else:
+                with self.lock:
+                    raw = self._walked(url).read(item)
             raw["__epoch__"] = epoch  # the caption draw depends on it (draw_caption)
             raws.append(raw)
         return raws
@@ -270,15 +281,17 @@ class _WorkerBatches(IterableDataset):
         config = self.config
         reader = _ItemReader(self.order)
         steps = self._steps(worker, workers)
-        # The next step's bytes are fetched while this one decodes: object-store latency hides behind the work.
-        with ThreadPoolExecutor(1) as fetcher:
-            step, position, end, served = next(steps)
-            pending = fetcher.submit(reader.read_many, served)
+        # The next steps' bytes are fetched while this one decodes, FETCH_AHEAD of them at once: object-store
+        # latency (two round trips a step: member tables, then items) hides behind the work.
+        with ThreadPoolExecutor(FETCH_AHEAD) as fetcher:
+            pending: deque = deque()
             try:
                 while True:
-                    raws = pending.result()
-                    following = next(steps)
-                    pending = fetcher.submit(reader.read_many, following[3])
+                    while len(pending) < FETCH_AHEAD:
+                        following = next(steps)
+                        pending.append((following, fetcher.submit(reader.read_many, following[3])))
+                    (step, position, end, _), future = pending.popleft()
+                    raws = future.result()
                     try:
                         batch = decode_items(
                             raws, config.image_size, info is not None,
@@ -289,11 +302,11 @@ class _WorkerBatches(IterableDataset):
                         yield {"error": f"rank {config.rank}, step at data position {position.position}: {exc}", "step": step}
                         return
                     yield {**batch, "step": step, "end": end.state_dict()}
-                    step, position, end, served = following
             except BadDataError as exc:  # a shard that does not match its index
                 yield {"error": f"rank {config.rank}, step at data position {position.position}: {exc}", "step": step}
             finally:
-                pending.cancel()
+                for _, future in pending:
+                    future.cancel()
                 fetcher.shutdown(wait=True)
                 reader.close()
 

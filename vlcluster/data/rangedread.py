@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,10 +193,14 @@ class RangedReader:
             self._local[url] = str(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards", limit_bytes(spec)))
         return self._local[url]
 
-    def fetch(self, wanted: Sequence[tuple[str, int]]) -> list[RawSample]:
-        """The raw items ``(shard url, item index)``, in the order asked."""
-        self._load_tables({url for url, _ in wanted})
-        samples = [self.tables[url][item] for url, item in wanted]
+    def fetch(self, wanted: Sequence[tuple[str, int]], lock: AbstractContextManager | None = None) -> list[RawSample]:
+        """The raw items ``(shard url, item index)``, in the order asked; ``lock``: held while the member tables
+        are loaded (callers fetching from several threads), not while the items' bytes are read."""
+        with lock or nullcontext():
+            self._load_tables({url for url, _ in wanted})
+            samples = [self.tables[url][item] for url, item in wanted]
+            for url, _ in wanted:
+                self._source(url)  # a node cache's copy, fetched under the lock too
         spans = {}
         for (url, item), sample in zip(wanted, samples):
             if sample.error is None:
