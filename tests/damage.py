@@ -8,6 +8,8 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from vlcluster.data.corpusindex import INDEX_NAME, write_index
+
 # What ``damage`` does to the shards it is given, per pass over them.
 EXPECTED_BAD = {0: {"read_error": 1, "missing_field": 1}, 1: {"bad_image": 1, "missing_field": 1, "bad_text": 1}}
 
@@ -40,4 +42,11 @@ def damage(shards: list[str]) -> set[str]:
     del samples[1]["txt"]
     samples[2]["txt"] = b"\xff\xfe caption"
     _rewrite(second, samples)
+    reindex(first.parent)
     return {sample["__key__"] for sample in samples[:3]}
+
+
+def reindex(directory: Path) -> None:
+    """Index the directory's shards again, as a data owner does after changing them (the old index is stale)."""
+    if (directory / INDEX_NAME).exists():
+        write_index(sorted(str(path) for path in directory.glob("*.tar")), str(directory / INDEX_NAME))

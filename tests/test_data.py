@@ -310,3 +310,30 @@ def test_text_encoder_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "tokenizer.json"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         TextEncoder(missing)
+
+
+@pytest.mark.parametrize("run", [1, 4])
+def test_source_order_runs_partition_each_window_into_consecutive_items(run: int) -> None:
+    import random
+
+    counts = [8, 8, 8, 8, 8, 3]  # 43 items: the last window is short, its last run too
+    order = SourceOrder([f"s{i}.tar" for i in range(len(counts))], counts, seed=3, window=10, run=run)
+    window = order.window
+    assert window == -(-10 // run) * run
+    for epoch in range(2):
+        shard_order = order.shard_order(epoch)
+        first_flat = {shard: sum(counts[s] for s in shard_order[: shard_order.index(shard)]) for shard in shard_order}
+        flat = [first_flat[shard] + item for _, shard, item in map(order.locate, range(epoch * 43, (epoch + 1) * 43))]
+        assert sorted(flat) == list(range(43)) != flat  # every item once per epoch, shuffled
+        for start in range(0, 43, window):
+            positions = flat[start : start + window]
+            assert sorted(positions) == list(range(start, min(start + window, 43)))  # windows stay windows
+            end = min(start + window, 43)
+            for first in range(start, end, run):  # each run of `run` consecutive items is read as one
+                block = list(range(first, min(first + run, end)))
+                at = positions.index(first)
+                assert positions[at : at + len(block)] == block
+            if run == 1:  # runs of one item: the item permutation seeded per (seed, epoch, window)
+                expected = list(range(len(positions)))
+                random.Random(f"3:{epoch}:{start // window}:window").shuffle(expected)
+                assert positions == [start + p for p in expected]

@@ -71,6 +71,16 @@ def test_hash_covers_upstream_but_not_resources(write_job):
     assert resized.hashes == base.hashes
 
 
+def test_a_later_field_at_its_default_keeps_existing_hashes(write_job):
+    from vlcluster.graph import stage_identity
+
+    base = graph_of(write_job)
+    assert "shuffle_run" not in stage_identity(base.pipeline.stages["seed"])["data"]  # hashes as before the field
+    assert graph_of(write_job, overrides=["stages.seed.data.shuffle_run=1"]).hashes == base.hashes
+    runs = graph_of(write_job, overrides=["stages.seed.data.shuffle_run=8"])
+    assert runs.hashes["seed"] != base.hashes["seed"] and runs.hashes["data"] == base.hashes["data"]
+
+
 def test_only_the_chosen_merge_methods_parameters_enter_its_hash(write_job):
     ties = ["stages.merge.method=ties", "stages.merge.seed=seed"]
     base = graph_of(write_job, overrides=ties)

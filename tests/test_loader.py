@@ -219,6 +219,8 @@ def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str], tm
         loader(shards, 0, shuffle_buffer=7).load_state_dict(state)
     with pytest.raises(ValueError, match="train.seed changed"):
         loader(shards, 0, seed=6).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.shuffle_run changed \\(1 -> 4\\)"):
+        loader(shards, 0, shuffle_run=4).load_state_dict(state)
     with pytest.raises(ValueError, match="the shards of data.train changed \\(8 shard\\(s\\) with 64 items -> 7 with 56\\)"):
         loader(shards[:7], 0).load_state_dict(state)
     with pytest.raises(ValueError, match="one per data-loader worker"):  # a position of earlier versions
@@ -230,6 +232,31 @@ def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str], tm
     moved.mkdir()
     copies = [shutil.copy(url, moved) for url in shards]
     assert keys(loader_from(copies, 0, state), 3) == expected
+
+
+def shard_item(key: str) -> tuple[int, int]:
+    """(shard, item) of a synthetic train key: ``train-<global index>``, SHARD_SIZE per shard."""
+    return divmod(int(key.rsplit("-", 1)[1]), SHARD_SIZE)
+
+
+@pytest.mark.parametrize("run", [4, 5])
+def test_runs_of_consecutive_items_keep_the_order_independent_of_topology(shards: list[str], run: int) -> None:
+    reference = None
+    for sizes, workers in TOPOLOGIES[:4]:
+        loaders = [
+            TrainLoader(shards, rank, len(sizes), 5, 6, size, num_workers=workers, rank_sizes=sizes, shuffle_run=run)
+            for rank, size in enumerate(sizes)
+        ]
+        steps = global_steps(loaders, 11)
+        close(loaders)
+        reference = reference or steps
+        assert steps == reference, (sizes, workers)
+    flat = [shard_item(key) for step in reference for key in step]
+    first, second = flat[:N_TRAIN], flat[N_TRAIN : 2 * N_TRAIN]
+    assert len(set(first)) == N_TRAIN and set(second) == set(first) and second != first
+    # Runs of consecutive items of a shard: most neighbours in the order are neighbours in a shard (with runs of 1, few).
+    neighbours = sum(b == (a[0], a[1] + 1) for a, b in zip(first, first[1:]))
+    assert neighbours >= (run - 1) / run * N_TRAIN * 0.6, neighbours
 
 
 def test_more_readers_than_shards(shards: list[str]) -> None:

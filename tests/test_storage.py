@@ -371,6 +371,37 @@ def test_ranks_sharing_a_cache_never_read_a_partial_copy(s3_env, tmp_path):
     assert local_copy("s3://runs/cache-race/model.safetensors").read_bytes() == b"v2"
 
 
+def test_a_node_fetches_each_shard_once_and_keeps_its_cache_under_the_limit(s3_env, s3_server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+
+    from tests.countingproxy import CountingProxy
+    from vlcluster.storage import config
+    from vlcluster.storage.shardlist import open_input
+
+    urls = [f"s3://data/cache-limit/{index}.tar" for index in range(3)]
+    for index, url in enumerate(urls):
+        fsspec.filesystem("s3").pipe_file(url, bytes([index]) * (1 << 20))
+    cache = tmp_path / "limited"
+    with CountingProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        config.activate(config.StorageSpec(endpoint_url=proxy.endpoint, cache_dir=str(cache), cache_limit_gb=0.0025))
+        fsspec.filesystem("s3").clear_instance_cache()
+
+        def read(url: str) -> bytes:
+            with open_input(url) as stream:
+                return stream.read()
+
+        with ThreadPoolExecutor(4) as pool:  # four ranks of a node open the same shard at once
+            assert set(pool.map(read, [urls[0]] * 4)) == {bytes([0]) * (1 << 20)}
+        assert (1 << 20) < proxy.counts()[1] < 1.2 * (1 << 20)  # one download, the others waited for it
+        assert read(urls[1]) == bytes([1]) * (1 << 20) and read(urls[2]) == bytes([2]) * (1 << 20)
+        copies = sorted(path.name.split("-", 1)[1] for path in (cache / "shards").iterdir() if path.is_file())
+        assert copies == ["1.tar", "2.tar"]  # 3 MiB > 2.5 GB/1000: the least recently used copy went
+        proxy.reset()
+        assert read(urls[2]) == bytes([2]) * (1 << 20) and proxy.counts()[1] < 4096  # a HEAD, no download
+
+
 def test_a_growing_log_is_mirrored_to_s3(s3_env, tmp_path):
     from vlcluster.storage.paths import Mirror, run_path
 

@@ -439,6 +439,26 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from vlcluster.data.corpusindex import INDEX_NAME, index_beside, write_index
+    from vlcluster.storage.shardlist import expand
+
+    urls = expand(args.shards)
+    if not urls:
+        raise ValueError("no shards given")
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            console.print(f"indexed {done}/{total} shards")
+
+    written = [write_index(urls, args.out, progress)] if args.out else index_beside(urls, progress)
+    for summary in written:
+        console.print(f"wrote {escape(summary['index'])}: {summary['shards']} shards, {summary['items']} items, {summary['bytes']} bytes")
+    if args.out and not args.out.endswith("/" + INDEX_NAME):
+        console.print(f"the training loader looks for {INDEX_NAME} beside the shards: put it there to use it")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from vlcluster.model.external import convert_to_model_dir, export_beit, export_vlmo
 
@@ -718,6 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=32)
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_data)
+
+    index = sub.add_parser("index", help="index WebDataset shards once (item counts, file offsets) for the training loader")
+    index.add_argument("shards", nargs="+", help="shard URLs, brace patterns, globs or prefixes ending in /")
+    index.add_argument("-o", "--out", default=None, help="the index file (default: shards.vlindex beside the shards, one per directory)")
+    index.set_defaults(func=cmd_index)
 
     from vlcluster.importers.cli import add_import_parser
 

@@ -30,6 +30,7 @@ class DataSources:
     tokenizer: str | None
     answers: str | None
     shuffle_buffer: int
+    shuffle_run: int = 1  # items per shuffled run (data.shuffle_run)
     train_mixture: tuple[ShardSource, ...] = ()  # one per weighted source of data.train
     fields: FieldMap | None = None  # which files hold image, captions, task fields
     augment: Augment | None = None  # of training images
@@ -84,6 +85,7 @@ class StageContext:
                 tokenizer=_local(data.tokenizer),
                 answers=_local(data.answers),
                 shuffle_buffer=data.shuffle_buffer,
+                shuffle_run=data.shuffle_run,
                 train_mixture=mixture,
                 fields=field_map(data),
                 augment=augmentation(data),
@@ -102,6 +104,7 @@ class StageContext:
             tokenizer=_local(out / "tokenizer.json"),
             answers=_local(out / "answers.json"),
             shuffle_buffer=data.shuffle_buffer,
+            shuffle_run=data.shuffle_run,
         )
 
 

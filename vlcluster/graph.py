@@ -50,6 +50,11 @@ NON_IDENTITY_FIELDS = {
 }
 
 
+# Fields added after run directories existed: left out of a stage's identity at their default, so those
+# run directories keep their stage hashes (set, they change the stage as any field does).
+LATER_FIELDS = {"data": {"shuffle_run": 1}}
+
+
 def sweep_base(name: str) -> str:
     """``merge[alpha=0.25]`` -> ``merge``; other names are their own base."""
     return name.split("[", 1)[0] if name.endswith("]") else name
@@ -232,7 +237,12 @@ def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[s
 
 def stage_identity(stage) -> dict:
     exclude = {**NON_IDENTITY_FIELDS, **{name: True for name in stage.unused_fields()}}
-    return stage.model_dump(mode="json", by_alias=True, exclude=exclude)
+    identity = stage.model_dump(mode="json", by_alias=True, exclude=exclude)
+    for section, fields in LATER_FIELDS.items():
+        for name, default in fields.items():
+            if isinstance(identity.get(section), dict) and identity[section].get(name) == default:
+                del identity[section][name]
+    return identity
 
 
 def _hashes(pipeline: Pipeline, deps: dict[str, tuple[str, ...]], order: tuple[str, ...]) -> dict[str, str]:

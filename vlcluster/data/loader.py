@@ -34,6 +34,9 @@ import logging
 import os
 import random
 import signal
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlcluster.data.augment import NO_AUGMENT, Augment
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.mixture import ShardSource
-from vlcluster.data.order import CanonicalOrder, Position, SourceOrder, rank_slices, refusal, shard_counts
+from vlcluster.data.order import CanonicalOrder, Position, SourceOrder, rank_slices, refusal
 from vlcluster.data.quality import FIELDS_HINT, BadDataError, BadSample, DataQuality, no_usable_samples
+from vlcluster.data.rangedread import RangedReader, locate_shards
 from vlcluster.data.shards import DEFAULT_FIELDS, decode_fields, normalise_images
 from vlcluster.data.stream import RawSample
 from vlcluster.data.tarindex import ShardIndex
@@ -59,6 +63,8 @@ Decoder = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
 MAX_LOGGED_BAD = 100
 # data.num_workers: auto stops here: decode rarely needs more per GPU.
 MAX_AUTO_WORKERS = 8
+# Steps whose items are being fetched while the current one decodes (per worker).
+FETCH_AHEAD = 2
 
 
 def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_node: int, shards: int, world_size: int) -> int:
@@ -85,6 +91,7 @@ class LoaderConfig:
     augment: Augment = NO_AUGMENT
     uint8_images: bool = False  # ship pixels as uint8 [B, H, W, 3]; the trainer normalises on its device
     decode: Decoder | None = None  # a task's sample decoder; picklable for worker processes
+    shuffle_run: int = 1  # the window is shuffled in runs of this many consecutive items (order.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", as_sources(self.sources))
@@ -94,18 +101,20 @@ class LoaderConfig:
         return sum(self.rank_sizes)
 
     def build_order(self) -> CanonicalOrder:
-        """The canonical order of these sources (counts every shard's items: one walk over its tar headers)."""
-        orders = []
+        """The canonical order of these sources (item counts from the index beside the shards: ``rangedread.py``)."""
+        orders, locations = [], {}
         for index, source in enumerate(self.sources):
             seed = self.seed if len(self.sources) == 1 else f"{self.seed}:source{index}"
-            order = SourceOrder(source.urls, shard_counts(source.urls), seed, self.shuffle_buffer)
+            counts, found = locate_shards(source.urls)
+            locations.update(found)
+            order = SourceOrder(source.urls, counts, seed, self.shuffle_buffer, self.shuffle_run)
             if order.epoch_items == 0:
                 which = f"source {index + 1} of data.train" if len(self.sources) > 1 else "data.train"
                 raise BadDataError(
                     f"{which} has no samples at all in its {len(source.urls)} shard(s) ({_shortlist(list(source.urls))}): empty tar files?"
                 )
             orders.append(order)
-        return CanonicalOrder(orders, [source.weight for source in self.sources], self.seed, self.shuffle_buffer)
+        return CanonicalOrder(orders, [source.weight for source in self.sources], self.seed, self.shuffle_buffer, locations, self.shuffle_run)
 
 
 def as_sources(sources: Sequence[str] | Sequence[ShardSource]) -> tuple[ShardSource, ...]:
@@ -201,26 +210,46 @@ def stack_samples(samples: list[dict[str, Any]], shared: bool = False) -> dict[s
 
 
 class _ItemReader:
-    """Raw items of the canonical order; the shards of a shuffle window open at a time, each indexed once when opened."""
+    """Raw items of the canonical order: indexed shards by ranged reads (``rangedread.py``); the others
+    (compressed, or without an index) walked and read by seeking, those of a shuffle window open at a time."""
 
     def __init__(self, order: CanonicalOrder) -> None:
         self.order = order
+        self.ranged = RangedReader({url: at for url, at in order.locations.items() if not at.entry.compressed})
         self.open: dict[str, ShardIndex] = {}
+        self.lock = threading.Lock()
         # Fewer open shards than a window of every source spans would index shards again and again.
         self.capacity = sum(source.shards_per_window() for source in order.sources) + 1
 
-    def read(self, source: int, position: int) -> RawSample:
-        epoch, shard, item = self.order.sources[source].locate(position)
-        url = self.order.sources[source].urls[shard]
+    def read_many(self, served: list[tuple[int, int]]) -> list[RawSample]:
+        """The items at ``(source, source position)``, in that order (from FETCH_AHEAD threads at once:
+        the order's caches, member tables and walked shards are used under ``lock``, the ranged reads not)."""
+        with self.lock:
+            located = []
+            for source, position in served:
+                epoch, shard, item = self.order.sources[source].locate(position)
+                located.append((epoch, self.order.sources[source].urls[shard], item))
+        ranged = [(url, item) for _, url, item in located if url in self.ranged.locations]
+        fetched = iter(self.ranged.fetch(ranged, self.lock)) if ranged else iter(())
+        raws = []
+        for epoch, url, item in located:
+            if url in self.ranged.locations:
+                raw = next(fetched)
+            else:
+                with self.lock:
+                    raw = self._walked(url).read(item)
+            raw["__epoch__"] = epoch  # the caption draw depends on it (draw_caption)
+            raws.append(raw)
+        return raws
+
+    def _walked(self, url: str) -> ShardIndex:
         if url in self.open:
             self.open[url] = self.open.pop(url)  # most recently used last
         else:
             if len(self.open) >= self.capacity:
                 self.open.pop(next(iter(self.open))).close()
             self.open[url] = ShardIndex(url)
-        raw = self.open[url].read(item)
-        raw["__epoch__"] = epoch  # the caption draw depends on it (draw_caption)
-        return raw
+        return self.open[url]
 
     def close(self) -> None:
         for index in self.open.values():
@@ -235,21 +264,37 @@ class _WorkerBatches(IterableDataset):
     def __init__(self, config: LoaderConfig, order: CanonicalOrder, start: Position) -> None:
         self.config, self.order, self.start = config, order, start
 
+    def _steps(self, worker: int, workers: int):
+        """(step, position, position after it, the rank's (source, source position) items) of this worker's steps."""
+        config, order = self.config, self.order
+        offset, size = rank_slices(config.rank_sizes)[config.rank]
+        position, step = self.start, 0
+        while True:
+            end = order.skip(position, config.global_batch)
+            if step % workers == worker:
+                yield step, position, end, order.walk(order.skip(position, offset), size)[0]
+            position, step = end, step + 1
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        config, order = self.config, self.order
-        offset, size = rank_slices(config.rank_sizes)[config.rank]
-        reader = _ItemReader(order)
-        position, step = self.start, 0
-        try:
-            while True:
-                end = order.skip(position, config.global_batch)
-                if step % workers == worker:
-                    served, _ = order.walk(order.skip(position, offset), size)
+        config = self.config
+        reader = _ItemReader(self.order)
+        steps = self._steps(worker, workers)
+        # The next steps' bytes are fetched while this one decodes, FETCH_AHEAD of them at once: object-store
+        # latency (two round trips a step: member tables, then items) hides behind the work.
+        with ThreadPoolExecutor(FETCH_AHEAD) as fetcher:
+            pending: deque = deque()
+            try:
+                while True:
+                    while len(pending) < FETCH_AHEAD:
+                        following = next(steps)
+                        pending.append((following, fetcher.submit(reader.read_many, following[3])))
+                    (step, position, end, _), future = pending.popleft()
+                    raws = future.result()
                     try:
                         batch = decode_items(
-                            [reader.read(source, at) for source, at in served], config.image_size, info is not None,
+                            raws, config.image_size, info is not None,
                             config.fields, config.augment, config.uint8_images, config.decode, config.seed,
                         )
                     except BadDataError as exc:
@@ -257,9 +302,13 @@ class _WorkerBatches(IterableDataset):
                         yield {"error": f"rank {config.rank}, step at data position {position.position}: {exc}", "step": step}
                         return
                     yield {**batch, "step": step, "end": end.state_dict()}
-                position, step = end, step + 1
-        finally:
-            reader.close()
+            except BadDataError as exc:  # a shard that does not match its index
+                yield {"error": f"rank {config.rank}, step at data position {position.position}: {exc}", "step": step}
+            finally:
+                for _, future in pending:
+                    future.cancel()
+                fetcher.shutdown(wait=True)
+                reader.close()
 
 
 def _keep_workers_alive_on_stop_signals(_: int) -> None:
@@ -289,6 +338,7 @@ class TrainLoader:
         uint8_images: bool = False,
         decode: Decoder | None = None,
         rank_sizes: Sequence[int] | None = None,
+        shuffle_run: int = 1,
     ) -> None:
         """``batch_size``: this rank's share of a step; ``rank_sizes``: every rank's (default: ``batch_size`` each)."""
         if batch_size < 1:
@@ -299,7 +349,7 @@ class TrainLoader:
         if len(sizes) != world_size or sizes[rank] != batch_size:
             raise ValueError(f"rank_sizes {sizes} do not give rank {rank} of {world_size} its batch of {batch_size}")
         self.config = LoaderConfig(
-            as_sources(urls), rank, sizes, seed, shuffle_buffer, image_size, fields, augment, uint8_images, decode
+            as_sources(urls), rank, sizes, seed, shuffle_buffer, image_size, fields, augment, uint8_images, decode, shuffle_run
         )
         self.num_workers = num_workers
         self.pin_memory = pin_memory  # page-locked batches: host-to-device copies run asynchronously

@@ -8,9 +8,12 @@ One source: every epoch ``e`` permutes the shards (seeded by ``seed`` and
 ``e``) and concatenates their items in file order (an item is a sample, or
 the error marker of a damaged shard: ``tarindex.ShardIndex``); that list is
 cut into windows of ``shuffle_buffer`` items and each window is permuted by
-its own seeded permutation. Item counts per shard come from one walk over
-the tar headers (``shard_counts``), so position ``k`` of the run, across
-epochs, maps to (epoch, shard, item) by arithmetic: ``SourceOrder.locate``.
+its own seeded permutation: of its items, or, with ``run`` > 1 (``data.shuffle_run``),
+of its runs of ``run`` consecutive items (the window rounded up to whole runs),
+so that a reader's slice of a step comes from few shards in few ranged reads.
+Item counts per shard come from the shard index (``corpusindex.py``), or one
+walk over the tar headers (``shard_counts``), so position ``k`` of the run,
+across epochs, maps to (epoch, shard, item) by arithmetic: ``SourceOrder.locate``.
 
 A weighted mixture picks the source of each position by weight, from RNG
 blocks seeded by (seed, block): position ``p`` takes the next unread
@@ -56,11 +59,12 @@ def _rng(*parts: object) -> random.Random:
 class SourceOrder:
     """The canonical order of one source's items, over epochs."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], seed: int | str, window: int) -> None:
-        self.urls, self.counts, self.seed, self.window = tuple(urls), tuple(counts), seed, max(1, window)
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], seed: int | str, window: int, run: int = 1) -> None:
+        self.urls, self.counts, self.seed, self.run = tuple(urls), tuple(counts), seed, max(1, run)
+        self.window = -(-max(1, window) // self.run) * self.run  # whole runs per window
         self.epoch_items = sum(self.counts)
         self._epochs: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
-        self._windows: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._windows: OrderedDict[tuple[int, int], tuple[list[int], list[int]]] = OrderedDict()
 
     def shard_order(self, epoch: int) -> list[int]:
         """Shard indices in the order epoch ``epoch`` reads them."""
@@ -77,12 +81,14 @@ class SourceOrder:
                 self._epochs.popitem(last=False)
         return self._epochs[epoch]
 
-    def _permutation(self, epoch: int, window: int, length: int) -> list[int]:
+    def _permutation(self, epoch: int, window: int, length: int) -> tuple[list[int], list[int]]:
+        """The window's runs in shuffled order (their first items, window-relative) and where each starts in it."""
         key = (epoch, window)
         if key not in self._windows:
-            permutation = list(range(length))
-            _rng(self.seed, epoch, window, "window").shuffle(permutation)
-            self._windows[key] = permutation
+            runs = list(range(0, length, self.run))
+            _rng(self.seed, epoch, window, "window").shuffle(runs)  # with runs of 1: the items themselves
+            starts = list(itertools.accumulate((min(self.run, length - first) for first in runs), initial=0))[:-1]
+            self._windows[key] = (runs, starts)
             while len(self._windows) > CACHED_WINDOWS:
                 self._windows.popitem(last=False)
         return self._windows[key]
@@ -92,7 +98,10 @@ class SourceOrder:
         epoch, within = divmod(position, self.epoch_items)
         window, slot = divmod(within, self.window)
         length = min(self.window, self.epoch_items - window * self.window)
-        flat = window * self.window + self._permutation(epoch, window, length)[slot]
+        runs, run_starts = self._permutation(epoch, window, length)
+        # Runs are whole but for a window's last one (the epoch's end): then where each starts is looked up.
+        index = slot // self.run if length % self.run == 0 else bisect.bisect_right(run_starts, slot) - 1
+        flat = window * self.window + runs[index] + slot - run_starts[index]
         order, starts = self._epoch(epoch)
         index = bisect.bisect_right(starts, flat) - 1
         return epoch, order[index], flat - starts[index]
@@ -135,8 +144,12 @@ class Position:
 class CanonicalOrder:
     """Positions of the run -> (source, source position), for one source or a weighted mixture."""
 
-    def __init__(self, sources: Sequence[SourceOrder], weights: Sequence[float], seed: int | str, window: int) -> None:
-        self.sources, self.weights, self.seed, self.window = tuple(sources), tuple(weights), seed, window
+    def __init__(
+        self, sources: Sequence[SourceOrder], weights: Sequence[float], seed: int | str, window: int, locations: dict | None = None,
+        run: int = 1,
+    ) -> None:
+        self.sources, self.weights, self.seed, self.window, self.run = tuple(sources), tuple(weights), seed, window, run
+        self.locations = dict(locations or {})  # shard URL -> rangedread.ShardLocation: where its member table lies
         total = sum(weights)
         self.cumulative = list(itertools.accumulate(weight / total for weight in weights))
         self._block: tuple[int, list[int]] | None = None
@@ -173,9 +186,11 @@ class CanonicalOrder:
 
     def fingerprint(self) -> dict:
         """What a resume must find unchanged (the topology is not part of it)."""
+        runs = {"shuffle_run": self.run} if self.run != 1 else {}  # absent: runs of 1 (checkpoints from before runs)
         return {
             "seed": str(self.seed),
             "shuffle_buffer": self.window,
+            **runs,
             "sources": [
                 {"shards": len(source.urls), "items": source.epoch_items, "digest": source.fingerprint(), "weight": weight}
                 for source, weight in zip(self.sources, self.weights)
@@ -192,6 +207,8 @@ def refusal(saved: dict, current: dict) -> str | None:
             f"data.shuffle_buffer changed ({saved.get('shuffle_buffer')} -> {current['shuffle_buffer']}): it is the window "
             "the canonical order shuffles within"
         )
+    if saved.get("shuffle_run", 1) != current.get("shuffle_run", 1):
+        return f"data.shuffle_run changed ({saved.get('shuffle_run', 1)} -> {current.get('shuffle_run', 1)}): the window is shuffled in runs of it"
     old, new = saved.get("sources") or [], current["sources"]
     if len(old) != len(new):
         return f"data.train changed: it has {len(new)} source(s), the checkpoint's data had {len(old)}"

@@ -20,6 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from vlcluster.data.corpusindex import index_beside
 from vlcluster.data.tokenizer import build_word_tokenizer
 from vlcluster.storage.paths import run_path, writable, write_bytes
 
@@ -375,6 +376,7 @@ def build_dataset(
     train = write_split(out_dir, "train", n_train, shard_size, image_size, seed, progress=progress)
     # Unique val scenes make image<->text retrieval well-posed (one true match).
     val = write_split(out_dir, "val", n_val, shard_size, image_size, seed, unique=True, progress=progress)
+    index_beside(train + val)  # readers then learn item counts and offsets from one small object
     tokenizer = build_word_tokenizer(vocabulary())
     tokenizer_path = _join_url(out_dir, "tokenizer.json")
     answers_path = _join_url(out_dir, "answers.json")

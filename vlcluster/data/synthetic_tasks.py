@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import fsspec
 from PIL import Image
 
+from vlcluster.data.corpusindex import index_beside
 from vlcluster.data.split_writer import SplitWriter
 from vlcluster.data.synthetic import (
     ANSWERS, COLORS, MAX_OBJECTS, POSITIONS, SEGMENT_CLASSES, SHAPES, Scene, SceneObject,
@@ -189,6 +190,7 @@ def write_task_dataset(out_dir: str, task: str, n_train: int, n_val: int, shard_
         for index, sample in zip(range(count), generate(rng, image_size)):
             writer.write({"__key__": f"{split}-{index:08d}", **sample})
         splits[split] = writer.close()
+    index_beside([f"{out_dir.rstrip('/')}/{name}" for entry in splits.values() for name in entry["shards"]])
     if tokenizer is not None:
         with fsspec.open(tokenizer, "rb") as src, fsspec.open(f"{out_dir.rstrip('/')}/tokenizer.json", "wb") as dst:
             dst.write(src.read())

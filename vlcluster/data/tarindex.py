@@ -48,6 +48,7 @@ class ShardIndex:
         self._file: IO[bytes] | None = None
         self._tar: tarfile.TarFile | None = None
         self.samples: list[IndexedSample] = []
+        self.compressed = False  # offsets are then in the decompressed stream: no ranged reads
         try:
             self._file = open_url(url)
             self._walk()
@@ -59,6 +60,7 @@ class ShardIndex:
 
     def _walk(self) -> None:
         head = self._file.read(8)
+        self.compressed = head.startswith(COMPRESSED)
         self._file.seek(0)
         self._tar = tarfile.open(fileobj=self._file, mode="r:*")
         key, files = None, []
@@ -77,7 +79,7 @@ class ShardIndex:
                 raise ValueError(f"{member.name}: duplicate file name in the tar file")
             files.append((suffix, member.offset_data, member.size))
         self._add(key, files)
-        if not head.startswith(COMPRESSED):
+        if not self.compressed:
             self._check_end(end)
 
     def _add(self, key: str | None, files: list) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlcluster.data.quality import BadDataError
+from vlcluster.data.corpusindex import index_beside
 from vlcluster.data.split_writer import SplitWriter
 from vlcluster.tasks.dataset import write_record
 
@@ -131,6 +132,7 @@ class DatasetWriter:
 
     def finish(self, labels: list[str], bad: BadEntries, extra: dict | None = None) -> dict:
         splits = {split: writer.close() for split, writer in self.writers.items()}
+        index_beside([f"{str(self.options.out).rstrip('/')}/{name}" for entry in splits.values() for name in entry["shards"]])
         tokenizer = self._tokenizer() if self.texts or self.options.tokenizer else None
         record = write_record(self.options.out, self.task, self.fmt, labels, splits, tokenizer, dict(bad.counts))
         summary = {split: entry["count"] for split, entry in splits.items()}

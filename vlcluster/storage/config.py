@@ -7,6 +7,7 @@ storage:
   profile: training                     # a profile in ~/.aws/{config,credentials}; or
   anon: false                           # true: unsigned requests (public buckets)
   cache_dir: /scratch/vlcluster-cache   # local copies of shards and run-dir inputs
+  cache_limit_gb: 200                   # at most this much of shard copies; least recently used removed
   max_attempts: 5                       # per request, transient errors retried with backoff
 ```
 
@@ -61,6 +62,10 @@ class StorageSpec(BaseModel):
     anon: bool = Field(False, description="unsigned requests (public buckets)")
     cache_dir: str | None = Field(
         None, description="local directory caching shards and run-dir inputs across epochs and requeues (off when unset)"
+    )
+    cache_limit_gb: float | None = Field(
+        None, gt=0, description="at most this many GB of shard copies in cache_dir per node: the least recently used "
+        "are removed (unset: no limit)",
     )
     max_attempts: int = Field(
         5, ge=1, le=20, strict=True,

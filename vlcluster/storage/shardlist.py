@@ -155,6 +155,11 @@ def missing(urls: Sequence[str]) -> list[str]:
     return [url for url in urls if url not in present]
 
 
+def limit_bytes(spec) -> int | None:
+    """``storage.cache_limit_gb`` in bytes (None: no limit)."""
+    return None if spec.cache_limit_gb is None else int(spec.cache_limit_gb * 1e9)
+
+
 def open_input(url: str) -> IO[bytes]:
     """Open a shard for binary reading, through the local cache when one is configured."""
     spec = active()
@@ -163,5 +168,5 @@ def open_input(url: str) -> IO[bytes]:
 
         from vlcluster.storage.cache import cached_copy
 
-        return open(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards"), "rb")
+        return open(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards", limit_bytes(spec)), "rb")
     return fsspec.open(url, "rb").open()

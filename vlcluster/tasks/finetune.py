@@ -68,6 +68,7 @@ class TaskTraining:
         self.sources = DataSources(
             train=train, val=self.data.splits.get("val", []),
             tokenizer=self.data.tokenizer, answers=None, shuffle_buffer=ctx.spec.data.shuffle_buffer,
+            shuffle_run=ctx.spec.data.shuffle_run,
             train_mixture=single_source(train), fields=FieldMap(), augment=NO_AUGMENT,
         )
         self.encoder = task_encoder(self.task, self.data, where)

@@ -83,6 +83,7 @@ class Trainer:
             self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 and not self.task else [])),
             self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=self.task is None,
             decode=self.task.decode if self.task else None, rank_sizes=self.rank_sizes,
+            shuffle_run=self.sources.shuffle_run,
         )
         self.keys = KeyRecorder(env.rank)
 

@@ -1,0 +1,231 @@
+"""The index of a corpus of WebDataset shards: made once, read at start-up.
+
+Training needs, for every shard, how many items it holds (the canonical
+order is arithmetic over those counts, ``order.py``) and where each item's
+files lie (a reader fetches exactly those bytes, ``rangedread.py``). Walking
+every shard's tar headers to learn that costs a read of every shard; the
+index records it once, beside the shards, as one object per directory::
+
+    vlcluster index 's3://bucket/laion/{000000..010459}.tar'   # -> s3://bucket/laion/shards.vlindex
+
+Layout of ``shards.vlindex`` (version 1): the magic line ``MAGIC``, the
+header's length (8 bytes, little-endian), the header (JSON: per shard its
+name, size in bytes, item count, whether it is compressed, and where its
+member table lies in this file), then the member tables, each zlib-compressed
+JSON: per item ``[key, [[suffix, data offset, size], ...]]``, or
+``[key, null, error]`` for the marker of a damaged shard (``tarindex.py``:
+the items are exactly what walking the shard gives). Start-up reads the
+header only; a reader fetches a shard's table (one ranged read) when it first
+needs one of its items.
+
+Everything read from an index is checked (lengths, types, bounds: it may be
+hostile or belong to other shards); a shard whose size differs from the
+recorded one is refused at start-up, and every ranged read checks the tar
+header in front of the item's first file, so an index that does not match
+its shard's bytes never yields wrong data.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from vlcluster.data.tarindex import IndexedSample, ShardIndex
+
+INDEX_NAME = "shards.vlindex"
+MAGIC = b"VLCLUSTER-SHARD-INDEX\n"
+VERSION = 1
+MAX_HEADER_BYTES = 256 << 20
+MAX_TABLE_BYTES = 512 << 20  # decompressed, per shard
+FIRST_READ = 64 << 10  # one read usually holds the whole header
+INDEX_THREADS = 8  # shards walked at once when indexing (object-store reads are latency-bound)
+
+
+class IndexFormatError(ValueError):
+    """An index file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """What the index records of one shard."""
+
+    name: str
+    size: int
+    items: int
+    compressed: bool
+    table: tuple[int, int]  # (offset, length) of the member table in the index file
+
+
+def _fail(url: str, problem: str) -> IndexFormatError:
+    return IndexFormatError(
+        f"{url}: not a usable shard index ({problem}). Write it again with `vlcluster index` over its shards, "
+        "or remove it to let the loader index the shards itself"
+    )
+
+
+def _as_int(url: str, value: Any, field: str, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise _fail(url, f"{field} is {value!r}, not an integer >= {low}")
+    return value
+
+
+def _parse_header(url: str, header: Any, file_size: int) -> dict[str, ShardEntry]:
+    if not isinstance(header, dict) or header.get("version") != VERSION:
+        version = header.get("version") if isinstance(header, dict) else None
+        raise _fail(url, f"version {version!r}, this vlcluster reads version {VERSION}")
+    shards = header.get("shards")
+    if not isinstance(shards, list):
+        raise _fail(url, "the header has no list of shards")
+    entries: dict[str, ShardEntry] = {}
+    for number, shard in enumerate(shards):
+        where = f"shards[{number}]"
+        if not isinstance(shard, dict) or not isinstance(shard.get("name"), str) or not shard["name"] or "/" in shard["name"]:
+            raise _fail(url, f"{where}.name is not a file name")
+        table = shard.get("table")
+        if not isinstance(table, list) or len(table) != 2:
+            raise _fail(url, f"{where}.table is not [offset, length]")
+        offset, length = (_as_int(url, value, f"{where}.table") for value in table)
+        if offset + length > file_size:
+            raise _fail(url, f"{where}.table lies past the end of the file ({offset + length} > {file_size} bytes)")
+        if shard["name"] in entries:
+            raise _fail(url, f"{where}.name {shard['name']!r} is listed twice")
+        entries[shard["name"]] = ShardEntry(
+            shard["name"], _as_int(url, shard.get("size"), f"{where}.size"), _as_int(url, shard.get("items"), f"{where}.items"),
+            bool(shard.get("compressed", False)), (offset, length),
+        )
+    return entries
+
+
+class CorpusIndex:
+    """The header of one index file: the shards it covers (their tables are read on demand)."""
+
+    def __init__(self, url: str, entries: dict[str, ShardEntry]) -> None:
+        self.url, self.entries = url, entries
+
+    @classmethod
+    def load(cls, url: str) -> CorpusIndex:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb", block_size=FIRST_READ, cache_type="readahead") as file:
+            file_size = file.size
+            head = file.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or not head.startswith(MAGIC):
+                raise _fail(url, "it does not start with the shard index magic line")
+            (length,) = struct.unpack("<Q", head[len(MAGIC):])
+            if length > min(MAX_HEADER_BYTES, file_size - len(head)):
+                raise _fail(url, f"the header length {length} exceeds the file")
+            raw = file.read(length)
+        try:
+            header = json.loads(raw)
+        except ValueError as exc:
+            raise _fail(url, f"the header is not JSON: {exc}") from None
+        return cls(url, _parse_header(url, header, file_size))
+
+    def table(self, name: str) -> list[IndexedSample]:
+        """The items of shard ``name``, as walking its tar headers gives them (checked against the entry)."""
+        entry = self.entries[name]
+        fs, path = fsspec.core.url_to_fs(self.url)
+        offset, length = entry.table
+        data = fs.cat_file(path, start=offset, end=offset + length)
+        return parse_table(self.url, entry, data)
+
+
+def parse_table(url: str, entry: ShardEntry, data: bytes) -> list[IndexedSample]:
+    where = f"the table of {entry.name}"
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, MAX_TABLE_BYTES)
+        if inflater.unconsumed_tail:
+            raise _fail(url, f"{where} inflates past {MAX_TABLE_BYTES} bytes")
+        items = json.loads(raw)
+    except (zlib.error, ValueError) as exc:
+        if isinstance(exc, IndexFormatError):
+            raise
+        raise _fail(url, f"{where} does not decode: {exc}") from None
+    if not isinstance(items, list) or len(items) != entry.items:
+        raise _fail(url, f"{where} does not list the {entry.items} items its header gives")
+    return [_parse_item(url, entry, number, item) for number, item in enumerate(items)]
+
+
+def _parse_item(url: str, entry: ShardEntry, number: int, item: Any) -> IndexedSample:
+    where = f"item {number} of {entry.name}"
+    if not isinstance(item, list) or len(item) not in (2, 3) or not isinstance(item[0], str):
+        raise _fail(url, f"{where} is not [key, files] or [key, null, error]")
+    if item[1] is None:
+        if len(item) != 3 or not isinstance(item[2], str):
+            raise _fail(url, f"{where} is a marker without its error")
+        return IndexedSample(item[0], error=item[2])
+    files = []
+    for member in item[1] if isinstance(item[1], list) else [None]:
+        if not isinstance(member, list) or len(member) != 3 or not isinstance(member[0], str):
+            raise _fail(url, f"{where}: a file is not [suffix, offset, size]")
+        offset, size = _as_int(url, member[1], f"{where} offset"), _as_int(url, member[2], f"{where} size")
+        if not entry.compressed and offset + size > entry.size:
+            raise _fail(url, f"{where}: {member[0]} lies past the end of the {entry.size}-byte shard")
+        files.append((member[0], offset, size))
+    if not files:
+        raise _fail(url, f"{where} has no files")
+    return IndexedSample(item[0], tuple(files))
+
+
+def _table_bytes(samples: Sequence[IndexedSample]) -> bytes:
+    items = [[s.key, None, s.error] if s.error is not None else [s.key, [list(f) for f in s.files]] for s in samples]
+    return zlib.compress(json.dumps(items, separators=(",", ":")).encode(), 6)
+
+
+def _walk(url: str) -> tuple[int, bool, list[IndexedSample]]:
+    fs, path = fsspec.core.url_to_fs(url)
+    size = fs.size(path)
+    index = ShardIndex(url)
+    index.close()
+    return size, index.compressed, index.samples
+
+
+def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Walk every shard of ``urls`` once and write their index to ``out``; returns a summary."""
+    names = [posixpath.basename(url.rstrip("/")) for url in urls]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{out}: one index covers shards of one directory; some of the {len(names)} shards share a name")
+    shards, tables, done = [], [], 0
+    with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(urls)))) as pool:
+        for name, (size, compressed, samples) in zip(names, pool.map(_walk, urls)):
+            tables.append(_table_bytes(samples))
+            shards.append({"name": name, "size": size, "items": len(samples), "compressed": compressed})
+            done += 1
+            if progress is not None:
+                progress(done, len(urls))
+    header = _header_bytes(shards, tables)
+    with fsspec.open(out, "wb") as file:
+        file.write(MAGIC + struct.pack("<Q", len(header)) + header)
+        for table in tables:
+            file.write(table)
+    return {"index": out, "shards": len(shards), "items": sum(s["items"] for s in shards), "bytes": len(MAGIC) + 8 + len(header) + sum(map(len, tables))}
+
+
+def _header_bytes(shards: list[dict], tables: list[bytes]) -> bytes:
+    # The table offsets depend on the header's own length: lay out twice (the second pass only grows digits, rarely).
+    length = 0
+    while True:
+        offset = len(MAGIC) + 8 + length
+        for shard, table in zip(shards, tables):
+            shard["table"] = [offset, len(table)]
+            offset += len(table)
+        header = json.dumps({"version": VERSION, "shards": shards}, separators=(",", ":")).encode()
+        if len(header) == length:
+            return header
+        length = len(header)
+
+
+def index_beside(urls: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Index shards written by a stage: one ``INDEX_NAME`` per directory, covering that directory's shards in ``urls``."""
+    by_directory: dict[str, list[str]] = {}
+    for url in urls:
+        by_directory.setdefault(posixpath.dirname(url.rstrip("/")), []).append(url)
+    return [write_index(group, f"{directory}/{INDEX_NAME}", progress) for directory, group in by_directory.items()]
