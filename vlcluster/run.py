@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = load_context(args.run_dir, args.stage)
     run_stage = runner(ctx.spec.kind)  # jobspec/kinds.py: one table of kinds and their runners
     from vlcluster.data.quality import BadDataError
+    from vlcluster.failure import DISK_FULL, note_failure
     from vlcluster.metrics.gate import GateClosed
+    from vlcluster.storage.errors import disk_full
 
     try:
         run_stage(ctx)
@@ -49,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED
     except BadDataError as exc:  # the message says what to do; a traceback would bury it
+        note_failure(ctx.dir, exc)
         log.error("%s", exc)
         return 1
-    except OSError as exc:
-        from vlcluster.storage.errors import disk_full
-
-        if disk_full(exc) is None:
-            raise
-        log.error("%s", disk_full(exc))
-        return 1
+    except BaseException as exc:
+        # the record for `status` first: on a full disk it may fit once the stage's temp files are gone
+        if note_failure(ctx.dir, exc) == DISK_FULL:
+            log.error("%s", disk_full(exc))
+            return 1
+        raise
     return 0
 
 

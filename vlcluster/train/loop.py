@@ -24,12 +24,14 @@ from vlcluster.context import StageContext
 from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
+from vlcluster.failure import DISK_FULL, note_failure
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
 from vlcluster.tasks.finetune import TaskTraining
 from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.progress import report_training_progress
+from vlcluster.storage.errors import disk_full
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
 from vlcluster.train.dist import DistEnv, exit_process, init_distributed
@@ -327,9 +329,13 @@ def run_training(ctx: StageContext) -> None:
     except StopRequested:
         code = EXIT_REQUEUE
     except (BadDataError, CheckpointError, PrecisionError) as exc:
+        note_failure(ctx.dir, exc)
         log.error("%s", exc)
         code = 1
-    except BaseException:  # noqa: BLE001 - report, then exit with failure below
-        traceback.print_exc()
+    except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
+        if note_failure(ctx.dir, exc) == DISK_FULL:
+            log.error("%s", disk_full(exc))  # the paragraph says what to do; a traceback would bury it
+        else:
+            traceback.print_exc()
         code = 1
     exit_process(code)
