@@ -67,11 +67,16 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(words in text for words in OOM_WORDS)
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone (its own log names why)."""
+    return any(word in str(exc).lower() for word in PEER_LOST_WORDS)
+
+
 def _is_collective_timeout(exc: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(exc).lower()
-    if any(word in text for word in PEER_LOST_WORDS):
+    if peer_lost(exc):
         return False
     distributed = isinstance(exc, (dist.DistError, TimeoutError)) or "gloo" in text or "nccl" in text
     return distributed and any(word in text for word in TIMEOUT_WORDS)

@@ -24,7 +24,7 @@ from vlcluster.context import StageContext
 from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
-from vlcluster.failure import DISK_FULL, note_failure
+from vlcluster.failure import DISK_FULL, note_failure, peer_lost
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
@@ -335,6 +335,8 @@ def run_training(ctx: StageContext) -> None:
     except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
         if note_failure(ctx.dir, exc) == DISK_FULL:
             log.error("%s", disk_full(exc))  # the paragraph says what to do; a traceback would bury it
+        elif peer_lost(exc):
+            log.error("stopping: another rank is gone (%s); its own lines above say why", str(exc).split(". ")[0])
         else:
             traceback.print_exc()
         code = 1
