@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import REPO
 from tests.faults.test_kill_resume import (
     assert_bitwise, cli, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
-    wait_for_job, wait_for_step,
+    wait_for_job, wait_for_job_active, wait_for_step,
 )
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,7 @@ def test_a_full_disk_during_a_two_rank_checkpoint_then_freed_resumes_bitwise(tin
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
             time.sleep(0.05)
         filler = fill(small_disk, FREE_AFTER_FILL)
+        filled_after = logged_step(run_dir)
         code = process.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
     assert code == 1 and "seed: failed (exit 1)" in first, first
@@ -90,4 +91,106 @@ def test_a_full_disk_during_a_two_rank_checkpoint_then_freed_resumes_bitwise(tin
     assert_bitwise(reference_dir, run_dir)
     leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".")]
     assert leftovers == [".lock"] or leftovers == [], leftovers
-    print(f"local, disk full at step {logged_step(run_dir)}'s run: failed naming the disk, resumed from 2, bitwise")
+    print(f"local, disk filled after step {filled_after}: failed naming the disk, resumed from 2, bitwise")
+
+
+# ---- SLURM (tools/slurm-local) ------------------------------------------------
+
+RESTART_HEADER = re.compile(r"slurm job \S+ \(restart (\d+)\)")
+
+
+def restarts_with_a_step(log_file: Path) -> int:
+    """The highest restart of the job that has logged a training step (-1: none yet)."""
+    try:
+        text = log_file.read_text()
+    except FileNotFoundError:
+        return -1
+    starts = list(RESTART_HEADER.finditer(text))
+    for start in reversed(starts):
+        if STEP.search(text, start.end()):
+            return int(start.group(1))
+    return -1
+
+
+STEP = re.compile(r"step \d+/6 ")
+
+
+def job_running(job_id: str) -> bool:
+    from vlcluster.backends.slurm_queue import job_states
+
+    state = job_states([job_id]).get(job_id)
+    return state is not None and state.state == "RUNNING"
+
+
+def preemption_storm(reference, tmp_path: Path, requeues: int) -> dict:
+    """`scontrol requeue` of the same job as soon as each restart has trained a step."""
+    job, reference_dir = reference
+    run_dir = tmp_path / "run"
+    fresh_run(reference_dir, run_dir)
+    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    job_id = slurm_job(run_dir)
+    log_file = run_dir / "seed" / "logs" / "stage.log"
+    deadline = time.monotonic() + 120 + 40 * requeues
+    for restart in range(requeues):
+        while not (restarts_with_a_step(log_file) == restart and job_running(job_id) and logged_step(run_dir) < 5):
+            assert time.monotonic() < deadline, log_file.read_text() if log_file.exists() else "no log"
+            assert not (run_dir / "seed" / "_SUCCESS").exists(), f"finished after {restart} requeues: make the storm faster"
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    state = wait_for_job(job_id, timeout=max(1, deadline - time.monotonic()))
+    assert state.state == "COMPLETED" and state.restarts >= requeues, state
+    log = log_file.read_text()
+    saved = [int(step) for step in re.findall(r"stop requested: checkpoint at step (\d+)", log)]
+    resumed = [int(step) for step in re.findall(r"resuming from checkpoint step_(\d+)", log)]
+    assert resumed == saved, (saved, resumed)  # every restart resumed where the stop saved: no work lost
+    assert len(saved) == requeues, log
+    assert_bitwise(reference_dir, run_dir)
+    assert " done " in seed_status(run_dir)
+    return {"requeues": requeues, "saved": saved, "restarts": state.restarts}
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_preemption_storm_checkpoints_and_resumes_every_time_bitwise(tiny_reference, tmp_path):
+    outcome = preemption_storm(tiny_reference, tmp_path, requeues=2)
+    print(f"slurm, {outcome['requeues']} requeues in a row: saved and resumed at steps {outcome['saved']}, bitwise")
+
+
+@pytest.mark.heavy
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_longer_preemption_storm_resumes_bitwise(tiny_reference, tmp_path):
+    outcome = preemption_storm(tiny_reference, tmp_path, requeues=4)
+    print(f"slurm, {outcome['requeues']} requeues in a row: saved and resumed at steps {outcome['saved']}, bitwise")
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_whole_slurm_job_sigkilled_leaves_no_rank_and_the_resubmit_resumes_bitwise(tiny_reference, tmp_path):
+    job, reference_dir = tiny_reference
+    run_dir = tmp_path / "run"
+    fresh_run(reference_dir, run_dir)
+    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    first_job = slurm_job(run_dir)
+    killed_after = wait_for_step(run_dir, 3, lambda: wait_for_job_active(first_job))
+    subprocess.run(["scancel", "--signal=KILL", "--full", first_job], check=True)
+    state = wait_for_job(first_job, timeout=120)
+    assert state.state in {"CANCELLED", "FAILED"}, state
+    deadline = time.monotonic() + 30
+    while rank_pids(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_pids(run_dir) == [], "ranks outlived their SIGKILLed job"
+    row = seed_status(run_dir)
+    assert " running " not in row and " done " not in row, row
+    shown = next(state for state in ("cancelled", "failed", "interrupted", "unknown") if f" {state} " in row)
+    committed = committed_steps(run_dir)
+
+    again = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stdout + again.stderr
+    second_job = slurm_job(run_dir)
+    assert second_job != first_job and "data: skipped (done)" in again.stdout
+    assert wait_for_job(second_job, timeout=300).state == "COMPLETED"
+    log = (run_dir / "seed" / "logs" / "stage.log").read_text()
+    assert resumed_from(log) == (committed[-1] if committed else None), log
+    assert_bitwise(reference_dir, run_dir)
+    print(f"slurm job SIGKILLed after step {killed_after} ({state.state}): status '{shown}', "
+          f"resumed from {committed[-1] if committed else 0}, bitwise")
