@@ -42,17 +42,23 @@ OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 MESSAGE_CHARS = 600
 
 
-def cause_of(exc: BaseException) -> tuple[str, str] | None:
-    """(cause, one paragraph) for an exception whose cause can be named, else None."""
+STORAGE_WORDS = ("storage request failed", "cannot reach the storage")
+
+
+def cause_of(exc: BaseException, run_dir: str = "") -> tuple[str, str] | None:
+    """(cause, one paragraph) for an exception whose cause can be named, else
+    None. ``run_dir`` names the store in the paragraph of a storage failure
+    that was raised untranslated (s3fs's own OSError)."""
     from vlcluster.data.quality import BadDataError
-    from vlcluster.storage.errors import StorageError, disk_full
+    from vlcluster.storage.errors import StorageError, disk_full, explain
 
     if (full := disk_full(exc)) is not None:
         return DISK_FULL, full
     if isinstance(exc, BadDataError):
         return BAD_DATA, str(exc)
-    if isinstance(exc, StorageError) and any(words in str(exc) for words in ("storage request failed", "cannot reach the storage")):
-        return STORAGE, str(exc)
+    storage = str(exc) if isinstance(exc, StorageError) else explain(exc, run_dir) if run_dir else None
+    if storage is not None and any(words in storage for words in STORAGE_WORDS):
+        return STORAGE, storage
     if _is_out_of_memory(exc):
         return OUT_OF_MEMORY, f"{type(exc).__name__}: {exc}".rstrip(": ")
     if _is_collective_timeout(exc):
@@ -86,19 +92,25 @@ def failure_file(directory: StageDir) -> Path:
     return directory.root / "failure.json"
 
 
-def note_failure(directory: StageDir, exc: BaseException) -> str | None:
-    """Record why this rank fails, if the exception names it; returns the cause.
-    Best effort: on a full disk the record itself may not fit."""
-    named = cause_of(exc)
+def note_failure(directory: StageDir, exc: BaseException, run_dir: str = "") -> tuple[str, str] | None:
+    """Record why this rank fails, if the exception names it; returns (cause,
+    paragraph). Best effort: on a full disk, or a store that is down, the
+    record itself may not land."""
+    named = cause_of(exc, run_dir)
     if named is None:
         return None
     cause, message = named
     record = {"cause": cause, "message": message[:MESSAGE_CHARS], "rank": int(os.environ.get("RANK", 0)), "time": time.time()}
     try:
         write_json_atomic(failure_file(directory), record)
-    except OSError as error:
-        log.warning("could not record the failure (%s): %s", cause, error)
-    return cause
+    except Exception as error:  # noqa: BLE001 - the failure itself is what the rank reports
+        log.warning("could not record the failure (%s): %s", cause, str(error).split("\n")[0])
+    return named
+
+
+def said_in_one_paragraph(named: tuple[str, str] | None) -> bool:
+    """Causes whose paragraph says what to do: a traceback would only bury it."""
+    return named is not None and named[0] in (DISK_FULL, STORAGE, BAD_DATA)
 
 
 def killed_by_signal(codes: list[int]) -> int | None:

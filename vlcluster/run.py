@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     from vlcluster.data.quality import BadDataError
     from vlcluster.failure import DISK_FULL, note_failure
     from vlcluster.metrics.gate import GateClosed
-    from vlcluster.storage.errors import disk_full
 
     try:
         run_stage(ctx)
@@ -56,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseException as exc:
         # the record for `status` first: on a full disk it may fit once the stage's temp files are gone
-        if note_failure(ctx.dir, exc) == DISK_FULL:
-            log.error("%s", disk_full(exc))
+        named = note_failure(ctx.dir, exc)
+        if named is not None and named[0] == DISK_FULL:
+            log.error("%s", named[1])
             return 1
         raise
     return 0

@@ -24,14 +24,13 @@ from vlcluster.context import StageContext
 from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
-from vlcluster.failure import DISK_FULL, note_failure, peer_lost
+from vlcluster.failure import note_failure, peer_lost, said_in_one_paragraph
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
 from vlcluster.tasks.finetune import TaskTraining
 from vlcluster.outputs import finish_stage, read_model, write_model
 from vlcluster.progress import report_training_progress
-from vlcluster.storage.errors import disk_full
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
 from vlcluster.train.dist import DistEnv, exit_process, init_distributed
@@ -333,8 +332,9 @@ def run_training(ctx: StageContext) -> None:
         log.error("%s", exc)
         code = 1
     except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
-        if note_failure(ctx.dir, exc) == DISK_FULL:
-            log.error("%s", disk_full(exc))  # the paragraph says what to do; a traceback would bury it
+        named = note_failure(ctx.dir, exc, str(ctx.run_dir))
+        if said_in_one_paragraph(named):
+            log.error("%s", named[1])
         elif peer_lost(exc):
             log.error("stopping: another rank is gone (%s); its own lines above say why", str(exc).split(". ")[0])
         else:
