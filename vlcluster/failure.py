@@ -133,16 +133,23 @@ def failure_at_end(directory: StageDir, started: float, code: int, rank_codes: l
         return {"cause": record["cause"], "message": record["message"][:MESSAGE_CHARS]}
     sig = killed_by_signal([*rank_codes, code])
     if sig == signal.SIGKILL:
-        return {"cause": KILLED, "message": "a rank was killed by SIGKILL (exit 137): the kernel's out-of-memory "
-                                            "killer (see `dmesg`) or an operator; rerun to resume from the last checkpoint"}
+        return {"cause": KILLED, "message": "by the kernel's out-of-memory killer (see `dmesg`) or an operator; "
+                                            "submit again to resume from the last checkpoint"}
     if sig is not None:
         return {"cause": f"killed by {signal.Signals(sig).name}", "message": f"a rank ended on signal {signal.Signals(sig).name}"}
     return None
 
 
+SHOWN_CHARS = 200
+
+
 def describe(failure: Any) -> str:
-    """The ``failure`` field of ``state.json`` as one line for `status`."""
+    """The ``failure`` field of ``state.json`` for `status`: the cause and the
+    message's first sentence (the whole paragraph is in the log and the record)."""
     if not isinstance(failure, dict) or not isinstance(failure.get("cause"), str):
         return ""
     message = failure.get("message") if isinstance(failure.get("message"), str) else ""
-    return f"{failure['cause']}: {message}" if message else failure["cause"]
+    first = message.split(". ", 1)[0].split("\n", 1)[0]
+    if len(first) > SHOWN_CHARS:
+        first = first[:SHOWN_CHARS - 3] + "..."
+    return f"{failure['cause']}: {first}" if first else failure["cause"]
