@@ -6,7 +6,7 @@ TINY_TRAINING_JOB of tests/conftest.py):
   directory filled mid-run, then freed): the stage fails naming the cause,
   no checkpoint is half-committed, the resubmit ends bitwise identical;
 - a preemption storm on SLURM: the same job ``scontrol requeue``d several
-  times in a row; it checkpoints and comes back every time and ends bitwise
+  times in a row (2 by default, 5 on a 12-step run under heavy); it checkpoints and comes back every time and ends bitwise
   identical without a resubmit;
 - a whole SLURM job SIGKILLed (``scancel --signal=KILL --full``): no rank
   outlives it, the resubmit resumes from the newest committed checkpoint
@@ -105,20 +105,18 @@ def test_a_full_disk_during_a_two_rank_checkpoint_then_freed_resumes_bitwise(tin
 RESTART_HEADER = re.compile(r"slurm job \S+ \(restart (\d+)\)")
 
 
-def restarts_with_a_step(log_file: Path) -> int:
-    """The highest restart of the job that has logged a training step (-1: none yet)."""
+def restarts_with_a_step(log_file: Path, steps: int) -> tuple[int, int]:
+    """The highest restart of the job that has logged a training step (-1:
+    none yet), and the last step logged."""
     try:
         text = log_file.read_text()
     except FileNotFoundError:
-        return -1
-    starts = list(RESTART_HEADER.finditer(text))
-    for start in reversed(starts):
-        if STEP.search(text, start.end()):
-            return int(start.group(1))
-    return -1
-
-
-STEP = re.compile(r"step \d+/6 ")
+        return -1, -1
+    logged = [int(step) for step in re.findall(rf"step (\d+)/{steps} ", text)]
+    for start in reversed(list(RESTART_HEADER.finditer(text))):
+        if re.compile(rf"step \d+/{steps} ").search(text, start.end()):
+            return int(start.group(1)), logged[-1]
+    return -1, logged[-1] if logged else -1
 
 
 def job_running(job_id: str) -> bool:
@@ -128,7 +126,7 @@ def job_running(job_id: str) -> bool:
     return state is not None and state.state == "RUNNING"
 
 
-def preemption_storm(reference, tmp_path: Path, requeues: int) -> dict:
+def preemption_storm(reference, tmp_path: Path, requeues: int, steps: int = 6) -> dict:
     """`scontrol requeue` of the same job as soon as each restart has trained a step."""
     job, reference_dir = reference
     run_dir = tmp_path / "run"
@@ -139,7 +137,8 @@ def preemption_storm(reference, tmp_path: Path, requeues: int) -> dict:
     log_file = run_dir / "seed" / "logs" / "stage.log"
     deadline = time.monotonic() + 120 + 40 * requeues
     for restart in range(requeues):
-        while not (restarts_with_a_step(log_file) == restart and job_running(job_id) and logged_step(run_dir) < 5):
+        while not (restarts_with_a_step(log_file, steps)[0] == restart and job_running(job_id)
+                   and restarts_with_a_step(log_file, steps)[1] < steps - 1):
             assert time.monotonic() < deadline, log_file.read_text() if log_file.exists() else "no log"
             assert not (run_dir / "seed" / "_SUCCESS").exists(), f"finished after {restart} requeues: make the storm faster"
             time.sleep(0.2)
@@ -164,8 +163,16 @@ def test_a_preemption_storm_checkpoints_and_resumes_every_time_bitwise(tiny_refe
 
 @pytest.mark.heavy
 @pytest.mark.usefixtures("slurm_cluster")
-def test_a_longer_preemption_storm_resumes_bitwise(tiny_reference, tmp_path):
-    outcome = preemption_storm(tiny_reference, tmp_path, requeues=4)
+def test_a_longer_preemption_storm_resumes_bitwise(tmp_path):
+    """Five requeues need more steps than TINY_TRAINING_JOB's 6: a 12-step
+    version of it, against an uninterrupted local run of its own."""
+    from tests.conftest import TINY_TRAINING_JOB
+
+    job = tmp_path / "long.yaml"
+    job.write_text(TINY_TRAINING_JOB.replace("steps: 6", "steps: 12"))
+    reference = cli("submit", str(job), "--run-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    outcome = preemption_storm((job, tmp_path / "reference"), tmp_path, requeues=5, steps=12)
     print(f"slurm, {outcome['requeues']} requeues in a row: saved and resumed at steps {outcome['saved']}, bitwise")
 
 
