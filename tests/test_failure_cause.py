@@ -89,3 +89,24 @@ def test_a_failure_recorded_by_an_earlier_attempt_is_not_reported(tmp_path):
     assert failure.failure_at_end(directory, time.time() + 1, 1, []) is None  # this attempt started after it
     record_end(directory, 0, started=time.time() - 60)
     assert directory.read_state()["failure"] is None  # a success clears it
+
+
+def test_every_backend_shows_the_recorded_cause_of_a_failed_stage(tmp_path):
+    """The same ``failure`` record reads the same in the local, SLURM and Ray
+    descriptions (the end-to-end runs above cover local and SLURM)."""
+    from vlcluster.backends.local import LocalBackend
+    from vlcluster.backends.ray_queue import describe_job as describe_ray_job
+    from vlcluster.backends.slurm import describe_job as describe_slurm_job
+    from vlcluster.backends.slurm_queue import JobState
+    from vlcluster.plan import StagePlan
+
+    cause = {"cause": failure.DISK_FULL, "message": "/r/seed/x: no space left on the device (ENOSPC). Free space."}
+    plan = StagePlan("seed", "pretrain", (), "h", "resume", None, 2, 1)
+    local = LocalBackend().describe([plan], {"seed": {"state": "failed", "returncode": 1, "failure": cause}}, tmp_path)["seed"]
+    slurm = describe_slurm_job(plan, {"job_id": "7", "returncode": 1, "failure": cause}, JobState("7", "FAILED", "1:0", "", restarts=3))
+    ray = describe_ray_job({"state": "failed", "returncode": 1, "failure": cause}, "FAILED", tmp_path / "stage.log")
+    for described in (local, slurm, ray):
+        assert described.state == "failed"
+        assert described.detail.startswith("disk full: /r/seed/x: no space left on the device (ENOSPC); "), described
+        assert "Free space" not in described.detail  # the first sentence only: the paragraph is in the log
+    assert "requeued 3x" in slurm.detail  # preempted (or timed out) three times before it failed
