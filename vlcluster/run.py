@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = load_context(args.run_dir, args.stage)
     run_stage = runner(ctx.spec.kind)  # jobspec/kinds.py: one table of kinds and their runners
     from vlcluster.data.quality import BadDataError
-    from vlcluster.failure import DISK_FULL, note_failure
+    from vlcluster.failure import note_failure, said_in_one_paragraph
     from vlcluster.metrics.gate import GateClosed
 
     try:
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         note_failure(ctx.dir, exc)
         log.error("%s", exc)
         return 1
-    except BaseException as exc:
+    except Exception as exc:
         # the record for `status` first: on a full disk it may fit once the stage's temp files are gone
-        named = note_failure(ctx.dir, exc)
-        if named is not None and named[0] == DISK_FULL:
+        named = note_failure(ctx.dir, exc, str(ctx.run_dir))
+        if said_in_one_paragraph(named):  # a full disk, a store that stayed down: the paragraph says what to do
             log.error("%s", named[1])
             return 1
         raise
