@@ -146,6 +146,7 @@ def test_submit_on_a_full_disk_ends_failed_with_the_reason(small_disk, write_job
     assert status.returncode == 0, status.stderr
     row = next(line for line in status.stdout.splitlines() if " data " in line)
     assert " failed " in row and "interrupted" not in row, status.stdout
+    assert "disk full" in status.stdout and "(ENOSPC)" in status.stdout, status.stdout  # the cause, not only the code
     leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*") if p.name != ".lock"]  # .lock: the run's lock file
     assert leftovers == [], leftovers
 

@@ -157,3 +157,7 @@ def test_more_bad_samples_than_allowed_fails_the_stage(data_dir, tmp_path):
     assert "samples read were bad" in log and "data.max_bad_fraction = 0.02" in log
     assert "resumes from the last checkpoint" in log  # the remedy, not only the symptom
     assert not (run_dir / "train" / "_SUCCESS").exists()
+    status = cli("status", str(run_dir)).stdout
+    assert "bad data over the limit" in status, status  # the cause, not only the exit code
+    failure = json.loads((run_dir / "train" / "state.json").read_text())["failure"]
+    assert failure["cause"] == "bad data over the limit" and "samples read were bad" in failure["message"]

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = load_context(args.run_dir, args.stage)
     run_stage = runner(ctx.spec.kind)  # jobspec/kinds.py: one table of kinds and their runners
     from vlcluster.data.quality import BadDataError
+    from vlcluster.failure import note_failure, said_in_one_paragraph
     from vlcluster.metrics.gate import GateClosed
 
     try:
@@ -49,15 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED
     except BadDataError as exc:  # the message says what to do; a traceback would bury it
+        note_failure(ctx.dir, exc)
         log.error("%s", exc)
         return 1
-    except OSError as exc:
-        from vlcluster.storage.errors import disk_full
-
-        if disk_full(exc) is None:
-            raise
-        log.error("%s", disk_full(exc))
-        return 1
+    except Exception as exc:
+        # the record for `status` first: on a full disk it may fit once the stage's temp files are gone
+        named = note_failure(ctx.dir, exc, str(ctx.run_dir))
+        if said_in_one_paragraph(named):  # a full disk, a store that stayed down: the paragraph says what to do
+            log.error("%s", named[1])
+            return 1
+        raise
     return 0
 
 

@@ -114,6 +114,7 @@ STATE_FIELDS: dict[str, Callable[[Any], bool]] = {
     "pid": lambda v: _is_int(v) and v > 0, "returncode": lambda v: v is None or _is_int(v),
     "worker_restarts": _is_int, "started": _is_number, "ended": _is_number,
     "cancelled": _is_number, "restarted": _is_number, "gate": lambda v: v is None or isinstance(v, dict),
+    "failure": lambda v: v is None or isinstance(v, dict),
     "blocked_by": _is_text_list, "command": _is_text_list,
 }
 

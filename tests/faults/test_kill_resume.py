@@ -135,7 +135,8 @@ def local_trial(reference, tmp_path: Path, at_step: int, what: str) -> dict:
     if what == "rank":
         assert code == 1, first
         assert "seed: failed (exit 1)" in first, first
-        assert " failed " in seed_status(run_dir)
+        row = seed_status(run_dir)
+        assert " failed " in row and "killed by SIGKILL" in row, row  # the cause, from torchrun's report
     else:
         deadline = time.monotonic() + 30
         while rank_pids(run_dir) and time.monotonic() < deadline:
@@ -200,7 +201,8 @@ def slurm_trial(reference, tmp_path: Path, at_step: int) -> dict:
     kill_one_rank(run_dir)
     state = wait_for_job(first_job)
     assert state.state == "FAILED", state
-    assert " failed " in seed_status(run_dir)
+    row = seed_status(run_dir)
+    assert " failed " in row and "killed by SIGKILL" in row, row
     committed = committed_steps(run_dir)
 
     again = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))

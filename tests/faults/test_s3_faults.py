@@ -160,3 +160,63 @@ def test_training_on_a_flaky_store_ends_bitwise_identical(s3_server, proxy, tmp_
     print(f"flaky training: {proxy.requests} requests, {proxy.total_injected} failed ({proxy.injected}), "
           f"{counted} retries counted")
     assert counted == proxy.total_injected, (logs, result.stderr)
+
+
+@pytest.mark.slow
+def test_an_outage_mid_epoch_fails_the_stage_and_the_resubmit_after_it_ends_bitwise(s3_server, proxy, tmp_path, tiny_reference):
+    """The two-rank training job with its run directory on S3: once step 2's
+    checkpoint is committed, every request fails (500) for longer than the
+    retry budget (storage.max_attempts: 2, the budget scaled down from
+    minutes): the stage fails with one paragraph and no traceback of ours,
+    nothing half-written is taken for a checkpoint; after the outage the
+    resubmit resumes from a committed checkpoint and ends with the weights of
+    the uninterrupted local run."""
+    import re
+    import time
+
+    import torch
+
+    from vlcluster.storage.tensorfile import load_tensors
+
+    job, reference_dir = tiny_reference
+    run_dir = "s3://runs/outage-training"
+    args = ["submit", str(job), "--run-dir", run_dir, "--set", f"storage.endpoint_url={proxy.endpoint}",
+            "--set", f"storage.cache_dir={tmp_path / 'cache'}", "--set", "storage.max_attempts=2"]
+    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""}
+    fs = _direct_fs(s3_server)
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vlcluster.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO, env=env)
+        deadline = time.monotonic() + 300
+        while not fs.exists("runs/outage-training/seed/checkpoints/step_00000002/meta.json"):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+            fs.invalidate_cache()
+        proxy.fail_always("internal")  # the store goes down mid-epoch
+        started = time.monotonic()
+        code = process.wait(timeout=300)
+        outage_s = time.monotonic() - started
+        proxy.fail_always(None)  # and comes back
+    first = (tmp_path / "first.log").read_text()
+    assert code != 0, first
+    assert not re.search(r'File ".*/vlcluster/', first), first  # torchrun prints its own ChildFailedError, never ours
+    assert "storage request failed" in first and "2 attempts per request (storage.max_attempts)" in first, first
+    import json
+
+    storage = json.dumps({"endpoint_url": proxy.endpoint, "cache_dir": str(tmp_path / "cache")})
+    status = subprocess.run([sys.executable, "-m", "vlcluster.cli", "status", run_dir], capture_output=True, text=True,
+                            cwd=REPO, timeout=120, env={**env, "VLCLUSTER_STORAGE": storage})
+    row = next((line for line in status.stdout.splitlines() if " seed " in line), status.stdout + status.stderr)
+    shown = next(state for state in ("failed", "interrupted", "running", "pending") if f" {state} " in row)
+    assert shown in {"failed", "interrupted"}, status.stdout + status.stderr  # never "running" after the store came back
+
+    resumed = _cli(args, s3_server, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    found = re.findall(r"resuming from checkpoint step_(\d+)", resumed.stdout)
+    assert found and int(found[-1]) >= 2, resumed.stdout
+    fs.get_file("runs/outage-training/seed/model.safetensors", str(tmp_path / "model.safetensors"))
+    expected, recovered = load_tensors(reference_dir / "seed" / "model.safetensors"), load_tensors(tmp_path / "model.safetensors")
+    assert expected.keys() == recovered.keys() and all(torch.equal(expected[k], recovered[k]) for k in expected)
+    print(f"s3 outage of {outage_s:.1f} s mid-epoch ({proxy.injected['internal']} requests failed): the stage failed "
+          f"(status: {shown}: {row.split(shown, 1)[1].strip(' │')[:80]}), "
+          f"the resubmit resumed from step {int(found[-1])}, bitwise")

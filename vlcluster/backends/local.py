@@ -19,8 +19,9 @@ from rich.markup import escape
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
-    child_env, copy_lines, exit_status, is_recorded_process, process_start, record_end, stage_log, start_piped, write_header,
+    child_env, copy_lines, exit_status, is_recorded_process, process_start, rank_exit_codes, record_end, stage_log, start_piped, write_header,
 )
+from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
@@ -71,16 +72,16 @@ class LocalBackend:
             write_header(log, "", command)
             process = start_piped(command, child_env(plan.kind))
             directory.write_state(state="running", backend=self.name, pid=process.pid, pid_start=process_start(process.pid),
-                                  started=started, command=command)
-            for _ in copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror):
-                pass
+                                  started=started, command=command, failure=None)
+            rank_codes = rank_exit_codes(
+                copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror))
             exited = process.wait()
             code = exit_status(exited, directory, plan.spec_hash)
         if exited == 0 and code != 0:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
         mirror.sync()
         elapsed = time.time() - started
-        record_end(directory, code)
+        record_end(directory, code, started=started, rank_codes=rank_codes)
         if code == 0:
             self.console.print(f"[green]{prefix}: done in {elapsed:.1f} s[/]")
         else:
@@ -108,7 +109,9 @@ class LocalBackend:
             if recorded == "running" and not is_recorded_process(record):
                 recorded = "interrupted"  # the submit that ran it was killed
             if recorded == "failed":
-                described[plan.name] = StageStatus("failed", f"exit {record.get('returncode')}; log {stage_dir(run_dir, plan.name).log_file}")
+                described[plan.name] = StageStatus("failed", "; ".join(filter(None, [
+                    describe_failure(record.get("failure")), f"exit {record.get('returncode')}",
+                    f"log {stage_dir(run_dir, plan.name).log_file}"])))
             elif recorded in {"running", "interrupted", "cancelled", "blocked"}:
                 described[plan.name] = StageStatus(recorded)
             else:

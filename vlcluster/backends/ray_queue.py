@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vlcluster.backends.base import StageStatus
+from vlcluster.failure import describe as describe_failure
 
 # Recorded states whose job may still be queued or running.
 LIVE = frozenset({"submitted", "running"})
@@ -109,6 +110,8 @@ def describe_job(record: dict, job_status: str | None, log_file: Path) -> StageS
             facts.append(f"Ray at {record.get('address')} does not know the job")
         elif job_status == "SUCCEEDED":
             facts.append("no done-marker")
+    if recorded == "failed":
+        facts.insert(0, describe_failure(record.get("failure")))
     if recorded in {"failed", "cancelled"}:
         facts.append(f"exit {record['returncode']}" if record.get("returncode") is not None else "")
         facts.append(record.get("ray_message") or "")

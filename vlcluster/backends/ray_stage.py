@@ -80,7 +80,8 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     directory: StageDir = ctx.dir
     stopping = Stopping()
     directory.log_file.parent.mkdir(parents=True, exist_ok=True)
-    directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=time.time())
+    started = time.time()
+    directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=started, failure=None)
     restarts = 0
     with open(directory.log_file, "a") as log:
         while True:
@@ -95,7 +96,7 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
             log.flush()
             directory.write_state(worker_restarts=restarts, restarted=time.time())
     code = exit_status(code, directory, ctx.spec_hash)
-    record_end(directory, code, cancelled=stopping.requested)
+    record_end(directory, code, cancelled=stopping.requested, started=started, rank_codes=rank_codes)
     return code
 
 

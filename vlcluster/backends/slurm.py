@@ -40,6 +40,7 @@ from vlcluster.backends import slurm_queue
 from vlcluster.backends.base import StageStatus
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
+from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.schedule import CapError, CapShape, shape_for_cap
@@ -401,5 +402,6 @@ def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None
     if job.state == "COMPLETED":  # exited 0 without its done-marker
         return StageStatus("failed", f"no done-marker; log {record.get('log')}")
     exit_code = record.get("returncode", job.exit_code)
-    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed",
-                       f"{job.state} exit {exit_code}; log {record.get('log')} (slurm: {record.get('slurm_log')})")
+    cause = describe_failure(record.get("failure")) if job.state != "CANCELLED" else ""
+    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed", "; ".join(filter(None, [
+        cause, f"{job.state} exit {exit_code}", *facts, f"log {record.get('log')} (slurm: {record.get('slurm_log')})"])))

@@ -22,7 +22,9 @@ import time
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from vlcluster.backends.stage_process import child_env, exit_status, record_end, stage_log, write_header
+from vlcluster.backends.stage_process import (
+    child_env, exit_status, log_lines_since, rank_exit_codes, record_end, stage_log, write_header,
+)
 from vlcluster.launch import EXIT_REQUEUE, Rendezvous, stage_command
 from vlcluster.rundir import stage_dir
 
@@ -76,9 +78,12 @@ class StageJob(Checkpointable):
         log_file, mirror = stage_log(directory, "stage.log" if env.node == 0 else f"node_{env.node}.log")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         command = self.command(env)
+        started = time.time()
         if is_main:
-            directory.write_state(state="running", job_id=env.job_id, host=socket.gethostname(), restarts=restarts, started=time.time())
+            directory.write_state(state="running", job_id=env.job_id, host=socket.gethostname(), restarts=restarts,
+                                  started=started, failure=None)
         with open(log_file, "a") as log:
+            offset = log.tell()
             write_header(log, f"slurm job {env.job_id} (restart {restarts})", command)
             self._child = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=child_env(self.kind, die_with_parent=False),
@@ -94,7 +99,7 @@ class StageJob(Checkpointable):
             raise StageFailed(f"{self.stage}: stopped on a signal after saving a checkpoint; it resumes when requeued")
         code = exit_status(exited, directory, self.spec_hash)
         if is_main:
-            record_end(directory, code)
+            record_end(directory, code, started=started, rank_codes=rank_exit_codes(log_lines_since(log_file, offset)))
         if code == 0:
             return f"{self.stage}: done"
         raise StageFailed(f"{self.stage}: exit {code}; log {log_file}")

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -147,11 +147,32 @@ def exit_status(code: int, directory: StageDir, spec_hash: str) -> int:
     return code
 
 
-def record_end(directory: StageDir, code: int, cancelled: bool = False, **fields) -> str:
-    """Write the outcome into the stage's record; returns the state written."""
+def record_end(directory: StageDir, code: int, cancelled: bool = False, started: float | None = None,
+               rank_codes: list[int] | None = None, **fields) -> str:
+    """Write the outcome into the stage's record, with the cause of a failure
+    of the attempt that began at ``started`` where one is known (see
+    :mod:`vlcluster.failure`); returns the state written."""
+    from vlcluster.failure import failure_at_end
+
     state = "done" if code == 0 else "cancelled" if cancelled else "failed"
-    directory.write_state(state=state, returncode=code, ended=time.time(), **fields)
+    failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
+    directory.write_state(state=state, returncode=code, ended=time.time(), failure=failure, **fields)
     return state
+
+
+def rank_exit_codes(lines: Iterable[str]) -> list[int]:
+    """The exit codes torchrun reported for failed ranks in ``lines`` of its output."""
+    return [int(found.group(1) or found.group(2)) for line in lines if (found := RANK_FAILED.search(line))]
+
+
+def log_lines_since(log_file: Path, offset: int) -> list[str]:
+    """The lines appended to ``log_file`` after byte ``offset`` (what one start wrote)."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def echo(line: str) -> None:
@@ -163,8 +184,5 @@ def run_once(command: list[str], env: dict, log) -> tuple[int, list[int]]:
     """One torchrun (or python) start, its output copied to stdout and
     ``log``; its exit code and the exit codes torchrun reported for failed ranks."""
     process = start_piped(command, env)
-    rank_codes = []
-    for line in copy_lines(process, log, echo):
-        if (failed := RANK_FAILED.search(line)) is not None:
-            rank_codes.append(int(failed.group(1) or failed.group(2)))
+    rank_codes = rank_exit_codes(copy_lines(process, log, echo))
     return process.wait(), rank_codes

@@ -24,6 +24,7 @@ from vlcluster.context import StageContext
 from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
+from vlcluster.failure import note_failure, peer_lost, said_in_one_paragraph
 from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
@@ -328,9 +329,16 @@ def run_training(ctx: StageContext) -> None:
     except StopRequested:
         code = EXIT_REQUEUE
     except (BadDataError, CheckpointError, PrecisionError) as exc:
+        note_failure(ctx.dir, exc)
         log.error("%s", exc)
         code = 1
-    except BaseException:  # noqa: BLE001 - report, then exit with failure below
-        traceback.print_exc()
+    except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
+        named = note_failure(ctx.dir, exc, str(ctx.run_dir))
+        if said_in_one_paragraph(named):
+            log.error("%s", named[1])
+        elif peer_lost(exc):
+            log.error("stopping: another rank is gone (%s); its own lines above say why", str(exc).split(". ")[0])
+        else:
+            traceback.print_exc()
         code = 1
     exit_process(code)
