@@ -40,13 +40,14 @@ TRAIN_SAMPLES = {"nlvr2": 4096}
 # between the answer prior and grounded answers at 500 steps (26.6 to 46.4 over eight
 # loader seeds); at 1000 steps four seeds give 48.6 to 52.3. NLVR2 from random weights
 # needs a low learning rate (1e-3: 58% where 3e-4 gives 95%) and 2000 steps to ground colour and
-# shape words in two images.
+# shape words in two images. Contrastive retrieval at lr 2e-3 sits on an edge: 4.9 on one machine,
+# 1.9 (chance) on another (torch 2.13.0 both times); 1e-3 gives 27.5 and 5e-4 29.5 there.
 EXPECT = {
     "classification": (300, 2e-3, "top1", 40.0, 12.0, 0.0),
     "segmentation": (300, 2e-3, "miou", 40.0, 20.0, 0.0),
     "vqa": (1000, 2e-3, "vqa_acc", 30.0, 15.0, 0.0),
     "nlvr2": (2000, 3e-4, "nlvr2_acc", 62.0, 58.0, 42.0),
-    "retrieval": (600, 2e-3, "rsum_mean", 4.0, 2.5, 0.0),
+    "retrieval": (600, 5e-4, "rsum_mean", 4.0, 2.5, 0.0),
 }
 
 
