@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlcluster.data.quality import BadDataError
     from vlcluster.metrics.gate import GateClosed
 
+    from vlcluster.tracking import stage_tracking
+
     try:
-        run_stage(ctx)
+        with stage_tracking(ctx):  # W&B / MLflow when the job file has `tracking:` (rank 0)
+            run_stage(ctx)
     except GateClosed as exc:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED

@@ -15,6 +15,7 @@ from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
 from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
+from vlcluster.tracking.spec import TrackingSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "vit_tiny", "base"]
@@ -548,6 +549,7 @@ class Pipeline(Strict):
     name: str
     run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
     storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
+    tracking: TrackingSpec | None = Field(None, description="log every stage to W&B and/or MLflow besides TensorBoard (credentials from the environment)")
     stages: dict[str, Stage]
     sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
     replicates: Replicates | None = Field(None, description="N (or {count: N, of: finetune}): repeat the study with other seeds")
