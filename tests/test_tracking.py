@@ -82,18 +82,38 @@ def mlflow_server(tmp_path_factory):
         server.kill()
 
 
-def run_tracked(tmp_path: Path, tracking: str) -> Path:
-    job = tmp_path / "job.yaml"
-    job.write_text(TRACKED_JOB.format(tracking=tracking))
-    run_dir = tmp_path / "run"
-    assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
+@pytest.fixture(scope="module")
+def tracked_run(mlflow_server, tmp_path_factory) -> Path:
+    """The small pipeline, run once, tracked by MLflow and W&B (offline) at the same time."""
+    pytest.importorskip("wandb")
+    root = tmp_path_factory.mktemp("tracked")
+    job = root / "job.yaml"
+    job.write_text(TRACKED_JOB.format(tracking=f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: tracked-study}}\n"
+                                               "  wandb: {project: vlcluster-tests, mode: offline}"))
+    run_dir = root / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_SILENT", "true")
+        assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
     return run_dir
 
 
-def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
+def tensorboard_scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(stage_dir / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def result_numbers(stage_dir: Path) -> dict[str, float]:
+    result = json.loads((stage_dir / "result.json").read_text())
+    return {key: value for key, value in result.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tracked_run):
     from mlflow.tracking import MlflowClient
 
-    run_dir = run_tracked(tmp_path, f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: tracked-study}}")
+    run_dir = tracked_run
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("tracked-study")
     runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
@@ -104,28 +124,51 @@ def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
         spec = pipeline["pipeline"]["stages"][stage]
         assert run.data.tags["pipeline"] == "tracked" and run.data.tags["spec_hash"] == pipeline["hashes"][stage]
         assert run.data.params["kind"] == spec["kind"]
-        result = json.loads((run_dir / stage / "result.json").read_text())
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
         assert "result.json" in artifacts
-        for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                assert run.data.metrics[f"result/{key}"] == pytest.approx(value), (stage, key)
+        for key, value in result_numbers(run_dir / stage).items():
+            assert run.data.metrics[f"result/{key}"] == pytest.approx(value), (stage, key)
     vlpt = runs["vlpt"]
     assert vlpt.data.params["train.steps"] == "4" and vlpt.data.params["init.from"] == "seed"
     assert vlpt.data.tags["arch"] == "specific" and vlpt.data.tags["k_seed"] == "3" and vlpt.data.tags["k_vl"] == "4"
     assert runs["merge"].data.tags["merge_knob"] == "alpha=0.75" and runs["merge"].data.tags["replicate_seeds"] == "4,4"
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "vlpt" / "tb"))
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    assert {"loss/loss", "throughput/samples_per_s", "throughput/tflops_per_device"} <= set(tags)
-    for tag in tags:  # every TensorBoard curve, the same steps and values (MFU too where the peak is known: GPUs)
+    curves = tensorboard_scalars(run_dir / "vlpt")
+    assert {"loss/loss", "throughput/samples_per_s", "throughput/tflops_per_device"} <= set(curves)
+    for tag, points in curves.items():  # every TensorBoard curve, the same steps and values (MFU too where the peak is known: GPUs)
         history = client.get_metric_history(vlpt.info.run_id, tag)
-        assert [(p.step, p.value) for p in history] == [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(tag)], tag
+        assert [(p.step, p.value) for p in history] == [(step, pytest.approx(value, rel=1e-6)) for step, value in points], tag
     assert [p.step for p in client.get_metric_history(vlpt.info.run_id, "loss/loss")] == [1, 2, 3, 4]
     merged = {item.path for item in client.list_artifacts(runs["merge"].info.run_id)}
     assert "model.json" in merged and not any(path.endswith(".safetensors") for path in merged)
+
+
+def wandb_records(offline_run: Path, *flags: str):
+    """The offline run's records (or its summary), read by wandb's own inspector."""
+    command = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", *flags, str(offline_run)]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    return json.loads(output) if flags else [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def test_every_stage_writes_an_offline_wandb_run(tracked_run):
+    run_dir = tracked_run
+    for stage in STAGES:
+        (offline_run,) = (run_dir / stage / "wandb" / "wandb").glob("offline-run-*")
+        summary = wandb_records(offline_run, "--summary")
+        assert summary["name"] == stage and summary["project"] == "vlcluster-tests" and summary["state"] == "finished"
+        assert summary["exit_code"] == 0 and summary["config"]["kind"] == json.loads((run_dir / stage / "result.json").read_text())["kind"]
+        for key, value in result_numbers(run_dir / stage).items():
+            assert summary["summary"][f"result/{key}"] == pytest.approx(value), (stage, key)
+        records = wandb_records(offline_run)
+        (run,) = [record["run"] for record in records if record["type"] == "run"]
+        assert run["run_group"] == "tracked"
+        history = [record["history"] for record in records if record["type"] == "history"]
+        for tag, points in tensorboard_scalars(run_dir / stage).items() if (run_dir / stage / "tb").is_dir() else ():
+            logged = [(h["step"]["num"], h["item"][tag]) for h in history if tag in h["item"]]
+            assert logged == [(step, pytest.approx(value, rel=1e-6)) for step, value in points], (stage, tag)
+    assert summary["config"]["lineage/pipeline"] == "tracked"
+    vlpt = wandb_records(next((run_dir / "vlpt" / "wandb" / "wandb").glob("offline-run-*")), "--summary")
+    assert vlpt["config"]["train.steps"] == "4" and vlpt["config"]["lineage/k_seed"] == "3"
+    assert vlpt["summary"]["loss/loss"] == pytest.approx(tensorboard_scalars(run_dir / "vlpt")["loss/loss"][-1][1], rel=1e-6)
 
 
 def test_missing_tracking_extra_is_one_paragraph(tmp_path, capsys, monkeypatch):
