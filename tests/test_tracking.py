@@ -41,6 +41,20 @@ stages:
   metrics: {{kind: metrics, source: vlpt}}
 """
 STAGES = ("data", "seed", "vlpt", "merge", "metrics")
+# The default run's variant: one data and one training stage.
+SMALL_JOB = """
+name: tracked-small
+tracking:
+  {tracking}
+stages:
+  data: {{kind: data, n_train: 16, n_val: 8, shard_size: 16, image_size: 16}}
+  seed:
+    kind: pretrain
+    model: {{size: tiny, arch: agnostic, image_size: 16}}
+    data: {{from: data}}
+    train: {{steps: 2, batch_size: 8, log_every: 1}}
+"""
+SMALL_STAGES = ("data", "seed")
 
 
 def free_port() -> int:
@@ -82,19 +96,27 @@ def mlflow_server(tmp_path_factory):
         server.kill()
 
 
-@pytest.fixture(scope="module")
-def tracked_run(mlflow_server, tmp_path_factory) -> Path:
-    """The small pipeline, run once, tracked by MLflow and W&B (offline) at the same time."""
+def run_tracked(root: Path, job_text: str, mlflow_server: str, experiment: str) -> Path:
+    """Run a job tracked by MLflow and W&B (offline) at the same time."""
     pytest.importorskip("wandb")
-    root = tmp_path_factory.mktemp("tracked")
     job = root / "job.yaml"
-    job.write_text(TRACKED_JOB.format(tracking=f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: tracked-study}}\n"
-                                               "  wandb: {project: vlcluster-tests, mode: offline}"))
+    job.write_text(job_text.format(tracking=f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: {experiment}}}\n"
+                                            "  wandb: {project: vlcluster-tests, mode: offline}"))
     run_dir = root / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_SILENT", "true")
         assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def tracked_small(mlflow_server, tmp_path_factory) -> Path:
+    return run_tracked(tmp_path_factory.mktemp("tracked-small"), SMALL_JOB, mlflow_server, "tracked-small")
+
+
+@pytest.fixture(scope="module")
+def tracked_study(mlflow_server, tmp_path_factory) -> Path:
+    return run_tracked(tmp_path_factory.mktemp("tracked"), TRACKED_JOB, mlflow_server, "tracked-study")
 
 
 def tensorboard_scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -110,35 +132,49 @@ def result_numbers(stage_dir: Path) -> dict[str, float]:
     return {key: value for key, value in result.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tracked_run):
+def mlflow_runs(mlflow_server: str, run_dir: Path, experiment: str, stages: tuple[str, ...]) -> dict:
+    """Every stage's MLflow run, checked against the run directory: spec, hash, results,
+    artifacts and every TensorBoard curve."""
     from mlflow.tracking import MlflowClient
 
-    run_dir = tracked_run
     client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("tracked-study")
-    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == set(STAGES) and all(run.info.status == "FINISHED" for run in runs.values())
+    found = client.get_experiment_by_name(experiment)
+    runs = {run.info.run_name: run for run in client.search_runs([found.experiment_id])}
+    assert set(runs) == set(stages) and all(run.info.status == "FINISHED" for run in runs.values())
     pipeline = json.loads((run_dir / "pipeline.json").read_text())
-    for stage in STAGES:
+    for stage in stages:
         run = runs[stage]
         spec = pipeline["pipeline"]["stages"][stage]
-        assert run.data.tags["pipeline"] == "tracked" and run.data.tags["spec_hash"] == pipeline["hashes"][stage]
+        assert run.data.tags["pipeline"] == pipeline["pipeline"]["name"] and run.data.tags["spec_hash"] == pipeline["hashes"][stage]
         assert run.data.params["kind"] == spec["kind"]
-        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert "result.json" in artifacts
+        assert "result.json" in {item.path for item in client.list_artifacts(run.info.run_id)}
         for key, value in result_numbers(run_dir / stage).items():
             assert run.data.metrics[f"result/{key}"] == pytest.approx(value), (stage, key)
-    vlpt = runs["vlpt"]
+        curves = tensorboard_scalars(run_dir / stage) if (run_dir / stage / "tb").is_dir() else {}
+        for tag, points in curves.items():  # every TensorBoard curve, the same steps and values (MFU too where the peak is known: GPUs)
+            history = client.get_metric_history(run.info.run_id, tag)
+            assert [(p.step, p.value) for p in history] == [(step, pytest.approx(value, rel=1e-6)) for step, value in points], tag
+    return {name: (client, run) for name, run in runs.items()}
+
+
+def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tracked_small):
+    runs = mlflow_runs(mlflow_server, tracked_small, "tracked-small", SMALL_STAGES)
+    client, seed = runs["seed"]
+    assert seed.data.params["train.steps"] == "2" and seed.data.tags["arch"] == "agnostic" and seed.data.tags["k_seed"] == "2"
+    assert {"loss/loss", "throughput/samples_per_s", "throughput/tflops_per_device"} <= set(seed.data.metrics)
+    assert [p.step for p in client.get_metric_history(seed.info.run_id, "loss/loss")] == [1, 2]
+    assert seed.data.metrics["result/steps"] == 2
+
+
+@pytest.mark.heavy
+def test_a_study_logs_its_lineage_to_mlflow(mlflow_server, tracked_study):
+    runs = mlflow_runs(mlflow_server, tracked_study, "tracked-study", STAGES)
+    client, vlpt = runs["vlpt"]
     assert vlpt.data.params["train.steps"] == "4" and vlpt.data.params["init.from"] == "seed"
     assert vlpt.data.tags["arch"] == "specific" and vlpt.data.tags["k_seed"] == "3" and vlpt.data.tags["k_vl"] == "4"
-    assert runs["merge"].data.tags["merge_knob"] == "alpha=0.75" and runs["merge"].data.tags["replicate_seeds"] == "4,4"
-    curves = tensorboard_scalars(run_dir / "vlpt")
-    assert {"loss/loss", "throughput/samples_per_s", "throughput/tflops_per_device"} <= set(curves)
-    for tag, points in curves.items():  # every TensorBoard curve, the same steps and values (MFU too where the peak is known: GPUs)
-        history = client.get_metric_history(vlpt.info.run_id, tag)
-        assert [(p.step, p.value) for p in history] == [(step, pytest.approx(value, rel=1e-6)) for step, value in points], tag
-    assert [p.step for p in client.get_metric_history(vlpt.info.run_id, "loss/loss")] == [1, 2, 3, 4]
-    merged = {item.path for item in client.list_artifacts(runs["merge"].info.run_id)}
+    merge = runs["merge"][1]
+    assert merge.data.tags["merge_knob"] == "alpha=0.75" and merge.data.tags["replicate_seeds"] == "4,4"
+    merged = {item.path for item in client.list_artifacts(merge.info.run_id)}
     assert "model.json" in merged and not any(path.endswith(".safetensors") for path in merged)
 
 
@@ -149,26 +185,37 @@ def wandb_records(offline_run: Path, *flags: str):
     return json.loads(output) if flags else [json.loads(line) for line in output.splitlines() if line.strip()]
 
 
-def test_every_stage_writes_an_offline_wandb_run(tracked_run):
-    run_dir = tracked_run
-    for stage in STAGES:
+def wandb_summaries(run_dir: Path, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Every stage's offline W&B run, checked against the run directory: name, group,
+    state, results in the summary and every TensorBoard curve in the history."""
+    summaries = {}
+    for stage in stages:
         (offline_run,) = (run_dir / stage / "wandb" / "wandb").glob("offline-run-*")
-        summary = wandb_records(offline_run, "--summary")
+        summary = summaries[stage] = wandb_records(offline_run, "--summary")
         assert summary["name"] == stage and summary["project"] == "vlcluster-tests" and summary["state"] == "finished"
         assert summary["exit_code"] == 0 and summary["config"]["kind"] == json.loads((run_dir / stage / "result.json").read_text())["kind"]
         for key, value in result_numbers(run_dir / stage).items():
             assert summary["summary"][f"result/{key}"] == pytest.approx(value), (stage, key)
         records = wandb_records(offline_run)
         (run,) = [record["run"] for record in records if record["type"] == "run"]
-        assert run["run_group"] == "tracked"
+        assert run["run_group"] == json.loads((run_dir / "pipeline.json").read_text())["pipeline"]["name"]
         history = [record["history"] for record in records if record["type"] == "history"]
         for tag, points in tensorboard_scalars(run_dir / stage).items() if (run_dir / stage / "tb").is_dir() else ():
             logged = [(h["step"]["num"], h["item"][tag]) for h in history if tag in h["item"]]
             assert logged == [(step, pytest.approx(value, rel=1e-6)) for step, value in points], (stage, tag)
-    assert summary["config"]["lineage/pipeline"] == "tracked"
-    vlpt = wandb_records(next((run_dir / "vlpt" / "wandb" / "wandb").glob("offline-run-*")), "--summary")
+    return summaries
+
+
+def test_every_stage_writes_an_offline_wandb_run(tracked_small):
+    seed = wandb_summaries(tracked_small, SMALL_STAGES)["seed"]
+    assert seed["config"]["train.steps"] == "2" and seed["config"]["lineage/pipeline"] == "tracked-small"
+    assert seed["summary"]["loss/loss"] == pytest.approx(tensorboard_scalars(tracked_small / "seed")["loss/loss"][-1][1], rel=1e-6)
+
+
+@pytest.mark.heavy
+def test_a_study_logs_its_lineage_to_wandb(tracked_study):
+    vlpt = wandb_summaries(tracked_study, STAGES)["vlpt"]
     assert vlpt["config"]["train.steps"] == "4" and vlpt["config"]["lineage/k_seed"] == "3"
-    assert vlpt["summary"]["loss/loss"] == pytest.approx(tensorboard_scalars(run_dir / "vlpt")["loss/loss"][-1][1], rel=1e-6)
 
 
 def test_missing_tracking_extra_is_one_paragraph(tmp_path, capsys, monkeypatch):
