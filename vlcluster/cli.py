@@ -28,7 +28,7 @@ console = PipeConsole(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
+def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None, pin_hub: bool = False):
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
 
@@ -37,6 +37,10 @@ def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
 
     pipeline = load_pipeline(path, overrides)
     activate(pipeline.storage)  # this process and every stage it starts
+    if pin_hub:  # hf:// references resolved once, here: pipeline.json and the stage hashes carry the commit
+        from vlcluster.hub import pin_pipeline
+
+        pin_pipeline(pipeline)
     graph = build_graph(pipeline, path)
     return graph, run_path(run_dir or pipeline.resolved_run_dir)
 
@@ -218,7 +222,7 @@ def cmd_submit(args) -> int:
     from vlcluster.plan import make_plan
 
     run_preflight(args)
-    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir, pin_hub=not args.dry_run)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
     backend = get_backend(args.backend, **({"address": args.address} if args.address else {}), **profile_options(args, graph))

@@ -23,6 +23,7 @@ EXTRA_OF = {
     "kubernetes_validate": "k8s",
     "mlflow": "tracking",
     "wandb": "tracking",
+    "huggingface_hub": "hub",
 }
 
 

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vlcluster.hub import is_hub
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.paths import is_remote
 
@@ -103,11 +104,24 @@ def weights_problem(checkpoint: str, field: str) -> str | None:
     return f"{field}: {checkpoint} holds no {' or '.join(WEIGHT_FILES)}"
 
 
+def hub_problem(value: str, field: str) -> str | None:
+    """An ``hf://`` reference resolves (from the cache under HF_HUB_OFFLINE=1, else the Hub): once, here."""
+    from vlcluster.hub import resolve
+
+    try:
+        resolve(value, field)
+    except SpecError as exc:
+        return str(exc)
+    return None
+
+
 def stage_problems(name: str, stage, check: Preflight) -> list[str]:
     where = f"stages.{name}"
     found: list[str | None] = []
     init = getattr(stage, "init", None)
-    if init is not None and init.checkpoint:
+    if init is not None and is_hub(init.checkpoint):
+        found.append(hub_problem(init.checkpoint, f"{where}.init.checkpoint"))
+    elif init is not None and init.checkpoint:
         found.append(check.path_problem(init.checkpoint, f"{where}.init.checkpoint") or weights_problem(init.checkpoint, f"{where}.init.checkpoint"))
     if stage.kind == "import":
         from vlcluster.importers.registry import FORMATS
@@ -127,7 +141,9 @@ def stage_problems(name: str, stage, check: Preflight) -> list[str]:
             if patterns:
                 found.append(check.shards_problem(list(patterns), f"{where}.data.{field}"))
         for field in ("tokenizer", "answers"):
-            if getattr(data, field):
+            if field == "tokenizer" and is_hub(data.tokenizer):
+                found.append(hub_problem(data.tokenizer, f"{where}.data.tokenizer"))
+            elif getattr(data, field):
                 found.append(check.path_problem(getattr(data, field), f"{where}.data.{field}", directory=False))
     return [problem for problem in found if problem]
 

@@ -41,7 +41,7 @@ class InitSpec(Strict):
     or an external checkpoint (``{checkpoint: PATH, format: beit}``), converted on load."""
 
     from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
-    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://")
+    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://, or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
     format: Literal["beit", "vit", "vlmo", "vlcluster"] | None = Field(
         None, description="layout of `checkpoint`: beit or vit (transformers or timm), vlmo (the authors' code), vlcluster"
     )
@@ -139,7 +139,7 @@ class DataSpec(Strict):
         None, description="shard URL pattern(s), brace expansion allowed; or a mixture: a list of {shards, weight}"
     )
     val: str | list[str] | None = None
-    tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
+    tokenizer: str | None = Field(None, description="a tokenizer.json (local or s3://), or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
     answers: str | None = Field(None, description="JSON list of VQA answers")
     fields: FieldsSpec = FieldsSpec()
     augment: Literal["none", "randaugment"] = Field(
