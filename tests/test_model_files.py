@@ -113,3 +113,11 @@ def test_metrics_along_training_without_checkpoints_is_one_paragraph(tmp_path, c
     assert err.count("error:") == 1 and "no finished training checkpoints" in err and "Traceback" not in err
     assert main(["metrics", str(tmp_path / "merged"), "--figure", str(tmp_path / "x.png")]) == 2
     assert "with --checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_to_vlmo_reads_every_kind_of_model_file(model_files, kind, tmp_path):
+    assert main(["convert", "--to", "vlmo", str(model_files[kind]), "-o", str(tmp_path / "vlmo.safetensors")]) == 0
+    assert main(["convert", "--to", "vlmo", str(model_files["stage directory"]), "-o", str(tmp_path / "reference.safetensors")]) == 0
+    exported, reference = load_file(str(tmp_path / "vlmo.safetensors")), load_file(str(tmp_path / "reference.safetensors"))
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[key], reference[key]) for key in reference)
