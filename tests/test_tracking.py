@@ -218,22 +218,51 @@ def test_a_study_logs_its_lineage_to_wandb(tracked_study):
     assert vlpt["config"]["train.steps"] == "4" and vlpt["config"]["lineage/k_seed"] == "3"
 
 
-def test_missing_tracking_extra_is_one_paragraph(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if vlcluster[tracking] were not installed
-    job = tmp_path / "job.yaml"
-    job.write_text("name: t\ntracking: {wandb: {project: p, mode: offline}}\nstages:\n"
-                   "  data: {kind: data, n_train: 8, n_val: 4, shard_size: 8, image_size: 16}\n")
-    from vlcluster.context import StageContext, save_pipeline
-    from vlcluster.graph import build_graph
-    from vlcluster.jobspec.load import SpecError, load_pipeline
+def test_missing_tracking_extra_is_one_paragraph(tmp_path, monkeypatch):
+    from vlcluster.jobspec.load import SpecError
     from vlcluster.tracking import stage_tracking
 
-    graph = build_graph(load_pipeline(job), str(job))
-    save_pipeline(tmp_path, graph)
-    with pytest.raises(SpecError) as info, stage_tracking(StageContext(tmp_path, "data", graph)):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if vlcluster[tracking] were not installed
+    with pytest.raises(SpecError) as info, stage_tracking(saved_context(tmp_path, "wandb: {project: p, mode: offline}")):
         pass
     message = " ".join(str(info.value).split())
     assert "tracking.wandb needs the optional package 'wandb'" in message and ".[tracking]" in message
+
+
+def test_missing_tracking_extra_stops_the_submit_before_anything_runs(write_job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    job = write_job("name: t\ntracking: {mlflow: {tracking_uri: 'http://127.0.0.1:9'}}\nstages:\n"
+                    "  data: {kind: data, n_train: 8, n_val: 4, shard_size: 8, image_size: 16}\n")
+    assert main(["submit", str(job), "--run-dir", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tracking.mlflow needs the optional package 'mlflow'" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_an_unreachable_tracking_server_does_not_fail_the_stage(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from vlcluster.tracking import stage_tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    ctx = saved_context(tmp_path, f"mlflow: {{tracking_uri: 'http://127.0.0.1:{free_port()}'}}")
+    with caplog.at_level(logging.WARNING, "vlcluster.tracking"), stage_tracking(ctx) as tracker:
+        assert tracker is not None and tracker.adapters == []
+    assert "tracking.mlflow: cannot start a run" in caplog.text
+
+
+def saved_context(tmp_path: Path, tracking: str):
+    from vlcluster.context import StageContext, save_pipeline
+    from vlcluster.graph import build_graph
+    from vlcluster.jobspec.load import load_pipeline
+
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: t\ntracking: {{{tracking}}}\nstages:\n"
+                   "  data: {kind: data, n_train: 8, n_val: 4, shard_size: 8, image_size: 16}\n")
+    graph = build_graph(load_pipeline(job), str(job))
+    save_pipeline(tmp_path, graph)
+    return StageContext(tmp_path, "data", graph)
 
 
 def test_credentials_in_the_tracking_section_are_refused(write_job):

@@ -170,9 +170,23 @@ def preflight(pipeline, source: str, backend: str, include_remote: bool,
 
     expanded = expand_sweeps(pipeline, source)
     adjust(expanded)
-    problems = reference_problems(expanded)[1] + profile_problems(expanded, backend)
+    problems = reference_problems(expanded)[1] + profile_problems(expanded, backend) + tracking_problems(pipeline)
     check = Preflight(include_remote)
     return problems + collapse_copies({name: stage_problems(name, stage, check) for name, stage in expanded.stages.items()})
+
+
+def tracking_problems(pipeline) -> list[str]:
+    """The tracking clients are importable here (a stage would otherwise stop at its start)."""
+    from vlcluster.extras import require
+
+    problems = []
+    for service in ("wandb", "mlflow"):
+        if pipeline.tracking is not None and getattr(pipeline.tracking, service) is not None:
+            try:
+                require(service, f"tracking.{service}")
+            except SpecError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:

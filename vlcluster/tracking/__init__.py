@@ -124,12 +124,12 @@ def stage_tracking(ctx) -> Iterator[StageTracker | None]:
     if spec.mlflow:
         from vlcluster.tracking.mlflow_adapter import MlflowAdapter
 
-        adapters.append(MlflowAdapter(spec.mlflow, ctx.pipeline.name, ctx.name, params, tags))
+        _start(adapters, "mlflow", lambda: MlflowAdapter(spec.mlflow, ctx.pipeline.name, ctx.name, params, tags))
     if spec.wandb:
         from vlcluster.tracking.wandb_adapter import WandbAdapter
         from vlcluster.storage.paths import local_side
 
-        adapters.append(WandbAdapter(spec.wandb, ctx.pipeline.name, ctx.name, params, tags, local_side(ctx.dir.root / "wandb")))
+        _start(adapters, "wandb", lambda: WandbAdapter(spec.wandb, ctx.pipeline.name, ctx.name, params, tags, local_side(ctx.dir.root / "wandb")))
     tracker = _current = StageTracker(adapters)
     _ending[0] = lambda ok: tracker.end(_read_result(ctx), _artifacts(ctx.dir.root), ok)
     ok = False
@@ -150,6 +150,19 @@ def end_current(ok: bool) -> None:
     ending, _ending[0], _current = _ending[0], None, None
     if ending is not None:
         ending(ok)
+
+
+def _start(adapters: list[Adapter], service: str, make) -> None:
+    """A missing client is the stage's error (one paragraph naming the extra); a service
+    that cannot be reached is a warning: the stage trains without it."""
+    from vlcluster.jobspec.load import SpecError
+
+    try:
+        adapters.append(make())
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - connection refused, bad URI, rejected key: never fail the training
+        log.warning("tracking.%s: cannot start a run (%s); this stage is not tracked there", service, str(exc)[:300])
 
 
 def _artifacts(root: Path) -> list[tuple[Path, str]]:
