@@ -265,6 +265,19 @@ def saved_context(tmp_path: Path, tracking: str):
     return StageContext(tmp_path, "data", graph)
 
 
+def test_a_parameter_past_mlflows_limit_is_shortened_not_refused(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from vlcluster.tracking.mlflow_adapter import MAX_VALUE, MlflowAdapter
+    from vlcluster.tracking.spec import MlflowSpec
+
+    shards = json.dumps([f"s3://bucket/shards/train-{i:06d}.tar" for i in range(400)])  # ~14,000 characters
+    adapter = MlflowAdapter(MlflowSpec(tracking_uri=mlflow_server), "long-params", "seed", {"data.train": shards, "kind": "pretrain"}, {})
+    adapter.finish(True)
+    logged = MlflowClient(tracking_uri=mlflow_server).get_run(adapter.run_id).data.params
+    assert logged["kind"] == "pretrain" and len(logged["data.train"]) == MAX_VALUE and shards.startswith(logged["data.train"][:-1])
+
+
 def test_credentials_in_the_tracking_section_are_refused(write_job):
     from vlcluster.jobspec.load import SpecError, load_pipeline
 

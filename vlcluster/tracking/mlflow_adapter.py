@@ -8,6 +8,8 @@ from pathlib import Path
 from vlcluster.extras import require
 from vlcluster.tracking.spec import MlflowSpec
 
+MAX_KEY, MAX_VALUE = 250, 6000  # MLflow's limits on a parameter's name and value (a long shard list would be refused)
+
 
 class MlflowAdapter:
     def __init__(self, spec: MlflowSpec, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]):
@@ -18,7 +20,8 @@ class MlflowAdapter:
         self.client = MlflowClient(tracking_uri=spec.tracking_uri)
         experiment_id = self._experiment(spec.experiment or experiment)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        items = [Param(key, value) for key, value in params.items()]
+        items = [Param(key[:MAX_KEY], value if len(value) <= MAX_VALUE else value[:MAX_VALUE - 1] + "…")
+                 for key, value in params.items()]
         for start in range(0, len(items), 100):  # the server's batch limit
             self.client.log_batch(self.run_id, params=items[start:start + 100])
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.runName", run_name)])
