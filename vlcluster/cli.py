@@ -28,7 +28,7 @@ console = PipeConsole(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
+def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None, pin_hub: bool = False):
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
 
@@ -37,6 +37,10 @@ def load_graph_from_file(path: str, overrides: list[str], run_dir: str | None):
 
     pipeline = load_pipeline(path, overrides)
     activate(pipeline.storage)  # this process and every stage it starts
+    if pin_hub:  # hf:// references resolved once, here: pipeline.json and the stage hashes carry the commit
+        from vlcluster.hub import pin_pipeline
+
+        pin_pipeline(pipeline)
     graph = build_graph(pipeline, path)
     return graph, run_path(run_dir or pipeline.resolved_run_dir)
 
@@ -218,7 +222,7 @@ def cmd_submit(args) -> int:
     from vlcluster.plan import make_plan
 
     run_preflight(args)
-    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
+    graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir, pin_hub=not args.dry_run)
     if args.address and args.backend != "ray":
         raise SpecError(f"--address is for --backend ray (not {args.backend})")
     backend = get_backend(args.backend, **({"address": args.address} if args.address else {}), **profile_options(args, graph))
@@ -544,10 +548,28 @@ def checkpoint_path(argument: str, role: str):
     if not path.name.endswith(".safetensors"):
         raise SpecError(f"{argument}: {role} must be a stage directory (model.safetensors + model.json) "
                         "or a .safetensors file, not this file")
-    if role in {"source", "--base"} and not (path.parent / "model.json").is_file():  # merge reads the config
-        raise SpecError(f"{argument}: {role}: no model.json beside it, so the model's configuration (arch, size, "
-                        "layers) is unknown; pass the stage directory that vlcluster wrote, or put its model.json next to the file")
+    if role in {"source", "--base", "checkpoint"}:  # the model's config (arch, size, layers) must be beside it
+        from vlcluster.model.load import locate_model
+
+        locate_model(path)
     return path
+
+
+def metrics_along_training(args) -> int:
+    import json
+
+    from vlcluster.metrics.along_training import along_training_figure, distances_along_training, format_along_training
+    from vlcluster.storage.paths import run_path
+
+    stage = run_path(args.checkpoint)
+    if not stage.is_dir():
+        raise SpecError(f"{args.checkpoint}: --checkpoints takes a training stage's directory (it reads its checkpoints/step_N)")
+    rows = distances_along_training(stage, args.density)
+    print(json.dumps(rows, indent=2) if args.json else format_along_training(rows))
+    if args.figure:
+        figure = along_training_figure(rows, f"V/L expert distances along training: {args.checkpoint}", Path(args.figure))
+        print(f"figure: {figure}", file=sys.stderr)  # stdout stays the table (or JSON)
+    return 0
 
 
 def cmd_metrics(args) -> int:
@@ -555,10 +577,15 @@ def cmd_metrics(args) -> int:
 
     from vlcluster.metrics.distance import checkpoint_distances
     from vlcluster.metrics.stage import format_metrics
+    from vlcluster.model.load import locate_model
     from vlcluster.storage.paths import local_copy
 
-    path = checkpoint_path(args.checkpoint, "checkpoint")
-    result = checkpoint_distances(local_copy(path if path.name.endswith(".safetensors") else path / "model.safetensors"), args.density)
+    if args.checkpoints:
+        return metrics_along_training(args)
+    if args.figure:
+        raise SpecError("vlcluster metrics --figure draws the distances along training: give it with --checkpoints")
+    model = locate_model(checkpoint_path(args.checkpoint, "checkpoint"))
+    result = checkpoint_distances(local_copy(model.weights), args.density, model.prefix)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
     return 0
 
@@ -696,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     merge = sub.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
-    merge.add_argument("source", help="stage directory (model.safetensors + model.json) or a .safetensors file with model.json beside it")
+    merge.add_argument("source", help="stage or converted directory, checkpoints/step_N, or the model.safetensors of one")
     merge.add_argument("-o", "--out", required=True, help="output directory")
     add_method_flags(merge)
     merge.add_argument("--base", help="seed checkpoint (W0): stage directory or .safetensors file")
@@ -704,8 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")
-    metrics.add_argument("checkpoint", help="model.safetensors or a stage directory")
+    metrics.add_argument("checkpoint", help="stage or converted directory, checkpoints/step_N, or the model.safetensors of one")
     metrics.add_argument("--density", type=float, default=0.5, help="TSSD: fraction kept by magnitude")
+    metrics.add_argument("--checkpoints", action="store_true",
+                         help="distances along training: one row per checkpoints/step_N of the stage directory given")
+    metrics.add_argument("--figure", metavar="PNG", help="with --checkpoints: also draw the distances per step into this PNG file")
     metrics.add_argument("--json", action="store_true")
     metrics.set_defaults(func=cmd_metrics)
 

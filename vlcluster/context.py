@@ -37,7 +37,12 @@ class DataSources:
 
 
 def _local(path) -> str | None:
-    """Tokenizer and answer files are read by libraries that need a local file."""
+    """Tokenizer and answer files are read by libraries that need a local file
+    (``hf://`` tokenizers: the ``tokenizer.json`` of the pinned snapshot in the Hub cache)."""
+    from vlcluster.hub import is_hub, tokenizer_file
+
+    if is_hub(path):
+        return str(tokenizer_file(path, "data.tokenizer"))
     return None if path is None else str(local_copy(path))
 
 

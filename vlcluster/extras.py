@@ -21,6 +21,9 @@ EXTRA_OF = {
     "upath": "s3",
     "jsonschema": "k8s",
     "kubernetes_validate": "k8s",
+    "mlflow": "tracking",
+    "wandb": "tracking",
+    "huggingface_hub": "hub",
 }
 
 

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vlcluster.hub import is_hub
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.paths import is_remote
 
@@ -103,11 +104,24 @@ def weights_problem(checkpoint: str, field: str) -> str | None:
     return f"{field}: {checkpoint} holds no {' or '.join(WEIGHT_FILES)}"
 
 
+def hub_problem(value: str, field: str) -> str | None:
+    """An ``hf://`` reference resolves (from the cache under HF_HUB_OFFLINE=1, else the Hub): once, here."""
+    from vlcluster.hub import resolve
+
+    try:
+        resolve(value, field)
+    except SpecError as exc:
+        return str(exc)
+    return None
+
+
 def stage_problems(name: str, stage, check: Preflight) -> list[str]:
     where = f"stages.{name}"
     found: list[str | None] = []
     init = getattr(stage, "init", None)
-    if init is not None and init.checkpoint:
+    if init is not None and is_hub(init.checkpoint):
+        found.append(hub_problem(init.checkpoint, f"{where}.init.checkpoint"))
+    elif init is not None and init.checkpoint:
         found.append(check.path_problem(init.checkpoint, f"{where}.init.checkpoint") or weights_problem(init.checkpoint, f"{where}.init.checkpoint"))
     if stage.kind == "import":
         from vlcluster.importers.registry import FORMATS
@@ -127,7 +141,9 @@ def stage_problems(name: str, stage, check: Preflight) -> list[str]:
             if patterns:
                 found.append(check.shards_problem(list(patterns), f"{where}.data.{field}"))
         for field in ("tokenizer", "answers"):
-            if getattr(data, field):
+            if field == "tokenizer" and is_hub(data.tokenizer):
+                found.append(hub_problem(data.tokenizer, f"{where}.data.tokenizer"))
+            elif getattr(data, field):
                 found.append(check.path_problem(getattr(data, field), f"{where}.data.{field}", directory=False))
     return [problem for problem in found if problem]
 
@@ -154,9 +170,23 @@ def preflight(pipeline, source: str, backend: str, include_remote: bool,
 
     expanded = expand_sweeps(pipeline, source)
     adjust(expanded)
-    problems = reference_problems(expanded)[1] + profile_problems(expanded, backend)
+    problems = reference_problems(expanded)[1] + profile_problems(expanded, backend) + tracking_problems(pipeline)
     check = Preflight(include_remote)
     return problems + collapse_copies({name: stage_problems(name, stage, check) for name, stage in expanded.stages.items()})
+
+
+def tracking_problems(pipeline) -> list[str]:
+    """The tracking clients are importable here (a stage would otherwise stop at its start)."""
+    from vlcluster.extras import require
+
+    problems = []
+    for service in ("wandb", "mlflow"):
+        if pipeline.tracking is not None and getattr(pipeline.tracking, service) is not None:
+            try:
+                require(service, f"tracking.{service}")
+            except SpecError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:

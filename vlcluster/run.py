@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlcluster.failure import note_failure, said_in_one_paragraph
     from vlcluster.metrics.gate import GateClosed
 
+    from vlcluster.tracking import stage_tracking
+
     try:
-        run_stage(ctx)
+        with stage_tracking(ctx):  # W&B / MLflow when the job file has `tracking:` (rank 0)
+            run_stage(ctx)
     except GateClosed as exc:
         log.error("%s; stopping here so no fine-tuning is spent on it", exc)
         return GATE_CLOSED

@@ -15,6 +15,7 @@ from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
 from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
+from vlcluster.tracking.spec import TrackingSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "vit_tiny", "base"]
@@ -40,7 +41,7 @@ class InitSpec(Strict):
     or an external checkpoint (``{checkpoint: PATH, format: beit}``), converted on load."""
 
     from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
-    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://")
+    checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://, or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
     format: Literal["beit", "vit", "vlmo", "vlcluster"] | None = Field(
         None, description="layout of `checkpoint`: beit or vit (transformers or timm), vlmo (the authors' code), vlcluster"
     )
@@ -138,7 +139,7 @@ class DataSpec(Strict):
         None, description="shard URL pattern(s), brace expansion allowed; or a mixture: a list of {shards, weight}"
     )
     val: str | list[str] | None = None
-    tokenizer: str | None = Field(None, description="local path of a tokenizer.json")
+    tokenizer: str | None = Field(None, description="a tokenizer.json (local or s3://), or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
     answers: str | None = Field(None, description="JSON list of VQA answers")
     fields: FieldsSpec = FieldsSpec()
     augment: Literal["none", "randaugment"] = Field(
@@ -552,6 +553,7 @@ class Pipeline(Strict):
     name: str
     run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
     storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
+    tracking: TrackingSpec | None = Field(None, description="log every stage to W&B and/or MLflow besides TensorBoard (credentials from the environment)")
     stages: dict[str, Stage]
     sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
     replicates: Replicates | None = Field(None, description="N (or {count: N, of: finetune}): repeat the study with other seeds")

@@ -22,7 +22,8 @@ from vlcluster.merge.methods import get_method
 from vlcluster.merge.layout import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
-from vlcluster.outputs import file_sha256, finish_stage, read_model_config, weights_sha256, write_model_record
+from vlcluster.model.load import locate_model
+from vlcluster.outputs import file_sha256, finish_stage, weights_sha256, write_model_record
 from vlcluster.storage.paths import ensure_dir, local_copy, writable
 
 log = logging.getLogger("vlcluster.merge")
@@ -40,26 +41,23 @@ def merge_state(
     return dict(merge_steps(plan_merge(state), StateSource(state), inputs))
 
 
-def weights_file(path: Path, role: str) -> Path:
-    """A stage directory's weights file, or the ``.safetensors`` file given itself."""
-    if path.name.endswith(".safetensors"):
-        return path
-    return path / ("grams.safetensors" if role == "grams" else "model.safetensors")
-
-
 def merge_checkpoint(
     source: Path, out_dir: Path, method: str, params: dict[str, Any], base: Path | None = None,
     grams: Path | None = None, provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge ``source/model.safetensors`` (or a ``.safetensors`` file with its
-    ``model.json`` beside it) into ``out_dir`` (weights + model.json); returns the provenance.
+    """Merge the model at ``source`` (any model location :func:`locate_model`
+    reads: a stage or converted directory, a training checkpoint, or the
+    weights file of one) into ``out_dir`` (weights + model.json); returns the provenance.
 
     Input digests come from the records written with the inputs; an input
     without one (or changed since) is hashed on a second thread while the merge
     runs (hashlib releases the GIL)."""
-    inputs = {"source": source, "base": base, "grams": grams}
-    files = {name: weights_file(path, name) for name, path in inputs.items() if path}
-    config: ModelConfig = read_model_config(files["source"].parent)
+    models = {name: locate_model(path) for name, path in (("source", source), ("base", base)) if path}
+    config: ModelConfig = models["source"].config
+    files = {name: model.weights for name, model in models.items()}
+    if grams:
+        files["grams"] = grams if grams.name.endswith(".safetensors") else grams / "grams.safetensors"
+    prefixes = {name: model.prefix for name, model in models.items()}
     local = {name: local_copy(path) for name, path in files.items()}  # the streaming merge reads local files
     ensure_dir(out_dir)
     with ThreadPoolExecutor(max_workers=1) as pool, writable(out_dir / "model.safetensors") as out_file:
@@ -69,7 +67,7 @@ def merge_checkpoint(
         })
         count = merge_files(
             local["source"], out_file, get_method(method), params,
-            base=local.get("base"), grams=local.get("grams"), metadata={"format": "pt"},
+            base=local.get("base"), grams=local.get("grams"), metadata={"format": "pt"}, prefixes=prefixes,
         )
         hashes = digests.result()
     record = {

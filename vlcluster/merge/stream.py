@@ -46,15 +46,19 @@ def stream_merge(source: TensorFile, out_path: Path, inputs: MergeInputs, metada
 
 def merge_files(
     source: Path, out_path: Path, method, params: dict, base: Path | None = None, grams: Path | None = None,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, prefixes: dict[str, str] | None = None,
 ) -> int:
-    """Open the inputs, stream the merge into a temp file, rename it into place."""
+    """Open the inputs, stream the merge into a temp file, rename it into place.
+
+    ``prefixes`` (input name -> key prefix): the model's tensors in a training
+    checkpoint sit under the objective's prefix."""
+    prefixes = prefixes or {}
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     with ExitStack() as stack:
-        def open_file(path: Path | None) -> TensorFile | None:
-            return None if path is None else stack.enter_context(TensorFile(path))
+        def open_file(path: Path | None, name: str) -> TensorFile | None:
+            return None if path is None else stack.enter_context(TensorFile(path, prefixes.get(name, "")))
 
-        inputs = MergeInputs(method, params, base=open_file(base), grams=open_file(grams))
-        count = stream_merge(stack.enter_context(TensorFile(source)), tmp, inputs, metadata)
+        inputs = MergeInputs(method, params, base=open_file(base, "base"), grams=open_file(grams, "grams"))
+        count = stream_merge(open_file(source, "source"), tmp, inputs, metadata)
     os.replace(tmp, out_path)
     return count

@@ -200,11 +200,12 @@ def _pair(source, v_key: str, l_key: str) -> Pair:
     return Pair(v, l)
 
 
-def checkpoint_distances(path, density: float = 0.5) -> dict:
-    """Metrics of a modality-specific safetensors checkpoint (read lazily, V/L weights only)."""
+def checkpoint_distances(path, density: float = 0.5, prefix: str = "") -> dict:
+    """Metrics of a modality-specific safetensors checkpoint (read lazily, V/L
+    weights only; with ``prefix``, of the model stored under it)."""
     from vlcluster.storage.tensorfile import TensorFile
 
-    with TensorFile(path) as source:
+    with TensorFile(path, prefix) as source:
         layers = {
             layer: [_pair(source, v, l) for v, l in pairs]
             for layer, pairs in vl_pairs(source.keys()).items()

@@ -347,16 +347,22 @@ def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed:
     return converted.report
 
 
+def vlcluster_model(src: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Weights and config of any model vlcluster writes: a stage or converted
+    directory, a training checkpoint (checkpoints/step_N), or the weights file of one."""
+    from .load import locate_model
+
+    found = locate_model(src)
+    return found.tensors(), found.config
+
+
 def export_vlmo(src: str, out: str) -> ConversionReport:
     """`vlcluster convert --to vlmo SRC -o OUT`: a vlcluster model in the authors' layout.
 
     OUT ending in .safetensors is one safetensors file; .pt / .ckpt a torch
     file ``{"state_dict": …}`` as the authors' code loads it; anything else a
     directory with model.safetensors and conversion.json."""
-    tensors, meta = read_tensors(src)
-    if not meta or "config" not in meta:
-        raise CheckpointError(f"{src}: not a vlcluster model directory (model.safetensors + model.json)")
-    config = ModelConfig.from_dict(meta["config"])
+    tensors, config = vlcluster_model(src)
     report = ConversionReport(str(src), "vlcluster")
     state = {key: value.contiguous() for key, value in vlmo.export_state(tensors, config, report).items()}
     target = run_path(out)
@@ -378,10 +384,7 @@ def export_beit(src: str, out: str) -> ConversionReport:
     """`vlcluster convert --to beit SRC -o OUT`: a vlcluster model's image route as a
     `transformers` BEiT directory (model.safetensors + config.json), loadable with
     ``BeitModel.from_pretrained(OUT)`` so a merged model can be used outside vlcluster."""
-    tensors, meta = read_tensors(src)
-    if not meta or "config" not in meta:
-        raise CheckpointError(f"{src}: not a vlcluster model directory (model.safetensors + model.json)")
-    config = ModelConfig.from_dict(meta["config"])
+    tensors, config = vlcluster_model(src)
     report = ConversionReport(str(src), "vlcluster")
     state, beit_config = beit.export_state(tensors, config, report)
     target = run_path(out)

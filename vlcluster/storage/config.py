@@ -41,7 +41,8 @@ SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 # A URL carrying a user name (and maybe a password), anywhere in a value or key.
-USERINFO = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+# hf://NAME@REVISION (a Hub model without an organisation, at a revision) has no user part.
+USERINFO = re.compile(r"(?<![a-z0-9+.-])(?!hf://[^:/@\s]+@)[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
 # In comments: a URL with user:password, or ``secret_key: value`` / ``TOKEN=value``.
 COMMENT_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
 COMMENT_ASSIGNMENT = re.compile(r"([A-Za-z0-9_.-]+)\s*[:=]\s*['\"]?([^\s'\"]{6,})")

@@ -94,9 +94,12 @@ def read_header(handle, size: int, path: Path) -> tuple[int, dict]:
 
 
 class TensorFile:
-    """Read-only access to one safetensors file, a tensor at a time."""
+    """Read-only access to one safetensors file, a tensor at a time.
 
-    def __init__(self, path: str | os.PathLike):
+    With ``prefix``, only the tensors under it are seen, by their names
+    without it (a training checkpoint keeps the model under ``model.``)."""
+
+    def __init__(self, path: str | os.PathLike, prefix: str = ""):
         self.path = Path(path)
         self._handle = open(self.path, "rb", buffering=0)
         try:
@@ -107,7 +110,10 @@ class TensorFile:
                 raise TensorFileError(f"{self.path}: __metadata__ is not a JSON object")
             self.metadata: dict[str, str] = metadata
             try:
-                self.entries = {key: _parse_entry(key, raw, 8 + length) for key, raw in header.items()}
+                self.entries = {
+                    key[len(prefix):]: _parse_entry(key, raw, 8 + length)
+                    for key, raw in header.items() if key.startswith(prefix)
+                }
             except ValueError as exc:
                 raise TensorFileError(f"{self.path}: {exc}") from None
             self._check_bounds()
@@ -211,10 +217,10 @@ class TensorFileWriter:
             raise ValueError(f"{len(missing)} tensors never written (first: {missing[0]!r})")
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, with the checks of :class:`TensorFile`
-    (a file from a run directory or a user is untrusted input)."""
-    with TensorFile(path) as tensors:
+def load_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (under ``prefix``, without it), with the
+    checks of :class:`TensorFile` (a file from a run directory or a user is untrusted input)."""
+    with TensorFile(path, prefix) as tensors:
         return {key: tensors.read(key) for key in tensors.keys()}
 
 

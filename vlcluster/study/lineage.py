@@ -157,8 +157,11 @@ class Lineage:
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def arm(self, run: str, eval_stage: str, result: dict) -> Arm:
+        return self.arm_of_model(run, eval_stage, self.model_source(eval_stage), result)
+
+    def arm_of_model(self, run: str, eval_stage: str, model: str | None, result: dict) -> Arm:
+        """The lineage of ``model`` (a stage's name), as the eval stage ``eval_stage`` that read it would have."""
         finetunes: list[str] = []
-        model = self.model_source(eval_stage)
         if self.kind(model) == "finetune":
             finetunes.append(model)
             model = self.model_source(model)

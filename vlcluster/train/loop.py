@@ -134,7 +134,10 @@ class Trainer:
     def load_init(self, model: MultiwayTransformer) -> None:
         init = self.ctx.spec.init
         if init.checkpoint is not None:
-            report = init_from_checkpoint(model, init.checkpoint, init.format)
+            from vlcluster.hub import is_hub, local_snapshot
+
+            source = str(local_snapshot(init.checkpoint, "init.checkpoint")) if is_hub(init.checkpoint) else init.checkpoint
+            report = init_from_checkpoint(model, source, init.format)
             if self.env.is_main:
                 log.info("initialised from checkpoint:\n  %s", "\n  ".join(report.lines()))
             return

@@ -1,4 +1,5 @@
-"""TensorBoard scalars, written by rank 0 only.
+"""TensorBoard scalars, written by rank 0 only (and forwarded to the stage's
+W&B / MLflow tracker, :mod:`vlcluster.tracking`, when the job file has one).
 
 Event files are appended to, which object stores cannot do: for a remote
 ``tb/`` the writer writes into a local directory and uploads its files
@@ -33,6 +34,10 @@ class MetricsWriter:
     def add(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
+        from vlcluster import tracking
+
+        if (tracker := tracking.current()) is not None:  # the same curves to W&B / MLflow
+            tracker.log_metrics(scalars, step)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
