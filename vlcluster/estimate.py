@@ -26,7 +26,7 @@ from typing import Any
 
 from vlcluster.graph import Graph
 from vlcluster.jobspec.load import SpecError
-from vlcluster.sizes import PRESETS
+from vlcluster.sizes import PRESETS, DerivedShape
 from vlcluster.storage.paths import is_remote, read_json
 from vlcluster.train.devices import peak_tflops
 from vlcluster.train.flops import TRAIN_FACTOR, Objectives, StepShape, image_tokens, layers_forward, matmul, train_flops_per_sample
@@ -68,7 +68,7 @@ class StageEstimate:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(DerivedShape):
     """What ``flops.py`` reads of a ``ModelShape``, built without the model package (torch)."""
 
     dim: int
@@ -82,18 +82,6 @@ class ModelShape:
     itc_dim: int
     vocab_size: int
     num_answers: int
-
-    @property
-    def bottom_layers(self) -> int:
-        return self.depth - self.vl_layers
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.dim * self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -79,3 +79,27 @@ def check_structure(size: str, overrides: Mapping[str, Any], image_size_known: b
         fields.pop("image_size")
     if errors := structure_errors(fields):
         raise ValueError("; ".join(f"model.{name}: {problem}" for name, problem in errors))
+
+
+class DerivedShape:
+    """What follows from a model's fields (depth, vl_layers, image and patch size, dim, mlp_ratio):
+    shared by ``ModelConfig`` and the torch-free shape ``plan`` estimates with."""
+
+    depth: int
+    vl_layers: int
+    image_size: int
+    patch_size: int
+    dim: int
+    mlp_ratio: float
+
+    @property
+    def bottom_layers(self) -> int:
+        return self.depth - self.vl_layers
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)

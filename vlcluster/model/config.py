@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vlcluster.sizes import PRESETS, SIZES, structure_errors
+from vlcluster.sizes import PRESETS, SIZES, DerivedShape, structure_errors
 
 ARCHS = ("specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln")
 PARTS = ("attn", "ffn", "ln1", "ln2")
@@ -29,7 +29,7 @@ CUSTOM_PARTS: dict[str, frozenset[str]] = {
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DerivedShape):
     arch: str
     dim: int
     depth: int  # N: layers per modality
@@ -81,18 +81,6 @@ class ModelConfig:
     def grid(self) -> int:
         """Patches per side of the (square) image."""
         return self.image_size // self.patch_size
-
-    @property
-    def bottom_layers(self) -> int:
-        return self.depth - self.vl_layers
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.dim * self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
