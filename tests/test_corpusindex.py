@@ -186,31 +186,18 @@ def test_on_s3_the_loader_reads_the_index_and_ranges_of_the_shards(corpus: list[
     assert 0 < fetched < 1.5 * shard_bytes, (requests, fetched, shard_bytes)
 
 
-def tar_spans(urls: list[str]) -> dict[str, int]:
-    """Bytes each sample takes in its shard (its files, their headers and padding), by key."""
-    spans = {}
-    for url in urls:
-        walked = ShardIndex(url)
-        walked.close()
-        previous = 0
-        for sample in walked.samples:
-            if sample.error is None:
-                end = -(-max(offset + size for _, offset, size in sample.files) // 512) * 512
-                spans[sample.key], previous = end - previous, end
-    return spans
-
-
 def test_a_2_to_3_rank_resume_on_s3_reads_every_sample_once_and_little_else(s3_env, s3_server, tmp_path: Path) -> None:
     import fsspec
 
     from tests.countingproxy import CountingProxy
+    from tools.bench.loader_s3 import sample_bytes
     from vlcluster.storage import config
 
     built = syn.build_dataset(str(tmp_path / "clean"), 96, 4, 16, 48, seed=4)
     config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
     fsspec.filesystem("s3").put([*built["train_shards"], str(tmp_path / "clean" / INDEX_NAME)], "s3://data/resume/")
     remote = [f"s3://data/resume/{Path(url).name}" for url in built["train_shards"]]
-    spans = tar_spans(built["train_shards"])
+    spans = sample_bytes(built["train_shards"])  # what the bench divides by
 
     def run(world: int, steps: int, state: dict | None) -> tuple[list[str], dict]:
         loaders = [TrainLoader(remote, rank, world, 0, 24, 12 // world, shuffle_run=4) for rank in range(world)]
