@@ -34,7 +34,7 @@ from vlcluster.cli import main as cli_main  # noqa: E402
 from vlcluster.graph import build_graph  # noqa: E402
 from vlcluster.jobspec.load import SpecError, load_pipeline  # noqa: E402
 from vlcluster.jobspec.names import NAME  # noqa: E402
-from vlcluster.rundir import stage_dir  # noqa: E402
+from vlcluster.stages.rundir import stage_dir  # noqa: E402
 
 EXAMPLE_TIMEOUT_S = 20
 COUNTS: dict[str, Counter] = {}
@@ -238,7 +238,7 @@ def make_run_dir(workdir: Path) -> Path:
     path = workdir / "job.yaml"
     path.write_text(yaml.safe_dump(BASE, sort_keys=False))
     run_dir = workdir / "run"
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
 
     save_pipeline(run_dir, build_graph(load_pipeline(path), str(path)))
     return run_dir

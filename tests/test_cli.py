@@ -57,7 +57,7 @@ def test_bad_spec_exits_nonzero_with_file_and_field(write_job, tmp_path, text, o
 
 
 def test_every_stage_kind_has_a_runner():
-    from vlcluster.jobspec.kinds import KINDS, runner
+    from vlcluster.stages.kinds import KINDS, runner
 
     for kind in KINDS:
         assert callable(runner(kind)), kind
@@ -325,7 +325,7 @@ def test_render_writes_a_file_and_refuses_k8s_flags_elsewhere(write_job, tmp_pat
 
 
 def test_logs_of_an_unknown_stage_names_the_closest(write_job, tmp_path):
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
 

@@ -66,7 +66,7 @@ def test_data_command_on_a_full_disk(small_disk):
 
 
 def test_data_stage_on_a_full_disk(small_disk, write_job):
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
 
@@ -158,7 +158,7 @@ def test_a_record_rewrites_itself_in_place_when_the_disk_is_full(small_disk):
     disk, preexec = small_disk
     if preexec is not None:
         pytest.skip("needs the tmpfs (the file-size limit applies to child processes only)")
-    from vlcluster.rundir import read_json
+    from vlcluster.stages.rundir import read_json
     from vlcluster.storage.paths import write_json
 
     state = disk / "state.json"

@@ -13,8 +13,8 @@ import pytest
 
 from tests import task_formats
 from tests.conftest import REPO
-from vlcluster.outputs import read_result
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.outputs import read_result
+from vlcluster.stages.rundir import stage_dir
 
 pytestmark = pytest.mark.slow
 

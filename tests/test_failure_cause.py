@@ -18,7 +18,7 @@ import torch
 
 from vlcluster import failure
 from vlcluster.backends.stage_process import rank_exit_codes, record_end
-from vlcluster.rundir import StageDir
+from vlcluster.stages.rundir import StageDir
 
 GLOO_TIMEOUT = textwrap.dedent("""
     import datetime, os, sys, time

@@ -11,7 +11,7 @@ import pytest
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 from vlcluster.jobspec.names import directory_name
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.rundir import stage_dir
 
 DATA = "{kind: data, n_train: 100, n_val: 10, shard_size: 50}"
 

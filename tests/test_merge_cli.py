@@ -14,8 +14,8 @@ from vlcluster.cli import main
 from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.correlation import correlation_table, pearson
-from vlcluster.outputs import write_model
-from vlcluster.rundir import StageDir, write_json_atomic
+from vlcluster.stages.outputs import write_model
+from vlcluster.stages.rundir import StageDir, write_json_atomic
 
 
 def test_merge_command_writes_the_ties_merge(tmp_path):

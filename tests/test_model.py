@@ -470,11 +470,11 @@ def test_relative_image_table_is_resized_for_another_resolution():
 
 
 def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_positions(write_job, tmp_path):
-    from vlcluster.context import StageContext
+    from vlcluster.stages.context import StageContext
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
-    from vlcluster.outputs import write_model
-    from vlcluster.rundir import StageDir
+    from vlcluster.stages.outputs import write_model
+    from vlcluster.stages.rundir import StageDir
     from vlcluster.train.model_config import build_model_config
 
     old = {key: value for key, value in tiny("specific").to_dict().items() if key not in ("position", "relative_bias")}

@@ -20,8 +20,8 @@ from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.distance import checkpoint_distances
 from vlcluster.model.external import convert_to_model_dir, export_vlmo
-from vlcluster.outputs import write_model
-from vlcluster.rundir import StageDir
+from vlcluster.stages.outputs import write_model
+from vlcluster.stages.rundir import StageDir
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.dist import DistEnv
 

@@ -112,7 +112,7 @@ def test_a_copy_hashes_like_the_same_stage_without_a_sweep(write_job):
 
 
 def test_sweep_survives_the_run_directory_round_trip(write_job, tmp_path):
-    from vlcluster.context import load_graph, save_pipeline
+    from vlcluster.stages.context import load_graph, save_pipeline
 
     graph = graph_of(write_job)
     save_pipeline(tmp_path, graph)
@@ -123,8 +123,8 @@ def test_sweep_survives_the_run_directory_round_trip(write_job, tmp_path):
 def test_k_seed_of_each_zipped_element_is_read_from_its_copies(write_job, tmp_path):
     """The study report keys Table 1, Figure 3 and Table 5 by K_seed: read
     from the copy each eval descends from, 0 for the merging baseline."""
-    from vlcluster.context import save_pipeline
-    from vlcluster.rundir import stage_dir, write_json_atomic
+    from vlcluster.stages.context import save_pipeline
+    from vlcluster.stages.rundir import stage_dir, write_json_atomic
     from vlcluster.study.lineage import collect_arms
 
     graph = graph_of(write_job)
@@ -481,7 +481,7 @@ stages:
 
 
 def test_fine_tune_only_replicates_share_the_pre_training_and_are_labelled_so(write_job, tmp_path):
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.study import views
     from vlcluster.study.lineage import collect_arms
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_e2e import FAILING, cli
-from vlcluster.rundir import read_json
+from vlcluster.stages.rundir import read_json
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import REPO
 from tests.faults.test_kill_resume import RAY_TRIALS, fresh_run, ray_trial
 from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
-from vlcluster.rundir import read_json
+from vlcluster.stages.rundir import read_json
 
 
 

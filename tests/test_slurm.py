@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli
 from vlcluster.backends.slurm_queue import job_states
-from vlcluster.rundir import read_json
+from vlcluster.stages.rundir import read_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -93,7 +93,7 @@ def test_submit_queues_every_stage_as_its_own_job_in_under_3_s(slurm_run):
 
 
 def test_every_job_completed_after_its_dependencies(slurm_run):
-    from vlcluster.context import load_graph
+    from vlcluster.stages.context import load_graph
 
     run_dir, _, _, states, _, _ = slurm_run
     assert {state.state for state in states.values()} == {"COMPLETED"}

@@ -106,7 +106,7 @@ def gpus_as_cpus(parameters):
 def test_limits_gpus_never_runs_more_stages_than_the_cap_allows(write_job, tmp_path, monkeypatch):
     from rich.console import Console
 
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
     from vlcluster.plan import make_plan

@@ -134,7 +134,7 @@ def test_sweep_over_a_nested_field_and_bad_references(write_job):
 
 
 def test_sweep_survives_the_run_directory_round_trip(write_job, tmp_path):
-    from vlcluster.context import load_graph, save_pipeline
+    from vlcluster.stages.context import load_graph, save_pipeline
 
     path = write_job(SWEEP)
     graph = build_graph(load_pipeline(path), str(path))

@@ -7,8 +7,8 @@ from vlcluster.backends.status import run_status
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import load_pipeline
 from vlcluster.plan import make_plan
-from vlcluster.progress import describe_progress, read_progress, write_progress
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.progress import describe_progress, read_progress, write_progress
+from vlcluster.stages.rundir import stage_dir
 
 JOB = """
 name: rules
@@ -74,7 +74,7 @@ def test_progress_record_is_shown_for_a_running_stage(write_job, tmp_path):
 
 
 def test_a_stage_without_log_steps_reports_progress_as_it_goes(tmp_path):
-    from vlcluster.progress import reported
+    from vlcluster.stages.progress import reported
 
     directory = stage_dir(tmp_path, "grams")
     seen = []

@@ -223,7 +223,7 @@ def test_wrong_credentials_are_one_clear_error(write_job, tmp_path, s3_server, s
 
 
 def test_records_and_done_marker_on_s3(s3_env):
-    from vlcluster.rundir import read_json, stage_dir, write_json_atomic
+    from vlcluster.stages.rundir import read_json, stage_dir, write_json_atomic
 
     stage = stage_dir("s3://runs/records", "seed")
     assert str(stage.success_file) == "s3://runs/records/seed/_SUCCESS"

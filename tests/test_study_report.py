@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlcluster.cli import main
-from vlcluster.context import save_pipeline
+from vlcluster.stages.context import save_pipeline
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import load_pipeline
 

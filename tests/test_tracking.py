@@ -253,7 +253,7 @@ def test_an_unreachable_tracking_server_does_not_fail_the_stage(tmp_path, caplog
 
 
 def saved_context(tmp_path: Path, tracking: str):
-    from vlcluster.context import StageContext, save_pipeline
+    from vlcluster.stages.context import StageContext, save_pipeline
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
 

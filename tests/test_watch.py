@@ -68,10 +68,10 @@ def test_status_watch_and_logs_follow_a_local_run_to_its_end(write_job, tmp_path
 
 def test_following_a_stage_that_never_starts_ends_when_it_is_blocked(write_job, tmp_path):
     """A failed upstream blocks the followed stage: logs -f and status --watch end (exit 1), nothing hangs."""
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
 
     run_dir = tmp_path / "run"
     save_pipeline(run_dir, build_graph(load_pipeline(write_job(CHAIN))))

@@ -218,7 +218,7 @@ def run_preflight(args) -> None:
 
 def cmd_submit(args) -> int:
     from vlcluster.backends import get_backend
-    from vlcluster.context import save_pipeline
+    from vlcluster.stages.context import save_pipeline
     from vlcluster.plan import make_plan
 
     run_preflight(args)
@@ -311,9 +311,9 @@ def render_backend(args) -> int:
 
 def load_run(run_dir_arg: str):
     """The run's graph, plans and stage records (``state.json``)."""
-    from vlcluster.context import load_graph
+    from vlcluster.stages.context import load_graph
     from vlcluster.plan import make_plan
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
     from vlcluster.storage.paths import run_path
 
     run_dir = run_path(run_dir_arg)
@@ -358,7 +358,7 @@ def add_watch_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_logs(args) -> int:
     from vlcluster.backends import get_backend
     from vlcluster.backends.status import backend_of
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
     from vlcluster.storage.paths import run_path
 
     run_dir = run_path(args.run_dir)
@@ -372,7 +372,7 @@ def cmd_logs(args) -> int:
 
 def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
     """A stage the run does not have is named with the closest one it has."""
-    from vlcluster.context import load_graph
+    from vlcluster.stages.context import load_graph
     from vlcluster.suggest import did_you_mean
 
     try:
@@ -386,7 +386,7 @@ def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
 def follow_stage_log(run_dir: Path, stage: str, interval: float) -> int:
     """``logs -f``: the stage log as it grows, until the stage has ended (any backend: every one writes it)."""
     from vlcluster.backends.status import run_status
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
     from vlcluster.watch import ENDED, follow
 
     final: dict[str, str] = {}
@@ -411,7 +411,7 @@ def cmd_cancel(args) -> int:
 
     from vlcluster.backends import get_backend
     from vlcluster.backends.status import backend_of
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
 
     run_dir, _, plans, records = load_run(args.run_dir)
     by_backend: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -594,8 +594,8 @@ def cmd_report(args) -> int:
     if args.out:
         return write_study(args)
     from vlcluster.metrics.correlation import correlation_table, point
-    from vlcluster.outputs import read_result
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.outputs import read_result
+    from vlcluster.stages.rundir import stage_dir
 
     def result(run_dir: str, stage: str) -> dict:
         found = read_result(stage_dir(run_dir, stage))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlcluster.rundir import StageDir, read_json, write_json_atomic
+from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

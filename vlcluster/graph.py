@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from vlcluster.jobspec.kinds import MODEL_KINDS
+from vlcluster.stages.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.pipeline_sweep import NotAMapping, expand_pipeline_sweep, set_path

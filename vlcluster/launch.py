@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS
+from vlcluster.stages.kinds import DISTRIBUTED_KINDS
 
 # A rank that saved a checkpoint because it was told to stop (SIGTERM from a
 # requeue or preemption) exits with this code: "resume me", not "I failed".

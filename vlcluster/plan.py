@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlcluster.graph import Graph
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.rundir import stage_dir
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.paths import is_remote, run_path
 from vlcluster.train.checkpoint_index import latest_checkpoint

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from vlcluster.context import StageContext
-from vlcluster.outputs import finish_stage, read_result
+from vlcluster.stages.context import StageContext
+from vlcluster.stages.outputs import finish_stage, read_result
 from vlcluster.study import write_study_report
 
 log = logging.getLogger("vlcluster.report")

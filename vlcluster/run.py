@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
-from vlcluster.context import load_context
-from vlcluster.jobspec.kinds import runner
+from vlcluster.stages.context import load_context
+from vlcluster.stages.kinds import runner
 
 log = logging.getLogger("vlcluster.run")
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[{args.stage}] %(message)s", stream=sys.stdout)
     die_with_parent()
     ctx = load_context(args.run_dir, args.stage)
-    run_stage = runner(ctx.spec.kind)  # jobspec/kinds.py: one table of kinds and their runners
+    run_stage = runner(ctx.spec.kind)  # stages/kinds.py: one table of kinds and their runners
     from vlcluster.data.quality import BadDataError
     from vlcluster.failure import note_failure, said_in_one_paragraph
     from vlcluster.metrics.gate import GateClosed

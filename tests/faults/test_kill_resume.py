@@ -173,7 +173,7 @@ def test_local_sigkill_at_random_steps_resumes_bitwise(tiny_reference, tmp_path,
 
 
 def slurm_job(run_dir: Path) -> str:
-    from vlcluster.rundir import read_json
+    from vlcluster.stages.rundir import read_json
 
     return read_json(run_dir / "seed" / "state.json")["job_id"]
 
@@ -245,7 +245,7 @@ def test_slurm_rank_sigkill_at_random_steps_resumes_bitwise(tiny_reference, tmp_
 
 
 def ray_trial(cluster, reference, tmp_path: Path, at_step: int) -> dict:
-    from vlcluster.rundir import read_json
+    from vlcluster.stages.rundir import read_json
 
     job, reference_dir = reference
     run_dir = tmp_path / "run"

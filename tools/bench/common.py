@@ -41,8 +41,8 @@ def write_random_checkpoint(out: Path, size: str, arch: str, seed: int = 0) -> i
     import torch
 
     from vlcluster.model import MultiwayTransformer, preset
-    from vlcluster.outputs import write_model
-    from vlcluster.rundir import StageDir
+    from vlcluster.stages.outputs import write_model
+    from vlcluster.stages.rundir import StageDir
 
     config = preset(size, arch)
     with torch.device("meta"):

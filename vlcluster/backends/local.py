@@ -25,7 +25,7 @@ from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.rundir import stage_dir
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.errors import redact
 

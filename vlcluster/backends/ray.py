@@ -63,8 +63,8 @@ from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
-from vlcluster.progress import describe_progress, read_progress
-from vlcluster.rundir import stage_dir, write_json_atomic
+from vlcluster.stages.progress import describe_progress, read_progress
+from vlcluster.stages.rundir import stage_dir, write_json_atomic
 from vlcluster.jobspec.load import SpecError
 from vlcluster.storage.config import ENV as STORAGE_ENV
 

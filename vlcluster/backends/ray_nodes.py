@@ -53,7 +53,7 @@ def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rende
     """One node's torchrun; node 0 writes the stage log."""
     import ray
 
-    from vlcluster.rundir import stage_dir
+    from vlcluster.stages.rundir import stage_dir
 
     directory = stage_dir(run_dir, stage)
     node = rendezvous.node_rank

@@ -4,7 +4,7 @@ It starts the stage's command (torchrun for training, see
 :func:`vlcluster.launch.stage_command`) and copies every output line to the
 job's log (what the Ray dashboard shows, the trainer's step lines included)
 and to ``<stage>/logs/stage.log``. Progress reaches ``vlcluster status``
-through the stage's own ``progress.json`` (:mod:`vlcluster.progress`).
+through the stage's own ``progress.json`` (:mod:`vlcluster.stages.progress`).
 
 Fault tolerance: when a rank of a training stage dies by a signal (killed,
 OOM-killed, a crashed worker process) or stops with ``EXIT_REQUEUE``,
@@ -34,9 +34,9 @@ import sys
 import time
 
 from vlcluster.backends.stage_process import child_env, exit_status, record_end, run_once, write_header
-from vlcluster.context import load_context
+from vlcluster.stages.context import load_context
 from vlcluster.launch import EXIT_REQUEUE, stage_command
-from vlcluster.rundir import StageDir
+from vlcluster.stages.rundir import StageDir
 
 DEFAULT_MAX_RESTARTS = 3
 

@@ -26,7 +26,7 @@ from vlcluster.backends.stage_process import (
     child_env, exit_status, log_lines_since, rank_exit_codes, record_end, stage_log, write_header,
 )
 from vlcluster.launch import EXIT_REQUEUE, Rendezvous, stage_command
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.rundir import stage_dir
 
 STOP_TIMEOUT_S = 60
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from vlcluster.launch import is_distributed
-from vlcluster.rundir import StageDir
+from vlcluster.stages.rundir import StageDir
 from vlcluster.storage.paths import Mirror, local_side
 
 PR_SET_PDEATHSIG = 1

@@ -21,9 +21,9 @@ from vlcluster.backends.base import StageStatus
 from vlcluster.graph import Graph
 from vlcluster.jobspec.load import SpecError
 from vlcluster.plan import StagePlan
-from vlcluster.progress import describe_progress, read_progress
+from vlcluster.stages.progress import describe_progress, read_progress
 from vlcluster.run import GATE_CLOSED
-from vlcluster.rundir import stage_dir
+from vlcluster.stages.rundir import stage_dir
 
 BLOCKING = frozenset({"failed", "gated", "blocked", "cancelled"})
 NOT_STARTED = frozenset({"pending", "blocked", "cancelled"})  # states a blocked stage may be reported in

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.data.synthetic import build_dataset
 from vlcluster.data.synthetic_tasks import write_task_dataset
-from vlcluster.outputs import finish_stage
+from vlcluster.stages.outputs import finish_stage
 
 log = logging.getLogger("vlcluster.data")
 

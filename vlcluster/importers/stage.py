@@ -21,7 +21,7 @@ def run_import(fmt: str, inputs: dict, options: ImportOptions) -> dict:
 
 
 def run_import_stage(ctx) -> None:
-    from vlcluster.outputs import finish_stage
+    from vlcluster.stages.outputs import finish_stage
 
     spec = ctx.spec
     tokenizer = spec.tokenizer

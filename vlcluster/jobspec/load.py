@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from vlcluster.jobspec.kinds import STAGE_KINDS
+from vlcluster.stages.kinds import STAGE_KINDS
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.names import name_problem
 from vlcluster.suggest import did_you_mean

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
-from vlcluster.jobspec.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
+from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
 from vlcluster.tracking.spec import TrackingSpec
@@ -480,9 +480,9 @@ Stage = Annotated[
     Field(discriminator="kind"),
 ]
 
-# The union and the table of kinds (jobspec/kinds.py: runner, torchrun or not) name the same kinds.
+# The union and the table of kinds (stages/kinds.py: runner, torchrun or not) name the same kinds.
 assert {member.model_fields["kind"].annotation.__args__[0] for member in Stage.__origin__.__args__} == set(KINDS), \
-    "jobspec/kinds.py and the Stage union disagree"
+    "stages/kinds.py and the Stage union disagree"
 
 
 class ClusterProfile(Strict):

@@ -52,7 +52,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vlcluster.jobspec.kinds import GATHERING_KINDS
+from vlcluster.stages.kinds import GATHERING_KINDS
 from vlcluster.jobspec.load import SpecError, format_location, known_names, validate
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.suggest import did_you_mean

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.merge.engine import MergeInputs, StateSource, merge_steps
 from vlcluster.merge.methods import get_method
 from vlcluster.merge.layout import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
 from vlcluster.model.load import locate_model
-from vlcluster.outputs import file_sha256, finish_stage, weights_sha256, write_model_record
+from vlcluster.stages.outputs import file_sha256, finish_stage, weights_sha256, write_model_record
 from vlcluster.storage.paths import ensure_dir, local_copy, writable
 
 log = logging.getLogger("vlcluster.merge")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.distance import checkpoint_distances
-from vlcluster.outputs import finish_stage
+from vlcluster.stages.outputs import finish_stage
 
 log = logging.getLogger("vlcluster.metrics")
 

@@ -329,8 +329,8 @@ def init_from_checkpoint(model: MultiwayTransformer, path: str, fmt: str) -> Con
 def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed: int = 0, **overrides: Any) -> ConversionReport:
     """`vlcluster convert --from FMT SRC -o OUT`: a vlcluster model directory
     (model.safetensors + model.json, like a pre-training stage's output)."""
-    from vlcluster.outputs import write_model
-    from vlcluster.rundir import StageDir
+    from vlcluster.stages.outputs import write_model
+    from vlcluster.stages.rundir import StageDir
 
     converted = convert(src, fmt)
     config = config_for(converted, size, **overrides)

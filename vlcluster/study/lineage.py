@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vlcluster.rundir import pipeline_file, read_json, stage_dir
+from vlcluster.stages.rundir import pipeline_file, read_json, stage_dir
 
 # The knob each merge method is swept over in the paper's Table 2.
 METHOD_KNOB = {"interpolation": "alpha", "arithmetic": "lam", "regmean": "gamma", "ties": "lam", "dare": "lam"}

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
 from vlcluster.data.shards import DEFAULT_FIELDS
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.outputs import finish_stage, read_model
+from vlcluster.stages.outputs import finish_stage, read_model
 from vlcluster.tasks.retrieval import retrieval_items, retrieval_scores
 
 log = logging.getLogger("vlcluster.eval")

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from vlcluster.data.augment import NO_AUGMENT
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.sources import single_source
-from vlcluster.context import DataSources, StageContext
+from vlcluster.stages.context import DataSources, StageContext
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.outputs import read_model_config
+from vlcluster.stages.outputs import read_model_config
 from vlcluster.tasks.base import Task, TaskBatch, TaskInfo
 from vlcluster.tasks.dataset import TaskData, stage_task_data
 from vlcluster.tasks.registry import get_task

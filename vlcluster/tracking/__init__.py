@@ -175,6 +175,6 @@ def _artifacts(root: Path) -> list[tuple[Path, str]]:
 
 
 def _read_result(ctx) -> dict | None:
-    from vlcluster.outputs import read_result
+    from vlcluster.stages.outputs import read_result
 
     return read_result(ctx.dir)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from vlcluster.rundir import write_json_atomic
+from vlcluster.stages.rundir import write_json_atomic
 from vlcluster.storage.paths import is_remote, fetched, local_side, publish, read_json, remove_tree
 from vlcluster.train.checkpoint_index import (  # noqa: F401 - re-exported for callers
     Checkpoint,

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.data.loader import TrainLoader, resolve_workers
 from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.tokenizer import TextEncoder
@@ -29,8 +29,8 @@ from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
 from vlcluster.tasks.finetune import TaskTraining
-from vlcluster.outputs import finish_stage, read_model, write_model
-from vlcluster.progress import report_training_progress
+from vlcluster.stages.outputs import finish_stage, read_model, write_model
+from vlcluster.stages.progress import report_training_progress
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder
 from vlcluster.train.dist import DistEnv, exit_process, init_distributed

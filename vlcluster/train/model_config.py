@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlcluster.context import StageContext
+from vlcluster.stages.context import StageContext
 from vlcluster.model.config import ModelConfig, preset
-from vlcluster.outputs import read_model_config
+from vlcluster.stages.outputs import read_model_config
 
 POSITION_FIELDS = ("position", "relative_bias")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vlcluster.model.config import ModelConfig
-from vlcluster.rundir import StageDir, read_json, write_json_atomic
+from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
 from vlcluster.storage.paths import is_remote, local_copy, run_path, writable
 from vlcluster.storage.tensorfile import load_tensors, save_tensors
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlcluster.graph import Graph, build_graph
-from vlcluster.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
+from vlcluster.stages.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
 from vlcluster.jobspec.models import DataSpec, DataStage, Pipeline
 from vlcluster.storage.paths import local_copy, run_path
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from vlcluster.rundir import StageDir, read_json, write_json_atomic
+from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
 
 T = TypeVar("T")
 
