@@ -663,6 +663,10 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Choices come from the registries (torch-free tables), so a new entry there is a new choice here.
+    from vlcluster.metrics.correlation import DROP_SCORES
+    from vlcluster.sizes import SIZES
+
     parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -745,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", default="metrics", help="metrics stage name in each run")
     report.add_argument("--merged", default="eval_merged", help="eval stage of the merged model")
     report.add_argument("--unmerged", default="eval_msa", help="eval stage of the unmerged model")
-    report.add_argument("--score", default="retrieval", choices=["retrieval", "tr", "ir", "vqa_acc"])
+    report.add_argument("--score", default="retrieval", choices=list(DROP_SCORES))
     report.set_defaults(func=cmd_report)
 
     convert = sub.add_parser("convert", help="convert a BEiT / ViT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout or a BEiT")
@@ -755,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="format to write (SRC: a vlcluster model directory); beit: the image route as a transformers BEiT directory")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
-    convert.add_argument("--size", default="base", choices=["tiny", "vit_tiny", "base"], help="preset for what the checkpoint does not fix (vocabulary, text length)")
+    convert.add_argument("--size", default="base", choices=SIZES, help="preset for what the checkpoint does not fix (vocabulary, text length)")
     for name in ("heads", "vocab-size", "max-text-len", "vl-layers", "image-size"):
         convert.add_argument(f"--{name}", type=int, default=None, help=f"{name} of the written model (--from; default: from the checkpoint, else --size)")
     convert.set_defaults(func=cmd_convert)

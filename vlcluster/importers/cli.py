@@ -10,7 +10,8 @@ from vlcluster.importers.registry import FORMATS
 
 
 def add_import_parser(sub) -> None:
-    parser = sub.add_parser("import", help="import a downstream dataset (VQA v2, COCO/Flickr30k, NLVR2, ImageNet, ADE20k) as task shards")
+    datasets = ", ".join(spec.dataset for spec in FORMATS.values())
+    parser = sub.add_parser("import", help=f"import a downstream dataset ({datasets}) as task shards")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for name, spec in FORMATS.items():
         one = formats.add_parser(name, help=f"{spec.task} data")
