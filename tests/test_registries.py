@@ -78,6 +78,17 @@ def test_cli_choices_are_the_registry_keys():
     assert tuple(option(subparser(parser, "convert"), "--size").choices) == keys["sizes"]
 
 
+def test_merge_parameters_and_rendered_files_cover_their_registries():
+    from vlcluster.backends import BACKENDS
+    from vlcluster.cli import RENDERED_FILE
+    from vlcluster.jobspec.models import MergeStage, PartAlpha
+    from vlcluster.merge.methods import PARAMS, PART_FAMILY
+
+    assert set(PARAMS) <= set(MergeStage.model_fields)  # also checked when jobspec is imported
+    assert set(PartAlpha.model_fields) == set(PART_FAMILY.values())
+    assert set(RENDERED_FILE) <= set(BACKENDS)  # a backend without an entry renders to BACKEND.txt
+
+
 def test_study_names_come_from_the_registries():
     from vlcluster.merge.methods import SPECS
     from vlcluster.metrics import METRICS

@@ -63,7 +63,7 @@ class InitSpec(Strict):
 
 
 class ModelSpec(Strict):
-    """A size preset (tiny | vit_tiny | base) plus explicit overrides of its structure."""
+    """A size preset (`size`, the presets of vlcluster/sizes.py) plus explicit overrides of its structure."""
 
     arch: Arch = "agnostic"
     size: Size = "tiny"
