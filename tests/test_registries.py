@@ -176,3 +176,18 @@ def test_a_name_outside_the_registry_is_refused_with_the_registry_keys(stage, fi
         Pipeline.model_validate({"name": "x", "stages": {"s": stage}})
     message = str(caught.value)
     assert field in message and all(repr(name) in message for name in registries()[registry])
+
+
+def test_command_defaults_are_the_stage_defaults():
+    """``vlcluster import/data/metrics`` and the import/data/metrics stages compute alike when nothing is set."""
+    from vlcluster.cli import build_parser
+    from vlcluster.jobspec.models import DataStage, ImportStage, MetricsStage
+
+    parser = build_parser()
+    imported = vars(parser.parse_args(["import", "nlvr2", "--jsonl", "a.jsonl", "--images", "img", "-o", "out"]))
+    assert {name: imported[name] for name in ("shard_size", "max_answers", "max_bad_fraction")} == \
+        {name: ImportStage.model_fields[name].default for name in ("shard_size", "max_answers", "max_bad_fraction")}
+    data = vars(parser.parse_args(["data", "out"]))
+    assert {name: data[name] for name in ("n_train", "n_val", "shard_size", "image_size", "seed")} == \
+        {name: DataStage.model_fields[name].default for name in ("n_train", "n_val", "shard_size", "image_size", "seed")}
+    assert parser.parse_args(["metrics", "ckpt"]).density == MetricsStage.model_fields["density"].default

@@ -664,6 +664,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     # Choices come from the registries (torch-free tables), so a new entry there is a new choice here.
+    from vlcluster.jobspec.models import DataStage, MetricsStage
     from vlcluster.metrics.correlation import DROP_SCORES
     from vlcluster.sizes import SIZES
 
@@ -736,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")
     metrics.add_argument("checkpoint", help="stage or converted directory, checkpoints/step_N, or the model.safetensors of one")
-    metrics.add_argument("--density", type=float, default=0.5, help="TSSD: fraction kept by magnitude")
+    metrics.add_argument("--density", type=float, default=MetricsStage.model_fields["density"].default,
+                         help="TSSD: fraction kept by magnitude")
     metrics.add_argument("--checkpoints", action="store_true",
                          help="distances along training: one row per checkpoints/step_N of the stage directory given")
     metrics.add_argument("--figure", metavar="PNG", help="with --checkpoints: also draw the distances per step into this PNG file")
@@ -766,11 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="write the synthetic image-text benchmark as WebDataset shards")
     data.add_argument("out")
-    data.add_argument("--n-train", type=int, default=20000)
-    data.add_argument("--n-val", type=int, default=500)
-    data.add_argument("--shard-size", type=int, default=2000)
-    data.add_argument("--image-size", type=int, default=32)
-    data.add_argument("--seed", type=int, default=0)
+    for name in ("n_train", "n_val", "shard_size", "image_size", "seed"):  # the data stage's defaults
+        data.add_argument(f"--{name.replace('_', '-')}", type=int, default=DataStage.model_fields[name].default)
     data.set_defaults(func=cmd_data)
 
     index = sub.add_parser("index", help="index WebDataset shards once (item counts, file offsets) for the training loader")
