@@ -40,11 +40,11 @@ def registries() -> dict[str, tuple]:
     from vlcluster.merge.methods import SPECS
     from vlcluster.metrics import METRICS
     from vlcluster.metrics.correlation import DROP_SCORES
-    from vlcluster.sizes import CUSTOM_PARTS, POSITIONS, PRESETS, RELATIVE_BIASES
+    from vlcluster.sizes import CHECKPOINT_FORMATS, CUSTOM_PARTS, POSITIONS, PRESETS, RELATIVE_BIASES
 
     return {"methods": tuple(SPECS), "formats": tuple(FORMATS), "backends": tuple(BACKENDS), "metrics": METRICS,
             "drop_scores": tuple(DROP_SCORES), "sizes": tuple(PRESETS), "archs": tuple(CUSTOM_PARTS),
-            "positions": POSITIONS, "relative_biases": RELATIVE_BIASES}
+            "positions": POSITIONS, "relative_biases": RELATIVE_BIASES, "checkpoint_formats": CHECKPOINT_FORMATS}
 
 
 def test_job_file_literals_are_the_registry_keys():
@@ -59,6 +59,7 @@ def test_job_file_literals_are_the_registry_keys():
     assert literal_names(models.ModelSpec, "arch") == keys["archs"]
     assert literal_names(models.ModelSpec, "position") == keys["positions"]
     assert literal_names(models.ModelSpec, "relative_bias") == keys["relative_biases"]
+    assert literal_names(models.InitSpec, "format") == keys["checkpoint_formats"]
 
 
 def test_cli_choices_are_the_registry_keys():
@@ -76,6 +77,7 @@ def test_cli_choices_are_the_registry_keys():
     assert set(option(subparser(parser, "render"), "--backend").choices) == {"k8s", *keys["backends"]}
     assert tuple(option(subparser(parser, "report"), "--score").choices) == keys["drop_scores"]
     assert tuple(option(subparser(parser, "convert"), "--size").choices) == keys["sizes"]
+    assert (*option(subparser(parser, "convert"), "--from").choices, "vlcluster") == keys["checkpoint_formats"]
 
 
 def test_merge_parameters_and_rendered_files_cover_their_registries():
@@ -111,6 +113,7 @@ NEW_LINES = {
     "metrics/correlation.py": ("DROP_SCORES: dict[str, tuple[str, ...]] = {", '"toyscore": ("vqa_acc", "tr"),'),
     "sizes.py": ("PRESETS: dict[str, dict[str, Any]] = {", '"toysize": dict(dim=64, depth=2, heads=2, vl_layers=1, image_size=32, '
                  'patch_size=8, mlp_ratio=4.0, itc_dim=64, vocab_size=64, max_text_len=32, num_answers=15),'),
+    "sizes.py#formats": ("CHECKPOINT_FORMATS = (", '"toyckpt",'),
 }
 
 USE_NEW_NAMES = """
@@ -121,7 +124,8 @@ from vlcluster.jobspec.models import Pipeline
 
 stages = {
     "imp": {"kind": "import", "format": "toyfmt", "inputs": {"root": "data"}},
-    "seed": {"kind": "pretrain", "model": {"size": "toysize"}, "data": {"train": "s/{0..1}.tar"}, "train": {"steps": 1}},
+    "seed": {"kind": "pretrain", "model": {"size": "toysize"}, "data": {"train": "s/{0..1}.tar"}, "train": {"steps": 1},
+             "init": {"checkpoint": "ckpt", "format": "toyckpt"}},
     "m": {"kind": "merge", "source": "seed", "method": "toymerge", "alpha": 0.25},
     "r": {"kind": "report", "rows": {"a": "m"}, "drop_score": "toyscore"},
 }
@@ -134,9 +138,11 @@ args = [
     parser.parse_args(["import", "toyfmt", "--root", "data", "-o", "out"]).root,
     parser.parse_args(["report", "run", "--score", "toyscore"]).score,
     parser.parse_args(["convert", "--from", "vit", "src", "-o", "out", "--size", "toysize"]).size,
+    parser.parse_args(["convert", "--from", "toyckpt", "src", "-o", "out"]).from_format,
 ]
+seed = pipeline.stages["seed"]
 print(json.dumps({"stages": {n: s.model_dump(include={"format", "method", "drop_score"}) for n, s in pipeline.stages.items()},
-                  "size": pipeline.stages["seed"].model.size, "args": args, "torch": "torch" in sys.modules}))
+                  "size": seed.model.size, "init": seed.init.format, "args": args, "torch": "torch" in sys.modules}))
 """
 
 
@@ -147,7 +153,8 @@ def test_a_line_added_to_a_registry_is_accepted_by_job_files_and_the_cli(tmp_pat
 
     package = tmp_path / "vlcluster"
     shutil.copytree(REPO / "vlcluster", package, ignore=shutil.ignore_patterns("__pycache__"))
-    for path, (opening, line) in NEW_LINES.items():
+    for where, (opening, line) in NEW_LINES.items():
+        path = where.split("#")[0]
         source = (package / path).read_text()
         assert source.count(opening) == 1, f"{path}: the registry opening {opening!r} moved; update NEW_LINES"
         (package / path).write_text(source.replace(opening, f"{opening}\n    {line}"))
@@ -158,8 +165,8 @@ def test_a_line_added_to_a_registry_is_accepted_by_job_files_and_the_cli(tmp_pat
     assert found["stages"]["imp"] == {"format": "toyfmt"}
     assert found["stages"]["m"] == {"method": "toymerge"}
     assert found["stages"]["r"] == {"drop_score": "toyscore"}
-    assert found["size"] == "toysize"
-    assert found["args"] == ["toyqueue", "toyqueue", "toymerge", "data", "toyscore", "toysize"]
+    assert found["size"] == "toysize" and found["init"] == "toyckpt"
+    assert found["args"] == ["toyqueue", "toyqueue", "toymerge", "data", "toyscore", "toysize", "toyckpt"]
     assert found["torch"] is False  # the tables the submit path reads stay torch-free
 
 

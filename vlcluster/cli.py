@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Choices come from the registries (torch-free tables), so a new entry there is a new choice here.
     from vlcluster.jobspec.models import DataStage, MetricsStage
     from vlcluster.metrics.correlation import DROP_SCORES
-    from vlcluster.sizes import SIZES
+    from vlcluster.sizes import CHECKPOINT_FORMATS, SIZES
 
     parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
@@ -756,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a BEiT / ViT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout or a BEiT")
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=["beit", "vit", "vlmo"], help="format of SRC")
+    direction.add_argument("--from", dest="from_format", choices=[f for f in CHECKPOINT_FORMATS if f != "vlcluster"],
+                           help="format of SRC")
     direction.add_argument("--to", dest="to_format", choices=["vlmo", "beit"],
                            help="format to write (SRC: a vlcluster model directory); beit: the image route as a transformers BEiT directory")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")

@@ -1,4 +1,4 @@
-"""Model size presets, architectures and the rules a model's structure must satisfy.
+"""Model size presets, architectures, checkpoint formats and the rules a model's structure must satisfy.
 
 Torch-free on purpose: the job-spec loader checks `model:` overrides with
 the same rules `ModelConfig` enforces, without importing the model.
@@ -40,6 +40,10 @@ CUSTOM_PARTS: dict[str, frozenset[str]] = {
     "custom_ln": frozenset({"ln1", "ln2"}),
 }
 ARCHS = tuple(CUSTOM_PARTS)
+
+# Checkpoint layouts a model is read from (model/external.py converts them): BEiT and
+# ViT (transformers or timm), the authors' VLMo code, and vlcluster's own.
+CHECKPOINT_FORMATS = ("beit", "vit", "vlmo", "vlcluster")
 
 # Fields a job spec's `model:` may set on top of a size preset.
 STRUCTURE_FIELDS = (

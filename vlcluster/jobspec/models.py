@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from vlcluster.importers.registry import FORMATS as IMPORT_FORMATS
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.correlation import DROP_SCORES
-from vlcluster.sizes import ARCHS, POSITIONS, RELATIVE_BIASES, SIZES, STRUCTURE_FIELDS, check_structure
+from vlcluster.sizes import ARCHS, CHECKPOINT_FORMATS, POSITIONS, RELATIVE_BIASES, SIZES, STRUCTURE_FIELDS, check_structure
 from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
@@ -47,7 +47,7 @@ class InitSpec(Strict):
 
     from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
     checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://, or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
-    format: Literal["beit", "vit", "vlmo", "vlcluster"] | None = Field(
+    format: Literal[CHECKPOINT_FORMATS] | None = Field(
         None, description="layout of `checkpoint`: beit or vit (transformers or timm), vlmo (the authors' code), vlcluster"
     )
 
@@ -56,7 +56,7 @@ class InitSpec(Strict):
         if (self.from_ is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of 'from' (a stage) or 'checkpoint' (a file or directory)")
         if self.checkpoint is not None and self.format is None:
-            raise ValueError("'checkpoint' needs 'format': beit, vit, vlmo or vlcluster")
+            raise ValueError(f"'checkpoint' needs 'format': {', '.join(CHECKPOINT_FORMATS[:-1])} or {CHECKPOINT_FORMATS[-1]}")
         if self.from_ is not None and self.format is not None:
             raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
         return self
