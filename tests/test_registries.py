@@ -198,3 +198,11 @@ def test_command_defaults_are_the_stage_defaults():
     assert {name: data[name] for name in ("n_train", "n_val", "shard_size", "image_size", "seed")} == \
         {name: DataStage.model_fields[name].default for name in ("n_train", "n_val", "shard_size", "image_size", "seed")}
     assert parser.parse_args(["metrics", "ckpt"]).density == MetricsStage.model_fields["density"].default
+
+
+def test_precision_names_are_the_trainers_dtypes_and_auto():
+    """train/precision.py imports torch, so the job-file Literal stays a copy: checked here."""
+    from vlcluster.jobspec.models import Precision
+    from vlcluster.train.precision import DTYPES
+
+    assert typing.get_args(Precision) == (*DTYPES, "auto")
