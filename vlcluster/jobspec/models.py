@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlcluster.importers.registry import FORMATS as IMPORT_FORMATS
+from vlcluster.importers.registry import FORMATS as IMPORT_FORMATS, check_inputs
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.correlation import DROP_SCORES
 from vlcluster.sizes import ARCHS, CHECKPOINT_FORMATS, POSITIONS, RELATIVE_BIASES, SIZES, STRUCTURE_FIELDS, check_structure
@@ -319,8 +319,6 @@ class ImportStage(StageBase):
 
     @model_validator(mode="after")
     def _inputs_fit_format(self) -> ImportStage:
-        from vlcluster.importers.registry import check_inputs
-
         problems = check_inputs(self.format, self.inputs)
         if problems:
             raise ValueError("inputs: " + "; ".join(problems))
