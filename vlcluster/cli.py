@@ -663,6 +663,11 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Choices come from the registries (torch-free tables), so a new entry there is a new choice here.
+    from vlcluster.jobspec.models import DataStage, MetricsStage
+    from vlcluster.metrics.correlation import DROP_SCORES
+    from vlcluster.sizes import CHECKPOINT_FORMATS, SIZES
+
     parser = SuggestingParser(prog="vlcluster", description="Multimodal model-merging research pipelines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -732,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     metrics = sub.add_parser("metrics", help="mergeability metrics (L2, cosine, SSD, TSSD) of a checkpoint")
     metrics.add_argument("checkpoint", help="stage or converted directory, checkpoints/step_N, or the model.safetensors of one")
-    metrics.add_argument("--density", type=float, default=0.5, help="TSSD: fraction kept by magnitude")
+    metrics.add_argument("--density", type=float, default=MetricsStage.model_fields["density"].default,
+                         help="TSSD: fraction kept by magnitude")
     metrics.add_argument("--checkpoints", action="store_true",
                          help="distances along training: one row per checkpoints/step_N of the stage directory given")
     metrics.add_argument("--figure", metavar="PNG", help="with --checkpoints: also draw the distances per step into this PNG file")
@@ -745,28 +751,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", default="metrics", help="metrics stage name in each run")
     report.add_argument("--merged", default="eval_merged", help="eval stage of the merged model")
     report.add_argument("--unmerged", default="eval_msa", help="eval stage of the unmerged model")
-    report.add_argument("--score", default="retrieval", choices=["retrieval", "tr", "ir", "vqa_acc"])
+    report.add_argument("--score", default="retrieval", choices=list(DROP_SCORES))
     report.set_defaults(func=cmd_report)
 
     convert = sub.add_parser("convert", help="convert a BEiT / ViT / VLMo checkpoint to a vlcluster model, or a vlcluster model to VLMo's layout or a BEiT")
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=["beit", "vit", "vlmo"], help="format of SRC")
+    direction.add_argument("--from", dest="from_format", choices=[f for f in CHECKPOINT_FORMATS if f != "vlcluster"],
+                           help="format of SRC")
     direction.add_argument("--to", dest="to_format", choices=["vlmo", "beit"],
                            help="format to write (SRC: a vlcluster model directory); beit: the image route as a transformers BEiT directory")
     convert.add_argument("source", help="checkpoint file or directory (local or s3://)")
     convert.add_argument("-o", "--out", required=True, help="model directory (--from); file (.safetensors, .pt, .ckpt) or directory (--to)")
-    convert.add_argument("--size", default="base", choices=["tiny", "vit_tiny", "base"], help="preset for what the checkpoint does not fix (vocabulary, text length)")
+    convert.add_argument("--size", default="base", choices=SIZES, help="preset for what the checkpoint does not fix (vocabulary, text length)")
     for name in ("heads", "vocab-size", "max-text-len", "vl-layers", "image-size"):
         convert.add_argument(f"--{name}", type=int, default=None, help=f"{name} of the written model (--from; default: from the checkpoint, else --size)")
     convert.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="write the synthetic image-text benchmark as WebDataset shards")
     data.add_argument("out")
-    data.add_argument("--n-train", type=int, default=20000)
-    data.add_argument("--n-val", type=int, default=500)
-    data.add_argument("--shard-size", type=int, default=2000)
-    data.add_argument("--image-size", type=int, default=32)
-    data.add_argument("--seed", type=int, default=0)
+    for name in ("n_train", "n_val", "shard_size", "image_size", "seed"):  # the data stage's defaults
+        data.add_argument(f"--{name.replace('_', '-')}", type=int, default=DataStage.model_fields[name].default)
     data.set_defaults(func=cmd_data)
 
     index = sub.add_parser("index", help="index WebDataset shards once (item counts, file offsets) for the training loader")

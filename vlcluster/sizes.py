@@ -1,4 +1,4 @@
-"""Model size presets and the rules a model's structure must satisfy.
+"""Model size presets, architectures, checkpoint formats and the rules a model's structure must satisfy.
 
 Torch-free on purpose: the job-spec loader checks `model:` overrides with
 the same rules `ModelConfig` enforces, without importing the model.
@@ -27,6 +27,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 SIZES = tuple(PRESETS)
+
+# The parts of a block, and per architecture the parts that keep one expert per
+# modality (every other part is one shared weight): the arch -> expert layout
+# rule that model/config.py's experts_for applies.
+PARTS = ("attn", "ffn", "ln1", "ln2")
+CUSTOM_PARTS: dict[str, frozenset[str]] = {
+    "specific": frozenset(PARTS),
+    "agnostic": frozenset(),
+    "custom_attn": frozenset({"attn"}),
+    "custom_ffn": frozenset({"ffn"}),
+    "custom_ln": frozenset({"ln1", "ln2"}),
+}
+ARCHS = tuple(CUSTOM_PARTS)
+
+# Checkpoint layouts a model is read from (model/external.py converts them): BEiT and
+# ViT (transformers or timm), the authors' VLMo code, and vlcluster's own.
+CHECKPOINT_FORMATS = ("beit", "vit", "vlmo", "vlcluster")
 
 # Fields a job spec's `model:` may set on top of a size preset.
 STRUCTURE_FIELDS = (

@@ -7,10 +7,13 @@ import logging
 import sys
 
 from vlcluster.importers.registry import FORMATS
+from vlcluster.jobspec.models import ImportStage
 
 
 def add_import_parser(sub) -> None:
-    parser = sub.add_parser("import", help="import a downstream dataset (VQA v2, COCO/Flickr30k, NLVR2, ImageNet, ADE20k) as task shards")
+    stage = ImportStage.model_fields  # the import stage's defaults: the command and the stage import alike
+    datasets = ", ".join(spec.dataset for spec in FORMATS.values())
+    parser = sub.add_parser("import", help=f"import a downstream dataset ({datasets}) as task shards")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for name, spec in FORMATS.items():
         one = formats.add_parser(name, help=f"{spec.task} data")
@@ -20,9 +23,9 @@ def add_import_parser(sub) -> None:
         one.add_argument("-o", "--out", required=True, help="output directory (shards + dataset.json)")
         one.add_argument("--tokenizer", help="tokenizer.json to ship (default: a word-level one built from the texts)")
         one.add_argument("--image-size", type=int, help="resize images (square) while importing")
-        one.add_argument("--shard-size", type=int, default=1000)
-        one.add_argument("--max-answers", type=int, default=3129, help="vqa2: answer vocabulary size")
-        one.add_argument("--max-bad-fraction", type=float, default=0.05)
+        one.add_argument("--shard-size", type=int, default=stage["shard_size"].default)
+        one.add_argument("--max-answers", type=int, default=stage["max_answers"].default, help="vqa2: answer vocabulary size")
+        one.add_argument("--max-bad-fraction", type=float, default=stage["max_bad_fraction"].default)
         one.set_defaults(func=cmd_import)
 
 

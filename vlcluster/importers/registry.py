@@ -1,4 +1,5 @@
-"""Import formats by name: the function, its task and its inputs. A new format is one module plus one entry."""
+"""Import formats by name: the function, its task and its inputs. A new format is one module plus one entry:
+``vlcluster import FORMAT`` and the ``import`` stage's ``format`` take their names from this table."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Input:
 @dataclass(frozen=True)
 class Format:
     task: str
+    dataset: str  # what it reads, as `vlcluster import --help` names it
     # "module:function", imported only when an import runs: plan, submit and the
     # CLI's parser read this table without importing torch.
     function: str
@@ -33,24 +35,24 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "vqa2": Format("vqa", "vlcluster.importers.vqa2:import_vqa2", (
+    "vqa2": Format("vqa", "VQA v2", "vlcluster.importers.vqa2:import_vqa2", (
         Input("questions", "official VQA v2 questions JSON (repeat for train and val)", many=True),
         Input("annotations", "the matching annotations JSON (same order)", many=True),
         Input("images", "directory holding the COCO images", directory=True),
     )),
-    "karpathy": Format("retrieval", "vlcluster.importers.karpathy:import_karpathy", (
+    "karpathy": Format("retrieval", "COCO/Flickr30k", "vlcluster.importers.karpathy:import_karpathy", (
         Input("split_json", "Karpathy split file: dataset_coco.json or dataset_flickr30k.json"),
         Input("images", "image directory (COCO: holding train2014/ and val2014/)", directory=True),
     )),
-    "nlvr2": Format("nlvr2", "vlcluster.importers.nlvr2:import_nlvr2", (
+    "nlvr2": Format("nlvr2", "NLVR2", "vlcluster.importers.nlvr2:import_nlvr2", (
         Input("jsonl", "NLVR2 JSON-lines file (repeat for train, dev, test1)", many=True),
         Input("images", "directory holding the *-img0.png / *-img1.png pairs", directory=True),
     )),
-    "imagefolder": Format("classification", "vlcluster.importers.imagefolder:import_imagefolder", (
+    "imagefolder": Format("classification", "ImageNet", "vlcluster.importers.imagefolder:import_imagefolder", (
         Input("root", "directory with train/ and val/ class folders", directory=True),
         Input("class_index", "class order: imagenet_class_index.json or one folder name per line", required=False),
     )),
-    "ade20k": Format("segmentation", "vlcluster.importers.ade20k:import_ade20k", (
+    "ade20k": Format("segmentation", "ADE20k", "vlcluster.importers.ade20k:import_ade20k", (
         Input("root", "the ADEChallengeData2016 directory", directory=True),
     )),
 }

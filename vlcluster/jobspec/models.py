@@ -11,14 +11,19 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
+from vlcluster.importers.registry import FORMATS as IMPORT_FORMATS, check_inputs
+from vlcluster.metrics import METRICS
+from vlcluster.metrics.correlation import DROP_SCORES
+from vlcluster.sizes import ARCHS, CHECKPOINT_FORMATS, POSITIONS, RELATIVE_BIASES, SIZES, STRUCTURE_FIELDS, check_structure
 from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
 from vlcluster.tracking.spec import TrackingSpec
 
-Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
-Size = Literal["tiny", "vit_tiny", "base"]
+# Names from their registries (a new entry there is accepted here): sizes.py's
+# presets and layouts, importers/registry.py, merge/methods.py, metrics/.
+Arch = Literal[ARCHS]
+Size = Literal[SIZES]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
 TaskName = Literal["vqa", "retrieval", "nlvr2", "classification", "segmentation"]
@@ -42,7 +47,7 @@ class InitSpec(Strict):
 
     from_: str | None = Field(None, alias="from", description="name of the stage whose output is used")
     checkpoint: str | None = Field(None, description="checkpoint file or directory, local or s3://, or hf://ORG/NAME[@REVISION] from the Hugging Face Hub")
-    format: Literal["beit", "vit", "vlmo", "vlcluster"] | None = Field(
+    format: Literal[CHECKPOINT_FORMATS] | None = Field(
         None, description="layout of `checkpoint`: beit or vit (transformers or timm), vlmo (the authors' code), vlcluster"
     )
 
@@ -51,14 +56,14 @@ class InitSpec(Strict):
         if (self.from_ is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of 'from' (a stage) or 'checkpoint' (a file or directory)")
         if self.checkpoint is not None and self.format is None:
-            raise ValueError("'checkpoint' needs 'format': beit, vit, vlmo or vlcluster")
+            raise ValueError(f"'checkpoint' needs 'format': {', '.join(CHECKPOINT_FORMATS[:-1])} or {CHECKPOINT_FORMATS[-1]}")
         if self.from_ is not None and self.format is not None:
             raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
         return self
 
 
 class ModelSpec(Strict):
-    """A size preset (tiny | vit_tiny | base) plus explicit overrides of its structure."""
+    """A size preset (`size`, the presets of vlcluster/sizes.py) plus explicit overrides of its structure."""
 
     arch: Arch = "agnostic"
     size: Size = "tiny"
@@ -73,11 +78,11 @@ class ModelSpec(Strict):
     layer_scale: float | None = Field(
         None, ge=0, description="initial value of BEiT/VLMo per-channel residual scales (e.g. 0.1); unset or 0: none"
     )
-    position: Literal["absolute", "relative", "both"] | None = Field(
+    position: Literal[POSITIONS] | None = Field(
         None, description="absolute position tables, a relative position bias on the attention scores (VLMo, BEiT), "
         "or both (default from size: base relative, tiny and vit_tiny absolute)"
     )
-    relative_bias: Literal["per_layer", "shared"] | None = Field(
+    relative_bias: Literal[RELATIVE_BIASES] | None = Field(
         None, description="with a relative bias: a table per layer (VLMo) or one for all layers (BEiT's shared option)"
     )
 
@@ -301,7 +306,7 @@ class ImportStage(StageBase):
     (``vlcluster import`` does the same from the command line)."""
 
     kind: Literal["import"]
-    format: Literal["vqa2", "karpathy", "nlvr2", "imagefolder", "ade20k"]
+    format: Literal[tuple(IMPORT_FORMATS)]
     inputs: dict[str, str | list[str]] = Field(description="the format's inputs, e.g. {questions: [...], annotations: [...], images: DIR}")
     tokenizer: str | StageRef | None = Field(
         None, description="tokenizer.json shipped with the data (a path, or {from: STAGE} for a data stage's); "
@@ -314,8 +319,6 @@ class ImportStage(StageBase):
 
     @model_validator(mode="after")
     def _inputs_fit_format(self) -> ImportStage:
-        from vlcluster.importers.registry import check_inputs
-
         problems = check_inputs(self.format, self.inputs)
         if problems:
             raise ValueError("inputs: " + "; ".join(problems))
@@ -386,7 +389,7 @@ class PartAlpha(Strict):
     ln: float | None = merge_param("part_alpha", None)
 
 
-MergeMetric = Literal["l2", "cosine", "ssd", "tssd"]
+MergeMetric = Literal[METRICS]
 
 
 class GateSpec(Strict):
@@ -428,6 +431,11 @@ class MergeStage(StageBase):
 
     def unused_fields(self) -> set[str]:
         return set(PARAMS) - set(SPECS[self.method].params)
+
+
+# Every merge parameter declared in merge/methods.py PARAMS is a field of a merge stage (merge_param(NAME)).
+assert set(PARAMS) <= set(MergeStage.model_fields), \
+    f"merge/methods.py PARAMS {sorted(set(PARAMS) - set(MergeStage.model_fields))} have no MergeStage field"
 
 
 class GramsStage(StageBase):
@@ -472,7 +480,7 @@ class ReportStage(StageBase):
     mergeability: dict[str, MergeabilityPoint] = Field(
         default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
     )
-    drop_score: Literal["retrieval", "tr", "ir", "vqa_acc"] = "retrieval"
+    drop_score: Literal[tuple(DROP_SCORES)] = "retrieval"
 
 
 Stage = Annotated[

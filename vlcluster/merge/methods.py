@@ -109,6 +109,11 @@ class MethodSpec:
     needs_base: bool = False  # the seed weights W0 ('seed' / --base)
     needs_grams: bool = False  # a grams stage's Gram matrices ('grams' / --grams)
 
+    @property
+    def knob(self) -> str | None:
+        """The parameter a study sweeps this method over (the paper's Table 2): the first it reads."""
+        return self.params[0] if self.params else None
+
 
 SPECS: dict[str, MethodSpec] = {
     "interpolation": MethodSpec(("alpha", "part_alpha"), "vlcluster.merge.linear"),

@@ -13,6 +13,17 @@ from collections.abc import Sequence
 
 from vlcluster.metrics import METRICS
 
+# What a merge drop can be measured with: score name -> the eval result keys it
+# averages. ``retrieval`` is the mean of TR and IR (the paper's COCO drop). The
+# report stage's ``drop_score`` and ``vlcluster report --score`` accept these names.
+DROP_SCORES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("tr", "ir"),
+    "tr": ("tr",),
+    "ir": ("ir",),
+    "vqa_acc": ("vqa_acc",),
+}
+
+
 def number(result: dict, key: str, role: str) -> float:
     """``result[key]`` as a finite number; a damaged result.json is one clear error."""
     value = result.get(key) if isinstance(result, dict) else None
@@ -22,10 +33,9 @@ def number(result: dict, key: str, role: str) -> float:
 
 
 def score_of(result: dict, score: str, role: str = "eval") -> float:
-    """``retrieval`` is the mean of TR and IR (the paper's COCO drop)."""
-    if score == "retrieval":
-        return (number(result, "tr", role) + number(result, "ir", role)) / 2
-    return number(result, score, role)
+    """A score of an eval result: the mean of its parts in :data:`DROP_SCORES` (any other name: itself)."""
+    parts = DROP_SCORES.get(score, (score,))
+    return sum(number(result, key, role) for key in parts) / len(parts)
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:

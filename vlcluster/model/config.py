@@ -11,21 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vlcluster.sizes import PRESETS, SIZES, DerivedShape, structure_errors
+# The architectures and their parts live in the torch-free sizes.py (job files are checked against them).
+from vlcluster.sizes import ARCHS, CUSTOM_PARTS, PARTS, PRESETS, SIZES, DerivedShape, structure_errors
 
-ARCHS = ("specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln")
-PARTS = ("attn", "ffn", "ln1", "ln2")
 MODALITIES = ("v", "l", "vl")
 SHARED = "shared"
-
-# Parts that keep one expert per modality; every other part is one shared weight.
-CUSTOM_PARTS: dict[str, frozenset[str]] = {
-    "specific": frozenset(PARTS),
-    "agnostic": frozenset(),
-    "custom_attn": frozenset({"attn"}),
-    "custom_ffn": frozenset({"ffn"}),
-    "custom_ln": frozenset({"ln1", "ln2"}),
-}
 
 
 @dataclass(frozen=True)

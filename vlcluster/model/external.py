@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vlcluster.sizes import CHECKPOINT_FORMATS as FORMATS  # the torch-free table job files are checked against
 from vlcluster.storage.paths import local_copy, read_json, run_path, writable, write_json
 
 from . import posbias
@@ -31,7 +32,6 @@ from .formats.report import CheckpointError, ConversionReport, same_values
 from .multiway import MultiwayTransformer
 from .posembed import resize_position_table
 
-FORMATS = ("beit", "vit", "vlmo", "vlcluster")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_WRAPPERS = ("state_dict", "model", "module")  # Lightning / timm / DeepSpeed-style nesting
 _GAMMA = re.compile(r"^layers\.(\d+)\.gamma_(attn|ffn)$")

@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vlcluster.merge.methods import SPECS
 from vlcluster.stages.rundir import pipeline_file, read_json, stage_dir
 
-# The knob each merge method is swept over in the paper's Table 2.
-METHOD_KNOB = {"interpolation": "alpha", "arithmetic": "lam", "regmean": "gamma", "ties": "lam", "dare": "lam"}
 # Result keys that are counts or details, not scores.
 NOT_SCORES = {"vqa_questions", "retrieval_pairs", "retrieval_images", "retrieval_captions", "examples", "classes_present"}
 
@@ -40,7 +39,8 @@ class Merge:
 
     @property
     def knob(self) -> tuple[str, float] | None:
-        name = METHOD_KNOB.get(self.method)
+        spec = SPECS.get(self.method)  # the knob each method is swept over: merge/methods.py declares it
+        name = spec.knob if spec else None
         value = self.params.get(name) if name else None
         return (name, value) if isinstance(value, (int, float)) else None
 

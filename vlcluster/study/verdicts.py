@@ -15,14 +15,16 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vlcluster.sizes import CUSTOM_PARTS
 from vlcluster.study import views
 from vlcluster.study.lineage import Arm
 from vlcluster.study.stats import Correlation, Interval, pearson_interval
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at 95%"
 NOT_MEASURED = "not measured"  # the runs have none of the arms the finding compares
-# The shared-weight architectures finding (c) compares the fully specific one with.
-VARIANTS = ("custom_attn", "custom_ffn", "custom_ln")
+# The shared-weight architectures finding (c) compares the fully specific one with:
+# those that keep some parts, not all, modality-specific (custom_attn, custom_ffn, custom_ln).
+VARIANTS = tuple(arch for arch, custom in CUSTOM_PARTS.items() if custom and custom != CUSTOM_PARTS["specific"])
 Measure = Interval | Correlation | None
 
 

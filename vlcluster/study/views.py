@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from vlcluster.metrics import METRICS
+from vlcluster.metrics.correlation import DROP_SCORES
 from vlcluster.study import stats
 from vlcluster.study.lineage import Arm
 from vlcluster.study.stats import Interval
@@ -22,7 +24,7 @@ LABELS = {
     "ir_r1": "IR R@1", "nlvr2_acc": "NLVR2 acc", "top1": "top-1", "top5": "top-5", "miou": "mIoU",
     "retrieval": "retrieval (mean of TR and IR)",
 }
-DISTANCES = ("l2", "cosine", "ssd", "tssd")
+DISTANCES = METRICS
 ROLE_ORDER = ("MAA", "MSA", "merging baseline", "merged")
 _DETAIL = re.compile(r"_r\d+$|^top5$")
 
@@ -49,11 +51,9 @@ def plotted_scores(arms: list[Arm]) -> list[str]:
 
 
 def score(arm: Arm, name: str) -> float | None:
-    """A score of an arm; ``retrieval`` is the mean of TR and IR (the paper's COCO drop)."""
-    if name == "retrieval":
-        tr, ir = arm.scores.get("tr"), arm.scores.get("ir")
-        return None if tr is None or ir is None else (tr + ir) / 2
-    return arm.scores.get(name)
+    """A score of an arm; a combined one (``retrieval``: the mean of TR and IR) as ``metrics.correlation`` defines it."""
+    values = [arm.scores.get(part) for part in DROP_SCORES.get(name, (name,))]
+    return None if None in values else sum(values) / len(values)
 
 
 def replicate_values(arms: list[Arm], name: str) -> dict[tuple, Arm]:
