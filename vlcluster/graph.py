@@ -20,7 +20,7 @@ from typing import Any
 from vlcluster.stages.kinds import MODEL_KINDS
 from vlcluster.jobspec.load import SpecError, validate
 from vlcluster.jobspec.models import Pipeline
-from vlcluster.jobspec.pipeline_sweep import NotAMapping, expand_pipeline_sweep, set_path
+from vlcluster.jobspec.sweep import NotAMapping, expand_pipeline_sweep, set_path
 from vlcluster.suggest import did_you_mean
 
 

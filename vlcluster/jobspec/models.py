@@ -523,7 +523,7 @@ class PipelineSweep(Strict):
 
     @model_validator(mode="after")
     def _axes(self) -> PipelineSweep:
-        from vlcluster.jobspec.pipeline_sweep import sweep_problems
+        from vlcluster.jobspec.sweep import sweep_problems
 
         problems = sweep_problems(self.zip, self.product)
         if problems:
