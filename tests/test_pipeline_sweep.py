@@ -1,4 +1,4 @@
-"""The top-level ``sweep`` (jobspec/pipeline_sweep.py): fields of several
+"""The top-level ``sweep`` (jobspec/sweep.py): fields of several
 stages varied together (``zip``) or alone (``product``), the stages they
 reach copied per element and the rest shared; the report gathering one row
 per element; SLURM arrays waiting task by task; jobs/paper_recipe.yaml
