@@ -150,9 +150,9 @@ def set_path(raw: dict, path: str, value: Any) -> None:
     raw[keys[-1]] = value
 
 
-def stage_raw(stage, exclude: frozenset[str] = frozenset()) -> dict:
+def stage_raw(stage, exclude: set[str] | None = None) -> dict:
     """The stage as written (unset fields left out), ready to be changed and validated again."""
-    raw = stage.model_dump(mode="json", by_alias=True, exclude=set(exclude), exclude_unset=True)
+    raw = stage.model_dump(mode="json", by_alias=True, exclude=exclude, exclude_unset=True)
     raw["kind"] = stage.kind
     return copy.deepcopy(raw)
 
@@ -166,12 +166,13 @@ def expand_stage_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
         return pipeline
     stages: dict[str, dict] = {}
     for name, stage in pipeline.stages.items():
+        raw = stage_raw(stage, exclude={"sweep"})
         if not stage.sweep:
-            stages[name] = stage_raw(stage, exclude=frozenset({"sweep"}))
+            stages[name] = raw
             continue
         keys = list(stage.sweep)
         for values in itertools.product(*(stage.sweep[key] for key in keys)):
-            element = stage_raw(stage, exclude=frozenset({"sweep"}))
+            element = copy.deepcopy(raw)
             for key, value in zip(keys, values):
                 try:
                     set_path(element, key, value)
