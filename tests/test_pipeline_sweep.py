@@ -222,6 +222,18 @@ def test_the_stage_cap_counts_every_copy(write_job):
     assert "the sweeps expand to 2416 stages (at most 1000): seed x3, vlpt x3, metrics x3, merge x1200, ev_merged x1200, ev_msa x3" in message
 
 
+
+def test_the_cap_counts_exactly_the_stages_a_stage_sweep_inside_a_pipeline_sweep_builds(write_job):
+    from vlcluster.jobspec.sweep import Expansion, stage_counts
+
+    batches = "  ev_batch: {kind: eval, source: vlpt, data: {from: data}, sweep: {batch_size: [8, 16]}}\n"
+    text = ZIPPED.replace("  maa:", batches + "  maa:")
+    pipeline = load_pipeline(write_job(text))
+    counts = stage_counts(pipeline, Expansion(pipeline, "zipped.yaml"))
+    built = graph_of(write_job, text).order
+    assert counts["ev_batch"] == 6 == sum(name.startswith("ev_batch[") for name in built)
+    assert sum(counts.values()) == len(built)
+
 # ---- SLURM: job arrays waiting task by task ----------------------------------------
 
 
