@@ -1,4 +1,4 @@
-"""The top-level ``sweep`` (jobspec/pipeline_sweep.py): fields of several
+"""The top-level ``sweep`` (jobspec/sweep.py): fields of several
 stages varied together (``zip``) or alone (``product``), the stages they
 reach copied per element and the rest shared; the report gathering one row
 per element; SLURM arrays waiting task by task; jobs/paper_recipe.yaml
@@ -221,6 +221,18 @@ def test_the_stage_cap_counts_every_copy(write_job):
     message = spec_error(write_job, text)
     assert "the sweeps expand to 2416 stages (at most 1000): seed x3, vlpt x3, metrics x3, merge x1200, ev_merged x1200, ev_msa x3" in message
 
+
+
+def test_the_cap_counts_exactly_the_stages_a_stage_sweep_inside_a_pipeline_sweep_builds(write_job):
+    from vlcluster.jobspec.sweep import Expansion, stage_counts
+
+    batches = "  ev_batch: {kind: eval, source: vlpt, data: {from: data}, sweep: {batch_size: [8, 16]}}\n"
+    text = ZIPPED.replace("  maa:", batches + "  maa:")
+    pipeline = load_pipeline(write_job(text))
+    counts = stage_counts(pipeline, Expansion(pipeline, "zipped.yaml"))
+    built = graph_of(write_job, text).order
+    assert counts["ev_batch"] == 6 == sum(name.startswith("ev_batch[") for name in built)
+    assert sum(counts.values()) == len(built)
 
 # ---- SLURM: job arrays waiting task by task ----------------------------------------
 

@@ -166,7 +166,8 @@ def preflight(pipeline, source: str, backend: str, include_remote: bool,
               adjust: Callable[[object], None] = lambda pipeline: None) -> list[str]:
     """Every problem of the pipeline's inputs (empty: nothing stops a submit). ``adjust``
     applies command-line changes (``--profile``) to the expanded pipeline first."""
-    from vlcluster.graph import expand_sweeps, reference_problems
+    from vlcluster.graph import reference_problems
+    from vlcluster.jobspec.sweep import expand_sweeps
 
     expanded = expand_sweeps(pipeline, source)
     adjust(expanded)
@@ -191,7 +192,7 @@ def tracking_problems(pipeline) -> list[str]:
 
 def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:
     """The same problem in every copy of a swept stage is one line: ``stages.seed[4 copies].data.tokenizer: ...``."""
-    from vlcluster.graph import sweep_base
+    from vlcluster.jobspec.sweep import sweep_base
 
     grouped: dict[tuple[str, str], list[str]] = {}
     for name, lines in per_stage.items():

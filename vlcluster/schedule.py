@@ -59,7 +59,7 @@ def unit_keys(names: list[str], shape_of: Callable[[str], str], deps_of: Callabl
     task. Other elements form units of their own, ``seed~2`` (``~`` is never in a
     stage name): a zipped ``resources`` splits a stage, and every stage reading its
     copies splits alike. ``names`` in dependency order."""
-    from vlcluster.graph import sweep_base
+    from vlcluster.jobspec.sweep import sweep_base
 
     signatures: dict[str, list[tuple]] = {}
     keys: dict[str, str] = {}

@@ -60,7 +60,8 @@ from vlcluster.extras import require
 from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
-from vlcluster.graph import Graph, sweep_base
+from vlcluster.graph import Graph
+from vlcluster.jobspec.sweep import sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.stages.progress import describe_progress, read_progress

@@ -41,7 +41,8 @@ from vlcluster.backends.base import StageStatus
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.failure import describe as describe_failure
-from vlcluster.graph import Graph, sweep_base
+from vlcluster.graph import Graph
+from vlcluster.jobspec.sweep import sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.schedule import CapError, CapShape, shape_for_cap
 from vlcluster.stages.rundir import stage_dir, write_json_atomic

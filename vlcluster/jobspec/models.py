@@ -519,8 +519,32 @@ class ClusterProfile(Strict):
     sbatch: dict[str, str | int | bool] = Field(default_factory=dict, description="further sbatch flags")
 
 
+# How every key of a pipeline sweep starts: ``stages.STAGE.FIELD``.
+SWEPT_KEY_PREFIX = "stages."
+
+
+def pipeline_sweep_problems(zipped: dict[str, list], product: dict[str, list]) -> list[str]:
+    """What is wrong with the axes of a pipeline sweep as written (stages are checked on expansion)."""
+    problems = [] if zipped or product else ["give 'zip' (fields that vary together) and/or 'product' (fields that vary alone)"]
+    for group, fields in (("zip", zipped), ("product", product)):
+        for key, values in fields.items():
+            if not key.startswith(SWEPT_KEY_PREFIX) or key.count(".") < 2:
+                problems.append(f"{group}.{key}: expected stages.STAGE.FIELD, e.g. stages.seed.train.steps")
+            elif not values:
+                problems.append(f"{group}.{key}: no values")
+    problems += [f"product.{key}: also in zip; a field is swept once" for key in zipped if key in product]
+    lengths = {key: len(values) for key, values in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        first = next(iter(lengths))
+        problems += [
+            f"zip.{key}: {count} values, but zip.{first} has {lengths[first]}; zipped fields vary together and need as many values each"
+            for key, count in lengths.items() if count != lengths[first]
+        ]
+    return problems
+
+
 class PipelineSweep(Strict):
-    """Fields of several stages varied together (``vlcluster/jobspec/pipeline_sweep.py``):
+    """Fields of several stages varied together (``vlcluster/jobspec/sweep.py``):
     each key is ``stages.STAGE.FIELD``; a stage runs once per combination of the
     values that reach it, with everything downstream of it."""
 
@@ -531,9 +555,7 @@ class PipelineSweep(Strict):
 
     @model_validator(mode="after")
     def _axes(self) -> PipelineSweep:
-        from vlcluster.jobspec.pipeline_sweep import sweep_problems
-
-        problems = sweep_problems(self.zip, self.product)
+        problems = pipeline_sweep_problems(self.zip, self.product)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -541,7 +563,7 @@ class PipelineSweep(Strict):
 
 class Replicates(Strict):
     """Copies of the seeded stages, replicate k with ``train.seed + k`` (initial weights and data
-    order), everything they feed copied with them (``vlcluster/jobspec/pipeline_sweep.py``)."""
+    order), everything they feed copied with them (``vlcluster/jobspec/sweep.py``)."""
 
     count: int = Field(ge=1, le=100, description="how many replicates (copies named [rep=0] ... [rep=count-1])")
     of: Literal["chain", "finetune"] = Field(

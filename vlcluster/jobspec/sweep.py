@@ -1,9 +1,14 @@
-"""A sweep over the whole pipeline: fields of several stages varied together.
+"""Sweeps: a stage varied alone (its ``sweep``) and fields of several stages varied together.
 
-A stage's own ``sweep`` varies that stage alone, and nothing downstream can
-follow its elements. The paper's K_seed study cannot be written that way: the
-seed and the VL stage change together (K_seed + K_VL = 200k), and every merge,
-fine-tune and eval must follow each pair. The top-level ``sweep`` does::
+A stage's own ``sweep`` replaces the stage by one stage per combination of its
+values, named ``base[key=value,...]`` (``merge[alpha=0.25]``), each with its own
+directory and spec hash; every backend then runs them as ordinary stages.
+``after: [merge]`` waits for every element; a reference names one element.
+
+Nothing downstream can follow the elements of a stage's sweep, so the paper's
+K_seed study cannot be written with one: the seed and the VL stage change
+together (K_seed + K_VL = 200k), and every merge, fine-tune and eval must
+follow each pair. The pipeline's own ``sweep`` does::
 
     sweep:
       zip:                                  # vary together: element i takes the i-th values
@@ -38,6 +43,10 @@ copied with it, also through a reference to one element (the copy of
 ``seed[seed.train.steps=300]`` in replicate 1 reads
 ``seed[rep=1,seed.train.steps=300]``). Stages no seeded stage feeds (data,
 imports) stay shared.
+
+The pipeline's sweep and replicates are applied first, then every stage sweep
+(a copy keeps its stage's sweep: ``merge[k=1,alpha=0.25]``). The graph
+(``graph.py``) takes the expanded stages from here.
 """
 
 from __future__ import annotations
@@ -54,10 +63,13 @@ from pydantic import ValidationError
 
 from vlcluster.stages.kinds import GATHERING_KINDS
 from vlcluster.jobspec.load import SpecError, format_location, known_names, validate
-from vlcluster.jobspec.models import Pipeline
+from vlcluster.jobspec.models import SWEPT_KEY_PREFIX as PREFIX, Pipeline
+from vlcluster.jobspec.references import references
 from vlcluster.suggest import did_you_mean
 
-PREFIX = "stages."
+# More stages than any cluster queue or run directory listing handles well;
+# 4 keys of 40 values (2.5 million) would otherwise be expanded and hashed.
+MAX_STAGES = 1000
 # What a sweep may not vary: how a stage runs or what it waits for, not what it computes.
 UNSWEPT = {"kind", "sweep", "after", "resources"}
 # The labelled references of a gathering stage (the report's rows and mergeability points).
@@ -67,24 +79,111 @@ REPLICATE_KEY = "rep"
 SEEDED_KINDS = {"chain": ("pretrain", "finetune"), "finetune": ("finetune",)}
 
 
-def sweep_problems(zipped: dict[str, list], product: dict[str, list]) -> list[str]:
-    """What is wrong with the axes of a pipeline sweep as written (stages are checked on expansion)."""
-    problems = [] if zipped or product else ["give 'zip' (fields that vary together) and/or 'product' (fields that vary alone)"]
-    for group, fields in (("zip", zipped), ("product", product)):
-        for key, values in fields.items():
-            if not key.startswith(PREFIX) or key.count(".") < 2:
-                problems.append(f"{group}.{key}: expected stages.STAGE.FIELD, e.g. stages.seed.train.steps")
-            elif not values:
-                problems.append(f"{group}.{key}: no values")
-    problems += [f"product.{key}: also in zip; a field is swept once" for key in zipped if key in product]
-    lengths = {key: len(values) for key, values in zipped.items()}
-    if len(set(lengths.values())) > 1:
-        first = next(iter(lengths))
-        problems += [
-            f"zip.{key}: {count} values, but zip.{first} has {lengths[first]}; zipped fields vary together and need as many values each"
-            for key, count in lengths.items() if count != lengths[first]
-        ]
-    return problems
+Assignment = dict[str, Any]  # swept key -> value
+
+
+def expand_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
+    """The pipeline with every sweep applied: its own ``sweep`` and ``replicates`` first, then each stage's."""
+    pipeline_sweep = Expansion(pipeline, source) if pipeline.sweep is not None or pipeline.replicates is not None else None
+    check_size(pipeline, pipeline_sweep, source)
+    if pipeline_sweep is not None:
+        pipeline = pipeline_sweep.expand()
+    return expand_stage_sweeps(pipeline, source)
+
+
+# ---- names, sizes and fields: one notion of each for both kinds of sweep ------
+
+
+def values_text(assignment: dict[str, Any]) -> str:
+    """``alpha=0.25,train.lr=0.001``: what an element's bracket holds."""
+    return ",".join(f"{key}={json.dumps(value)}" for key, value in assignment.items())
+
+
+def sweep_element_name(base: str, assignment: Assignment) -> str:
+    """``merge[alpha=0.25]``; a copy made by the pipeline sweep keeps one bracket: ``merge[k=1,alpha=0.25]``."""
+    return f"{base[:-1]},{values_text(assignment)}]" if base.endswith("]") else f"{base}[{values_text(assignment)}]"
+
+
+def sweep_base(name: str) -> str:
+    """``merge[alpha=0.25]`` -> ``merge``; other names are their own base."""
+    return name.split("[", 1)[0] if name.endswith("]") else name
+
+
+def sweep_size(stage) -> int:
+    """How many stages the stage's own sweep makes of it (1 without one)."""
+    return math.prod(len(values) for values in (stage.sweep or {}).values())
+
+
+def stage_counts(pipeline: Pipeline, pipeline_sweep: Expansion | None) -> dict[str, int]:
+    """How many stages each written stage expands to: its copies times its own sweep."""
+    return {name: (pipeline_sweep.copy_count(name) if pipeline_sweep else 1) * sweep_size(stage)
+            for name, stage in pipeline.stages.items()}
+
+
+def check_size(pipeline: Pipeline, pipeline_sweep: Expansion | None, source: str) -> None:
+    """Refuse sweeps that expand to more than ``MAX_STAGES`` before building any of them
+    (a pipeline without sweeps is as long as its file, which the loader bounds)."""
+    if pipeline_sweep is None and not any(stage.sweep for stage in pipeline.stages.values()):
+        return
+    counts = stage_counts(pipeline, pipeline_sweep)
+    total = sum(counts.values())
+    if total > MAX_STAGES:
+        sizes = ", ".join(f"{name} x{count}" for name, count in counts.items() if count > 1 or pipeline.stages[name].sweep)
+        raise SpecError(f"{source}: the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
+
+
+class NotAMapping(ValueError):
+    """A swept key runs through a value (``train.steps.x`` where ``train.steps`` is 2)."""
+
+
+def set_path(raw: dict, path: str, value: Any) -> None:
+    """Set the dotted ``path`` inside a stage, making the mappings it lacks."""
+    keys = path.split(".")
+    for depth, key in enumerate(keys[:-1]):
+        child = raw.get(key)
+        if child is None:
+            child = raw[key] = {}
+        elif not isinstance(child, dict):
+            held = "a list" if isinstance(child, list) else f"the value {json.dumps(child, default=str)[:60]}"
+            raise NotAMapping(f"{'.'.join(keys[:depth + 1])} holds {held}, not a mapping, so {path!r} cannot be set inside it")
+        raw = child
+    raw[keys[-1]] = value
+
+
+def stage_raw(stage, exclude: set[str] | None = None) -> dict:
+    """The stage as written (unset fields left out), ready to be changed and validated again."""
+    raw = stage.model_dump(mode="json", by_alias=True, exclude=exclude, exclude_unset=True)
+    raw["kind"] = stage.kind
+    return copy.deepcopy(raw)
+
+
+# ---- a stage's own sweep ----------------------------------------------------
+
+
+def expand_stage_sweeps(pipeline: Pipeline, source: str) -> Pipeline:
+    """Every stage with a ``sweep`` replaced by one stage per combination of its values."""
+    if not any(stage.sweep for stage in pipeline.stages.values()):
+        return pipeline
+    stages: dict[str, dict] = {}
+    for name, stage in pipeline.stages.items():
+        raw = stage_raw(stage, exclude={"sweep"})
+        if not stage.sweep:
+            stages[name] = raw
+            continue
+        keys = list(stage.sweep)
+        for values in itertools.product(*(stage.sweep[key] for key in keys)):
+            element = copy.deepcopy(raw)
+            for key, value in zip(keys, values):
+                try:
+                    set_path(element, key, value)
+                except NotAMapping as exc:
+                    raise SpecError(f"{source}: stages.{name}.sweep.{key}: {exc}") from None
+            stages[sweep_element_name(name, dict(zip(keys, values)))] = element
+    payload = pipeline.model_dump(mode="json", by_alias=True, exclude={"stages"})
+    return validate({**payload, "stages": stages}, source)
+
+
+# ---- the pipeline's sweep and replicates ------------------------------------
 
 
 @dataclass(frozen=True)
@@ -126,9 +225,6 @@ class ReplicateField:
 
     def apply(self, raw: dict, stage, value: int) -> None:
         set_path(raw, "train.seed", stage.train.seed + value)
-
-
-Assignment = dict[str, Any]  # swept key -> value
 
 
 class Expansion:
@@ -195,8 +291,6 @@ class Expansion:
 
     def check_field(self, key: str) -> None:
         """Every value must give a valid stage that reads the same stages (a reference is not swept)."""
-        from vlcluster.graph import references
-
         field = self.fields.get(key) or self.riders[key]
         stage = self.pipeline.stages[field.stage]
         group = "zip" if key in self.pipeline.sweep.zip else "product"
@@ -223,8 +317,6 @@ class Expansion:
     def model_upstream(self, through_pinned: bool = False) -> dict[str, set[str]]:
         """Every stage each stage reads a model or data from, directly or not (``after`` and gathering stages
         excluded); ``through_pinned``: a reference to one element (``seed[...]``) counts as one to its stage."""
-        from vlcluster.graph import references
-
         stages = self.pipeline.stages
         parents = {name: [] if stage.kind in GATHERING_KINDS else
                    [target for r in references(stage) if (target := self.base_of(r.target) if through_pinned else r.target) in stages]
@@ -314,8 +406,6 @@ class Expansion:
 
     def point_upstream(self, stage, raw: dict, assignment: Assignment) -> None:
         """References of a copy lead to the copies of the same element."""
-        from vlcluster.graph import references
-
         for ref in references(stage):
             if self.reach.get(ref.target):
                 set_path(raw, ref.field, self.name(ref.target, assignment))
@@ -328,8 +418,6 @@ class Expansion:
 
     def agreeing(self, target: str, assignment: Assignment) -> list[str]:
         """The copies of ``target`` that agree with ``assignment`` (each element of them when ``target`` has a sweep of its own)."""
-        from vlcluster.graph import sweep_element_name
-
         if not self.reach.get(target):
             return [target]
         names = [self.name(target, other) for other in self.assignments(self.reach[target]) if self.consistent(assignment, other)]
@@ -376,18 +464,9 @@ class Expansion:
             return {key: self.name(item, assignment) for key, item in value.items()}
         return self.name(value, assignment)
 
-    def stage_total(self) -> int:
-        return sum(self.copy_count(name) * max(stage_sweep_size(stage), 1) for name, stage in self.pipeline.stages.items())
-
     def expand(self) -> Pipeline:
-        from vlcluster.graph import MAX_STAGES
-
-        total = self.stage_total()
-        if total > MAX_STAGES:
-            sizes = ", ".join(f"{name} x{self.copy_count(name) * max(stage_sweep_size(stage), 1)}"
-                              for name, stage in self.pipeline.stages.items() if self.copy_count(name) > 1 or stage.sweep)
-            raise self.fail(f"the sweeps expand to {total} stages (at most {MAX_STAGES}): {sizes}")
-        for key, field in [*self.fields.items(), *self.riders.items()]:  # after the cap: a sweep too large is refused before its values are validated
+        """The copies (call after ``check_size``: a sweep too large is refused before its values are validated)."""
+        for key, field in [*self.fields.items(), *self.riders.items()]:
             if isinstance(field, SweptField):
                 self.check_field(key)
         for key, field in self.riders.items():
@@ -400,39 +479,5 @@ class Expansion:
 
 
 def suffix(fields: dict[str, SweptField | ReplicateField], assignment: Assignment) -> str:
-    return ",".join(f"{fields[key].label}={json.dumps(value)}" for key, value in assignment.items())
-
-
-def stage_raw(stage) -> dict:
-    raw = stage.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    raw["kind"] = stage.kind
-    return copy.deepcopy(raw)
-
-
-def stage_sweep_size(stage) -> int:
-    return math.prod(len(values) for values in (stage.sweep or {}).values()) if stage.sweep else 0
-
-
-class NotAMapping(ValueError):
-    """A swept key runs through a value (``train.steps.x`` where ``train.steps`` is 2)."""
-
-
-def set_path(raw: dict, path: str, value: Any) -> None:
-    """Set the dotted ``path`` inside a stage, making the mappings it lacks."""
-    keys = path.split(".")
-    for depth, key in enumerate(keys[:-1]):
-        child = raw.get(key)
-        if child is None:
-            child = raw[key] = {}
-        elif not isinstance(child, dict):
-            held = "a list" if isinstance(child, list) else f"the value {json.dumps(child, default=str)[:60]}"
-            raise NotAMapping(f"{'.'.join(keys[:depth + 1])} holds {held}, not a mapping, so {path!r} cannot be set inside it")
-        raw = child
-    raw[keys[-1]] = value
-
-
-def expand_pipeline_sweep(pipeline: Pipeline, source: str) -> Pipeline:
-    """The pipeline with its top-level ``sweep`` and ``replicates`` applied (stage sweeps are left for the graph)."""
-    if pipeline.sweep is None and pipeline.replicates is None:
-        return pipeline
-    return Expansion(pipeline, source).expand()
+    """What a copy's bracket holds: ``seed.train.steps=50000,vlpt.train.steps=150000``."""
+    return values_text({fields[key].label: value for key, value in assignment.items()})
