@@ -18,7 +18,8 @@ from tests.conftest import REPO
 from tests.test_cli import GOOD
 from tests.test_e2e import STAGES
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 
 GOLDEN = REPO / "tests" / "golden"
 RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout

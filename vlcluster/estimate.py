@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vlcluster.graph import Graph
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.sizes import PRESETS, DerivedShape
 from vlcluster.storage.paths import is_remote, read_json
 from vlcluster.train.devices import peak_tflops

@@ -18,7 +18,8 @@ from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
 from vlcluster.stages.kinds import MODEL_KINDS
-from vlcluster.jobspec.load import SpecError, validate
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import validate
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.pipeline_sweep import NotAMapping, expand_pipeline_sweep, set_path
 from vlcluster.suggest import did_you_mean

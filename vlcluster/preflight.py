@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlcluster.hub import is_hub
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.paths import is_remote
 
 

@@ -45,7 +45,8 @@ from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.schedule import CapError, CapShape, shape_for_cap
 from vlcluster.stages.rundir import stage_dir, write_json_atomic
-from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import read_yaml
 from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
 

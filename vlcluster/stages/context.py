@@ -125,7 +125,8 @@ def save_pipeline(run_dir: Path, graph: Graph) -> None:
 def pipeline_of_record(payload: Any, path: Path) -> Pipeline:
     """The pipeline saved in ``pipeline.json``, checked like a job file (a run
     directory may have been edited or damaged since)."""
-    from vlcluster.jobspec.load import SpecError, validate
+    from vlcluster.errors import SpecError
+    from vlcluster.jobspec.load import validate
 
     raw = payload.get("pipeline") if isinstance(payload, dict) else None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
