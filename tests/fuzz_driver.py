@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlcluster.cli import main as cli_main  # noqa: E402
+from vlcluster.errors import SpecError  # noqa: E402
 from vlcluster.graph import build_graph  # noqa: E402
-from vlcluster.jobspec.load import SpecError, load_pipeline  # noqa: E402
+from vlcluster.jobspec.load import load_pipeline  # noqa: E402
 from vlcluster.jobspec.names import NAME  # noqa: E402
 from vlcluster.stages.rundir import stage_dir  # noqa: E402
 

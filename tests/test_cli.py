@@ -221,7 +221,8 @@ def test_did_you_mean(write_job, tmp_path, args, expected):
     ("stages.seed.train.steps=[unclosed", "--set stages.seed.train.steps: not valid YAML"),
 ])
 def test_job_file_suggestions(write_job, override, expected):
-    from vlcluster.jobspec.load import SpecError, load_pipeline
+    from vlcluster.errors import SpecError
+    from vlcluster.jobspec.load import load_pipeline
     from vlcluster.graph import build_graph
 
     path = write_job(GOOD)

@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import REPO
 from vlcluster.estimate import DEFAULT_MFU, estimate, summary
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 from vlcluster.schedule import CapError, Job, critical_path, families, shape_for_cap
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 
 PIPELINE = """
 name: g

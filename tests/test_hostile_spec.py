@@ -9,7 +9,8 @@ import time
 import pytest
 
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 from vlcluster.jobspec.names import directory_name
 from vlcluster.stages.rundir import stage_dir
 

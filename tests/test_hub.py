@@ -16,7 +16,7 @@ import pytest
 
 from tests.test_external import saved_beit
 from vlcluster.hub import HubRef
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 BEIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -115,7 +115,8 @@ def test_cli_import_and_its_error_paragraph(tmp_path, capsys):
 
 
 def test_job_files_check_import_inputs_and_which_task_reads_them(write_job):
-    from vlcluster.jobspec.load import SpecError, load_pipeline
+    from vlcluster.errors import SpecError
+    from vlcluster.jobspec.load import load_pipeline
     from vlcluster.graph import build_graph
 
     text = """

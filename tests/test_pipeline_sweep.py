@@ -16,7 +16,8 @@ import yaml
 
 from tests.conftest import REPO
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 
 # K_seed + K_VL = 10 as one zip, the merge's alpha as its own axis.
 ZIPPED = """

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 
 FAKE = "fake-credential-value-7731"
 DATA = "{kind: data, n_train: 100, n_val: 10, shard_size: 50}"

@@ -18,7 +18,8 @@ from tests.conftest import REPO
 from tests.test_cli import GOOD
 from tests.test_e2e import STAGES
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import load_pipeline
 
 GOLDEN = REPO / "tests" / "golden"
 RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout
@@ -78,7 +79,7 @@ def test_torchrun_command_for_six_nodes_of_eight_gpus(monkeypatch):
 
 
 def test_profiles_are_validated():
-    from vlcluster.backends.slurm import load_profile
+    from vlcluster.profiles import load_profile
 
     assert load_profile("v100").gpus_per_node == 8
     assert load_profile("local").partition == "debug"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from vlcluster.jobspec.load import SpecError, json_schema, load_pipeline
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import json_schema, load_pipeline
 from vlcluster.jobspec.models import FinetuneStage, PretrainStage
 
 MINIMAL = """

@@ -219,7 +219,7 @@ def test_a_study_logs_its_lineage_to_wandb(tracked_study):
 
 
 def test_missing_tracking_extra_is_one_paragraph(tmp_path, monkeypatch):
-    from vlcluster.jobspec.load import SpecError
+    from vlcluster.errors import SpecError
     from vlcluster.tracking import stage_tracking
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if vlcluster[tracking] were not installed
@@ -279,7 +279,8 @@ def test_a_parameter_past_mlflows_limit_is_shortened_not_refused(mlflow_server):
 
 
 def test_credentials_in_the_tracking_section_are_refused(write_job):
-    from vlcluster.jobspec.load import SpecError, load_pipeline
+    from vlcluster.errors import SpecError
+    from vlcluster.jobspec.load import load_pipeline
 
     for text in ("wandb: {project: p, api_key: abc123secretvalue}",
                  "mlflow: {tracking_uri: 'https://bob:hunter2@mlflow.example.com'}"):

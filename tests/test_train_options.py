@@ -7,7 +7,8 @@ import pytest
 
 from vlcluster.data.loader import MAX_AUTO_WORKERS, resolve_workers
 from vlcluster.graph import build_graph
-from vlcluster.jobspec.load import SpecError, validate
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import validate
 
 STAGE = {
     "kind": "pretrain",

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlcluster.backends import BACKENDS
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import EXIT_INTERRUPTED, EXIT_USAGE, SpecError
 
 
 class PipeConsole(Console):
@@ -798,7 +798,7 @@ def report_error(message: str) -> int:
     from vlcluster.storage.errors import redact
 
     errors.print("[red]error:[/] " + escape(redact(message)))
-    return 2
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -853,7 +853,7 @@ def run_command(argv: list[str]) -> int:
         return report_error(message)
     except KeyboardInterrupt:
         errors.print("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

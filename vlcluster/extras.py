@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 
 # module -> the extra of pyproject.toml that installs it
 EXTRA_OF = {

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.references import REFERENCE_TARGETS, references
 from vlcluster.jobspec.sweep import expand_sweeps, sweep_base

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 
 SCHEME = "hf://"
 COMMIT = re.compile(r"^[0-9a-f]{40}$")

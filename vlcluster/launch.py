@@ -7,10 +7,6 @@ from dataclasses import dataclass
 
 from vlcluster.stages.kinds import DISTRIBUTED_KINDS
 
-# A rank that saved a checkpoint because it was told to stop (SIGTERM from a
-# requeue or preemption) exits with this code: "resume me", not "I failed".
-EXIT_REQUEUE = 75
-
 
 @dataclass(frozen=True)
 class Rendezvous:

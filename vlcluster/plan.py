@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlcluster.graph import Graph
 from vlcluster.stages.rundir import stage_dir
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.paths import is_remote, run_path
 from vlcluster.train.checkpoint_index import latest_checkpoint
 

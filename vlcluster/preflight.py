@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlcluster.hub import is_hub
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.paths import is_remote
 
 
@@ -151,7 +151,7 @@ def stage_problems(name: str, stage, check: Preflight) -> list[str]:
 def profile_problems(pipeline, backend: str) -> list[str]:
     if backend != "slurm":
         return []
-    from vlcluster.backends.slurm import load_profile, profile_name
+    from vlcluster.profiles import load_profile, profile_name
 
     problems = []
     for name, stage in pipeline.stages.items():

@@ -13,12 +13,11 @@ import os
 import signal
 import sys
 
+from vlcluster.errors import EXIT_FAILED, EXIT_OK, GATE_CLOSED
 from vlcluster.stages.context import load_context
 from vlcluster.stages.kinds import runner
 
 log = logging.getLogger("vlcluster.run")
-
-GATE_CLOSED = 3  # exit status of a merge stage stopped by its mergeability gate
 
 
 def die_with_parent() -> None:
@@ -55,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as exc:  # the message says what to do; a traceback would bury it
         note_failure(ctx.dir, exc)
         log.error("%s", exc)
-        return 1
+        return EXIT_FAILED
     except Exception as exc:
         # the record for `status` first: on a full disk it may fit once the stage's temp files are gone
         named = note_failure(ctx.dir, exc, str(ctx.run_dir))
         if said_in_one_paragraph(named):  # a full disk, a store that stayed down: the paragraph says what to do
             log.error("%s", named[1])
-            return 1
+            return EXIT_FAILED
         raise
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

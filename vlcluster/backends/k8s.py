@@ -28,7 +28,8 @@ from pydantic import Field
 
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.graph import Graph
-from vlcluster.jobspec.load import SpecError, read_yaml, validated_yaml
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import read_yaml, validated_yaml
 from vlcluster.jobspec.models import ResourcesSpec, Strict
 from vlcluster.storage.paths import is_remote
 

@@ -26,7 +26,7 @@ from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.stages.rundir import stage_dir
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.errors import redact
 
 

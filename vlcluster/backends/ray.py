@@ -66,7 +66,7 @@ from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan
 from vlcluster.stages.progress import describe_progress, read_progress
 from vlcluster.stages.rundir import stage_dir, write_json_atomic
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.config import ENV as STORAGE_ENV
 
 POLL_S = 1.0

@@ -35,7 +35,8 @@ import time
 
 from vlcluster.backends.stage_process import child_env, exit_status, record_end, run_once, write_header
 from vlcluster.stages.context import load_context
-from vlcluster.launch import EXIT_REQUEUE, stage_command
+from vlcluster.errors import EXIT_REQUEUE
+from vlcluster.launch import stage_command
 from vlcluster.stages.rundir import StageDir
 
 DEFAULT_MAX_RESTARTS = 3

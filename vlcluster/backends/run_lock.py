@@ -6,7 +6,7 @@ import fcntl
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.paths import local_side
 
 

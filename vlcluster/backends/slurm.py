@@ -26,8 +26,6 @@ at once and no driver process stays alive.
 
 from __future__ import annotations
 
-import functools
-import os
 import shlex
 import sys
 import time
@@ -46,38 +44,10 @@ from vlcluster.jobspec.sweep import sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.schedule import CapError, CapShape, shape_for_cap
 from vlcluster.stages.rundir import stage_dir, write_json_atomic
-from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.errors import SpecError
 from vlcluster.jobspec.models import ClusterProfile
+from vlcluster.profiles import load_profile, profile_name
 from vlcluster.storage.paths import absolute, local_side
-
-def load_profile(name: str) -> ClusterProfile:
-    """``<name>.yaml`` on the profile search path (``profiles.py``), or a path
-    to a YAML file; validated like job files."""
-    from vlcluster.profiles import profile_dirs
-
-    return load_profile_from(name, tuple(profile_dirs()))
-
-
-@functools.lru_cache(maxsize=None)
-def load_profile_from(name: str, folders: tuple[Path, ...]) -> ClusterProfile:
-    from pydantic import ValidationError
-
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in folders]
-    path = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if path is None:
-        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)}; "
-                        "`vlcluster profiles` lists those found)")
-    try:
-        return ClusterProfile.model_validate(read_yaml(path))
-    except ValidationError as exc:
-        from vlcluster.jobspec.load import describe_validation_error
-
-        raise SpecError(describe_validation_error(str(path), exc)) from None
-
-
-def profile_name(spec) -> str:
-    return spec.resources.profile or os.environ.get("VLCLUSTER_SLURM_PROFILE", "local")
-
 
 def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
     """submitit SlurmExecutor parameters for one stage (dependencies apart)."""

@@ -25,7 +25,8 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from vlcluster.backends.stage_process import (
     child_env, exit_status, log_lines_since, rank_exit_codes, record_end, stage_log, write_header,
 )
-from vlcluster.launch import EXIT_REQUEUE, Rendezvous, stage_command
+from vlcluster.errors import EXIT_REQUEUE
+from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.stages.rundir import stage_dir
 
 STOP_TIMEOUT_S = 60

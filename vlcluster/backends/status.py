@@ -19,10 +19,10 @@ from pathlib import Path
 from vlcluster.backends import get_backend
 from vlcluster.backends.base import StageStatus
 from vlcluster.graph import Graph
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.plan import StagePlan
 from vlcluster.stages.progress import describe_progress, read_progress
-from vlcluster.run import GATE_CLOSED
+from vlcluster.errors import GATE_CLOSED
 from vlcluster.stages.rundir import stage_dir
 
 BLOCKING = frozenset({"failed", "gated", "blocked", "cancelled"})

@@ -16,15 +16,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from vlcluster.errors import SpecError
 from vlcluster.stages.kinds import STAGE_KINDS
 from vlcluster.jobspec.models import Pipeline
 from vlcluster.jobspec.names import name_problem
 from vlcluster.suggest import did_you_mean
-
-
-
-class SpecError(Exception):
-    """A job file that cannot be run; the message is meant for the user."""
 
 
 # Bounds on what a job file may expand to. Real pipelines are a few hundred

@@ -62,7 +62,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlcluster.stages.kinds import GATHERING_KINDS
-from vlcluster.jobspec.load import SpecError, format_location, known_names, validate
+from vlcluster.errors import SpecError
+from vlcluster.jobspec.load import format_location, known_names, validate
 from vlcluster.jobspec.models import SWEPT_KEY_PREFIX as PREFIX, Pipeline
 from vlcluster.jobspec.references import references
 from vlcluster.suggest import did_you_mean

@@ -39,13 +39,13 @@ def format_along_training(rows: list[dict]) -> str:
 
 def along_training_figure(rows: list[dict], title: str, path: Path) -> Path:
     """One panel per distance, the step on x (PNG, Agg backend: no display needed)."""
-    from vlcluster.study.figures import _grid, _save
+    from vlcluster.plotting import panel_grid, save_figure
 
-    plt, fig, axes = _grid(len(METRICS))
+    plt, fig, axes = panel_grid(len(METRICS))
     steps = [row["step"] for row in rows]
     for ax, name in zip(axes, METRICS):
         ax.plot(steps, [row[name] for row in rows], marker="o")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    return _save(plt, fig, title, path)
+    return save_figure(plt, fig, title, path)

@@ -83,7 +83,7 @@ class StageContext:
         if data.from_ is None:
             from vlcluster.data.sources import augmentation, field_map, train_mixture
 
-            mixture = train_mixture(data)
+            mixture = train_mixture((source.shards, source.weight) for source in data.train_sources())
             return DataSources(
                 train=[url for source in mixture for url in source.urls],
                 val=expand_urls(data.val) if data.val else [],
@@ -92,8 +92,8 @@ class StageContext:
                 shuffle_buffer=data.shuffle_buffer,
                 shuffle_run=data.shuffle_run,
                 train_mixture=mixture,
-                fields=field_map(data),
-                augment=augmentation(data),
+                fields=field_map(data.fields.image, data.fields.caption),
+                augment=augmentation(data.augment, data.augment_flip),
             )
         producer: DataStage = self.pipeline.stages[data.from_]
         out = self.upstream_dir(data.from_).root
@@ -103,8 +103,8 @@ class StageContext:
         return DataSources(
             train=train,
             train_mixture=single_source(train),
-            fields=field_map(data),
-            augment=augmentation(data),
+            fields=field_map(data.fields.image, data.fields.caption),
+            augment=augmentation(data.augment, data.augment_flip),
             val=split_shards(out, "val", producer.n_val, producer.shard_size),
             tokenizer=_local(out / "tokenizer.json"),
             answers=_local(out / "answers.json"),
@@ -125,7 +125,8 @@ def save_pipeline(run_dir: Path, graph: Graph) -> None:
 def pipeline_of_record(payload: Any, path: Path) -> Pipeline:
     """The pipeline saved in ``pipeline.json``, checked like a job file (a run
     directory may have been edited or damaged since)."""
-    from vlcluster.jobspec.load import SpecError, validate
+    from vlcluster.errors import SpecError
+    from vlcluster.jobspec.load import validate
 
     raw = payload.get("pipeline") if isinstance(payload, dict) else None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):

@@ -171,8 +171,6 @@ def activate(spec: StorageSpec | None) -> StorageSpec:
 
     import logging
 
-    from vlcluster.storage.retries import use_counting_s3
-
     global _active, _inherited_s3_conf
     if _inherited_s3_conf is None:
         _inherited_s3_conf = dict(fsspec.config.conf.get("s3", {}))
@@ -183,6 +181,20 @@ def activate(spec: StorageSpec | None) -> StorageSpec:
     for name in ("botocore", "aiobotocore", "s3fs"):  # their INFO lines ("Found credentials in ...") are noise in stage logs
         logging.getLogger(name).setLevel(logging.WARNING)
     return _active
+
+
+def use_counting_s3() -> None:
+    """Make ``s3://`` URLs (fsspec, upath, webdataset openers) use the
+    counting s3fs filesystem, importing s3fs only when a URL needs it."""
+    from fsspec.registry import register_implementation, registry
+
+    target = "vlcluster.storage.s3client.CountingS3FileSystem"
+    if "s3" in registry:  # s3fs already imported and registered: replace the class itself
+        from vlcluster.storage.s3client import CountingS3FileSystem
+
+        register_implementation("s3", CountingS3FileSystem, clobber=True)
+    else:
+        register_implementation("s3", target, clobber=True, errtxt="s3:// paths need s3fs: pip install 'vlcluster[s3]'")
 
 
 def active() -> StorageSpec:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlcluster.jobspec.load import SpecError
+from vlcluster.errors import SpecError
 from vlcluster.storage.config import active
 from vlcluster.storage.paths import is_remote
 from vlcluster.storage.retries import outage_note

@@ -124,6 +124,7 @@ def _rewrite_in_place(path: Path, data: bytes) -> bool:
 
 
 def write_json(path: Path, payload: Any) -> None:
+    """Replace a JSON record in one step (``write_bytes``: rename locally, one PUT on an object store)."""
     write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 

@@ -128,16 +128,3 @@ def report() -> None:
     if line:
         log.warning("%s", line)
 
-
-def use_counting_s3() -> None:
-    """Make ``s3://`` URLs (fsspec, upath, webdataset openers) use the
-    counting s3fs filesystem, importing s3fs only when a URL needs it."""
-    from fsspec.registry import register_implementation, registry
-
-    target = "vlcluster.storage.s3client.CountingS3FileSystem"
-    if "s3" in registry:  # s3fs already imported and registered: replace the class itself
-        from vlcluster.storage.s3client import CountingS3FileSystem
-
-        register_implementation("s3", CountingS3FileSystem, clobber=True)
-    else:
-        register_implementation("s3", target, clobber=True, errtxt="s3:// paths need s3fs: pip install 'vlcluster[s3]'")

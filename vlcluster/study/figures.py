@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
+from vlcluster.plotting import panel_grid, save_figure
 from vlcluster.study import views
 from vlcluster.study.stats import Interval
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _grid(count: int):
-    plt = _pyplot()
-    columns = 2 if count == 4 else min(count, 3)  # four panels fill 2 x 2, not 2 x 3 with an empty slot
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows), squeeze=False)
-    for extra in axes.flat[count:]:
-        extra.set_visible(False)
-    return plt, fig, list(axes.flat)
 
 
 def _value(cell: Interval | None) -> float:
@@ -53,7 +34,7 @@ def _bar_note(fig, panels) -> None:
 
 def line_figure(panels: list[views.Series], title: str, path: Path, categorical: bool = False) -> Path:
     """One panel per score; one line per series label; missing points stay gaps."""
-    plt, fig, axes = _grid(len(panels))
+    plt, fig, axes = panel_grid(len(panels))
     for ax, series in zip(axes, panels):
         xs = sorted({x for points in series.lines.values() for x in points}, key=str if categorical else None)
         positions = list(range(len(xs))) if categorical else xs
@@ -73,14 +54,14 @@ def line_figure(panels: list[views.Series], title: str, path: Path, categorical:
         ax.grid(alpha=0.3)
     _figure_legend(fig, axes)
     _bar_note(fig, panels)
-    return _save(plt, fig, title, path)
+    return save_figure(plt, fig, title, path)
 
 
 def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
     """Grouped bars: one group per category (architecture), one bar per series label.
     A series with no score at all in a panel gets no slot there (a setting only one
     architecture has would otherwise fill every other group with n/a marks)."""
-    plt, fig, axes = _grid(len(panels))
+    plt, fig, axes = panel_grid(len(panels))
     names = list(dict.fromkeys(name for series in panels for name in series.lines))
     for ax, series in zip(axes, panels):
         categories = list(next(iter(series.lines.values()), {}).keys())
@@ -103,7 +84,7 @@ def bar_figure(panels: list[views.Series], title: str, path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     _figure_legend(fig, axes)
     _bar_note(fig, panels)
-    return _save(plt, fig, title, path)
+    return save_figure(plt, fig, title, path)
 
 
 def _figure_legend(fig, axes) -> None:
@@ -127,7 +108,7 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
     groups = views.drop_groups(points, drop_score)
     spans = {setting: {k for (s, k) in groups if s == setting} for setting, _ in groups}
     settings = sorted(setting for setting, ks in spans.items() if len(ks) > 1)
-    plt, fig, axes = _grid(len(views.DISTANCES))
+    plt, fig, axes = panel_grid(len(views.DISTANCES))
     for column, (ax, distance) in enumerate(zip(axes, views.DISTANCES)):
         fits: list[tuple[str, float]] = []
         for index, setting in enumerate(settings):
@@ -155,7 +136,7 @@ def drop_figure(points: list[views.DropPoint], correlations: dict, drop_score: s
     _figure_legend(fig, axes)
     fig.text(0.01, 0.005, "Faint: one replicate each; solid: mean per K_seed with 95 % intervals; r over the replicate points",
              fontsize=7, ha="left", va="bottom", color="0.3")
-    return _save(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
+    return save_figure(plt, fig, "Mergeability metrics vs merge drop (Table 5)", path)
 
 
 def _r_legend(ax, fits: list[tuple[str, float]]) -> None:
@@ -183,13 +164,3 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     return slope, mean_y - slope * mean_x
 
-
-def _save(plt, fig, title: str, path: Path) -> Path:
-    fig.suptitle(title)
-    legend_rows = max((len(legend.get_texts()) + 2) // 3 for legend in fig.legends) if fig.legends else 0
-    fig.tight_layout(rect=(0, 0.03 + 0.05 * legend_rows, 1, 1))  # room for the legend and the error-bar note
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    path.write_bytes(image.getvalue())  # one write: works for s3:// run dirs too
-    return path

@@ -155,7 +155,7 @@ def end_current(ok: bool) -> None:
 def _start(adapters: list[Adapter], service: str, make) -> None:
     """A missing client is the stage's error (one paragraph naming the extra); a service
     that cannot be reached is a warning: the stage trains without it."""
-    from vlcluster.jobspec.load import SpecError
+    from vlcluster.errors import SpecError
 
     try:
         adapters.append(make())

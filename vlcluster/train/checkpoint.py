@@ -40,8 +40,7 @@ from typing import Any
 
 import torch
 
-from vlcluster.stages.rundir import write_json_atomic
-from vlcluster.storage.paths import is_remote, fetched, local_side, publish, read_json, remove_tree
+from vlcluster.storage.paths import is_remote, fetched, local_side, publish, read_json, remove_tree, write_json
 from vlcluster.train.checkpoint_index import (  # noqa: F401 - re-exported for callers
     Checkpoint,
     complete_checkpoints,
@@ -97,7 +96,7 @@ def save_checkpoint(
     partial.mkdir(parents=True, exist_ok=True)  # per node when ranks span nodes and the root is remote
     rank_files = [f"rank_{env.rank}.safetensors", f"rank_{env.rank}.json"]
     save_tensors(rank_tensors, partial / rank_files[0])
-    write_json_atomic(partial / rank_files[1], rank_info)
+    write_json(partial / rank_files[1], rank_info)
     main_files = ["model.safetensors", "optim.safetensors"]
     if env.is_main:
         save_tensors(model_state, partial / main_files[0])
@@ -112,7 +111,7 @@ def save_checkpoint(
         commit = {**meta, "step": step, "param_groups": param_groups, "world_size": env.world_size}
         if verify:
             commit["files"] = files
-        write_json_atomic(partial / "meta.json", commit)
+        write_json(partial / "meta.json", commit)
         if remote:
             _upload(partial, final, ["meta.json"])  # the commit marker, last
             shutil.rmtree(partial, ignore_errors=True)

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlcluster.stages.rundir import read_json
-from vlcluster.storage.paths import remove_tree
+from vlcluster.storage.paths import read_json, remove_tree
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

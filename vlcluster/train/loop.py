@@ -42,7 +42,7 @@ from vlcluster.train.accumulate import plan_micro_batches
 from vlcluster.train.elastic import StepBatches, hash_seed, resharded_loader_state
 from vlcluster.train.speed import apply_block_options
 from vlcluster.train.step import StepRunner
-from vlcluster.launch import EXIT_REQUEUE
+from vlcluster.errors import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
 from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested

@@ -9,13 +9,24 @@ shared by ITC, ITM and VQA.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from vlcluster.model import MultiwayTransformer
-from vlcluster.jobspec.models import LossWeights
 from vlcluster.train import losses
 from vlcluster.train.batches import Batch
+
+
+class LossWeights(Protocol):
+    """The weight of each pre-training loss, 0 leaving it out (a job file's
+    ``train.loss_weights`` is one; the objective reads nothing else of the spec)."""
+
+    itc: float
+    itm: float
+    mlm: float
+    vqa: float
 
 
 class Objective(nn.Module):

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from vlcluster.jobspec.models import TrainSpec
+
+class OptimizerSettings(Protocol):
+    """What the optimizer and its schedule read (a job file's ``train`` section is one)."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+    steps: int  # the schedule decays to 0 at this step
+
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay only on matrices of the transformer and heads; not on
@@ -14,7 +25,7 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and ".embed." not in f".{name}"
 
 
-def build_optimizer(module: nn.Module, train: TrainSpec) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, train: OptimizerSettings) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:
@@ -41,7 +52,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, 1.0 - (step - warmup) / remaining)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, train: OptimizerSettings) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup_steps, train.steps)
     )
