@@ -32,7 +32,7 @@ from vlcluster.jobspec.load import SpecError, read_yaml, validated_yaml
 from vlcluster.jobspec.models import ResourcesSpec, Strict
 from vlcluster.storage.paths import is_remote
 
-K8S_DIRS = (Path("k8s"), Path(__file__).resolve().parents[2] / "k8s")
+K8S_DIRS = (Path("k8s"), Path(__file__).resolve().parents[3] / "k8s")
 JOB_MOUNT = "/etc/vlcluster"  # where the head sees the job file
 RUNS_VOLUME, SHM_VOLUME, JOB_VOLUME = "runs", "dshm", "job"
 

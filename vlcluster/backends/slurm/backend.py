@@ -8,7 +8,7 @@ at once and no driver process stays alive.
   ``--partition``, ``--account``, ``--qos``, ``--time`` override) give nodes,
   GPUs, CPUs, memory and time.
 - Training stages run one task per node; the task starts torchrun with the
-  rendezvous on the first host of the allocation (``slurm_job.py``).
+  rendezvous on the first host of the allocation (``slurm/stage.py``).
 - The elements of a sweep (and the copies a pipeline sweep makes of a stage)
   are one job array. A dependant waits for the tasks it reads
   (``afterok:<array id>_<task>``, or the array id when it reads them all); an
@@ -36,8 +36,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlcluster.backends import slurm_queue
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.slurm import jobs as slurm_jobs
+from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.failure import describe as describe_failure
@@ -213,7 +213,7 @@ class SlurmBackend:
         return self.python or profile.python or sys.executable
 
     def jobs(self, graph: Graph, unit: Unit, run_dir: Path):
-        from vlcluster.backends.slurm_job import StageJob
+        from vlcluster.backends.slurm.stage import StageJob
 
         python = self.python_for(graph, unit)
         return [
@@ -329,7 +329,7 @@ class SlurmBackend:
     def refuse_if_queued(run_dir: Path, plans: list[StagePlan]) -> None:
         records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
         ids = {name: record["job_id"] for name, record in records.items() if record.get("backend") == "slurm" and record.get("job_id")}
-        states = slurm_queue.job_states(list(ids.values()))
+        states = slurm_jobs.job_states(list(ids.values()))
         active = [f"{name} (job {job_id})" for name, job_id in ids.items() if job_id in states and states[job_id].active]
         if active:
             raise SpecError(f"{run_dir}: jobs of this run are still queued or running: {', '.join(active)}; "
@@ -338,12 +338,12 @@ class SlurmBackend:
     # ---- what status, logs and cancel ask ---------------------------------------
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
-        jobs = slurm_queue.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
+        jobs = slurm_jobs.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
         return {plan.name: describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         """The stage log, then the job wrapper's own output (submitit, tracebacks)."""
-        from vlcluster.backends.status import no_log, stage_log_text
+        from vlcluster.backends.run_status import no_log, stage_log_text
 
         text = stage_log_text(run_dir, stage)
         slurm_log = self.job_log(run_dir, record)
@@ -369,7 +369,7 @@ class SlurmBackend:
         """Every recorded job, without asking accounting first (it lags a
         just-submitted job); SLURM ignores ids of ended jobs."""
         names = [name for name, record in records.items() if record.get("job_id")]
-        slurm_queue.cancel([records[name]["job_id"] for name in names])
+        slurm_jobs.cancel([records[name]["job_id"] for name in names])
         return names
 
 
@@ -388,7 +388,7 @@ def cap_shape(graph: Graph, names: list[str], run_dir: Path | None, source: str 
         raise SpecError(f"{source or graph.pipeline.name}: {exc}") from None
 
 
-def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:
+def describe_job(plan: StagePlan, record: dict, job: slurm_jobs.JobState | None) -> StageStatus:
     """A stage submitted to SLURM, from its job's state in accounting."""
     if job is None:
         return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
