@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlcluster.backends.k8s.render import KubeProfile, pod_shape
+from vlcluster.backends.k8s.profile import KubeProfile
+from vlcluster.backends.k8s.render import pod_shape
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.backends.ray.backend import RayBackend
 from vlcluster.backends.slurm.backend import sbatch_parameters

@@ -78,7 +78,7 @@ def test_torchrun_command_for_six_nodes_of_eight_gpus(monkeypatch):
 
 
 def test_profiles_are_validated():
-    from vlcluster.backends.slurm.backend import load_profile
+    from vlcluster.backends.slurm.profile import load_profile
 
     assert load_profile("v100").gpus_per_node == 8
     assert load_profile("local").partition == "debug"

@@ -262,7 +262,8 @@ def cmd_render(args) -> int:
     commands (local). The last three are what ``submit --dry-run`` prints."""
     if args.backend != "k8s":
         return render_backend(args)
-    from vlcluster.backends.k8s.render import dump, load_profile, manifest_file, render_manifests
+    from vlcluster.backends.k8s.profile import load_profile
+    from vlcluster.backends.k8s.render import dump, manifest_file, render_manifests
 
     graph, _ = load_graph_from_file(args.file, args.set, args.run_dir)
     manifests = render_manifests(graph, args.file, args.set, args.run_dir, load_profile(args.profile))

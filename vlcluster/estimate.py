@@ -135,7 +135,7 @@ def stage_precision(spec, peaks_of: str) -> str:
 
 def profile_gpu(spec) -> tuple[str | None, str]:
     """The GPU a stage runs on (by the name its peak is looked up with), or None and why not."""
-    from vlcluster.backends.slurm.backend import load_profile, profile_name
+    from vlcluster.backends.slurm.profile import load_profile, profile_name
 
     try:
         profile = load_profile(profile_name(spec))
@@ -259,7 +259,7 @@ def submission_keys(graph: Graph, names: list[str]) -> dict[str, str]:
 
 def unestimated_bound(graph: Graph, estimates: dict[str, StageEstimate]) -> dict[str, Any]:
     """GPU stages without an estimate, by kind, and what their time limits allow them to hold."""
-    from vlcluster.backends.slurm.backend import load_profile, profile_name
+    from vlcluster.backends.slurm.profile import load_profile, profile_name
 
     kinds: dict[str, int] = {}
     hours = 0.0

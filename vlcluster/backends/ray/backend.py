@@ -119,7 +119,7 @@ class RayBackend:
         self.max_restarts = max_restarts
 
     def validate(self, graph: Graph, source: str) -> None:
-        from vlcluster.backends.slurm.backend import cap_shape
+        from vlcluster.backends.gpu_cap import cap_shape
 
         cap_shape(graph, list(graph.order), None, source)  # a stage larger than limits.gpus would never start
         """Any stage fits: resources are checked by Ray when it places the job."""

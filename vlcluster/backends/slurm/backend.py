@@ -26,8 +26,6 @@ at once and no driver process stays alive.
 
 from __future__ import annotations
 
-import functools
-import os
 import shlex
 import sys
 import time
@@ -37,45 +35,19 @@ from pathlib import Path
 from rich.console import Console
 
 from vlcluster.backends.slurm import jobs as slurm_jobs
+from vlcluster.backends.slurm.profile import load_profile, profile_name
 from vlcluster.backends.contract import StageStatus
+from vlcluster.backends.gpu_cap import cap_shape
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.extras import require
 from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
-from vlcluster.schedule import CapError, CapShape, shape_for_cap
+from vlcluster.schedule import CapShape
 from vlcluster.stages.rundir import stage_dir, write_json_atomic
-from vlcluster.jobspec.load import SpecError, read_yaml
+from vlcluster.jobspec.load import SpecError
 from vlcluster.jobspec.models import ClusterProfile
 from vlcluster.storage.paths import absolute, local_side
-
-def load_profile(name: str) -> ClusterProfile:
-    """``<name>.yaml`` on the profile search path (``profiles.py``), or a path
-    to a YAML file; validated like job files."""
-    from vlcluster.profiles import profile_dirs
-
-    return load_profile_from(name, tuple(profile_dirs()))
-
-
-@functools.lru_cache(maxsize=None)
-def load_profile_from(name: str, folders: tuple[Path, ...]) -> ClusterProfile:
-    from pydantic import ValidationError
-
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in folders]
-    path = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if path is None:
-        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)}; "
-                        "`vlcluster profiles` lists those found)")
-    try:
-        return ClusterProfile.model_validate(read_yaml(path))
-    except ValidationError as exc:
-        from vlcluster.jobspec.load import describe_validation_error
-
-        raise SpecError(describe_validation_error(str(path), exc)) from None
-
-
-def profile_name(spec) -> str:
-    return spec.resources.profile or os.environ.get("VLCLUSTER_SLURM_PROFILE", "local")
 
 
 def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
@@ -371,21 +343,6 @@ class SlurmBackend:
         names = [name for name, record in records.items() if record.get("job_id")]
         slurm_jobs.cancel([records[name]["job_id"] for name in names])
         return names
-
-
-def cap_shape(graph: Graph, names: list[str], run_dir: Path | None, source: str = "") -> CapShape | None:
-    """How the stages that run are held to ``limits.gpus`` (None without a cap); the estimates
-    (``estimate.py``) only choose which GPU slots each job takes."""
-    cap = graph.pipeline.limits.gpus
-    if not cap:
-        return None
-    from vlcluster.estimate import estimate, jobs_of
-
-    estimates = estimate(graph, run_dir) if run_dir is not None else {}
-    try:
-        return shape_for_cap(jobs_of(graph, estimates, names), cap)
-    except CapError as exc:
-        raise SpecError(f"{source or graph.pipeline.name}: {exc}") from None
 
 
 def describe_job(plan: StagePlan, record: dict, job: slurm_jobs.JobState | None) -> StageStatus:
