@@ -96,7 +96,7 @@ def test_every_backend_shows_the_recorded_cause_of_a_failed_stage(tmp_path):
     descriptions (the end-to-end runs above cover local and SLURM)."""
     from vlcluster.backends.local import LocalBackend
     from vlcluster.backends.ray.jobs import describe_job as describe_ray_job
-    from vlcluster.backends.slurm.backend import describe_job as describe_slurm_job
+    from vlcluster.backends.slurm.jobs import describe_job as describe_slurm_job
     from vlcluster.backends.slurm.jobs import JobState
     from vlcluster.plan import StagePlan
 

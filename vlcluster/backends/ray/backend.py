@@ -53,13 +53,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from vlcluster.backends.ray.multi_node import MASTER_ADDR_ENV
 from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.node_shape import node_shape
-from vlcluster.extras import require
 from vlcluster.backends.ray.jobs import describe_job, job_statuses, ray_records
-from vlcluster.backends.run_lock import run_lock
+from vlcluster.backends.ray.multi_node import MASTER_ADDR_ENV
 from vlcluster.backends.ray.stage import DEFAULT_MAX_RESTARTS
+from vlcluster.backends.run_lock import run_lock
+from vlcluster.extras import require
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.launch import is_distributed
 from vlcluster.plan import StagePlan

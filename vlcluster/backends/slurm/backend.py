@@ -34,13 +34,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlcluster.backends.slurm import jobs as slurm_jobs
-from vlcluster.backends.slurm.profile import load_profile, profile_name
 from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.gpu_cap import cap_shape
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
+from vlcluster.backends.slurm import jobs as slurm_jobs
+from vlcluster.backends.slurm.profile import load_profile, profile_name
 from vlcluster.extras import require
-from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph, sweep_base
 from vlcluster.plan import StagePlan
 from vlcluster.schedule import CapShape
@@ -311,7 +310,7 @@ class SlurmBackend:
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
         jobs = slurm_jobs.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
-        return {plan.name: describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
+        return {plan.name: slurm_jobs.describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         """The stage log, then the job wrapper's own output (submitit, tracebacks)."""
@@ -343,22 +342,3 @@ class SlurmBackend:
         names = [name for name, record in records.items() if record.get("job_id")]
         slurm_jobs.cancel([records[name]["job_id"] for name in names])
         return names
-
-
-def describe_job(plan: StagePlan, record: dict, job: slurm_jobs.JobState | None) -> StageStatus:
-    """A stage submitted to SLURM, from its job's state in accounting."""
-    if job is None:
-        return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
-    facts = [f"requeued {job.restarts}x"] if job.restarts else []
-    if job.state == "PENDING":
-        return StageStatus("pending", "; ".join([f"waiting: {job.reason}", *facts]))
-    if job.state in {"RUNNING", "COMPLETING"}:
-        return StageStatus("running", "; ".join(facts))
-    if job.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
-        return StageStatus("pending", "; ".join(["requeued", *facts]))
-    if job.state == "COMPLETED":  # exited 0 without its done-marker
-        return StageStatus("failed", f"no done-marker; log {record.get('log')}")
-    exit_code = record.get("returncode", job.exit_code)
-    cause = describe_failure(record.get("failure")) if job.state != "CANCELLED" else ""
-    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed", "; ".join(filter(None, [
-        cause, f"{job.state} exit {exit_code}", *facts, f"log {record.get('log')} (slurm: {record.get('slurm_log')})"])))
