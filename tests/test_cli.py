@@ -293,7 +293,7 @@ def test_render_ray_lists_the_jobs_api_submissions(write_job, tmp_path):
     assert [(job["stage"], job["starts_after"]) for job in jobs] == [("data", []), ("seed", ["data"]), ("vlpt", ["seed", "data"])]
     for job in jobs:
         request = job["submit_job"]
-        assert f"-m vlcluster.backends.ray_stage {run_dir} {job['stage']} " in request["entrypoint"]
+        assert f"-m vlcluster.backends.ray.stage {run_dir} {job['stage']} " in request["entrypoint"]
         assert request["metadata"]["stage"] == job["stage"] and request["submission_id"].startswith(f"vlcluster-c-{job['stage']}-")
         assert (request["entrypoint_num_cpus"], request["entrypoint_num_gpus"]) == (1, 0)
 

@@ -158,7 +158,7 @@ stages:
 def test_slurm_jobs_get_the_storage_settings_and_write_to_s3(s3_run, slurm_cluster, write_job):
     """SLURM jobs inherit the submitting environment: the storage settings
     (VLCLUSTER_STORAGE) and the credentials; nothing secret is in the job."""
-    from vlcluster.backends.slurm_queue import job_states
+    from vlcluster.backends.slurm.jobs import job_states
 
     run_dir = "s3://runs/slurm-e2e"
     endpoint = {"AWS_ENDPOINT_URL": s3_run["endpoint"]}

@@ -173,7 +173,7 @@ def test_a_cap_below_one_stage_is_a_spec_error_in_plan(write_job, tmp_path):
 
 
 def test_ray_starts_a_ready_stage_only_within_the_cap_and_its_family_throttle(write_job):
-    from vlcluster.backends.ray import admitted
+    from vlcluster.backends.ray.backend import admitted
 
     graph = build_graph(load_pipeline(write_job("""
 name: ray-cap

@@ -95,9 +95,9 @@ def test_every_backend_shows_the_recorded_cause_of_a_failed_stage(tmp_path):
     """The same ``failure`` record reads the same in the local, SLURM and Ray
     descriptions (the end-to-end runs above cover local and SLURM)."""
     from vlcluster.backends.local import LocalBackend
-    from vlcluster.backends.ray_queue import describe_job as describe_ray_job
-    from vlcluster.backends.slurm import describe_job as describe_slurm_job
-    from vlcluster.backends.slurm_queue import JobState
+    from vlcluster.backends.ray.jobs import describe_job as describe_ray_job
+    from vlcluster.backends.slurm.jobs import describe_job as describe_slurm_job
+    from vlcluster.backends.slurm.jobs import JobState
     from vlcluster.plan import StagePlan
 
     cause = {"cause": failure.DISK_FULL, "message": "/r/seed/x: no space left on the device (ENOSPC). Free space."}

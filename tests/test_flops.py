@@ -13,10 +13,10 @@ from vlcluster.jobspec.models import LossWeights
 from vlcluster.model import ModelConfig, MultiwayTransformer, preset
 from vlcluster.train import losses
 from vlcluster.train.batches import Batch
-from vlcluster.train.devices import peak_tflops
-from vlcluster.train.flops import Objectives, StepShape, forward_breakdown, train_flops_per_sample
+from vlcluster.train.device_peaks import peak_tflops
+from vlcluster.train.model_flops import Objectives, StepShape, forward_breakdown, train_flops_per_sample
 from vlcluster.train.objective import Objective
-from vlcluster.train.throughput import ThroughputMeter, expected_masked_tokens
+from vlcluster.train.throughput_meter import ThroughputMeter, expected_masked_tokens
 
 # One layer (N = M = 1: every route runs through layer 0), d = 8, MLP 32,
 # 8px images in 4px patches (4 patches + [CLS] = 5 image tokens).
@@ -73,7 +73,7 @@ def test_bottom_layers_are_shared_by_itc_and_itm_but_not_by_mlm():
     # MLM adds its own masked-caption bottom pass and one fusion pass; the image bottom stays once.
     assert with_mlm["image_bottom"] == itc_itm["image_bottom"]
     image_tokens, text = config.num_patches + 1, 10
-    from vlcluster.train.flops import layer_forward
+    from vlcluster.train.model_flops import layer_forward
 
     assert with_mlm["mlm"] == 2 * layer_forward(config, text) + layer_forward(config, image_tokens + text)
 

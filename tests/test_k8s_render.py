@@ -19,8 +19,8 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_slurm_render import check_golden
-from vlcluster.backends.k8s import k8s_name
-from vlcluster.backends.k8s_schema import validation_errors
+from vlcluster.backends.k8s.render import k8s_name
+from vlcluster.backends.k8s.validate import validation_errors
 
 
 def render(*args: str) -> subprocess.CompletedProcess:

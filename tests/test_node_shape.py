@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from vlcluster.backends.k8s import KubeProfile, pod_shape
+from vlcluster.backends.k8s.profile import KubeProfile
+from vlcluster.backends.k8s.render import pod_shape
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
-from vlcluster.backends.ray import RayBackend
-from vlcluster.backends.slurm import sbatch_parameters
+from vlcluster.backends.ray.backend import RayBackend
+from vlcluster.backends.slurm.backend import sbatch_parameters
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import validate
 from vlcluster.jobspec.models import ClusterProfile, ResourcesSpec

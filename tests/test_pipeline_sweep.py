@@ -240,7 +240,7 @@ def test_the_cap_counts_exactly_the_stages_a_stage_sweep_inside_a_pipeline_sweep
 
 def units_and_dependencies(graph, done: set[str] = frozenset()) -> dict[str, tuple[int, str | None]]:
     """What the slurm backend's dry run would queue: unit -> (tasks, --dependency)."""
-    from vlcluster.backends.slurm import SlurmBackend, submission_units
+    from vlcluster.backends.slurm.backend import SlurmBackend, submission_units
     from vlcluster.plan import StagePlan
 
     plans = [StagePlan(name, graph.pipeline.stages[name].kind, graph.deps[name], graph.hashes[name],
@@ -401,7 +401,7 @@ def test_zipped_resources_set_each_copy_without_renaming_it(write_job):
 
 
 def test_paper_recipe_renders_for_kubernetes():
-    from vlcluster.backends.k8s_schema import validation_errors
+    from vlcluster.backends.k8s.validate import validation_errors
 
     result = subprocess.run([sys.executable, "-m", "vlcluster.cli", "render", PAPER, "--backend", "k8s"],
                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False)

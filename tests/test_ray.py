@@ -30,7 +30,7 @@ from vlcluster.stages.rundir import read_json
 @pytest.fixture(scope="module")
 def ray_cluster():
     pytest.importorskip("ray.job_submission")
-    from vlcluster.backends.ray_cluster import LocalRayCluster
+    from vlcluster.backends.ray.local_cluster import LocalRayCluster
 
     with LocalRayCluster(num_cpus=4) as cluster:
         yield cluster
@@ -244,7 +244,7 @@ def test_without_address_a_private_cluster_runs_the_pipeline_and_stops(write_job
     assert all((run_dir / stage / "_SUCCESS").is_file() for stage in ("data[seed=0]", "data[seed=1]", "after_all"))
     after = read_json(run_dir / "after_all" / "state.json")
     assert after["started"] > max(read_json(run_dir / f"data[seed={seed}]" / "state.json")["ended"] for seed in (0, 1))
-    from vlcluster.backends.ray_cluster import dashboard_answers
+    from vlcluster.backends.ray.local_cluster import dashboard_answers
 
     assert not dashboard_answers(url)  # the run's cluster is gone with it
     assert " done " in cli("status", str(run_dir)).stdout
@@ -253,7 +253,7 @@ def test_without_address_a_private_cluster_runs_the_pipeline_and_stops(write_job
 @pytest.mark.slow
 def test_a_killed_submit_takes_its_private_cluster_and_stages_along(write_job, tmp_path):
     pytest.importorskip("ray.job_submission")
-    from vlcluster.backends.ray_cluster import dashboard_answers
+    from vlcluster.backends.ray.local_cluster import dashboard_answers
 
     run_dir = tmp_path / "run"
     job = str(write_job(FAILING))
@@ -346,7 +346,7 @@ Root Cause (first observed failure):
 def test_a_killed_rank_is_restartable_even_when_its_peer_failed_first(tmp_path):
     """torchrun may first observe the surviving rank failing on the broken
     connection (exit 1); the SIGKILL of the lost rank is only in its summary."""
-    from vlcluster.backends.ray_stage import restartable
+    from vlcluster.backends.ray.stage import restartable
     from vlcluster.backends.stage_process import run_once
 
     script = f"import sys; sys.stdout.write({TORCHRUN_FAILURE!r}); sys.exit(1)"

@@ -72,7 +72,8 @@ def test_ordinary_comments_and_tokenizer_fields_are_fine(write_job):
 
 
 def test_configmap_publishes_the_validated_spec(write_job, tmp_path):
-    from vlcluster.backends.k8s import load_profile, render_manifests
+    from vlcluster.backends.k8s.profile import load_profile
+    from vlcluster.backends.k8s.render import render_manifests
     from vlcluster.graph import build_graph
 
     path = write_job(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli
-from vlcluster.backends.slurm_queue import job_states
+from vlcluster.backends.slurm.jobs import job_states
 from vlcluster.stages.rundir import read_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]

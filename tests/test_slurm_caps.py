@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_slurm import job_id, sacct_times, wait_until_finished
-from vlcluster.backends import slurm as slurm_backend
+from vlcluster.backends.slurm import backend as slurm_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 

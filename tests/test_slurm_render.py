@@ -63,7 +63,7 @@ def test_torchrun_command_for_six_nodes_of_eight_gpus(monkeypatch):
     node 3 of a 6-node allocation (parsed by submitit, as on the cluster)."""
     import submitit
 
-    from vlcluster.backends.slurm_job import StageJob
+    from vlcluster.backends.slurm.stage import StageJob
 
     for key, value in {
         "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "6", "SLURM_NODEID": "3", "SLURM_PROCID": "3",
@@ -79,7 +79,7 @@ def test_torchrun_command_for_six_nodes_of_eight_gpus(monkeypatch):
 
 
 def test_profiles_are_validated():
-    from vlcluster.profiles import load_profile
+    from vlcluster.backends.slurm.profile import load_profile
 
     assert load_profile("v100").gpus_per_node == 8
     assert load_profile("local").partition == "debug"
@@ -88,7 +88,7 @@ def test_profiles_are_validated():
 
 
 def test_a_missing_profile_names_the_job_file_and_the_field(write_job, tmp_path):
-    from vlcluster.backends.slurm import SlurmBackend
+    from vlcluster.backends.slurm.backend import SlurmBackend
 
     path = write_job(GOOD.replace("train: {steps: 2}}\n  vlpt", "train: {steps: 2}, resources: {profile: nope}}\n  vlpt", 1))
     with pytest.raises(SpecError) as info:

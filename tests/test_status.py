@@ -3,7 +3,7 @@ blocked, progress), over records in the format the backends write."""
 
 from __future__ import annotations
 
-from vlcluster.backends.status import run_status
+from vlcluster.backends.run_status import run_status
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import load_pipeline
 from vlcluster.plan import make_plan
@@ -116,7 +116,7 @@ def test_cancel_signals_only_the_process_the_record_names(write_job, tmp_path):
 def test_slurm_logs_read_only_submitit_logs_of_this_run(tmp_path):
     """`vlcluster logs` prints the submitit log a record names only when it
     lies in the run's own slurm folder: a record pointing elsewhere prints nothing of it."""
-    from vlcluster.backends.slurm import SlurmBackend
+    from vlcluster.backends.slurm.backend import SlurmBackend
 
     run_dir = tmp_path / "run"
     inside = run_dir / "slurm" / "seed" / "42_0_log.out"

@@ -18,7 +18,7 @@ from vlcluster.train.batches import Batch
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer
 from vlcluster.train.precision import Precision
-from vlcluster.train.speed import apply_block_options
+from vlcluster.train.block_options import apply_block_options
 from vlcluster.train.step import StepRunner
 
 SPECIAL = [0, 1, 2, 3, 4]

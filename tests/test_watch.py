@@ -91,7 +91,7 @@ def test_following_a_stage_that_never_starts_ends_when_it_is_blocked(write_job, 
 @pytest.mark.slow
 def test_status_watch_and_logs_follow_a_ray_run_to_its_end(write_job, tmp_path):
     pytest.importorskip("ray.job_submission")
-    from vlcluster.backends.ray_cluster import LocalRayCluster
+    from vlcluster.backends.ray.local_cluster import LocalRayCluster
 
     run_dir = tmp_path / "run"
     with LocalRayCluster(num_cpus=2) as cluster:

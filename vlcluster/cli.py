@@ -262,12 +262,13 @@ def cmd_render(args) -> int:
     commands (local). The last three are what ``submit --dry-run`` prints."""
     if args.backend != "k8s":
         return render_backend(args)
-    from vlcluster.backends.k8s import dump, load_profile, manifest_file, render_manifests
+    from vlcluster.backends.k8s.profile import load_profile
+    from vlcluster.backends.k8s.render import dump, manifest_file, render_manifests
 
     graph, _ = load_graph_from_file(args.file, args.set, args.run_dir)
     manifests = render_manifests(graph, args.file, args.set, args.run_dir, load_profile(args.profile))
     if args.validate:
-        from vlcluster.backends.k8s_schema import validation_errors
+        from vlcluster.backends.k8s.validate import validation_errors
 
         problems = validation_errors(manifests)
         if problems:
@@ -323,7 +324,7 @@ def load_run(run_dir_arg: str):
 
 
 def cmd_status(args) -> int:
-    from vlcluster.backends.status import run_status
+    from vlcluster.backends.run_status import run_status
     from vlcluster.storage.errors import redact
     from vlcluster.watch import all_ended, status_record
 
@@ -357,7 +358,7 @@ def add_watch_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_logs(args) -> int:
     from vlcluster.backends import get_backend
-    from vlcluster.backends.status import backend_of
+    from vlcluster.backends.run_status import backend_of
     from vlcluster.stages.rundir import stage_dir
     from vlcluster.storage.paths import run_path
 
@@ -385,7 +386,7 @@ def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
 
 def follow_stage_log(run_dir: Path, stage: str, interval: float) -> int:
     """``logs -f``: the stage log as it grows, until the stage has ended (any backend: every one writes it)."""
-    from vlcluster.backends.status import run_status
+    from vlcluster.backends.run_status import run_status
     from vlcluster.stages.rundir import stage_dir
     from vlcluster.watch import ENDED, follow
 
@@ -410,7 +411,7 @@ def cmd_cancel(args) -> int:
     from collections import defaultdict
 
     from vlcluster.backends import get_backend
-    from vlcluster.backends.status import backend_of
+    from vlcluster.backends.run_status import backend_of
     from vlcluster.stages.rundir import stage_dir
 
     run_dir, _, plans, records = load_run(args.run_dir)

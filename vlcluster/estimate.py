@@ -4,9 +4,9 @@ wall time per training stage, from the model FLOPs of one sample.
     wall time = FLOPs per sample x steps x batch / (GPUs x peak FLOP/s x MFU)
     GPU-hours = wall time x GPUs
 
-FLOPs per sample come from ``train/flops.py`` at the padded text length
+FLOPs per sample come from ``train/model_flops.py`` at the padded text length
 ``max_text_len`` (real batches pad to their longest caption, so this is an
-upper bound), the peak from ``train/devices.py`` for the profile's GPU
+upper bound), the peak from ``train/device_peaks.py`` for the profile's GPU
 (``gpu_name``, else ``gpu_type``) in the stage's precision, and the MFU from
 the newest ``result.json`` of a finished training stage of the same model
 shape on the same GPU and precision in this run directory or one beside it,
@@ -28,8 +28,8 @@ from vlcluster.graph import Graph
 from vlcluster.errors import SpecError
 from vlcluster.sizes import PRESETS, DerivedShape
 from vlcluster.storage.paths import is_remote, read_json
-from vlcluster.train.devices import peak_tflops
-from vlcluster.train.flops import TRAIN_FACTOR, Objectives, StepShape, image_tokens, layers_forward, matmul, train_flops_per_sample
+from vlcluster.train.device_peaks import peak_tflops
+from vlcluster.train.model_flops import TRAIN_FACTOR, Objectives, StepShape, image_tokens, layers_forward, matmul, train_flops_per_sample
 
 # A ViT-B-class model under FSDP in mixed precision commonly reaches 30-45% of
 # the tensor-core peak; the low end, so an estimate errs towards asking for more.
@@ -69,7 +69,7 @@ class StageEstimate:
 
 @dataclass(frozen=True)
 class ModelShape(DerivedShape):
-    """What ``flops.py`` reads of a ``ModelShape``, built without the model package (torch)."""
+    """What ``model_flops.py`` reads of a ``ModelShape``, built without the model package (torch)."""
 
     dim: int
     depth: int
@@ -135,7 +135,7 @@ def stage_precision(spec, peaks_of: str) -> str:
 
 def profile_gpu(spec) -> tuple[str | None, str]:
     """The GPU a stage runs on (by the name its peak is looked up with), or None and why not."""
-    from vlcluster.profiles import load_profile, profile_name
+    from vlcluster.backends.slurm.profile import load_profile, profile_name
 
     try:
         profile = load_profile(profile_name(spec))
@@ -198,7 +198,7 @@ def estimate_stage(graph: Graph, name: str, records: MfuRecords, default_mfu: fl
     precision = stage_precision(spec, gpu)
     peak = peak_tflops(gpu, precision)
     if peak is None:
-        return StageEstimate(name, gpus, gpu=gpu, note=f"not estimated (no {precision} peak known for GPU {gpu!r}; train/devices.py)")
+        return StageEstimate(name, gpus, gpu=gpu, note=f"not estimated (no {precision} peak known for GPU {gpu!r}; train/device_peaks.py)")
     config = stage_model_config(graph, spec)
     per_sample, route = sample_flops(config, spec)
     flops = per_sample * spec.train.steps * spec.train.batch_size
@@ -259,7 +259,7 @@ def submission_keys(graph: Graph, names: list[str]) -> dict[str, str]:
 
 def unestimated_bound(graph: Graph, estimates: dict[str, StageEstimate]) -> dict[str, Any]:
     """GPU stages without an estimate, by kind, and what their time limits allow them to hold."""
-    from vlcluster.profiles import load_profile, profile_name
+    from vlcluster.backends.slurm.profile import load_profile, profile_name
 
     kinds: dict[str, int] = {}
     hours = 0.0

@@ -151,7 +151,7 @@ def stage_problems(name: str, stage, check: Preflight) -> list[str]:
 def profile_problems(pipeline, backend: str) -> list[str]:
     if backend != "slurm":
         return []
-    from vlcluster.profiles import load_profile, profile_name
+    from vlcluster.backends.slurm.profile import load_profile, profile_name
 
     problems = []
     for name, stage in pipeline.stages.items():

@@ -10,13 +10,9 @@ first three, so job files and this repository name no account.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from vlcluster.errors import SpecError
-from vlcluster.jobspec.models import ClusterProfile
 
 SHIPPED = Path(__file__).resolve().parents[1] / "slurm"
 
@@ -41,34 +37,6 @@ def found_profiles() -> list[tuple[str, Path, bool]]:
             found.append((path.stem, path, path.stem in seen))
             seen.add(path.stem)
     return found
-
-
-def load_profile(name: str) -> ClusterProfile:
-    """``<name>.yaml`` on the profile search path, or a path to a YAML file;
-    validated like job files."""
-    return load_profile_from(name, tuple(profile_dirs()))
-
-
-@functools.lru_cache(maxsize=None)
-def load_profile_from(name: str, folders: tuple[Path, ...]) -> ClusterProfile:
-    from pydantic import ValidationError
-
-    from vlcluster.jobspec.load import describe_validation_error, read_yaml
-
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [folder / f"{name}.yaml" for folder in folders]
-    path = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if path is None:
-        raise SpecError(f"cluster profile {name!r} not found (looked in {', '.join(str(c) for c in candidates)}; "
-                        "`vlcluster profiles` lists those found)")
-    try:
-        return ClusterProfile.model_validate(read_yaml(path))
-    except ValidationError as exc:
-        raise SpecError(describe_validation_error(str(path), exc)) from None
-
-
-def profile_name(spec) -> str:
-    """The cluster profile a stage runs under: its own, else ``$VLCLUSTER_SLURM_PROFILE``, else ``local``."""
-    return spec.resources.profile or os.environ.get("VLCLUSTER_SLURM_PROFILE", "local")
 
 
 @dataclass(frozen=True)

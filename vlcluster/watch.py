@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
 
 # States a stage does not leave without a new submit.
 ENDED = frozenset({"done", "failed", "gated", "blocked", "cancelled", "interrupted"})

@@ -120,7 +120,7 @@ def restarts_with_a_step(log_file: Path, steps: int) -> tuple[int, int]:
 
 
 def job_running(job_id: str) -> bool:
-    from vlcluster.backends.slurm_queue import job_states
+    from vlcluster.backends.slurm.jobs import job_states
 
     state = job_states([job_id]).get(job_id)
     return state is not None and state.state == "RUNNING"

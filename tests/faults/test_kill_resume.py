@@ -179,7 +179,7 @@ def slurm_job(run_dir: Path) -> str:
 
 
 def wait_for_job(job_id: str, timeout: float = 600):
-    from vlcluster.backends.slurm_queue import job_states
+    from vlcluster.backends.slurm.jobs import job_states
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -218,7 +218,7 @@ def slurm_trial(reference, tmp_path: Path, at_step: int) -> dict:
 
 
 def wait_for_job_active(job_id: str) -> bool:
-    from vlcluster.backends.slurm_queue import job_states
+    from vlcluster.backends.slurm.jobs import job_states
 
     state = job_states([job_id]).get(job_id)
     return state is None or state.active

@@ -21,8 +21,8 @@ batches of random pixels and tokens:
 - (c) = (b) with ``train.activation_checkpointing``: the memory it saves,
   the time it costs.
 
-Prints samples/s, the ratio b/a, model TFLOP/s (``train/flops.py``), MFU
-against the device's peak (``train/devices.py``; none on a CPU) and peak
+Prints samples/s, the ratio b/a, model TFLOP/s (``train/model_flops.py``), MFU
+against the device's peak (``train/device_peaks.py``; none on a CPU) and peak
 device memory; ``--out FILE`` also writes them as JSON. The first
 ``--warmup`` steps of each contender (compilation, allocator warm-up) are
 not timed.
@@ -46,15 +46,15 @@ from vlcluster.jobspec.models import LossWeights, TrainSpec
 from vlcluster.model import MultiwayTransformer, preset
 from vlcluster.train.accumulate import plan_micro_batches
 from vlcluster.train.batches import Batch
-from vlcluster.train.devices import peak_tflops
-from vlcluster.train.flops import Objectives, StepShape, train_flops_per_sample
+from vlcluster.train.device_peaks import peak_tflops
+from vlcluster.train.model_flops import Objectives, StepShape, train_flops_per_sample
 from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer
 from vlcluster.train.parallelize import parallelize
 from vlcluster.train.precision import DTYPES, Precision
-from vlcluster.train.speed import apply_block_options
+from vlcluster.train.block_options import apply_block_options
 from vlcluster.train.step import StepRunner
-from vlcluster.train.throughput import device_name, expected_masked_tokens
+from vlcluster.train.throughput_meter import device_name, expected_masked_tokens
 
 WEIGHTS = LossWeights(itc=1.0, itm=1.0, mlm=0.25)
 SPECIAL = [0, 1, 2, 3, 4]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from vlcluster.backends.base import Backend
+from vlcluster.backends.contract import Backend
 from vlcluster.suggest import did_you_mean
 
 # name -> "module:Class"; imported only when chosen, so the CLI does not pay
 # for cluster client libraries it does not use.
 BACKENDS: dict[str, str] = {
     "local": "vlcluster.backends.local:LocalBackend",
-    "slurm": "vlcluster.backends.slurm:SlurmBackend",
-    "ray": "vlcluster.backends.ray:RayBackend",
+    "slurm": "vlcluster.backends.slurm.backend:SlurmBackend",
+    "ray": "vlcluster.backends.ray.backend:RayBackend",
 }
 
 

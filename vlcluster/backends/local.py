@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
     child_env, copy_lines, exit_status, is_recorded_process, process_start, rank_exit_codes, record_end, stage_log, start_piped, write_header,
@@ -119,7 +119,7 @@ class LocalBackend:
         return described
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
-        from vlcluster.backends.status import no_log, stage_log_text
+        from vlcluster.backends.run_status import no_log, stage_log_text
 
         text = stage_log_text(run_dir, stage)
         if text is None:

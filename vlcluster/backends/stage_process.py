@@ -1,7 +1,7 @@
 """Running one stage's process, the same way on every backend.
 
-The local backend, a SLURM job (``slurm_job.py``) and a Ray job
-(``ray_stage.py``) all start ``python -m vlcluster.run`` (under torchrun
+The local backend, a SLURM job (``slurm/stage.py``) and a Ray job
+(``ray/stage.py``) all start ``python -m vlcluster.run`` (under torchrun
 for distributed kinds) through this module: the environment, the log file
 beside a remote run directory and its header line, the line-by-line copy of
 the output, dying with the parent, and the one success rule — exit 0 *and*

@@ -40,15 +40,15 @@ from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
 from vlcluster.train.accumulate import plan_micro_batches
 from vlcluster.train.elastic import StepBatches, hash_seed, resharded_loader_state
-from vlcluster.train.speed import apply_block_options
+from vlcluster.train.block_options import apply_block_options
 from vlcluster.train.step import StepRunner
 from vlcluster.errors import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
 from vlcluster.train.precision import Precision, PrecisionError
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
-from vlcluster.train.flops import Objectives
-from vlcluster.train.throughput import ThroughputMeter
+from vlcluster.train.model_flops import Objectives
+from vlcluster.train.throughput_meter import ThroughputMeter
 from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")

@@ -15,7 +15,7 @@ from vlcluster.train.batches import Batch
 from vlcluster.train.objective import Objective
 from vlcluster.train.parallelize import set_gradient_sync
 from vlcluster.train.precision import Precision
-from vlcluster.train.throughput import ThroughputMeter, batch_shape
+from vlcluster.train.throughput_meter import ThroughputMeter, batch_shape
 
 
 class StepRunner:

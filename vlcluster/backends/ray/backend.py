@@ -6,8 +6,8 @@ side by side as far as the cluster's resources allow.
 - ``--address ADDR`` joins a running cluster (``auto``, the GCS
   ``host:port`` or the dashboard ``http://host:8265``, as ``ray job submit``
   takes them); without it a private one-node cluster is started on
-  127.0.0.1 for the run and stopped at its end (``ray_cluster.py``).
-- Each job runs ``python -m vlcluster.backends.ray_stage RUN_DIR STAGE`` and
+  127.0.0.1 for the run and stopped at its end (``local_cluster.py``).
+- Each job runs ``python -m vlcluster.backends.ray.stage RUN_DIR STAGE`` and
   reserves the stage's CPUs and GPUs as entrypoint resources; Ray starts it
   when a node has them free. The job's metadata names the run and the stage,
   and its log, on the dashboard, shows the trainer's step, loss and
@@ -22,7 +22,7 @@ side by side as far as the cluster's resources allow.
   interface. Ray Train would set ``MASTER_ADDR`` to the node IP Ray reports,
   which Ray takes from the host's primary interface even on a head started
   with ``--node-ip-address=127.0.0.1``.
-- Fault tolerance (``ray_stage.py``): a rank killed mid-training makes the
+- Fault tolerance (``stage.py``): a rank killed mid-training makes the
   job start the stage's torchrun again (``--max-restarts``, default 3), and
   the trainer resumes from the stage's latest checkpoint under its run dir.
 - ``limits.gpus`` and ``resources.max_concurrent``: a ready stage starts only
@@ -33,7 +33,7 @@ side by side as far as the cluster's resources allow.
   backend (a KubeRay RayJob's entrypoint is this driver); interrupting it
   stops the jobs it started.
 - A stage with ``resources.nodes > 1`` runs one torchrun per node from its
-  job, each in a bundle of a STRICT_SPREAD placement group (``ray_nodes.py``).
+  job, each in a bundle of a STRICT_SPREAD placement group (``multi_node.py``).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from vlcluster.backends.ray_nodes import MASTER_ADDR_ENV
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.node_shape import node_shape
-from vlcluster.extras import require
-from vlcluster.backends.ray_queue import describe_job, job_statuses, ray_records
+from vlcluster.backends.ray.jobs import describe_job, job_statuses, ray_records
+from vlcluster.backends.ray.multi_node import MASTER_ADDR_ENV
+from vlcluster.backends.ray.stage import DEFAULT_MAX_RESTARTS
 from vlcluster.backends.run_lock import run_lock
-from vlcluster.backends.ray_stage import DEFAULT_MAX_RESTARTS
+from vlcluster.extras import require
 from vlcluster.graph import Graph
 from vlcluster.jobspec.sweep import sweep_base
 from vlcluster.launch import is_distributed
@@ -120,7 +120,7 @@ class RayBackend:
         self.max_restarts = max_restarts
 
     def validate(self, graph: Graph, source: str) -> None:
-        from vlcluster.backends.slurm import cap_shape
+        from vlcluster.backends.gpu_cap import cap_shape
 
         cap_shape(graph, list(graph.order), None, source)  # a stage larger than limits.gpus would never start
         """Any stage fits: resources are checked by Ray when it places the job."""
@@ -141,7 +141,7 @@ class RayBackend:
                 raise SpecError(f"--address {self.address}: no Ray cluster found there ({exc})") from None
             yield url
             return
-        from vlcluster.backends.ray_cluster import LocalRayCluster
+        from vlcluster.backends.ray.local_cluster import LocalRayCluster
 
         log = run_dir / "ray" / "head.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ class RayBackend:
 
     def entrypoint(self, run_dir: Path, plan: StagePlan) -> str:
         return shlex.join([
-            sys.executable, "-m", "vlcluster.backends.ray_stage", str(run_dir), plan.name,
+            sys.executable, "-m", "vlcluster.backends.ray.stage", str(run_dir), plan.name,
             f"--max-restarts={self.max_restarts}", f"--workdir={os.getcwd()}",
         ])
 
@@ -297,7 +297,7 @@ class RayBackend:
     @staticmethod
     def refuse_if_running(client, run_dir: Path, plans: list[StagePlan]) -> None:
         """A job of an earlier submit that still runs would write the same checkpoints."""
-        from vlcluster.backends.ray_queue import active_jobs
+        from vlcluster.backends.ray.jobs import active_jobs
 
         records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
         active = active_jobs(client, records)
@@ -327,8 +327,8 @@ class RayBackend:
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         """The stage log; where the run dir is not shared with the node that ran it, Ray's copy."""
-        from vlcluster.backends.ray_queue import job_logs
-        from vlcluster.backends.status import no_log, stage_log_text
+        from vlcluster.backends.ray.jobs import job_logs
+        from vlcluster.backends.run_status import no_log, stage_log_text
 
         text = stage_log_text(run_dir, stage)
         if text is None:
@@ -338,6 +338,6 @@ class RayBackend:
         return text
 
     def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
-        from vlcluster.backends.ray_queue import stop
+        from vlcluster.backends.ray.jobs import stop
 
         return stop(records)

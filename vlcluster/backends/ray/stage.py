@@ -1,4 +1,4 @@
-"""What one Ray job of vlcluster runs: ``python -m vlcluster.backends.ray_stage RUN_DIR STAGE``.
+"""What one Ray job of vlcluster runs: ``python -m vlcluster.backends.ray.stage RUN_DIR STAGE``.
 
 It starts the stage's command (torchrun for training, see
 :func:`vlcluster.launch.stage_command`) and copies every output line to the
@@ -66,7 +66,7 @@ def attempt(ctx, log, stopping: Stopping) -> tuple[int, list[int]]:
     """Run the stage once: here, or for a multi-node stage on one Ray task per node."""
     spec = ctx.spec
     if spec.resources.nodes > 1:
-        from vlcluster.backends.ray_nodes import run_nodes
+        from vlcluster.backends.ray.multi_node import run_nodes
 
         results = run_nodes(str(ctx.run_dir), ctx.name, spec, lambda: stopping.requested)
         code = next((result.code for result in results if result.code != 0), 0)
@@ -102,7 +102,7 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlcluster.backends.ray_stage")
+    parser = argparse.ArgumentParser(prog="python -m vlcluster.backends.ray.stage")
     parser.add_argument("run_dir")
     parser.add_argument("stage")
     parser.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS)

@@ -8,7 +8,7 @@ at once and no driver process stays alive.
   ``--partition``, ``--account``, ``--qos``, ``--time`` override) give nodes,
   GPUs, CPUs, memory and time.
 - Training stages run one task per node; the task starts torchrun with the
-  rendezvous on the first host of the allocation (``slurm_job.py``).
+  rendezvous on the first host of the allocation (``slurm/stage.py``).
 - The elements of a sweep (and the copies a pipeline sweep makes of a stage)
   are one job array. A dependant waits for the tasks it reads
   (``afterok:<array id>_<task>``, or the array id when it reads them all); an
@@ -34,20 +34,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlcluster.backends import slurm_queue
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
+from vlcluster.backends.gpu_cap import cap_shape
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
+from vlcluster.backends.slurm import jobs as slurm_jobs
+from vlcluster.backends.slurm.profile import load_profile, profile_name
 from vlcluster.extras import require
-from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph
 from vlcluster.jobspec.sweep import sweep_base
 from vlcluster.plan import StagePlan
-from vlcluster.schedule import CapError, CapShape, shape_for_cap
+from vlcluster.schedule import CapShape
 from vlcluster.stages.rundir import stage_dir, write_json_atomic
 from vlcluster.errors import SpecError
 from vlcluster.jobspec.models import ClusterProfile
-from vlcluster.profiles import load_profile, profile_name
 from vlcluster.storage.paths import absolute, local_side
+
 
 def sbatch_parameters(spec, profile: ClusterProfile, job_name: str) -> dict:
     """submitit SlurmExecutor parameters for one stage (dependencies apart)."""
@@ -184,7 +185,7 @@ class SlurmBackend:
         return self.python or profile.python or sys.executable
 
     def jobs(self, graph: Graph, unit: Unit, run_dir: Path):
-        from vlcluster.backends.slurm_job import StageJob
+        from vlcluster.backends.slurm.stage import StageJob
 
         python = self.python_for(graph, unit)
         return [
@@ -300,7 +301,7 @@ class SlurmBackend:
     def refuse_if_queued(run_dir: Path, plans: list[StagePlan]) -> None:
         records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
         ids = {name: record["job_id"] for name, record in records.items() if record.get("backend") == "slurm" and record.get("job_id")}
-        states = slurm_queue.job_states(list(ids.values()))
+        states = slurm_jobs.job_states(list(ids.values()))
         active = [f"{name} (job {job_id})" for name, job_id in ids.items() if job_id in states and states[job_id].active]
         if active:
             raise SpecError(f"{run_dir}: jobs of this run are still queued or running: {', '.join(active)}; "
@@ -309,12 +310,12 @@ class SlurmBackend:
     # ---- what status, logs and cancel ask ---------------------------------------
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
-        jobs = slurm_queue.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
-        return {plan.name: describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
+        jobs = slurm_jobs.job_states([r["job_id"] for r in records.values() if r.get("job_id")])
+        return {plan.name: slurm_jobs.describe_job(plan, records[plan.name], jobs.get(records[plan.name].get("job_id"))) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         """The stage log, then the job wrapper's own output (submitit, tracebacks)."""
-        from vlcluster.backends.status import no_log, stage_log_text
+        from vlcluster.backends.run_status import no_log, stage_log_text
 
         text = stage_log_text(run_dir, stage)
         slurm_log = self.job_log(run_dir, record)
@@ -340,39 +341,5 @@ class SlurmBackend:
         """Every recorded job, without asking accounting first (it lags a
         just-submitted job); SLURM ignores ids of ended jobs."""
         names = [name for name, record in records.items() if record.get("job_id")]
-        slurm_queue.cancel([records[name]["job_id"] for name in names])
+        slurm_jobs.cancel([records[name]["job_id"] for name in names])
         return names
-
-
-def cap_shape(graph: Graph, names: list[str], run_dir: Path | None, source: str = "") -> CapShape | None:
-    """How the stages that run are held to ``limits.gpus`` (None without a cap); the estimates
-    (``estimate.py``) only choose which GPU slots each job takes."""
-    cap = graph.pipeline.limits.gpus
-    if not cap:
-        return None
-    from vlcluster.estimate import estimate, jobs_of
-
-    estimates = estimate(graph, run_dir) if run_dir is not None else {}
-    try:
-        return shape_for_cap(jobs_of(graph, estimates, names), cap)
-    except CapError as exc:
-        raise SpecError(f"{source or graph.pipeline.name}: {exc}") from None
-
-
-def describe_job(plan: StagePlan, record: dict, job: slurm_queue.JobState | None) -> StageStatus:
-    """A stage submitted to SLURM, from its job's state in accounting."""
-    if job is None:
-        return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
-    facts = [f"requeued {job.restarts}x"] if job.restarts else []
-    if job.state == "PENDING":
-        return StageStatus("pending", "; ".join([f"waiting: {job.reason}", *facts]))
-    if job.state in {"RUNNING", "COMPLETING"}:
-        return StageStatus("running", "; ".join(facts))
-    if job.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
-        return StageStatus("pending", "; ".join(["requeued", *facts]))
-    if job.state == "COMPLETED":  # exited 0 without its done-marker
-        return StageStatus("failed", f"no done-marker; log {record.get('log')}")
-    exit_code = record.get("returncode", job.exit_code)
-    cause = describe_failure(record.get("failure")) if job.state != "CANCELLED" else ""
-    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed", "; ".join(filter(None, [
-        cause, f"{job.state} exit {exit_code}", *facts, f"log {record.get('log')} (slurm: {record.get('slurm_log')})"])))

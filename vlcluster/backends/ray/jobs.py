@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
 from vlcluster.failure import describe as describe_failure
 
 # Recorded states whose job may still be queued or running.

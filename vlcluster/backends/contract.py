@@ -4,7 +4,7 @@ A backend answers for the stages it ran: ``describe`` turns their records
 (``state.json``) and what the cluster says into a :class:`StageStatus`;
 ``logs`` and ``cancel`` do what the CLI's commands of the same names ask.
 What does not depend on the backend — done, gated, blocked, the resume
-point, progress — is decided once, in :mod:`vlcluster.backends.status`.
+point, progress — is decided once, in :mod:`vlcluster.backends.run_status`.
 """
 
 from __future__ import annotations

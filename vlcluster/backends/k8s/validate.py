@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from vlcluster.backends.k8s import k8s_file
+from vlcluster.backends.k8s.profile import k8s_file
 
 KUBERNETES_VERSION = "1.30"
 

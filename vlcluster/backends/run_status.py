@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vlcluster.backends import get_backend
-from vlcluster.backends.base import StageStatus
+from vlcluster.backends.contract import StageStatus
 from vlcluster.graph import Graph
 from vlcluster.errors import SpecError
 from vlcluster.plan import StagePlan

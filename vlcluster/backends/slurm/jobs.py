@@ -1,5 +1,6 @@
-"""What SLURM says about a run's jobs: states from accounting (sacct), and
-cancelling. Plain subprocess calls, no submitit, so `status` stays light."""
+"""What SLURM says about a run's jobs: states from accounting (sacct), the
+stage states they mean, and cancelling. Plain subprocess calls, no submitit,
+so `status` stays light."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+
+from vlcluster.backends.contract import StageStatus
+from vlcluster.failure import describe as describe_failure
+from vlcluster.plan import StagePlan
 
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED"})
 
@@ -88,3 +93,22 @@ def cancel(job_ids: list[str]) -> None:
     """scancel every id; ids of jobs that already ended are ignored by SLURM."""
     if job_ids:
         subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=30)
+
+
+def describe_job(plan: StagePlan, record: dict, job: JobState | None) -> StageStatus:
+    """A stage submitted to SLURM, from its job's state in accounting."""
+    if job is None:
+        return StageStatus("unknown", f"job {record.get('job_id')} not in accounting")
+    facts = [f"requeued {job.restarts}x"] if job.restarts else []
+    if job.state == "PENDING":
+        return StageStatus("pending", "; ".join([f"waiting: {job.reason}", *facts]))
+    if job.state in {"RUNNING", "COMPLETING"}:
+        return StageStatus("running", "; ".join(facts))
+    if job.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+        return StageStatus("pending", "; ".join(["requeued", *facts]))
+    if job.state == "COMPLETED":  # exited 0 without its done-marker
+        return StageStatus("failed", f"no done-marker; log {record.get('log')}")
+    exit_code = record.get("returncode", job.exit_code)
+    cause = describe_failure(record.get("failure")) if job.state != "CANCELLED" else ""
+    return StageStatus("cancelled" if job.state == "CANCELLED" else "failed", "; ".join(filter(None, [
+        cause, f"{job.state} exit {exit_code}", *facts, f"log {record.get('log')} (slurm: {record.get('slurm_log')})"])))

@@ -2,11 +2,11 @@
 peak GPU memory, for TensorBoard, the progress line and ``result.json``.
 
 Every rank counts the model FLOPs of the batches it trained on
-(``flops.train_flops_per_sample`` at the batch's real padded text length);
+(``model_flops.train_flops_per_sample`` at the batch's real padded text length);
 at each log step the counts are summed over ranks (one all-reduce) and
 divided by the wall time since the previous log step. MFU is that rate per
 device over the device's peak dense FLOP/s in the run's precision
-(``devices.peak_tflops``); it is left out where the peak is unknown (CPUs).
+(``device_peaks.peak_tflops``); it is left out where the peak is unknown (CPUs).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from vlcluster.model.config import ModelConfig
 from vlcluster.train.batches import Batch
-from vlcluster.train.devices import peak_tflops
-from vlcluster.train.flops import Objectives, StepShape, tokens_per_sample, train_flops_per_sample
+from vlcluster.train.device_peaks import peak_tflops
+from vlcluster.train.model_flops import Objectives, StepShape, tokens_per_sample, train_flops_per_sample
 
 CLS_AND_SEP = 2  # special tokens of every caption that MLM never masks
 

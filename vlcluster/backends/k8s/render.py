@@ -11,8 +11,8 @@ Three objects, rendered from the spec into the templates of ``k8s/``:
   the Ray backend does (``vlcluster submit FILE --backend ray --address auto``).
 
 Site settings (image, namespace, volume claim, per-GPU defaults) come from a
-profile, ``k8s/profile.yaml``. Credentials only ever appear as the name of a
-Secret whose keys become environment variables.
+profile, ``k8s/profile.yaml`` (read by ``profile.py``). Credentials only ever
+appear as the name of a Secret whose keys become environment variables.
 """
 
 from __future__ import annotations
@@ -24,40 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import Field
 
+from vlcluster.backends.k8s.profile import KubeProfile, k8s_file
 from vlcluster.backends.node_shape import SiteDefaults, node_shape
 from vlcluster.graph import Graph
 from vlcluster.errors import SpecError
 from vlcluster.jobspec.load import read_yaml, validated_yaml
-from vlcluster.jobspec.models import ResourcesSpec, Strict
+from vlcluster.jobspec.models import ResourcesSpec
 from vlcluster.storage.paths import is_remote
 
-K8S_DIRS = (Path("k8s"), Path(__file__).resolve().parents[2] / "k8s")
 JOB_MOUNT = "/etc/vlcluster"  # where the head sees the job file
 RUNS_VOLUME, SHM_VOLUME, JOB_VOLUME = "runs", "dshm", "job"
-
-
-class KubeProfile(Strict):
-    """Where the manifests go and the defaults a stage's ``resources`` is
-    completed with (``k8s/profile.yaml``)."""
-
-    namespace: str = "default"
-    image: str = Field(description="image with Ray, torch and vlcluster installed")
-    ray_version: str = Field(description="the Ray version inside the image")
-    gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of a GPU")
-    cpus_per_gpu: int = Field(8, ge=1)
-    mem_gb_per_gpu: float = Field(60, gt=0)
-    cpus: int = Field(4, ge=1, description="CPUs of a stage without GPUs")
-    mem_gb: float = Field(16, gt=0, description="memory of a stage without GPUs")
-    shm_fraction: float = Field(0.25, gt=0, lt=1, description="/dev/shm share of a pod's memory by default")
-    head_cpus: int = Field(2, ge=1)
-    head_mem_gb: float = Field(8, gt=0)
-    runs_claim: str | None = Field(None, description="PersistentVolumeClaim (ReadWriteMany) holding the run directories")
-    runs_mount: str = "/runs"
-    credentials_secret: str | None = Field(None, description="Secret whose keys become env vars; only its name is rendered")
-    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
-    gpu_tolerations: list[dict] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,27 +53,6 @@ class PodShape:
 
 
 # ---- inputs -----------------------------------------------------------------
-
-
-def k8s_file(name: str) -> Path:
-    """``k8s/<name>`` next to the job (the working directory), else in the checkout."""
-    candidates = [folder / name for folder in K8S_DIRS]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise SpecError(f"{name} not found (looked in {', '.join(str(c) for c in candidates)})")
-    return found
-
-
-def load_profile(path: str | None = None) -> KubeProfile:
-    from pydantic import ValidationError
-
-    source = Path(path) if path else k8s_file("profile.yaml")
-    try:
-        return KubeProfile.model_validate(read_yaml(source))
-    except ValidationError as exc:
-        from vlcluster.jobspec.load import describe_validation_error
-
-        raise SpecError(describe_validation_error(str(source), exc)) from None
 
 
 def load_template(name: str) -> dict:
