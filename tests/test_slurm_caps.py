@@ -13,6 +13,7 @@ GPU), with squeue sampled every second while the jobs run:
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -24,6 +25,10 @@ from tests.test_slurm import job_id, sacct_times, wait_until_finished
 from vlcluster.backends.slurm import backend as slurm_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+# squeue lists every user's jobs: a pipeline name of this process's own keeps another
+# checkout's tests on the same cluster out of the samples
+TAG = f"p{os.getpid()}"
 
 SWEEP = """
 name: {name}
@@ -69,21 +74,21 @@ def submit_sweep(write_job, run_dir: Path, name: str, elements: int, throttle: s
 
 def test_max_concurrent_is_the_array_throttle_on_a_real_cluster(write_job, tmp_path):
     started = time.monotonic()
-    with RunningSampler("throttled") as throttled:
-        elements = submit_sweep(write_job, tmp_path / "throttled", "throttled", 6, ", resources: {max_concurrent: 1}")
+    with RunningSampler(f"throttled{TAG}") as throttled:
+        elements = submit_sweep(write_job, tmp_path / "throttled", f"throttled{TAG}", 6, ", resources: {max_concurrent: 1}")
         states = wait_until_finished(tmp_path / "throttled", elements, timeout=120)
     assert {state.state for state in states.values()} == {"COMPLETED"}
     assert "--array=0-5%1" in next((tmp_path / "throttled" / "slurm" / "data").glob("*_submission.sh")).read_text()
     assert throttled.most == 1, throttled.samples
-    with RunningSampler("free") as free:
-        elements = submit_sweep(write_job, tmp_path / "free", "free", 2, "")
+    with RunningSampler(f"free{TAG}") as free:
+        elements = submit_sweep(write_job, tmp_path / "free", f"free{TAG}", 2, "")
         wait_until_finished(tmp_path / "free", elements, timeout=120)
     assert free.most == 2, free.samples  # without the throttle both CPUs of the node are used
     assert time.monotonic() - started < 120
 
 
 CAPPED = """
-name: gpucap
+name: gpucap{tag}
 limits: {gpus: 1}
 stages:
   a: {kind: data, n_train: 16, n_val: 8, shard_size: 16, seed: 1, resources: {gpus_per_node: 1, profile: fakegpu}}
@@ -116,12 +121,12 @@ def test_limits_gpus_never_runs_more_stages_than_the_cap_allows(write_job, tmp_p
     (profiles / "fakegpu.yaml").write_text("partition: debug\ngpus_per_node: 2\ntime_min: 10\nsignal_delay_s: 10\n")
     monkeypatch.setenv("VLCLUSTER_PROFILE_PATH", str(profiles))
     monkeypatch.setattr(slurm_backend, "sbatch_parameters", gpus_as_cpus(slurm_backend.sbatch_parameters))
-    graph = build_graph(load_pipeline(write_job(CAPPED)))
+    graph = build_graph(load_pipeline(write_job(CAPPED.replace("{tag}", TAG))))
     run_dir = tmp_path / "run"
     backend = slurm_backend.SlurmBackend(Console(quiet=True))
-    backend.validate(graph, "gpucap")
+    backend.validate(graph, f"gpucap{TAG}")
     save_pipeline(run_dir, graph)
-    with RunningSampler("gpucap") as sampler:
+    with RunningSampler(f"gpucap{TAG}") as sampler:
         assert backend.submit(graph, make_plan(graph, run_dir), run_dir)
         states = wait_until_finished(run_dir, ["a", "b", "c"], timeout=120)
     assert {state.state for state in states.values()} == {"COMPLETED"}
