@@ -23,7 +23,8 @@ from vlcluster.merge.layout import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
 from vlcluster.model.load import locate_model
-from vlcluster.stages.outputs import file_sha256, finish_stage, weights_sha256, write_model_record
+from vlcluster.model.files import file_sha256, weights_sha256, write_model_record
+from vlcluster.stages.outputs import finish_stage
 from vlcluster.storage.paths import ensure_dir, local_copy, writable
 
 log = logging.getLogger("vlcluster.merge")

@@ -141,7 +141,8 @@ def run_grams_stage(ctx) -> None:
     from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
     from vlcluster.data.stream import eval_samples
     from vlcluster.data.tokenizer import TextEncoder
-    from vlcluster.stages.outputs import finish_stage, read_model
+    from vlcluster.model.files import read_model
+    from vlcluster.stages.outputs import finish_stage
     from vlcluster.stages.progress import reported
     from vlcluster.train.dist import exit_process, init_distributed
 

@@ -1,20 +1,44 @@
-"""Stage outputs: model checkpoints other stages consume, results, done-marker."""
+"""The model file format: ``model.safetensors`` + ``model.json`` in one directory.
+
+Every command and stage that writes a model (training, merging, ``convert``)
+writes it here, and every reader of one finds its config and digest here.
+``model.json`` holds the config, the provenance and, for a local file, the
+weights' sha256 with the size and mtime it was taken at.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlcluster.model.config import ModelConfig
-from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
-from vlcluster.storage.paths import is_remote, local_copy, run_path, writable
+from vlcluster.storage.paths import is_remote, local_copy, read_json, run_path, writable, write_json
 from vlcluster.storage.tensorfile import load_tensors, save_tensors
 
+WEIGHTS = "model.safetensors"
+RECORD = "model.json"
 
-def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A directory holding a model (a stage's output directory is one)."""
+
+    root: Path
+
+    @property
+    def model_weights(self) -> Path:
+        return self.root / WEIGHTS
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / RECORD
+
+
+def write_model(out: ModelDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
     """Write ``model.safetensors`` + ``model.json`` atomically (temp file, then rename or upload)."""
     tensors = {key: value.contiguous() for key, value in state.items()}
     with writable(out.model_weights) as tmp:
@@ -33,7 +57,7 @@ def write_model_record(out_dir: Path, config: ModelConfig, provenance: dict[str,
     record = {"config": config.to_dict(), "provenance": provenance}
     if weights is not None:
         record["weights"] = weights
-    write_json_atomic(run_path(out_dir) / "model.json", record)
+    write_json(run_path(out_dir) / RECORD, record)  # one rename locally, one PUT on an object store
 
 
 def file_sha256(path: Path) -> str:
@@ -56,9 +80,9 @@ def weights_sha256(model_dir: Path) -> str:
     """sha256 of ``model_dir/model.safetensors``: the digest recorded when it was
     written if the file is unchanged since (same size and mtime), else computed."""
     model_dir = run_path(model_dir)
-    path = model_dir / "model.safetensors"
+    path = model_dir / WEIGHTS
     identity = _file_identity(path)
-    record = read_json(model_dir / "model.json")
+    record = read_json(model_dir / RECORD)
     recorded = record.get("weights") if isinstance(record, dict) else None
     if identity and isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in identity.items()) and isinstance(recorded.get("sha256"), str):
         return recorded["sha256"]
@@ -66,7 +90,7 @@ def weights_sha256(model_dir: Path) -> str:
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:
-    path = run_path(model_dir) / "model.json"
+    path = run_path(model_dir) / RECORD
     record = read_json(path)
     if record is None:
         raise FileNotFoundError(f"{model_dir}: no model.json (expected a stage output with model.safetensors + model.json)")
@@ -83,22 +107,9 @@ def _config_of(record: Any, path: Path) -> ModelConfig:
         raise ValueError(f"{path}: invalid model config: {exc}") from None
 
 
-def read_model(stage: StageDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    record = read_json(stage.model_config)
-    if record is None or not stage.model_weights.is_file():
-        raise FileNotFoundError(f"{stage.root}: no model output (model.safetensors/model.json); did the stage finish?")
-    config = _config_of(record, stage.model_config)
-    return load_tensors(local_copy(stage.model_weights)), config
-
-
-def finish_stage(ctx, result: dict[str, Any]) -> None:
-    """Record the result, then the done-marker (last, so 'done' implies all outputs exist)."""
-    write_json_atomic(ctx.dir.result_file, {"stage": ctx.name, "kind": ctx.spec.kind, **result})
-    ctx.dir.mark_done(ctx.spec_hash)
-
-
-def read_result(stage: StageDir) -> dict | None:
-    """The stage's result record; None when missing or not a JSON object (damaged)."""
-    record = read_json(stage.result_file)
-    return record if isinstance(record, dict) else None
-
+def read_model(directory: ModelDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    record = read_json(directory.model_config)
+    if record is None or not directory.model_weights.is_file():
+        raise FileNotFoundError(f"{directory.root}: no model output (model.safetensors/model.json); did the stage finish?")
+    config = _config_of(record, directory.model_config)
+    return load_tensors(local_copy(directory.model_weights)), config
