@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,9 +23,24 @@ WEIGHTS = "model.safetensors"
 RECORD = "model.json"
 
 
+class ModelPaths(Protocol):
+    """Where a model's two files are: a :class:`ModelDir`, or a stage's directory
+    (``vlcluster.stages.rundir.StageDir`` has the same three paths; it is not
+    imported here, so that the torch-free submit path can use it)."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def model_weights(self) -> Path: ...
+
+    @property
+    def model_config(self) -> Path: ...
+
+
 @dataclass(frozen=True)
 class ModelDir:
-    """A directory holding a model (a stage's output directory is one)."""
+    """A directory holding a model."""
 
     root: Path
 
@@ -38,7 +53,7 @@ class ModelDir:
         return self.root / RECORD
 
 
-def write_model(out: ModelDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
+def write_model(out: ModelPaths, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
     """Write ``model.safetensors`` + ``model.json`` atomically (temp file, then rename or upload)."""
     tensors = {key: value.contiguous() for key, value in state.items()}
     with writable(out.model_weights) as tmp:
@@ -107,7 +122,7 @@ def _config_of(record: Any, path: Path) -> ModelConfig:
         raise ValueError(f"{path}: invalid model config: {exc}") from None
 
 
-def read_model(directory: ModelDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def read_model(directory: ModelPaths) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     record = read_json(directory.model_config)
     if record is None or not directory.model_weights.is_file():
         raise FileNotFoundError(f"{directory.root}: no model output (model.safetensors/model.json); did the stage finish?")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from vlcluster.jobspec.names import confined_child
-from vlcluster.model.files import ModelDir
 from vlcluster.storage.paths import read_json, run_path, write_json
 
 __all__ = ["SUCCESS", "StageDir", "pipeline_file", "read_json", "stage_dir", "write_json_atomic"]
@@ -40,8 +39,8 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 @dataclass(frozen=True)
-class StageDir(ModelDir):
-    """Paths of one stage inside a run directory (its model output, if any: see ModelDir)."""
+class StageDir:
+    """Paths of one stage inside a run directory."""
 
     root: Path
 
@@ -64,6 +63,14 @@ class StageDir(ModelDir):
     @property
     def tensorboard(self) -> Path:
         return self.root / "tb"
+
+    @property
+    def model_weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "model.json"
 
     @property
     def result_file(self) -> Path:
