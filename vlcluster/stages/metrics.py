@@ -10,6 +10,7 @@ from vlcluster.metrics import METRICS
 from vlcluster.metrics.distance import checkpoint_distances, format_metrics
 from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
+from vlcluster.storage.paths import local_copy
 
 log = logging.getLogger("vlcluster.metrics")
 
@@ -26,8 +27,6 @@ def write_tensorboard(log_dir, result: dict) -> None:
 
 def run(ctx: StageContext) -> None:
     spec = ctx.spec
-    from vlcluster.storage.paths import local_copy
-
     result = checkpoint_distances(local_copy(ctx.upstream_dir(spec.source).model_weights), spec.density)
     write_tensorboard(ctx.dir.tensorboard, result)
     log.info("mergeability of %s:\n%s", spec.source, format_metrics(result))
