@@ -15,7 +15,7 @@ from vlcluster.model import ModelConfig, MultiwayTransformer, load_into, preset
 from vlcluster.model.external import (
     CheckpointError, config_for, convert, convert_to_model_dir, export_vlmo, fit, init_from_checkpoint,
 )
-from vlcluster.stages.outputs import write_model
+from vlcluster.model.files import write_model
 from vlcluster.stages.rundir import StageDir
 
 transformers = pytest.importorskip("transformers")

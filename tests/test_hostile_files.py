@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from vlcluster.cli import main
 from vlcluster.model.config import preset
-from vlcluster.stages.outputs import read_model, read_model_config, read_result
+from vlcluster.model.files import read_model, read_model_config
+from vlcluster.stages.outputs import read_result
 from vlcluster.stages.rundir import stage_dir
 from vlcluster.storage.tensorfile import TensorFile, TensorFileError, load_tensors
 

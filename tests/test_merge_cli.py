@@ -14,7 +14,7 @@ from vlcluster.cli import main
 from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.correlation import correlation_table, pearson
-from vlcluster.stages.outputs import write_model
+from vlcluster.model.files import write_model
 from vlcluster.stages.rundir import StageDir, write_json_atomic
 
 

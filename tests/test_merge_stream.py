@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.merge_fixtures import random_grams, random_state, tiny_config
 from vlcluster.merge.apply import merge_checkpoint, merge_state
 from vlcluster.storage.tensorfile import TensorFile, TensorFileWriter
-from vlcluster.stages.outputs import file_sha256, weights_sha256, write_model
+from vlcluster.model.files import file_sha256, weights_sha256, write_model
 from vlcluster.stages.rundir import StageDir
 
 MIXED = {

@@ -473,7 +473,7 @@ def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_position
     from vlcluster.stages.context import StageContext
     from vlcluster.graph import build_graph
     from vlcluster.jobspec.load import load_pipeline
-    from vlcluster.stages.outputs import write_model
+    from vlcluster.model.files import write_model
     from vlcluster.stages.rundir import StageDir
     from vlcluster.train.model_config import build_model_config
 

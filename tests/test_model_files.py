@@ -20,7 +20,7 @@ from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS
 from vlcluster.metrics.distance import checkpoint_distances
 from vlcluster.model.external import convert_to_model_dir, export_vlmo
-from vlcluster.stages.outputs import write_model
+from vlcluster.model.files import write_model
 from vlcluster.stages.rundir import StageDir
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.dist import DistEnv

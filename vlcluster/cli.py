@@ -576,8 +576,7 @@ def metrics_along_training(args) -> int:
 def cmd_metrics(args) -> int:
     import json
 
-    from vlcluster.metrics.distance import checkpoint_distances
-    from vlcluster.metrics.stage import format_metrics
+    from vlcluster.metrics.distance import checkpoint_distances, format_metrics
     from vlcluster.model.load import locate_model
     from vlcluster.storage.paths import local_copy
 

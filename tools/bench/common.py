@@ -41,7 +41,7 @@ def write_random_checkpoint(out: Path, size: str, arch: str, seed: int = 0) -> i
     import torch
 
     from vlcluster.model import MultiwayTransformer, preset
-    from vlcluster.stages.outputs import write_model
+    from vlcluster.model.files import write_model
     from vlcluster.stages.rundir import StageDir
 
     config = preset(size, arch)

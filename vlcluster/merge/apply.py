@@ -1,32 +1,29 @@
-"""The ``merge`` stage and the in-memory merge.
+"""Merging a model: in memory and from file to file.
 
 ``merge_state`` merges a state dict held in memory (tests, small models);
-the stage streams from and to safetensors (:mod:`vlcluster.merge.stream`)
-through the same per-tensor code. The output is a checkpoint of the
+``merge_checkpoint`` (the ``merge`` stage, ``vlcluster merge``) streams from
+and to safetensors (:mod:`vlcluster.merge.stream`) through the same
+per-tensor code. The output is a checkpoint of the
 ``agnostic`` arch plus provenance (sources and their hashes, method,
 hyper-parameters) in ``model.json``.
 """
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlcluster.stages.context import StageContext
 from vlcluster.merge.engine import MergeInputs, StateSource, merge_steps
 from vlcluster.merge.methods import get_method
 from vlcluster.merge.layout import plan_merge
 from vlcluster.merge.stream import merge_files
 from vlcluster.model.config import ModelConfig
 from vlcluster.model.load import locate_model
-from vlcluster.stages.outputs import file_sha256, finish_stage, weights_sha256, write_model_record
+from vlcluster.model.files import file_sha256, weights_sha256, write_model_record
 from vlcluster.storage.paths import ensure_dir, local_copy, writable
-
-log = logging.getLogger("vlcluster.merge")
 
 
 def merge_state(
@@ -80,20 +77,3 @@ def merge_checkpoint(
     }
     write_model_record(out_dir, config.with_arch("agnostic"), record)
     return record
-
-
-def run_merge_stage(ctx: StageContext) -> None:
-    from vlcluster.metrics.gate import check_gate
-
-    spec = ctx.spec
-    source = ctx.upstream_dir(spec.source).root
-    gate = check_gate(ctx, local_copy(source / "model.safetensors")) if spec.gate else None
-    params = spec.method_values()
-    record = merge_checkpoint(
-        source, ctx.dir.root, spec.method, params,
-        base=ctx.upstream_dir(spec.seed).root if spec.seed else None,
-        grams=ctx.upstream_dir(spec.grams).root if spec.grams else None,
-        provenance={"stage": ctx.name, "sources": {"source": spec.source, "seed": spec.seed, "grams": spec.grams}},
-    )
-    log.info("merged %s (%s) with %s %s -> agnostic", spec.source, record["source_arch"], spec.method, params)
-    finish_stage(ctx, {"method": spec.method, "params": params, "source": spec.source, "tensors": record["tensors"], "gate": gate})

@@ -1,4 +1,4 @@
-"""The ``grams`` stage: RegMean statistics of a modality-specific model.
+"""RegMean statistics of a modality-specific model (the ``grams`` stage runs them).
 
 Forward pre-hooks on every expert's linear layers (attention ``qkv``/``proj``,
 FFN ``fc1``/``fc2``) accumulate XᵀX in float64 over N batches of image-text
@@ -6,13 +6,12 @@ pairs, run through every route that uses an expert: image through all layers
 with V, captions with L, and the fusion route (top layers with VL). Padding
 tokens are masked out, sums and token counts are all-reduced across ranks,
 and each Gram is normalised by its token count (so experts that saw
-different numbers of tokens weigh equally). Output: ``grams.safetensors``
-keyed by the weight each Gram belongs to.
+different numbers of tokens weigh equally). The Grams are keyed by the
+weight each belongs to (the stage writes them to ``grams.safetensors``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -22,8 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 from vlcluster.model import SHARED, MultiwayTransformer, load_into, parse_layer_key
-
-log = logging.getLogger("vlcluster.grams")
 
 
 class GramCollector:
@@ -133,45 +130,3 @@ def load_experts_model(state: dict[str, torch.Tensor], config) -> MultiwayTransf
     model = MultiwayTransformer(config, heads=())
     load_into(model, {key: value for key, value in state.items() if not key.startswith("heads.")}, allow_missing_prefixes=())
     return model.eval()
-
-
-def run_grams_stage(ctx) -> None:
-    from safetensors.torch import save_file
-
-    from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
-    from vlcluster.data.stream import eval_samples
-    from vlcluster.data.tokenizer import TextEncoder
-    from vlcluster.stages.outputs import finish_stage, read_model
-    from vlcluster.stages.progress import reported
-    from vlcluster.train.dist import exit_process, init_distributed
-
-    spec = ctx.spec
-    env = init_distributed("cpu")
-    state, config = read_model(ctx.upstream_dir(spec.source))
-    model = load_experts_model(state, config)
-    sources = ctx.data_sources(spec.data)
-    urls = sources.train if spec.split == "train" else sources.val
-    if not urls:
-        raise ValueError(f"stages.{ctx.name}.data: no {spec.split} shards")
-    encoder = TextEncoder(sources.tokenizer)
-    quality = DataQuality()
-    samples = eval_samples(urls, config.image_size, quality, sources.fields)
-    batches = rank_batches(samples, encoder, config.max_text_len, spec.batches, spec.batch_size, env.rank, env.world_size)
-    if env.is_main:
-        batches = reported(batches, ctx.dir, spec.batches, spec.batch_size)  # <stage>/progress.json
-    grams, counts = collect_grams(model, batches)
-    if quality.read == quality.bad_total:
-        raise no_usable_samples(f"the grams stage read {len(urls)} {spec.split} shard(s)", quality, FIELDS_HINT)
-    # Every rank reads the same samples (keeping its share), so the counts and the verdict agree.
-    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
-    if env.is_main:
-        from vlcluster.storage.paths import writable
-
-        with writable(ctx.dir.root / "grams.safetensors") as tmp:
-            save_file(grams, str(tmp), metadata={"counts": str(counts)})
-        log.info("%d Gram matrices from %d ranks; tokens per expert: %s..%s", len(grams), env.world_size, min(counts.values()), max(counts.values()))
-        finish_stage(ctx, {
-            "grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source,
-            "data": quality.summary(spec.data.max_bad_fraction),
-        })
-    exit_process(0)

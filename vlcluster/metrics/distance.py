@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlcluster.metrics import METRICS
 from vlcluster.model import parse_layer_key
 
 BINS = 1 << 15  # top 15 bits of a non-negative float32's pattern: sign dropped, 8 exponent + 7 mantissa bits
@@ -213,3 +214,13 @@ def checkpoint_distances(path, density: float = 0.5, prefix: str = "") -> dict:
     if not layers:
         raise ValueError(f"{path}: no layer has both a V and an L expert (is this a modality-specific checkpoint?)")
     return distances(layers, density)
+
+
+def format_metrics(result: dict) -> str:
+    """A result of :func:`checkpoint_distances` as a Markdown table: overall, then one row per layer."""
+    header = "| scope | " + " | ".join(METRICS) + " |"
+    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    scopes = [("overall", result["overall"])] + [(f"layer {layer}", values) for layer, values in result["layers"].items()]
+    for scope, values in scopes:
+        lines.append(f"| {scope} | " + " | ".join(f"{values[name]:.4g}" for name in METRICS) + " |")
+    return "\n".join(lines)

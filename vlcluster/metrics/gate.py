@@ -3,27 +3,20 @@ before any fine-tuning compute is spent on it."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from vlcluster.metrics.distance import checkpoint_distances
-
-log = logging.getLogger("vlcluster.gate")
 
 
 class GateClosed(Exception):
     """The source model failed the gate; the stage ends with a clear status."""
 
 
-def check_gate(ctx, weights: Path) -> dict:
-    """Measure the gate's metric; record and raise :class:`GateClosed` when it is over the limit."""
-    gate = ctx.spec.gate
-    value = checkpoint_distances(weights)["overall"][gate.metric]
-    verdict = {"metric": gate.metric, "value": value, "max": gate.max, "passed": value <= gate.max}
-    if not verdict["passed"]:
-        reason = f"mergeability gate closed: {gate.metric} {value:.4g} > max {gate.max:g}"
-        ctx.dir.write_state(reason=reason, gate=verdict)
-        raise GateClosed(reason)
-    ctx.dir.write_state(reason=None, gate=verdict)
-    log.info("mergeability gate open: %s %.4g <= %g", gate.metric, value, gate.max)
-    return verdict
+def gate_verdict(weights: Path, metric: str, limit: float) -> dict:
+    """The gate's metric measured on ``weights`` and whether it is within ``limit``."""
+    value = checkpoint_distances(weights)["overall"][metric]
+    return {"metric": metric, "value": value, "max": limit, "passed": value <= limit}
+
+
+def closed_reason(verdict: dict) -> str:
+    return f"mergeability gate closed: {verdict['metric']} {verdict['value']:.4g} > max {verdict['max']:g}"

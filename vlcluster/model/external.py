@@ -27,6 +27,7 @@ from vlcluster.storage.paths import local_copy, read_json, run_path, writable, w
 from . import posbias
 from .config import CUSTOM_PARTS, SHARED, ModelConfig, preset
 from .convert import expand_to_experts, load_into, parse_layer_key
+from .files import ModelDir, write_model
 from .formats import beit, vlmo
 from .formats.report import CheckpointError, ConversionReport, same_values
 from .multiway import MultiwayTransformer
@@ -329,9 +330,6 @@ def init_from_checkpoint(model: MultiwayTransformer, path: str, fmt: str) -> Con
 def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed: int = 0, **overrides: Any) -> ConversionReport:
     """`vlcluster convert --from FMT SRC -o OUT`: a vlcluster model directory
     (model.safetensors + model.json, like a pre-training stage's output)."""
-    from vlcluster.stages.outputs import write_model
-    from vlcluster.stages.rundir import StageDir
-
     converted = convert(src, fmt)
     config = config_for(converted, size, **overrides)
     task_heads = tuple(sorted({key.split(".")[1] for key in converted.state if key.startswith("heads.")}))
@@ -343,7 +341,7 @@ def convert_to_model_dir(src: str, fmt: str, out: str, size: str = "base", seed:
     torch.manual_seed(seed)  # fresh parts are reproducible
     model.init_modules_of(fresh)
     provenance = {"converted_from": str(src), "format": fmt, "seed": seed, "conversion": converted.report.summary()}
-    write_model(StageDir(run_path(out)), model.state_dict(), config, provenance)
+    write_model(ModelDir(run_path(out)), model.state_dict(), config, provenance)
     return converted.report
 
 

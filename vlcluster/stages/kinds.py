@@ -22,15 +22,15 @@ class StageKind:
 
 
 KINDS: dict[str, StageKind] = {
-    "data": StageKind("vlcluster.data.stage:run_data_stage"),
-    "import": StageKind("vlcluster.importers.stage:run_import_stage"),
+    "data": StageKind("vlcluster.stages.data:run"),
+    "import": StageKind("vlcluster.stages.imports:run"),
     "pretrain": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
     "finetune": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
-    "grams": StageKind("vlcluster.merge.grams:run_grams_stage", distributed=True),
-    "merge": StageKind("vlcluster.merge.apply:run_merge_stage", makes_model=True),
-    "metrics": StageKind("vlcluster.metrics.stage:run_metrics_stage"),
+    "grams": StageKind("vlcluster.stages.grams:run", distributed=True),
+    "merge": StageKind("vlcluster.stages.merge:run", makes_model=True),
+    "metrics": StageKind("vlcluster.stages.metrics:run"),
     "eval": StageKind("vlcluster.tasks.evaluate:run_eval_stage"),
-    "report": StageKind("vlcluster.report:run_report_stage", gathers=True),
+    "report": StageKind("vlcluster.stages.report:run", gathers=True),
 }
 
 STAGE_KINDS = tuple(KINDS)

@@ -1,94 +1,11 @@
-"""Stage outputs: model checkpoints other stages consume, results, done-marker."""
+"""Stage outputs: the result record and the done-marker (a stage's model is
+written with :mod:`vlcluster.model.files`)."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from vlcluster.model.config import ModelConfig
 from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
-from vlcluster.storage.paths import is_remote, local_copy, run_path, writable
-from vlcluster.storage.tensorfile import load_tensors, save_tensors
-
-
-def write_model(out: StageDir, state: dict[str, torch.Tensor], config: ModelConfig, provenance: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` + ``model.json`` atomically (temp file, then rename or upload)."""
-    tensors = {key: value.contiguous() for key, value in state.items()}
-    with writable(out.model_weights) as tmp:
-        save_tensors(tensors, tmp, metadata={"format": "pt"})
-        digest = file_sha256(tmp)  # now, while the file is in the page cache
-    identity = _file_identity(out.model_weights)
-    weights = None if identity is None else {"sha256": digest, **identity}
-    write_model_record(out.root, config, provenance, weights=weights)
-
-
-def write_model_record(out_dir: Path, config: ModelConfig, provenance: dict[str, Any], weights: dict[str, Any] | None = None) -> None:
-    """``model.json`` beside a ``model.safetensors`` (written by write_model or a streaming writer).
-
-    ``weights`` (sha256, size, mtime of the weights file) lets consumers that
-    record provenance, like merges, skip re-hashing the file."""
-    record = {"config": config.to_dict(), "provenance": provenance}
-    if weights is not None:
-        record["weights"] = weights
-    write_json_atomic(run_path(out_dir) / "model.json", record)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_identity(path: Path) -> dict[str, int] | None:
-    """Size and mtime of a local file; None for objects in a store (their copy is hashed instead)."""
-    if is_remote(path):
-        return None
-    stat = Path(path).stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """sha256 of ``model_dir/model.safetensors``: the digest recorded when it was
-    written if the file is unchanged since (same size and mtime), else computed."""
-    model_dir = run_path(model_dir)
-    path = model_dir / "model.safetensors"
-    identity = _file_identity(path)
-    record = read_json(model_dir / "model.json")
-    recorded = record.get("weights") if isinstance(record, dict) else None
-    if identity and isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in identity.items()) and isinstance(recorded.get("sha256"), str):
-        return recorded["sha256"]
-    return file_sha256(local_copy(path))
-
-
-def read_model_config(model_dir: Path) -> ModelConfig:
-    path = run_path(model_dir) / "model.json"
-    record = read_json(path)
-    if record is None:
-        raise FileNotFoundError(f"{model_dir}: no model.json (expected a stage output with model.safetensors + model.json)")
-    return _config_of(record, path)
-
-
-def _config_of(record: Any, path: Path) -> ModelConfig:
-    """The model config in a ``model.json`` record; a damaged or foreign record is one clear error."""
-    if not isinstance(record, dict) or "config" not in record:
-        raise ValueError(f"{path}: not a model record (expected a JSON object with 'config')")
-    try:
-        return ModelConfig.from_dict(record["config"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid model config: {exc}") from None
-
-
-def read_model(stage: StageDir) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    record = read_json(stage.model_config)
-    if record is None or not stage.model_weights.is_file():
-        raise FileNotFoundError(f"{stage.root}: no model output (model.safetensors/model.json); did the stage finish?")
-    config = _config_of(record, stage.model_config)
-    return load_tensors(local_copy(stage.model_weights)), config
 
 
 def finish_stage(ctx, result: dict[str, Any]) -> None:
@@ -101,4 +18,3 @@ def read_result(stage: StageDir) -> dict | None:
     """The stage's result record; None when missing or not a JSON object (damaged)."""
     record = read_json(stage.result_file)
     return record if isinstance(record, dict) else None
-

@@ -17,7 +17,8 @@ from vlcluster.data.shards import DEFAULT_FIELDS
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.stages.outputs import finish_stage, read_model
+from vlcluster.model.files import read_model
+from vlcluster.stages.outputs import finish_stage
 from vlcluster.tasks.retrieval import retrieval_items, retrieval_scores
 
 log = logging.getLogger("vlcluster.eval")

@@ -18,7 +18,7 @@ from vlcluster.data.sources import single_source
 from vlcluster.stages.context import DataSources, StageContext
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.stages.outputs import read_model_config
+from vlcluster.model.files import read_model_config
 from vlcluster.tasks.base import Task, TaskBatch, TaskInfo
 from vlcluster.tasks.dataset import TaskData, stage_task_data
 from vlcluster.tasks.registry import get_task

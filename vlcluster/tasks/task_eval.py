@@ -14,7 +14,8 @@ from vlcluster.data.quality import BadSample, DataQuality, check_bad_fraction
 from vlcluster.data.stream import shard_items
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.stages.outputs import finish_stage, read_model
+from vlcluster.model.files import read_model
+from vlcluster.stages.outputs import finish_stage
 from vlcluster.tasks.base import Task, TaskInfo
 from vlcluster.tasks.dataset import stage_task_data
 from vlcluster.tasks.finetune import task_encoder

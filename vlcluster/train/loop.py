@@ -29,7 +29,8 @@ from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
 from vlcluster.model.external import CheckpointError, init_from_checkpoint
 from vlcluster.model.posembed import fit_position_table
 from vlcluster.tasks.finetune import TaskTraining
-from vlcluster.stages.outputs import finish_stage, read_model, write_model
+from vlcluster.model.files import read_model, write_model
+from vlcluster.stages.outputs import finish_stage
 from vlcluster.stages.progress import report_training_progress
 from vlcluster.train import checkpoint as ckpt
 from vlcluster.train.batches import BatchBuilder

@@ -8,7 +8,7 @@ from typing import Any
 
 from vlcluster.stages.context import StageContext
 from vlcluster.model.config import ModelConfig, preset
-from vlcluster.stages.outputs import read_model_config
+from vlcluster.model.files import read_model_config
 
 POSITION_FIELDS = ("position", "relative_bias")
 

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from vlcluster.stages.context import StageContext
 from vlcluster.metrics import METRICS
-from vlcluster.metrics.distance import checkpoint_distances
+from vlcluster.metrics.distance import checkpoint_distances, format_metrics
+from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
+from vlcluster.storage.paths import local_copy
 
 log = logging.getLogger("vlcluster.metrics")
-
-
-def format_metrics(result: dict) -> str:
-    header = "| scope | " + " | ".join(METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
-    scopes = [("overall", result["overall"])] + [(f"layer {layer}", values) for layer, values in result["layers"].items()]
-    for scope, values in scopes:
-        lines.append(f"| {scope} | " + " | ".join(f"{values[name]:.4g}" for name in METRICS) + " |")
-    return "\n".join(lines)
 
 
 def write_tensorboard(log_dir, result: dict) -> None:
@@ -33,10 +25,8 @@ def write_tensorboard(log_dir, result: dict) -> None:
     writer.close()
 
 
-def run_metrics_stage(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     spec = ctx.spec
-    from vlcluster.storage.paths import local_copy
-
     result = checkpoint_distances(local_copy(ctx.upstream_dir(spec.source).model_weights), spec.density)
     write_tensorboard(ctx.dir.tensorboard, result)
     log.info("mergeability of %s:\n%s", spec.source, format_metrics(result))

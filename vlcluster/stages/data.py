@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from vlcluster.stages.context import StageContext
 from vlcluster.data.synthetic import build_dataset
 from vlcluster.data.synthetic_tasks import write_task_dataset
+from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
 
 log = logging.getLogger("vlcluster.data")
@@ -27,7 +27,7 @@ def write_synthetic_tasks(ctx: StageContext, tokenizer: str) -> dict[str, dict]:
     return written
 
 
-def run_data_stage(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     spec = ctx.spec
     started = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""Paper-style tables from the ``result.json`` of eval stages."""
+"""The ``report`` stage: paper-style tables from the ``result.json`` of eval stages."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def mergeability(ctx: StageContext) -> tuple[str, dict[str, float]] | None:
     return correlation_table(points, ctx.spec.drop_score)
 
 
-def run_report_stage(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     rows = collect(ctx)
     table = format_table(ctx.spec.title, rows)
     correlation = mergeability(ctx)
