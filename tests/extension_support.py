@@ -29,6 +29,12 @@ def package_files(root: Path) -> dict[str, bytes]:
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
 
 
+def diff_lines(before: Path, after: Path) -> list[str]:
+    """The removed (``-``) and added (``+``) lines from ``before`` to ``after``."""
+    diff = difflib.unified_diff(before.read_text().splitlines(), after.read_text().splitlines(), n=0, lineterm="")
+    return [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
 @dataclass(frozen=True)
 class PackageCopy:
     """``vlcluster/`` copied under ``root``; with ``root`` first on PYTHONPATH its
@@ -62,8 +68,7 @@ class PackageCopy:
         changed = {}
         for name in sorted(set(original) & set(copied)):
             if original[name] != copied[name]:
-                diff = difflib.unified_diff(original[name].decode().splitlines(), copied[name].decode().splitlines(), n=0, lineterm="")
-                changed[name] = [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+                changed[name] = diff_lines(PACKAGE / name, self.package / name)
         return added, changed
 
     def assert_only(self, module: str, registry: str, line: str) -> None:
@@ -83,6 +88,19 @@ class PackageCopy:
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return self.python("-m", "vlcluster.cli", *args, timeout=timeout)
+
+    def regenerated_reference(self) -> dict[str, list[str]]:
+        """The lines ``python tools/gen_docs.py`` changes in docs/reference when run on the
+        copy ({page: removed and added lines}): the one step beside the new module and line
+        (the generated pages list every registry's names; a test fails while they are stale)."""
+        shutil.copytree(REPO / "docs" / "reference", self.root / "docs" / "reference")
+        (self.root / "tools").mkdir()
+        shutil.copy(REPO / "tools" / "gen_docs.py", self.root / "tools")  # it writes beside itself, from its checkout
+        done = self.python("tools/gen_docs.py", timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {page: diff_lines(REPO / "docs" / "reference" / page, self.root / "docs" / "reference" / page)
+                for page in sorted(path.name for path in (REPO / "docs" / "reference").glob("*.md"))
+                if (REPO / "docs" / "reference" / page).read_bytes() != (self.root / "docs" / "reference" / page).read_bytes()}
 
     def imported_package(self) -> Path:
         """The ``vlcluster`` a subprocess imports with this copy's environment."""

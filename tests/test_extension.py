@@ -6,6 +6,7 @@ to end through the CLI. The modules are tests/extension_examples/*.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -40,6 +41,18 @@ def status_rows(copy: PackageCopy, run_dir: Path) -> dict[str, list[str]]:
     return {row[0]: row for row in rows}  # the header row is drawn with ┃
 
 
+def assert_reference_gains_only(copy: PackageCopy, name: str, pages: set[str]) -> None:
+    """`python tools/gen_docs.py` on the copy changes the generated reference pages
+    only by listing ``name`` among the choices it joined."""
+    changes = copy.regenerated_reference()
+    assert set(changes) == pages, changes
+    for lines in changes.values():
+        removed, added = [line[1:] for line in lines if line[0] == "-"], [line[1:] for line in lines if line[0] == "+"]
+        assert len(removed) == len(added) > 0
+        for before, after in zip(removed, added):
+            assert re.sub(rf"`?{name}`?(,| \\\| )", "", after, count=1) == before, (before, after)
+
+
 def test_a_backend_is_one_module_and_one_line(tmp_path):
     copy = extended_package(tmp_path / "pkg", "backends/inline.py", (EXAMPLES / "inline_backend.py").read_text(),
                             "backends/__init__.py", "BACKENDS: dict[str, str] = {",
@@ -67,6 +80,7 @@ def test_a_backend_is_one_module_and_one_line(tmp_path):
                        "--set", "stages.seed.resources.procs_per_node=2", timeout=60)
     assert refused.returncode != 0 and "stages.seed.resources asks for 2 ranks" in refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr
+    assert_reference_gains_only(copy, "inline", {"cli.md"})
 
 
 def max_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -101,3 +115,4 @@ def test_a_merge_method_is_one_module_and_one_line(tmp_path):
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert load_file(str(tmp_path / "by_hand" / "model.safetensors")).keys() == merged.keys()
     assert all(torch.equal(tensor, merged[key]) for key, tensor in load_file(str(tmp_path / "by_hand" / "model.safetensors")).items())
+    assert_reference_gains_only(copy, "maxabs", {"cli.md", "job-schema.md"})
