@@ -49,11 +49,12 @@ def test_reference_pages_are_current():
 def test_reference_covers_every_command_and_model():
     from vlcluster.cli import build_parser
     from vlcluster.jobspec.models import Pipeline
+    from vlcluster.merge.methods import METHOD_NAMES
 
     cli = (REPO / "docs" / "reference" / "cli.md").read_text()
     commands = next(a.choices for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     assert all(f"## `vlcluster {name}`" in cli for name in commands)
-    assert "`--method {interpolation,arithmetic,regmean,ties,dare}`" in cli
+    assert f"`--method {{{','.join(METHOD_NAMES)}}}`" in cli
     schema = (REPO / "docs" / "reference" / "job-schema.md").read_text()
     for field in Pipeline.model_fields:
         assert f"| `{field}` |" in schema

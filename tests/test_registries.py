@@ -5,14 +5,10 @@ accepted everywhere without a second edit."""
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def literal_names(model, field: str) -> tuple:
@@ -99,8 +95,9 @@ def test_study_names_come_from_the_registries():
     assert views.DISTANCES == METRICS
     assert verdicts.VARIANTS == ("custom_attn", "custom_ffn", "custom_ln")
     knobs = {method: lineage.Merge("m", method, {"alpha": 0.3, "lam": 0.7, "gamma": 0.9}, False).knob for method in SPECS}
-    assert knobs == {"interpolation": ("alpha", 0.3), "arithmetic": ("lam", 0.7), "regmean": ("gamma", 0.9),
-                     "ties": ("lam", 0.7), "dare": ("lam", 0.7)}
+    paper_and_sparse = {"interpolation": ("alpha", 0.3), "arithmetic": ("lam", 0.7), "regmean": ("gamma", 0.9),
+                        "ties": ("lam", 0.7), "dare": ("lam", 0.7)}
+    assert {method: knobs[method] for method in paper_and_sparse} == paper_and_sparse  # a new method keeps these
 
 
 # One line added to each registry, in a copy of the package: the new names must reach
@@ -119,6 +116,7 @@ NEW_LINES = {
 USE_NEW_NAMES = """
 import json, sys
 
+import vlcluster
 from vlcluster.cli import build_parser
 from vlcluster.jobspec.models import Pipeline
 
@@ -142,24 +140,22 @@ args = [
 ]
 seed = pipeline.stages["seed"]
 print(json.dumps({"stages": {n: s.model_dump(include={"format", "method", "drop_score"}) for n, s in pipeline.stages.items()},
-                  "size": seed.model.size, "init": seed.init.format, "args": args, "torch": "torch" in sys.modules}))
+                  "size": seed.model.size, "init": seed.init.format, "args": args, "torch": "torch" in sys.modules,
+                  "package": vlcluster.__file__}))
 """
 
 
 def test_a_line_added_to_a_registry_is_accepted_by_job_files_and_the_cli(tmp_path):
     import json
-    import os
-    import shutil
 
-    package = tmp_path / "vlcluster"
-    shutil.copytree(REPO / "vlcluster", package, ignore=shutil.ignore_patterns("__pycache__"))
+    from tests.extension_support import copy_package
+
+    copy = copy_package(tmp_path)
     for where, (opening, line) in NEW_LINES.items():
-        path = where.split("#")[0]
-        source = (package / path).read_text()
-        assert source.count(opening) == 1, f"{path}: the registry opening {opening!r} moved; update NEW_LINES"
-        (package / path).write_text(source.replace(opening, f"{opening}\n    {line}"))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", USE_NEW_NAMES], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        copy.add_registry_line(where.split("#")[0], opening, line)
+    added, changed = copy.changes()
+    assert not added and set(changed) == {where.split("#")[0] for where in NEW_LINES}
+    done = copy.python("-c", USE_NEW_NAMES, timeout=120)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert found["stages"]["imp"] == {"format": "toyfmt"}
@@ -168,6 +164,7 @@ def test_a_line_added_to_a_registry_is_accepted_by_job_files_and_the_cli(tmp_pat
     assert found["size"] == "toysize" and found["init"] == "toyckpt"
     assert found["args"] == ["toyqueue", "toyqueue", "toymerge", "data", "toyscore", "toysize", "toyckpt"]
     assert found["torch"] is False  # the tables the submit path reads stay torch-free
+    assert Path(found["package"]).parent == copy.package
 
 
 @pytest.mark.parametrize(("stage", "field", "registry"), [
