@@ -23,7 +23,7 @@ from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, preset
 from vlcluster.tasks.evaluate import evaluate
-from vlcluster.tasks.retrieval import retrieval_scores
+from vlcluster.tasks.recall import retrieval_scores
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 

@@ -18,7 +18,7 @@ from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
 from vlcluster.stages.outputs import finish_stage, read_model
-from vlcluster.tasks.retrieval import retrieval_items, retrieval_scores
+from vlcluster.tasks.recall import retrieval_items, retrieval_scores
 
 log = logging.getLogger("vlcluster.eval")
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vlcluster.model import MultiwayTransformer
 from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_lines
-from vlcluster.tasks.retrieval import recall_scores, retrieval_items
+from vlcluster.tasks.recall import recall_scores, retrieval_items
 from vlcluster.train.losses import itc_loss
 
 
