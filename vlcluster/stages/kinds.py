@@ -24,12 +24,12 @@ class StageKind:
 KINDS: dict[str, StageKind] = {
     "data": StageKind("vlcluster.data.stage:run_data_stage"),
     "import": StageKind("vlcluster.importers.stage:run_import_stage"),
-    "pretrain": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
-    "finetune": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
+    "pretrain": StageKind("vlcluster.stages.train:run", distributed=True, trains=True, makes_model=True),
+    "finetune": StageKind("vlcluster.stages.train:run", distributed=True, trains=True, makes_model=True),
     "grams": StageKind("vlcluster.merge.grams:run_grams_stage", distributed=True),
     "merge": StageKind("vlcluster.merge.apply:run_merge_stage", makes_model=True),
     "metrics": StageKind("vlcluster.metrics.stage:run_metrics_stage"),
-    "eval": StageKind("vlcluster.tasks.evaluate:run_eval_stage"),
+    "eval": StageKind("vlcluster.stages.eval:run"),
     "report": StageKind("vlcluster.report:run_report_stage", gathers=True),
 }
 

@@ -1,23 +1,19 @@
-"""The ``eval`` stage: VQA accuracy and image-text retrieval on held-out data."""
+"""VQA accuracy and image-text retrieval of a pre-trained model on held-out image-caption data."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vlcluster.stages.context import StageContext
 from vlcluster.data.fields import FieldMap
-from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
+from vlcluster.data.quality import FIELDS_HINT, DataQuality, no_usable_samples
 from vlcluster.data.shards import DEFAULT_FIELDS
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.stages.outputs import finish_stage, read_model
 from vlcluster.tasks.recall import retrieval_items, retrieval_scores
 
 log = logging.getLogger("vlcluster.eval")
@@ -106,26 +102,3 @@ def _retrieval_embeddings(model, encoder: TextEncoder, chunk: list[dict], image_
         ids, mask = encoder.encode(captions[start : start + batch_size], model.config.max_text_len)
         text_embs.append(F.normalize(model.heads.itc.text(model.encode_text(ids, mask)[:, 0]), dim=-1))
     return image_emb, torch.cat(text_embs)
-
-
-def run_eval_stage(ctx: StageContext) -> None:
-    if ctx.spec.task is not None:  # one downstream task's metric (tasks/registry.py)
-        from vlcluster.tasks.task_eval import run_task_eval_stage
-
-        run_task_eval_stage(ctx)
-        return
-    spec = ctx.spec
-    state, config = read_model(ctx.upstream_dir(spec.source))
-    model = load_model(state, config)
-    sources = ctx.data_sources(spec.data)
-    if not sources.val:
-        raise ValueError(f"stages.{ctx.name}.data: no validation shards (data.val)")
-    encoder = TextEncoder(sources.tokenizer)
-    answers = json.loads(Path(sources.answers).read_text()) if sources.answers else []
-    quality = DataQuality()
-    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size, quality, sources.fields)
-    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
-    result["model"] = {"stage": spec.source, "arch": config.arch}
-    result["data"] = quality.summary(spec.data.max_bad_fraction)
-    log.info("%s: %s", spec.source, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
-    finish_stage(ctx, result)
