@@ -15,13 +15,14 @@ from vlcluster.sizes import STRUCTURE_FIELDS, check_structure
 from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
+from vlcluster.tasks.registry import TASK_NAMES
 from vlcluster.tracking.spec import TrackingSpec
 
 Arch = Literal["specific", "agnostic", "custom_attn", "custom_ffn", "custom_ln"]
 Size = Literal["tiny", "vit_tiny", "base"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
-TaskName = Literal["vqa", "retrieval", "nlvr2", "classification", "segmentation"]
+TaskName = Literal[TASK_NAMES]
 
 
 class Strict(BaseModel):
