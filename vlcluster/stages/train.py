@@ -13,11 +13,15 @@ import json
 import logging
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlcluster.model.config import ModelConfig, preset
 from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import read_model_config
+
+if TYPE_CHECKING:  # the KINDS table imports this module lazily; torch comes with the trainer
+    from vlcluster.model import MultiwayTransformer
+    from vlcluster.train.loop import Recipe, TrainingRun
 
 log = logging.getLogger("vlcluster.train")
 
@@ -52,7 +56,7 @@ def build_model_config(ctx: StageContext, vocab_size: int, num_answers: int) -> 
 # ---- what is trained ---------------------------------------------------------
 
 
-def task_recipe(ctx: StageContext):
+def task_recipe(ctx: StageContext) -> tuple[Recipe, ModelConfig]:
     """A ``finetune`` stage with ``task:``: the task's recipe and a configuration
     with the init model's text vocabulary (its embedding must load)."""
     from vlcluster.stages.task_data import stage_task_data
@@ -73,7 +77,7 @@ def task_recipe(ctx: StageContext):
     return recipe, build_model_config(ctx, vocab, 0)
 
 
-def pretrain_recipe(ctx: StageContext):
+def pretrain_recipe(ctx: StageContext) -> tuple[Recipe, ModelConfig]:
     """Pre-training (and the multi-task fine-tune of ``loss_weights``) on image-caption shards."""
     from vlcluster.data.tokenizer import TextEncoder
     from vlcluster.train.pretraining import PretrainRecipe
@@ -85,14 +89,14 @@ def pretrain_recipe(ctx: StageContext):
     return recipe, build_model_config(ctx, encoder.vocab_size, len(answers))
 
 
-def recipe_of(ctx: StageContext):
+def recipe_of(ctx: StageContext) -> tuple[Recipe, ModelConfig]:
     return task_recipe(ctx) if getattr(ctx.spec, "task", None) else pretrain_recipe(ctx)
 
 
 # ---- where it starts and where it ends -----------------------------------------
 
 
-def load_init(ctx: StageContext, model, is_main: bool) -> None:
+def load_init(ctx: StageContext, model: MultiwayTransformer, is_main: bool) -> None:
     """The stage's ``init``: an external checkpoint, or another stage's model."""
     from vlcluster.model import expand_to_experts, load_into
     from vlcluster.model.external import init_from_checkpoint
@@ -116,7 +120,7 @@ def load_init(ctx: StageContext, model, is_main: bool) -> None:
         log.info("initialised from stage %r (%s -> %s)", source, source_config.arch, model.config.arch)
 
 
-def training_run(ctx: StageContext, is_main: bool):
+def training_run(ctx: StageContext, is_main: bool) -> TrainingRun:
     """The stage's settings as the trainer takes them."""
     from vlcluster.stages.outputs import finish_stage, write_model
     from vlcluster.stages.progress import report_training_progress

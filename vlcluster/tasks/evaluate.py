@@ -80,7 +80,7 @@ def image_caption_task(model: MultiwayTransformer, name: str) -> Task:
     """The registry's task ``name``, checked to be readable from image-caption samples
     and to have the heads it needs in ``model``."""
     task = get_task(name)
-    if task.from_image_caption.__func__ is Task.from_image_caption:
+    if type(task).from_image_caption is Task.from_image_caption:
         raise ValueError(
             f"{name} cannot be scored on image-caption data: evaluate it on its own dataset "
             f"(data: {{from: an import stage, or a data stage with tasks: [{name}]}})"
