@@ -47,7 +47,7 @@ def job(tmp_path) -> str:
             max_answers: 4
             max_bad_fraction: 0.5
           ft_{fmt}: {{kind: finetune, task: {task}, init: {{from: seed}}, data: {{from: in_{fmt}}}, train: *ft, resources: *one}}
-          eval_{fmt}: {{kind: eval, task: {task}, source: ft_{fmt}, data: {{from: in_{fmt}}}}}
+          eval_{fmt}: {{kind: eval, tasks: [{task}], source: ft_{fmt}, data: {{from: in_{fmt}}}}}
         """)
     text = textwrap.dedent("""
         name: tasks_e2e
@@ -68,7 +68,7 @@ def job(tmp_path) -> str:
             data: {from: data}
             train: {steps: 3, batch_size: 4, log_every: 1}
             resources: *one
-          eval_nlvr2_48px: {kind: eval, task: nlvr2, source: ft_nlvr2_48px, data: {from: data}}
+          eval_nlvr2_48px: {kind: eval, tasks: [nlvr2], source: ft_nlvr2_48px, data: {from: data}}
     """) + textwrap.indent(stages, "  ") + textwrap.indent(textwrap.dedent("""
         table:
           kind: report

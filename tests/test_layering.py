@@ -22,8 +22,7 @@ Layers, by the first name under ``vlcluster``:
 
 The checks: no import cycle between modules; no import from the library or
 the bottom into a layer above it; every ``vlcluster`` import names a module
-that exists. ``NOT_YET`` lists what other changes in flight remove; it may
-only shrink.
+that exists.
 """
 
 from __future__ import annotations
@@ -39,26 +38,6 @@ import pytest
 PACKAGE = Path(importlib.util.find_spec("vlcluster").origin).parent  # the package the other tests import; found, not imported
 BOTTOM = {"errors", "extras", "suggest", "sizes", "ports", "hub", "plotting"}
 LIBRARY = {"data", "model", "train", "merge", "tasks", "storage", "metrics"}
-
-# Known and being removed elsewhere: exact (importer, imported) edges and the
-# modules of each cycle. An entry that no longer occurs fails the last test.
-NOT_YET: set = {
-    # stage runners that still live in library packages (moving to vlcluster/stages/<kind>.py)
-    ("vlcluster.tasks.evaluate", "vlcluster.stages.context"),
-    ("vlcluster.tasks.evaluate", "vlcluster.stages.outputs"),
-    ("vlcluster.tasks.finetune", "vlcluster.stages.context"),
-    ("vlcluster.tasks.task_eval", "vlcluster.stages.context"),
-    ("vlcluster.tasks.task_eval", "vlcluster.stages.outputs"),
-    ("vlcluster.train.loop", "vlcluster.failure"),
-    ("vlcluster.train.loop", "vlcluster.stages.context"),
-    ("vlcluster.train.loop", "vlcluster.stages.outputs"),
-    ("vlcluster.train.loop", "vlcluster.stages.progress"),
-    ("vlcluster.train.model_config", "vlcluster.stages.context"),
-    # W&B / MLflow reached from inside the trainer: the training runner can pass the tracker's
-    # log_metrics to MetricsWriter and end the tracker before exit_process instead
-    ("vlcluster.train.dist", "vlcluster.tracking"),
-    ("vlcluster.train.tb", "vlcluster.tracking"),
-}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -180,11 +159,10 @@ def cycle_path(edges: dict[str, set[str]], component: frozenset[str]) -> str:
     raise AssertionError(f"{sorted(component)} is not a cycle")
 
 
-def problems(graph: tuple[dict[str, set[str]], list[str]], known: set) -> list[str]:
+def problems(graph: tuple[dict[str, set[str]], list[str]]) -> list[str]:
     edges, unresolved = graph
-    found = [f"import cycle: {cycle_path(edges, c)}" for c in cycles(edges) if c not in known]
-    found += [f"{a} ({layer(a)}) imports {b} ({layer(b)})"
-              for a, b in sorted(layering_violations(edges)) if (a, b) not in known]
+    found = [f"import cycle: {cycle_path(edges, c)}" for c in cycles(edges)]
+    found += [f"{a} ({layer(a)}) imports {b} ({layer(b)})" for a, b in sorted(layering_violations(edges))]
     return found + [f"{line}, which is no module of the package" for line in unresolved]
 
 
@@ -194,15 +172,8 @@ def package_graph() -> tuple[dict[str, set[str]], list[str]]:
 
 
 def test_no_import_cycles_and_no_library_module_reaches_into_the_control_plane():
-    found = problems(package_graph(), NOT_YET)
+    found = problems(package_graph())
     assert not found, "\n".join(found)
-
-
-def test_the_list_of_known_problems_only_shrinks():
-    edges, _ = package_graph()
-    present = set(cycles(edges)) | layering_violations(edges)
-    gone = [entry for entry in NOT_YET if entry not in present]
-    assert not gone, f"fixed, remove from NOT_YET: {gone}"
 
 
 def test_errors_imports_nothing_from_the_package():
@@ -244,12 +215,12 @@ def test_the_walker_resolves_relative_lazy_and_package_imports(fake_package):
         "vlcluster.graph": {"vlcluster.stages.data"},
         "vlcluster.report": set(),
     }
-    assert unresolved == [] and problems(import_graph(fake_package), set()) == []
+    assert unresolved == [] and problems(import_graph(fake_package)) == []
 
 
 def test_a_planted_cycle_is_found_and_named(fake_package):
     (fake_package / "data" / "shards.py").write_text("def later():\n    from vlcluster.data import loader\n")
-    assert problems(import_graph(fake_package), set()) == [
+    assert problems(import_graph(fake_package)) == [
         "import cycle: vlcluster.data.loader -> vlcluster.data.shards -> vlcluster.data.loader"]
 
 
@@ -257,7 +228,7 @@ def test_a_planted_violation_is_found(fake_package):
     (fake_package / "data" / "shards.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vlcluster.report import Report\n")
     (fake_package / "errors.py").write_text("from . import data\n")
-    assert problems(import_graph(fake_package), set()) == [
+    assert problems(import_graph(fake_package)) == [
         "vlcluster.data.shards (library) imports vlcluster.report (control)",
         "vlcluster.errors (bottom) imports vlcluster.data (library)",
     ]
@@ -265,4 +236,4 @@ def test_a_planted_violation_is_found(fake_package):
 
 def test_an_import_of_a_module_that_is_gone_is_found(fake_package):
     (fake_package / "graph.py").write_text("from vlcluster.stages.kinds import runner\n")
-    assert problems(import_graph(fake_package), set()) == ["vlcluster.graph imports vlcluster.stages.kinds, which is no module of the package"]
+    assert problems(import_graph(fake_package)) == ["vlcluster.graph imports vlcluster.stages.kinds, which is no module of the package"]

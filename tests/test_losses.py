@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vlcluster.tasks.retrieval import recall_at_k, retrieval_scores
+from vlcluster.tasks.recall import recall_at_k, retrieval_scores
 from vlcluster.train import losses
 from vlcluster.jobspec.models import TrainSpec
 from vlcluster.train.optim import lr_factor

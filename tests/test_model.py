@@ -475,7 +475,7 @@ def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_position
     from vlcluster.jobspec.load import load_pipeline
     from vlcluster.model.files import write_model
     from vlcluster.stages.rundir import StageDir
-    from vlcluster.train.model_config import build_model_config
+    from vlcluster.stages.train import build_model_config
 
     old = {key: value for key, value in tiny("specific").to_dict().items() if key not in ("position", "relative_bias")}
     assert ModelConfig.from_dict(old).position == "absolute"  # a model.json written before positions were a field

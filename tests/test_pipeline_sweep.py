@@ -489,7 +489,7 @@ stages:
   data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, tasks: [retrieval], task_n_train: 32, task_n_val: 16}
   msa: {kind: pretrain, model: {arch: specific}, data: {from: data}, train: {steps: 4, batch_size: 8}}
   ft: {kind: finetune, task: retrieval, model: {arch: specific}, init: {from: msa}, data: {from: data}, train: {steps: 2, batch_size: 8}}
-  ev: {kind: eval, task: retrieval, source: ft, data: {from: data}}
+  ev: {kind: eval, tasks: [retrieval], source: ft, data: {from: data}}
 """
 
 

@@ -23,7 +23,7 @@ from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, preset
 from vlcluster.tasks.evaluate import evaluate
-from vlcluster.tasks.retrieval import retrieval_scores
+from vlcluster.tasks.recall import retrieval_scores
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
@@ -172,6 +172,26 @@ def test_evaluation_scores_every_caption(tiny_model_and_encoder, corpus) -> None
     result = evaluate(model, encoder, [], corpus["val"], ["retrieval"], 4)
     assert result["retrieval_pairs"] == 12 and result["retrieval_captions"] == 60
     assert {"tr_r1", "tr_r5", "tr_r10", "tr", "ir_r1", "ir_r5", "ir_r10", "ir"} <= set(result)
+
+
+def test_image_caption_evaluation_reads_tasks_from_the_registry_and_names_one_it_cannot_read(tiny_model_and_encoder, corpus) -> None:
+    model, encoder = tiny_model_and_encoder
+    with pytest.raises(ValueError, match=r"nlvr2 cannot be scored on image-caption data: evaluate it on its own dataset"):
+        evaluate(model, encoder, [], corpus["val"], ["nlvr2"], 4)
+    without_itc = MultiwayTransformer(model.config, heads=("vqa",)).eval()
+    with pytest.raises(ValueError, match="the model has no ITC head: retrieval cannot be evaluated"):
+        evaluate(without_itc, encoder, [], corpus["val"], ["retrieval"], 4)
+
+
+def test_the_pretrained_vqa_head_is_the_vqa_tasks_head(tiny_model_and_encoder) -> None:
+    from vlcluster.tasks.base import TaskInfo
+    from vlcluster.tasks.registry import get_task
+    from vlcluster.tasks.task_eval import task_model
+
+    model, _ = tiny_model_and_encoder
+    state = model.state_dict()
+    loaded = task_model(state, model.config, get_task("vqa"), TaskInfo(("yes", "no")), "here")
+    assert set(loaded.heads) == {"vqa"} and torch.equal(loaded.heads.vqa.fc2.weight, model.heads.vqa.fc2.weight)
 
 
 def test_any_caption_text_retrieval_and_per_caption_image_retrieval() -> None:

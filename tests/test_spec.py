@@ -96,6 +96,16 @@ def test_defaults_of_finetune_stage(write_job):
     assert stage.train.loss_weights.vqa == 1 and stage.train.loss_weights.itc == 1
 
 
+def test_an_eval_stage_lists_its_tasks_and_the_single_task_form_says_how_to_write_it(write_job):
+    text = MINIMAL + "  ev: {kind: eval, source: vlpt, data: {from: data}, tasks: [nlvr2]}\n"
+    assert load_pipeline(write_job(text)).stages["ev"].tasks == ["nlvr2"]
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write_job(text.replace("tasks: [nlvr2]", "task: nlvr2")))
+    message = str(info.value)
+    assert "stages.ev" in message and "task: nlvr2 is written tasks: [nlvr2]" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 2  # the file line, then one paragraph
+
+
 def test_bad_yaml_and_non_mapping(write_job):
     with pytest.raises(SpecError, match="not valid YAML"):
         load_pipeline(write_job("name: [unclosed"))

@@ -23,7 +23,7 @@ from vlcluster.tasks.dataset import read_task_data
 from vlcluster.tasks.finetune import TaskBatchBuilder, TaskObjective
 from vlcluster.tasks.image_text_retrieval import multi_caption_recall
 from vlcluster.tasks.registry import get_task
-from vlcluster.tasks.retrieval import retrieval_items
+from vlcluster.tasks.recall import retrieval_items
 from vlcluster.tasks.task_eval import evaluate_task
 
 SMALL = dict(dim=64, depth=2, heads=2, vl_layers=1, mlp_ratio=2.0, itc_dim=64, num_answers=0)

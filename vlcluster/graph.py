@@ -108,11 +108,16 @@ def _import_feeds_its_task(name: str, stage, source: str, producer) -> list[str]
     from vlcluster.importers.registry import FORMATS
 
     task = FORMATS[producer.format].task
-    wanted = getattr(stage, "task", None)
-    if wanted == task:
-        return []
-    what = f"task {wanted!r}" if wanted else "no task"
-    return [f"stages.{name}.data.from: stage {source!r} imports {task} data ({producer.format}); this stage has {what} (set task: {task})"]
+    if stage.kind == "eval":  # lists its tasks
+        if stage.tasks == [task]:
+            return []
+        what, setting = f"tasks {stage.tasks}", f"tasks: [{task}]"
+    else:
+        wanted = getattr(stage, "task", None)
+        if wanted == task:
+            return []
+        what, setting = f"task {wanted!r}" if wanted else "no task", f"task: {task}"
+    return [f"stages.{name}.data.from: stage {source!r} imports {task} data ({producer.format}); this stage has {what} (set {setting})"]
 
 
 def _topological_order(deps: dict[str, tuple[str, ...]], source: str) -> tuple[str, ...]:

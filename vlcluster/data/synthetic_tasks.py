@@ -33,8 +33,8 @@ from vlcluster.data.synthetic import (
     _join_phrases, _png_bytes, questions, render, sample_scene,
 )
 from vlcluster.tasks.dataset import write_record
+from vlcluster.tasks.registry import TASK_NAMES
 
-SYNTHETIC_TASKS = ("vqa", "retrieval", "nlvr2", "classification", "segmentation")
 OBJECT_PHRASE = "a {color} {shape} at the {position}"
 CAPTIONS_PER_IMAGE = 3
 GROUP_SIZE = 4  # near-duplicate scenes per group (retrieval)
@@ -176,12 +176,16 @@ GENERATORS: dict[str, tuple[Callable[[random.Random, int], Iterator[Sample]], tu
     "segmentation": (segmentation_samples, SEGMENT_CLASSES),
 }
 assert MAX_OBJECTS <= len(POSITIONS)
+assert set(GENERATORS) <= set(TASK_NAMES), "generators are keyed by registered task names"
+SYNTHETIC_TASKS = tuple(name for name in TASK_NAMES if name in GENERATORS)
 
 
 def write_task_dataset(out_dir: str, task: str, n_train: int, n_val: int, shard_size: int, image_size: int,
                        seed: int, tokenizer: str | None = None) -> dict:
     """Write ``task``'s synthetic train/val shards and ``dataset.json`` into ``out_dir``;
     ``tokenizer``: a tokenizer.json copied beside them (the pre-training data's)."""
+    if task not in GENERATORS:
+        raise ValueError(f"task {task!r} has no synthetic dataset (tasks with one: {', '.join(SYNTHETIC_TASKS)}): import its data instead")
     generate, labels = GENERATORS[task]
     splits = {}
     for split, count in (("train", n_train), ("val", n_val)):

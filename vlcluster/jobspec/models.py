@@ -18,6 +18,7 @@ from vlcluster.sizes import ARCHS, CHECKPOINT_FORMATS, POSITIONS, RELATIVE_BIASE
 from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
 from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
 from vlcluster.storage.config import StorageSpec
+from vlcluster.tasks.registry import TASK_NAMES
 from vlcluster.tracking.spec import TrackingSpec
 
 # Names from their registries (a new entry there is accepted here): sizes.py's
@@ -26,7 +27,7 @@ Arch = Literal[ARCHS]
 Size = Literal[SIZES]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
-TaskName = Literal["vqa", "retrieval", "nlvr2", "classification", "segmentation"]
+TaskName = Literal[TASK_NAMES]
 
 
 class Strict(BaseModel):
@@ -459,10 +460,24 @@ class EvalStage(StageBase):
     kind: Literal["eval"]
     source: str = Field(description="stage whose model is evaluated")
     data: DataSpec
-    tasks: list[Literal["vqa", "retrieval"]] = Field(default_factory=lambda: ["vqa", "retrieval"])
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: ["vqa", "retrieval"],
+        description="downstream tasks scored: on the task's own dataset when data.from names an import stage, or a data "
+        "stage that writes the task (its tasks); else on the image-caption validation shards (vqa, retrieval)",
+    )
     batch_size: int = Field(128, gt=0)
-    task: TaskName | None = Field(None, description="evaluate one downstream task (instead of tasks) on its dataset")
-    split: str = Field("val", description="split of the task's dataset (task only)")
+    split: str = Field("val", description="split of a task's own dataset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "task" in values:
+            task = values["task"]
+            raise ValueError(
+                f"task: {task} is written tasks: [{task}]: an eval stage lists the tasks it scores under tasks, "
+                "each on its own dataset when data.from names an import stage or a data stage that writes the task"
+            )
+        return values
 
 
 class MergeabilityPoint(Strict):

@@ -65,20 +65,26 @@ class MLMHead(nn.Module):
 
 
 class VQAHead(nn.Module):
-    """The paper's VQA classifier over the fused [CLS]."""
+    """The paper's VQA classifier over the fused [CLS]: Linear(d -> 2d) -> LayerNorm ->
+    GELU -> Linear(-> #answers). The one VQA head: pre-training's (``heads.vqa``) and
+    the vqa task's (``vlcluster.tasks.vqa``) are the same module, so either loads the other."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, dim: int, answers: int, eps: float):
         super().__init__()
-        hidden = 2 * config.dim
-        self.fc1 = nn.Linear(config.dim, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.fc2 = nn.Linear(hidden, config.num_answers)
+        hidden = 2 * dim
+        self.fc1 = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc2 = nn.Linear(hidden, answers)
 
     def forward(self, cls: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.norm(self.fc1(cls))))
 
 
-_BUILDERS = {"itc": ITCHead, "itm": ITMHead, "mlm": MLMHead, "vqa": VQAHead}
+def _vqa_head(config: ModelConfig) -> VQAHead:
+    return VQAHead(config.dim, config.num_answers, config.layer_norm_eps)
+
+
+_BUILDERS = {"itc": ITCHead, "itm": ITMHead, "mlm": MLMHead, "vqa": _vqa_head}
 
 
 def build_heads(config: ModelConfig, names: Sequence[str]) -> nn.ModuleDict:

@@ -10,30 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from vlcluster.data.inputs import DataSources
 from vlcluster.graph import Graph, build_graph
 from vlcluster.stages.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
 from vlcluster.jobspec.models import DataSpec, DataStage, Pipeline
 from vlcluster.storage.paths import local_copy, run_path
-
-if TYPE_CHECKING:  # the data modules are imported by the stages that read data, not by every CLI command
-    from vlcluster.data.augment import Augment
-    from vlcluster.data.fields import FieldMap
-    from vlcluster.data.mixture import ShardSource
-
-
-@dataclass(frozen=True)
-class DataSources:
-    train: list[str]
-    val: list[str]
-    tokenizer: str | None
-    answers: str | None
-    shuffle_buffer: int
-    shuffle_run: int = 1  # items per shuffled run (data.shuffle_run)
-    train_mixture: tuple[ShardSource, ...] = ()  # one per weighted source of data.train
-    fields: FieldMap | None = None  # which files hold image, captions, task fields
-    augment: Augment | None = None  # of training images
 
 
 def _local(path) -> str | None:

@@ -17,7 +17,8 @@ from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
 from vlcluster.stages.progress import reported
 from vlcluster.storage.paths import writable
-from vlcluster.train.dist import exit_process, init_distributed
+from vlcluster.tracking import exit_rank
+from vlcluster.train.dist import init_distributed
 
 log = logging.getLogger("vlcluster.grams")
 
@@ -50,4 +51,4 @@ def run(ctx: StageContext) -> None:
             "grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source,
             "data": quality.summary(spec.data.max_bad_fraction),
         })
-    exit_process(0)
+    exit_rank(0)

@@ -24,12 +24,12 @@ class StageKind:
 KINDS: dict[str, StageKind] = {
     "data": StageKind("vlcluster.stages.data:run"),
     "import": StageKind("vlcluster.stages.imports:run"),
-    "pretrain": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
-    "finetune": StageKind("vlcluster.train.loop:run_training", distributed=True, trains=True, makes_model=True),
+    "pretrain": StageKind("vlcluster.stages.train:run", distributed=True, trains=True, makes_model=True),
+    "finetune": StageKind("vlcluster.stages.train:run", distributed=True, trains=True, makes_model=True),
     "grams": StageKind("vlcluster.stages.grams:run", distributed=True),
     "merge": StageKind("vlcluster.stages.merge:run", makes_model=True),
     "metrics": StageKind("vlcluster.stages.metrics:run"),
-    "eval": StageKind("vlcluster.tasks.evaluate:run_eval_stage"),
+    "eval": StageKind("vlcluster.stages.eval:run"),
     "report": StageKind("vlcluster.stages.report:run", gathers=True),
 }
 

@@ -16,9 +16,10 @@ log = logging.getLogger("vlcluster.metrics")
 
 
 def write_tensorboard(log_dir, result: dict) -> None:
+    from vlcluster.tracking import forward_metrics
     from vlcluster.train.tb import MetricsWriter
 
-    writer = MetricsWriter(log_dir, enabled=True)
+    writer = MetricsWriter(log_dir, enabled=True, forward=forward_metrics())
     writer.add({f"mergeability/{name}": result["overall"][name] for name in METRICS}, step=0)
     for layer, values in result["layers"].items():
         writer.add({f"mergeability_per_layer/{name}": values[name] for name in METRICS}, step=int(layer))

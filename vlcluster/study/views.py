@@ -16,9 +16,10 @@ from vlcluster.metrics.correlation import DROP_SCORES
 from vlcluster.study import stats
 from vlcluster.study.lineage import Arm
 from vlcluster.study.stats import Interval
+from vlcluster.tasks.registry import HEADLINE_SCORES
 
-# Scores drawn in the figures, in this order, when present.
-PRIMARY = ("vqa_acc", "tr", "ir", "nlvr2_acc", "top1", "miou")
+# Scores drawn in the figures, in this order, when present: each task's headline scores.
+PRIMARY = HEADLINE_SCORES
 LABELS = {
     "vqa_acc": "VQA acc", "tr": "TR (mean R@1/5/10)", "ir": "IR (mean R@1/5/10)", "tr_r1": "TR R@1",
     "ir_r1": "IR R@1", "nlvr2_acc": "NLVR2 acc", "top1": "top-1", "top5": "top-5", "miou": "mIoU",

@@ -77,7 +77,9 @@ class Task:
     image_fields: tuple[str, ...] = IMAGE_FIELDS  # the first present one is the image
     metric: str = ""  # headline metric in result.json (percent)
     model_heads: tuple[str, ...] = ()  # heads of the pre-trained model the task keeps (retrieval: itc)
+    has_head: bool = True  # adds a head of its own, ``heads.<name>`` (retrieval: none)
     needs_text: bool = True
+    image_caption_fields: tuple[str, ...] = ()  # fields an image-caption sample must carry for the task (vqa: qa)
 
     # ---- data ------------------------------------------------------------------
 
@@ -97,6 +99,12 @@ class Task:
     def decode_fields(self, raw: RawSample, image_size: int | None) -> dict[str, Any]:
         return {}
 
+    def from_image_caption(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        """The task's fields of a decoded image-caption sample (``captions``, ``qa``), as
+        ``decode_fields`` gives them: an eval stage scores the task on pre-training data
+        this way. None: the task cannot be read from such data."""
+        return None
+
     def collate(self, samples: dict[str, Any], info: TaskInfo, encoder: TextEncoder | None, max_len: int, rng: random.Random, train: bool) -> TaskBatch:
         """Decoded, stacked samples (``image`` tensor plus lists of the task fields) -> tensors.
         ``train``: draw one of several questions/captions with ``rng``; else keep all."""
@@ -106,6 +114,11 @@ class Task:
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module | None:
         return None
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """Heads a model needs for this task's loss and metric."""
+        return self.model_heads + ((self.name,) if self.has_head else ())
 
     def attach(self, model: MultiwayTransformer, info: TaskInfo) -> MultiwayTransformer:
         """Add the task head (freshly initialised) under ``heads.<task name>``."""

@@ -76,18 +76,3 @@ def read_task_data(root: str | Path, task: str, where: str) -> TaskData:
     if tokenizer is not None:
         tokenizer = str(local_copy(root / _plain(tokenizer, path, "tokenizer")))
     return TaskData(root, task, TaskInfo(tuple(labels)), splits, counts, tokenizer)
-
-
-def task_dataset_dir(ctx, source: str, task: str) -> Path:
-    """Where the stage ``source`` keeps ``task``'s dataset: an import stage's directory,
-    or ``tasks/<task>`` inside a synthetic data stage."""
-    root = ctx.upstream_dir(source).root
-    return root / "tasks" / task if ctx.pipeline.stages[source].kind == "data" else root
-
-
-def stage_task_data(ctx, task: str) -> TaskData:
-    data = ctx.spec.data
-    where = f"stages.{ctx.name}.data"
-    if data.from_ is None:
-        raise DatasetError(f"{where}: a task stage reads an import stage or a data stage: give data: {{from: STAGE}}")
-    return read_task_data(task_dataset_dir(ctx, data.from_, task), task, where)

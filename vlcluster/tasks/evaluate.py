@@ -1,27 +1,26 @@
-"""The ``eval`` stage: VQA accuracy and image-text retrieval on held-out data."""
+"""A model's task scores on held-out image-caption data (pre-training's
+validation shards): VQA from their questions, retrieval from their captions,
+each through the task registry like an evaluation on the task's own dataset."""
 
 from __future__ import annotations
 
-import json
-import logging
+import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from vlcluster.stages.context import StageContext
 from vlcluster.data.fields import FieldMap
-from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
+from vlcluster.data.quality import FIELDS_HINT, DataQuality, no_usable_samples
 from vlcluster.data.shards import DEFAULT_FIELDS
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.model.files import read_model
-from vlcluster.stages.outputs import finish_stage
-from vlcluster.tasks.retrieval import retrieval_items, retrieval_scores
+from vlcluster.tasks.base import Task, TaskBatch, TaskInfo
+from vlcluster.tasks.registry import get_task
 
-log = logging.getLogger("vlcluster.eval")
+# Result names as an image-caption evaluation has always written them.
+IMAGE_CAPTION_NAMES = {"retrieval_images": "retrieval_pairs"}
+TASK_DATASET_ONLY = {"rsum_mean"}  # the task eval's name for (tr + ir) / 2
 
 
 def load_model(state: dict[str, torch.Tensor], config) -> MultiwayTransformer:
@@ -49,84 +48,56 @@ def evaluate(
 ) -> dict:
     """Scores over every usable sample of ``urls``; skipped ones are counted in ``quality``.
 
-    Retrieval embeds every caption of a sample (COCO-style 5 per image) and
-    scores any-caption text retrieval; VQA asks every question of a sample.
+    Every task of ``tasks`` reads its fields from the image-caption samples
+    (``Task.from_image_caption``) and scores them with its own batches and
+    scorer, as on its own dataset: retrieval embeds every caption of a sample
+    (COCO-style 5 per image) and scores any-caption text retrieval; VQA asks
+    every question of a sample, the ``answers`` being its vocabulary.
     """
-    cfg = model.config
-    if "vqa" in tasks and "vqa" not in model.heads:
-        raise ValueError("the model has no VQA head: evaluate a fine-tuned model or drop 'vqa' from tasks")
-    if "retrieval" in tasks and "itc" not in model.heads:
-        raise ValueError("the model has no ITC head: retrieval cannot be evaluated")
+    chosen = [image_caption_task(model, name) for name in tasks]
     quality = quality if quality is not None else DataQuality()
-    fields = fields.requiring("qa") if "vqa" in tasks else fields
-    answer_index = {answer: index for index, answer in enumerate(answers)}
-    image_embs, text_embs, text_image = [], [], []
+    fields = fields.requiring(*sorted({name for task in chosen for name in task.image_caption_fields}))
+    info = TaskInfo(tuple(answers))
+    scorers = {task.name: task.scorer(info) for task in chosen}
+    rng = random.Random(0)  # unused at evaluation (every question/caption is kept)
     images_seen = 0
-    vqa_hits: list[float] = []  # per question (100 or 0): the study report bootstraps over them
-    for chunk in batches(eval_samples(urls, cfg.image_size, quality, fields), batch_size):
+    for chunk in batches(eval_samples(urls, model.config.image_size, quality, fields), batch_size):
         images = torch.stack([sample["image"] for sample in chunk])
-        image_bottom = model.bottom_image(images)
-        if "retrieval" in tasks:
-            image_emb, text_emb = _retrieval_embeddings(model, encoder, chunk, image_bottom, batch_size)
-            image_embs.append(image_emb)
-            text_embs.append(text_emb)
-            text_image += [images_seen + i for i, sample in enumerate(chunk) for _ in sample["captions"]]
-        if "vqa" in tasks:
-            for turn in range(max(len(sample["qa"]) for sample in chunk)):
-                rows = [i for i, sample in enumerate(chunk) if turn < len(sample["qa"])]
-                questions = [chunk[i]["qa"][turn][0] for i in rows]
-                targets = torch.tensor([answer_index[chunk[i]["qa"][turn][1]] for i in rows])
-                ids, mask = encoder.encode(questions, cfg.max_text_len)
-                fused = model.fuse(image_bottom[rows], model.bottom_text(ids, mask), mask)
-                predicted = model.heads.vqa(fused[:, 0]).argmax(dim=-1)
-                vqa_hits += [100.0 * hit for hit in (predicted == targets).tolist()]
+        for task in chosen:
+            scorers[task.name].update(model, task_batch(task, chunk, images, info, encoder, model.config.max_text_len, rng))
         images_seen += len(chunk)
     if images_seen == 0:
         raise no_usable_samples(f"evaluation read {len(urls)} shard(s) ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})", quality, FIELDS_HINT)
     result: dict = {"items": {}}
-    if "vqa" in tasks:
-        result["vqa_acc"] = sum(vqa_hits) / max(len(vqa_hits), 1)
-        result["vqa_questions"] = len(vqa_hits)
-        result["items"]["vqa_acc"] = vqa_hits
-    if "retrieval" in tasks:
-        image_emb, text_emb, owner = torch.cat(image_embs), torch.cat(text_embs), torch.tensor(text_image)
-        result |= retrieval_scores(image_emb, text_emb, owner)
-        result["retrieval_pairs"] = images_seen
-        result["retrieval_captions"] = len(text_image)
-        result["items"] |= retrieval_items((image_emb @ text_emb.t()).float(), owner)
+    for task in chosen:
+        scores = scorers[task.name].result()
+        result["items"] |= scores.pop("items", {})
+        result |= {IMAGE_CAPTION_NAMES.get(name, name): value for name, value in scores.items() if name not in TASK_DATASET_ONLY}
     return result
 
 
-def _retrieval_embeddings(model, encoder: TextEncoder, chunk: list[dict], image_bottom: torch.Tensor, batch_size: int):
-    """ITC embeddings of the chunk's images and of all their captions (in sample order)."""
-    # The ITC head's projections, L2-normalised as in its forward (which pairs one text per image).
-    image_emb = F.normalize(model.heads.itc.image(model.finish(image_bottom, "v")[:, 0]), dim=-1)
-    captions = [caption for sample in chunk for caption in sample["captions"]]
-    text_embs = []
-    for start in range(0, len(captions), batch_size):
-        ids, mask = encoder.encode(captions[start : start + batch_size], model.config.max_text_len)
-        text_embs.append(F.normalize(model.heads.itc.text(model.encode_text(ids, mask)[:, 0]), dim=-1))
-    return image_emb, torch.cat(text_embs)
+def image_caption_task(model: MultiwayTransformer, name: str) -> Task:
+    """The registry's task ``name``, checked to be readable from image-caption samples
+    and to have the heads it needs in ``model``."""
+    task = get_task(name)
+    if type(task).from_image_caption is Task.from_image_caption:
+        raise ValueError(
+            f"{name} cannot be scored on image-caption data: evaluate it on its own dataset "
+            f"(data: {{from: an import stage, or a data stage with tasks: [{name}]}})"
+        )
+    missing = [head for head in task.heads if head not in model.heads]
+    if missing:
+        raise ValueError(
+            f"the model has no {' or '.join(head.upper() for head in missing)} head: {name} cannot be evaluated "
+            f"(evaluate a model fine-tuned for it, or drop {name!r} from tasks)"
+        )
+    return task
 
 
-def run_eval_stage(ctx: StageContext) -> None:
-    if ctx.spec.task is not None:  # one downstream task's metric (tasks/registry.py)
-        from vlcluster.tasks.task_eval import run_task_eval_stage
-
-        run_task_eval_stage(ctx)
-        return
-    spec = ctx.spec
-    state, config = read_model(ctx.upstream_dir(spec.source))
-    model = load_model(state, config)
-    sources = ctx.data_sources(spec.data)
-    if not sources.val:
-        raise ValueError(f"stages.{ctx.name}.data: no validation shards (data.val)")
-    encoder = TextEncoder(sources.tokenizer)
-    answers = json.loads(Path(sources.answers).read_text()) if sources.answers else []
-    quality = DataQuality()
-    result = evaluate(model, encoder, answers, sources.val, spec.tasks, spec.batch_size, quality, sources.fields)
-    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
-    result["model"] = {"stage": spec.source, "arch": config.arch}
-    result["data"] = quality.summary(spec.data.max_bad_fraction)
-    log.info("%s: %s", spec.source, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
-    finish_stage(ctx, result)
+def task_batch(task: Task, chunk: list[dict], images: torch.Tensor, info: TaskInfo, encoder: TextEncoder,
+               max_len: int, rng: random.Random) -> TaskBatch:
+    """The task's evaluation batch of image-caption samples."""
+    rows = [task.from_image_caption(sample) for sample in chunk]
+    samples = {"key": [sample["key"] for sample in chunk], "image": images}
+    samples |= {name: [row[name] for row in rows] for name in rows[0]}
+    return task.collate(samples, info, encoder, max_len, rng, train=False)

@@ -1,8 +1,8 @@
 """How a ``finetune`` stage with ``task:`` trains: data, model, batches, objective.
 
-The trainer (``vlcluster.train.loop``) asks this object for each piece
-instead of the pre-training ones; checkpoints, resume, FSDP and bad-data
-accounting stay the trainer's.
+:class:`TaskTraining` is the trainer's recipe (``vlcluster.train.loop``) for one
+task, in place of pre-training's (``vlcluster.train.pretraining``); checkpoints,
+resume, FSDP and bad-data accounting stay the trainer's.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from torch import Tensor, nn
 
 from vlcluster.data.augment import NO_AUGMENT
 from vlcluster.data.fields import FieldMap
-from vlcluster.data.sources import single_source
-from vlcluster.stages.context import DataSources, StageContext
+from vlcluster.data.inputs import DataSources
+from vlcluster.data.mixture import ShardSource
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.model.files import read_model_config
 from vlcluster.tasks.base import Task, TaskBatch, TaskInfo
-from vlcluster.tasks.dataset import TaskData, stage_task_data
-from vlcluster.tasks.registry import get_task
-from vlcluster.train.model_config import build_model_config
+from vlcluster.tasks.dataset import TaskData
 
 
 class TaskObjective(nn.Module):
@@ -58,33 +55,24 @@ def task_encoder(task: Task, data: TaskData, where: str) -> TextEncoder | None:
 
 
 class TaskTraining:
-    def __init__(self, ctx: StageContext):
-        self.ctx = ctx
-        self.task = get_task(ctx.spec.task)
-        self.data = stage_task_data(ctx, self.task.name)
-        where = f"stages.{ctx.name}.data"
-        train = self.data.shards("train", where)
-        # The task's decoder reads its own fields; image-caption fields and augmentation do not apply.
-        self.sources = DataSources(
-            train=train, val=self.data.splits.get("val", []),
-            tokenizer=self.data.tokenizer, answers=None, shuffle_buffer=ctx.spec.data.shuffle_buffer,
-            shuffle_run=ctx.spec.data.shuffle_run,
-            train_mixture=single_source(train), fields=FieldMap(), augment=NO_AUGMENT,
-        )
-        self.encoder = task_encoder(self.task, self.data, where)
-        self.decode = self.task.decode
+    """One task's recipe: its dataset's train split, its decoder, head, loss and batches.
+    ``where``: the spec field the dataset came from (for messages)."""
 
-    def model_config(self) -> ModelConfig:
-        """The init model's text vocabulary (its embedding must load), the spec's or data's resolution."""
-        init = read_model_config(self.ctx.upstream_dir(self.ctx.spec.init.from_).root)
-        vocab = self.encoder.vocab_size if self.encoder else init.vocab_size
-        if vocab != init.vocab_size:
-            raise ValueError(
-                f"stages.{self.ctx.name}: the dataset's tokenizer has {vocab} tokens, the model of stage "
-                f"{self.ctx.spec.init.from_!r} was trained with {init.vocab_size}: import the data with the "
-                "pre-training tokenizer (--tokenizer)"
-            )
-        return build_model_config(self.ctx, vocab, 0)
+    fields = FieldMap()  # the task's decoder reads its own fields
+    uint8_images = False
+    counts_flops = False  # FLOPs are counted for the pre-training objective's routes only
+
+    def __init__(self, task: Task, data: TaskData, shuffle_buffer: int, shuffle_run: int, where: str):
+        self.task, self.data = task, data
+        train = data.shards("train", where)
+        # Image-caption fields and augmentation do not apply to a task's samples.
+        self.sources = DataSources(
+            train=train, val=data.splits.get("val", []),
+            tokenizer=data.tokenizer, answers=None, shuffle_buffer=shuffle_buffer, shuffle_run=shuffle_run,
+            train_mixture=(ShardSource(tuple(train)),), fields=FieldMap(), augment=NO_AUGMENT,
+        )
+        self.encoder = task_encoder(task, data, where)
+        self.decode = task.decode
 
     def build_model(self, config: ModelConfig) -> MultiwayTransformer:
         return self.task.attach(MultiwayTransformer(config, heads=self.task.model_heads), self.data.info)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vlcluster.model import MultiwayTransformer
 from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_lines
-from vlcluster.tasks.retrieval import recall_scores, retrieval_items
+from vlcluster.tasks.recall import recall_scores, retrieval_items
 from vlcluster.train.losses import itc_loss
 
 
@@ -28,9 +28,13 @@ class RetrievalTask(Task):
     fields = ("txt",)
     metric = "rsum_mean"
     model_heads = ("itc",)  # the pre-trained ITC projections and temperature
+    has_head = False
 
     def decode_fields(self, raw: RawSample, image_size: int | None) -> dict[str, Any]:
         return {"captions": read_lines(raw)}
+
+    def from_image_caption(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"captions": sample["captions"]}
 
     def collate(self, samples, info: TaskInfo, encoder, max_len, rng: random.Random, train: bool) -> TaskBatch:
         captions, owners = [], []

@@ -1,4 +1,4 @@
-"""The ``eval`` stage with ``task:``: one task's metric on one split of its dataset."""
+"""One downstream task's metric on one split of its dataset."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from vlcluster.stages.context import StageContext
 from vlcluster.data.loader import stack_samples
-from vlcluster.data.quality import BadSample, DataQuality, check_bad_fraction
+from vlcluster.data.quality import BadSample, DataQuality
 from vlcluster.data.stream import shard_items
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, load_into
-from vlcluster.model.files import read_model
-from vlcluster.stages.outputs import finish_stage
 from vlcluster.tasks.base import Task, TaskInfo
-from vlcluster.tasks.dataset import stage_task_data
-from vlcluster.tasks.finetune import task_encoder
-from vlcluster.tasks.registry import get_task
 
 log = logging.getLogger("vlcluster.eval")
 
@@ -67,21 +61,3 @@ def evaluate_task(model: MultiwayTransformer, task: Task, info: TaskInfo, encode
     for samples in decoded_batches(task, urls, model.config.image_size, batch_size, quality):
         scorer.update(model, task.collate(samples, info, encoder, model.config.max_text_len, rng, train=False))
     return scorer.result()
-
-
-def run_task_eval_stage(ctx: StageContext) -> None:
-    spec = ctx.spec
-    task = get_task(spec.task)
-    where = f"stages.{ctx.name}"
-    data = stage_task_data(ctx, task.name)
-    urls = data.shards(spec.split, f"{where}.data")
-    state, config = read_model(ctx.upstream_dir(spec.source))
-    model = task_model(state, config, task, data.info, where)
-    quality = DataQuality()
-    result = evaluate_task(model, task, data.info, task_encoder(task, data, f"{where}.data"), urls, spec.batch_size, quality)
-    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
-    result |= {"task": task.name, "split": spec.split, "chance": task.chance(data.info)}
-    result["model"] = {"stage": spec.source, "arch": config.arch}
-    result["data"] = quality.summary(spec.data.max_bad_fraction)
-    log.info("%s on %s: %s", spec.source, task.name, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
-    finish_stage(ctx, result)

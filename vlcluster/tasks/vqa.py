@@ -19,22 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlcluster.model import ModelConfig, MultiwayTransformer
+from vlcluster.model.heads import VQAHead
 from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_json, require
 
 DEFAULT_VOCABULARY = 3129  # VQA v2's most frequent answers, the usual head size
-
-
-class VQAHead(nn.Module):
-    """Linear(d -> 2d) -> LayerNorm -> GELU -> Linear(-> #answers), as in the paper."""
-
-    def __init__(self, dim: int, answers: int, eps: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(2 * dim, eps=eps)
-        self.fc2 = nn.Linear(2 * dim, answers)
-
-    def forward(self, cls: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.norm(self.fc1(cls))))
 
 
 def soft_score(annotators: int) -> float:
@@ -46,6 +34,7 @@ class VQATask(Task):
     route = "fusion"
     fields = ("json",)
     metric = "vqa_acc"
+    image_caption_fields = ("qa",)
 
     def decode_fields(self, raw: RawSample, image_size: int | None) -> dict[str, Any]:
         meta = read_json(raw)
@@ -58,6 +47,10 @@ class VQATask(Task):
             require(all(isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) for a in answers), "json: malformed answers")
             parsed.append((q["question"], [(a, float(s)) for a, s in answers]))
         return {"questions": parsed}
+
+    def from_image_caption(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Pre-training data's questions have one answer each (soft score 1)."""
+        return {"questions": [(question, [(answer, 1.0)]) for question, answer in sample["qa"]]}
 
     def collate(self, samples, info: TaskInfo, encoder, max_len, rng: random.Random, train: bool) -> TaskBatch:
         index = info.label_index
@@ -72,7 +65,7 @@ class VQATask(Task):
             for column, score in pairs:
                 soft[i, column] = max(soft[i, column].item(), score)
         ids, mask = encoder.encode(texts, max_len)
-        return TaskBatch(image=samples["image"][torch.tensor(rows)], ids=ids, mask=mask, soft=soft)
+        return TaskBatch(image=samples["image"][torch.tensor(rows, dtype=torch.long)], ids=ids, mask=mask, soft=soft)
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module:
         return VQAHead(config.dim, len(info.labels), config.layer_norm_eps)

@@ -152,6 +152,22 @@ def end_current(ok: bool) -> None:
         ending(ok)
 
 
+def forward_metrics():
+    """What a TensorBoard writer hands its scalars to as well: the stage tracker's
+    ``log_metrics``, or None without ``tracking:``."""
+    tracker = current()
+    return tracker.log_metrics if tracker is not None else None
+
+
+def exit_rank(code: int) -> None:
+    """End the stage's W&B / MLflow runs, then the rank: ``exit_process`` leaves
+    by ``os._exit``, past the stage's ``with stage_tracking(...)``."""
+    from vlcluster.train.dist import exit_process
+
+    end_current(code == 0)
+    exit_process(code)
+
+
 def _start(adapters: list[Adapter], service: str, make) -> None:
     """A missing client is the stage's error (one paragraph naming the extra); a service
     that cannot be reached is a warning: the stage trains without it."""

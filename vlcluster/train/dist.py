@@ -77,9 +77,7 @@ def exit_process(code: int) -> None:
             dist.barrier()
         dist.destroy_process_group()
     from vlcluster.storage.retries import report
-    from vlcluster.tracking import end_current
 
-    end_current(code == 0)  # os._exit skips the stage's `with stage_tracking(...)`: end its W&B / MLflow runs here
     report()  # os._exit skips the atexit hook that would log the storage retries
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,5 +1,8 @@
 """The training loop shared by seed pre-training, VL pre-training and
-fine-tuning: one Trainer, configured by the stage spec, run under torchrun.
+fine-tuning: one Trainer, given what to train by a recipe (pre-training's in
+``pretraining.py``, a downstream task's in ``vlcluster.tasks.finetune``) and
+the run's settings in plain values; the stage layer (``vlcluster.stages.train``)
+fills both in from the spec and runs it under torchrun.
 """
 
 from __future__ import annotations
@@ -7,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -20,37 +26,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vlcluster.stages.context import StageContext
+from vlcluster.data.inputs import DataSources
 from vlcluster.data.loader import TrainLoader, resolve_workers
-from vlcluster.data.quality import BadDataError, DataQuality, bad_fraction, check_bad_fraction
-from vlcluster.data.tokenizer import TextEncoder
-from vlcluster.failure import note_failure, peer_lost, said_in_one_paragraph
-from vlcluster.model import MultiwayTransformer, expand_to_experts, load_into
-from vlcluster.model.external import CheckpointError, init_from_checkpoint
-from vlcluster.model.posembed import fit_position_table
-from vlcluster.tasks.finetune import TaskTraining
-from vlcluster.model.files import read_model, write_model
-from vlcluster.stages.outputs import finish_stage
-from vlcluster.stages.progress import report_training_progress
+from vlcluster.data.quality import DataQuality, bad_fraction, check_bad_fraction
+from vlcluster.data.fields import FieldMap
+from vlcluster.model import ModelConfig, MultiwayTransformer
+from vlcluster.model.external import CheckpointError
 from vlcluster.train import checkpoint as ckpt
-from vlcluster.train.batches import BatchBuilder
-from vlcluster.train.dist import DistEnv, exit_process, init_distributed
+from vlcluster.train.dist import DistEnv
 from vlcluster.train.keylog import KeyRecorder
-from vlcluster.train.model_config import build_model_config
-from vlcluster.train.objective import Objective
 from vlcluster.train.optim import build_optimizer, build_scheduler
 from vlcluster.train.accumulate import plan_micro_batches
 from vlcluster.train.elastic import StepBatches, hash_seed, resharded_loader_state
 from vlcluster.train.block_options import apply_block_options
 from vlcluster.train.step import StepRunner
-from vlcluster.errors import EXIT_REQUEUE
 from vlcluster.train.parallelize import parallelize
-from vlcluster.train.precision import Precision, PrecisionError
+from vlcluster.train.precision import Precision
 from vlcluster.train.preempt import StopFlag, StopRequested
 from vlcluster.train.tb import MetricsWriter
 from vlcluster.train.model_flops import Objectives
 from vlcluster.train.throughput_meter import ThroughputMeter
-from vlcluster.storage.paths import run_path
 
 log = logging.getLogger("vlcluster.train")
 
@@ -58,56 +53,80 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_LOAD = StateDictOptions(full_state_dict=True)
 
 
+class Recipe(Protocol):
+    """What is trained: data, model, batches and objective (pre-training or one task)."""
+
+    sources: DataSources
+    fields: FieldMap  # sample fields the loader requires
+    decode: Callable | None  # raw sample -> decoded one; None: the loader's image-caption decoding
+    uint8_images: bool
+    counts_flops: bool  # the throughput meter counts this objective's FLOPs
+
+    def batch_builder(self, config: ModelConfig, seed: int) -> Any: ...
+    def build_model(self, config: ModelConfig) -> MultiwayTransformer: ...
+    def objective(self, model: MultiwayTransformer, rank_sizes: list[int]) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training stage's settings in plain values.
+
+    ``train``: the train settings (steps, batch sizes, seed, losses, optimiser,
+    precision...); ``init_weights`` loads the starting weights into a fresh model
+    (not called when a checkpoint resumes); ``on_log`` hears every logged step on
+    the main rank; ``export`` writes the final weights and result (main rank)."""
+
+    name: str
+    spec_hash: str
+    train: Any
+    checkpoint_root: Path
+    checkpoint_every: int
+    checkpoint_keep: int
+    tensorboard: Path
+    num_workers: int | str
+    cpus_per_node: int | None
+    ranks_per_node: int
+    max_bad_fraction: float
+    init_weights: Callable[[MultiwayTransformer], None] | None = None
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    export: Callable[[dict[str, torch.Tensor], ModelConfig, int, dict], None] | None = None
+    forward_metrics: Callable[[dict[str, float], int], None] | None = None  # e.g. to W&B / MLflow
+
+
 class Trainer:
-    def __init__(self, ctx: StageContext, env: DistEnv, stop: StopFlag | None = None):
-        self.ctx, self.env = ctx, env
+    def __init__(self, run: TrainingRun, recipe: Recipe, config: ModelConfig, env: DistEnv, stop: StopFlag | None = None):
+        self.run, self.recipe, self.config, self.env = run, recipe, config, env
         self.stop = stop or StopFlag()
-        spec = ctx.spec
-        self.train = spec.train
-        # A downstream task (finetune with task:) supplies data, model, batches and objective.
-        self.task = TaskTraining(ctx) if getattr(spec, "task", None) else None
-        self.sources = self.task.sources if self.task else ctx.data_sources(spec.data)
-        self.encoder = self.task.encoder if self.task else TextEncoder(self.sources.tokenizer)
-        self.answers = json.loads(Path(self.sources.answers).read_text()) if self.sources.answers else []
-        self.config = self.task.model_config() if self.task else build_model_config(ctx, self.encoder.vocab_size, len(self.answers))
+        self.train = run.train
+        self.sources = recipe.sources
         self.rank_sizes = self.train.rank_batch_sizes(env.world_size)
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.train.seed * 1000 + env.rank)
-        seed = self.train.seed * 1000 + env.rank
-        self.builder = self.task.batch_builder(self.config, seed) if self.task else BatchBuilder(self.encoder, self.config.max_text_len, self.answers, seed)
+        self.builder = recipe.batch_builder(config, self.train.seed * 1000 + env.rank)
         self.loader_workers = resolve_workers(
-            spec.data.num_workers, spec.resources.cpus_per_node, spec.resources.ranks_per_node,
+            run.num_workers, run.cpus_per_node, run.ranks_per_node,
             min(len(source.urls) for source in self.sources.train_mixture), env.world_size
         )
         self.loader = TrainLoader(
             self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
-            self.rank_sizes[env.rank], self.config.image_size, self.loader_workers,
-            self.sources.fields.requiring(*(["qa"] if self.train.loss_weights.vqa > 0 and not self.task else [])),
-            self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=self.task is None,
-            decode=self.task.decode if self.task else None, rank_sizes=self.rank_sizes,
-            shuffle_run=self.sources.shuffle_run,
+            self.rank_sizes[env.rank], config.image_size, self.loader_workers, recipe.fields,
+            self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=recipe.uint8_images,
+            decode=recipe.decode, rank_sizes=self.rank_sizes, shuffle_run=self.sources.shuffle_run,
         )
         self.keys = KeyRecorder(env.rank)
 
         torch.manual_seed(self.train.seed)  # identical initial weights on every rank
-        if self.task:
-            model = self.task.build_model(self.config)
-            self.objective = self.task.objective(model, self.rank_sizes)
-        else:
-            model = MultiwayTransformer(self.config, heads=self.head_names())
-            self.objective = Objective(
-                model, self.train.loss_weights, sorted(self.encoder.special_ids), self.encoder.mask_id,
-                self.train.mask_prob, self.rank_sizes, self.train.vqa_loss,
-            )
-        resume = ckpt.load_intact_checkpoint(self.checkpoint_root, ctx.spec_hash, env)  # verified, else an older one
-        if resume is None and spec.init is not None:
-            self.load_init(model)
+        model = recipe.build_model(config)
+        self.objective = recipe.objective(model, self.rank_sizes)
+        resume = ckpt.load_intact_checkpoint(run.checkpoint_root, run.spec_hash, env)  # verified, else an older one
+        if resume is None and run.init_weights is not None:
+            run.init_weights(model)
         self.objective.to(env.device)
         self.precision = Precision.for_device(self.train.precision, env.device)
         apply_block_options(model.layers, self.train.activation_checkpointing, self.train.compile)
         parallelize(self.objective, self.precision.param_dtype())
         self.meter = ThroughputMeter(
-            self.config, Objectives.from_weights(self.train.loss_weights), self.precision.name, env.device, env.world_size
+            config, Objectives.from_weights(self.train.loss_weights), self.precision.name, env.device, env.world_size
         )
         self.optimizer = build_optimizer(self.objective, self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train)
@@ -115,39 +134,10 @@ class Trainer:
         self.step_batches = StepBatches(self.rank_sizes, self.train.micro_batch_size, env, micro_batches)
         # FLOPs are counted for the pre-training objective's routes only (tasks' batches have other fields).
         self.stepper = StepRunner(self.objective, self.optimizer, self.precision, env.device, micro_batches, self.train.mask_prob,
-                                  None if self.task else self.meter)
+                                  self.meter if recipe.counts_flops else None)
         if resume is not None:
             self.restore(resume)
-        self.metrics = MetricsWriter(ctx.dir.tensorboard, env.is_main, purge_step=self.step)
-
-    @property
-    def checkpoint_root(self) -> Path:
-        configured = self.ctx.spec.checkpoint.dir
-        return run_path(configured) if configured else self.ctx.dir.checkpoints
-
-    def head_names(self) -> tuple[str, ...]:
-        weights = self.train.loss_weights
-        names = [name for name in ("itc", "itm", "mlm", "vqa") if getattr(weights, name) > 0]
-        if "itm" in names and "itc" not in names:
-            names.append("itc")  # ITM mines its negatives from ITC similarities
-        return tuple(names)
-
-    def load_init(self, model: MultiwayTransformer) -> None:
-        init = self.ctx.spec.init
-        if init.checkpoint is not None:
-            from vlcluster.hub import is_hub, local_snapshot
-
-            source = str(local_snapshot(init.checkpoint, "init.checkpoint")) if is_hub(init.checkpoint) else init.checkpoint
-            report = init_from_checkpoint(model, source, init.format)
-            if self.env.is_main:
-                log.info("initialised from checkpoint:\n  %s", "\n  ".join(report.lines()))
-            return
-        source = init.from_
-        state, source_config = read_model(self.ctx.upstream_dir(source))
-        state = fit_position_table(expand_to_experts(state, model), model)  # e.g. 384px fine-tune of a 224px model
-        load_into(model, state, allow_missing_prefixes=tuple(f"heads.{name}" for name in model.heads))
-        if self.env.is_main:
-            log.info("initialised from stage %r (%s -> %s)", source, source_config.arch, self.config.arch)
+        self.metrics = MetricsWriter(run.tensorboard, env.is_main, purge_step=self.step, forward=run.forward_metrics)
 
     # ---- checkpoints -------------------------------------------------------
 
@@ -159,15 +149,15 @@ class Trainer:
             rank_tensors["cuda_rng"] = torch.cuda.get_rng_state(self.env.device)
         rank_info = {"loader": self.loader.state_dict(), "questions_rng": _jsonable(self.builder.rng.getstate())}
         meta = {
-            "spec_hash": self.ctx.spec_hash,
+            "spec_hash": self.run.spec_hash,
             "world_size": self.env.world_size,
             "scheduler": self.scheduler.state_dict(),
             "model_config": self.config.to_dict(),
             "precision": self.precision.state_dict(),
         }
         path = ckpt.save_checkpoint(
-            self.checkpoint_root, self.step, self.env, model_state, optim_state, meta,
-            rank_tensors, rank_info, self.ctx.spec.checkpoint.keep,
+            self.run.checkpoint_root, self.step, self.env, model_state, optim_state, meta,
+            rank_tensors, rank_info, self.run.checkpoint_keep,
         )
         if self.env.is_main:
             log.info("checkpoint saved: %s", path)
@@ -209,7 +199,7 @@ class Trainer:
         if self.env.is_main:
             log.info(
                 "training %s (%s, %.2fM params) for %d steps, batch %d over %d ranks, %d data-loader workers each, from step %d",
-                self.ctx.name, self.config.arch, self.objective.model.num_params() / 1e6,
+                self.run.name, self.config.arch, self.objective.model.num_params() / 1e6,
                 total, self.train.batch_size, self.env.world_size, self.loader_workers, self.step,
             )
             log.info("precision %s (train.precision: %s) on %s", self.precision.name, self.train.precision, self.env.device)
@@ -222,7 +212,7 @@ class Trainer:
                 if self.step % self.train.log_every == 0 or self.step == total:
                     history = self.log_step(out, window_samples / (time.perf_counter() - window_start))
                     window_start, window_samples = time.perf_counter(), 0
-                saved = self.step % self.ctx.spec.checkpoint.every == 0 or self.step == total
+                saved = self.step % self.run.checkpoint_every == 0 or self.step == total
                 if saved:
                     self.save()
                 if self.step < total and self.stop.agreed(self.env.device):
@@ -278,9 +268,10 @@ class Trainer:
                 "step %d/%d (%.0f%%) %s | lr %.2e | %.0f samples/s | %s%s", self.step, self.train.steps, pct, losses,
                 scalars["lr"], samples_per_s, ThroughputMeter.describe(scalars), bad_note,
             )
-            report_training_progress(self.ctx, self.step, scalars)  # <stage>/progress.json for `vlcluster status`
+            if self.run.on_log is not None:
+                self.run.on_log(self.step, scalars)  # e.g. <stage>/progress.json for `vlcluster status`
         # Every rank sees the same global counts, so all of them stop here together.
-        check_bad_fraction(bad, read, self.ctx.spec.data.max_bad_fraction, final=self.step == self.train.steps)
+        check_bad_fraction(bad, read, self.run.max_bad_fraction, final=self.step == self.train.steps)
         return scalars
 
     def global_data_counts(self) -> tuple[int, int]:
@@ -297,14 +288,13 @@ class Trainer:
             states = [None] * self.env.world_size
             dist.all_gather_object(states, self.loader.quality.state_dict())
         total = DataQuality.total(DataQuality.from_state(state) for state in states)
-        return total.summary(self.ctx.spec.data.max_bad_fraction)
+        return total.summary(self.run.max_bad_fraction)
 
     def export(self, summary: dict) -> None:
         state = get_model_state_dict(self.objective.model, options=FULL_STATE)
         self.metrics.close()  # before the done-marker: on an object store this uploads tb/
-        if self.env.is_main:
-            write_model(self.ctx.dir, state, self.config, {"stage": self.ctx.name, "steps": self.step})
-            finish_stage(self.ctx, summary)
+        if self.env.is_main and self.run.export is not None:
+            self.run.export(state, self.config, self.step, summary)
 
 
 def _jsonable(state):
@@ -313,36 +303,3 @@ def _jsonable(state):
 
 def _tupled(value):
     return tuple(_tupled(item) for item in value) if isinstance(value, list) else value
-
-
-def run_training(ctx: StageContext) -> None:
-    """Entry point of a training stage on every rank; never returns."""
-    stop = StopFlag().install()  # before the process group exists: a signal during set-up is kept
-    env = init_distributed(ctx.spec.train.device)
-    code = 0
-    try:
-        if env.is_main:
-            removed = ckpt.discard_foreign(ctx.dir.checkpoints, ctx.spec_hash)
-            if removed:
-                log.info("removed checkpoints of an earlier spec of this stage (steps %s)", removed)
-        if dist.is_initialized():
-            dist.barrier()
-        trainer = Trainer(ctx, env, stop)
-        summary = trainer.fit()
-        trainer.export(summary)
-    except StopRequested:
-        code = EXIT_REQUEUE
-    except (BadDataError, CheckpointError, PrecisionError) as exc:
-        note_failure(ctx.dir, exc)
-        log.error("%s", exc)
-        code = 1
-    except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
-        named = note_failure(ctx.dir, exc, str(ctx.run_dir))
-        if said_in_one_paragraph(named):
-            log.error("%s", named[1])
-        elif peer_lost(exc):
-            log.error("stopping: another rank is gone (%s); its own lines above say why", str(exc).split(". ")[0])
-        else:
-            traceback.print_exc()
-        code = 1
-    exit_process(code)

@@ -1,5 +1,6 @@
-"""TensorBoard scalars, written by rank 0 only (and forwarded to the stage's
-W&B / MLflow tracker, :mod:`vlcluster.tracking`, when the job file has one).
+"""TensorBoard scalars, written by rank 0 only (and handed to ``forward`` too:
+the stage passes its W&B / MLflow tracker's ``log_metrics`` when the job file
+has one).
 
 Event files are appended to, which object stores cannot do: for a remote
 ``tb/`` the writer writes into a local directory and uploads its files
@@ -11,6 +12,7 @@ ones; its purge marker hides the old events past the resume step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vlcluster.storage.paths import is_remote, local_side, upload_tree
@@ -19,8 +21,9 @@ SYNC_EVERY_S = 30.0
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None):
-        self.writer = None
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None,
+                 forward: Callable[[dict[str, float], int], None] | None = None):
+        self.writer, self.forward = None, forward
         self.remote = log_dir if is_remote(log_dir) else None
         self.synced = time.monotonic()
         if enabled:
@@ -34,10 +37,8 @@ class MetricsWriter:
     def add(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
-        from vlcluster import tracking
-
-        if (tracker := tracking.current()) is not None:  # the same curves to W&B / MLflow
-            tracker.log_metrics(scalars, step)
+        if self.forward is not None:  # the same curves to W&B / MLflow
+            self.forward(scalars, step)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()

@@ -1,0 +1,84 @@
+"""The ``eval`` stage: a model's scores on the tasks of ``tasks``, written to result.json.
+
+A task reads its own dataset (``dataset.json``: an import stage, or a data
+stage that writes the task) when ``data.from`` names one; otherwise the
+image-caption validation shards, which VQA and retrieval can read. Either way
+the task registry's task makes the batches and keeps the score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vlcluster.stages.context import StageContext
+
+log = logging.getLogger("vlcluster.eval")
+
+
+def reads_own_dataset(ctx: StageContext, task: str) -> bool:
+    source = ctx.spec.data.from_
+    if source is None:
+        return False
+    producer = ctx.pipeline.stages[source]
+    return producer.kind == "import" or task in getattr(producer, "tasks", ())
+
+
+def run(ctx: StageContext) -> None:
+    from vlcluster.data.quality import DataQuality, check_bad_fraction
+    from vlcluster.model.files import read_model
+    from vlcluster.stages.outputs import finish_stage
+
+    spec = ctx.spec
+    own = [task for task in spec.tasks if reads_own_dataset(ctx, task)]
+    if len(own) > 1:
+        raise ValueError(
+            f"stages.{ctx.name}.tasks: {', '.join(own)} each read their own dataset: give each its own eval stage "
+            "(a report row joins several)"
+        )
+    image_caption = [task for task in spec.tasks if task not in own]
+    state, config = read_model(ctx.upstream_dir(spec.source))
+    quality = DataQuality()
+    result: dict = {}
+    if image_caption:
+        result |= image_caption_scores(ctx, state, config, image_caption, quality)
+    if own:
+        result |= own_dataset_scores(ctx, state, config, own[0], quality)
+    check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
+    result["model"] = {"stage": spec.source, "arch": config.arch}
+    result["data"] = quality.summary(spec.data.max_bad_fraction)
+    on = f" on {own[0]}" if own and not image_caption else ""
+    log.info("%s%s: %s", spec.source, on, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
+    finish_stage(ctx, result)
+
+
+def own_dataset_scores(ctx: StageContext, state: dict, config, name: str, quality) -> dict:
+    """One task's metric on a split of its dataset."""
+    from vlcluster.stages.task_data import stage_task_data
+    from vlcluster.tasks.finetune import task_encoder
+    from vlcluster.tasks.registry import get_task
+    from vlcluster.tasks.task_eval import evaluate_task, task_model
+
+    spec = ctx.spec
+    task = get_task(name)
+    where = f"stages.{ctx.name}"
+    data = stage_task_data(ctx, task.name)
+    urls = data.shards(spec.split, f"{where}.data")
+    model = task_model(state, config, task, data.info, where)
+    result = evaluate_task(model, task, data.info, task_encoder(task, data, f"{where}.data"), urls, spec.batch_size, quality)
+    return result | {"task": task.name, "split": spec.split, "chance": task.chance(data.info)}
+
+
+def image_caption_scores(ctx: StageContext, state: dict, config, tasks: list[str], quality) -> dict:
+    """VQA and retrieval on the validation shards of the image-caption data."""
+    from vlcluster.data.tokenizer import TextEncoder
+    from vlcluster.tasks.evaluate import evaluate, load_model
+
+    model = load_model(state, config)
+    sources = ctx.data_sources(ctx.spec.data)
+    if not sources.val:
+        raise ValueError(f"stages.{ctx.name}.data: no validation shards (data.val)")
+    encoder = TextEncoder(sources.tokenizer)
+    answers = json.loads(Path(sources.answers).read_text()) if sources.answers else []
+    return evaluate(model, encoder, answers, sources.val, tasks, ctx.spec.batch_size, quality, sources.fields)
