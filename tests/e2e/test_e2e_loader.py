@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from tests.damage import EXPECTED_BAD, damage
-from tests.test_e2e import cli, live_processes_mentioning
+from tests.support.damage import EXPECTED_BAD, damage
+from tests.e2e.test_e2e import cli, live_processes_mentioning
 from vlcluster.data import synthetic as syn
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from tests.test_e2e import cli
+from tests.e2e.test_e2e import cli
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
-from tests.test_e2e import live_processes_mentioning
-from tests.test_e2e_loader import recorded, run, submit
-from tests.test_realdata import scene
+from tests.support.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
+from tests.e2e.test_e2e import live_processes_mentioning
+from tests.e2e.test_e2e_loader import recorded, run, submit
+from tests.unit.test_realdata import scene
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests import task_formats
+from tests.support import task_formats
 from tests.conftest import REPO
 from vlcluster.stages.outputs import read_result
 from vlcluster.stages.rundir import stage_dir

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_external import saved_beit
+from tests.unit.test_external import saved_beit
 from vlcluster.hub import HubRef
 from vlcluster.jobspec.load import SpecError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BEIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKENIZER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_storage import cli
+from tests.e2e.test_storage import cli
 
 
 def planted_job(tmp_path: Path) -> str:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.faults.test_kill_resume import RAY_TRIALS, fresh_run, ray_trial
-from tests.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
+from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
 from vlcluster.stages.rundir import read_json
 
 
@@ -215,7 +215,7 @@ def test_cancel_stops_the_running_job_and_blocks_the_rest(ray_cluster, write_job
 
 @pytest.mark.slow
 def test_gated_merge_shows_gated_and_blocks_its_dependants_on_ray(ray_cluster, write_job, tmp_path, monkeypatch):
-    from tests.test_e2e_merge import GATED, assert_gated_status
+    from tests.e2e.test_e2e_merge import GATED, assert_gated_status
 
     monkeypatch.setenv("COLUMNS", "400")
     run_dir = tmp_path / "run"

@@ -376,7 +376,7 @@ def test_a_node_fetches_each_shard_once_and_keeps_its_cache_under_the_limit(s3_e
 
     import fsspec
 
-    from tests.countingproxy import CountingProxy
+    from tests.support.countingproxy import CountingProxy
     from vlcluster.storage import config
     from vlcluster.storage.shardlist import open_input
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MEMORY_CAP = 8 << 30  # address space: torch alone maps a few GiB
 GENERATORS = 6  # spec, sweep, spec-bytes, plan, status, tensors (metrics or merge)
 
@@ -24,7 +24,7 @@ def fuzz(examples_per_target: int, out: Path) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fuzz_driver.py"), str(examples_per_target), str(out)],
+        [sys.executable, str(REPO / "tests" / "support" / "fuzz_driver.py"), str(examples_per_target), str(out)],
         capture_output=True, text=True, preexec_fn=cap, env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=60 + examples_per_target * 6 * 20,
     )

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.test_e2e import live_processes_mentioning
+from tests.e2e.test_e2e import live_processes_mentioning
 from vlcluster.storage.tensorfile import load_tensors
 
 pytestmark = pytest.mark.slow

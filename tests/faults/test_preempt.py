@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.test_e2e import FAILING, cli
+from tests.e2e.test_e2e import FAILING, cli
 from vlcluster.stages.rundir import read_json
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.faults.flaky_proxy import FlakyProxy
+from tests.support.flaky_proxy import FlakyProxy
 
 DATA_JOB = """\
 name: flaky

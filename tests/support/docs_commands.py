@@ -30,7 +30,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENERATED = ("docs/reference/",)  # written from the parser by tools/gen_docs.py
 
 # Documented commands no test can run, by (page, command text): none at present.

@@ -9,7 +9,7 @@ run side by side. Use as a context manager::
         s3.env        # AWS_* variables of the server's identity
         s3.endpoint   # http://127.0.0.1:<port>
 
-or from a shell: ``python -m tests.s3server DIR`` (prints the environment, runs
+or from a shell: ``python -m tests.support.s3server DIR`` (prints the environment, runs
 until interrupted).
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.damage import damage
+from tests.support.damage import damage
 from vlcluster.data import corpusindex
 from vlcluster.data import synthetic as syn
 from vlcluster.data.corpusindex import INDEX_NAME, MAGIC, CorpusIndex, IndexFormatError, write_index
@@ -22,7 +22,7 @@ from vlcluster.data.quality import BadDataError
 from vlcluster.data.rangedread import RangedReader, locate_shards
 from vlcluster.data.tarindex import ShardIndex
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_vlcluster_index_writes_one_index_per_directory(corpus: list[str], tmp_p
 def test_on_s3_the_loader_reads_the_index_and_ranges_of_the_shards(corpus: list[str], s3_env, s3_server) -> None:
     import fsspec
 
-    from tests.countingproxy import CountingProxy
+    from tests.support.countingproxy import CountingProxy
     from vlcluster.storage import config
 
     config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
@@ -189,7 +189,7 @@ def test_on_s3_the_loader_reads_the_index_and_ranges_of_the_shards(corpus: list[
 def test_a_2_to_3_rank_resume_on_s3_reads_every_sample_once_and_little_else(s3_env, s3_server, tmp_path: Path) -> None:
     import fsspec
 
-    from tests.countingproxy import CountingProxy
+    from tests.support.countingproxy import CountingProxy
     from tools.bench.loader_s3 import sample_bytes
     from vlcluster.storage import config
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs_commands import (
+from tests.support.docs_commands import (
     DocCommand, ParseFailure, commands_in, documented_commands, documented_shape, recorded_shapes, shape, unrun_commands,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def gen_docs():

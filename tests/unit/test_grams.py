@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.merge_fixtures import random_model
+from tests.support.merge_fixtures import random_model
 from vlcluster.merge.grams import collect_grams
 
 

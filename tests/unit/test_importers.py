@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import task_formats
+from tests.support import task_formats
 from vlcluster.data.stream import shard_items
 from vlcluster.importers.common import ImportFailed, ImportOptions
 from vlcluster.importers.stage import run_import
@@ -173,7 +173,7 @@ def test_cli_imports_every_format_as_the_docs_show(fmt, tmp_path):
     """Each importer through `vlcluster import`, the text tasks with the
     pre-training tokenizer shipped beside the shards (the planted bad entries
     need a higher --max-bad-fraction than the default 5%)."""
-    from tests.realdata import bert_wordpiece_tokenizer
+    from tests.support.realdata import bert_wordpiece_tokenizer
     from vlcluster.cli import main
 
     tokenizer = bert_wordpiece_tokenizer(tmp_path / "bert-tokenizer.json", ["a photo of two dogs", "is there a red square"])

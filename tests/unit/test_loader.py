@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.damage import EXPECTED_BAD, damage
+from tests.support.damage import EXPECTED_BAD, damage
 from vlcluster.data import synthetic as syn
 from vlcluster.data.loader import TrainLoader
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality, check_bad_fraction

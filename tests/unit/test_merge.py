@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.merge_fixtures import ARCH_CUSTOM_PARTS, random_grams, random_model, random_state
+from tests.support.merge_fixtures import ARCH_CUSTOM_PARTS, random_grams, random_model, random_state
 from vlcluster.merge.apply import merge_state
 from vlcluster.merge.methods import GroupInfo
 from vlcluster.merge.sparse import dare_keep_mask, dare_seed

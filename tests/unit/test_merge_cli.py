@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.merge_fixtures import random_state, tiny_config
+from tests.support.merge_fixtures import random_state, tiny_config
 from vlcluster.cli import main
 from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS
@@ -127,7 +127,7 @@ def test_merge_of_a_file_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
 
 def test_merge_of_a_safetensors_file_without_any_extra_installed(tmp_path):
     """As after the README's first install: no submitit, Ray, s3fs, UPath or validators."""
-    from tests.test_cli import cli_without
+    from tests.unit.test_cli import cli_without
 
     state = random_state("specific")
     write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.merge_fixtures import random_grams, random_state, tiny_config
+from tests.support.merge_fixtures import random_grams, random_state, tiny_config
 from vlcluster.merge.apply import merge_checkpoint, merge_state
 from vlcluster.storage.tensorfile import TensorFile, TensorFileWriter
 from vlcluster.stages.outputs import file_sha256, weights_sha256, write_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.merge_fixtures import random_state
+from tests.support.merge_fixtures import random_state
 from vlcluster.metrics.distance import Pair, checkpoint_distances, distances, vl_pairs
 
 

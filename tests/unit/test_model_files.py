@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlcluster
-from tests.merge_fixtures import random_state, tiny_config
+from tests.support.merge_fixtures import random_state, tiny_config
 from vlcluster.cli import main
 from vlcluster.merge.apply import merge_state
 from vlcluster.metrics import METRICS

@@ -113,7 +113,7 @@ def test_without_restoring_the_scale_the_resumed_run_differs():
 def test_fp16_overflow_on_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "precision_worker.py"), str(tmp_path)]
+               str(REPO / "tests" / "support" / "precision_worker.py"), str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in (0, 1)]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
+from tests.support.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.loader import LoaderConfig, TrainLoader
 from vlcluster.data.mixture import ShardSource
@@ -62,7 +62,7 @@ def test_img2dataset_samples_decode_with_the_default_fields(corpus) -> None:
 
 def test_configured_fields_json_caption_lists_and_other_extensions(tmp_path) -> None:
     image, _ = scene(1, 1)
-    from tests.realdata import image_bytes
+    from tests.support.realdata import image_bytes
 
     raw = {"__key__": "k", "__url__": "u", "image.jpeg": image_bytes(image, "jpg"), "json": json.dumps({"meta": {"texts": ["one", " two "]}}).encode()}
     fields = FieldMap(image=("image.jpeg",), caption=("txt", "json.meta.texts"))

@@ -15,12 +15,12 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_cli import GOOD
-from tests.test_e2e import STAGES
+from tests.unit.test_cli import GOOD
+from tests.e2e.test_e2e import STAGES
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 
-GOLDEN = REPO / "tests" / "golden"
+GOLDEN = REPO / "tests" / "support" / "golden"
 RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout
 
 

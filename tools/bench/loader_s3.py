@@ -44,8 +44,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.countingproxy import CountingProxy  # noqa: E402
-from tests.s3server import S3Server  # noqa: E402
+from tests.support.countingproxy import CountingProxy  # noqa: E402
+from tests.support.s3server import S3Server  # noqa: E402
 from vlcluster.data import synthetic as syn  # noqa: E402
 from vlcluster.data.corpusindex import INDEX_NAME, write_index  # noqa: E402
 from vlcluster.data.loader import TrainLoader  # noqa: E402
