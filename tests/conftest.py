@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 # ---- what a test is: its folder says (tests/unit, tests/e2e, tests/faults), and

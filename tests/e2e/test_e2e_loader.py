@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.support.damage import EXPECTED_BAD, damage
 from tests.e2e.test_e2e import cli, live_processes_mentioning
 from vlcluster.data import synthetic as syn

@@ -9,7 +9,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.e2e.test_e2e import cli
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES
 
 pytestmark = pytest.mark.slow

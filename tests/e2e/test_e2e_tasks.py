@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from tests.support import task_formats
-from tests.conftest import REPO
+from tests.support import REPO
 from vlcluster.stages.outputs import read_result
 from vlcluster.stages.rundir import stage_dir
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.faults.test_kill_resume import RAY_TRIALS, fresh_run, ray_trial
 from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
 from vlcluster.stages.rundir import read_json

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 GOOD_DATA = """\
 name: s3job

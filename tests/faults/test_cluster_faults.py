@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.faults.test_kill_resume import (
     assert_bitwise, cli, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
     wait_for_job, wait_for_job_active, wait_for_step,

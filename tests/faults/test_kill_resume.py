@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.e2e.test_e2e import live_processes_mentioning
 from vlcluster.storage.tensorfile import load_tensors
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.e2e.test_e2e import FAILING, cli
 from vlcluster.stages.rundir import read_json
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.support.flaky_proxy import FlakyProxy
 
 DATA_JOB = """\

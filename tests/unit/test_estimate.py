@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from vlcluster.estimate import DEFAULT_MFU, estimate, summary
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support import REPO
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import REPO
+from tests.support import REPO
 from vlcluster.jobspec.models import TrainSpec
 from vlcluster.train.precision import DeviceTraits, Precision, PrecisionError, resolve_precision
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from tests.unit.test_cli import GOOD
 from tests.e2e.test_e2e import STAGES
 from vlcluster.graph import build_graph
