@@ -19,6 +19,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.support import REPO
+from tests.support.cli import cli
+from tests.support.processes import live_processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +64,6 @@ def write_backend_quickstart(directory: Path) -> str:
     path = directory / "quickstart.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vlcluster.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )
 
 
 def submit_small(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -146,20 +141,6 @@ def test_status_and_logs(finished_run):
     assert logs.returncode == 0 and "step 24/24" in logs.stdout
     missing = cli("logs", str(run_dir), "nope")  # a stage the run does not have: named, with the stages it has
     assert missing.returncode == 2 and "no stage 'nope' in this run" in missing.stderr and "vlpt" in missing.stderr
-
-
-def live_processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
-            except (OSError, StopIteration):
-                continue
-            if text in cmdline and "zombie" not in state:
-                pids.append(int(entry.name))
-    return pids
 
 
 def wait_for_checkpoint(run_dir: Path, stage: str, process: subprocess.Popen, timeout: float) -> None:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from tests.support import REPO
 from tests.support.damage import EXPECTED_BAD, damage
-from tests.e2e.test_e2e import cli, live_processes_mentioning
+from tests.support.cli import cli
+from tests.support.processes import live_processes_mentioning
 from vlcluster.data import synthetic as syn
 
 pytestmark = pytest.mark.slow

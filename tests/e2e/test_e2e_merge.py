@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.support import REPO
-from tests.e2e.test_e2e import cli
+from tests.support.cli import cli
 
 pytestmark = pytest.mark.slow
 

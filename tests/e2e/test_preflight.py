@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e.test_storage import cli
+from tests.support.cli import cli
 
 
 def planted_job(tmp_path: Path) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.support import REPO
+from tests.support.cli import cli
 
 GOOD_DATA = """\
 name: s3job
@@ -30,13 +31,6 @@ stages:
     data: {train: '%s', tokenizer: %s}
     train: {steps: 2, batch_size: 4}
 """
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 # ---- the storage section (no server) ---------------------------------------

@@ -38,18 +38,14 @@ import pytest
 import torch
 
 from tests.support import REPO
-from tests.e2e.test_e2e import live_processes_mentioning
+from tests.support.cli import cli
+from tests.support.processes import live_processes_mentioning
 from vlcluster.storage.tensorfile import load_tensors
 
 pytestmark = pytest.mark.slow
 
 STEPS = 6  # TINY_TRAINING_JOB's seed stage
 STEP_LINE = re.compile(r"step (\d+)/6 ")
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 def fresh_run(reference_dir: Path, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.support import REPO
+from tests.support.cli import cli
 from tests.support.flaky_proxy import FlakyProxy
 
 DATA_JOB = """\
@@ -77,9 +78,7 @@ def test_an_outage_is_one_error_paragraph_after_the_configured_attempts(through_
 
 
 def _cli(args: list[str], s3_server, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""}
-    return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=900, env=env)
+    return cli(*args, env={**s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""})
 
 
 def _direct_fs(s3_server):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.support import REPO
+from tests.support.cli import cli, cli_without
 
 GOOD = """
 name: c
@@ -17,10 +18,6 @@ stages:
   seed: {kind: pretrain, data: {from: data}, train: {steps: 2}}
   vlpt: {kind: pretrain, model: {arch: specific}, init: {from: seed}, data: {from: data}, train: {steps: 2}}
 """
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -95,38 +92,6 @@ def test_schema_prints_json():
     result = cli("schema")
     assert result.returncode == 0
     assert "stages" in json.loads(result.stdout)["properties"]
-
-
-# Runs the CLI in a fresh interpreter whose import system reports the given
-# packages as not installed: a meta-path finder consulted before every other
-# raises ModuleNotFoundError for them, exactly what `import` raises for a
-# package that is absent. A stand-in for a venv without extras: the shared
-# test venv has every extra, and a second venv with torch would take minutes
-# and ~2 GB to build.
-WITHOUT = """
-import sys
-
-blocked = set(sys.argv[1].split(","))
-
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalled())
-sys.argv = ["vlcluster", *sys.argv[2:]]
-from vlcluster.cli import main
-
-sys.exit(main())
-"""
-
-
-def cli_without(packages: list[str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT, ",".join(packages), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
 def test_plan_and_dry_run_do_not_import_torch(write_job, tmp_path):

@@ -520,7 +520,7 @@ stages:
 
 @pytest.mark.slow
 def test_pretrain_stage_initialised_from_beit_runs(beit_dir, write_job, tmp_path):
-    from tests.e2e.test_e2e import cli
+    from tests.support.cli import cli
 
     path, _ = beit_dir
     run_dir = tmp_path / "run"

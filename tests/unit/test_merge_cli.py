@@ -127,7 +127,7 @@ def test_merge_of_a_file_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
 
 def test_merge_of_a_safetensors_file_without_any_extra_installed(tmp_path):
     """As after the README's first install: no submitit, Ray, s3fs, UPath or validators."""
-    from tests.unit.test_cli import cli_without
+    from tests.support.cli import cli_without
 
     state = random_state("specific")
     write_model(StageDir(tmp_path / "src"), state, tiny_config("specific"), {})

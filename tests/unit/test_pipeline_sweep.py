@@ -6,7 +6,6 @@ planned, dry-run on SLURM and rendered for Kubernetes."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from tests.support import REPO
+from tests.support.cli import cli
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 
@@ -268,12 +268,8 @@ def test_an_element_already_done_leaves_the_array_waiting_on_tasks_not_on_positi
 # ---- jobs/paper_recipe.yaml -----------------------------------------------------------
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env={**os.environ, "COLUMNS": "300"}, check=False)
-
-
 PAPER = "jobs/paper_recipe.yaml"
+WIDE = {"COLUMNS": "300"}  # the CLI's output at a width that wraps no line
 K_SEEDS = ((0, 200000), (50000, 150000), (100000, 100000), (150000, 50000))
 
 
@@ -304,7 +300,7 @@ def test_paper_recipe_plans_the_whole_study(paper_graph):
     assert sorted(stages["paper"].mergeability) == sorted(f"K_seed [seed.train.steps={k},vlpt.train.steps={v}]" for k, v in K_SEEDS)
     assert len(graph.order) == 188
 
-    result = cli("plan", PAPER)
+    result = cli("plan", PAPER, env=WIDE)
     assert result.returncode == 0, result.stderr
     for k_seed, k_vl in K_SEEDS:
         assert f"vlpt[seed.train.steps={k_seed},vlpt.train.steps={k_vl}]: 6 node(s) x 8 rank(s); 8 GPU/node; time 2880 min; {k_vl} steps, batch 1024" in result.stdout
@@ -328,7 +324,7 @@ def test_paper_recipe_dry_runs_on_slurm_as_arrays_chained_task_by_task():
     """Without its GPU cap (below, with): the K_seed = 0 copy asks for one GPU,
     so it is a job of its own, and so is every copy reading it: each array
     still waits for its own element upstream."""
-    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", "--set", "limits={}")
+    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", "--set", "limits={}", env=WIDE)
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert sum(unit["tasks"] for unit in units.values()) == 188
@@ -358,7 +354,7 @@ def test_paper_recipe_dry_runs_on_slurm_as_arrays_chained_task_by_task():
 def test_paper_recipe_asks_for_at_most_96_gpus_at_once_on_slurm():
     """limits.gpus: 96 in the file: two 48-GPU pre-trainings at a time, each job
     after the jobs whose GPUs it takes (afterany), the 1-GPU K_seed = 0 copy first."""
-    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    result = cli("submit", PAPER, "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", env=WIDE)
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert "# limits.gpus 96: each job also waits (afterany)" in result.stdout
@@ -503,10 +499,10 @@ def test_paper_recipe_with_three_replicates_plans_and_dry_runs_as_arrays():
     shared = [name for name in graph.order if "rep=" not in name]
     assert sorted(graph.pipeline.stages[name].kind for name in shared) == ["import"] * 6 + ["report"]
     assert len(graph.order) == 3 * (188 - 7) + 7
-    plan = cli("plan", PAPER, "--set", "replicates=3")
+    plan = cli("plan", PAPER, "--set", "replicates=3", env=WIDE)
     assert plan.returncode == 0, plan.stderr
     assert sum("│ run " in line for line in plan.stdout.splitlines()) == len(graph.order) == 550
-    result = cli("submit", PAPER, "--set", "replicates=3", "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe")
+    result = cli("submit", PAPER, "--set", "replicates=3", "--backend", "slurm", "--dry-run", "--run-dir", "/scratch/vl/runs/paper_recipe", env=WIDE)
     assert result.returncode == 0, result.stderr
     units = sbatch_units(result.stdout[result.stdout.index("# ---- "):])
     assert sum(unit["tasks"] for unit in units.values()) == 550
