@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
+from tests.support.jobs import TINY_TRAINING_JOB
 
 
 # ---- what a test is: its folder says (tests/unit, tests/e2e, tests/faults), and
@@ -115,26 +116,10 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def backend_quickstart(tmp_path_factory) -> str:
-    """The quickstart job the backend tests run (see tests.e2e.test_e2e.BACKEND_DROPPED)."""
-    from tests.e2e.test_e2e import write_backend_quickstart
+    """The quickstart job the backend tests run (see tests.support.jobs.BACKEND_DROPPED)."""
+    from tests.support.jobs import write_backend_quickstart
 
     return write_backend_quickstart(tmp_path_factory.mktemp("backend-job"))
-
-
-# A two-rank training stage small enough for fault trials: 6 steps, a
-# checkpoint every 2 (tests/faults/, test_slurm.py, test_ray.py).
-TINY_TRAINING_JOB = """
-name: faults
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, image_size: 16}
-  seed:
-    kind: pretrain
-    model: {image_size: 16}
-    data: {from: data}
-    train: {steps: 6, batch_size: 8, log_every: 1}
-    checkpoint: {every: 2, keep: 3}
-    resources: {procs_per_node: 2}
-"""
 
 
 @pytest.fixture(scope="session")

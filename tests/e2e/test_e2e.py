@@ -15,55 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tests.support import REPO
 from tests.support.cli import cli
+from tests.support.jobs import FAILING, QUICKSTART, SMALL, STAGES
 from tests.support.processes import live_processes_mentioning
 
 pytestmark = pytest.mark.slow
-
-QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
-# Every stage of jobs/quickstart.yaml.
-STAGES = ("data", "seed", "vlpt", "merge", "maa", "baseline", "merge_baseline", "ft_merged", "ft_msa", "ft_maa",
-          "ft_baseline", "eval_merged", "eval_msa", "eval_maa", "eval_baseline", "table1")
-TRAINING_STAGES = ("seed", "vlpt", "maa", "baseline", "ft_merged", "ft_msa", "ft_maa", "ft_baseline")
-
-# The quickstart shrunk to seconds per stage; every stage and code path stays.
-SMALL = [
-    "stages.data.n_train=640",
-    "stages.data.shard_size=160",
-    "stages.data.n_val=40",
-    *(f"stages.{stage}.train.batch_size=16" for stage in TRAINING_STAGES),
-    *(f"stages.{stage}.train.log_every=2" for stage in TRAINING_STAGES),
-    *(f"stages.{stage}.train.warmup_steps=2" for stage in TRAINING_STAGES),
-    "stages.seed.train.steps=4",
-    "stages.maa.train.steps=8",
-    "stages.baseline.train.steps=8",
-    "stages.vlpt.train.steps=24",
-    "stages.vlpt.checkpoint.every=4",
-    *(f"stages.{stage}.train.steps=3" for stage in ("ft_merged", "ft_msa", "ft_maa", "ft_baseline")),
-]
-
-# The backend tests (SLURM, Ray, s3) run the quickstart without the merging-
-# baseline and MSA arms: every stage kind still runs (seed -> vlpt -> merge ->
-# fine-tune -> eval -> report, and MAA beside them); the two arms only add time.
-BACKEND_DROPPED = ("baseline", "merge_baseline", "ft_baseline", "eval_baseline", "ft_msa", "eval_msa")
-BACKEND_STAGES = tuple(stage for stage in STAGES if stage not in BACKEND_DROPPED)
-BACKEND_SMALL = [override for override in SMALL if override.split(".")[1] not in BACKEND_DROPPED]
-
-
-def write_backend_quickstart(directory: Path) -> str:
-    """jobs/quickstart.yaml without the BACKEND_DROPPED arms, as a job file in `directory`."""
-    spec = yaml.safe_load(Path(QUICKSTART).read_text())
-    spec = {key: value for key, value in spec.items() if not key.startswith("x-")}  # anchors, now resolved
-    for stage in BACKEND_DROPPED:
-        del spec["stages"][stage]
-    spec["stages"]["table1"]["rows"] = {"MAA": "eval_maa", "merged": "eval_merged"}
-    path = directory / "quickstart.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return str(path)
 
 
 def submit_small(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -196,20 +155,6 @@ def test_sigkill_during_vl_pretraining_then_resume_matches_uninterrupted_run(fin
     assert reference.keys() == recovered.keys()
     for key in reference:
         assert torch.equal(reference[key], recovered[key]), key
-
-
-FAILING = """
-name: failing
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
-  seed:
-    kind: pretrain
-    data: {from: data}
-    train: {steps: 2, batch_size: 8}
-    resources: {procs_per_node: 2}
-  vqa_on_pretrained: {kind: eval, source: seed, data: {from: data}, tasks: [vqa]}
-  table: {kind: report, rows: {seed: vqa_on_pretrained}}
-"""
 
 
 def test_failed_stage_blocks_its_dependants(write_job, tmp_path):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.support import REPO
 from tests.support.cli import cli
+from tests.support.jobs import GATED, assert_gated_status
 
 pytestmark = pytest.mark.slow
 
@@ -75,34 +76,6 @@ def test_gate_stops_the_pipeline_before_anything_downstream(merged_run):
     status = cli("status", str(run_dir)).stdout
     row = next(line for line in status.splitlines() if " interpolation " in line)
     assert "gated" in row
-
-
-# A merge whose gate always closes (SSD of two differently trained experts is
-# above 0), and a stage after it: the smallest pipeline that shows `gated`.
-GATED = """
-name: gated
-stages:
-  data: {kind: data, n_train: 32, n_val: 8, shard_size: 16}
-  vlpt:
-    kind: pretrain
-    model: {arch: specific}
-    data: {from: data}
-    train: {steps: 2, batch_size: 4, log_every: 1}
-  merge: {kind: merge, source: vlpt, gate: {metric: ssd, max: 0.0}}
-  after_merge: {kind: data, n_train: 16, n_val: 8, shard_size: 16, after: [merge]}
-"""
-
-
-def assert_gated_status(run_dir) -> None:
-    """`vlcluster status` (run with COLUMNS wide enough for one row per stage)."""
-    status = cli("status", str(run_dir)).stdout
-    rows = {line.split("│")[1].strip(): line for line in status.splitlines() if line.count("│") > 3}
-    assert " done " in rows["vlpt"], status
-    assert " gated " in rows["merge"] and "mergeability gate closed: ssd" in rows["merge"], status
-    assert " blocked " in rows["after_merge"] and "upstream gated: merge" in rows["after_merge"], status
-    assert not (run_dir / "after_merge" / "_SUCCESS").exists()
-    progress = json.loads((run_dir / "vlpt" / "progress.json").read_text())  # the trainer's record, any backend
-    assert (progress["step"], progress["steps"]) == (2, 2) and progress["samples_per_s"] > 0
 
 
 def test_gated_merge_shows_gated_and_blocks_its_dependants_on_local(write_job, tmp_path, monkeypatch):

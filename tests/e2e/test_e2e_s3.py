@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES
+from tests.support.jobs import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,9 @@ import pytest
 
 from tests.support import REPO
 from tests.faults.test_kill_resume import RAY_TRIALS, fresh_run, ray_trial
-from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli, live_processes_mentioning
+from tests.support.cli import cli
+from tests.support.jobs import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING
+from tests.support.processes import live_processes_mentioning
 from vlcluster.stages.rundir import read_json
 
 
@@ -215,7 +217,7 @@ def test_cancel_stops_the_running_job_and_blocks_the_rest(ray_cluster, write_job
 
 @pytest.mark.slow
 def test_gated_merge_shows_gated_and_blocks_its_dependants_on_ray(ray_cluster, write_job, tmp_path, monkeypatch):
-    from tests.e2e.test_e2e_merge import GATED, assert_gated_status
+    from tests.support.jobs import GATED, assert_gated_status
 
     monkeypatch.setenv("COLUMNS", "400")
     run_dir = tmp_path / "run"

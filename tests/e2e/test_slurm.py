@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_e2e import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING, cli
+from tests.support.cli import cli
+from tests.support.jobs import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING
 from vlcluster.backends.slurm_queue import job_states
 from vlcluster.stages.rundir import read_json
 
@@ -191,7 +192,7 @@ def test_cancel_cancels_every_queued_job(write_job, tmp_path):
 
 
 def test_gated_merge_shows_gated_and_blocks_its_dependants_on_slurm(write_job, tmp_path, monkeypatch):
-    from tests.e2e.test_e2e_merge import GATED, assert_gated_status
+    from tests.support.jobs import GATED, assert_gated_status
 
     monkeypatch.setenv("COLUMNS", "400")
     run_dir = tmp_path / "run"

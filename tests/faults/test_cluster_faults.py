@@ -166,7 +166,7 @@ def test_a_preemption_storm_checkpoints_and_resumes_every_time_bitwise(tiny_refe
 def test_a_longer_preemption_storm_resumes_bitwise(tmp_path):
     """Five requeues need more steps than TINY_TRAINING_JOB's 6: a 12-step
     version of it, against an uninterrupted local run of its own."""
-    from tests.conftest import TINY_TRAINING_JOB
+    from tests.support.jobs import TINY_TRAINING_JOB
 
     job = tmp_path / "long.yaml"
     job.write_text(TINY_TRAINING_JOB.replace("steps: 6", "steps: 12"))

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from tests.support import REPO
-from tests.e2e.test_e2e import FAILING, cli
+from tests.support.cli import cli
+from tests.support.jobs import FAILING
 from vlcluster.stages.rundir import read_json
 
 pytestmark = pytest.mark.slow

@@ -10,15 +10,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.cli import cli, cli_without
-
-GOOD = """
-name: c
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
-  seed: {kind: pretrain, data: {from: data}, train: {steps: 2}}
-  vlpt: {kind: pretrain, model: {arch: specific}, init: {from: seed}, data: {from: data}, train: {steps: 2}}
-"""
-
+from tests.support.jobs import GOOD
 
 @pytest.mark.parametrize(
     ("text", "overrides", "expected"),

@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from tests.support import REPO
-from tests.unit.test_cli import GOOD
-from tests.e2e.test_e2e import STAGES
+from tests.support.jobs import GOOD
+from tests.support.jobs import STAGES
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 
