@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from tests.faults.test_kill_resume import RAY_TRIALS, fresh_run, ray_trial
 from tests.support.cli import cli
 from tests.support.jobs import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING
 from tests.support.processes import live_processes_mentioning
+from tests.support.trials import RAY_TRIALS, fresh_run, ray_trial
 from vlcluster.stages.rundir import read_json
 
 

@@ -18,7 +18,6 @@ server and proxy. Results: docs/reliability.md.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -28,46 +27,16 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from tests.faults.test_kill_resume import (
-    assert_bitwise, cli, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
+from tests.support.cli import cli
+from tests.support.disk import FREE_AFTER_FILL, fill
+from tests.support.trials import (
+    assert_bitwise, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
     wait_for_job, wait_for_job_active, wait_for_step,
 )
 
 pytestmark = pytest.mark.slow
 
 VLCLUSTER_FRAME = re.compile(r'File ".*/vlcluster/')
-FREE_AFTER_FILL = 512 << 10  # room for log lines and records, not for a checkpoint (~11 MB)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 128 MiB tmpfs of this test's own (the run takes ~50 MiB), unmounted at the end."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs a tmpfs mount (root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Take every block of ``disk`` but ``leave`` bytes: written until the disk
-    refuses (the run keeps writing meanwhile), then ``leave`` given back."""
-    filler = disk / "filler"
-    chunk = b"\0" * (1 << 20)
-    with open(filler, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(chunk)
-        except OSError:
-            pass
-        handle.truncate(max(0, os.fstat(handle.fileno()).st_size - leave))
-    return filler
-
-
 def test_a_full_disk_during_a_two_rank_checkpoint_then_freed_resumes_bitwise(tiny_reference, small_disk, tmp_path):
     job, reference_dir = tiny_reference
     run_dir = small_disk / "run"
