@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support import REPO
-from tests.support.damage import EXPECTED_BAD, damage
 from tests.support.cli import cli
+from tests.support.damage import EXPECTED_BAD, damage
+from tests.support.keys import recorded, run, submit
 from tests.support.processes import live_processes_mentioning
 from vlcluster.data import synthetic as syn
 
@@ -57,25 +56,6 @@ def job(tmp_path: Path, data_dir: Path, max_bad: float) -> str:
     path = tmp_path / f"loader-{max_bad}.yaml"
     path.write_text(JOB.format(data=data_dir, max_bad=max_bad, steps=STEPS))
     return str(path)
-
-
-def submit(job_file: str, run_dir: Path, keys_dir: Path, **popen) -> subprocess.Popen:
-    env = {**os.environ, "VLCLUSTER_RECORD_KEYS": str(keys_dir)}
-    command = [sys.executable, "-m", "vlcluster.cli", "submit", job_file, "--run-dir", str(run_dir)]
-    return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
-
-
-def run(job_file: str, run_dir: Path, keys_dir: Path) -> str:
-    process = submit(job_file, run_dir, keys_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
-
-
-def recorded(keys_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
-    path = keys_dir / f"keys_rank{rank}.txt"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [(int(line.split()[0]), line.split()[1:]) for line in lines]
 
 
 @pytest.fixture(scope="module")

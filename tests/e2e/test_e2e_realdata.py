@@ -19,10 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
+from tests.support.keys import recorded, run, submit
 from tests.support.processes import live_processes_mentioning
-from tests.e2e.test_e2e_loader import recorded, run, submit
-from tests.unit.test_realdata import scene
+from tests.support.realdata import bert_wordpiece_tokenizer, scene, write_img2dataset_shards
 
 pytestmark = pytest.mark.slow
 

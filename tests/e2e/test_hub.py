@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_external import saved_beit
+from tests.support.beit import saved_beit
 from vlcluster.hub import HubRef
 from vlcluster.jobspec.load import SpecError
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.cli import cli
 from tests.support.jobs import BACKEND_SMALL as SMALL, BACKEND_STAGES as STAGES, FAILING
+from tests.support.slurm import job_id, sacct_times, submit, wait_until_finished
 from vlcluster.backends.slurm_queue import job_states
 from vlcluster.stages.rundir import read_json
 
@@ -22,35 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 # maa longer than in SMALL, so there is time to preempt it mid-run.
 SLURM_SMALL = [*SMALL, "stages.maa.train.steps=24", "stages.maa.checkpoint.every=4"]
-
-
-def submit(job: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = ["submit", job, "--backend", "slurm", "--run-dir", str(run_dir)]
-    for override in overrides:
-        args += ["--set", override]
-    return cli(*args)
-
-
-def job_id(run_dir: Path, stage: str) -> str:
-    return read_json(run_dir / stage / "state.json")["job_id"]
-
-
-def wait_until_finished(run_dir: Path, stages, timeout: float, on_poll=lambda: None) -> dict:
-    deadline = time.monotonic() + timeout
-    ids = [job_id(run_dir, stage) for stage in stages]
-    while time.monotonic() < deadline:
-        on_poll()
-        states = job_states(ids)
-        if len(states) == len(ids) and not any(state.active for state in states.values()):
-            return states
-        time.sleep(1)
-    raise AssertionError(f"jobs still active after {timeout} s: {job_states(ids)}")
-
-
-def sacct_times(ids: list[str]) -> dict[str, tuple[str, str]]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobID,Start,End"],
-                         capture_output=True, text=True, check=True).stdout
-    return {line.split("|")[0]: tuple(line.split("|")[1:3]) for line in out.splitlines()}
 
 
 class Interrupter:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_slurm import job_id, sacct_times, wait_until_finished
+from tests.support.slurm import job_id, sacct_times, wait_until_finished
 from vlcluster.backends import slurm as slurm_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -59,7 +59,7 @@ class RunningSampler:
 
 
 def submit_sweep(write_job, run_dir: Path, name: str, elements: int, throttle: str) -> list[str]:
-    from tests.e2e.test_slurm import submit
+    from tests.support.slurm import submit
 
     text = SWEEP.format(name=name, seeds=list(range(elements)), throttle=throttle)
     result = submit(str(write_job(text, f"{name}.yaml")), run_dir)
@@ -134,7 +134,7 @@ def test_limits_gpus_never_runs_more_stages_than_the_cap_allows(write_job, tmp_p
 
 
 def test_status_watch_and_logs_follow_a_slurm_run_to_its_end(write_job, tmp_path):
-    from tests.e2e.test_watch import CHAIN, vlcluster, watch_while_running
+    from tests.support.watch import CHAIN, vlcluster, watch_while_running
 
     run_dir = tmp_path / "run"
     submit = vlcluster("submit", str(write_job(CHAIN)), "--backend", "slurm", "--run-dir", str(run_dir))

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+import random
 import tarfile
 import time
 from collections.abc import Sequence
@@ -85,3 +86,15 @@ def bert_wordpiece_tokenizer(path: Path, corpus: Sequence[str]) -> Path:
     tokenizer.train_from_iterator(list(corpus), vocab_size=400, min_frequency=1, special_tokens=BERT_SPECIALS)
     tokenizer.save(str(path))
     return path
+
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def scene(index: int, captions: int) -> tuple[Image.Image, str]:
+    rng = random.Random(index)
+    colour = COLOURS[index % len(COLOURS)]
+    size = (24 + index % 5, 20)
+    image = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))  # texture: crops differ
+    text = "\n".join(f"photo {index} of a {colour} thing, view {view}" for view in range(captions))
+    return image, text

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tests.support.beit import DEPTH, DIM, HEADS, IMAGE, PATCH, saved_beit
 from vlcluster.cli import main
 from vlcluster.model import ModelConfig, MultiwayTransformer, load_into, preset
 from vlcluster.model.external import (
@@ -19,29 +20,6 @@ from vlcluster.stages.outputs import write_model
 from vlcluster.stages.rundir import StageDir
 
 transformers = pytest.importorskip("transformers")
-
-DIM, DEPTH, HEADS, PATCH, IMAGE = 64, 2, 4, 8, 32
-
-
-def beit_config(**changes):
-    """A small BEiT whose vision route vlcluster reproduces exactly: absolute positions,
-    no relative position bias, [CLS] pooling after a final LayerNorm."""
-    settings = dict(
-        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * DIM,
-        image_size=IMAGE, patch_size=PATCH, use_absolute_position_embeddings=True, use_relative_position_bias=False,
-        use_mean_pooling=False, layer_norm_eps=1e-6, layer_scale_init_value=0.1,
-    )
-    return transformers.BeitConfig(**{**settings, **changes})
-
-
-def saved_beit(path, **changes):
-    torch.manual_seed(0)
-    model = transformers.BeitModel(beit_config(**changes)).eval()
-    with torch.no_grad():  # random, not the default init: layer scale, biases and norms all matter
-        for param in model.parameters():
-            param.normal_(0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    return model
 
 
 def small(arch: str, **kw):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.support import REPO
-from tests.unit.test_slurm_render import check_golden
+from tests.support.golden import check_golden
 from vlcluster.backends.k8s import k8s_name
 from vlcluster.backends.k8s_schema import validation_errors
 

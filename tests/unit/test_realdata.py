@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.support.realdata import bert_wordpiece_tokenizer, write_img2dataset_shards
+from tests.support.realdata import bert_wordpiece_tokenizer, scene, write_img2dataset_shards
 from vlcluster.data.fields import FieldMap
 from vlcluster.data.loader import LoaderConfig, TrainLoader
 from vlcluster.data.mixture import ShardSource
@@ -24,18 +24,6 @@ from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.model import MultiwayTransformer, preset
 from vlcluster.tasks.evaluate import evaluate
 from vlcluster.tasks.retrieval import retrieval_scores
-
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-
-
-def scene(index: int, captions: int) -> tuple[Image.Image, str]:
-    rng = random.Random(index)
-    colour = COLOURS[index % len(COLOURS)]
-    size = (24 + index % 5, 20)
-    image = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))  # texture: crops differ
-    text = "\n".join(f"photo {index} of a {colour} thing, view {view}" for view in range(captions))
-    return image, text
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, list[str]]:

@@ -15,12 +15,12 @@ import sys
 import pytest
 
 from tests.support import REPO
+from tests.support.golden import check_golden
 from tests.support.jobs import GOOD
 from tests.support.jobs import STAGES
 from vlcluster.graph import build_graph
 from vlcluster.jobspec.load import SpecError, load_pipeline
 
-GOLDEN = REPO / "tests" / "support" / "golden"
 RUN_DIR = "/scratch/vl/runs/seed_100k"  # absolute, so the golden file does not depend on the checkout
 
 
@@ -32,13 +32,6 @@ def dry_run(*args: str) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     scripts = result.stdout[result.stdout.index("# ---- "):]
     return scripts.replace(sys.executable, "python")
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("VLCLUSTER_REGEN_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; regenerate with VLCLUSTER_REGEN_GOLDEN=1 if intended"
 
 
 def test_seed_100k_on_v100_golden_sbatch():

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.support.s3server import S3Server  # noqa: E402
 from tests.support.jobs import QUICKSTART, SMALL  # noqa: E402
+from tests.support.s3server import S3Server  # noqa: E402
 
 
 def quickstart(run_dir: str, env: dict[str, str], extra: list[str]) -> float:
