@@ -46,6 +46,15 @@ def write_job(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Synthetic datasets, each shape built once per session (tests/support/synthetic.py).
+    Read-only: a test that changes files copies them first."""
+    from tests.support.synthetic import SyntheticData
+
+    return SyntheticData(tmp_path_factory.mktemp("synthetic"))
+
+
 SLURM_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
 
 

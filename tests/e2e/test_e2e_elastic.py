@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from vlcluster.data import synthetic as syn
 from vlcluster.data.loader import TrainLoader
 
 pytestmark = pytest.mark.slow
@@ -48,10 +47,8 @@ stages:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("elastic-data")
-    syn.build_dataset(str(out), n_train=SHARDS * PER_SHARD, n_val=12, shard_size=PER_SHARD, image_size=32, seed=0)
-    return out
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data.clean(n_train=SHARDS * PER_SHARD, n_val=12, shard_size=PER_SHARD, image_size=32, seed=0).dir
 
 
 def canonical_steps(urls: list[str]) -> list[list[str]]:

@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.cli import cli
-from tests.support.damage import EXPECTED_BAD, damage
+from tests.support.damage import EXPECTED_BAD
 from tests.support.keys import recorded, run, submit
 from tests.support.processes import live_processes_mentioning
-from vlcluster.data import synthetic as syn
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +44,8 @@ stages:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("damaged")
-    built = syn.build_dataset(str(out), n_train=160, n_val=16, shard_size=20, image_size=32, seed=0)
-    damage(built["train_shards"])
-    return out
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data.damaged(n_train=160, n_val=16, shard_size=20, image_size=32, seed=0).dir
 
 
 def job(tmp_path: Path, data_dir: Path, max_bad: float) -> str:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.damage import damage
 from vlcluster.data import corpusindex
 from vlcluster.data import synthetic as syn
 from vlcluster.data.corpusindex import INDEX_NAME, MAGIC, CorpusIndex, IndexFormatError, write_index
@@ -26,11 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def corpus(synthetic_data) -> list[str]:
     """Train shards with an index beside them (the data stage writes it), two of them damaged (and indexed again)."""
-    built = syn.build_dataset(str(tmp_path_factory.mktemp("indexed")), 40, 4, 8, 16, seed=1)
-    damage(built["train_shards"])
-    return built["train_shards"]
+    return synthetic_data.damaged(40, 4, 8, 16, seed=1).train_shards
 
 
 def copy_without_index(urls: list[str], directory: Path) -> list[str]:

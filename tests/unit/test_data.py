@@ -34,8 +34,8 @@ def _build(out_dir: Path, seed: int = SEED) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return _build(tmp_path_factory.mktemp("ds"))
+def dataset(synthetic_data) -> dict:
+    return synthetic_data.clean(N_TRAIN, N_VAL, SHARD_SIZE, IMAGE_SIZE, SEED).summary
 
 
 def _raws(urls: list[str], n: int, seed: int = 0, window: int = 16, start: int = 0) -> list[dict]:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.damage import EXPECTED_BAD, damage
-from vlcluster.data import synthetic as syn
+from tests.support.damage import EXPECTED_BAD
 from vlcluster.data.loader import TrainLoader
 from vlcluster.data.quality import BadDataError, BadSample, DataQuality, check_bad_fraction
 from vlcluster.data.shards import decode_sample
@@ -23,15 +22,14 @@ N_TRAIN, SHARD_SIZE, IMAGE_SIZE, BATCH = 64, 8, 16, 5
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    built = syn.build_dataset(str(tmp_path_factory.mktemp("clean")), N_TRAIN, 8, SHARD_SIZE, IMAGE_SIZE, seed=3)
-    return built["train_shards"]
+def shards(synthetic_data) -> list[str]:
+    return synthetic_data.clean(N_TRAIN, 8, SHARD_SIZE, IMAGE_SIZE, seed=3).train_shards
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], set[str]]:
-    built = syn.build_dataset(str(tmp_path_factory.mktemp("damaged")), N_TRAIN, 8, SHARD_SIZE, IMAGE_SIZE, seed=3)
-    return built["train_shards"], damage(built["train_shards"])
+def damaged(synthetic_data) -> tuple[list[str], set[str]]:
+    built = synthetic_data.damaged(N_TRAIN, 8, SHARD_SIZE, IMAGE_SIZE, seed=3)
+    return built.train_shards, set(built.bad_keys)
 
 
 def loader(urls: list[str], workers: int, rank: int = 0, world: int = 1, batch: int = BATCH, **options) -> TrainLoader:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlcluster.data.synthetic import build_dataset
 from vlcluster.data.tokenizer import TextEncoder
 from vlcluster.merge.apply import merge_state
 from vlcluster.model import MultiwayTransformer, preset
@@ -14,10 +13,8 @@ from vlcluster.tasks.evaluate import evaluate, load_model
 
 
 @pytest.fixture(scope="module")
-def val_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    build_dataset(str(out), 16, 24, 16, 32, 0)
-    return out
+def val_data(synthetic_data):
+    return synthetic_data.clean(16, 24, 16, 32, 0).dir
 
 
 @pytest.mark.parametrize("arch", ["specific", "custom_attn", "custom_ffn", "custom_ln"])
