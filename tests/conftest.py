@@ -96,7 +96,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3-compatible server (SeaweedFS, tests/s3server.py) on 127.0.0.1
+    """A real S3-compatible server (SeaweedFS, tests/support/s3server.py) on 127.0.0.1
     with buckets ``data`` and ``runs``, once per session. Its credentials are
     in ``s3_server.env`` (not in os.environ: tests pass them explicitly)."""
     from tests.support.s3server import S3Server, weed_binary
@@ -148,7 +148,7 @@ def tiny_reference(tmp_path_factory):
 
 
 # ---- the docs check: every `vlcluster` command shown in README.md and docs/ was
-# run by some test (tests/docs_commands.py). Every CLI call of the session is
+# run by some test (tests/support/docs_commands.py). Every CLI call of the session is
 # recorded (vlcluster/clirecord.py); after a whole-suite run the documented
 # commands no successful call covers fail the session, by page and line.
 # VLCLUSTER_CHECK_DOCS_COMMANDS=1 checks after any selection (to see what a
@@ -204,7 +204,7 @@ def pytest_sessionfinish(session, exitstatus):
                 for line in missing:
                     reporter.write_line(line)
                 reporter.write_line("Run each in a test (extra --run-dir/--set are fine), or list it in "
-                                    "tests/docs_commands.py EXEMPT with the reason.")
+                                    "tests/support/docs_commands.py EXEMPT with the reason.")
                 skipped = len(reporter.stats.get("skipped", []))
                 if skipped:  # e.g. no SLURM packages or not root here: CI installs them and runs those tests
                     reporter.write_line(f"{skipped} test(s) were skipped in this session; the commands they run are "

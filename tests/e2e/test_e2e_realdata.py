@@ -206,7 +206,7 @@ def img2dataset_shards(tmp_path_factory, img2dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def layout_shards(tmp_path_factory) -> Path:
-    """The same splits in img2dataset's exact layout, written by tests/realdata.py (no tool, no network)."""
+    """The same splits in img2dataset's exact layout, written by tests/support/realdata.py (no tool, no network)."""
     root = tmp_path_factory.mktemp("img2dataset-layout") / "shards"
     for split, (first, count, captions) in SPLITS.items():
         encode = "png" if split == "png" else "webp" if split == "webp" else "jpg"

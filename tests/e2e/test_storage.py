@@ -1,6 +1,6 @@
 """Object storage: the storage section and its secrets rule, redaction,
 shard lists from prefixes and globs, run-directory records and checkpoints on
-a real S3-compatible server (SeaweedFS on 127.0.0.1, tests/s3server.py), the
+a real S3-compatible server (SeaweedFS on 127.0.0.1, tests/support/s3server.py), the
 shard cache, and the CLI's errors for missing data and wrong credentials."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a cluster does to a long run, each against the real component and
 each compared with the uninterrupted run (``tiny_reference``: the two-rank
-TINY_TRAINING_JOB of tests/conftest.py):
+TINY_TRAINING_JOB of tests/support/jobs.py):
 
 - a full disk during a two-rank checkpoint write (a real tmpfs run
   directory filled mid-run, then freed): the stage fails naming the cause,

@@ -4,7 +4,7 @@ tensor, a rank killed by SIGKILL (as torchrun reports it), and a record of
 an earlier attempt that must not be taken for the latest one.
 
 The end-to-end cases are beside their faults: a full disk in
-tests/test_disk_full.py, bad data over the limit in tests/test_e2e_loader.py,
+tests/faults/test_disk_full.py, bad data over the limit in tests/e2e/test_e2e_loader.py,
 a killed rank in tests/faults/test_kill_resume.py."""
 
 from __future__ import annotations

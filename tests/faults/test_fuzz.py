@@ -1,5 +1,5 @@
 """Property-based fuzzing (hypothesis) of the loader and of the CLI commands
-that read files: see tests/fuzz_driver.py. Each run is a child process under
+that read files: see tests/support/fuzz_driver.py. Each run is a child process under
 a memory cap; every generated input must end, within 20 s, in a clean error
 or a checked acceptance. Zero tracebacks, zero hangs."""
 

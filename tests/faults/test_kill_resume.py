@@ -1,5 +1,5 @@
 """Kill-and-resume trials on every backend: a two-rank training stage
-(TINY_TRAINING_JOB in tests/conftest.py) is SIGKILLed at a random step,
+(TINY_TRAINING_JOB in tests/support/jobs.py) is SIGKILLed at a random step,
 either one rank or the whole submission, then resumed. Every trial must end
 with weights bitwise identical to the uninterrupted run, resume from the
 newest committed checkpoint, and redo nothing finished before (the data
@@ -16,9 +16,9 @@ Documented outcomes (docs/reliability.md):
   times) and resumes without a resubmit.
 
 The default run has a local and a SLURM trial (a rank killed after step 3);
-Ray's default run kills a rank of the quickstart (tests/test_ray.py).
+Ray's default run kills a rank of the quickstart (tests/e2e/test_ray.py).
 ``-m heavy`` runs the seeded random-step campaign on every backend (the Ray
-trials live in tests/test_ray.py, beside its cluster, and compare with an
+trials live in tests/e2e/test_ray.py, beside its cluster, and compare with an
 uninterrupted Ray run: Ray's thread count rounds differently, see there).
 """
 
@@ -138,6 +138,6 @@ def test_slurm_rank_sigkill_at_random_steps_resumes_bitwise(tiny_reference, tmp_
     print(f"slurm rank SIGKILL after step {outcome['killed_after_step']}: resumed from {outcome['resumed_from']}, bitwise")
 
 
-# ---- Ray (the local head of tests/test_ray.py, which runs these trials) ------
+# ---- Ray (the local head of tests/e2e/test_ray.py, which runs these trials) ------
 
 

@@ -1,6 +1,6 @@
 """Transient and permanent object-store failures on the real S3 test server
-(SeaweedFS, tests/s3server.py) behind a proxy that fails chosen requests
-(tests/faults/flaky_proxy.py): transient failures are retried with backoff
+(SeaweedFS, tests/support/s3server.py) behind a proxy that fails chosen requests
+(tests/support/flaky_proxy.py): transient failures are retried with backoff
 and counted, a stage that met them finishes and says how many it retried,
 and an outage is one error paragraph."""
 

@@ -1,7 +1,7 @@
 """A TCP proxy on 127.0.0.1 that counts what crosses it: HTTP requests and the bytes
 the server sends back, optionally adding latency to every request.
 
-Put it in front of the S3 test server (``tests/s3server.py``) to measure what a
+Put it in front of the S3 test server (``tests/support/s3server.py``) to measure what a
 reader fetches from an object store::
 
     with CountingProxy(port_of_s3_server, latency_s=0.02) as proxy:

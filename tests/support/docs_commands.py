@@ -15,7 +15,7 @@ successful invocation (exit status 0; ``vlcluster/clirecord.py``) of the same
 subcommand with the same choices and at least its flags (a test adds
 ``--run-dir`` and ``--set`` to keep its run small and inside its temporary
 directory). ``tests/conftest.py`` does that check at the end of a whole-suite
-run; ``tests/test_docs.py`` checks on every run that each command parses.
+run; ``tests/unit/test_docs.py`` checks on every run that each command parses.
 """
 
 from __future__ import annotations

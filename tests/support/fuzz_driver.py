@@ -3,8 +3,8 @@ directory hands to vlcluster: the job-file loader, ``plan``, ``status`` on a
 run directory with damaged records, ``metrics`` and ``merge`` on damaged
 safetensors files.
 
-Run as a script (``python tests/fuzz_driver.py EXAMPLES OUT.json``) by
-tests/test_fuzz.py, in a child process with a memory cap; every example has
+Run as a script (``python tests/support/fuzz_driver.py EXAMPLES OUT.json``) by
+tests/faults/test_fuzz.py, in a child process with a memory cap; every example has
 a 20 s alarm. An example ends as a clean error (SpecError / exit status 2
 with one ``error:`` paragraph), an acceptance (checked for what acceptance
 promises), a traceback (an exception escaping) or a hang (the alarm).

@@ -1,4 +1,4 @@
-"""Run under torchrun with 2 gloo ranks by tests/test_precision.py: an fp16
+"""Run under torchrun with 2 gloo ranks by tests/unit/test_precision.py: an fp16
 FSDP2 model whose gradient overflows on one rank's shard only.
 
 Writes ``rank_R.json`` into the directory given as argv[1]: per step

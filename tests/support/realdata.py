@@ -10,7 +10,7 @@ exif, sha256), ``KEY.txt`` (the caption as given, newlines included) and
 index in the shard; ``NNNNN_stats.json`` beside each tar. (The tool's
 ``NNNNN.parquet`` of the same records is left out: no reader of ours opens
 it, and writing it needs pyarrow.) The slow test in
-tests/test_e2e_realdata.py runs img2dataset itself.
+tests/e2e/test_e2e_realdata.py runs img2dataset itself.
 """
 
 from __future__ import annotations

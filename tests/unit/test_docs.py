@@ -1,6 +1,6 @@
 """The docs site: it builds strictly, its generated reference is current, and
 every `vlcluster` command it shows parses (and, after a whole-suite run, was
-run by a test: tests/conftest.py with tests/docs_commands.py)."""
+run by a test: tests/conftest.py with tests/support/docs_commands.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Importers on tiny files in the real on-disk formats (see tests/task_formats.py)."""
+"""Importers on tiny files in the real on-disk formats (see tests/support/task_formats.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ checked-in KubeRay CRD schemas (k8s/schema/), resources from each stage's
 ``resources``, and no secret values anywhere.
 
 Regenerate the golden files after an intended change with
-``VLCLUSTER_REGEN_GOLDEN=1 python -m pytest tests/test_k8s_render.py``.
+``VLCLUSTER_REGEN_GOLDEN=1 python -m pytest tests/unit/test_k8s_render.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ scripts (as submitit tests its own), the per-node torchrun command for
 6 nodes x 8 GPUs, cluster profiles, and sweeps expanded into stages.
 
 Regenerate the golden files after an intended change with
-``VLCLUSTER_REGEN_GOLDEN=1 python -m pytest tests/test_slurm_render.py``.
+``VLCLUSTER_REGEN_GOLDEN=1 python -m pytest tests/unit/test_slurm_render.py``.
 """
 
 from __future__ import annotations

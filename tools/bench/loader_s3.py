@@ -5,9 +5,9 @@
 
 Writes img2dataset-layout shards (``key.jpg`` 256 px JPEG, ``key.txt``,
 ``key.json``), indexes them (``vlcluster index``: ``shards.vlindex``), puts
-both on the SeaweedFS test server (``tests/s3server.py``) and reads them
+both on the SeaweedFS test server (``tests/support/s3server.py``) and reads them
 through a TCP proxy on 127.0.0.1 that counts requests and bytes and adds a
-fixed latency to every request (``tests/countingproxy.py``). For rank 0 of
+fixed latency to every request (``tests/support/countingproxy.py``). For rank 0 of
 each R and each worker count it measures, without a node cache:
 
 - bytes fetched before the first batch (start-up: index header, member tables, first items);

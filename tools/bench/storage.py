@@ -3,7 +3,7 @@
 (SeaweedFS on 127.0.0.1, started here; `pip install -e '.[test]'`).
 
 1. `vlcluster submit jobs/quickstart.yaml` with the SMALL overrides of
-   tests/test_e2e.py: run directory (and so the data stage's shards) on a
+   tests/e2e/test_e2e.py: run directory (and so the data stage's shards) on a
    local disk (baseline) and on s3://.
 2. Reading every shard of a dataset twice ("two epochs") from s3:// without
    and with `storage.cache_dir`: GetObject requests, bytes downloaded and
