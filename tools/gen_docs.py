@@ -10,7 +10,7 @@
 
 The pages are built from the parser's actions and the models' JSON schema, not
 from ``format_help``, whose layout changes between Python versions and
-terminal widths; so the output depends only on the code. ``tests/test_docs.py``
+terminal widths; so the output depends only on the code. ``tests/unit/test_docs.py``
 checks that the committed pages are current.
 """
 

@@ -4,7 +4,7 @@ When ``$VLCLUSTER_RECORD_CLI`` names a file, every ``vlcluster.cli.main``
 call appends one JSON line to it: its arguments and exit status. The test
 session sets it (``tests/conftest.py``) and, after a whole-suite run, checks
 that every ``vlcluster`` command shown in the docs was run by some test
-(``tests/docs_commands.py``). Unset, nothing is written.
+(``tests/support/docs_commands.py``). Unset, nothing is written.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.support import REPO
 from vlcluster.storage.tensorfile import load_tensors
 
 pytestmark = pytest.mark.slow

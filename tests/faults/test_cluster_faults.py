@@ -1,6 +1,6 @@
 """What a cluster does to a long run, each against the real component and
 each compared with the uninterrupted run (``tiny_reference``: the two-rank
-TINY_TRAINING_JOB of tests/conftest.py):
+TINY_TRAINING_JOB of tests/support/jobs.py):
 
 - a full disk during a two-rank checkpoint write (a real tmpfs run
   directory filled mid-run, then freed): the stage fails naming the cause,
@@ -18,7 +18,6 @@ server and proxy. Results: docs/reliability.md.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -27,47 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.faults.test_kill_resume import (
-    assert_bitwise, cli, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
+from tests.support import REPO
+from tests.support.cli import cli
+from tests.support.disk import FREE_AFTER_FILL, fill
+from tests.support.trials import (
+    assert_bitwise, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
     wait_for_job, wait_for_job_active, wait_for_step,
 )
 
 pytestmark = pytest.mark.slow
 
 VLCLUSTER_FRAME = re.compile(r'File ".*/vlcluster/')
-FREE_AFTER_FILL = 512 << 10  # room for log lines and records, not for a checkpoint (~11 MB)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 128 MiB tmpfs of this test's own (the run takes ~50 MiB), unmounted at the end."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs a tmpfs mount (root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Take every block of ``disk`` but ``leave`` bytes: written until the disk
-    refuses (the run keeps writing meanwhile), then ``leave`` given back."""
-    filler = disk / "filler"
-    chunk = b"\0" * (1 << 20)
-    with open(filler, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(chunk)
-        except OSError:
-            pass
-        handle.truncate(max(0, os.fstat(handle.fileno()).st_size - leave))
-    return filler
-
-
 def test_a_full_disk_during_a_two_rank_checkpoint_then_freed_resumes_bitwise(tiny_reference, small_disk, tmp_path):
     job, reference_dir = tiny_reference
     run_dir = small_disk / "run"
@@ -166,7 +135,7 @@ def test_a_preemption_storm_checkpoints_and_resumes_every_time_bitwise(tiny_refe
 def test_a_longer_preemption_storm_resumes_bitwise(tmp_path):
     """Five requeues need more steps than TINY_TRAINING_JOB's 6: a 12-step
     version of it, against an uninterrupted local run of its own."""
-    from tests.conftest import TINY_TRAINING_JOB
+    from tests.support.jobs import TINY_TRAINING_JOB
 
     job = tmp_path / "long.yaml"
     job.write_text(TINY_TRAINING_JOB.replace("steps: 6", "steps: 12"))

@@ -1,6 +1,6 @@
 """Transient and permanent object-store failures on the real S3 test server
-(SeaweedFS, tests/s3server.py) behind a proxy that fails chosen requests
-(tests/faults/flaky_proxy.py): transient failures are retried with backoff
+(SeaweedFS, tests/support/s3server.py) behind a proxy that fails chosen requests
+(tests/support/flaky_proxy.py): transient failures are retried with backoff
 and counted, a stage that met them finishes and says how many it retried,
 and an outage is one error paragraph."""
 
@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.faults.flaky_proxy import FlakyProxy
+from tests.support import REPO
+from tests.support.cli import cli
+from tests.support.flaky_proxy import FlakyProxy
 
 DATA_JOB = """\
 name: flaky
@@ -77,9 +78,7 @@ def test_an_outage_is_one_error_paragraph_after_the_configured_attempts(through_
 
 
 def _cli(args: list[str], s3_server, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""}
-    return subprocess.run([sys.executable, "-m", "vlcluster.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=900, env=env)
+    return cli(*args, env={**s3_server.env, "PYTHONPATH": str(REPO), "VLCLUSTER_STORAGE": ""})
 
 
 def _direct_fs(s3_server):

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_TRAINING_JOB
-from tests.faults.test_cluster_faults import FREE_AFTER_FILL, fill, small_disk  # noqa: F401 - a fixture
-from tests.faults.test_kill_resume import assert_bitwise, cli, committed_steps, fresh_run, kill_one_rank, rank_pids
+from tests.support import REPO
+from tests.support.cli import cli
+from tests.support.disk import FREE_AFTER_FILL, fill
+from tests.support.jobs import TINY_TRAINING_JOB
+from tests.support.trials import assert_bitwise, committed_steps, fresh_run, kill_one_rank, rank_pids
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@
 
 Writes img2dataset-layout shards (``key.jpg`` 256 px JPEG, ``key.txt``,
 ``key.json``), indexes them (``vlcluster index``: ``shards.vlindex``), puts
-both on the SeaweedFS test server (``tests/s3server.py``) and reads them
+both on the SeaweedFS test server (``tests/support/s3server.py``) and reads them
 through a TCP proxy on 127.0.0.1 that counts requests and bytes and adds a
-fixed latency to every request (``tests/countingproxy.py``). For rank 0 of
+fixed latency to every request (``tests/support/countingproxy.py``). For rank 0 of
 each R and each worker count it measures, without a node cache:
 
 - bytes fetched before the first batch (start-up: index header, member tables, first items);
@@ -44,8 +44,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.countingproxy import CountingProxy  # noqa: E402
-from tests.s3server import S3Server  # noqa: E402
+from tests.support.countingproxy import CountingProxy  # noqa: E402
+from tests.support.s3server import S3Server  # noqa: E402
 from vlcluster.data import synthetic as syn  # noqa: E402
 from vlcluster.data.corpusindex import INDEX_NAME, write_index  # noqa: E402
 from vlcluster.data.loader import TrainLoader  # noqa: E402

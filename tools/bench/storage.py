@@ -3,7 +3,7 @@
 (SeaweedFS on 127.0.0.1, started here; `pip install -e '.[test]'`).
 
 1. `vlcluster submit jobs/quickstart.yaml` with the SMALL overrides of
-   tests/test_e2e.py: run directory (and so the data stage's shards) on a
+   tests/e2e/test_e2e.py: run directory (and so the data stage's shards) on a
    local disk (baseline) and on s3://.
 2. Reading every shard of a dataset twice ("two epochs") from s3:// without
    and with `storage.cache_dir`: GetObject requests, bytes downloaded and
@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.s3server import S3Server  # noqa: E402
-from tests.test_e2e import QUICKSTART, SMALL  # noqa: E402
+from tests.support.jobs import QUICKSTART, SMALL  # noqa: E402
+from tests.support.s3server import S3Server  # noqa: E402
 
 
 def quickstart(run_dir: str, env: dict[str, str], extra: list[str]) -> float:

@@ -1,0 +1,218 @@
+"""The shard index: made once (``vlcluster index``, the data stage), equal to walking the shards,
+read by the loader instead of walking them, checked against hostile or stale content."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from vlcluster.data import corpusindex
+from vlcluster.data import synthetic as syn
+from vlcluster.data.corpusindex import INDEX_NAME, MAGIC, CorpusIndex, IndexFormatError, write_index
+from vlcluster.data.loader import TrainLoader
+from vlcluster.data.quality import BadDataError
+from vlcluster.data.rangedread import RangedReader, locate_shards
+from vlcluster.data.tarindex import ShardIndex
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(synthetic_data) -> list[str]:
+    """Train shards with an index beside them (the data stage writes it), two of them damaged (and indexed again)."""
+    return synthetic_data.damaged(40, 4, 8, 16, seed=1).train_shards
+
+
+def copy_without_index(urls: list[str], directory: Path) -> list[str]:
+    directory.mkdir()
+    for url in urls:
+        shutil.copy(url, directory)
+    return [str(directory / Path(url).name) for url in urls]
+
+
+def epoch_keys(urls: list[str], workers: int = 0) -> list[str]:
+    train = TrainLoader(urls, 0, 1, seed=2, shuffle_buffer=7, batch_size=6, num_workers=workers)
+    keys = [key for _ in range(8) for key in train.next_batch()["key"]]  # 48 positions: past the epoch
+    train.close()
+    return keys
+
+
+def test_the_index_holds_what_walking_the_shards_gives(corpus: list[str]) -> None:
+    index = CorpusIndex.load(str(Path(corpus[0]).parent / INDEX_NAME))
+    for url in corpus:
+        walked = ShardIndex(url)
+        walked.close()
+        assert index.table(Path(url).name) == walked.samples
+        assert index.entries[Path(url).name].size == Path(url).stat().st_size
+    assert index.table(Path(corpus[0]).name)[-1].error  # the truncated shard's marker is part of the index
+
+
+def test_reads_by_index_equal_reads_by_walking(corpus: list[str]) -> None:
+    counts, locations = locate_shards(corpus)
+    reader = RangedReader(locations)
+    wanted = [(url, item) for url, count in zip(corpus, counts) for item in range(count)][::-1]
+    walked = {url: ShardIndex(url) for url in corpus}
+    assert reader.fetch(wanted) == [walked[url].read(item) for url, item in wanted]
+
+
+def test_the_loader_gives_the_same_order_with_and_without_an_index(corpus: list[str], tmp_path: Path, caplog) -> None:
+    plain = copy_without_index(corpus, tmp_path / "plain")
+    with caplog.at_level("WARNING", "vlcluster.data"):
+        unindexed = epoch_keys(plain)
+    assert "have no index" in caplog.text
+    assert epoch_keys(corpus) == unindexed == epoch_keys(corpus, workers=2)
+
+
+def test_shards_without_an_index_are_indexed_once_per_node_in_the_cache(corpus: list[str], tmp_path: Path, monkeypatch) -> None:
+    from vlcluster.storage import config
+
+    plain = copy_without_index(corpus, tmp_path / "plain")
+    monkeypatch.setattr(config, "_active", None)
+    monkeypatch.setenv(config.ENV, "")
+    config.activate(config.StorageSpec(cache_dir=str(tmp_path / "cache")))
+    try:
+        assert epoch_keys(plain) == epoch_keys(corpus)
+        made = list((tmp_path / "cache" / "indexes").glob("*.vlindex"))
+        assert len(made) == 1
+        stamp = made[0].stat().st_mtime_ns
+        epoch_keys(plain, workers=2)  # another rank of the node: reads the cached index, writes none
+        assert [p.stat().st_mtime_ns for p in (tmp_path / "cache" / "indexes").glob("*.vlindex")] == [stamp]
+    finally:
+        monkeypatch.setattr(config, "_active", None)
+
+
+def test_a_rewritten_shard_is_refused_naming_shard_and_index(corpus: list[str], tmp_path: Path) -> None:
+    urls = copy_without_index(corpus, tmp_path / "copy")
+    write_index(urls, str(tmp_path / "copy" / INDEX_NAME))
+    last = Path(urls[-1])
+    original = last.read_bytes()
+    last.write_bytes(original + bytes(512))  # another size
+    with pytest.raises(ValueError, match=f"{last}.*{INDEX_NAME} indexed it at .*rewritten"):
+        locate_shards(urls)
+    # The same size, other bytes: the tar header in front of each item no longer matches.
+    last.write_bytes(bytes(len(original)))
+    train = TrainLoader(urls, 0, 1, seed=2, shuffle_buffer=7, batch_size=40, num_workers=0)
+    with pytest.raises(BadDataError, match=f"{last} does not match its index .*{INDEX_NAME}"):
+        train.next_batch()
+
+
+def _index_with(header: dict | bytes, tables: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return MAGIC + struct.pack("<Q", len(raw)) + raw + tables
+
+
+HOSTILE = {
+    "not an index": (b"PK\x03\x04 a zip file", "magic line"),
+    "future version": (_index_with({"version": 9, "shards": []}), "version 9"),
+    "header past the end": (MAGIC + struct.pack("<Q", 1 << 40) + b"{}", "header length"),
+    "not JSON": (_index_with(b"{nope"), "not JSON"),
+    "path as name": (_index_with({"version": 1, "shards": [{"name": "../x.tar", "size": 1, "items": 1, "table": [0, 1]}]}), r"shards\[0\].name"),
+    "negative size": (_index_with({"version": 1, "shards": [{"name": "a.tar", "size": -1, "items": 1, "table": [0, 1]}]}), r"shards\[0\].size"),
+    "table past the end": (_index_with({"version": 1, "shards": [{"name": "a.tar", "size": 1, "items": 1, "table": [0, 999]}]}), r"shards\[0\].table lies past"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_index_is_one_paragraph_naming_file_and_field(case: str, tmp_path: Path) -> None:
+    content, field = HOSTILE[case]
+    path = tmp_path / INDEX_NAME
+    path.write_bytes(content)
+    with pytest.raises(IndexFormatError, match=f"{path}: not a usable shard index .*{field}") as caught:
+        CorpusIndex.load(str(path))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("table, field", [
+    (zlib.compress(b"[" + b" " * 100_000 + b"]"), "inflates past 50000 bytes"),
+    (zlib.compress(b'[["k", [["jpg", 10, 999999]]]]'), "lies past the end"),
+    (zlib.compress(b'[["k", []], ["j", []]]'), "the 1 items"),
+    (b"not zlib", "does not decode"),
+])
+def test_a_hostile_member_table_is_refused_naming_the_item(table: bytes, field: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(corpusindex, "MAX_TABLE_BYTES", 50_000)  # a bomb's size, scaled down
+    offset = 0
+    while True:  # the header's length fixes the table's offset
+        header = {"version": 1, "shards": [{"name": "a.tar", "size": 2048, "items": 1, "table": [offset, len(table)]}]}
+        if len(_index_with(header)) == offset:
+            break
+        offset = len(_index_with(header))
+    path = tmp_path / INDEX_NAME
+    path.write_bytes(_index_with(header, table))
+    with pytest.raises(IndexFormatError, match=field):
+        CorpusIndex.load(str(path)).table("a.tar")
+
+
+def test_vlcluster_index_writes_one_index_per_directory(corpus: list[str], tmp_path: Path) -> None:
+    plain = copy_without_index(corpus, tmp_path / "plain")
+    done = subprocess.run(
+        [sys.executable, "-m", "vlcluster.cli", "index", f"{tmp_path}/plain/"], capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"indexed {len(plain)}/{len(plain)} shards" in done.stdout
+    written = CorpusIndex.load(str(tmp_path / "plain" / INDEX_NAME))
+    assert sorted(written.entries) == sorted(Path(url).name for url in plain)
+    assert epoch_keys(plain) == epoch_keys(corpus)
+
+
+def test_on_s3_the_loader_reads_the_index_and_ranges_of_the_shards(corpus: list[str], s3_env, s3_server) -> None:
+    import fsspec
+
+    from tests.support.countingproxy import CountingProxy
+    from vlcluster.storage import config
+
+    config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
+    fs = fsspec.filesystem("s3")
+    remote = [f"s3://data/indexed/{Path(url).name}" for url in corpus]
+    for url, target in zip(corpus, remote):
+        fs.put_file(url, target)
+    write_index(remote, f"s3://data/indexed/{INDEX_NAME}")
+    with CountingProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        config.activate(config.StorageSpec(endpoint_url=proxy.endpoint))  # no node cache: ranged reads of the bucket
+        fsspec.filesystem("s3").clear_instance_cache()
+        assert epoch_keys(remote) == epoch_keys(corpus)
+        requests, fetched = proxy.counts()
+    shard_bytes = sum(Path(url).stat().st_size for url in corpus)
+    # 48 positions read = 1.2 epochs of the corpus; the walk reads every shard whole each time it opens one.
+    assert 0 < fetched < 1.5 * shard_bytes, (requests, fetched, shard_bytes)
+
+
+def test_a_2_to_3_rank_resume_on_s3_reads_every_sample_once_and_little_else(s3_env, s3_server, tmp_path: Path) -> None:
+    import fsspec
+
+    from tests.support.countingproxy import CountingProxy
+    from tools.bench.loader_s3 import sample_bytes
+    from vlcluster.storage import config
+
+    built = syn.build_dataset(str(tmp_path / "clean"), 96, 4, 16, 48, seed=4)
+    config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
+    fsspec.filesystem("s3").put([*built["train_shards"], str(tmp_path / "clean" / INDEX_NAME)], "s3://data/resume/")
+    remote = [f"s3://data/resume/{Path(url).name}" for url in built["train_shards"]]
+    spans = sample_bytes(built["train_shards"])  # what the bench divides by
+
+    def run(world: int, steps: int, state: dict | None) -> tuple[list[str], dict]:
+        loaders = [TrainLoader(remote, rank, world, 0, 24, 12 // world, shuffle_run=4) for rank in range(world)]
+        for train in loaders:
+            if state is not None:
+                train.load_state_dict(state)
+        seen = [key for _ in range(steps) for train in loaders for key in train.next_batch()["key"]]
+        state = json.loads(json.dumps(loaders[0].state_dict()))
+        for train in loaders:
+            train.close()
+        return seen, state
+
+    with CountingProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        config.activate(config.StorageSpec(endpoint_url=proxy.endpoint))
+        fsspec.filesystem("s3").clear_instance_cache()
+        before, state = run(2, 3, None)
+        after, _ = run(3, 5, state)
+        fetched = proxy.counts()[1]
+    assert sorted(before + after) == sorted(spans)  # 8 steps of 12: the epoch of 96, each sample once
+    # Five readers' start-up (index header, listing, member tables) and HTTP overhead on 96 samples of ~3 KB.
+    assert fetched / sum(spans.values()) < 1.6, fetched / sum(spans.values())
