@@ -139,7 +139,7 @@ def tiny_task_job(directory: Path, task: str) -> Path:
 def test_a_downstream_task_is_one_module_and_one_line(tmp_path):
     copy = extended_package(tmp_path / "pkg", "tasks/colours.py", (EXAMPLES / "colours_task.py").read_text(),
                             "tasks/registry.py", "TASKS: dict[str, TaskEntry] = {",
-                            '"colours": TaskEntry("vlcluster.tasks.colours:ColoursTask", ("colours_acc",)),')
+                            '"colours": TaskEntry("vlcluster.tasks.colours:ColoursTask", ("colours_acc",), "vision"),')
     job, run_dir = tiny_task_job(tmp_path, "colours"), tmp_path / "run"
 
     submitted = copy.cli("submit", str(job), "--run-dir", str(run_dir))
