@@ -104,6 +104,7 @@ def test_study_names_come_from_the_registries():
 def test_task_names_routes_scores_and_synthetic_data_come_from_the_task_registry(monkeypatch):
     from dataclasses import replace
 
+    from vlcluster.importers.registry import FORMATS
     from vlcluster.jobspec import models
     from vlcluster.stages.report import COLUMNS, TASK_COLUMNS
     from vlcluster.study.views import PRIMARY
@@ -114,6 +115,7 @@ def test_task_names_routes_scores_and_synthetic_data_come_from_the_task_registry
         task = get_task(name)
         assert (task.name, task.route) == (name, entry.route)
         assert task.synthetic() is not None  # a data stage can write every task of the paper
+    assert {fmt.task for fmt in FORMATS.values()} <= set(TASKS)  # an import format writes a registered task
     assert PRIMARY == HEADLINE_SCORES
     assert set(HEADLINE_SCORES) <= {key for _, key in COLUMNS + TASK_COLUMNS}  # the report stage shows each
     monkeypatch.setitem(TASKS, "vqa", replace(TASKS["vqa"], route="vision"))
