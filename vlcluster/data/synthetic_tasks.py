@@ -178,7 +178,8 @@ def write_task_dataset(out_dir: str, task: str, n_train: int, n_val: int, shard_
     ``tokenizer``: a tokenizer.json copied beside them (the pre-training data's)."""
     synthetic = get_task(task).synthetic()
     if synthetic is None:
-        raise ValueError(f"task {task!r} has no synthetic dataset (its class defines no synthetic()): import its data instead")
+        raise ValueError(f"task {task!r} has no synthetic dataset (its class defines no synthetic()): "
+                         "leave it out of the data stage's tasks and import its data (an import stage)")
     splits = {}
     for split, count in (("train", n_train), ("val", n_val)):
         rng = random.Random(f"vlcluster-synthetic-task:{seed}:{task}:{split}")
