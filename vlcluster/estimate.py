@@ -28,6 +28,7 @@ from vlcluster.graph import Graph
 from vlcluster.errors import SpecError
 from vlcluster.sizes import PRESETS, DerivedShape
 from vlcluster.storage.paths import is_remote, read_json
+from vlcluster.tasks.registry import TASKS
 from vlcluster.train.device_peaks import peak_tflops
 from vlcluster.train.model_flops import TRAIN_FACTOR, Objectives, StepShape, image_tokens, layers_forward, matmul, train_flops_per_sample
 
@@ -113,14 +114,22 @@ def sample_flops(config: ModelShape, spec) -> tuple[float, str]:
                           question_len=text if objectives.vqa else 0)
         routes = "+".join(name.upper() for name in ("itc", "itm", "mlm", "vqa") if getattr(objectives, name))
         return train_flops_per_sample(config, objectives, shape), routes
-    if task in {"vqa", "nlvr2"}:  # NLVR2: two images, each fused with the sentence
-        shape = StepShape(text_len=0, rank_batch=0, global_batch=train.batch_size, question_len=text)
-        one = train_flops_per_sample(config, Objectives(False, False, False, True), shape)
-        return (2 * one, "2 x VQA route") if task == "nlvr2" else (one, "VQA route")
-    if task == "retrieval":
-        shape = StepShape(text_len=text, rank_batch=0, global_batch=train.batch_size)
+    entry = TASKS[task]
+    flops, route = task_route_flops(config, entry.route, train.batch_size)
+    # NLVR2: two images, each fused with the sentence
+    return (entry.images * flops, f"{entry.images} x {route}") if entry.images > 1 else (flops, route)
+
+
+def task_route_flops(config: ModelShape, route: str, batch_size: int) -> tuple[float, str]:
+    """FLOPs of one image of a task sample through the task's route (``TaskEntry.route``)."""
+    text = config.max_text_len
+    if route == "fusion":
+        shape = StepShape(text_len=0, rank_batch=0, global_batch=batch_size, question_len=text)
+        return train_flops_per_sample(config, Objectives(False, False, False, True), shape), "VQA route"
+    if route == "dual":
+        shape = StepShape(text_len=text, rank_batch=0, global_batch=batch_size)
         return train_flops_per_sample(config, Objectives(True, True, False, False), shape), "ITC+ITM"
-    # classification, segmentation: the image through every layer; the task head is not counted
+    # vision: the image through every layer; the task head is not counted
     patch = config.patch_size
     forward = matmul(config.num_patches, config.dim, 3 * patch * patch) + layers_forward(config, config.depth, image_tokens(config))
     return float(TRAIN_FACTOR * forward), "image encoder"

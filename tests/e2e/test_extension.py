@@ -1,5 +1,5 @@
-"""Extending vlcluster, as docs/extending describes: a backend and a merge
-method, each one new module plus one registry line in a copy of the package
+"""Extending vlcluster, as docs/extending describes: a backend, a merge
+method and a downstream task, each one new module plus one registry line in a copy of the package
 (tests/support/extension.py checks the copy differs by nothing else), run end
 to end through the CLI. The modules are tests/support/extension_examples/*.py."""
 
@@ -116,3 +116,47 @@ def test_a_merge_method_is_one_module_and_one_line(tmp_path):
     assert load_file(str(tmp_path / "by_hand" / "model.safetensors")).keys() == merged.keys()
     assert all(torch.equal(tensor, merged[key]) for key, tensor in load_file(str(tmp_path / "by_hand" / "model.safetensors")).items())
     assert_reference_gains_only(copy, "maxabs", {"cli.md", "job-schema.md"})
+
+
+def tiny_task_job(directory: Path, task: str) -> Path:
+    """The tiny training job's data and seed on one rank, the data stage also writing
+    ``task``'s synthetic dataset, then a fine-tune on the task, its eval and a report."""
+    spec = yaml.safe_load(TINY_TRAINING_JOB)
+    stages = spec["stages"]
+    stages["data"] |= {"tasks": [task], "task_n_train": 64, "task_n_val": 32}
+    stages["seed"]["train"]["steps"] = 2
+    stages["seed"]["resources"]["procs_per_node"] = 1
+    stages["ft"] = {"kind": "finetune", "task": task, "init": {"from": "seed"}, "data": {"from": "data"},
+                    "train": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "log_every": 1},
+                    "resources": {"procs_per_node": 1}}
+    stages["eval"] = {"kind": "eval", "tasks": [task], "source": "ft", "data": {"from": "data"}}
+    stages["table"] = {"kind": "report", "rows": {task: "eval"}}
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_a_downstream_task_is_one_module_and_one_line(tmp_path):
+    copy = extended_package(tmp_path / "pkg", "tasks/colours.py", (EXAMPLES / "colours_task.py").read_text(),
+                            "tasks/registry.py", "TASKS: dict[str, TaskEntry] = {",
+                            '"colours": TaskEntry("vlcluster.tasks.colours:ColoursTask", ("colours_acc",), "vision"),')
+    job, run_dir = tiny_task_job(tmp_path, "colours"), tmp_path / "run"
+
+    submitted = copy.cli("submit", str(job), "--run-dir", str(run_dir))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    rows = status_rows(copy, run_dir)
+    assert {stage: row[3] for stage, row in rows.items()} == dict.fromkeys(("data", "seed", "ft", "eval", "table"), "done")
+
+    record = json.loads((run_dir / "data" / "tasks" / "colours" / "dataset.json").read_text())
+    assert record["labels"] == ["red", "green", "blue", "yellow", "purple"]  # the module's generator wrote it
+    assert {split: entry["count"] for split, entry in record["splits"].items()} == {"train": 64, "val": 32}
+    result = json.loads((run_dir / "eval" / "result.json").read_text())
+    assert result["task"] == "colours" and result["examples"] == 32
+    assert 0 <= result["colours_acc"] <= 100 and len(result["items"]["colours_acc"]) == 32
+    assert result["colours_acc"] == sum(result["items"]["colours_acc"]) / 32
+    assert result["chance"] == {"colours_acc": 100 / 2 ** 5}
+    with_head = load_file(str(run_dir / "ft" / "model.safetensors"))
+    assert with_head["heads.colours.weight"].shape[0] == 5  # one logit per colour
+    table = (run_dir / "table" / "report.md").read_text()  # the report's columns follow the registry's scores
+    assert "| IR R@1 | colours_acc |" in table and f"| colours | – | – | – | – | – | {result['colours_acc']:.2f} |" in table, table
+    assert_reference_gains_only(copy, "colours", {"job-schema.md"})

@@ -104,6 +104,28 @@ def test_plan_prints_the_estimates_and_says_the_mfu_is_a_default(write_job):
     assert "MFU default" in result.stdout and "critical path, unlimited GPUs:" in result.stdout
 
 
+
+def test_a_task_fine_tune_counts_the_route_its_registry_line_names(write_job, tmp_path):
+    from vlcluster.tasks.registry import TASKS
+
+    stages = "".join(f"""
+  ft_{task}:
+    kind: finetune
+    task: {task}
+    init: {{from: seed}}
+    data: {{train: "shards/{{0..3}}.tar"}}
+    train: {{steps: 100, batch_size: 64, precision: fp16, device: cuda}}
+    resources: {{gpus_per_node: 8, profile: v100}}
+""" for task in TASKS)
+    graph = build_graph(load_pipeline(write_job(JOB.split("  ft:")[0] + stages)))
+    found = estimate(graph, tmp_path / "runs" / "est")
+    routes = {task: re.search(r"GFLOP/sample \((.+?)\)", found[f"ft_{task}"].note).group(1) for task in TASKS}
+    assert routes == {"vqa": "VQA route", "retrieval": "ITC+ITM", "nlvr2": "2 x VQA route",
+                     "classification": "image encoder", "segmentation": "image encoder"}
+    assert found["ft_nlvr2"].flops == pytest.approx(2 * found["ft_vqa"].flops)  # a pair of images per sample
+    assert found["ft_classification"].flops == found["ft_segmentation"].flops < found["ft_vqa"].flops
+
+
 def test_critical_path_follows_dependencies_and_family_throttles():
     jobs = [Job("a", "a", 8, 2.0, ()), Job("b", "b", 8, 3.0, ("a",)), Job("c", "c", 8, 1.0, ())]
     assert critical_path(jobs) == (5.0, ["a", "b"])

@@ -100,6 +100,28 @@ def test_study_names_come_from_the_registries():
     assert {method: knobs[method] for method in paper_and_sparse} == paper_and_sparse  # a new method keeps these
 
 
+
+def test_task_names_routes_scores_and_synthetic_data_come_from_the_task_registry(monkeypatch):
+    from dataclasses import replace
+
+    from vlcluster.importers.registry import FORMATS
+    from vlcluster.jobspec import models
+    from vlcluster.stages.report import COLUMNS, TASK_COLUMNS
+    from vlcluster.study.views import PRIMARY
+    from vlcluster.tasks.registry import HEADLINE_SCORES, TASKS, get_task
+
+    assert literal_names(models.FinetuneStage, "task") == tuple(TASKS)
+    for name, entry in TASKS.items():
+        task = get_task(name)
+        assert (task.name, task.route) == (name, entry.route)
+        assert task.synthetic() is not None  # a data stage can write every task of the paper
+    assert {fmt.task for fmt in FORMATS.values()} <= set(TASKS)  # an import format writes a registered task
+    assert PRIMARY == HEADLINE_SCORES
+    assert set(HEADLINE_SCORES) <= {key for _, key in COLUMNS + TASK_COLUMNS}  # the report stage shows each
+    monkeypatch.setitem(TASKS, "vqa", replace(TASKS["vqa"], route="vision"))
+    with pytest.raises(ValueError, match="VQATask takes the 'fusion' route, registered with 'vision'"):
+        get_task.__wrapped__("vqa")
+
 # One line added to each registry, in a copy of the package: the new names must reach
 # job files and the command line with no other edit.
 NEW_LINES = {

@@ -14,7 +14,8 @@ train/val shards in the task's sample format, see ``vlcluster.tasks``):
 - ``segmentation``: a mask per image, labels background + the 5 colours
   (1..6; 0 = ignore is never used here).
 
-Everything is a pure function of the seed.
+Everything is a pure function of the seed. Each task's class names its
+generator here (``Task.synthetic``); a new task may define its own in its module.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from PIL import Image
 from vlcluster.data.corpusindex import index_beside
 from vlcluster.data.split_writer import SplitWriter
 from vlcluster.data.synthetic import (
-    ANSWERS, COLORS, MAX_OBJECTS, POSITIONS, SEGMENT_CLASSES, SHAPES, Scene, SceneObject,
+    COLORS, MAX_OBJECTS, POSITIONS, SEGMENT_CLASSES, SHAPES, Scene, SceneObject,
     _join_phrases, _png_bytes, questions, render, sample_scene,
 )
 from vlcluster.tasks.dataset import write_record
-from vlcluster.tasks.registry import TASK_NAMES
+from vlcluster.tasks.registry import get_task
 
 OBJECT_PHRASE = "a {color} {shape} at the {position}"
 CAPTIONS_PER_IMAGE = 3
@@ -168,34 +169,26 @@ def segmentation_samples(rng: random.Random, image_size: int) -> Iterator[Sample
         yield {"png": _png_bytes(image), "seg.png": _png_bytes(mask)}
 
 
-GENERATORS: dict[str, tuple[Callable[[random.Random, int], Iterator[Sample]], tuple[str, ...]]] = {
-    "vqa": (vqa_samples, ANSWERS),
-    "retrieval": (retrieval_samples, ()),
-    "nlvr2": (nlvr2_samples, ()),
-    "classification": (classification_samples, CLASSES),
-    "segmentation": (segmentation_samples, SEGMENT_CLASSES),
-}
 assert MAX_OBJECTS <= len(POSITIONS)
-assert set(GENERATORS) <= set(TASK_NAMES), "generators are keyed by registered task names"
-SYNTHETIC_TASKS = tuple(name for name in TASK_NAMES if name in GENERATORS)
 
 
 def write_task_dataset(out_dir: str, task: str, n_train: int, n_val: int, shard_size: int, image_size: int,
                        seed: int, tokenizer: str | None = None) -> dict:
     """Write ``task``'s synthetic train/val shards and ``dataset.json`` into ``out_dir``;
     ``tokenizer``: a tokenizer.json copied beside them (the pre-training data's)."""
-    if task not in GENERATORS:
-        raise ValueError(f"task {task!r} has no synthetic dataset (tasks with one: {', '.join(SYNTHETIC_TASKS)}): import its data instead")
-    generate, labels = GENERATORS[task]
+    synthetic = get_task(task).synthetic()
+    if synthetic is None:
+        raise ValueError(f"task {task!r} has no synthetic dataset (its class defines no synthetic()): "
+                         "leave it out of the data stage's tasks and import its data (an import stage)")
     splits = {}
     for split, count in (("train", n_train), ("val", n_val)):
         rng = random.Random(f"vlcluster-synthetic-task:{seed}:{task}:{split}")
         writer = SplitWriter(out_dir, split, shard_size)
-        for index, sample in zip(range(count), generate(rng, image_size)):
+        for index, sample in zip(range(count), synthetic.samples(rng, image_size)):
             writer.write({"__key__": f"{split}-{index:08d}", **sample})
         splits[split] = writer.close()
     index_beside([f"{out_dir.rstrip('/')}/{name}" for entry in splits.values() for name in entry["shards"]])
     if tokenizer is not None:
         with fsspec.open(tokenizer, "rb") as src, fsspec.open(f"{out_dir.rstrip('/')}/tokenizer.json", "wb") as dst:
             dst.write(src.read())
-    return write_record(out_dir, task, "synthetic", list(labels), splits, "tokenizer.json" if tokenizer else None)
+    return write_record(out_dir, task, "synthetic", list(synthetic.labels), splits, "tokenizer.json" if tokenizer else None)

@@ -7,14 +7,22 @@ import logging
 from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage, read_result
 from vlcluster.study import write_study_report
+from vlcluster.study.views import label
+from vlcluster.tasks.registry import HEADLINE_SCORES
 
 log = logging.getLogger("vlcluster.report")
 
 # TR/IR are the paper's mean of R@1/5/10; R@1 alone is shown too, since the
 # mean saturates first on easy retrieval sets.
 COLUMNS = (("VQA acc", "vqa_acc"), ("TR", "tr"), ("TR R@1", "tr_r1"), ("IR", "ir"), ("IR R@1", "ir_r1"))
-# Downstream-task columns, shown only when some row has them.
-TASK_COLUMNS = (("NLVR2 acc", "nlvr2_acc"), ("top-1", "top1"), ("top-5", "top5"), ("mIoU", "miou"))
+# Downstream-task columns, shown only when some row has them: every other task's
+# headline scores (the task registry's), each followed by the details shown beside it.
+DETAILS = {"top1": ("top5",)}
+TASK_COLUMNS = tuple(
+    (label(score), score)
+    for headline in HEADLINE_SCORES if headline not in {key for _, key in COLUMNS}
+    for score in (headline, *DETAILS.get(headline, ()))
+)
 
 
 def columns(rows: dict[str, dict]) -> tuple[tuple[str, str], ...]:

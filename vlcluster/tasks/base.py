@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -49,6 +50,17 @@ class TaskInfo:
     @cached_property
     def label_index(self) -> dict[str, int]:
         return {label: i for i, label in enumerate(self.labels)}
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """A task's synthetic counterpart, written by a ``data`` stage with ``tasks: [name]``:
+    ``samples(rng, image_size)`` yields raw samples in the task's WebDataset format
+    (field -> bytes, no ``__key__``) without end, a pure function of ``rng``;
+    ``labels`` are dataset.json's (answers, class names)."""
+
+    samples: Callable[[random.Random, int], Iterator[dict[str, bytes]]]
+    labels: tuple[str, ...] = ()
 
 
 class TaskBatch(dict):
@@ -109,6 +121,11 @@ class Task:
         """Decoded, stacked samples (``image`` tensor plus lists of the task fields) -> tensors.
         ``train``: draw one of several questions/captions with ``rng``; else keep all."""
         raise NotImplementedError
+
+    def synthetic(self) -> SyntheticData | None:
+        """The generator of the task's synthetic dataset (CPU tests, tutorials); None:
+        the task has none, its data comes from an import stage."""
+        return None
 
     # ---- model -----------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vlcluster.data.quality import BAD_TEXT, BadSample
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo
+from vlcluster.tasks.base import RawSample, Scorer, SyntheticData, Task, TaskBatch, TaskInfo
 
 TOP_K = (1, 5)
 
@@ -38,6 +38,11 @@ class ClassificationTask(Task):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(info.labels)):
             raise ValueError(f"class index outside 0..{len(info.labels) - 1} in a batch (keys {samples['key'][:3]}...)")
         return TaskBatch(image=samples["image"], label=labels)
+
+    def synthetic(self) -> SyntheticData:
+        from vlcluster.data.synthetic_tasks import CLASSES, classification_samples
+
+        return SyntheticData(classification_samples, CLASSES)
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module:
         return nn.Linear(config.dim, len(info.labels))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vlcluster.model import MultiwayTransformer
-from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_lines
+from vlcluster.tasks.base import RawSample, Scorer, SyntheticData, Task, TaskBatch, TaskInfo, read_lines
 from vlcluster.tasks.recall import recall_scores, retrieval_items
 from vlcluster.train.losses import itc_loss
 
@@ -44,6 +44,11 @@ class RetrievalTask(Task):
             owners += [row] * len(chosen)
         ids, mask = encoder.encode(captions, max_len)
         return TaskBatch(image=samples["image"], ids=ids, mask=mask, owner=torch.tensor(owners))
+
+    def synthetic(self) -> SyntheticData:
+        from vlcluster.data.synthetic_tasks import retrieval_samples
+
+        return SyntheticData(retrieval_samples)
 
     def embed(self, model: MultiwayTransformer, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         image_cls = model.encode_image(batch["image"])[:, 0]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vlcluster.data.quality import MISSING_FIELD, READ_ERROR, BadSample
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.tasks.base import IMAGE_FIELDS, RawSample, Scorer, Task, TaskBatch, TaskInfo, read_image, read_json, require
+from vlcluster.tasks.base import IMAGE_FIELDS, RawSample, Scorer, SyntheticData, Task, TaskBatch, TaskInfo, read_image, read_json, require
 
 SIDES = ("img0", "img1")
 
@@ -65,6 +65,11 @@ class NLVR2Task(Task):
     def collate(self, samples, info: TaskInfo, encoder, max_len, rng: random.Random, train: bool) -> TaskBatch:
         ids, mask = encoder.encode(samples["sentence"], max_len)
         return TaskBatch(image=samples["image"], ids=ids, mask=mask, label=torch.tensor(samples["label"]))
+
+    def synthetic(self) -> SyntheticData:
+        from vlcluster.data.synthetic_tasks import nlvr2_samples
+
+        return SyntheticData(nlvr2_samples)
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module:
         return PairHead(config.dim, config.layer_norm_eps)

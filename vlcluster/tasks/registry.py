@@ -20,14 +20,17 @@ if TYPE_CHECKING:
 class TaskEntry:
     cls: str  # "module:Class" of the task's ``Task`` subclass
     scores: tuple[str, ...]  # its eval's headline scores, in the order the study shows them
+    # The class's ``route`` and images per sample, for ``plan``'s FLOPs estimate (which imports no torch).
+    route: str
+    images: int = 1
 
 
 TASKS: dict[str, TaskEntry] = {
-    "vqa": TaskEntry("vlcluster.tasks.vqa:VQATask", ("vqa_acc",)),
-    "retrieval": TaskEntry("vlcluster.tasks.image_text_retrieval:RetrievalTask", ("tr", "ir")),
-    "nlvr2": TaskEntry("vlcluster.tasks.nlvr2:NLVR2Task", ("nlvr2_acc",)),
-    "classification": TaskEntry("vlcluster.tasks.classification:ClassificationTask", ("top1",)),
-    "segmentation": TaskEntry("vlcluster.tasks.segmentation:SegmentationTask", ("miou",)),
+    "vqa": TaskEntry("vlcluster.tasks.vqa:VQATask", ("vqa_acc",), "fusion"),
+    "retrieval": TaskEntry("vlcluster.tasks.image_text_retrieval:RetrievalTask", ("tr", "ir"), "dual"),
+    "nlvr2": TaskEntry("vlcluster.tasks.nlvr2:NLVR2Task", ("nlvr2_acc",), "fusion", images=2),
+    "classification": TaskEntry("vlcluster.tasks.classification:ClassificationTask", ("top1",), "vision"),
+    "segmentation": TaskEntry("vlcluster.tasks.segmentation:SegmentationTask", ("miou",), "vision"),
 }
 
 TASK_NAMES = tuple(TASKS)
@@ -38,8 +41,11 @@ HEADLINE_SCORES = tuple(score for entry in TASKS.values() for score in entry.sco
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    module, cls = TASKS[name].cls.split(":")
+    entry = TASKS[name]
+    module, cls = entry.cls.split(":")
     task = getattr(importlib.import_module(module), cls)()
     if task.name != name:
-        raise ValueError(f"tasks/registry.py: {TASKS[name].cls} is named {task.name!r}, registered as {name!r}")
+        raise ValueError(f"tasks/registry.py: {entry.cls} is named {task.name!r}, registered as {name!r}")
+    if task.route != entry.route:
+        raise ValueError(f"tasks/registry.py: {entry.cls} takes the {task.route!r} route, registered with {entry.route!r}")
     return task

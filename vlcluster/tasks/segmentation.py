@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vlcluster.model import ModelConfig, MultiwayTransformer
-from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_image
+from vlcluster.tasks.base import RawSample, Scorer, SyntheticData, Task, TaskBatch, TaskInfo, read_image
 
 IGNORE = 0  # label 0 in the mask; the loss and metric skip it
 
@@ -54,6 +54,12 @@ class SegmentationTask(Task):
         if masks.max() > len(info.labels):
             raise ValueError(f"mask label {masks.max().item()} beyond the {len(info.labels)} classes (keys {samples['key'][:3]}...)")
         return TaskBatch(image=samples["image"], target=masks - 1)  # -1 = ignore, 0..K-1 = classes
+
+    def synthetic(self) -> SyntheticData:
+        from vlcluster.data.synthetic import SEGMENT_CLASSES
+        from vlcluster.data.synthetic_tasks import segmentation_samples
+
+        return SyntheticData(segmentation_samples, SEGMENT_CLASSES)
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module:
         return LinearDecoder(config.dim, len(info.labels), config.layer_norm_eps)

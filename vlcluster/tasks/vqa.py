@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vlcluster.model import ModelConfig, MultiwayTransformer
 from vlcluster.model.heads import VQAHead
-from vlcluster.tasks.base import RawSample, Scorer, Task, TaskBatch, TaskInfo, read_json, require
+from vlcluster.tasks.base import RawSample, Scorer, SyntheticData, Task, TaskBatch, TaskInfo, read_json, require
 
 DEFAULT_VOCABULARY = 3129  # VQA v2's most frequent answers, the usual head size
 
@@ -66,6 +66,12 @@ class VQATask(Task):
                 soft[i, column] = max(soft[i, column].item(), score)
         ids, mask = encoder.encode(texts, max_len)
         return TaskBatch(image=samples["image"][torch.tensor(rows, dtype=torch.long)], ids=ids, mask=mask, soft=soft)
+
+    def synthetic(self) -> SyntheticData:
+        from vlcluster.data.synthetic import ANSWERS
+        from vlcluster.data.synthetic_tasks import vqa_samples
+
+        return SyntheticData(vqa_samples, ANSWERS)
 
     def build_head(self, config: ModelConfig, info: TaskInfo) -> nn.Module:
         return VQAHead(config.dim, len(info.labels), config.layer_norm_eps)
