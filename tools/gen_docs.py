@@ -195,7 +195,8 @@ def model_table(name: str, schema: dict) -> list[str]:
 def schema_page() -> str:
     from pydantic import TypeAdapter
 
-    from vlcluster.jobspec.models import ClusterProfile, Pipeline
+    from vlcluster.jobspec.models import ClusterProfile
+    from vlcluster.jobspec.pipeline import Pipeline
 
     pipeline = TypeAdapter(Pipeline).json_schema(by_alias=True)
     definitions = dict(sorted(pipeline.pop("$defs", {}).items()))

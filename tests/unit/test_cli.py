@@ -198,7 +198,8 @@ def test_overrides_may_create_a_stage_with_its_kind(write_job):
 
 def test_suggestions_come_from_the_models_fields():
     from vlcluster.jobspec.load import known_names
-    from vlcluster.jobspec.models import MergeStage, TrainSpec
+    from vlcluster.jobspec.models import TrainSpec
+    from vlcluster.stages.merge import MergeStage
     from vlcluster.merge.methods import METHOD_NAMES
 
     assert known_names(("stages", "s", "pretrain", "train", "setps"), "extra_forbidden") == list(TrainSpec.model_fields)
