@@ -52,6 +52,18 @@ def test_every_stage_kind_has_a_runner():
         assert callable(runner(kind)), kind
 
 
+def test_every_stage_kind_is_one_module_with_its_spec_model_and_runner():
+    from vlcluster.jobspec.models import StageBase
+    from vlcluster.jobspec.pipeline import Stage
+    from vlcluster.stages.kinds import KINDS, spec_model
+
+    for kind, entry in KINDS.items():
+        assert entry.spec.split(":")[0] == entry.runner.split(":")[0], kind
+        model = spec_model(kind)
+        assert issubclass(model, StageBase) and model.model_fields["kind"].annotation.__args__ == (kind,)
+    assert [member.__name__ for member in Stage.__origin__.__args__] == [spec_model(kind).__name__ for kind in KINDS]
+
+
 def test_local_backend_refuses_multi_node(write_job, tmp_path):
     result = cli("submit", str(write_job(GOOD)), "--set", "stages.seed.resources.nodes=2", "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 2
