@@ -3,7 +3,7 @@
 - ``docs/reference/cli.md`` from the ``vlcluster`` argparse parser
   (``vlcluster.cli.build_parser``), one section per command;
 - ``docs/reference/job-schema.md`` from the pydantic models of job files and
-  SLURM cluster profiles (``vlcluster/jobspec/models.py``), one table per model.
+  SLURM cluster profiles (``vlcluster/jobspec/``, each kind's ``vlcluster/stages/<kind>.py``), one table per model.
 
     python tools/gen_docs.py            # rewrite the pages
     python tools/gen_docs.py --check    # exit 1 if a committed page is out of date
@@ -195,14 +195,15 @@ def model_table(name: str, schema: dict) -> list[str]:
 def schema_page() -> str:
     from pydantic import TypeAdapter
 
-    from vlcluster.jobspec.models import ClusterProfile, Pipeline
+    from vlcluster.jobspec.models import ClusterProfile
+    from vlcluster.jobspec.pipeline import Pipeline
 
     pipeline = TypeAdapter(Pipeline).json_schema(by_alias=True)
     definitions = dict(sorted(pipeline.pop("$defs", {}).items()))
     profile = TypeAdapter(ClusterProfile).json_schema(by_alias=True)
     lines = ["# Job file schema", "",
              "The fields of a job file (`jobs/*.yaml`), from the pydantic models in "
-             "`vlcluster/jobspec/models.py`; unknown keys are errors, and top-level keys "
+             "`vlcluster/jobspec/` and each stage kind's `vlcluster/stages/<kind>.py`; unknown keys are errors, and top-level keys "
              "starting with `x-` hold YAML anchors. `vlcluster schema` prints the same as JSON schema. "
              "A SLURM cluster profile (`slurm/<name>.yaml`) is the last table, [ClusterProfile](#clusterprofile).", ""]
     lines += model_table("Pipeline", {**pipeline, "description": "The top level of a job file."})

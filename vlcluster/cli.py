@@ -664,7 +664,8 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     # Choices come from the registries (torch-free tables), so a new entry there is a new choice here.
-    from vlcluster.jobspec.models import DataStage, MetricsStage
+    from vlcluster.stages.data import DataStage
+    from vlcluster.stages.metrics import MetricsStage
     from vlcluster.metrics.correlation import DROP_SCORES
     from vlcluster.sizes import CHECKPOINT_FORMATS, SIZES
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 
 from vlcluster.errors import SpecError
-from vlcluster.jobspec.models import Pipeline
-from vlcluster.jobspec.references import REFERENCE_TARGETS, references
+from vlcluster.jobspec.pipeline import Pipeline
+from vlcluster.jobspec.references import references
 from vlcluster.jobspec.sweep import expand_sweeps, sweep_base
 from vlcluster.suggest import did_you_mean
 
@@ -82,8 +82,8 @@ def reference_problems(pipeline: Pipeline) -> tuple[dict[str, tuple[str, ...]], 
                 )
             elif target is None:
                 problems.append(f"stages.{name}.{ref.field}: unknown stage {ref.target!r}{did_you_mean(ref.target, pipeline.stages)}")
-            elif target.kind not in REFERENCE_TARGETS[ref.kind_rule]:
-                allowed = ", ".join(sorted(REFERENCE_TARGETS[ref.kind_rule]))
+            elif target.kind not in ref.kinds:
+                allowed = ", ".join(sorted(ref.kinds))
                 problems.append(
                     f"stages.{name}.{ref.field}: stage {ref.target!r} is a {target.kind} stage; expected {allowed}"
                 )

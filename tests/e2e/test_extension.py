@@ -1,10 +1,12 @@
-"""Extending vlcluster, as docs/extending describes: a backend, a merge
-method and a downstream task, each one new module plus one registry line in a copy of the package
-(tests/support/extension.py checks the copy differs by nothing else), run end
-to end through the CLI. The modules are tests/support/extension_examples/*.py."""
+"""Extending vlcluster, as docs/extending describes: a backend, a merge method,
+a downstream task and a stage kind, each one new module plus one registry line
+in a copy of the package (tests/support/extension.py checks the copy differs by
+nothing else), run end to end through the CLI. The modules are
+tests/support/extension_examples/*.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.support.jobs import TINY_TRAINING_JOB
-from tests.support.extension import PackageCopy, extended_package
+from tests.support.extension import REPO, PackageCopy, extended_package
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "support" / "extension_examples"
 
@@ -160,3 +162,49 @@ def test_a_downstream_task_is_one_module_and_one_line(tmp_path):
     table = (run_dir / "table" / "report.md").read_text()  # the report's columns follow the registry's scores
     assert "| IR R@1 | colours_acc |" in table and f"| colours | – | – | – | – | – | {result['colours_acc']:.2f} |" in table, table
     assert_reference_gains_only(copy, "colours", {"job-schema.md"})
+
+
+def tiny_checksum_job(directory: Path) -> Path:
+    """data -> seed (the tiny training job on one rank, 2 steps) -> a checksum of the seed's model."""
+    spec = yaml.safe_load(TINY_TRAINING_JOB)
+    spec["stages"]["seed"]["train"]["steps"] = 2
+    spec["stages"]["seed"]["resources"]["procs_per_node"] = 1
+    spec["stages"]["digest"] = {"kind": "checksum", "source": "seed", "algorithm": "blake2b"}
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def assert_schema_page_gains_kind(copy: PackageCopy, kind: str, model: str) -> None:
+    """`python tools/gen_docs.py` on the copy adds the kind's table to job-schema.md and
+    its link to the stages row, and changes nothing else."""
+    assert set(copy.regenerated_reference()) == {"job-schema.md"}
+    before = (REPO / "docs" / "reference" / "job-schema.md").read_text()
+    after = (copy.root / "docs" / "reference" / "job-schema.md").read_text()
+    table = re.search(rf"^## {model}\n.*?\n\n(?=## )", after, re.S | re.M)
+    assert table is not None and "| `kind` |" in table[0] and "| `source` |" in table[0], after
+    assert after.replace(table[0], "").replace(f"[{kind}](#{model.lower()}), ", "", 1) == before
+
+
+def test_a_stage_kind_is_one_module_and_one_line(tmp_path):
+    copy = extended_package(tmp_path / "pkg", "stages/checksum.py", (EXAMPLES / "checksum_stage.py").read_text(),
+                            "stages/kinds.py", "KINDS: dict[str, StageKind] = {",
+                            '"checksum": StageKind("vlcluster.stages.checksum:ChecksumStage", "vlcluster.stages.checksum:run"),')
+    job, run_dir = tiny_checksum_job(tmp_path), tmp_path / "run"
+
+    submitted = copy.cli("submit", str(job), "--run-dir", str(run_dir))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    rows = status_rows(copy, run_dir)
+    assert {stage: (row[1], row[3]) for stage, row in rows.items()} == {
+        "data": ("data", "done"), "seed": ("pretrain", "done"), "digest": ("checksum", "done")}
+    result = json.loads((run_dir / "digest" / "result.json").read_text())
+    weights = (run_dir / "seed" / "model.safetensors").read_bytes()
+    assert result["kind"] == "checksum" and result["algorithm"] == "blake2b"
+    assert result["digest"] == hashlib.blake2b(weights).hexdigest() and result["bytes"] == len(weights)
+
+    # The kind's references reach the graph: it depends on its source and names the kinds it may be.
+    refused = copy.cli("plan", str(job), "--run-dir", str(tmp_path / "run2"), "--set", "stages.digest.source=data", timeout=60)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "stages.digest.source: stage 'data' is a data stage; expected finetune, merge, pretrain" in " ".join(
+        (refused.stdout + refused.stderr).split())
+    assert_schema_page_gains_kind(copy, "checksum", "ChecksumStage")

@@ -52,6 +52,18 @@ def test_every_stage_kind_has_a_runner():
         assert callable(runner(kind)), kind
 
 
+def test_every_stage_kind_is_one_module_with_its_spec_model_and_runner():
+    from vlcluster.jobspec.models import StageBase
+    from vlcluster.jobspec.pipeline import Stage
+    from vlcluster.stages.kinds import KINDS, spec_model
+
+    for kind, entry in KINDS.items():
+        assert entry.spec.split(":")[0] == entry.runner.split(":")[0], kind
+        model = spec_model(kind)
+        assert issubclass(model, StageBase) and model.model_fields["kind"].annotation.__args__ == (kind,)
+    assert [member.__name__ for member in Stage.__origin__.__args__] == [spec_model(kind).__name__ for kind in KINDS]
+
+
 def test_local_backend_refuses_multi_node(write_job, tmp_path):
     result = cli("submit", str(write_job(GOOD)), "--set", "stages.seed.resources.nodes=2", "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 2
@@ -198,7 +210,8 @@ def test_overrides_may_create_a_stage_with_its_kind(write_job):
 
 def test_suggestions_come_from_the_models_fields():
     from vlcluster.jobspec.load import known_names
-    from vlcluster.jobspec.models import MergeStage, TrainSpec
+    from vlcluster.jobspec.models import TrainSpec
+    from vlcluster.stages.merge import MergeStage
     from vlcluster.merge.methods import METHOD_NAMES
 
     assert known_names(("stages", "s", "pretrain", "train", "setps"), "extra_forbidden") == list(TrainSpec.model_fields)

@@ -48,7 +48,7 @@ def test_reference_pages_are_current():
 
 def test_reference_covers_every_command_and_model():
     from vlcluster.cli import build_parser
-    from vlcluster.jobspec.models import Pipeline
+    from vlcluster.jobspec.pipeline import Pipeline
     from vlcluster.merge.methods import METHOD_NAMES
 
     cli = (REPO / "docs" / "reference" / "cli.md").read_text()
@@ -165,18 +165,18 @@ def test_cli_main_records_each_invocation_with_its_exit_status(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(("page", "first_line", "model"), [
-    ("docs/guide/first-cluster-run.md", "name: seed_mylab", "Pipeline"),
-    ("docs/guide/slurm.md", "# slurm/a100.yaml", "ClusterProfile"),
+    ("docs/guide/first-cluster-run.md", "name: seed_mylab", "vlcluster.jobspec.pipeline:Pipeline"),
+    ("docs/guide/slurm.md", "# slurm/a100.yaml", "vlcluster.jobspec.models:ClusterProfile"),
 ])
 def test_complete_yaml_examples_validate(page, first_line, model):
     """The examples a reader copies whole (the others are marked fragments)."""
     import yaml
 
-    from vlcluster.jobspec import models
+    from vlcluster.stages.kinds import named
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / page).read_text(), re.S)
     [block] = [b for b in blocks if b.startswith(first_line)]
-    getattr(models, model).model_validate(yaml.safe_load(block))
+    named(model).model_validate(yaml.safe_load(block))
 
 
 def test_readme_stays_a_front_page():

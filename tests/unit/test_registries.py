@@ -45,12 +45,13 @@ def registries() -> dict[str, tuple]:
 
 def test_job_file_literals_are_the_registry_keys():
     from vlcluster.jobspec import models
+    from vlcluster.stages import imports, merge, report
 
     keys = registries()
-    assert literal_names(models.MergeStage, "method") == keys["methods"]
-    assert literal_names(models.ImportStage, "format") == keys["formats"]
-    assert literal_names(models.GateSpec, "metric") == keys["metrics"]
-    assert literal_names(models.ReportStage, "drop_score") == keys["drop_scores"]
+    assert literal_names(merge.MergeStage, "method") == keys["methods"]
+    assert literal_names(imports.ImportStage, "format") == keys["formats"]
+    assert literal_names(merge.GateSpec, "metric") == keys["metrics"]
+    assert literal_names(report.ReportStage, "drop_score") == keys["drop_scores"]
     assert literal_names(models.ModelSpec, "size") == keys["sizes"]
     assert literal_names(models.ModelSpec, "arch") == keys["archs"]
     assert literal_names(models.ModelSpec, "position") == keys["positions"]
@@ -79,7 +80,7 @@ def test_cli_choices_are_the_registry_keys():
 def test_merge_parameters_and_rendered_files_cover_their_registries():
     from vlcluster.backends import BACKENDS
     from vlcluster.cli import RENDERED_FILE
-    from vlcluster.jobspec.models import MergeStage, PartAlpha
+    from vlcluster.stages.merge import MergeStage, PartAlpha
     from vlcluster.merge.methods import PARAMS, PART_FAMILY
 
     assert set(PARAMS) <= set(MergeStage.model_fields)  # also checked when jobspec is imported
@@ -105,12 +106,12 @@ def test_task_names_routes_scores_and_synthetic_data_come_from_the_task_registry
     from dataclasses import replace
 
     from vlcluster.importers.registry import FORMATS
-    from vlcluster.jobspec import models
     from vlcluster.stages.report import COLUMNS, TASK_COLUMNS
+    from vlcluster.stages.train import FinetuneStage
     from vlcluster.study.views import PRIMARY
     from vlcluster.tasks.registry import HEADLINE_SCORES, TASKS, get_task
 
-    assert literal_names(models.FinetuneStage, "task") == tuple(TASKS)
+    assert literal_names(FinetuneStage, "task") == tuple(TASKS)
     for name, entry in TASKS.items():
         task = get_task(name)
         assert (task.name, task.route) == (name, entry.route)
@@ -140,7 +141,7 @@ import json, sys
 
 import vlcluster
 from vlcluster.cli import build_parser
-from vlcluster.jobspec.models import Pipeline
+from vlcluster.jobspec.pipeline import Pipeline
 
 stages = {
     "imp": {"kind": "import", "format": "toyfmt", "inputs": {"root": "data"}},
@@ -196,7 +197,7 @@ def test_a_line_added_to_a_registry_is_accepted_by_job_files_and_the_cli(tmp_pat
 def test_a_name_outside_the_registry_is_refused_with_the_registry_keys(stage, field, registry):
     from pydantic import ValidationError
 
-    from vlcluster.jobspec.models import Pipeline
+    from vlcluster.jobspec.pipeline import Pipeline
 
     with pytest.raises(ValidationError) as caught:
         Pipeline.model_validate({"name": "x", "stages": {"s": stage}})
@@ -207,7 +208,9 @@ def test_a_name_outside_the_registry_is_refused_with_the_registry_keys(stage, fi
 def test_command_defaults_are_the_stage_defaults():
     """``vlcluster import/data/metrics`` and the import/data/metrics stages compute alike when nothing is set."""
     from vlcluster.cli import build_parser
-    from vlcluster.jobspec.models import DataStage, ImportStage, MetricsStage
+    from vlcluster.stages.data import DataStage
+    from vlcluster.stages.imports import ImportStage
+    from vlcluster.stages.metrics import MetricsStage
 
     parser = build_parser()
     imported = vars(parser.parse_args(["import", "nlvr2", "--jsonl", "a.jsonl", "--images", "img", "-o", "out"]))

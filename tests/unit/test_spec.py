@@ -8,7 +8,7 @@ import pytest
 
 from vlcluster.errors import SpecError
 from vlcluster.jobspec.load import json_schema, load_pipeline
-from vlcluster.jobspec.models import FinetuneStage, PretrainStage
+from vlcluster.stages.train import FinetuneStage, PretrainStage
 
 MINIMAL = """
 name: t

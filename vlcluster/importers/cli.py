@@ -7,7 +7,7 @@ import logging
 import sys
 
 from vlcluster.importers.registry import FORMATS
-from vlcluster.jobspec.models import ImportStage
+from vlcluster.stages.imports import ImportStage
 
 
 def add_import_parser(sub) -> None:

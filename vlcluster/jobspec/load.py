@@ -18,7 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vlcluster.errors import SpecError
 from vlcluster.stages.kinds import STAGE_KINDS
-from vlcluster.jobspec.models import Pipeline
+from vlcluster.jobspec.pipeline import Pipeline
 from vlcluster.jobspec.names import name_problem
 from vlcluster.suggest import did_you_mean
 

@@ -1,28 +1,24 @@
-"""Pydantic models of a vlcluster pipeline.
+"""The pieces every stage spec is made of, and the SLURM cluster profile.
 
-A pipeline file holds named stages; every stage is one member of a union
-discriminated on ``kind``. Models are strict about unknown keys so a typo in
-a job file is an error at load time, not a silently ignored setting.
+A stage kind's own spec model lives with its runner in
+``vlcluster/stages/<kind>.py`` and builds on these (``StageBase``, ``DataSpec``,
+``TrainSpec`` ...); ``jobspec/pipeline.py`` joins the kinds into a job file.
+Models are strict about unknown keys so a typo in a job file is an error at
+load time, not a silently ignored setting.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlcluster.importers.registry import FORMATS as IMPORT_FORMATS, check_inputs
-from vlcluster.metrics import METRICS
-from vlcluster.metrics.correlation import DROP_SCORES
+from vlcluster.jobspec.references import Reference, model_reference
 from vlcluster.sizes import ARCHS, CHECKPOINT_FORMATS, POSITIONS, RELATIVE_BIASES, SIZES, STRUCTURE_FIELDS, check_structure
-from vlcluster.stages.kinds import DISTRIBUTED_KINDS, KINDS, TRAINING_KINDS  # noqa: F401  (re-exported)
-from vlcluster.merge.methods import METHOD_NAMES, PARAMS, SPECS
-from vlcluster.storage.config import StorageSpec
 from vlcluster.tasks.registry import TASK_NAMES
-from vlcluster.tracking.spec import TrackingSpec
 
 # Names from their registries (a new entry there is accepted here): sizes.py's
-# presets and layouts, importers/registry.py, merge/methods.py, metrics/.
+# presets and layouts, tasks/registry.py.
 Arch = Literal[ARCHS]
 Size = Literal[SIZES]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
@@ -61,6 +57,9 @@ class InitSpec(Strict):
         if self.from_ is not None and self.format is not None:
             raise ValueError("'format' goes with 'checkpoint'; a stage output is always vlcluster's")
         return self
+
+    def references(self) -> list[Reference]:
+        return model_reference("init.from", self.from_)
 
 
 class ModelSpec(Strict):
@@ -133,6 +132,10 @@ class SourceSpec(Strict):
     _countable = field_validator("shards")(countable_patterns)
 
 
+# The kinds a ``data.from`` may name: they write shards (and a tokenizer) for others to read.
+DATA_KINDS = frozenset({"data", "import"})
+
+
 class DataSpec(Strict):
     """Where a training or evaluation stage reads from.
 
@@ -175,6 +178,9 @@ class DataSpec(Strict):
         if self.from_ is not None and (self.train or self.val or self.tokenizer):
             raise ValueError("'from' and explicit URLs/tokenizer are exclusive")
         return self
+
+    def references(self) -> list[Reference]:
+        return [] if self.from_ is None else [Reference("data.from", self.from_, DATA_KINDS)]
 
     def train_sources(self) -> list[SourceSpec]:
         """``train`` as a list of weighted sources (a plain pattern or list of them is one source)."""
@@ -289,223 +295,10 @@ class StageBase(Strict):
         """Fields that do not apply to this stage as configured (left out of its hash)."""
         return set()
 
-
-class DataStage(StageBase):
-    kind: Literal["data"]
-    n_train: int = Field(20000, gt=0)
-    n_val: int = Field(500, gt=0)
-    shard_size: int = Field(2000, gt=0)
-    image_size: int = Field(32, gt=0)
-    seed: int = 0
-    tasks: list[TaskName] = Field(default_factory=list, description="also write these downstream tasks' synthetic datasets")
-    task_n_train: int | None = Field(None, gt=0, description="training samples per task (default n_train)")
-    task_n_val: int | None = Field(None, gt=0, description="validation samples per task (default n_val)")
-
-
-class ImportStage(StageBase):
-    """A downstream dataset in its real on-disk format -> task shards + dataset.json
-    (``vlcluster import`` does the same from the command line)."""
-
-    kind: Literal["import"]
-    format: Literal[tuple(IMPORT_FORMATS)]
-    inputs: dict[str, str | list[str]] = Field(description="the format's inputs, e.g. {questions: [...], annotations: [...], images: DIR}")
-    tokenizer: str | StageRef | None = Field(
-        None, description="tokenizer.json shipped with the data (a path, or {from: STAGE} for a data stage's); "
-        "default: a word-level one built from the texts. Fine-tuning needs the pre-training tokenizer"
-    )
-    image_size: int | None = Field(None, gt=0, description="resize images (square) while importing; default: keep the files")
-    shard_size: int = Field(1000, gt=0)
-    max_answers: int = Field(3129, gt=0, description="vqa2: size of the answer vocabulary")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="fail when more of the entries are bad")
-
-    @model_validator(mode="after")
-    def _inputs_fit_format(self) -> ImportStage:
-        problems = check_inputs(self.format, self.inputs)
-        if problems:
-            raise ValueError("inputs: " + "; ".join(problems))
-        return self
-
-
-class TrainStageBase(StageBase):
-    model: ModelSpec = ModelSpec()
-    data: DataSpec
-    train: TrainSpec
-    init: InitSpec | None = None
-    checkpoint: CheckpointSpec = CheckpointSpec()
-
-
-    @model_validator(mode="after")
-    def _batch_fits_ranks(self) -> TrainStageBase:
-        sizes = self.train.rank_batch_sizes(self.resources.world_size)
-        if self.train.micro_batch_size is not None:
-            from vlcluster.train.accumulate import plan_micro_batches
-
-            plan_micro_batches(sizes, self.train.micro_batch_size, rank=0)
-        return self
-
-
-class PretrainStage(TrainStageBase):
-    """Seed pre-training (arch agnostic) or VL pre-training (arch specific,
-    ``init`` from the seed stage)."""
-
-    kind: Literal["pretrain"]
-
-
-class FinetuneStage(TrainStageBase):
-    """Downstream fine-tuning: VQA head plus contrastive retrieval by default."""
-
-    kind: Literal["finetune"]
-    init: InitSpec
-    train: TrainSpec
-    task: TaskName | None = Field(
-        None, description="one downstream task (its head, loss and route; data from an import or data stage); "
-        "unset: the multi-task fine-tune of loss_weights"
-    )
-
-    @model_validator(mode="after")
-    def _finetune_has_task_loss(self) -> FinetuneStage:
-        weights = self.train.loss_weights
-        if self.task is None and weights.vqa == 0 and weights.itc == 0:
-            raise ValueError("fine-tuning needs a task loss: set task, or loss_weights.vqa and/or loss_weights.itc")
-        return self
-
-
-def merge_param(name: str, default: Any = ...) -> Any:
-    """A merge stage field from its declaration in :data:`vlcluster.merge.methods.PARAMS`."""
-    param = PARAMS[name]
-    bounds: dict[str, Any] = {"allow_inf_nan": False} if param.type in (float, dict) else {}
-    if param.low is not None:
-        bounds["gt" if param.low_open else "ge"] = param.low
-    if param.high is not None:
-        bounds["lt" if param.high_open else "le"] = param.high
-    users = ", ".join(method for method, spec in SPECS.items() if name in spec.params)
-    return Field(param.default if default is ... else default, description=f"{param.help} ({users})", **bounds)
-
-
-class PartAlpha(Strict):
-    """Per-part α overrides for interpolation sweeps (unset parts use ``alpha``)."""
-
-    attn: float | None = merge_param("part_alpha", None)
-    ffn: float | None = merge_param("part_alpha", None)
-    ln: float | None = merge_param("part_alpha", None)
-
-
-MergeMetric = Literal[METRICS]
-
-
-class GateSpec(Strict):
-    """Stop the pipeline before merging (and fine-tuning) an unmergeable model."""
-
-    metric: MergeMetric = "tssd"
-    max: float = Field(description="largest overall value of `metric` that may be merged")
-
-
-class MergeStage(StageBase):
-    kind: Literal["merge"]
-    source: str = Field(description="stage holding the modality-specific checkpoint")
-    seed: str | None = Field(None, description="stage holding W0 (arithmetic, ties, dare)")
-    grams: str | None = Field(None, description="grams stage (regmean)")
-    method: Literal[METHOD_NAMES] = "interpolation"
-    alpha: float = merge_param("alpha")
-    part_alpha: PartAlpha | None = Field(None, description="per-part alpha (interpolation)")
-    lam: float = merge_param("lam")
-    gamma: float = merge_param("gamma")
-    density: float = merge_param("density")
-    random_seed: int = merge_param("random_seed")
-    gate: GateSpec | None = None
-
-    @model_validator(mode="after")
-    def _inputs_for_method(self) -> MergeStage:
-        spec = SPECS[self.method]
-        if spec.needs_base and self.seed is None:
-            raise ValueError(f"method {self.method} needs 'seed' (the stage holding W0)")
-        if spec.needs_grams and self.grams is None:
-            raise ValueError(f"method {self.method} needs 'grams' (a grams stage)")
-        return self
-
-    def method_values(self) -> dict:
-        """The chosen method's parameters (what it reads, what its hash covers)."""
-        values = {name: getattr(self, name) for name in SPECS[self.method].params}
-        if "part_alpha" in values:
-            values["part_alpha"] = self.part_alpha.model_dump() if self.part_alpha else None
-        return values
-
-    def unused_fields(self) -> set[str]:
-        return set(PARAMS) - set(SPECS[self.method].params)
-
-
-# Every merge parameter declared in merge/methods.py PARAMS is a field of a merge stage (merge_param(NAME)).
-assert set(PARAMS) <= set(MergeStage.model_fields), \
-    f"merge/methods.py PARAMS {sorted(set(PARAMS) - set(MergeStage.model_fields))} have no MergeStage field"
-
-
-class GramsStage(StageBase):
-    """RegMean statistics: Gram matrices of the inputs of every expert's linear layers."""
-
-    kind: Literal["grams"]
-    source: str = Field(description="stage holding the modality-specific checkpoint")
-    data: DataSpec
-    split: Literal["train", "val"] = "train"
-    batches: int = Field(8, gt=0, description="global batches of image-text pairs")
-    batch_size: int = Field(64, gt=0, description="global batch over all ranks")
-
-
-class MetricsStage(StageBase):
-    kind: Literal["metrics"]
-    source: str = Field(description="stage holding the modality-specific checkpoint")
-    density: float = Field(0.5, gt=0, lt=1, description="TSSD: fraction of entries kept by magnitude")
-
-
-class EvalStage(StageBase):
-    kind: Literal["eval"]
-    source: str = Field(description="stage whose model is evaluated")
-    data: DataSpec
-    tasks: list[TaskName] = Field(
-        default_factory=lambda: ["vqa", "retrieval"],
-        description="downstream tasks scored: on the task's own dataset when data.from names an import stage, or a data "
-        "stage that writes the task (its tasks); else on the image-caption validation shards (vqa, retrieval)",
-    )
-    batch_size: int = Field(128, gt=0)
-    split: str = Field("val", description="split of a task's own dataset")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_form(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "task" in values:
-            task = values["task"]
-            raise ValueError(
-                f"task: {task} is written tasks: [{task}]: an eval stage lists the tasks it scores under tasks, "
-                "each on its own dataset when data.from names an import stage or a data stage that writes the task"
-            )
-        return values
-
-
-class MergeabilityPoint(Strict):
-    """One model for the metric/merge-drop correlation."""
-
-    metrics: str = Field(description="metrics stage of the modality-specific model")
-    merged: str = Field(description="eval stage of the merged (then fine-tuned) model")
-    unmerged: str = Field(description="eval stage of the unmerged (fine-tuned) model")
-
-
-class ReportStage(StageBase):
-    kind: Literal["report"]
-    rows: dict[str, str | list[str]] = Field(description="row label -> eval stage (or several, one per task, joined in one row)")
-    title: str = "Results"
-    mergeability: dict[str, MergeabilityPoint] = Field(
-        default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
-    )
-    drop_score: Literal[tuple(DROP_SCORES)] = "retrieval"
-
-
-Stage = Annotated[
-    Union[DataStage, ImportStage, PretrainStage, FinetuneStage, GramsStage, MergeStage, MetricsStage, EvalStage, ReportStage],
-    Field(discriminator="kind"),
-]
-
-# The union and the table of kinds (stages/kinds.py: runner, torchrun or not) name the same kinds.
-assert {member.model_fields["kind"].annotation.__args__[0] for member in Stage.__origin__.__args__} == set(KINDS), \
-    "stages/kinds.py and the Stage union disagree"
+    def references(self) -> list[Reference]:
+        """The stages whose outputs this one reads, in the order of its fields (a kind with
+        such fields declares them here); ``after:`` adds dependencies without reading."""
+        return []
 
 
 class ClusterProfile(Strict):
@@ -534,88 +327,3 @@ class ClusterProfile(Strict):
     sbatch: dict[str, str | int | bool] = Field(default_factory=dict, description="further sbatch flags")
 
 
-# How every key of a pipeline sweep starts: ``stages.STAGE.FIELD``.
-SWEPT_KEY_PREFIX = "stages."
-
-
-def pipeline_sweep_problems(zipped: dict[str, list], product: dict[str, list]) -> list[str]:
-    """What is wrong with the axes of a pipeline sweep as written (stages are checked on expansion)."""
-    problems = [] if zipped or product else ["give 'zip' (fields that vary together) and/or 'product' (fields that vary alone)"]
-    for group, fields in (("zip", zipped), ("product", product)):
-        for key, values in fields.items():
-            if not key.startswith(SWEPT_KEY_PREFIX) or key.count(".") < 2:
-                problems.append(f"{group}.{key}: expected stages.STAGE.FIELD, e.g. stages.seed.train.steps")
-            elif not values:
-                problems.append(f"{group}.{key}: no values")
-    problems += [f"product.{key}: also in zip; a field is swept once" for key in zipped if key in product]
-    lengths = {key: len(values) for key, values in zipped.items()}
-    if len(set(lengths.values())) > 1:
-        first = next(iter(lengths))
-        problems += [
-            f"zip.{key}: {count} values, but zip.{first} has {lengths[first]}; zipped fields vary together and need as many values each"
-            for key, count in lengths.items() if count != lengths[first]
-        ]
-    return problems
-
-
-class PipelineSweep(Strict):
-    """Fields of several stages varied together (``vlcluster/jobspec/sweep.py``):
-    each key is ``stages.STAGE.FIELD``; a stage runs once per combination of the
-    values that reach it, with everything downstream of it."""
-
-    zip: dict[str, list[Any]] = Field(
-        default_factory=dict, description="fields that vary together: the i-th element takes the i-th value of each"
-    )
-    product: dict[str, list[Any]] = Field(default_factory=dict, description="fields that each vary on their own")
-
-    @model_validator(mode="after")
-    def _axes(self) -> PipelineSweep:
-        problems = pipeline_sweep_problems(self.zip, self.product)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class Replicates(Strict):
-    """Copies of the seeded stages, replicate k with ``train.seed + k`` (initial weights and data
-    order), everything they feed copied with them (``vlcluster/jobspec/sweep.py``)."""
-
-    count: int = Field(ge=1, le=100, description="how many replicates (copies named [rep=0] ... [rep=count-1])")
-    of: Literal["chain", "finetune"] = Field(
-        "chain", description="chain: pre-training, merges, fine-tunes and evals per replicate; "
-        "finetune: one pre-training, several fine-tune seeds of it (labelled so in the report)"
-    )
-
-
-class LimitsSpec(Strict):
-    """What the whole pipeline may hold at once."""
-
-    gpus: int | None = Field(None, ge=1, description="GPUs requested at once over all stages (SLURM: array throttles "
-                             "and dependencies; Ray: placement); the local backend runs one stage at a time anyway")
-
-
-class Pipeline(Strict):
-    name: str
-    run_dir: str | None = Field(None, description="default: runs/<name>; a local path or an s3:// URL")
-    storage: StorageSpec | None = Field(None, description="object storage settings (no credentials)")
-    tracking: TrackingSpec | None = Field(None, description="log every stage to W&B and/or MLflow besides TensorBoard (credentials from the environment)")
-    stages: dict[str, Stage]
-    sweep: PipelineSweep | None = Field(None, description="a sweep over fields of several stages (e.g. K_seed + K_VL = constant)")
-    replicates: Replicates | None = Field(None, description="N (or {count: N, of: finetune}): repeat the study with other seeds")
-    limits: LimitsSpec = LimitsSpec()
-
-    @field_validator("replicates", mode="before")
-    @classmethod
-    def _replicate_count(cls, value: Any) -> Any:
-        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("stages")
-    @classmethod
-    def _not_empty(cls, stages: dict) -> dict:
-        if not stages:
-            raise ValueError("a pipeline needs at least one stage")
-        return stages
-
-    @property
-    def resolved_run_dir(self) -> str:
-        return self.run_dir or f"runs/{self.name}"

@@ -64,7 +64,7 @@ from pydantic import ValidationError
 from vlcluster.stages.kinds import GATHERING_KINDS
 from vlcluster.errors import SpecError
 from vlcluster.jobspec.load import format_location, known_names, validate
-from vlcluster.jobspec.models import SWEPT_KEY_PREFIX as PREFIX, Pipeline
+from vlcluster.jobspec.pipeline import SWEPT_KEY_PREFIX as PREFIX, Pipeline
 from vlcluster.jobspec.references import references
 from vlcluster.suggest import did_you_mean
 

@@ -15,7 +15,8 @@ from typing import Any
 from vlcluster.data.inputs import DataSources
 from vlcluster.graph import Graph, build_graph
 from vlcluster.stages.rundir import StageDir, pipeline_file, read_json, stage_dir, write_json_atomic
-from vlcluster.jobspec.models import DataSpec, DataStage, Pipeline
+from vlcluster.jobspec.models import DataSpec
+from vlcluster.jobspec.pipeline import Pipeline
 from vlcluster.storage.paths import local_copy, run_path
 
 
@@ -78,7 +79,7 @@ class StageContext:
                 fields=field_map(data.fields.image, data.fields.caption),
                 augment=augmentation(data.augment, data.augment_flip),
             )
-        producer: DataStage = self.pipeline.stages[data.from_]
+        producer = self.pipeline.stages[data.from_]  # a data stage
         out = self.upstream_dir(data.from_).root
         from vlcluster.data.sources import augmentation, field_map, single_source
 

@@ -4,17 +4,37 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Literal
 
-from vlcluster.data.synthetic import build_dataset
-from vlcluster.data.synthetic_tasks import write_task_dataset
-from vlcluster.stages.context import StageContext
+from pydantic import Field
+
+from vlcluster.jobspec.models import StageBase, TaskName
 from vlcluster.stages.outputs import finish_stage
+
+if TYPE_CHECKING:
+    from vlcluster.stages.context import StageContext
 
 log = logging.getLogger("vlcluster.data")
 
 
+class DataStage(StageBase):
+    kind: Literal["data"]
+    n_train: int = Field(20000, gt=0)
+    n_val: int = Field(500, gt=0)
+    shard_size: int = Field(2000, gt=0)
+    image_size: int = Field(32, gt=0)
+    seed: int = 0
+    tasks: list[TaskName] = Field(default_factory=list, description="also write these downstream tasks' synthetic datasets")
+    task_n_train: int | None = Field(None, gt=0, description="training samples per task (default n_train)")
+    task_n_val: int | None = Field(None, gt=0, description="validation samples per task (default n_val)")
+
+
+
+
 def write_synthetic_tasks(ctx: StageContext, tokenizer: str) -> dict[str, dict]:
     """The downstream tasks' synthetic datasets under ``tasks/<task>/``, sharing the tokenizer."""
+    from vlcluster.data.synthetic_tasks import write_task_dataset
+
     spec = ctx.spec
     written = {}
     for task in spec.tasks:
@@ -28,6 +48,8 @@ def write_synthetic_tasks(ctx: StageContext, tokenizer: str) -> dict[str, dict]:
 
 
 def run(ctx: StageContext) -> None:
+    from vlcluster.data.synthetic import build_dataset
+
     spec = ctx.spec
     started = time.perf_counter()
 

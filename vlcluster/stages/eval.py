@@ -11,10 +11,44 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from vlcluster.stages.context import StageContext
+from pydantic import Field, model_validator
+
+from vlcluster.jobspec.models import DataSpec, StageBase, TaskName
+from vlcluster.jobspec.references import Reference, model_reference
+
+if TYPE_CHECKING:
+    from vlcluster.stages.context import StageContext
 
 log = logging.getLogger("vlcluster.eval")
+
+
+class EvalStage(StageBase):
+    kind: Literal["eval"]
+    source: str = Field(description="stage whose model is evaluated")
+    data: DataSpec
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: ["vqa", "retrieval"],
+        description="downstream tasks scored: on the task's own dataset when data.from names an import stage, or a data "
+        "stage that writes the task (its tasks); else on the image-caption validation shards (vqa, retrieval)",
+    )
+    batch_size: int = Field(128, gt=0)
+    split: str = Field("val", description="split of a task's own dataset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "task" in values:
+            task = values["task"]
+            raise ValueError(
+                f"task: {task} is written tasks: [{task}]: an eval stage lists the tasks it scores under tasks, "
+                "each on its own dataset when data.from names an import stage or a data stage that writes the task"
+            )
+        return values
+
+    def references(self) -> list[Reference]:
+        return self.data.references() + model_reference("source", self.source)
 
 
 def reads_own_dataset(ctx: StageContext, task: str) -> bool:

@@ -5,25 +5,47 @@ written by rank 0 to ``grams.safetensors``."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
-from safetensors.torch import save_file
+from pydantic import Field
 
-from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
-from vlcluster.data.stream import eval_samples
-from vlcluster.data.tokenizer import TextEncoder
-from vlcluster.merge.grams import collect_grams, load_experts_model, rank_batches
-from vlcluster.model.files import read_model
-from vlcluster.stages.context import StageContext
-from vlcluster.stages.outputs import finish_stage
-from vlcluster.stages.progress import reported
-from vlcluster.storage.paths import writable
-from vlcluster.tracking import exit_rank
-from vlcluster.train.dist import init_distributed
+from vlcluster.jobspec.models import DataSpec, StageBase
+from vlcluster.jobspec.references import Reference, model_reference
+
+if TYPE_CHECKING:
+    from vlcluster.stages.context import StageContext
 
 log = logging.getLogger("vlcluster.grams")
 
 
+class GramsStage(StageBase):
+    """RegMean statistics: Gram matrices of the inputs of every expert's linear layers."""
+
+    kind: Literal["grams"]
+    source: str = Field(description="stage holding the modality-specific checkpoint")
+    data: DataSpec
+    split: Literal["train", "val"] = "train"
+    batches: int = Field(8, gt=0, description="global batches of image-text pairs")
+    batch_size: int = Field(64, gt=0, description="global batch over all ranks")
+
+    def references(self) -> list[Reference]:
+        return self.data.references() + model_reference("source", self.source)
+
+
 def run(ctx: StageContext) -> None:
+    from safetensors.torch import save_file
+
+    from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
+    from vlcluster.data.stream import eval_samples
+    from vlcluster.data.tokenizer import TextEncoder
+    from vlcluster.merge.grams import collect_grams, load_experts_model, rank_batches
+    from vlcluster.model.files import read_model
+    from vlcluster.stages.outputs import finish_stage
+    from vlcluster.stages.progress import reported
+    from vlcluster.storage.paths import writable
+    from vlcluster.tracking import exit_rank
+    from vlcluster.train.dist import init_distributed
+
     spec = ctx.spec
     env = init_distributed("cpu")
     state, config = read_model(ctx.upstream_dir(spec.source))

@@ -5,14 +5,29 @@ a curve over the layer index)."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field
+
+from vlcluster.jobspec.models import StageBase
+from vlcluster.jobspec.references import Reference, model_reference
 from vlcluster.metrics import METRICS
-from vlcluster.metrics.distance import checkpoint_distances, format_metrics
-from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
 from vlcluster.storage.paths import local_copy
 
+if TYPE_CHECKING:
+    from vlcluster.stages.context import StageContext
+
 log = logging.getLogger("vlcluster.metrics")
+
+
+class MetricsStage(StageBase):
+    kind: Literal["metrics"]
+    source: str = Field(description="stage holding the modality-specific checkpoint")
+    density: float = Field(0.5, gt=0, lt=1, description="TSSD: fraction of entries kept by magnitude")
+
+    def references(self) -> list[Reference]:
+        return model_reference("source", self.source)
 
 
 def write_tensorboard(log_dir, result: dict) -> None:
@@ -27,6 +42,8 @@ def write_tensorboard(log_dir, result: dict) -> None:
 
 
 def run(ctx: StageContext) -> None:
+    from vlcluster.metrics.distance import checkpoint_distances, format_metrics
+
     spec = ctx.spec
     result = checkpoint_distances(local_copy(ctx.upstream_dir(spec.source).model_weights), spec.density)
     write_tensorboard(ctx.dir.tensorboard, result)

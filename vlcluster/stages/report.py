@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
-from vlcluster.stages.context import StageContext
+from pydantic import Field
+
+from vlcluster.jobspec.models import StageBase, Strict
+from vlcluster.jobspec.references import Reference
+from vlcluster.metrics.correlation import DROP_SCORES
 from vlcluster.stages.outputs import finish_stage, read_result
-from vlcluster.study import write_study_report
-from vlcluster.study.views import label
+from vlcluster.study.views import label as score_label
 from vlcluster.tasks.registry import HEADLINE_SCORES
 
+if TYPE_CHECKING:
+    from vlcluster.stages.context import StageContext
+
 log = logging.getLogger("vlcluster.report")
+
+
+class MergeabilityPoint(Strict):
+    """One model for the metric/merge-drop correlation."""
+
+    metrics: str = Field(description="metrics stage of the modality-specific model")
+    merged: str = Field(description="eval stage of the merged (then fine-tuned) model")
+    unmerged: str = Field(description="eval stage of the unmerged (fine-tuned) model")
+
+
+class ReportStage(StageBase):
+    kind: Literal["report"]
+    rows: dict[str, str | list[str]] = Field(description="row label -> eval stage (or several, one per task, joined in one row)")
+    title: str = "Results"
+    mergeability: dict[str, MergeabilityPoint] = Field(
+        default_factory=dict, description="label -> point; adds Pearson r of each metric with the merge drop"
+    )
+    drop_score: Literal[tuple(DROP_SCORES)] = "retrieval"
+
+    def references(self) -> list[Reference]:
+        evals = frozenset({"eval"})
+        refs = [Reference(f"rows.{label}", target, evals)
+                for label, targets in self.rows.items() for target in ([targets] if isinstance(targets, str) else targets)]
+        for label, point in self.mergeability.items():
+            refs += [Reference(f"mergeability.{label}.{role}", getattr(point, role), frozenset({"metrics"} if role == "metrics" else evals))
+                     for role in ("metrics", "merged", "unmerged")]
+        return refs
 
 # TR/IR are the paper's mean of R@1/5/10; R@1 alone is shown too, since the
 # mean saturates first on easy retrieval sets.
@@ -19,7 +53,7 @@ COLUMNS = (("VQA acc", "vqa_acc"), ("TR", "tr"), ("TR R@1", "tr_r1"), ("IR", "ir
 # headline scores (the task registry's), each followed by the details shown beside it.
 DETAILS = {"top1": ("top5",)}
 TASK_COLUMNS = tuple(
-    (label(score), score)
+    (score_label(score), score)
     for headline in HEADLINE_SCORES if headline not in {key for _, key in COLUMNS}
     for score in (headline, *DETAILS.get(headline, ()))
 )
@@ -72,6 +106,8 @@ def mergeability(ctx: StageContext) -> tuple[str, dict[str, float]] | None:
 
 
 def run(ctx: StageContext) -> None:
+    from vlcluster.study import write_study_report
+
     rows = collect(ctx)
     table = format_table(ctx.spec.title, rows)
     correlation = mergeability(ctx)

@@ -1,4 +1,4 @@
-"""The ``pretrain`` and ``finetune`` stages: the spec -> a recipe (what is
+"""The ``pretrain`` and ``finetune`` stages: their spec models; the spec -> a recipe (what is
 trained), the model configuration and the run's settings, then the trainer
 (``vlcluster.train.loop``) on every rank under torchrun.
 
@@ -13,19 +13,68 @@ import json
 import logging
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from vlcluster.model.config import ModelConfig, preset
-from vlcluster.stages.context import StageContext
-from vlcluster.model.files import read_model_config
+from pydantic import Field, model_validator
 
-if TYPE_CHECKING:  # the KINDS table imports this module lazily; torch comes with the trainer
+from vlcluster.jobspec.models import CheckpointSpec, DataSpec, InitSpec, ModelSpec, StageBase, TaskName, TrainSpec
+from vlcluster.jobspec.references import Reference
+
+if TYPE_CHECKING:  # the job-file model imports this module for its specs: torch comes with the trainer
     from vlcluster.model import MultiwayTransformer
+    from vlcluster.model.config import ModelConfig
+    from vlcluster.stages.context import StageContext
     from vlcluster.train.loop import Recipe, TrainingRun
 
 log = logging.getLogger("vlcluster.train")
 
 POSITION_FIELDS = ("position", "relative_bias")
+
+
+class TrainStageBase(StageBase):
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    train: TrainSpec
+    init: InitSpec | None = None
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+    @model_validator(mode="after")
+    def _batch_fits_ranks(self) -> TrainStageBase:
+        sizes = self.train.rank_batch_sizes(self.resources.world_size)
+        if self.train.micro_batch_size is not None:
+            from vlcluster.train.accumulate import plan_micro_batches
+
+            plan_micro_batches(sizes, self.train.micro_batch_size, rank=0)
+        return self
+
+    def references(self) -> list[Reference]:
+        return (self.init.references() if self.init is not None else []) + self.data.references()
+
+
+class PretrainStage(TrainStageBase):
+    """Seed pre-training (arch agnostic) or VL pre-training (arch specific,
+    ``init`` from the seed stage)."""
+
+    kind: Literal["pretrain"]
+
+
+class FinetuneStage(TrainStageBase):
+    """Downstream fine-tuning: VQA head plus contrastive retrieval by default."""
+
+    kind: Literal["finetune"]
+    init: InitSpec
+    train: TrainSpec
+    task: TaskName | None = Field(
+        None, description="one downstream task (its head, loss and route; data from an import or data stage); "
+        "unset: the multi-task fine-tune of loss_weights"
+    )
+
+    @model_validator(mode="after")
+    def _finetune_has_task_loss(self) -> FinetuneStage:
+        weights = self.train.loss_weights
+        if self.task is None and weights.vqa == 0 and weights.itc == 0:
+            raise ValueError("fine-tuning needs a task loss: set task, or loss_weights.vqa and/or loss_weights.itc")
+        return self
 
 
 def data_image_size(ctx: StageContext) -> int | None:
@@ -37,6 +86,8 @@ def data_image_size(ctx: StageContext) -> int | None:
 def inherited_positions(ctx: StageContext) -> dict[str, Any]:
     """How the init stage's model encodes positions: a stage started from it keeps that
     (its weights only load so), e.g. a base model trained before base became relative."""
+    from vlcluster.model.files import read_model_config
+
     init = getattr(ctx.spec, "init", None)
     if init is None or init.from_ is None:
         return {}
@@ -45,6 +96,8 @@ def inherited_positions(ctx: StageContext) -> dict[str, Any]:
 
 
 def build_model_config(ctx: StageContext, vocab_size: int, num_answers: int) -> ModelConfig:
+    from vlcluster.model.config import preset
+
     model = ctx.spec.model
     overrides = {**inherited_positions(ctx), **model.overrides(), "vocab_size": vocab_size, "num_answers": num_answers}
     image_size = model.image_size or data_image_size(ctx)
@@ -59,6 +112,7 @@ def build_model_config(ctx: StageContext, vocab_size: int, num_answers: int) -> 
 def task_recipe(ctx: StageContext) -> tuple[Recipe, ModelConfig]:
     """A ``finetune`` stage with ``task:``: the task's recipe and a configuration
     with the init model's text vocabulary (its embedding must load)."""
+    from vlcluster.model.files import read_model_config
     from vlcluster.stages.task_data import stage_task_data
     from vlcluster.tasks.finetune import TaskTraining
     from vlcluster.tasks.registry import get_task
