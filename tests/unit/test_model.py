@@ -282,6 +282,28 @@ def test_expand_clones_and_keeps_same_experts():
     assert torch.equal(v, l) and v.data_ptr() != l.data_ptr()
 
 
+def scaled(arch: str, seed: int, layer_scale: float) -> MultiwayTransformer:
+    torch.manual_seed(seed)
+    model = MultiwayTransformer(tiny(arch, layer_scale=layer_scale)).eval()
+    with torch.no_grad():  # trained gammas: no longer all one value
+        for name, param in model.named_parameters():
+            if ".gamma_" in name:
+                param.uniform_(0.05, 0.5)
+    return model
+
+
+def test_expand_keeps_layer_scale_or_refuses_to_drop_it(batch):
+    src = scaled("agnostic", 0, layer_scale=0.1)
+    with pytest.raises(ValueError, match=r"layer scale: layers\.0\.gamma_attn.*model\.layer_scale"):
+        expand_to_experts(src.state_dict(), build("specific"))  # the gammas would be dropped: another function
+    dst = MultiwayTransformer(tiny("specific", layer_scale=0.1)).eval()
+    load_into(dst, expand_to_experts(src.state_dict(), dst))
+    images, ids, mask = batch
+    assert torch.equal(src.encode_image(images), dst.encode_image(images))
+    ones = {key: (torch.ones_like(value) if ".gamma_" in key else value) for key, value in src.state_dict().items()}
+    assert not any(".gamma_" in key for key in expand_to_experts(ones, build("specific")))  # gammas of 1 scale nothing
+
+
 def test_expand_refuses_collapsing_experts():
     with pytest.raises(ValueError, match="needs a merge"):
         expand_to_experts(build("specific").state_dict(), build("agnostic"))
@@ -491,7 +513,9 @@ def test_old_configs_read_as_absolute_and_a_stage_keeps_its_init_models_position
     seed = StageContext(tmp_path / "run", "seed", graph)
     assert build_model_config(seed, 64, 0).position == "relative"  # base is VLMo's: relative
     # The seed was trained as an absolute-position model (e.g. before base became relative).
-    seed_config = build_model_config(seed, 64, 0).to_dict() | {"position": "absolute"}
+    # The seed scales its residual branches (BEiT's layer scale): the VL stage keeps that too.
+    seed_config = build_model_config(seed, 64, 0).to_dict() | {"position": "absolute", "layer_scale": 0.1}
     write_model(StageDir(tmp_path / "run" / "seed"), {}, ModelConfig.from_dict(seed_config), {"stage": "seed"})
-    assert build_model_config(StageContext(tmp_path / "run", "vlpt", graph), 64, 0).position == "absolute"
+    vlpt = build_model_config(StageContext(tmp_path / "run", "vlpt", graph), 64, 0)
+    assert (vlpt.position, vlpt.layer_scale) == ("absolute", 0.1)
     assert build_model_config(StageContext(tmp_path / "run", "chosen", graph), 64, 0).position == "relative"

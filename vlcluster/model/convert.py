@@ -35,6 +35,9 @@ def _experts_by_part(keys: Iterable[str]) -> dict[tuple[int, str], set[str]]:
     return groups
 
 
+_LAYER_SCALE = re.compile(r"^layers\.\d+\.gamma_(attn|ffn)$")
+
+
 def expand_to_experts(source_state: Mapping[str, Tensor], target: nn.Module) -> dict[str, Tensor]:
     """Map a checkpoint of any arch onto `target`'s parameter names.
 
@@ -56,6 +59,7 @@ def expand_to_experts(source_state: Mapping[str, Tensor], target: nn.Module) -> 
                 "one weight; collapsing experts needs a merge, not a conversion"
             )
 
+    _check_layer_scale_kept(source_state, set(target_keys))
     out: dict[str, Tensor] = {}
     for key in target_keys:
         parsed = parse_layer_key(key)
@@ -70,6 +74,19 @@ def expand_to_experts(source_state: Mapping[str, Tensor], target: nn.Module) -> 
             raise ValueError(f"no source weight for {key}: tried {list(candidates)}")
         out[key] = source_state[src_key].detach().clone()
     return out
+
+
+def _check_layer_scale_kept(source_state: Mapping[str, Tensor], target_keys: set[str]) -> None:
+    """Dropping a trained layer-scale gamma changes the function the weights compute (each
+    residual branch would come out unscaled), so it is an error, not a silent extra key.
+    Gammas of exactly 1 scale nothing and may go."""
+    dropped = sorted(key for key in source_state if _LAYER_SCALE.match(key) and key not in target_keys
+                     and not bool((source_state[key] == 1).all()))
+    if dropped:
+        raise ValueError(
+            f"the source scales its residual branches (layer scale: {_preview(dropped)}) but the target model "
+            "has no layer scale; give the target `model.layer_scale` (any value: the gammas are loaded) so it "
+            "computes the same function")
 
 
 def _has_prefix(key: str, prefixes: Sequence[str]) -> bool:

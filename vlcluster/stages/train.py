@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # the job-file model imports this module for its specs: torch
 
 log = logging.getLogger("vlcluster.train")
 
-POSITION_FIELDS = ("position", "relative_bias")
+# What a stage started from another stage's model keeps of it unless its own spec sets it:
+# the weights only load into (and compute the same function in) a model built so.
+INHERITED_FIELDS = ("position", "relative_bias", "layer_scale")
 
 
 class TrainStageBase(StageBase):
@@ -83,23 +85,24 @@ def data_image_size(ctx: StageContext) -> int | None:
     return ctx.pipeline.stages[source].image_size if source else None
 
 
-def inherited_positions(ctx: StageContext) -> dict[str, Any]:
-    """How the init stage's model encodes positions: a stage started from it keeps that
-    (its weights only load so), e.g. a base model trained before base became relative."""
+def inherited_structure(ctx: StageContext) -> dict[str, Any]:
+    """How the init stage's model encodes positions and whether it scales its residual
+    branches: a stage started from it keeps that (its weights only load so), e.g. a base
+    model trained before base became relative, or a seed with BEiT's layer scale."""
     from vlcluster.model.files import read_model_config
 
     init = getattr(ctx.spec, "init", None)
     if init is None or init.from_ is None:
         return {}
     source = read_model_config(ctx.upstream_dir(init.from_).root)
-    return {name: getattr(source, name) for name in POSITION_FIELDS}
+    return {name: getattr(source, name) for name in INHERITED_FIELDS}
 
 
 def build_model_config(ctx: StageContext, vocab_size: int, num_answers: int) -> ModelConfig:
     from vlcluster.model.config import preset
 
     model = ctx.spec.model
-    overrides = {**inherited_positions(ctx), **model.overrides(), "vocab_size": vocab_size, "num_answers": num_answers}
+    overrides = {**inherited_structure(ctx), **model.overrides(), "vocab_size": vocab_size, "num_answers": num_answers}
     image_size = model.image_size or data_image_size(ctx)
     if image_size:
         overrides["image_size"] = image_size
