@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vlcluster.importers.registry import FORMATS
+from vlcluster.importers.registry import FORMATS, run_import
 from vlcluster.jobspec.models import ImportStage
 
 
@@ -31,7 +31,6 @@ def add_import_parser(sub) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from vlcluster.importers.common import ImportFailed, ImportOptions
-    from vlcluster.importers.stage import run_import
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     inputs = {i.name: getattr(args, i.name) for i in FORMATS[args.format].inputs if getattr(args, i.name) is not None}

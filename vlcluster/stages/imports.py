@@ -7,7 +7,7 @@ keyword cannot be imported with an import statement.
 from __future__ import annotations
 
 from vlcluster.importers.common import ImportOptions
-from vlcluster.importers.stage import run_import
+from vlcluster.importers.registry import run_import
 from vlcluster.stages.context import StageContext
 from vlcluster.stages.outputs import finish_stage
 
