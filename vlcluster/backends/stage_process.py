@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from vlcluster.errors import EXIT_FAILED, EXIT_OK
 from vlcluster.launch import is_distributed
 from vlcluster.stages.rundir import StageDir
 from vlcluster.storage.paths import Mirror, local_side
@@ -140,10 +141,10 @@ def copy_lines(process: subprocess.Popen, log: IO[str], echo: Callable[[str], No
 
 def exit_status(code: int, directory: StageDir, spec_hash: str) -> int:
     """The stage succeeded only if it exited 0 *and* its done-marker holds its
-    spec hash; exit 0 without the marker counts as exit 1, so dependants never
+    spec hash; exit 0 without the marker counts as a failure, so dependants never
     start on missing outputs."""
-    if code == 0 and directory.done_hash() != spec_hash:
-        return 1
+    if code == EXIT_OK and directory.done_hash() != spec_hash:
+        return EXIT_FAILED
     return code
 
 
@@ -154,7 +155,7 @@ def record_end(directory: StageDir, code: int, cancelled: bool = False, started:
     :mod:`vlcluster.failure`); returns the state written."""
     from vlcluster.failure import failure_at_end
 
-    state = "done" if code == 0 else "cancelled" if cancelled else "failed"
+    state = "done" if code == EXIT_OK else "cancelled" if cancelled else "failed"
     failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
     directory.write_state(state=state, returncode=code, ended=time.time(), failure=failure, **fields)
     return state

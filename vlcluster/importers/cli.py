@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from vlcluster.errors import EXIT_OK
 from vlcluster.importers.registry import FORMATS, run_import
 from vlcluster.jobspec.models import ImportStage
 
@@ -44,4 +45,4 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None  # the CLI's one-paragraph error path
     counts = {split: entry["count"] for split, entry in record["splits"].items()}
     print(f"wrote {args.out}/dataset.json: task {record['task']}, samples {counts}, bad entries {record['bad'] or 'none'}")
-    return 0
+    return EXIT_OK
