@@ -252,10 +252,6 @@ def cmd_submit(args) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-# The file ``render -o DIR`` writes for a backend's text (k8s: one file per object).
-RENDERED_FILE = {"slurm": "sbatch.sh", "ray": "ray-jobs.yaml", "local": "commands.sh"}
-
-
 def cmd_render(args) -> int:
     """What a pipeline becomes on a backend, launching nothing: KubeRay manifests
     (k8s), the sbatch scripts (slurm), the Ray Jobs API submissions (ray), the
@@ -302,8 +298,8 @@ def render_backend(args) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return EXIT_OK
-    output_directory(args.out, "-o", f"render writes {RENDERED_FILE.get(args.backend, f'{args.backend}.txt')} there")
-    path = Path(args.out) / RENDERED_FILE.get(args.backend, f"{args.backend}.txt")
+    output_directory(args.out, "-o", f"render writes {backend.rendered_file} there")
+    path = Path(args.out) / backend.rendered_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     console.print(f"wrote {path}")

@@ -33,6 +33,7 @@ from vlcluster.storage.errors import redact
 class LocalBackend:
     name = "local"
     queues = False
+    rendered_file = "commands.sh"
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)

@@ -36,6 +36,7 @@ def stage_command(run_dir: Path, stage: str) -> list[str]:
 class InlineBackend:
     name = "inline"
     queues = False  # submit returns when every stage has ended
+    rendered_file = "commands.sh"
 
     def validate(self, graph: Graph, source: str) -> None:
         for name, spec in graph.pipeline.stages.items():
