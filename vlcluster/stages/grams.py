@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from vlcluster.data.quality import FIELDS_HINT, DataQuality, check_bad_fraction, no_usable_samples
 from vlcluster.data.stream import eval_samples
 from vlcluster.data.tokenizer import TextEncoder
+from vlcluster.errors import EXIT_OK
 from vlcluster.merge.grams import collect_grams, load_experts_model, rank_batches
 from vlcluster.model.files import read_model
 from vlcluster.stages.context import StageContext
@@ -51,4 +52,4 @@ def run(ctx: StageContext) -> None:
             "grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source,
             "data": quality.summary(spec.data.max_bad_fraction),
         })
-    exit_rank(0)
+    exit_rank(EXIT_OK)

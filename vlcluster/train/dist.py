@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vlcluster.errors import EXIT_OK
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -73,7 +75,7 @@ def exit_process(code: int) -> None:
     those destructors, so a finished stage always exits with its real code.
     """
     if dist.is_initialized():
-        if code == 0:
+        if code == EXIT_OK:
             dist.barrier()
         dist.destroy_process_group()
     from vlcluster.storage.retries import report
