@@ -8,8 +8,6 @@ failed is not started. Killing ``vlcluster submit`` kills its stages too
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -19,9 +17,9 @@ from rich.markup import escape
 from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
-    child_env, copy_lines, exit_status, is_recorded_process, process_start, rank_exit_codes, record_end, stage_log, start_piped, write_header,
+    cancel_child_stages, child_env, child_stage_status, copy_lines, exit_status, process_start, rank_exit_codes, record_end, stage_log,
+    start_piped, write_header,
 )
-from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
@@ -103,21 +101,7 @@ class LocalBackend:
         return "\n".join(lines) + "\n"
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
-        described = {}
-        for plan in plans:
-            record = records[plan.name]
-            recorded = record.get("state")
-            if recorded == "running" and not is_recorded_process(record):
-                recorded = "interrupted"  # the submit that ran it was killed
-            if recorded == "failed":
-                described[plan.name] = StageStatus("failed", "; ".join(filter(None, [
-                    describe_failure(record.get("failure")), f"exit {record.get('returncode')}",
-                    f"log {stage_dir(run_dir, plan.name).log_file}"])))
-            elif recorded in {"running", "interrupted", "cancelled", "blocked"}:
-                described[plan.name] = StageStatus(recorded)
-            else:
-                described[plan.name] = StageStatus("stale" if plan.status == "stale" else "pending")
-        return described
+        return {plan.name: child_stage_status(records[plan.name], plan.status, stage_dir(run_dir, plan.name).log_file) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         from vlcluster.backends.run_status import no_log, stage_log_text
@@ -129,9 +113,4 @@ class LocalBackend:
 
     def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
         """SIGTERM the running stage of a local submit (its ranks checkpoint and exit)."""
-        cancelled = []
-        for name, record in records.items():
-            if record.get("state") == "running" and is_recorded_process(record):
-                os.kill(record["pid"], signal.SIGTERM)
-                cancelled.append(name)
-        return cancelled
+        return cancel_child_stages(records)

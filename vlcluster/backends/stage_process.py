@@ -161,6 +161,33 @@ def record_end(directory: StageDir, code: int, cancelled: bool = False, started:
     return state
 
 
+def child_stage_status(record: dict, plan_status: str, log_file: Path):
+    """``describe`` for a stage that a submit runs as its own child process (the
+    local backend, the inline example): a record left ``running`` by a submit
+    that is gone reads ``interrupted``; a failure shows its cause, exit code and log."""
+    from vlcluster.backends.contract import StageStatus
+    from vlcluster.failure import describe as describe_failure
+
+    state = record.get("state")
+    if state == "running" and not is_recorded_process(record):
+        state = "interrupted"  # the submit that ran it was killed
+    if state == "failed":
+        return StageStatus("failed", "; ".join(filter(None, [
+            describe_failure(record.get("failure")), f"exit {record.get('returncode')}", f"log {log_file}"])))
+    if state in {"running", "interrupted", "cancelled", "blocked"}:
+        return StageStatus(state)
+    return StageStatus("stale" if plan_status == "stale" else "pending")
+
+
+def cancel_child_stages(records: dict[str, dict]) -> list[str]:
+    """``cancel`` for stages run as a submit's child processes: SIGTERM each one
+    still running (a training stage checkpoints and exits); the stages signalled."""
+    running = [name for name, record in records.items() if record.get("state") == "running" and is_recorded_process(record)]
+    for name in running:
+        os.kill(records[name]["pid"], signal.SIGTERM)
+    return running
+
+
 def rank_exit_codes(lines: Iterable[str]) -> list[int]:
     """The exit codes torchrun reported for failed ranks in ``lines`` of its output."""
     return [int(found.group(1) or found.group(2)) for line in lines if (found := RANK_FAILED.search(line))]
