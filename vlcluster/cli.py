@@ -90,7 +90,7 @@ def shard_count(patterns: str | list[str]) -> str:
 def cmd_plan(args) -> int:
     from vlcluster.estimate import estimate, summary
     from vlcluster.plan import make_plan
-    from vlcluster.preflight import preflight, report
+    from vlcluster.preflight import preflight, problems_paragraph
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     profile_options(args, graph)  # --profile, --time: estimates on another cluster
@@ -106,7 +106,7 @@ def cmd_plan(args) -> int:
         console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
     print_estimates(graph, estimates, totals)
     if problems:
-        console.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
+        console.print(f"[yellow]warning:[/] {escape(problems_paragraph(args.file, problems))}")
     return EXIT_OK
 
 
@@ -194,7 +194,7 @@ def run_preflight(args) -> None:
     """Every input of the pipeline checked before anything is queued: all problems in one report
     (exit 2); a dry run prints them as a warning and still shows what would be queued."""
     from vlcluster.jobspec.load import load_pipeline
-    from vlcluster.preflight import preflight, report
+    from vlcluster.preflight import preflight, problems_paragraph
     from vlcluster.profiles import ProfileOverrides
     from vlcluster.storage.config import activate
 
@@ -211,9 +211,9 @@ def run_preflight(args) -> None:
         except SpecError as exc:
             problems.append(str(exc).removeprefix("run_dir: "))
     if problems and not args.dry_run:
-        raise SpecError(report(args.file, problems))
+        raise SpecError(problems_paragraph(args.file, problems))
     if problems:
-        errors.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
+        errors.print(f"[yellow]warning:[/] {escape(problems_paragraph(args.file, problems))}")
 
 
 def cmd_submit(args) -> int:

@@ -78,9 +78,9 @@ def exit_process(code: int) -> None:
         if code == EXIT_OK:
             dist.barrier()
         dist.destroy_process_group()
-    from vlcluster.storage.retries import report
+    from vlcluster.storage.retries import log_retries
 
-    report()  # os._exit skips the atexit hook that would log the storage retries
+    log_retries()  # os._exit skips the atexit hook that would log the storage retries
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
