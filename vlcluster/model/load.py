@@ -20,7 +20,7 @@ from vlcluster.storage.tensorfile import TensorFile, TensorFileError, load_tenso
 
 from .config import ModelConfig
 from .convert import load_into
-from .formats.report import CheckpointError
+from .formats.conversion import CheckpointError
 from .heads import HEADS
 from .multiway import MultiwayTransformer
 
