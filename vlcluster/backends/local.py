@@ -24,7 +24,7 @@ from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.stages.rundir import stage_dir
-from vlcluster.errors import SpecError
+from vlcluster.errors import EXIT_OK, SpecError
 from vlcluster.storage.errors import redact
 
 
@@ -76,16 +76,16 @@ class LocalBackend:
                 copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror))
             exited = process.wait()
             code = exit_status(exited, directory, plan.spec_hash)
-        if exited == 0 and code != 0:
+        if exited == EXIT_OK and code != EXIT_OK:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
         mirror.sync()
         elapsed = time.time() - started
         record_end(directory, code, started=started, rank_codes=rank_codes)
-        if code == 0:
+        if code == EXIT_OK:
             self.console.print(f"[green]{prefix}: done in {elapsed:.1f} s[/]")
         else:
             self.console.print(f"[red]{prefix}: failed (exit {code}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
-        return code == 0
+        return code == EXIT_OK
 
     # ---- what status, logs and cancel ask ---------------------------------------
 
