@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlcluster.backends import BACKENDS
-from vlcluster.errors import EXIT_INTERRUPTED, EXIT_USAGE, SpecError
+from vlcluster.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SpecError
 
 
 class PipeConsole(Console):
@@ -90,7 +90,7 @@ def shard_count(patterns: str | list[str]) -> str:
 def cmd_plan(args) -> int:
     from vlcluster.estimate import estimate, summary
     from vlcluster.plan import make_plan
-    from vlcluster.preflight import preflight, report
+    from vlcluster.preflight import preflight, problems_paragraph
 
     graph, run_dir = load_graph_from_file(args.file, args.set, args.run_dir)
     profile_options(args, graph)  # --profile, --time: estimates on another cluster
@@ -106,8 +106,8 @@ def cmd_plan(args) -> int:
         console.print(f"  {escape(line)}")  # sweep elements are named stage[key=value]
     print_estimates(graph, estimates, totals)
     if problems:
-        console.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
-    return 0
+        console.print(f"[yellow]warning:[/] {escape(problems_paragraph(args.file, problems))}")
+    return EXIT_OK
 
 
 def print_estimates(graph, estimates, totals) -> None:
@@ -149,7 +149,7 @@ def print_plan_json(graph, plans, estimates, totals, run_dir) -> int:
     stages = [{"name": plan.name, "kind": plan.kind, "deps": list(plan.deps), "action": plan.status, "nodes": plan.nodes,
                "ranks": plan.ranks, "estimate": estimates[plan.name].to_json()} for plan in plans]
     print(json.dumps({"pipeline": graph.pipeline.name, "run_dir": redact(str(run_dir)), "stages": stages, "total": totals}, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def add_profile_flags(parser: argparse.ArgumentParser, slurm_fields: bool) -> None:
@@ -187,14 +187,14 @@ def cmd_profiles(args) -> int:
     for name, path, shadowed in found_profiles():
         table.add_row(escape(name), escape(str(path)), "shadowed by an earlier one" if shadowed else "")
     console.print(table)
-    return 0
+    return EXIT_OK
 
 
 def run_preflight(args) -> None:
     """Every input of the pipeline checked before anything is queued: all problems in one report
     (exit 2); a dry run prints them as a warning and still shows what would be queued."""
     from vlcluster.jobspec.load import load_pipeline
-    from vlcluster.preflight import preflight, report
+    from vlcluster.preflight import preflight, problems_paragraph
     from vlcluster.profiles import ProfileOverrides
     from vlcluster.storage.config import activate
 
@@ -211,9 +211,9 @@ def run_preflight(args) -> None:
         except SpecError as exc:
             problems.append(str(exc).removeprefix("run_dir: "))
     if problems and not args.dry_run:
-        raise SpecError(report(args.file, problems))
+        raise SpecError(problems_paragraph(args.file, problems))
     if problems:
-        errors.print(f"[yellow]warning:[/] {escape(report(args.file, problems))}")
+        errors.print(f"[yellow]warning:[/] {escape(problems_paragraph(args.file, problems))}")
 
 
 def cmd_submit(args) -> int:
@@ -235,7 +235,7 @@ def cmd_submit(args) -> int:
     print_plan(graph, plans, run_dir)
     if args.dry_run:
         sys.stdout.write(backend.render(graph, plans, run_dir))  # e.g. the sbatch scripts of the slurm backend
-        return 0
+        return EXIT_OK
     save_pipeline(run_dir, graph)
     started = time.perf_counter()
     ok = backend.submit(graph, plans, run_dir)
@@ -246,14 +246,10 @@ def cmd_submit(args) -> int:
             console.print(report.read_text())
     if backend.queues:  # e.g. slurm: submit returns once every job is queued
         console.print(f"queued in {elapsed:.1f} s")
-        return 0
+        return EXIT_OK
     verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
     console.print(f"{verdict} in {elapsed:.1f} s")
-    return 0 if ok else 1
-
-
-# The file ``render -o DIR`` writes for a backend's text (k8s: one file per object).
-RENDERED_FILE = {"slurm": "sbatch.sh", "ray": "ray-jobs.yaml", "local": "commands.sh"}
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_render(args) -> int:
@@ -275,7 +271,7 @@ def cmd_render(args) -> int:
             raise SpecError(f"{args.file}: rendered manifests do not validate: " + "; ".join(problems))
     if args.out is None:
         sys.stdout.write(dump(manifests))
-        return 0
+        return EXIT_OK
     output_directory(args.out, "-o", "render writes one file per manifest there")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +279,7 @@ def cmd_render(args) -> int:
         path = out / manifest_file(manifest)
         path.write_text(dump([manifest]))
         console.print(f"wrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def render_backend(args) -> int:
@@ -301,13 +297,13 @@ def render_backend(args) -> int:
     text = backend.render(graph, make_plan(graph, run_dir), run_dir)
     if args.out is None:
         sys.stdout.write(text)
-        return 0
-    output_directory(args.out, "-o", f"render writes {RENDERED_FILE.get(args.backend, f'{args.backend}.txt')} there")
-    path = Path(args.out) / RENDERED_FILE.get(args.backend, f"{args.backend}.txt")
+        return EXIT_OK
+    output_directory(args.out, "-o", f"render writes {backend.rendered_file} there")
+    path = Path(args.out) / backend.rendered_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     console.print(f"wrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def load_run(run_dir_arg: str):
@@ -345,7 +341,7 @@ def cmd_status(args) -> int:
                 console.clear()
             console.print(table)
         if not args.watch or all_ended(statuses):
-            return 0 if all(status.state == "done" for status in statuses.values()) or not args.watch else 1
+            return EXIT_OK if all(status.state == "done" for status in statuses.values()) or not args.watch else EXIT_FAILED
         time.sleep(args.interval)
 
 
@@ -368,7 +364,7 @@ def cmd_logs(args) -> int:
         return follow_stage_log(run_dir, args.stage, args.interval)
     record = stage_dir(run_dir, args.stage).read_state()
     sys.stdout.write(get_backend(backend_of(record)).logs(run_dir, args.stage, record))
-    return 0
+    return EXIT_OK
 
 
 def refuse_unknown_stage(run_dir: Path, stage: str) -> None:
@@ -402,7 +398,7 @@ def follow_stage_log(run_dir: Path, stage: str, interval: float) -> int:
         sys.stdout.flush()
 
     follow(stage_dir(run_dir, stage).log_file, write, ended, interval)
-    return 0 if final.get("state") == "done" else 1
+    return EXIT_OK if final.get("state") == "done" else EXIT_FAILED
 
 
 def cmd_cancel(args) -> int:
@@ -423,14 +419,14 @@ def cmd_cancel(args) -> int:
     for name in cancelled:
         stage_dir(run_dir, name).write_state(state="cancelled", cancelled=time.time())
     console.print(escape(f"cancelled {len(cancelled)} stage(s)" + (f": {', '.join(cancelled)}" if cancelled else "")))
-    return 0
+    return EXIT_OK
 
 
 def cmd_schema(args) -> int:
     from vlcluster.jobspec.load import json_schema
 
     print(json_schema())
-    return 0
+    return EXIT_OK
 
 
 def cmd_data(args) -> int:
@@ -441,7 +437,7 @@ def cmd_data(args) -> int:
         progress=lambda split, done, total: console.print(f"{split}: {done}/{total} shards"),
     )
     console.print(f"wrote {summary['n_train']} train and {summary['n_val']} val samples to {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_index(args) -> int:
@@ -461,7 +457,7 @@ def cmd_index(args) -> int:
         console.print(f"wrote {escape(summary['index'])}: {summary['shards']} shards, {summary['items']} items, {summary['bytes']} bytes")
     if args.out and not args.out.endswith("/" + INDEX_NAME):
         console.print(f"the training loader looks for {INDEX_NAME} beside the shards: put it there to use it")
-    return 0
+    return EXIT_OK
 
 
 def cmd_convert(args) -> int:
@@ -476,7 +472,7 @@ def cmd_convert(args) -> int:
     for line in report.lines():
         console.print(escape(line))
     console.print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -520,7 +516,7 @@ def cmd_merge(args) -> int:
         source, run_path(args.out), args.method, params, base=base, grams=grams,
     )
     console.print(f"merged {args.source} ({record['source_arch']}) with {args.method} {record['params']} -> {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def output_directory(argument: str, flag: str, purpose: str) -> None:
@@ -570,7 +566,7 @@ def metrics_along_training(args) -> int:
     if args.figure:
         figure = along_training_figure(rows, f"V/L expert distances along training: {args.checkpoint}", Path(args.figure))
         print(f"figure: {figure}", file=sys.stderr)  # stdout stays the table (or JSON)
-    return 0
+    return EXIT_OK
 
 
 def cmd_metrics(args) -> int:
@@ -587,7 +583,7 @@ def cmd_metrics(args) -> int:
     model = locate_model(checkpoint_path(args.checkpoint, "checkpoint"))
     result = checkpoint_distances(local_copy(model.weights), args.density, model.prefix)
     print(json.dumps(result, indent=2) if args.json else format_metrics(result))
-    return 0
+    return EXIT_OK
 
 
 def cmd_report(args) -> int:
@@ -608,7 +604,7 @@ def cmd_report(args) -> int:
         for run_dir in args.run_dirs
     }
     console.print(correlation_table(points, args.score)[0])
-    return 0
+    return EXIT_OK
 
 
 def write_study(args) -> int:
@@ -617,7 +613,7 @@ def write_study(args) -> int:
 
     report = write_study_report(args.run_dirs, run_path(args.out), args.score)
     console.print(escape(report.summary))
-    return 0
+    return EXIT_OK
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -830,11 +826,11 @@ def reader_went_away() -> int:
     try:
         stdout = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # not a file (an embedding caller's stream): nothing to point
-        return 0
+        return EXIT_OK
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, stdout)
     os.close(devnull)
-    return 0
+    return EXIT_OK
 
 
 def run_command(argv: list[str]) -> int:

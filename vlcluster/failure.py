@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlcluster.errors import EXIT_OK
 from vlcluster.stages.rundir import StageDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def killed_by_signal(codes: list[int]) -> int | None:
 
 def failure_at_end(directory: StageDir, started: float, code: int, rank_codes: list[int]) -> dict[str, Any] | None:
     """What a failed attempt that began at ``started`` recorded or showed, for ``state.json``."""
-    if code == 0:
+    if code == EXIT_OK:
         return None
     record = read_json(failure_file(directory))
     if isinstance(record, dict) and isinstance(record.get("time"), (int, float)) and record["time"] >= started \

@@ -202,5 +202,5 @@ def collapse_copies(per_stage: dict[str, list[str]]) -> list[str]:
             for (base, rest), names in grouped.items()]
 
 
-def report(source: str, problems: list[str]) -> str:
+def problems_paragraph(source: str, problems: list[str]) -> str:
     return f"{source}: {len(problems)} problem(s) with the inputs:\n  " + "\n  ".join(problems)

@@ -5,11 +5,8 @@ bad-data limit."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,7 @@ from safetensors.torch import load_file
 
 from tests.support.cli import cli
 from tests.support.damage import EXPECTED_BAD
-from tests.support.keys import recorded, run, submit
-from tests.support.processes import live_processes_mentioning
+from tests.support.keys import recorded, run, submit, submit_then_kill
 
 pytestmark = pytest.mark.slow
 
@@ -90,19 +86,8 @@ def test_sigkill_at_a_random_step_then_resume_sees_the_same_samples(reference, d
     kill_after = random.randint(4, STEPS - 2)
     print(f"killing after step {kill_after}")
     job_file, run_dir = job(tmp_path, data_dir, 0.05), tmp_path / "run"
-    with open(tmp_path / "first.log", "w") as log:
-        process = submit(job_file, run_dir, tmp_path / "keys-first", stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while len(recorded(tmp_path / "keys-first", 0)) < kill_after:
-            assert process.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline, "training did not reach the kill step"
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    deadline = time.monotonic() + 20
-    while live_processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert live_processes_mentioning(str(run_dir)) == [], "ranks or data-loader workers outlived the kill"
+    left = submit_then_kill(job_file, run_dir, tmp_path / "keys-first", kill_after, tmp_path / "first.log")
+    assert left == [], "ranks or data-loader workers outlived the kill"
 
     output = run(job_file, run_dir, tmp_path / "keys-resumed")
     resumed_from = int(output.split("resuming from checkpoint step_")[1][:8])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.keys import recorded, run, submit
-from tests.support.processes import live_processes_mentioning
+from tests.support.keys import recorded, run, submit_then_kill
 from tests.support.realdata import bert_wordpiece_tokenizer, scene, write_img2dataset_shards
 
 pytestmark = pytest.mark.slow
@@ -66,18 +64,7 @@ def test_a_mixture_killed_and_resumed_trains_on_the_same_samples(mixture_data, t
 
     kill_after = random.randint(3, STEPS - 2)
     run_dir = tmp_path / "run"
-    with open(tmp_path / "first.log", "w") as log:
-        process = submit(str(job_file), run_dir, tmp_path / "keys-first", stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while len(recorded(tmp_path / "keys-first", 0)) < kill_after:
-            assert process.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline, "training did not reach the kill step"
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    deadline = time.monotonic() + 20
-    while live_processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    submit_then_kill(str(job_file), run_dir, tmp_path / "keys-first", kill_after, tmp_path / "first.log")
     output = run(str(job_file), run_dir, tmp_path / "keys-resumed")
     resumed_from = int(output.split("resuming from checkpoint step_")[1][:8])
     for rank in (0, 1):

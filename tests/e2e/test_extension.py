@@ -75,7 +75,7 @@ def test_a_backend_is_one_module_and_one_line(tmp_path):
 
     rendered = copy.cli("render", str(job), "--backend", "inline", "-o", str(tmp_path / "rendered"), timeout=60)
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
-    commands = (tmp_path / "rendered" / "inline.txt").read_text().splitlines()
+    commands = (tmp_path / "rendered" / "commands.sh").read_text().splitlines()
     # every stage in order, one plain python process each, for the job's own run_dir
     assert [command.split()[1:] for command in commands] == [["-m", "vlcluster.run", "runs/faults", stage] for stage in rows]
     refused = copy.cli("submit", str(job), "--backend", "inline", "--run-dir", str(tmp_path / "run2"),

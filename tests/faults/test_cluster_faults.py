@@ -30,7 +30,7 @@ from tests.support import REPO
 from tests.support.cli import cli
 from tests.support.disk import FREE_AFTER_FILL, fill
 from tests.support.trials import (
-    assert_bitwise, committed_steps, fresh_run, logged_step, rank_pids, resumed_from, seed_status, slurm_job,
+    assert_bitwise, committed_steps, fresh_run, logged_step, queue_on_slurm, rank_pids, resumed_from, seed_status, slurm_job,
     wait_for_job, wait_for_job_active, wait_for_step,
 )
 
@@ -99,10 +99,7 @@ def preemption_storm(reference, tmp_path: Path, requeues: int, steps: int = 6) -
     """`scontrol requeue` of the same job as soon as each restart has trained a step."""
     job, reference_dir = reference
     run_dir = tmp_path / "run"
-    fresh_run(reference_dir, run_dir)
-    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
-    assert queued.returncode == 0, queued.stdout + queued.stderr
-    job_id = slurm_job(run_dir)
+    job_id = queue_on_slurm(job, reference_dir, run_dir)
     log_file = run_dir / "seed" / "logs" / "stage.log"
     deadline = time.monotonic() + 120 + 40 * requeues
     for restart in range(requeues):
@@ -149,10 +146,7 @@ def test_a_longer_preemption_storm_resumes_bitwise(tmp_path):
 def test_a_whole_slurm_job_sigkilled_leaves_no_rank_and_the_resubmit_resumes_bitwise(tiny_reference, tmp_path):
     job, reference_dir = tiny_reference
     run_dir = tmp_path / "run"
-    fresh_run(reference_dir, run_dir)
-    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
-    assert queued.returncode == 0, queued.stdout + queued.stderr
-    first_job = slurm_job(run_dir)
+    first_job = queue_on_slurm(job, reference_dir, run_dir)
     killed_after = wait_for_step(run_dir, 3, lambda: wait_for_job_active(first_job))
     subprocess.run(["scancel", "--signal=KILL", "--full", first_job], check=True)
     state = wait_for_job(first_job, timeout=120)

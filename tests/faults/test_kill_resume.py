@@ -36,7 +36,7 @@ import pytest
 from tests.support import REPO
 from tests.support.cli import cli
 from tests.support.trials import (
-    LOCAL_TRIALS, SLURM_TRIALS, assert_bitwise, committed_steps, fresh_run, kill_one_rank, rank_pids, resumed_from,
+    LOCAL_TRIALS, SLURM_TRIALS, assert_bitwise, committed_steps, fresh_run, kill_one_rank, queue_on_slurm, rank_pids, resumed_from,
     seed_status, slurm_job, wait_for_job, wait_for_job_active, wait_for_step,
 )
 
@@ -100,10 +100,7 @@ def test_local_sigkill_at_random_steps_resumes_bitwise(tiny_reference, tmp_path,
 def slurm_trial(reference, tmp_path: Path, at_step: int) -> dict:
     job, reference_dir = reference
     run_dir = tmp_path / "run"
-    fresh_run(reference_dir, run_dir)
-    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
-    assert queued.returncode == 0, queued.stdout + queued.stderr
-    first_job = slurm_job(run_dir)
+    first_job = queue_on_slurm(job, reference_dir, run_dir)
     killed_at = wait_for_step(run_dir, at_step, lambda: wait_for_job_active(first_job))
     kill_one_rank(run_dir)
     state = wait_for_job(first_job)

@@ -94,6 +94,14 @@ def slurm_job(run_dir: Path) -> str:
     return read_json(run_dir / "seed" / "state.json")["job_id"]
 
 
+def queue_on_slurm(job: Path, reference_dir: Path, run_dir: Path) -> str:
+    """The reference run with its training stage removed, submitted to SLURM: the training job's id."""
+    fresh_run(reference_dir, run_dir)
+    queued = cli("submit", str(job), "--backend", "slurm", "--run-dir", str(run_dir))
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    return slurm_job(run_dir)
+
+
 def wait_for_job(job_id: str, timeout: float = 600):
     from vlcluster.backends.slurm.jobs import job_states
 

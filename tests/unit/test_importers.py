@@ -10,7 +10,7 @@ import pytest
 from tests.support import task_formats
 from vlcluster.data.stream import shard_items
 from vlcluster.importers.common import ImportFailed, ImportOptions
-from vlcluster.importers.stage import run_import
+from vlcluster.importers.registry import run_import
 from vlcluster.importers.vqa_answers import normalise_answer
 from vlcluster.tasks.dataset import read_task_data
 from vlcluster.tasks.registry import get_task

@@ -78,14 +78,18 @@ def test_cli_choices_are_the_registry_keys():
 
 
 def test_merge_parameters_and_rendered_files_cover_their_registries():
+    import importlib
+
     from vlcluster.backends import BACKENDS
-    from vlcluster.cli import RENDERED_FILE
     from vlcluster.stages.merge import MergeStage, PartAlpha
     from vlcluster.merge.methods import PARAMS, PART_FAMILY
 
     assert set(PARAMS) <= set(MergeStage.model_fields)  # also checked when jobspec is imported
     assert set(PartAlpha.model_fields) == set(PART_FAMILY.values())
-    assert set(RENDERED_FILE) <= set(BACKENDS)  # a backend without an entry renders to BACKEND.txt
+    classes = [getattr(importlib.import_module(target.split(":")[0]), target.split(":")[1]) for target in BACKENDS.values()]
+    rendered = {backend.name: backend.rendered_file for backend in classes}  # render -o takes the file name from the backend
+    assert set(rendered) == set(BACKENDS) and all(isinstance(name, str) and name for name in rendered.values())
+    assert {name: rendered[name] for name in ("local", "slurm", "ray")} == {"local": "commands.sh", "slurm": "sbatch.sh", "ray": "ray-jobs.yaml"}  # as the guide says
 
 
 def test_study_names_come_from_the_registries():

@@ -46,6 +46,7 @@ class StageStatus:
 class Backend(Protocol):
     name: str
     queues: bool  # submit returns once every job is queued (no driver stays alive)
+    rendered_file: str  # the file `vlcluster render -o DIR` writes render's text to
 
     def validate(self, graph: Graph, source: str) -> None:
         """Raise SpecError if the pipeline cannot run on this backend."""

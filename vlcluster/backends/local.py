@@ -8,8 +8,6 @@ failed is not started. Killing ``vlcluster submit`` kills its stages too
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -19,20 +17,21 @@ from rich.markup import escape
 from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
-    child_env, copy_lines, exit_status, is_recorded_process, process_start, rank_exit_codes, record_end, stage_log, start_piped, write_header,
+    cancel_child_stages, child_env, child_stage_status, copy_lines, exit_status, process_start, rank_exit_codes, record_end, stage_log,
+    start_piped, write_header,
 )
-from vlcluster.failure import describe as describe_failure
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.stages.rundir import stage_dir
-from vlcluster.errors import SpecError
+from vlcluster.errors import EXIT_OK, SpecError
 from vlcluster.storage.errors import redact
 
 
 class LocalBackend:
     name = "local"
     queues = False
+    rendered_file = "commands.sh"
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
@@ -77,16 +76,16 @@ class LocalBackend:
                 copy_lines(process, log, lambda line: self.console.print(f"  [dim]{escape(redact(line.rstrip()))}[/]"), mirror))
             exited = process.wait()
             code = exit_status(exited, directory, plan.spec_hash)
-        if exited == 0 and code != 0:
+        if exited == EXIT_OK and code != EXIT_OK:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
         mirror.sync()
         elapsed = time.time() - started
         record_end(directory, code, started=started, rank_codes=rank_codes)
-        if code == 0:
+        if code == EXIT_OK:
             self.console.print(f"[green]{prefix}: done in {elapsed:.1f} s[/]")
         else:
             self.console.print(f"[red]{prefix}: failed (exit {code}) after {elapsed:.1f} s; log: {directory.log_file}[/]")
-        return code == 0
+        return code == EXIT_OK
 
     # ---- what status, logs and cancel ask ---------------------------------------
 
@@ -102,21 +101,7 @@ class LocalBackend:
         return "\n".join(lines) + "\n"
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
-        described = {}
-        for plan in plans:
-            record = records[plan.name]
-            recorded = record.get("state")
-            if recorded == "running" and not is_recorded_process(record):
-                recorded = "interrupted"  # the submit that ran it was killed
-            if recorded == "failed":
-                described[plan.name] = StageStatus("failed", "; ".join(filter(None, [
-                    describe_failure(record.get("failure")), f"exit {record.get('returncode')}",
-                    f"log {stage_dir(run_dir, plan.name).log_file}"])))
-            elif recorded in {"running", "interrupted", "cancelled", "blocked"}:
-                described[plan.name] = StageStatus(recorded)
-            else:
-                described[plan.name] = StageStatus("stale" if plan.status == "stale" else "pending")
-        return described
+        return {plan.name: child_stage_status(records[plan.name], plan.status, stage_dir(run_dir, plan.name).log_file) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         from vlcluster.backends.run_status import no_log, stage_log_text
@@ -128,9 +113,4 @@ class LocalBackend:
 
     def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
         """SIGTERM the running stage of a local submit (its ranks checkpoint and exit)."""
-        cancelled = []
-        for name, record in records.items():
-            if record.get("state") == "running" and is_recorded_process(record):
-                os.kill(record["pid"], signal.SIGTERM)
-                cancelled.append(name)
-        return cancelled
+        return cancel_child_stages(records)

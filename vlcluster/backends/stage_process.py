@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from vlcluster.errors import EXIT_FAILED, EXIT_OK
 from vlcluster.launch import is_distributed
 from vlcluster.stages.rundir import StageDir
 from vlcluster.storage.paths import Mirror, local_side
@@ -140,10 +141,10 @@ def copy_lines(process: subprocess.Popen, log: IO[str], echo: Callable[[str], No
 
 def exit_status(code: int, directory: StageDir, spec_hash: str) -> int:
     """The stage succeeded only if it exited 0 *and* its done-marker holds its
-    spec hash; exit 0 without the marker counts as exit 1, so dependants never
+    spec hash; exit 0 without the marker counts as a failure, so dependants never
     start on missing outputs."""
-    if code == 0 and directory.done_hash() != spec_hash:
-        return 1
+    if code == EXIT_OK and directory.done_hash() != spec_hash:
+        return EXIT_FAILED
     return code
 
 
@@ -154,10 +155,37 @@ def record_end(directory: StageDir, code: int, cancelled: bool = False, started:
     :mod:`vlcluster.failure`); returns the state written."""
     from vlcluster.failure import failure_at_end
 
-    state = "done" if code == 0 else "cancelled" if cancelled else "failed"
+    state = "done" if code == EXIT_OK else "cancelled" if cancelled else "failed"
     failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
     directory.write_state(state=state, returncode=code, ended=time.time(), failure=failure, **fields)
     return state
+
+
+def child_stage_status(record: dict, plan_status: str, log_file: Path):
+    """``describe`` for a stage that a submit runs as its own child process (the
+    local backend, the inline example): a record left ``running`` by a submit
+    that is gone reads ``interrupted``; a failure shows its cause, exit code and log."""
+    from vlcluster.backends.contract import StageStatus
+    from vlcluster.failure import describe as describe_failure
+
+    state = record.get("state")
+    if state == "running" and not is_recorded_process(record):
+        state = "interrupted"  # the submit that ran it was killed
+    if state == "failed":
+        return StageStatus("failed", "; ".join(filter(None, [
+            describe_failure(record.get("failure")), f"exit {record.get('returncode')}", f"log {log_file}"])))
+    if state in {"running", "interrupted", "cancelled", "blocked"}:
+        return StageStatus(state)
+    return StageStatus("stale" if plan_status == "stale" else "pending")
+
+
+def cancel_child_stages(records: dict[str, dict]) -> list[str]:
+    """``cancel`` for stages run as a submit's child processes: SIGTERM each one
+    still running (a training stage checkpoints and exits); the stages signalled."""
+    running = [name for name, record in records.items() if record.get("state") == "running" and is_recorded_process(record)]
+    for name in running:
+        os.kill(records[name]["pid"], signal.SIGTERM)
+    return running
 
 
 def rank_exit_codes(lines: Iterable[str]) -> list[int]:

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from vlcluster.importers.registry import FORMATS
+from vlcluster.errors import EXIT_OK
+from vlcluster.importers.registry import FORMATS, run_import
 from vlcluster.stages.imports import ImportStage
 
 
@@ -31,7 +32,6 @@ def add_import_parser(sub) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from vlcluster.importers.common import ImportFailed, ImportOptions
-    from vlcluster.importers.stage import run_import
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     inputs = {i.name: getattr(args, i.name) for i in FORMATS[args.format].inputs if getattr(args, i.name) is not None}
@@ -45,4 +45,4 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None  # the CLI's one-paragraph error path
     counts = {split: entry["count"] for split, entry in record["splits"].items()}
     print(f"wrote {args.out}/dataset.json: task {record['task']}, samples {counts}, bad entries {record['bad'] or 'none'}")
-    return 0
+    return EXIT_OK

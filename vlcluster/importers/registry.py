@@ -1,13 +1,19 @@
 """Import formats by name: the function, its task and its inputs. A new format is one module plus one entry:
-``vlcluster import FORMAT`` and the ``import`` stage's ``format`` take their names from this table."""
+``vlcluster import FORMAT`` and the ``import`` stage's ``format`` take their names from this table, and both
+run a format through :func:`run_import`."""
 
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vlcluster.suggest import did_you_mean
+
+if TYPE_CHECKING:  # common.py imports PIL and the data layer; this table stays light for the CLI's parser
+    from vlcluster.importers.common import ImportOptions
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,14 @@ def check_inputs(fmt: str, inputs: dict) -> list[str]:
         if name in known and not known[name].many and not isinstance(value, str):
             problems.append(f"input {name!r} takes one path, got {value!r}")
     return problems
+
+
+def run_import(fmt: str, inputs: dict, options: ImportOptions) -> dict:
+    """Run format ``fmt``'s importer on ``inputs`` (name -> path, or paths for an
+    input that takes many): its record plus the seconds it took."""
+    spec = FORMATS[fmt]
+    arguments = {i.name: ([inputs[i.name]] if isinstance(inputs[i.name], str) else list(inputs[i.name])) if i.many else inputs[i.name]
+                 for i in spec.inputs if i.name in inputs}
+    started = time.perf_counter()
+    record = spec.run(options, **arguments)
+    return {**record, "seconds": time.perf_counter() - started}

@@ -29,7 +29,7 @@ from .config import CUSTOM_PARTS, SHARED, ModelConfig, preset
 from .convert import expand_to_experts, load_into, parse_layer_key
 from .files import ModelDir, write_model
 from .formats import beit, vlmo
-from .formats.report import CheckpointError, ConversionReport, same_values
+from .formats.conversion import CheckpointError, ConversionReport, same_values
 from .multiway import MultiwayTransformer
 from .posembed import resize_position_table
 

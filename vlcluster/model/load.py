@@ -20,7 +20,7 @@ from vlcluster.storage.tensorfile import TensorFile, TensorFileError, load_tenso
 
 from .config import ModelConfig
 from .convert import load_into
-from .formats.report import CheckpointError
+from .formats.conversion import CheckpointError
 from .heads import HEADS
 from .multiway import MultiwayTransformer
 
@@ -76,7 +76,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Multiway
 
 def _config(location: Path, path: str | Path) -> tuple[ModelConfig, bool]:
     """From model.json (stage output, converted model) or meta.json (training
-    checkpoint); the flag says which (a checkpoint's weights carry the objective's prefix)."""
+    checkpoint); the flag says which (a checkpoint's weights carry the objective's prefix).
+    Apart from files.read_model_config (model.json only, a ValueError in stages): CheckpointError here, for the commands."""
     record = read_json(location / "model.json")
     config = record.get("config") if isinstance(record, dict) else None
     name = "model.json"

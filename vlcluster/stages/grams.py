@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from vlcluster.errors import EXIT_OK
 from vlcluster.jobspec.models import DataSpec, StageBase
 from vlcluster.jobspec.references import Reference, model_reference
 
@@ -73,4 +74,4 @@ def run(ctx: StageContext) -> None:
             "grams": len(grams), "tokens": counts, "ranks": env.world_size, "source": spec.source,
             "data": quality.summary(spec.data.max_bad_fraction),
         })
-    exit_rank(0)
+    exit_rank(EXIT_OK)

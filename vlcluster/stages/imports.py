@@ -50,7 +50,7 @@ class ImportStage(StageBase):
 
 def run(ctx: StageContext) -> None:
     from vlcluster.importers.common import ImportOptions
-    from vlcluster.importers.stage import run_import
+    from vlcluster.importers.registry import run_import
 
     spec = ctx.spec
     tokenizer = spec.tokenizer

@@ -217,7 +217,7 @@ def run(ctx: StageContext) -> None:
 
     from vlcluster.data.quality import BadDataError
     from vlcluster.failure import note_failure, peer_lost, said_in_one_paragraph
-    from vlcluster.errors import EXIT_REQUEUE
+    from vlcluster.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE
     from vlcluster.model.external import CheckpointError
     from vlcluster.train import checkpoint as ckpt
     from vlcluster.tracking import exit_rank
@@ -228,7 +228,7 @@ def run(ctx: StageContext) -> None:
 
     stop = StopFlag().install()  # before the process group exists: a signal during set-up is kept
     env = init_distributed(ctx.spec.train.device)
-    code = 0
+    code = EXIT_OK
     try:
         if env.is_main:
             removed = ckpt.discard_foreign(ctx.dir.checkpoints, ctx.spec_hash)
@@ -245,7 +245,7 @@ def run(ctx: StageContext) -> None:
     except (BadDataError, CheckpointError, PrecisionError) as exc:
         note_failure(ctx.dir, exc)
         log.error("%s", exc)
-        code = 1
+        code = EXIT_FAILED
     except BaseException as exc:  # noqa: BLE001 - report, then exit with failure below
         named = note_failure(ctx.dir, exc, str(ctx.run_dir))
         if said_in_one_paragraph(named):
@@ -254,5 +254,5 @@ def run(ctx: StageContext) -> None:
             log.error("stopping: another rank is gone (%s); its own lines above say why", str(exc).split(". ")[0])
         else:
             traceback.print_exc()
-        code = 1
+        code = EXIT_FAILED
     exit_rank(code)

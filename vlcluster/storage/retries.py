@@ -100,19 +100,19 @@ def count_events(events) -> None:
     events.register("before-call.s3", on_call, unique_id="vlcluster-count-call")
     events.register("before-send.s3", on_send, unique_id="vlcluster-count-send")
     events.register_first("needs-retry.s3", on_retry_check, unique_id="vlcluster-count-retry")
-    _report_at_exit()
+    _log_retries_at_exit()
 
 
 _registered = False
 
 
-def _report_at_exit() -> None:
+def _log_retries_at_exit() -> None:
     """Log the summary when the process ends (ranks that leave through
-    ``os._exit`` call :func:`report` themselves)."""
+    ``os._exit`` call :func:`log_retries` themselves)."""
     global _registered
     if not _registered:
         _registered = True
-        atexit.register(report)
+        atexit.register(log_retries)
 
 
 def outage_note(max_attempts: int) -> str:
@@ -123,7 +123,8 @@ def outage_note(max_attempts: int) -> str:
             "(storage.max_attempts), and did not clear")
 
 
-def report() -> None:
+def log_retries() -> None:
+    """One warning line with the counts of retried and failed storage requests, if there were any."""
     line = COUNT.summary()
     if line:
         log.warning("%s", line)

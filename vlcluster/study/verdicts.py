@@ -171,6 +171,6 @@ def section(found: list[Verdict], drop_score: str) -> list[str]:
     for v in found:
         lines.append(f"**{v.finding}** rests on: " + "; ".join(f"{name} = {describe(m)}" for name, m in v.decisive.items()))
         if v.context:
-            lines.append(f"Beside it: " + "; ".join(f"{name} = {describe(m)}" for name, m in v.context.items()))
+            lines.append("Beside it: " + "; ".join(f"{name} = {describe(m)}" for name, m in v.context.items()))
         lines.append("")
     return lines

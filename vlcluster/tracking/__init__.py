@@ -162,9 +162,10 @@ def forward_metrics():
 def exit_rank(code: int) -> None:
     """End the stage's W&B / MLflow runs, then the rank: ``exit_process`` leaves
     by ``os._exit``, past the stage's ``with stage_tracking(...)``."""
+    from vlcluster.errors import EXIT_OK
     from vlcluster.train.dist import exit_process
 
-    end_current(code == 0)
+    end_current(code == EXIT_OK)
     exit_process(code)
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vlcluster.errors import EXIT_OK
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -73,12 +75,12 @@ def exit_process(code: int) -> None:
     those destructors, so a finished stage always exits with its real code.
     """
     if dist.is_initialized():
-        if code == 0:
+        if code == EXIT_OK:
             dist.barrier()
         dist.destroy_process_group()
-    from vlcluster.storage.retries import report
+    from vlcluster.storage.retries import log_retries
 
-    report()  # os._exit skips the atexit hook that would log the storage retries
+    log_retries()  # os._exit skips the atexit hook that would log the storage retries
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

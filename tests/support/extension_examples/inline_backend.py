@@ -5,15 +5,14 @@ The smallest backend the contract (``backends/contract.py``) allows, and the
 worked example of docs/extending: no torchrun, so each stage is a world of
 one rank; a stage whose upstream failed is not started. Starting the process,
 its log and the success rule come from ``backends/stage_process.py``, as on
-every backend; ``done``, ``blocked`` and ``gated`` are decided for all
+every backend, and so do ``describe`` and ``cancel`` of a stage run as the
+submit's child, as on the local backend; ``done``, ``blocked`` and ``gated`` are decided for all
 backends in ``backends/run_status.py``.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
-    child_env, copy_lines, exit_status, is_recorded_process, process_start, record_end, stage_log, start_piped, write_header,
+    cancel_child_stages, child_env, child_stage_status, copy_lines, exit_status, process_start, record_end, stage_log, start_piped,
+    write_header,
 )
 from vlcluster.errors import SpecError
 from vlcluster.graph import Graph
@@ -36,6 +36,7 @@ def stage_command(run_dir: Path, stage: str) -> list[str]:
 class InlineBackend:
     name = "inline"
     queues = False  # submit returns when every stage has ended
+    rendered_file = "commands.sh"
 
     def validate(self, graph: Graph, source: str) -> None:
         for name, spec in graph.pipeline.stages.items():
@@ -77,19 +78,8 @@ class InlineBackend:
         return record_end(directory, code, started=started) == "done"
 
     def describe(self, plans: list[StagePlan], records: dict[str, dict], run_dir: Path) -> dict[str, StageStatus]:
-        described = {}
-        for plan in plans:
-            record = records[plan.name]
-            state = record.get("state")
-            if state == "running" and not is_recorded_process(record):
-                state = "interrupted"  # the submit that ran it is gone
-            if state == "failed":
-                described[plan.name] = StageStatus("failed", f"exit {record.get('returncode')}; log {stage_dir(run_dir, plan.name).log_file}")
-            elif state in {"running", "interrupted", "blocked"}:
-                described[plan.name] = StageStatus(state)
-            else:
-                described[plan.name] = StageStatus("stale" if plan.status == "stale" else "pending")
-        return described
+        # A stage this submit ran as its child process reads as it does on the local backend.
+        return {plan.name: child_stage_status(records[plan.name], plan.status, stage_dir(run_dir, plan.name).log_file) for plan in plans}
 
     def logs(self, run_dir: Path, stage: str, record: dict) -> str:
         log_file = stage_dir(run_dir, stage).log_file
@@ -99,7 +89,4 @@ class InlineBackend:
 
     def cancel(self, run_dir: Path, records: dict[str, dict]) -> list[str]:
         """SIGTERM the stage a submit is running (a training stage checkpoints and exits)."""
-        running = [name for name, record in records.items() if record.get("state") == "running" and is_recorded_process(record)]
-        for name in running:
-            os.kill(records[name]["pid"], signal.SIGTERM)
-        return running
+        return cancel_child_stages(records)

@@ -112,6 +112,7 @@ class Launched:
 class RayBackend:
     name = "ray"
     queues = False  # submit drives the pipeline until every stage has ended
+    rendered_file = "ray-jobs.yaml"
 
     def __init__(self, console: Console | None = None, address: str | None = None,
                  max_restarts: int = DEFAULT_MAX_RESTARTS):

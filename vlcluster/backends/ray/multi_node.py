@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from vlcluster.backends.node_shape import node_shape
 from vlcluster.backends.stage_process import child_env, run_once, write_header
+from vlcluster.errors import EXIT_OK
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.ports import free_ports
 
@@ -128,6 +129,6 @@ def _gather(tasks: dict, stopping: Callable[[], bool]) -> list[NodeResult]:
             lost = done[0] not in cancelled
             result = NodeResult(tasks[done[0]], -9 if lost else 1, [-9] if lost else [], "")
         results.append(result)
-        if result.code != 0 and failed_at is None:
+        if result.code != EXIT_OK and failed_at is None:
             failed_at = time.monotonic()
     return sorted(results, key=lambda result: result.node_rank)

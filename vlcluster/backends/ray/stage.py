@@ -35,7 +35,7 @@ import time
 
 from vlcluster.backends.stage_process import child_env, exit_status, record_end, run_once, write_header
 from vlcluster.stages.context import load_context
-from vlcluster.errors import EXIT_REQUEUE
+from vlcluster.errors import EXIT_OK, EXIT_REQUEUE
 from vlcluster.launch import stage_command
 from vlcluster.stages.rundir import StageDir
 
@@ -69,7 +69,7 @@ def attempt(ctx, log, stopping: Stopping) -> tuple[int, list[int]]:
         from vlcluster.backends.ray.multi_node import run_nodes
 
         results = run_nodes(str(ctx.run_dir), ctx.name, spec, lambda: stopping.requested)
-        code = next((result.code for result in results if result.code != 0), 0)
+        code = next((result.code for result in results if result.code != EXIT_OK), EXIT_OK)
         return code, [rank_code for result in results for rank_code in result.rank_codes]
     command = stage_command(spec.kind, str(ctx.run_dir), ctx.name, spec.resources.ranks_per_node)
     write_header(log, f"ray job on {socket.gethostname()}:", command)
@@ -87,7 +87,7 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     with open(directory.log_file, "a") as log:
         while True:
             code, rank_codes = attempt(ctx, log, stopping)
-            if code == 0 or stopping.requested or restarts >= max_restarts or not restartable(rank_codes):
+            if code == EXIT_OK or stopping.requested or restarts >= max_restarts or not restartable(rank_codes):
                 break
             restarts += 1
             notice = (f"==== rank exit codes {rank_codes}: restarting the ranks ({restarts}/{max_restarts}), "

@@ -129,6 +129,7 @@ def split_task(job_id: str) -> tuple[str, int | None]:
 class SlurmBackend:
     name = "slurm"
     queues = True  # submit returns once the jobs are queued; no driver stays alive
+    rendered_file = "sbatch.sh"
 
     def __init__(self, console: Console | None = None, python: str | None = None, profile_fields: dict | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)

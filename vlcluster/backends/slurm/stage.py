@@ -25,7 +25,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from vlcluster.backends.stage_process import (
     child_env, exit_status, log_lines_since, rank_exit_codes, record_end, stage_log, write_header,
 )
-from vlcluster.errors import EXIT_REQUEUE
+from vlcluster.errors import EXIT_OK, EXIT_REQUEUE
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.stages.rundir import stage_dir
 
@@ -101,7 +101,7 @@ class StageJob(Checkpointable):
         code = exit_status(exited, directory, self.spec_hash)
         if is_main:
             record_end(directory, code, started=started, rank_codes=rank_exit_codes(log_lines_since(log_file, offset)))
-        if code == 0:
+        if code == EXIT_OK:
             return f"{self.stage}: done"
         raise StageFailed(f"{self.stage}: exit {code}; log {log_file}")
 

@@ -31,7 +31,7 @@ from ..config import SHARED, ModelConfig
 from ..convert import layer_key
 from ..multiway import IMAGE_TYPE
 from . import vlmo
-from .report import CheckpointError, ConversionReport
+from .conversion import CheckpointError, ConversionReport
 
 WRAPPERS = ("beit.",)  # BeitForMaskedImageModeling / BeitForImageClassification nest the encoder here
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from .. import posbias
 from ..config import SHARED, ModelConfig
 from ..convert import layer_key, parse_layer_key
-from .report import CheckpointError, ConversionReport
+from .conversion import CheckpointError, ConversionReport
 
 EXTRA = "vlcluster."
 BLOCKS = "transformer.blocks"
