@@ -89,6 +89,9 @@ def inject(kind: str, process: subprocess.Popen, run_dir: Path, disk: Path) -> N
 def soak(job: Path, reference_dir: Path, disk: Path, tmp_path: Path, faults: int, seed: int, steps: int) -> Soak:
     rng = random.Random(seed)
     kinds = [rng.choice(KINDS) for _ in range(faults)]  # drawn first: the same kinds whatever the timing
+    # Fault steps spread over the whole run, drawn up front (drawing each one between the last
+    # resume and the end crowds every later fault into the last steps).
+    planned = sorted(rng.randint(1, steps - 1) for _ in range(faults))
     run_dir = disk / "run"
     fresh_run(reference_dir, run_dir)
     outcome, start = Soak(steps), 0
@@ -96,7 +99,7 @@ def soak(job: Path, reference_dir: Path, disk: Path, tmp_path: Path, faults: int
         if start >= steps - 1:
             break  # no step left to interrupt
         log_file = tmp_path / f"attempt-{index}.log"
-        kind, at_step = kinds[index], rng.randint(start + 1, steps - 1)
+        kind, at_step = kinds[index], max(planned[index], start + 1)
         process = attempt(job, run_dir, log_file)
         reached = wait_for(log_file, process, run_dir, steps, at_step)
         if process.poll() is not None:
