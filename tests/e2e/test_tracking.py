@@ -5,6 +5,8 @@ with the services' own clients and compared with the run directory's records."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import socket
@@ -41,7 +43,8 @@ stages:
   metrics: {{kind: metrics, source: vlpt}}
 """
 STAGES = ("data", "seed", "vlpt", "merge", "metrics")
-# The default run's variant: one data and one training stage.
+# The default run's variant: one data, one training, one eval and one report stage
+# (the report's table is the paper's Table 1 layout, one row here).
 SMALL_JOB = """
 name: tracked-small
 tracking:
@@ -53,8 +56,10 @@ stages:
     model: {{size: tiny, arch: agnostic, image_size: 16}}
     data: {{from: data}}
     train: {{steps: 2, batch_size: 8, log_every: 1}}
+  eval: {{kind: eval, source: seed, data: {{from: data}}, tasks: [retrieval], batch_size: 8}}
+  table1: {{kind: report, title: Table 1 (tracked), rows: {{seed: eval}}}}
 """
-SMALL_STAGES = ("data", "seed")
+SMALL_STAGES = ("data", "seed", "eval", "table1")
 
 
 def free_port() -> int:
@@ -105,6 +110,7 @@ def run_tracked(root: Path, job_text: str, mlflow_server: str, experiment: str) 
     run_dir = root / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("WANDB_DATA_DIR", str(root / "wandb-data"))  # staged artifact copies: here, not in ~/.local/share
         assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
     return run_dir
 
@@ -166,6 +172,39 @@ def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tracked_small):
     assert seed.data.metrics["result/steps"] == 2
 
 
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """A report's Markdown table as {row label: {column: cell text}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
+
+
+def assert_table1(report: str, run_dir: Path) -> None:
+    """The report's table is the run dir's report.md, its numbers the eval's result.json."""
+    assert report == (run_dir / "table1" / "report.md").read_text()
+    evaluated = json.loads((run_dir / "eval" / "result.json").read_text())
+    row = table_rows(report)["seed"]
+    assert {column: row[column] for column in ("TR", "TR R@1", "IR", "IR R@1")} == {
+        "TR": f"{evaluated['tr']:.2f}", "TR R@1": f"{evaluated['tr_r1']:.2f}",
+        "IR": f"{evaluated['ir']:.2f}", "IR R@1": f"{evaluated['ir_r1']:.2f}"}
+    assert row["VQA acc"] == "–"  # a pre-trained model has no VQA head: the cell is empty, not a number
+
+
+def test_eval_results_and_table1_read_back_from_mlflow(mlflow_server, tracked_small, tmp_path):
+    runs = mlflow_runs(mlflow_server, tracked_small, "tracked-small", SMALL_STAGES)
+    evaluated = json.loads((tracked_small / "eval" / "result.json").read_text())
+    client, eval_run = runs["eval"]
+    for key in ("tr", "tr_r1", "tr_r5", "tr_r10", "ir", "ir_r1", "ir_r5", "ir_r10"):
+        assert eval_run.data.metrics[f"result/{key}"] == pytest.approx(evaluated[key]), key
+    table1 = runs["table1"][1]
+    for key in ("tr", "tr_r1", "ir", "ir_r1"):
+        assert table1.data.metrics[f"result/rows.seed.{key}"] == pytest.approx(evaluated[key]), key
+    report = Path(client.download_artifacts(table1.info.run_id, "report.md", str(tmp_path))).read_text()
+    assert_table1(report, tracked_small)
+    assert "study/report.md" in {item.path for item in client.list_artifacts(table1.info.run_id, "study")}
+
+
 @pytest.mark.heavy
 def test_a_study_logs_its_lineage_to_mlflow(mlflow_server, tracked_study):
     runs = mlflow_runs(mlflow_server, tracked_study, "tracked-study", STAGES)
@@ -210,6 +249,23 @@ def test_every_stage_writes_an_offline_wandb_run(tracked_small):
     seed = wandb_summaries(tracked_small, SMALL_STAGES)["seed"]
     assert seed["config"]["train.steps"] == "2" and seed["config"]["lineage/pipeline"] == "tracked-small"
     assert seed["summary"]["loss/loss"] == pytest.approx(tensorboard_scalars(tracked_small / "seed")["loss/loss"][-1][1], rel=1e-6)
+
+
+def test_eval_results_and_table1_read_back_from_wandb(tracked_small):
+    summaries = {stage: wandb_records(next((tracked_small / stage / "wandb" / "wandb").glob("offline-run-*")), "--summary")
+                 for stage in ("eval", "table1")}  # every stage's full check: test_every_stage_writes_an_offline_wandb_run
+    evaluated = json.loads((tracked_small / "eval" / "result.json").read_text())
+    for key in ("tr", "tr_r1", "ir", "ir_r1"):
+        assert summaries["eval"]["summary"][f"result/{key}"] == pytest.approx(evaluated[key]), key
+        assert summaries["table1"]["summary"][f"result/rows.seed.{key}"] == pytest.approx(evaluated[key]), key
+    (offline_run,) = (tracked_small / "table1" / "wandb" / "wandb").glob("offline-run-*")
+    (artifact,) = [record["artifact"] for record in wandb_records(offline_run) if record["type"] == "artifact"]
+    files = {entry["path"]: entry for entry in artifact["manifest"]["contents"]}
+    assert {"report.md", "result.json", "study/report.md"} <= set(files)
+    assert Path(files["report.md"]["local_path"]).is_relative_to(tracked_small.parent / "wandb-data")
+    staged = Path(files["report.md"]["local_path"])  # the copy wandb keeps until `wandb sync` uploads it
+    assert base64.b64encode(hashlib.md5(staged.read_bytes()).digest()).decode() == files["report.md"]["digest"]
+    assert_table1(staged.read_text(), tracked_small)
 
 
 @pytest.mark.heavy
