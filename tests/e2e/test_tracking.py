@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -345,3 +346,100 @@ def test_credentials_in_the_tracking_section_are_refused(write_job):
         with pytest.raises(SpecError) as info:
             load_pipeline(path)
         assert "hunter2" not in str(info.value) and "abc123secretvalue" not in str(info.value)
+
+
+RESUMED_JOB = """
+name: tracked-resume
+tracking:
+  {tracking}
+stages:
+  data: {{kind: data, n_train: 16, n_val: 8, shard_size: 16, image_size: 16}}
+  seed:
+    kind: pretrain
+    model: {{size: tiny, arch: agnostic, image_size: 16}}
+    data: {{from: data}}
+    train: {{steps: 8, batch_size: 8, log_every: 1}}
+    checkpoint: {{every: 2, keep: 2}}
+"""
+
+
+def submit_and_kill_after_checkpoint(job: Path, run_dir: Path, log_file: Path) -> None:
+    """Submit in its own session and SIGKILL all of it (submitter, torchrun, rank)
+    once the seed stage has committed its first checkpoint."""
+    from tests.support.trials import committed_steps
+
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_DATA_DIR": str(run_dir.parent / "wandb-data")}
+    with open(log_file, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(run_dir)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + 120
+        while not committed_steps(run_dir):
+            assert process.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, "no checkpoint in 120 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_resumed_stage_continues_its_tracking_runs(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.trials import resumed_from
+
+    pytest.importorskip("wandb")
+    job = tmp_path / "job.yaml"
+    job.write_text(RESUMED_JOB.format(tracking=f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: tracked-resume}}\n"
+                                                "  wandb: {project: vlcluster-tests, mode: offline}"))
+    run_dir = tmp_path / "run"
+    submit_and_kill_after_checkpoint(job, run_dir, tmp_path / "killed.log")
+    first = json.loads((run_dir / "seed" / "tracking.json").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+        assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
+    resumed = resumed_from((run_dir / "seed" / "logs" / "stage.log").read_text())
+    assert resumed is not None and resumed >= 2
+    assert json.loads((run_dir / "seed" / "tracking.json").read_text()) == first  # the same runs, continued
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("tracked-resume").experiment_id
+    (seed,) = [run for run in client.search_runs([experiment]) if run.info.run_name == "seed"]  # one run, not one per attempt
+    assert seed.info.run_id == first["mlflow"] and seed.info.status == "FINISHED"
+    history = client.get_metric_history(seed.info.run_id, "loss/loss")
+    latest = {point.step: point.value for point in sorted(history, key=lambda p: p.timestamp)}
+    curve = tensorboard_scalars(run_dir / "seed")["loss/loss"]  # TensorBoard drops the killed attempt's steps past the resume
+    assert sorted(latest) == [step for step, _ in curve] == list(range(1, 9))
+    assert [latest[step] for step, _ in curve] == [pytest.approx(value, rel=1e-6) for _, value in curve]
+    assert seed.data.metrics["result/steps"] == 8
+
+    offline = sorted((run_dir / "seed" / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {path.name.rsplit("-", 1)[1] for path in offline} == {first["wandb"]}  # one run id: `wandb sync` appends
+    # The killed attempt's file holds what wandb's service had written when it was killed with the
+    # rest of the job (often nothing past the header); the resumed one continues the same run.
+    records = [record for attempt in offline for record in wandb_records(attempt)]
+    runs = [record["run"] for record in records if record["type"] == "run"]
+    assert {run["run_id"] for run in runs} == {first["wandb"]} and runs[-1]["resume"] is True
+    logged = {h["step"]["num"]: h["item"]["loss/loss"] for h in (r["history"] for r in records if r["type"] == "history")
+              if "loss/loss" in h["item"]}
+    assert set(range(resumed + 1, 9)) <= set(logged)
+    assert all(logged[step] == pytest.approx(value, rel=1e-6) for step, value in curve if step in logged)
+    final = wandb_records(offline[-1], "--summary")
+    assert final["state"] == "finished" and final["summary"]["result/steps"] == 8
+
+
+def test_a_forged_tracking_record_starts_new_runs(tmp_path, caplog):
+    import logging
+
+    from vlcluster.tracking.resume import record_run_ids, recorded_run_ids
+
+    record_run_ids(tmp_path, "abc", {"mlflow": "0123456789abcdef0123456789abcdef", "wandb": "otc3kk10"})
+    assert recorded_run_ids(tmp_path, "abc") == {"mlflow": "0123456789abcdef0123456789abcdef", "wandb": "otc3kk10"}
+    with caplog.at_level(logging.WARNING, "vlcluster.tracking"):
+        assert recorded_run_ids(tmp_path, "another spec") == {}  # a stage re-run with another spec: new runs
+        (tmp_path / "tracking.json").write_text(json.dumps({"spec_hash": "abc", "mlflow": "../../etc", "wandb": ["x"]}))
+        assert recorded_run_ids(tmp_path, "abc") == {}
+        (tmp_path / "tracking.json").write_text("{not json")
+        assert recorded_run_ids(tmp_path, "abc") == {}
+    text = caplog.text
+    assert "tracking.json: spec_hash" in text and "tracking.json: mlflow: not a mlflow run id" in text
+    assert "tracking.json: wandb: not a wandb run id" in text
