@@ -5,8 +5,11 @@ with the services' own clients and compared with the run directory's records."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +44,8 @@ stages:
   metrics: {{kind: metrics, source: vlpt}}
 """
 STAGES = ("data", "seed", "vlpt", "merge", "metrics")
-# The default run's variant: one data and one training stage.
+# The default run's variant: one data, one training, one eval and one report stage
+# (the report's table is the paper's Table 1 layout, one row here).
 SMALL_JOB = """
 name: tracked-small
 tracking:
@@ -53,8 +57,10 @@ stages:
     model: {{size: tiny, arch: agnostic, image_size: 16}}
     data: {{from: data}}
     train: {{steps: 2, batch_size: 8, log_every: 1}}
+  eval: {{kind: eval, source: seed, data: {{from: data}}, tasks: [retrieval], batch_size: 8}}
+  table1: {{kind: report, title: Table 1 (tracked), rows: {{seed: eval}}}}
 """
-SMALL_STAGES = ("data", "seed")
+SMALL_STAGES = ("data", "seed", "eval", "table1")
 
 
 def free_port() -> int:
@@ -105,6 +111,7 @@ def run_tracked(root: Path, job_text: str, mlflow_server: str, experiment: str) 
     run_dir = root / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("WANDB_DATA_DIR", str(root / "wandb-data"))  # staged artifact copies: here, not in ~/.local/share
         assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
     return run_dir
 
@@ -166,6 +173,39 @@ def test_every_stage_logs_to_a_real_mlflow_server(mlflow_server, tracked_small):
     assert seed.data.metrics["result/steps"] == 2
 
 
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """A report's Markdown table as {row label: {column: cell text}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
+
+
+def assert_table1(report: str, run_dir: Path) -> None:
+    """The report's table is the run dir's report.md, its numbers the eval's result.json."""
+    assert report == (run_dir / "table1" / "report.md").read_text()
+    evaluated = json.loads((run_dir / "eval" / "result.json").read_text())
+    row = table_rows(report)["seed"]
+    assert {column: row[column] for column in ("TR", "TR R@1", "IR", "IR R@1")} == {
+        "TR": f"{evaluated['tr']:.2f}", "TR R@1": f"{evaluated['tr_r1']:.2f}",
+        "IR": f"{evaluated['ir']:.2f}", "IR R@1": f"{evaluated['ir_r1']:.2f}"}
+    assert row["VQA acc"] == "–"  # a pre-trained model has no VQA head: the cell is empty, not a number
+
+
+def test_eval_results_and_table1_read_back_from_mlflow(mlflow_server, tracked_small, tmp_path):
+    runs = mlflow_runs(mlflow_server, tracked_small, "tracked-small", SMALL_STAGES)
+    evaluated = json.loads((tracked_small / "eval" / "result.json").read_text())
+    client, eval_run = runs["eval"]
+    for key in ("tr", "tr_r1", "tr_r5", "tr_r10", "ir", "ir_r1", "ir_r5", "ir_r10"):
+        assert eval_run.data.metrics[f"result/{key}"] == pytest.approx(evaluated[key]), key
+    table1 = runs["table1"][1]
+    for key in ("tr", "tr_r1", "ir", "ir_r1"):
+        assert table1.data.metrics[f"result/rows.seed.{key}"] == pytest.approx(evaluated[key]), key
+    report = Path(client.download_artifacts(table1.info.run_id, "report.md", str(tmp_path))).read_text()
+    assert_table1(report, tracked_small)
+    assert "study/report.md" in {item.path for item in client.list_artifacts(table1.info.run_id, "study")}
+
+
 @pytest.mark.heavy
 def test_a_study_logs_its_lineage_to_mlflow(mlflow_server, tracked_study):
     runs = mlflow_runs(mlflow_server, tracked_study, "tracked-study", STAGES)
@@ -210,6 +250,23 @@ def test_every_stage_writes_an_offline_wandb_run(tracked_small):
     seed = wandb_summaries(tracked_small, SMALL_STAGES)["seed"]
     assert seed["config"]["train.steps"] == "2" and seed["config"]["lineage/pipeline"] == "tracked-small"
     assert seed["summary"]["loss/loss"] == pytest.approx(tensorboard_scalars(tracked_small / "seed")["loss/loss"][-1][1], rel=1e-6)
+
+
+def test_eval_results_and_table1_read_back_from_wandb(tracked_small):
+    summaries = {stage: wandb_records(next((tracked_small / stage / "wandb" / "wandb").glob("offline-run-*")), "--summary")
+                 for stage in ("eval", "table1")}  # every stage's full check: test_every_stage_writes_an_offline_wandb_run
+    evaluated = json.loads((tracked_small / "eval" / "result.json").read_text())
+    for key in ("tr", "tr_r1", "ir", "ir_r1"):
+        assert summaries["eval"]["summary"][f"result/{key}"] == pytest.approx(evaluated[key]), key
+        assert summaries["table1"]["summary"][f"result/rows.seed.{key}"] == pytest.approx(evaluated[key]), key
+    (offline_run,) = (tracked_small / "table1" / "wandb" / "wandb").glob("offline-run-*")
+    (artifact,) = [record["artifact"] for record in wandb_records(offline_run) if record["type"] == "artifact"]
+    files = {entry["path"]: entry for entry in artifact["manifest"]["contents"]}
+    assert {"report.md", "result.json", "study/report.md"} <= set(files)
+    assert Path(files["report.md"]["local_path"]).is_relative_to(tracked_small.parent / "wandb-data")
+    staged = Path(files["report.md"]["local_path"])  # the copy wandb keeps until `wandb sync` uploads it
+    assert base64.b64encode(hashlib.md5(staged.read_bytes()).digest()).decode() == files["report.md"]["digest"]
+    assert_table1(staged.read_text(), tracked_small)
 
 
 @pytest.mark.heavy
@@ -289,3 +346,100 @@ def test_credentials_in_the_tracking_section_are_refused(write_job):
         with pytest.raises(SpecError) as info:
             load_pipeline(path)
         assert "hunter2" not in str(info.value) and "abc123secretvalue" not in str(info.value)
+
+
+RESUMED_JOB = """
+name: tracked-resume
+tracking:
+  {tracking}
+stages:
+  data: {{kind: data, n_train: 16, n_val: 8, shard_size: 16, image_size: 16}}
+  seed:
+    kind: pretrain
+    model: {{size: tiny, arch: agnostic, image_size: 16}}
+    data: {{from: data}}
+    train: {{steps: 8, batch_size: 8, log_every: 1}}
+    checkpoint: {{every: 2, keep: 2}}
+"""
+
+
+def submit_and_kill_after_checkpoint(job: Path, run_dir: Path, log_file: Path) -> None:
+    """Submit in its own session and SIGKILL all of it (submitter, torchrun, rank)
+    once the seed stage has committed its first checkpoint."""
+    from tests.support.trials import committed_steps
+
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_DATA_DIR": str(run_dir.parent / "wandb-data")}
+    with open(log_file, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vlcluster.cli", "submit", str(job), "--run-dir", str(run_dir)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + 120
+        while not committed_steps(run_dir):
+            assert process.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, "no checkpoint in 120 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_resumed_stage_continues_its_tracking_runs(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.trials import resumed_from
+
+    pytest.importorskip("wandb")
+    job = tmp_path / "job.yaml"
+    job.write_text(RESUMED_JOB.format(tracking=f"mlflow: {{tracking_uri: '{mlflow_server}', experiment: tracked-resume}}\n"
+                                                "  wandb: {project: vlcluster-tests, mode: offline}"))
+    run_dir = tmp_path / "run"
+    submit_and_kill_after_checkpoint(job, run_dir, tmp_path / "killed.log")
+    first = json.loads((run_dir / "seed" / "tracking.json").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+        assert main(["submit", str(job), "--run-dir", str(run_dir)]) == 0
+    resumed = resumed_from((run_dir / "seed" / "logs" / "stage.log").read_text())
+    assert resumed is not None and resumed >= 2
+    assert json.loads((run_dir / "seed" / "tracking.json").read_text()) == first  # the same runs, continued
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("tracked-resume").experiment_id
+    (seed,) = [run for run in client.search_runs([experiment]) if run.info.run_name == "seed"]  # one run, not one per attempt
+    assert seed.info.run_id == first["mlflow"] and seed.info.status == "FINISHED"
+    history = client.get_metric_history(seed.info.run_id, "loss/loss")
+    latest = {point.step: point.value for point in sorted(history, key=lambda p: p.timestamp)}
+    curve = tensorboard_scalars(run_dir / "seed")["loss/loss"]  # TensorBoard drops the killed attempt's steps past the resume
+    assert sorted(latest) == [step for step, _ in curve] == list(range(1, 9))
+    assert [latest[step] for step, _ in curve] == [pytest.approx(value, rel=1e-6) for _, value in curve]
+    assert seed.data.metrics["result/steps"] == 8
+
+    offline = sorted((run_dir / "seed" / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {path.name.rsplit("-", 1)[1] for path in offline} == {first["wandb"]}  # one run id: `wandb sync` appends
+    # The killed attempt's file holds what wandb's service had written when it was killed with the
+    # rest of the job (often nothing past the header); the resumed one continues the same run.
+    records = [record for attempt in offline for record in wandb_records(attempt)]
+    runs = [record["run"] for record in records if record["type"] == "run"]
+    assert {run["run_id"] for run in runs} == {first["wandb"]} and runs[-1]["resume"] is True
+    logged = {h["step"]["num"]: h["item"]["loss/loss"] for h in (r["history"] for r in records if r["type"] == "history")
+              if "loss/loss" in h["item"]}
+    assert set(range(resumed + 1, 9)) <= set(logged)
+    assert all(logged[step] == pytest.approx(value, rel=1e-6) for step, value in curve if step in logged)
+    final = wandb_records(offline[-1], "--summary")
+    assert final["state"] == "finished" and final["summary"]["result/steps"] == 8
+
+
+def test_a_forged_tracking_record_starts_new_runs(tmp_path, caplog):
+    import logging
+
+    from vlcluster.tracking.resume import record_run_ids, recorded_run_ids
+
+    record_run_ids(tmp_path, "abc", {"mlflow": "0123456789abcdef0123456789abcdef", "wandb": "otc3kk10"})
+    assert recorded_run_ids(tmp_path, "abc") == {"mlflow": "0123456789abcdef0123456789abcdef", "wandb": "otc3kk10"}
+    with caplog.at_level(logging.WARNING, "vlcluster.tracking"):
+        assert recorded_run_ids(tmp_path, "another spec") == {}  # a stage re-run with another spec: new runs
+        (tmp_path / "tracking.json").write_text(json.dumps({"spec_hash": "abc", "mlflow": "../../etc", "wandb": ["x"]}))
+        assert recorded_run_ids(tmp_path, "abc") == {}
+        (tmp_path / "tracking.json").write_text("{not json")
+        assert recorded_run_ids(tmp_path, "abc") == {}
+    text = caplog.text
+    assert "tracking.json: spec_hash" in text and "tracking.json: mlflow: not a mlflow run id" in text
+    assert "tracking.json: wandb: not a wandb run id" in text

@@ -5,7 +5,8 @@ A stage process opens its tracker around the stage (``vlcluster.run``, rank 0
 only); TensorBoard's writer forwards every scalar to :func:`current` (training
 curves, throughput, MFU), and the end of the stage logs ``result.json``'s
 numbers and the stage's small outputs (records, tables, figures) as artifacts.
-One run per stage; the pipeline is the W&B group and the MLflow experiment,
+One run per stage, continued when the stage resumes (its ids kept in
+``<stage>/tracking.json``, :mod:`vlcluster.tracking.resume`); the pipeline is the W&B group and the MLflow experiment,
 so a whole study is one view. The run's parameters are the stage's resolved
 spec, its tags the lineage the study tables are keyed by.
 """
@@ -29,6 +30,9 @@ SKIPPED_DIRS = {"checkpoints", "tb", "wandb", "logs"}  # big, or written by the 
 
 
 class Adapter(Protocol):
+    service: str  # the key of its run id in the stage's tracking.json
+    run_id: str
+
     def log_metrics(self, scalars: dict[str, float], step: int) -> None: ...
     def log_result(self, values: dict[str, float]) -> None: ...
     def log_artifacts(self, files: list[tuple[Path, str]]) -> None: ...
@@ -120,16 +124,22 @@ def stage_tracking(ctx) -> Iterator[StageTracker | None]:
 
     params = flat_params(ctx.spec.model_dump(mode="json", by_alias=True))
     tags = stage_tags(ctx)
+    from vlcluster.tracking.resume import record_run_ids, recorded_run_ids
+
+    earlier = recorded_run_ids(ctx.dir.root, ctx.spec_hash)  # a resumed stage continues its runs
     adapters: list[Adapter] = []
     if spec.mlflow:
         from vlcluster.tracking.mlflow_adapter import MlflowAdapter
 
-        _start(adapters, "mlflow", lambda: MlflowAdapter(spec.mlflow, ctx.pipeline.name, ctx.name, params, tags))
+        _start(adapters, "mlflow", lambda: MlflowAdapter(spec.mlflow, ctx.pipeline.name, ctx.name, params, tags, earlier.get("mlflow")))
     if spec.wandb:
         from vlcluster.tracking.wandb_adapter import WandbAdapter
         from vlcluster.storage.paths import local_side
 
-        _start(adapters, "wandb", lambda: WandbAdapter(spec.wandb, ctx.pipeline.name, ctx.name, params, tags, local_side(ctx.dir.root / "wandb")))
+        _start(adapters, "wandb", lambda: WandbAdapter(spec.wandb, ctx.pipeline.name, ctx.name, params, tags,
+                                                       local_side(ctx.dir.root / "wandb"), earlier.get("wandb")))
+    if adapters:
+        record_run_ids(ctx.dir.root, ctx.spec_hash, {adapter.service: adapter.run_id for adapter in adapters})
     tracker = _current = StageTracker(adapters)
     _ending[0] = lambda ok: tracker.end(_read_result(ctx), _artifacts(ctx.dir.root), ok)
     ok = False

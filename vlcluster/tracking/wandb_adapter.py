@@ -10,16 +10,22 @@ from vlcluster.tracking.spec import WandbSpec
 
 
 class WandbAdapter:
+    service = "wandb"
+
     def __init__(self, spec: WandbSpec, group: str, run_name: str, params: dict[str, str], tags: dict[str, str],
-                 local_dir: Path):
+                 local_dir: Path, resume_id: str | None = None):
         wandb = require("wandb", "tracking.wandb")
         local_dir.mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
+        # resume="allow": the earlier attempt's run continues (offline: a new run file with the
+        # same id, which `wandb sync` appends to that run); a new run when there is none.
         self.run = wandb.init(
             project=spec.project, entity=spec.entity, mode=spec.mode, group=group, name=run_name,
             job_type=tags.get("kind"), config={**params, **{f"lineage/{key}": value for key, value in tags.items()}},
             dir=str(local_dir), reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True),
+            id=resume_id, resume="allow",
         )
+        self.run_id = self.run.id
 
     def log_metrics(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(dict(scalars), step=step)

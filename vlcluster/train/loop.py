@@ -137,7 +137,10 @@ class Trainer:
                                   self.meter if recipe.counts_flops else None)
         if resume is not None:
             self.restore(resume)
-        self.metrics = MetricsWriter(run.tensorboard, env.is_main, purge_step=self.step, forward=run.forward_metrics)
+        # TensorBoard purges events at and past purge_step: the first step this run logs (the checkpoint's own
+        # step was logged before the kill and stays).
+        self.metrics = MetricsWriter(run.tensorboard, env.is_main, purge_step=self.step + 1 if self.step else None,
+                                     forward=run.forward_metrics)
 
     # ---- checkpoints -------------------------------------------------------
 

@@ -29,8 +29,8 @@ class MetricsWriter:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events past the resume point that a killed run
-            # wrote after its last checkpoint, so curves have no duplicates.
+            # purge_step (the resumed run's first step) drops the events that a killed
+            # run wrote after its last checkpoint, so curves have no duplicates.
             self.local = local_side(log_dir)
             self.writer = SummaryWriter(str(self.local), purge_step=purge_step or None)
 
