@@ -45,7 +45,7 @@ def format_seconds(seconds: float | None) -> str:
     """``12.3 s``, ``9 min 3 s``, ``2 h 5 min``; ``–`` when there is no time."""
     if seconds is None:
         return NO_TIME
-    if seconds < 60:
+    if round(seconds, 1) < 60:  # 59.97 s is "1 min 0 s", not "60.0 s"
         return f"{seconds:.1f} s"
     whole = round(seconds)
     if whole < 3600:

@@ -168,3 +168,10 @@ def test_status_shows_each_stages_time_from_its_record_and_a_dash_for_a_garbled_
     assert {stage["name"]: stage["duration_s"] for stage in record["stages"]} == {
         "data": 12.5, "vlpt": 543.0, "merge": None, "after_merge": None, "last": None}
     assert set(record["stages"][0]) == {"name", "kind", "job", "state", "detail", "duration_s"}  # the fields before, and one more
+
+
+def test_times_are_printed_in_the_unit_a_reader_expects():
+    from vlcluster.run_times import format_seconds
+
+    assert [format_seconds(seconds) for seconds in (None, 0.04, 12.34, 59.96, 543.4, 3599.6, 7530)] == [
+        "–", "0.0 s", "12.3 s", "1 min 0 s", "9 min 3 s", "1 h 0 min", "2 h 5 min"]
