@@ -148,7 +148,7 @@ def test_sigkill_during_vl_pretraining_then_resume_matches_uninterrupted_run(fin
         time.sleep(0.2)
     assert live_processes_mentioning(str(run_dir)) == [], "stage processes outlived the killed submit"
     assert not (run_dir / "vlpt" / "_SUCCESS").exists()
-    status = cli("status", str(run_dir)).stdout
+    status = cli("status", str(run_dir), env={"COLUMNS": "400"}).stdout  # one line per stage
     vlpt_row = next(line for line in status.splitlines() if " vlpt " in line)
     assert "interrupted" in vlpt_row and "checkpoint at step" in vlpt_row
 
