@@ -255,10 +255,11 @@ def print_closing_line(graph, plans, run_dir: Path, elapsed: float, ok: bool) ->
     """The run's wall time, what ran and the slowest stages, from the stages' records."""
     from vlcluster.run_times import closing_line
     from vlcluster.stages.rundir import stage_dir
+    from vlcluster.storage.errors import redact
 
     records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
     line = escape(closing_line(graph.pipeline.name, plans, records, elapsed, ok))
-    console.print(f"[green]{line}[/]" if ok else f"[red]{line}[/] (vlcluster status {escape(str(run_dir))})")
+    console.print(f"[green]{line}[/]" if ok else f"[red]{line}[/] (vlcluster status {escape(redact(str(run_dir)))})")
 
 
 def cmd_render(args) -> int:
