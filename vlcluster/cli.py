@@ -247,9 +247,19 @@ def cmd_submit(args) -> int:
     if backend.queues:  # e.g. slurm: submit returns once every job is queued
         console.print(f"queued in {elapsed:.1f} s")
         return EXIT_OK
-    verdict = "[green]all stages done[/]" if ok else "[red]some stages failed[/] (vlcluster status " + str(run_dir) + ")"
-    console.print(f"{verdict} in {elapsed:.1f} s")
+    print_closing_line(graph, plans, run_dir, elapsed, ok)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def print_closing_line(graph, plans, run_dir: Path, elapsed: float, ok: bool) -> None:
+    """The run's wall time, what ran and the slowest stages, from the stages' records."""
+    from vlcluster.run_times import closing_line
+    from vlcluster.stages.rundir import stage_dir
+    from vlcluster.storage.errors import redact
+
+    records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
+    line = escape(closing_line(graph.pipeline.name, plans, records, elapsed, ok))
+    console.print(f"[green]{line}[/]" if ok else f"[red]{line}[/] (vlcluster status {escape(redact(str(run_dir)))})")
 
 
 def cmd_render(args) -> int:
@@ -321,6 +331,7 @@ def load_run(run_dir_arg: str):
 
 def cmd_status(args) -> int:
     from vlcluster.backends.run_status import run_status
+    from vlcluster.run_times import format_seconds, stage_seconds
     from vlcluster.storage.errors import redact
     from vlcluster.watch import all_ended, status_record
 
@@ -330,13 +341,14 @@ def cmd_status(args) -> int:
         if args.json:
             import json
 
-            print(json.dumps(status_record(graph.pipeline.name, plans, statuses, run_dir), indent=2), flush=True)
+            print(json.dumps(status_record(graph.pipeline.name, plans, statuses, run_dir, records), indent=2), flush=True)
         else:
             table = Table(title=f"{graph.pipeline.name} ({redact(str(run_dir))})", title_justify="left")
-            for column in ("stage", "kind", "job", "state", "detail"):
+            for column in ("stage", "kind", "job", "state", "time", "detail"):
                 table.add_column(column)
             for plan, status in zip(plans, statuses.values()):
-                table.add_row(escape(plan.name), plan.kind, status.job, status.state, escape(status.detail))
+                took = format_seconds(stage_seconds(records[plan.name], status.state))
+                table.add_row(escape(plan.name), plan.kind, status.job, status.state, took, escape(status.detail))
             if args.watch and console.is_terminal:
                 console.clear()
             console.print(table)

@@ -22,12 +22,19 @@ def all_ended(statuses: dict[str, StageStatus]) -> bool:
     return all(status.state in ENDED for status in statuses.values())
 
 
-def status_record(name: str, plans, statuses: dict[str, StageStatus], run_dir: Path) -> dict:
-    """``status --json``: every stage with its job, state and detail, and whether the run has ended."""
+def status_record(name: str, plans, statuses: dict[str, StageStatus], run_dir: Path, records: dict[str, dict]) -> dict:
+    """``status --json``: every stage with its job, state, detail and the wall time of
+    its last attempt (``duration_s``, null where its record holds none), and whether
+    the run has ended."""
+    from vlcluster.run_times import stage_seconds
     from vlcluster.storage.errors import redact
 
-    stages = [{"name": plan.name, "kind": plan.kind, "job": statuses[plan.name].job, "state": statuses[plan.name].state,
-               "detail": statuses[plan.name].detail} for plan in plans]
+    stages = []
+    for plan in plans:
+        status = statuses[plan.name]
+        seconds = stage_seconds(records[plan.name], status.state)
+        stages.append({"name": plan.name, "kind": plan.kind, "job": status.job, "state": status.state,
+                       "detail": status.detail, "duration_s": None if seconds is None else round(seconds, 3)})
     counts: dict[str, int] = {}
     for stage in stages:
         counts[stage["state"]] = counts.get(stage["state"], 0) + 1

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support import REPO
-from tests.support.cli import cli
+from tests.support.cli import cli, closing_line
 from tests.support.jobs import FAILING, QUICKSTART, SMALL, STAGES
 from tests.support.processes import live_processes_mentioning
 
@@ -42,7 +42,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_quickstart_runs_every_stage_and_prints_table1(finished_run):
-    run_dir, result, _ = finished_run
+    run_dir, result, wall = finished_run
     for row in ("| MAA |", "| MSA |", "| merging baseline |", "| merged |"):
         assert row in result.stdout
     assert "VQA acc | TR | TR R@1 | IR | IR R@1" in result.stdout
@@ -50,6 +50,15 @@ def test_quickstart_runs_every_stage_and_prints_table1(finished_run):
                   "ft_maa", "ft_baseline", "eval_merged", "eval_baseline", "table1"):
         assert (run_dir / stage / "_SUCCESS").is_file(), stage
     assert "initialised from stage 'seed' (agnostic -> specific)" in result.stdout
+    verdict, seconds, rest = closing_line(result.stdout)  # the run's time, within the wall time measured around it
+    assert verdict == "finished in" and seconds <= wall + 0.5, (seconds, wall)
+    assert rest.startswith(f"{len(STAGES)} stages ({len(STAGES)} ran, 0 already done); slowest: "), rest
+    records = {stage: json.loads((run_dir / stage / "state.json").read_text()) for stage in STAGES}
+    took = {stage: record["ended"] - record["started"] for stage, record in records.items()}
+    assert sum(took.values()) - 1 <= seconds  # the stages ran one after another
+    first, second = sorted(took, key=lambda stage: -took[stage])[:2]
+    assert rest.split("slowest: ")[1].startswith(f"{first} "), (rest, took)
+    assert f", {second} " in rest.split("slowest: ")[1], (rest, took)
 
 
 def test_training_ran_on_two_ranks_and_logged_tensorboard(finished_run):
@@ -87,6 +96,8 @@ def test_resubmit_skips_every_stage_in_seconds(finished_run):
     elapsed = time.perf_counter() - started
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped (done)") == len(STAGES)
+    verdict, seconds, rest = closing_line(again.stdout)
+    assert verdict == "finished in" and seconds <= elapsed and rest == f"{len(STAGES)} stages (0 ran, {len(STAGES)} already done)"
     assert "| merged |" in again.stdout
     assert elapsed < 15, f"resubmit took {elapsed:.1f} s"
 
@@ -137,7 +148,7 @@ def test_sigkill_during_vl_pretraining_then_resume_matches_uninterrupted_run(fin
         time.sleep(0.2)
     assert live_processes_mentioning(str(run_dir)) == [], "stage processes outlived the killed submit"
     assert not (run_dir / "vlpt" / "_SUCCESS").exists()
-    status = cli("status", str(run_dir)).stdout
+    status = cli("status", str(run_dir), env={"COLUMNS": "400"}).stdout  # one line per stage
     vlpt_row = next(line for line in status.splitlines() if " vlpt " in line)
     assert "interrupted" in vlpt_row and "checkpoint at step" in vlpt_row
 
@@ -164,6 +175,9 @@ def test_failed_stage_blocks_its_dependants(write_job, tmp_path):
     assert "vqa_on_pretrained: failed" in result.stdout
     assert "table: not started, upstream failed: vqa_on_pretrained" in result.stdout
     assert not (run_dir / "table" / "report.md").exists()
+    verdict, _, rest = closing_line(result.stdout)
+    assert verdict == "failed after", result.stdout
+    assert rest.startswith("stage vqa_on_pretrained failed; 4 stages (3 ran, 0 already done, 1 not started); slowest: "), rest
     status = cli("status", str(run_dir)).stdout
     assert "failed" in status and "blocked" in status
     assert "no VQA head" in cli("logs", str(run_dir), "vqa_on_pretrained").stdout

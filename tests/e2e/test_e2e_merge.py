@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.support import REPO
-from tests.support.cli import cli
+from tests.support.cli import cli, closing_line
 from tests.support.jobs import GATED, assert_gated_status
 
 pytestmark = pytest.mark.slow
@@ -84,4 +84,6 @@ def test_gated_merge_shows_gated_and_blocks_its_dependants_on_local(write_job, t
     result = cli("submit", str(write_job(GATED)), "--run-dir", str(run_dir))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "after_merge: not started, upstream failed: merge" in result.stdout
+    verdict, _, rest = closing_line(result.stdout)
+    assert (verdict, rest.split("; slowest")[0]) == ("failed after", "stage merge gated; 4 stages (3 ran, 0 already done, 1 not started)")
     assert_gated_status(run_dir)

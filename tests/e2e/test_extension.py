@@ -36,7 +36,7 @@ def tiny_merge_job(directory: Path, method: str | None = None) -> Path:
 
 
 def status_rows(copy: PackageCopy, run_dir: Path) -> dict[str, list[str]]:
-    """`vlcluster status`'s table: stage -> its cells (stage, kind, job, state, detail)."""
+    """`vlcluster status`'s table: stage -> its cells (stage, kind, job, state, time, detail)."""
     status = copy.cli("status", str(run_dir), timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in status.stdout.splitlines() if line.count("│") > 3]
@@ -63,9 +63,10 @@ def test_a_backend_is_one_module_and_one_line(tmp_path):
 
     submitted = copy.cli("submit", str(job), "--backend", "inline", "--run-dir", str(run_dir))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert "all stages done" in submitted.stdout
+    assert "finished in" in submitted.stdout and "3 stages (3 ran, 0 already done)" in submitted.stdout
     rows = status_rows(copy, run_dir)
     assert {stage: row[3] for stage, row in rows.items()} == {"data": "done", "seed": "done", "merge": "done"}
+    assert all(row[4].endswith(" s") for row in rows.values()), rows  # its records' times, as for a built-in backend
     for stage in rows:  # the new backend ran each stage as one plain python process
         record = json.loads((run_dir / stage / "state.json").read_text())
         assert record["backend"] == "inline" and record["command"][1:3] == ["-m", "vlcluster.run"], record

@@ -13,13 +13,16 @@ import time
 import pytest
 
 from tests.support import REPO
+from tests.support.cli import closing_line
 from tests.support.watch import CHAIN, json_documents, vlcluster, watch_while_running
 
 def test_status_watch_and_logs_follow_a_local_run_to_its_end(write_job, tmp_path):
     run_dir = tmp_path / "run"
+    started = time.perf_counter()
     submit = vlcluster("submit", str(write_job(CHAIN)), "--run-dir", str(run_dir))
     docs, followed, code = watch_while_running(run_dir, submit, "second")
     assert submit.wait(timeout=60) == 0
+    wall = time.perf_counter() - started
     assert not docs[0]["ended"] and docs[-1]["ended"]  # looked while running, stopped once ended
     assert [stage["state"] for stage in docs[-1]["stages"]] == ["done", "done"] and docs[-1]["counts"] == {"done": 2}
     assert code == 0
@@ -27,6 +30,19 @@ def test_status_watch_and_logs_follow_a_local_run_to_its_end(write_job, tmp_path
     once = subprocess.run([sys.executable, "-m", "vlcluster.cli", "status", str(run_dir), "--json"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert json.loads(once.stdout)["ended"] is True
+    assert_closing_line(submit.stdout.read(), wall, json.loads(once.stdout)["stages"])
+
+
+def assert_closing_line(stdout: str, wall: float, stages: list[dict]) -> None:
+    """The submit's last line: both stages ran, its time lies between the stages'
+    times added up and the wall time measured around the submit, the slowest
+    stages in order with the times `status --json` gives them."""
+    verdict, seconds, rest = closing_line(stdout)
+    assert verdict == "finished in" and rest.startswith("2 stages (2 ran, 0 already done); slowest: "), rest
+    durations = {stage["name"]: stage["duration_s"] for stage in stages}
+    assert sum(durations.values()) - 0.05 <= seconds <= wall + 0.05, (seconds, wall, durations)
+    slowest = sorted(durations, key=lambda name: -durations[name])
+    assert rest.endswith(", ".join(f"{name} {durations[name]:.1f} s" for name in slowest)), (rest, durations)
 
 
 def test_following_a_stage_that_never_starts_ends_when_it_is_blocked(write_job, tmp_path):

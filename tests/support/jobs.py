@@ -96,8 +96,8 @@ stages:
 
 
 def assert_gated_status(run_dir) -> None:
-    """`vlcluster status` (run with COLUMNS wide enough for one row per stage)."""
-    status = cli("status", str(run_dir)).stdout
+    """`vlcluster status` shows the closed gate and what it blocked (one line per stage)."""
+    status = cli("status", str(run_dir), env={"COLUMNS": "400"}).stdout
     rows = {line.split("│")[1].strip(): line for line in status.splitlines() if line.count("│") > 3}
     assert " done " in rows["vlpt"], status
     assert " gated " in rows["merge"] and "mergeability gate closed: ssd" in rows["merge"], status

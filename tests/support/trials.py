@@ -83,7 +83,7 @@ def committed_steps(run_dir: Path) -> list[int]:
 
 
 def seed_status(run_dir: Path) -> str:
-    status = cli("status", str(run_dir))
+    status = cli("status", str(run_dir), env={"COLUMNS": "400"})  # one line per stage, its whole detail on it
     assert status.returncode == 0, status.stderr
     return next(line for line in status.stdout.splitlines() if " seed " in line)
 

@@ -127,3 +127,51 @@ def test_slurm_logs_read_only_submitit_logs_of_this_run(tmp_path):
     assert SlurmBackend.job_log(run_dir, {"slurm_log": str(inside)}) == inside.resolve()
     for hostile in (str(secret), str(run_dir / "slurm" / ".." / ".." / "secret_log.out"), "/etc/passwd", ["x"], None):
         assert SlurmBackend.job_log(run_dir, {"slurm_log": hostile}) is None
+
+
+def test_status_shows_each_stages_time_from_its_record_and_a_dash_for_a_garbled_one(write_job, tmp_path):
+    """The `time` column and `duration_s` of `status --json`: the last attempt's
+    ended - started; a record with no, mistyped, backwards or unreadable times
+    shows "–" (null), and the command still exits 0."""
+    import json
+
+    from tests.support.cli import cli
+    from vlcluster.graph import build_graph
+    from vlcluster.stages.context import save_pipeline
+
+    path = write_job(JOB)
+    run_dir = tmp_path / "run"
+    graph = build_graph(load_pipeline(str(path), []), str(path))
+    save_pipeline(run_dir, graph)
+    stage_dir(run_dir, "data").mark_done(graph.hashes["data"])
+    stage_dir(run_dir, "data").write_state(backend="local", state="done", started=100.0, ended=112.5)
+    stage_dir(run_dir, "vlpt").write_state(backend="local", state="failed", returncode=1, started=1000, ended=1543)
+    for stage, text in {
+        "merge": json.dumps({"backend": "local", "state": "failed", "returncode": 1, "started": "yesterday", "ended": [1]}),
+        "after_merge": '{"state": "failed", "started": 1e308, "ended": -1e308',  # cut off: not JSON
+        "last": json.dumps({"backend": "local", "state": "failed", "returncode": 1, "started": -1e308, "ended": 1e308}),
+    }.items():
+        stage_dir(run_dir, stage).root.mkdir()
+        stage_dir(run_dir, stage).state_file.write_text(text)
+
+    status = cli("status", str(run_dir), env={"COLUMNS": "200"}, timeout=60)
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    header = next(line for line in status.stdout.splitlines() if "┃ stage" in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["stage", "kind", "job", "state", "time", "detail"]
+    rows = {cells[0]: cells for line in status.stdout.splitlines() if line.count("│") > 3
+            for cells in [[cell.strip() for cell in line.split("│")[1:-1]]]}
+    assert {stage: cells[3:5] for stage, cells in rows.items()} == {
+        "data": ["done", "12.5 s"], "vlpt": ["failed", "9 min 3 s"], "merge": ["failed", "–"],
+        "after_merge": ["blocked", "–"], "last": ["failed", "–"]}
+
+    record = json.loads(cli("status", str(run_dir), "--json", timeout=60).stdout)
+    assert {stage["name"]: stage["duration_s"] for stage in record["stages"]} == {
+        "data": 12.5, "vlpt": 543.0, "merge": None, "after_merge": None, "last": None}
+    assert set(record["stages"][0]) == {"name", "kind", "job", "state", "detail", "duration_s"}  # the fields before, and one more
+
+
+def test_times_are_printed_in_the_unit_a_reader_expects():
+    from vlcluster.run_times import format_seconds
+
+    assert [format_seconds(seconds) for seconds in (None, 0.04, 12.34, 59.96, 543.4, 3599.6, 7530)] == [
+        "–", "0.0 s", "12.3 s", "1 min 0 s", "9 min 3 s", "1 h 0 min", "2 h 5 min"]
