@@ -21,6 +21,7 @@ from tests.support import REPO
 from tests.support.cli import cli, closing_line
 from tests.support.jobs import FAILING, QUICKSTART, SMALL, STAGES
 from tests.support.processes import live_processes_mentioning
+from vlcluster.backends.stage_process import threads_per_rank
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,7 @@ def test_training_ran_on_two_ranks_and_logged_tensorboard(finished_run):
 
     run_dir, result, _ = finished_run
     assert "over 2 ranks" in result.stdout
+    assert f"{threads_per_rank(2)} CPU threads per rank" in result.stdout  # the node's cores split between its ranks
     events = EventAccumulator(str(run_dir / "seed" / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -203,6 +205,7 @@ def test_merging_baseline_experts_start_together(write_job, tmp_path):
     run_dir = tmp_path / "run"
     result = cli("submit", str(write_job(MERGING_BASELINE)), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{threads_per_rank(1)} CPU threads per rank" in result.stdout  # one rank: every core
     metrics = cli("metrics", str(run_dir / "specific"), "--json")
     assert metrics.returncode == 0, metrics.stderr
     overall = json.loads(metrics.stdout)["overall"]

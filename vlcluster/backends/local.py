@@ -69,7 +69,7 @@ class LocalBackend:
         started = time.time()
         with open(log_file, "a") as log:
             write_header(log, "", command)
-            process = start_piped(command, child_env(plan.kind))
+            process = start_piped(command, child_env(plan.kind, plan.ranks))
             directory.write_state(state="running", backend=self.name, pid=process.pid, pid_start=process_start(process.pid),
                                   started=started, command=command, failure=None)
             rank_codes = rank_exit_codes(

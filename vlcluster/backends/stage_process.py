@@ -93,16 +93,26 @@ def is_recorded_process(record: dict) -> bool:
     return isinstance(command, list) and [arg.encode() for arg in map(str, command)] == running
 
 
-def child_env(kind: str, die_with_parent: bool = True) -> dict[str, str]:
+def child_env(kind: str, ranks_per_node: int, die_with_parent: bool = True) -> dict[str, str]:
     """The stage's environment: unbuffered output (the log follows it live),
-    one OpenMP thread per rank when ranks share the node's cores, and, where
-    asked, ranks that die with their torchrun."""
+    the node's cores split between its ranks as OpenMP threads (one rank gets
+    them all, as torch's own default gives it; torchrun alone would give every
+    rank one thread only when there are several), and, where asked, ranks that
+    die with their torchrun. An OMP_NUM_THREADS the user or the scheduler set
+    is kept."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if die_with_parent:
         env[DIE_WITH_PARENT_ENV] = "1"
     if is_distributed(kind):
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(ranks_per_node)))
     return env
+
+
+def threads_per_rank(ranks_per_node: int) -> int:
+    """The cores this process may use (its affinity, as SLURM and cgroups set
+    it), shared evenly between the node's ranks; at least one each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, ranks_per_node))
 
 
 def stage_log(directory: StageDir, name: str = "stage.log") -> tuple[Path, Mirror]:

@@ -205,7 +205,8 @@ class Trainer:
                 self.run.name, self.config.arch, self.objective.model.num_params() / 1e6,
                 total, self.train.batch_size, self.env.world_size, self.loader_workers, self.step,
             )
-            log.info("precision %s (train.precision: %s) on %s", self.precision.name, self.train.precision, self.env.device)
+            log.info("precision %s (train.precision: %s) on %s, %d CPU threads per rank",
+                     self.precision.name, self.train.precision, self.env.device, torch.get_num_threads())
         started = time.perf_counter()
         first_step = self.step
         try:

@@ -68,7 +68,7 @@ class InlineBackend:
         started = time.time()
         with open(log_file, "a") as log:
             write_header(log, self.name, command)
-            process = start_piped(command, child_env(plan.kind))
+            process = start_piped(command, child_env(plan.kind, plan.ranks))
             directory.write_state(state="running", backend=self.name, pid=process.pid, pid_start=process_start(process.pid),
                                   started=started, command=command, failure=None)
             for line in copy_lines(process, log, mirror=mirror):

@@ -63,7 +63,7 @@ def _run_node(run_dir: str, stage: str, kind: str, procs: int, rendezvous: Rende
     node_id = ray.get_runtime_context().get_node_id()
     with open(log_file, "a") as log:
         write_header(log, f"node {node}/{rendezvous.nnodes} on Ray node {node_id} ({socket.gethostname()}):", command)
-        code, rank_codes = run_once(command, child_env(kind), log)
+        code, rank_codes = run_once(command, child_env(kind, procs), log)
     return NodeResult(node, code, rank_codes, node_id)
 
 

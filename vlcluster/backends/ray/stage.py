@@ -73,7 +73,7 @@ def attempt(ctx, log, stopping: Stopping) -> tuple[int, list[int]]:
         return code, [rank_code for result in results for rank_code in result.rank_codes]
     command = stage_command(spec.kind, str(ctx.run_dir), ctx.name, spec.resources.ranks_per_node)
     write_header(log, f"ray job on {socket.gethostname()}:", command)
-    return run_once(command, child_env(spec.kind), log)
+    return run_once(command, child_env(spec.kind, spec.resources.ranks_per_node), log)
 
 
 def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:

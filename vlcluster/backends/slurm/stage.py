@@ -87,7 +87,7 @@ class StageJob(Checkpointable):
             offset = log.tell()
             write_header(log, f"slurm job {env.job_id} (restart {restarts})", command)
             self._child = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=child_env(self.kind, die_with_parent=False),
+                command, stdout=log, stderr=subprocess.STDOUT, env=child_env(self.kind, self.procs_per_node, die_with_parent=False),
                 preexec_fn=_child_setup, start_new_session=True,
             )
             # poll, not wait(): submitit's signal handler runs on this thread
