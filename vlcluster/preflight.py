@@ -3,7 +3,7 @@ read from the submitting host, and every problem is reported at once.
 
 Checked, per stage (sweep copies each): references to other stages (a
 known stage of a kind that makes what is read), the SLURM profile (slurm
-backend), ``init.checkpoint``, an import's inputs (files readable,
+backend), ``init.checkpoint`` and an eval's ``model_file``, an import's inputs (files readable,
 directories listable) and tokenizer, a data section's shard patterns
 (``train``, ``val``; a glob or prefix listed once), ``tokenizer`` and
 ``answers``. Object-store URLs (with ``include_remote``: submit, not a dry
@@ -123,6 +123,9 @@ def stage_problems(name: str, stage, check: Preflight) -> list[str]:
         found.append(hub_problem(init.checkpoint, f"{where}.init.checkpoint"))
     elif init is not None and init.checkpoint:
         found.append(check.path_problem(init.checkpoint, f"{where}.init.checkpoint") or weights_problem(init.checkpoint, f"{where}.init.checkpoint"))
+    if stage.kind == "eval" and stage.model_file:
+        field = f"{where}.model_file"
+        found.append(check.path_problem(stage.model_file, field) or weights_problem(stage.model_file, field))
     if stage.kind == "import":
         from vlcluster.importers.registry import FORMATS
 

@@ -211,3 +211,54 @@ def test_merging_baseline_experts_start_together(write_job, tmp_path):
     overall = json.loads(metrics.stdout)["overall"]
     print(f"V-L distances after 1 step at lr 1e-9: {overall}")
     assert overall["l2"] < 1e-3 and overall["cosine"] < 1e-6
+
+
+EVAL_CHECKPOINTS = """
+name: evalckpt
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
+  seed:
+    kind: pretrain
+    data: {from: data}
+    train: {steps: 2, batch_size: 8, warmup_steps: 0}
+    checkpoint: {every: 1, keep: 2}
+    resources: {procs_per_node: 1}
+  eval_stage: {kind: eval, source: seed, data: {from: data}, tasks: [retrieval]}
+  eval_last: {kind: eval, source: seed, step: 2, data: {from: data}, tasks: [retrieval]}
+  eval_first: {kind: eval, source: seed, step: 1, data: {from: data}, tasks: [retrieval]}
+"""
+
+
+def test_eval_stage_reads_training_checkpoints_as_it_reads_a_stage(write_job, tmp_path):
+    """`step:` evaluates a training stage's checkpoint, `model_file:` any model
+    file made before the run: the last checkpoint scores exactly as the stage's
+    output (the same weights), an earlier one as another model."""
+    run_dir = tmp_path / "run"
+    result = cli("submit", str(write_job(EVAL_CHECKPOINTS)), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    scores = {name: json.loads((run_dir / name / "result.json").read_text()) for name in ("eval_stage", "eval_last", "eval_first")}
+    keys = [key for key, value in scores["eval_stage"].items() if isinstance(value, float)]
+    assert "tr_r1" in keys
+    assert [scores["eval_last"][key] for key in keys] == [scores["eval_stage"][key] for key in keys]
+    assert scores["eval_last"]["model"] == {"stage": "seed", "step": 2, "arch": "agnostic"}
+    assert scores["eval_first"]["items"] != scores["eval_stage"]["items"]  # per-item results of another model
+
+    outside = EVAL_CHECKPOINTS.replace("name: evalckpt", "name: outside").replace(  # files made before this run
+        "eval_last: {kind: eval, source: seed, step: 2,", f"eval_last: {{kind: eval, model_file: {run_dir}/seed/checkpoints/step_00000002,").replace(
+        "eval_first: {kind: eval, source: seed, step: 1,", f"eval_first: {{kind: eval, model_file: {run_dir}/seed/checkpoints/step_00000001/model.safetensors,")
+    second = tmp_path / "second"
+    shutil.copytree(run_dir / "data", second / "data")
+    shutil.copytree(run_dir / "seed", second / "seed")
+    result = cli("submit", str(write_job(outside)), "--run-dir", str(second))
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = {name: json.loads((second / name / "result.json").read_text()) for name in ("eval_last", "eval_first")}
+    for name in again:
+        assert again[name]["items"] == scores[name]["items"], name
+    assert again["eval_first"]["model"]["model_file"].endswith("step_00000001/model.safetensors")
+
+    gone = cli("submit", str(write_job(EVAL_CHECKPOINTS.replace("step: 1,", "step: 7,"))), "--run-dir", str(run_dir))
+    assert gone.returncode == 1 and "keeps no checkpoint at step 7" in gone.stdout + gone.stderr
+    elsewhere = str(write_job(outside.replace(str(run_dir), str(tmp_path / "elsewhere"))))
+    missing = cli("submit", elsewhere, "--run-dir", str(tmp_path / "third"))  # refused before anything runs
+    assert missing.returncode == 2 and "stages.eval_last.model_file" in missing.stderr, missing.stdout + missing.stderr
+    assert "stages.eval_first.model_file" in missing.stderr and not (tmp_path / "third" / "data").exists()

@@ -26,7 +26,15 @@ log = logging.getLogger("vlcluster.eval")
 
 class EvalStage(StageBase):
     kind: Literal["eval"]
-    source: str = Field(description="stage whose model is evaluated")
+    source: str | None = Field(None, description="stage whose model is evaluated")
+    step: int | None = Field(
+        None, ge=0, description="with source: that training stage's checkpoint at this step instead of its output "
+        "(one of the checkpoints it keeps: checkpoint.keep)",
+    )
+    model_file: str | None = Field(
+        None, description="a model file made before the run instead of a stage (local or s3://): a stage or converted "
+        "directory, checkpoints/step_N of a training stage, or the model.safetensors of one of them",
+    )
     data: DataSpec
     tasks: list[TaskName] = Field(
         default_factory=lambda: ["vqa", "retrieval"],
@@ -47,8 +55,22 @@ class EvalStage(StageBase):
             )
         return values
 
+    @model_validator(mode="after")
+    def _one_model(self) -> EvalStage:
+        if (self.source is None) == (self.model_file is None):
+            raise ValueError("give exactly one of 'source' (a stage) or 'model_file' (a model file or directory)")
+        if self.step is not None and self.source is None:
+            raise ValueError("'step' picks a checkpoint of the stage named by 'source'")
+        return self
+
     def references(self) -> list[Reference]:
         return self.data.references() + model_reference("source", self.source)
+
+    @property
+    def model_label(self) -> str:
+        if self.source is None:
+            return str(self.model_file)
+        return self.source if self.step is None else f"{self.source} at step {self.step}"
 
 
 def reads_own_dataset(ctx: StageContext, task: str) -> bool:
@@ -61,7 +83,6 @@ def reads_own_dataset(ctx: StageContext, task: str) -> bool:
 
 def run(ctx: StageContext) -> None:
     from vlcluster.data.quality import DataQuality, check_bad_fraction
-    from vlcluster.model.files import read_model
     from vlcluster.stages.outputs import finish_stage
 
     spec = ctx.spec
@@ -72,7 +93,7 @@ def run(ctx: StageContext) -> None:
             "(a report row joins several)"
         )
     image_caption = [task for task in spec.tasks if task not in own]
-    state, config = read_model(ctx.upstream_dir(spec.source))
+    state, config = evaluated_model(ctx)
     quality = DataQuality()
     result: dict = {}
     if image_caption:
@@ -80,11 +101,51 @@ def run(ctx: StageContext) -> None:
     if own:
         result |= own_dataset_scores(ctx, state, config, own[0], quality)
     check_bad_fraction(quality.bad_total, quality.read, spec.data.max_bad_fraction, final=True)
-    result["model"] = {"stage": spec.source, "arch": config.arch}
+    result["model"] = model_record(spec) | {"arch": config.arch}
     result["data"] = quality.summary(spec.data.max_bad_fraction)
     on = f" on {own[0]}" if own and not image_caption else ""
-    log.info("%s%s: %s", spec.source, on, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
+    log.info("%s%s: %s", spec.model_label, on, ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
     finish_stage(ctx, result)
+
+
+def evaluated_model(ctx: StageContext) -> tuple[dict, Any]:
+    """The weights and config of the stage named by ``source``, or of the model
+    file named by ``model_file`` (read as every command reads one)."""
+    from vlcluster.model.files import read_model
+    from vlcluster.model.load import locate_model
+
+    spec = ctx.spec
+    if spec.source is None:
+        found = locate_model(spec.model_file)
+    elif spec.step is None:
+        return read_model(ctx.upstream_dir(spec.source))
+    else:
+        found = locate_model(training_checkpoint(ctx, spec.source, spec.step))
+    return found.tensors(), found.config
+
+
+def model_record(spec: EvalStage) -> dict:
+    if spec.source is None:
+        return {"model_file": spec.model_file}
+    return {"stage": spec.source} | ({} if spec.step is None else {"step": spec.step})
+
+
+def training_checkpoint(ctx: StageContext, source: str, step: int) -> Path:
+    """``source``'s checkpoint directory at ``step``; one paragraph when the
+    stage keeps none there (the ones it keeps are named)."""
+    from vlcluster.storage.paths import run_path
+    from vlcluster.train.checkpoint_index import complete_checkpoints, step_dir_name
+
+    settings = getattr(ctx.pipeline.stages[source], "checkpoint", None)
+    if settings is None:
+        raise ValueError(f"stages.{ctx.name}.step: {source!r} is a {ctx.pipeline.stages[source].kind} stage; "
+                         "only training stages write checkpoints")
+    root = run_path(settings.dir) if settings.dir else ctx.upstream_dir(source).checkpoints
+    kept = [ckpt.step for ckpt in complete_checkpoints(root)]
+    if step not in kept:
+        raise ValueError(f"stages.{ctx.name}.step: {source!r} keeps no checkpoint at step {step} in {root} "
+                         f"(it has {', '.join(map(str, kept)) or 'none'}; checkpoint.every and checkpoint.keep decide)")
+    return root / step_dir_name(step)
 
 
 def own_dataset_scores(ctx: StageContext, state: dict, config, name: str, quality) -> dict:
