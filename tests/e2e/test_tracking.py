@@ -443,3 +443,26 @@ def test_a_forged_tracking_record_starts_new_runs(tmp_path, caplog):
     text = caplog.text
     assert "tracking.json: spec_hash" in text and "tracking.json: mlflow: not a mlflow run id" in text
     assert "tracking.json: wandb: not a wandb run id" in text
+
+
+def test_a_stage_in_an_object_store_logs_its_files_as_artifacts(s3_env):
+    """The trackers upload local files: a stage directory on S3 has its small
+    outputs fetched first (the same ones a local stage logs), and only what the
+    store holds now."""
+    import fsspec
+
+    from vlcluster.storage.paths import run_path
+    from vlcluster.tracking import ARTIFACT_MAX_BYTES, _artifacts
+
+    url = "s3://runs/tracked/report"
+    fs = fsspec.filesystem("s3")
+    files = {"result.json": b'{"tr": 1.0}', "report.md": b"| a |", "study/k_seed.png": b"\x89PNG",
+             "checkpoints/step_00000002/meta.json": b"{}", "logs/stage.log": b"log", "model.safetensors": b"x",
+             "big.json": b" " * (ARTIFACT_MAX_BYTES + 1)}
+    for name, data in files.items():
+        fs.pipe(f"{url}/{name}", data)
+    found = {(folder, path.name): path.read_bytes() for path, folder in _artifacts(run_path(url))}
+    assert found == {("", "result.json"): files["result.json"], ("", "report.md"): files["report.md"],
+                     ("study", "k_seed.png"): files["study/k_seed.png"]}
+    fs.rm(f"{url}/report.md")
+    assert sorted(name for _, name in {(folder, path.name) for path, folder in _artifacts(run_path(url))}) == ["k_seed.png", "result.json"]

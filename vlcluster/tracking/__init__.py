@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -195,10 +196,34 @@ def _start(adapters: list[Adapter], service: str, make) -> None:
 def _artifacts(root: Path) -> list[tuple[Path, str]]:
     from vlcluster.storage.paths import is_remote
 
-    if is_remote(root):  # the trackers upload local files; an object-store run dir keeps its own copy
-        log.info("tracking: %s is in an object store; its files are not logged as artifacts", root)
+    if not is_remote(root):
+        return stage_files(root)
+    try:
+        return staged_remote_files(root)
+    except Exception as exc:  # noqa: BLE001 - an unreachable store costs the artifacts, never the stage
+        log.warning("tracking: the files of %s could not be fetched to log as artifacts (%s)", root, str(exc)[:300])
         return []
-    return stage_files(root)
+
+
+def staged_remote_files(root: Path) -> list[tuple[Path, str]]:
+    """A stage directory in an object store: the trackers upload local files, so
+    the files :func:`stage_files` would pick are downloaded first, into the
+    stage's local side (``storage.cache_dir``), each only when it is small."""
+    import fsspec
+
+    from vlcluster.storage.paths import local_side
+
+    fs, prefix = fsspec.core.url_to_fs(str(root))
+    staging = local_side(root) / "artifacts"
+    shutil.rmtree(staging, ignore_errors=True)  # only what the store holds now
+    for name, info in sorted(fs.find(prefix, detail=True).items()):
+        relative = Path(name[len(prefix):].lstrip("/"))
+        if not relative.parts or relative.parts[0] in SKIPPED_DIRS or relative.suffix not in ARTIFACT_SUFFIXES:
+            continue
+        if (info.get("size") or 0) <= ARTIFACT_MAX_BYTES:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(staging / relative))
+    return stage_files(staging) if staging.is_dir() else []
 
 
 def _read_result(ctx) -> dict | None:
