@@ -1,12 +1,14 @@
-"""End to end: jobs/merge_methods.yaml at its smallest — grams under 2 gloo
-ranks, metrics, every merge method, retrieval eval of every merged model,
-and the mergeability gate stopping a pipeline."""
+"""End to end: jobs/merge_methods.yaml at its smallest, with VLMo's relative
+position bias (the job's default positions are covered by the quickstart's
+e2e tests) — grams under 2 gloo ranks, metrics, every merge method, retrieval
+eval of every merged model, and the mergeability gate stopping a pipeline."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.support import REPO
@@ -22,6 +24,7 @@ SMALL = [
     *(f"stages.{stage}.train.{key}" for stage in ("seed", "vlpt") for key in ("batch_size=16", "warmup_steps=2", "log_every=2")),
     "stages.seed.train.steps=4", "stages.vlpt.train.steps=8",
     "stages.grams.batches=2", "stages.grams.batch_size=16",
+    "stages.seed.model.position=relative", "stages.vlpt.model.position=relative",
 ]
 
 
@@ -42,11 +45,16 @@ def merged_run(tmp_path_factory):
 
 def test_every_method_merges_to_an_agnostic_checkpoint_that_evaluates(merged_run):
     run_dir, result = merged_run
+    trained = load_file(str(run_dir / "vlpt" / "model.safetensors"))
+    tables = sorted(key for key in trained if key.startswith("position_bias."))
+    assert tables == ["position_bias.cross", "position_bias.image", "position_bias.text"]
     for stage in METHOD_STAGES:
         weights = load_file(str(run_dir / stage / "model.safetensors"))
         assert all(".shared." in key for key in weights if key.startswith("layers."))
+        for key in tables:  # one table for every expert: every method keeps it as trained
+            assert torch.equal(weights[key], trained[key]), (stage, key)
         record = json.loads((run_dir / stage / "model.json").read_text())
-        assert record["config"]["arch"] == "agnostic"
+        assert record["config"]["arch"] == "agnostic" and record["config"]["position"] == "relative"
         assert len(record["provenance"]["inputs"]["source"]["sha256"]) == 64
         evaluated = json.loads((run_dir / f"eval_{stage}" / "result.json").read_text())
         assert evaluated["model"]["arch"] == "agnostic" and "tr" in evaluated

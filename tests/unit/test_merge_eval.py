@@ -17,11 +17,13 @@ def val_data(synthetic_data):
     return synthetic_data.clean(16, 24, 16, 32, 0).dir
 
 
-@pytest.mark.parametrize("arch", ["specific", "custom_attn", "custom_ffn", "custom_ln"])
-def test_merged_checkpoint_of_every_arch_evaluates(val_data, arch):
+@pytest.mark.parametrize(("arch", "position"), [("specific", "absolute"), ("custom_attn", "absolute"),
+                                              ("custom_ffn", "absolute"), ("custom_ln", "absolute"),
+                                              ("specific", "relative"), ("custom_ffn", "both")])
+def test_merged_checkpoint_of_every_arch_evaluates(val_data, arch, position):
     torch.manual_seed(0)
     encoder = TextEncoder(val_data / "tokenizer.json")
-    config = preset("tiny", arch, vocab_size=encoder.vocab_size, num_answers=0)
+    config = preset("tiny", arch, vocab_size=encoder.vocab_size, num_answers=0, position=position)
     state = MultiwayTransformer(config, heads=("itc",)).state_dict()
     merged = merge_state(state, "interpolation", alpha=0.75)
     model = load_model(merged, config.with_arch("agnostic"))  # strict: no missing or unexpected keys
