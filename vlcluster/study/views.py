@@ -24,6 +24,7 @@ LABELS = {
     "vqa_acc": "VQA acc", "tr": "TR (mean R@1/5/10)", "ir": "IR (mean R@1/5/10)", "tr_r1": "TR R@1",
     "ir_r1": "IR R@1", "nlvr2_acc": "NLVR2 acc", "top1": "top-1", "top5": "top-5", "miou": "mIoU",
     "retrieval": "retrieval (mean of TR and IR)",
+    **{f"{side}_r{k}": f"{side.upper()} R@{k}" for side in ("tr", "ir") for k in (5, 10)},
 }
 DISTANCES = METRICS
 ROLE_ORDER = ("MAA", "MSA", "merging baseline", "merged")
@@ -41,8 +42,16 @@ def score_names(arms: list[Arm]) -> list[str]:
     if {"tr", "ir"} <= present:  # the paper's COCO score and the drop the verdicts judge, beside its parts
         primary.insert(primary.index("ir") + 1, "retrieval")
         present.discard("rsum_mean")  # the same number under the task eval's name
-    rest = sorted(present - set(primary), key=lambda name: (bool(_DETAIL.search(name)), name))
+    rest = sorted(present - set(primary), key=detail_order)
     return primary + rest
+
+
+def detail_order(name: str) -> tuple:
+    """Other scores by name, then the R@k details by side and k (R@1, R@5, R@10)."""
+    if not _DETAIL.search(name):
+        return (False, name, 0)
+    prefix, k = re.fullmatch(r"(.*?)(?:_r)?(\d+)", name).groups()
+    return (True, prefix, int(k))
 
 
 def plotted_scores(arms: list[Arm]) -> list[str]:
