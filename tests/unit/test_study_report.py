@@ -213,3 +213,14 @@ def test_one_k_seed_with_metrics_draws_table5_without_a_series(tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(run), "-o", str(out)]) == 0
     assert (out / "mergeability.png").stat().st_size > 0
+
+
+def test_recall_details_are_named_and_ordered_by_k():
+    from vlcluster.study.lineage import Arm
+    from vlcluster.study.views import label, score_names
+
+    scores = {name: 1.0 for name in ("tr", "ir", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r10", "ir_r5", "vqa_acc")}
+    arm = Arm("run", "eval", scores, None, None, None, None, None)
+    assert [label(name) for name in score_names([arm])] == [
+        "VQA acc", "TR (mean R@1/5/10)", "IR (mean R@1/5/10)", "retrieval (mean of TR and IR)",
+        "IR R@1", "IR R@5", "IR R@10", "TR R@1", "TR R@5", "TR R@10"]
