@@ -106,7 +106,32 @@ def note_failure(directory: StageDir, exc: BaseException, run_dir: str = "") -> 
         write_json_atomic(failure_file(directory), record)
     except Exception as error:  # noqa: BLE001 - the failure itself is what the rank reports
         log.warning("could not record the failure (%s): %s", cause, str(error).split("\n")[0])
+        _keep_on_this_node(directory, record)
     return named
+
+
+def _keep_on_this_node(directory: StageDir, record: dict) -> None:
+    """A record that could not reach a remote run directory (the store is what
+    failed) is kept on this node's side of it, where the process that started
+    the stage looks when it writes the stage's outcome."""
+    from vlcluster.storage.paths import is_remote, local_side
+
+    if not is_remote(directory.root):
+        return
+    try:
+        write_json_atomic(local_side(directory.root) / failure_file(directory).name, record)
+    except OSError:
+        pass  # best effort: the log still has the paragraph
+
+
+def _recorded(directory: StageDir) -> Any:
+    """The rank's failure record: in the run directory, else on this node's side of a remote one."""
+    from vlcluster.storage.paths import is_remote, local_side
+
+    record = read_json(failure_file(directory))
+    if record is None and is_remote(directory.root):
+        record = read_json(local_side(directory.root) / failure_file(directory).name)
+    return record
 
 
 def said_in_one_paragraph(named: tuple[str, str] | None) -> bool:
@@ -128,7 +153,7 @@ def failure_at_end(directory: StageDir, started: float, code: int, rank_codes: l
     """What a failed attempt that began at ``started`` recorded or showed, for ``state.json``."""
     if code == EXIT_OK:
         return None
-    record = read_json(failure_file(directory))
+    record = _recorded(directory)
     if isinstance(record, dict) and isinstance(record.get("time"), (int, float)) and record["time"] >= started \
             and isinstance(record.get("cause"), str) and isinstance(record.get("message"), str):
         return {"cause": record["cause"], "message": record["message"][:MESSAGE_CHARS]}

@@ -167,7 +167,9 @@ def test_an_outage_mid_epoch_fails_the_stage_and_the_resubmit_after_it_ends_bitw
     checkpoint is committed, every request fails (500) for longer than the
     retry budget (storage.max_attempts: 2, the budget scaled down from
     minutes): the stage fails with one paragraph and no traceback of ours,
-    nothing half-written is taken for a checkpoint; after the outage the
+    the submit waits for the store to record the cause (status: failed,
+    object store unavailable), nothing half-written is taken for a
+    checkpoint; after the outage the
     resubmit resumes from a committed checkpoint and ends with the weights of
     the uninterrupted local run."""
     import re
@@ -193,9 +195,12 @@ def test_an_outage_mid_epoch_fails_the_stage_and_the_resubmit_after_it_ends_bitw
             fs.invalidate_cache()
         proxy.fail_always("internal")  # the store goes down mid-epoch
         started = time.monotonic()
-        code = process.wait(timeout=300)
+        while "does not answer: writing the stage's log when it does" not in (tmp_path / "first.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)  # the rank failed; the submit waits to record why
         outage_s = time.monotonic() - started
         proxy.fail_always(None)  # and comes back
+        code = process.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
     assert code != 0, first
     assert not re.search(r'File ".*/vlcluster/', first), first  # torchrun prints its own ChildFailedError, never ours
@@ -204,10 +209,10 @@ def test_an_outage_mid_epoch_fails_the_stage_and_the_resubmit_after_it_ends_bitw
 
     storage = json.dumps({"endpoint_url": proxy.endpoint, "cache_dir": str(tmp_path / "cache")})
     status = subprocess.run([sys.executable, "-m", "vlcluster.cli", "status", run_dir], capture_output=True, text=True,
-                            cwd=REPO, timeout=120, env={**env, "VLCLUSTER_STORAGE": storage})
+                            cwd=REPO, timeout=120, env={**env, "VLCLUSTER_STORAGE": storage, "COLUMNS": "400"})
     row = next((line for line in status.stdout.splitlines() if " seed " in line), status.stdout + status.stderr)
     shown = next(state for state in ("failed", "interrupted", "running", "pending") if f" {state} " in row)
-    assert shown in {"failed", "interrupted"}, status.stdout + status.stderr  # never "running" after the store came back
+    assert shown == "failed" and "object store unavailable" in row, status.stdout + status.stderr  # the cause, recorded once it answered
 
     resumed = _cli(args, s3_server, tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

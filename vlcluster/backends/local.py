@@ -18,7 +18,7 @@ from vlcluster.backends.contract import StageStatus
 from vlcluster.backends.run_lock import run_lock
 from vlcluster.backends.stage_process import (
     cancel_child_stages, child_env, child_stage_status, copy_lines, exit_status, process_start, rank_exit_codes, record_end, stage_log,
-    start_piped, write_header,
+    start_piped, when_the_store_answers, write_header,
 )
 from vlcluster.graph import Graph
 from vlcluster.launch import is_distributed, stage_command
@@ -78,7 +78,7 @@ class LocalBackend:
             code = exit_status(exited, directory, plan.spec_hash)
         if exited == EXIT_OK and code != EXIT_OK:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
-        mirror.sync()
+        when_the_store_answers(mirror.sync, directory.root, "the stage's log")
         elapsed = time.time() - started
         record_end(directory, code, started=started, rank_codes=rank_codes)
         if code == EXIT_OK:

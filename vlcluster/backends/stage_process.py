@@ -166,9 +166,43 @@ def record_end(directory: StageDir, code: int, cancelled: bool = False, started:
     from vlcluster.failure import failure_at_end
 
     state = "done" if code == EXIT_OK else "cancelled" if cancelled else "failed"
-    failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
-    directory.write_state(state=state, returncode=code, ended=time.time(), failure=failure, **fields)
+    ended = time.time()
+
+    def write() -> None:
+        failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
+        directory.write_state(state=state, returncode=code, ended=ended, failure=failure, **fields)
+
+    when_the_store_answers(write, directory.root, f"the outcome of the stage ({state})")
     return state
+
+
+# How long the process that ran a stage waits for the run directory's object
+# store to answer before it gives up writing the stage's outcome: an outage of
+# minutes should still leave `status` the cause, not "interrupted".
+STORE_WAIT_S = 900
+STORE_RETRY_S = 5.0
+
+
+def when_the_store_answers(action: Callable[[], None], root: Path, what: str, wait_s: float | None = None) -> None:
+    """``action()``; while the object store holding ``root`` is unavailable,
+    again every few seconds (saying so once) until it answers or the wait ends."""
+    from vlcluster.failure import STORAGE, cause_of
+    from vlcluster.storage.paths import is_remote
+
+    deadline = time.monotonic() + (STORE_WAIT_S if wait_s is None else wait_s)
+    said = False
+    while True:
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - only a store that is down is waited for; anything else is raised
+            named = cause_of(exc, str(root)) if is_remote(root) else None
+            if named is None or named[0] != STORAGE or time.monotonic() > deadline:
+                raise
+            if not said:  # stderr: the submit's terminal, a SLURM job's or a Ray job's log
+                print(f"warning: the object store of {root} does not answer: writing {what} when it does "
+                      f"(waiting up to {STORE_WAIT_S if wait_s is None else wait_s:.0f} s)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(STORE_RETRY_S)
 
 
 def child_stage_status(record: dict, plan_status: str, log_file: Path):
