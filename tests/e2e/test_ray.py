@@ -357,3 +357,93 @@ def test_a_killed_rank_is_restartable_even_when_its_peer_failed_first(tmp_path):
     assert code == 1 and sorted(rank_codes) == [-9, 1, 1]
     assert restartable(rank_codes)
     assert not restartable([1, 1])
+
+
+LONG_STAGE = """
+name: adopted
+stages:
+  data: {kind: data, n_train: 64, n_val: 16, shard_size: 32}
+  seed:
+    kind: pretrain
+    data: {from: data}
+    train: {steps: 300, batch_size: 16, log_every: 20, warmup_steps: 1}
+    checkpoint: {every: 20}
+    resources: {procs_per_node: 1}
+  score: {kind: eval, source: seed, data: {from: data}, tasks: [retrieval]}
+"""
+
+
+@pytest.mark.slow
+def test_a_resubmit_follows_the_jobs_of_a_killed_submitter(ray_cluster, write_job, tmp_path):
+    """The driving submit SIGKILLed while a stage's Ray job runs: the job goes
+    on; submitting again follows it (never a second job writing the same
+    checkpoints), then runs what comes after it."""
+    job, run_dir = str(write_job(LONG_STAGE)), tmp_path / "run"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(submit_args(job, run_dir, ray_cluster.dashboard_url), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 300
+        while latest_checkpoint_step(run_dir, "seed") is None:
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        first.kill()
+        first.wait()
+    running = job_id(run_dir, "seed")
+    second = cli(*submit_args(job, run_dir, ray_cluster.dashboard_url)[3:], timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"following Ray job {running}, started by an earlier submit" in second.stdout
+    assert job_id(run_dir, "seed") == running and (run_dir / "seed" / "_SUCCESS").is_file()
+    assert (run_dir / "seed" / "logs" / "stage.log").read_text().count(" ray job on ") == 1  # never started twice
+    assert "tr" in json.loads((run_dir / "score" / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_lost_ray_worker_node_restarts_the_stage_on_another_node_bitwise(ray_cluster, write_job, tmp_path, monkeypatch):
+    """The whole second node of a two-node stage SIGKILLed (its raylet, workers
+    and ranks, as a crashed host): the stage's driver counts its ranks as
+    killed, waits for two nodes again (a new one joins, as an autoscaler would
+    add it) and resumes from the checkpoint, ending with the weights of an
+    uninterrupted two-node run on the same cluster."""
+    from tests.support.trials import assert_bitwise, committed_steps, resumed_from
+
+    monkeypatch.setenv("VLCLUSTER_RAY_MASTER_ADDR", "127.0.0.1")
+    job = str(write_job(TWO_NODES))
+    while ray_cluster.alive_nodes() < 2:
+        ray_cluster.add_node(num_cpus=2)
+    reference = tmp_path / "reference"
+    done = cli(*submit_args(job, reference, ray_cluster.gcs_address)[3:], timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ray_cluster.add_node(num_cpus=2)  # the node this trial loses
+    lost = ray_cluster.nodes[-1]
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "submit.log", "w") as log:
+        process = subprocess.Popen(submit_args(job, run_dir, ray_cluster.gcs_address), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 600
+        while not (latest_checkpoint_step(run_dir, "seed") and len(training_ranks(run_dir, "seed")) == 2):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "submit.log").read_text()
+            time.sleep(0.1)
+        on_lost = [pid for pid in training_ranks(run_dir, "seed") if os.getpgid(pid) == lost.pid or _descends(pid, lost.pid)]
+        committed = committed_steps(run_dir)
+        os.killpg(lost.pid, signal.SIGKILL)  # the host is gone
+        for pid in on_lost:
+            os.kill(pid, signal.SIGKILL)
+        ray_cluster.add_node(num_cpus=2)  # a replacement joins
+        assert process.wait(timeout=600) == 0, (tmp_path / "submit.log").read_text()
+    log = (run_dir / "seed" / "logs" / "stage.log").read_text()
+    assert "restarting the ranks (1/3)" in log, log
+    assert (resumed_from(log) or 0) >= (committed[-1] if committed else 0), log
+    assert_bitwise(reference, run_dir)
+    print(f"lost Ray worker node (ranks {on_lost}) after checkpoint {committed[-1] if committed else 0}: "
+          f"resumed from step {resumed_from(log)} on a new node, bitwise")
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    """``pid`` is a descendant of ``ancestor`` (by the parent links in /proc)."""
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False

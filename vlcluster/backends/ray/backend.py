@@ -193,7 +193,7 @@ class RayBackend:
         # Recorded before the job exists, so the job's own state updates always land on this record.
         write_json_atomic(directory.state_file, {
             "backend": "ray", "state": "submitted", "job_id": job_id, "address": address,
-            "submitted": time.time(), "log": str(directory.log_file),
+            "submitted": time.time(), "log": str(directory.log_file), "spec_hash": plan.spec_hash,
         })
         client.submit_job(**self.job_request(graph, plan, run_dir, job_id))
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
@@ -250,17 +250,18 @@ class RayBackend:
             client = JobSubmissionClient(address)
         except ConnectionError as exc:
             raise SpecError(f"Ray dashboard {address} does not answer ({exc})") from None
-        self.refuse_if_running(client, run_dir, plans)
-        return self.schedule(client, graph, plans, run_dir, address)
-
-    def schedule(self, client, graph: Graph, plans: list[StagePlan], run_dir: Path, address: str) -> bool:
-        outcome = {plan.name: "done" for plan in plans if not plan.runs}
         numbers = {plan.name: escape(f"[{index}/{len(plans)}] {plan.name}") for index, plan in enumerate(plans, start=1)}
+        adopted = self.adopt_running(client, run_dir, plans, numbers)
+        return self.schedule(client, graph, plans, run_dir, address, numbers, adopted)
+
+    def schedule(self, client, graph: Graph, plans: list[StagePlan], run_dir: Path, address: str,
+                 numbers: dict[str, str], adopted: dict[str, Launched]) -> bool:
+        outcome = {plan.name: "done" for plan in plans if not plan.runs}
         for plan in plans:
             if not plan.runs:
                 self.console.print(f"[dim]{numbers[plan.name]}: skipped (done)[/]")
-        waiting = [plan for plan in plans if plan.runs]
-        running: dict[str, Launched] = {}
+        waiting = [plan for plan in plans if plan.runs and plan.name not in adopted]
+        running: dict[str, Launched] = dict(adopted)
         try:
             while waiting or running:
                 for plan in list(waiting):
@@ -295,17 +296,27 @@ class RayBackend:
             stage_dir(run_dir, job.plan.name).write_state(state="cancelled", cancelled=time.time())
             self.console.print(f"[yellow]{job.prefix}: stopped Ray job {job.job_id}[/]")
 
-    @staticmethod
-    def refuse_if_running(client, run_dir: Path, plans: list[StagePlan]) -> None:
-        """A job of an earlier submit that still runs would write the same checkpoints."""
+    def adopt_running(self, client, run_dir: Path, plans: list[StagePlan], numbers: dict[str, str]) -> dict[str, Launched]:
+        """Jobs an earlier submit started that still run (its driver was killed):
+        followed, not started twice, when they run the spec this submit asks
+        for; a job of another spec would write the same checkpoints, so the
+        submit is refused until it ends or is cancelled."""
         from vlcluster.backends.ray.jobs import active_jobs
 
-        records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans}
+        records = {plan.name: stage_dir(run_dir, plan.name).read_state() for plan in plans if plan.runs}
         active = active_jobs(client, records)
-        if active:
-            listed = ", ".join(f"{name} (job {job_id})" for name, job_id in active.items())
-            raise SpecError(f"{run_dir}: Ray jobs of this run are still running: {listed}; "
-                            f"wait, or `vlcluster cancel {run_dir}` first")
+        by_name = {plan.name: plan for plan in plans}
+        foreign = {name: job_id for name, job_id in active.items() if records[name].get("spec_hash") != by_name[name].spec_hash}
+        if foreign:
+            listed = ", ".join(f"{name} (job {job_id})" for name, job_id in foreign.items())
+            raise SpecError(f"{run_dir}: Ray jobs of an earlier submit of this run are still running another spec of "
+                            f"their stage: {listed}; wait, or `vlcluster cancel {run_dir}` first")
+        adopted = {}
+        for name, job_id in active.items():
+            started = records[name].get("submitted")
+            adopted[name] = Launched(by_name[name], job_id, numbers[name], started if isinstance(started, (int, float)) else time.time())
+            self.console.print(f"[bold]{numbers[name]}[/]: following Ray job {job_id}, started by an earlier submit")
+        return adopted
 
     # ---- what status, logs and cancel ask ---------------------------------------
 
