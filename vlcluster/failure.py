@@ -3,8 +3,11 @@
 A rank that fails for a reason it can name (a full disk, too little memory,
 a collective that timed out, more bad data than allowed, an object store
 that stayed down) writes ``<stage>/failure.json``: ``{"cause", "message",
-"rank", "time"}``. A rank cannot name its own SIGKILL (the kernel's
-out-of-memory killer, an operator); the process that started the stage sees
+"rank", "time"}``; the records of earlier attempts are removed when an
+attempt begins (:func:`begin_attempt`: no clock decides which attempt a
+record belongs to, so a node's clock that jumps cannot hide a cause). A rank
+cannot name its own SIGKILL (the kernel's out-of-memory killer, an
+operator); the process that started the stage sees
 the signal in the exit codes torchrun reports instead. The backend copies
 the cause into ``state.json`` when the stage ends (:func:`failure_at_end`),
 and ``status`` prints it beside the exit code.
@@ -149,13 +152,25 @@ def killed_by_signal(codes: list[int]) -> int | None:
     return None
 
 
-def failure_at_end(directory: StageDir, started: float, code: int, rank_codes: list[int]) -> dict[str, Any] | None:
-    """What a failed attempt that began at ``started`` recorded or showed, for ``state.json``."""
+def begin_attempt(directory: StageDir) -> None:
+    """Forget the failure records of earlier attempts (in the run directory and
+    on this node's side of a remote one), so a record found when this attempt
+    ends is its own, whatever the clocks of the nodes that wrote it said."""
+    from vlcluster.storage.paths import is_remote, local_side, remove_tree
+
+    if is_remote(directory.root):
+        remove_tree(failure_file(directory))
+        (local_side(directory.root) / failure_file(directory).name).unlink(missing_ok=True)
+    else:
+        failure_file(directory).unlink(missing_ok=True)
+
+
+def failure_at_end(directory: StageDir, code: int, rank_codes: list[int]) -> dict[str, Any] | None:
+    """What a failed attempt recorded (since :func:`begin_attempt`) or showed, for ``state.json``."""
     if code == EXIT_OK:
         return None
     record = _recorded(directory)
-    if isinstance(record, dict) and isinstance(record.get("time"), (int, float)) and record["time"] >= started \
-            and isinstance(record.get("cause"), str) and isinstance(record.get("message"), str):
+    if isinstance(record, dict) and isinstance(record.get("cause"), str) and isinstance(record.get("message"), str):
         return {"cause": record["cause"], "message": record["message"][:MESSAGE_CHARS]}
     sig = killed_by_signal([*rank_codes, code])
     if sig == signal.SIGKILL:

@@ -1,7 +1,8 @@
 """How long a run and its stages took, read from the stages' own records.
 
 Every backend writes ``started`` when a stage's attempt begins and ``ended``
-when it ends (``state.json``, :mod:`vlcluster.stages.rundir`). A stage's time
+when it ends (``state.json``, :mod:`vlcluster.stages.rundir`), and the
+process that ran it the attempt's ``duration_s`` on a monotonic clock. A stage's time
 is that of its last attempt: a resumed or requeued stage shows the attempt
 that finished it. Records may come from anyone: a missing, mistyped or
 backwards time is no time ("–"), never an error.
@@ -25,7 +26,13 @@ OUTCOMES = frozenset({"done", "failed", "cancelled"})  # what a stage's record s
 
 
 def stage_seconds(record: Mapping, state: str, now: float | None = None) -> float | None:
-    """The wall time of the stage's last attempt; for a running stage, so far."""
+    """The wall time of the stage's last attempt; for a running stage, so far.
+    An ended attempt's ``duration_s`` (measured on a monotonic clock by the
+    process that ran it) wins over ``ended - started``, which a jump of the
+    wall clock in between would stretch or turn negative."""
+    measured = record.get("duration_s")
+    if state in TIMED and _is_time(measured) and 0 <= measured:
+        return float(measured)
     started, ended = record.get("started"), record.get("ended")
     if not _is_time(started):
         return None

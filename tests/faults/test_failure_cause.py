@@ -9,6 +9,7 @@ a killed rank in tests/faults/test_kill_resume.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import torch
 
 from vlcluster import failure
 from vlcluster.backends.stage_process import rank_exit_codes, record_end
+from vlcluster.run_times import stage_seconds
 from vlcluster.stages.rundir import StageDir
 
 GLOO_TIMEOUT = textwrap.dedent("""
@@ -84,11 +86,27 @@ def test_a_rank_killed_by_sigkill_is_named_from_torchruns_report(tmp_path):
 def test_a_failure_recorded_by_an_earlier_attempt_is_not_reported(tmp_path):
     directory = StageDir(tmp_path / "seed")
     failure.note_failure(directory, OSError(28, "No space left on device", str(tmp_path / "x")))
-    recorded = failure.failure_at_end(directory, time.time() - 60, 1, [])
+    recorded = failure.failure_at_end(directory, 1, [])
     assert recorded["cause"] == failure.DISK_FULL and "(ENOSPC)" in recorded["message"]
-    assert failure.failure_at_end(directory, time.time() + 1, 1, []) is None  # this attempt started after it
+    failure.begin_attempt(directory)  # the next attempt: the earlier record is gone
+    assert failure.failure_at_end(directory, 1, []) is None
     record_end(directory, 0, started=time.time() - 60)
     assert directory.read_state()["failure"] is None  # a success clears it
+
+
+def test_a_cause_recorded_under_a_clock_that_jumped_back_is_still_reported(tmp_path):
+    """Which attempt a record belongs to is not read from clocks: a rank whose
+    node's clock jumped back two hours after the attempt began is still heard."""
+    directory = StageDir(tmp_path / "seed")
+    started = time.time()
+    failure.begin_attempt(directory)
+    failure.note_failure(directory, OSError(28, "No space left on device", str(tmp_path / "x")))
+    record = json.loads(failure.failure_file(directory).read_text())
+    failure.failure_file(directory).write_text(json.dumps(record | {"time": started - 7200}))
+    record_end(directory, 1, started=started, duration_s=12.5)
+    state = directory.read_state()
+    assert state["failure"]["cause"] == failure.DISK_FULL
+    assert stage_seconds(state | {"ended": started - 7190}, "failed") == 12.5  # not ended - started (negative)
 
 
 def test_every_backend_shows_the_recorded_cause_of_a_failed_stage(tmp_path):

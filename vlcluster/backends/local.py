@@ -25,6 +25,7 @@ from vlcluster.launch import is_distributed, stage_command
 from vlcluster.plan import StagePlan
 from vlcluster.stages.rundir import stage_dir
 from vlcluster.errors import EXIT_OK, SpecError
+from vlcluster.failure import begin_attempt
 from vlcluster.storage.errors import redact
 
 
@@ -66,7 +67,8 @@ class LocalBackend:
         command = stage_command(plan.kind, str(run_dir), plan.name, plan.ranks)
         how = f"torchrun x{plan.ranks}" if is_distributed(plan.kind) else "python"
         self.console.print(f"[bold]{prefix}[/] ({plan.kind}, {how}): {plan.describe()}")
-        started = time.time()
+        started, began = time.time(), time.monotonic()
+        begin_attempt(directory)
         with open(log_file, "a") as log:
             write_header(log, "", command)
             process = start_piped(command, child_env(plan.kind, plan.ranks))
@@ -79,8 +81,8 @@ class LocalBackend:
         if exited == EXIT_OK and code != EXIT_OK:
             self.console.print(f"[red]{prefix}: exited 0 but wrote no done-marker[/]")
         when_the_store_answers(mirror.sync, directory.root, "the stage's log")
-        elapsed = time.time() - started
-        record_end(directory, code, started=started, rank_codes=rank_codes)
+        elapsed = time.monotonic() - began  # a jump of the wall clock is no time spent
+        record_end(directory, code, started=started, rank_codes=rank_codes, duration_s=round(elapsed, 3))
         if code == EXIT_OK:
             self.console.print(f"[green]{prefix}: done in {elapsed:.1f} s[/]")
         else:

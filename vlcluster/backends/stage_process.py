@@ -169,7 +169,7 @@ def record_end(directory: StageDir, code: int, cancelled: bool = False, started:
     ended = time.time()
 
     def write() -> None:
-        failure = None if started is None or state != "failed" else failure_at_end(directory, started, code, rank_codes or [])
+        failure = None if started is None or state != "failed" else failure_at_end(directory, code, rank_codes or [])
         directory.write_state(state=state, returncode=code, ended=ended, failure=failure, **fields)
 
     when_the_store_answers(write, directory.root, f"the outcome of the stage ({state})")

@@ -36,6 +36,7 @@ import time
 from vlcluster.backends.stage_process import child_env, exit_status, record_end, run_once, write_header
 from vlcluster.stages.context import load_context
 from vlcluster.errors import EXIT_OK, EXIT_REQUEUE
+from vlcluster.failure import begin_attempt
 from vlcluster.launch import stage_command
 from vlcluster.stages.rundir import StageDir
 
@@ -81,7 +82,8 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
     directory: StageDir = ctx.dir
     stopping = Stopping()
     directory.log_file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, began = time.time(), time.monotonic()
+    begin_attempt(directory)
     directory.write_state(state="running", host=socket.gethostname(), pid=os.getpid(), started=started, failure=None)
     restarts = 0
     with open(directory.log_file, "a") as log:
@@ -97,7 +99,8 @@ def run_stage(run_dir: str, stage: str, max_restarts: int) -> int:
             log.flush()
             directory.write_state(worker_restarts=restarts, restarted=time.time())
     code = exit_status(code, directory, ctx.spec_hash)
-    record_end(directory, code, cancelled=stopping.requested, started=started, rank_codes=rank_codes)
+    record_end(directory, code, cancelled=stopping.requested, started=started, rank_codes=rank_codes,
+               duration_s=round(time.monotonic() - began, 3))
     return code
 
 

@@ -26,6 +26,7 @@ from vlcluster.backends.stage_process import (
     child_env, exit_status, log_lines_since, rank_exit_codes, record_end, stage_log, write_header,
 )
 from vlcluster.errors import EXIT_OK, EXIT_REQUEUE
+from vlcluster.failure import begin_attempt
 from vlcluster.launch import Rendezvous, stage_command
 from vlcluster.stages.rundir import stage_dir
 
@@ -79,8 +80,9 @@ class StageJob(Checkpointable):
         log_file, mirror = stage_log(directory, "stage.log" if env.node == 0 else f"node_{env.node}.log")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         command = self.command(env)
-        started = time.time()
+        started, began = time.time(), time.monotonic()
         if is_main:
+            begin_attempt(directory)
             directory.write_state(state="running", job_id=env.job_id, host=socket.gethostname(), restarts=restarts,
                                   started=started, failure=None)
         with open(log_file, "a") as log:
@@ -100,7 +102,8 @@ class StageJob(Checkpointable):
             raise StageFailed(f"{self.stage}: stopped on a signal after saving a checkpoint; it resumes when requeued")
         code = exit_status(exited, directory, self.spec_hash)
         if is_main:
-            record_end(directory, code, started=started, rank_codes=rank_exit_codes(log_lines_since(log_file, offset)))
+            record_end(directory, code, started=started, rank_codes=rank_exit_codes(log_lines_since(log_file, offset)),
+                       duration_s=round(time.monotonic() - began, 3))
         if code == EXIT_OK:
             return f"{self.stage}: done"
         raise StageFailed(f"{self.stage}: exit {code}; log {log_file}")
