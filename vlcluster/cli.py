@@ -467,9 +467,20 @@ def cmd_index(args) -> int:
     written = [write_index(urls, args.out, progress)] if args.out else index_beside(urls, progress)
     for summary in written:
         console.print(f"wrote {escape(summary['index'])}: {summary['shards']} shards, {summary['items']} items, {summary['bytes']} bytes")
+        print_disagreements(summary["disagree_with_img2dataset"])
     if args.out and not args.out.endswith("/" + INDEX_NAME):
         console.print(f"the training loader looks for {INDEX_NAME} beside the shards: put it there to use it")
     return EXIT_OK
+
+
+def print_disagreements(disagree: list[dict], shown: int = 10) -> None:
+    """Shards holding another number of samples than img2dataset says it wrote
+    (an interrupted copy or upload): indexed as they are, named here."""
+    for entry in disagree[:shown]:
+        errors.print(f"[yellow]warning:[/] {escape(entry['shard'])} holds {entry['items']} readable samples; img2dataset's "
+                     f"_stats.json beside it says it wrote {entry['img2dataset']} (copied or uploaded only in part?)")
+    if len(disagree) > shown:
+        errors.print(f"[yellow]warning:[/] ... and {len(disagree) - shown} more shards that disagree with their _stats.json")
 
 
 def cmd_convert(args) -> int:

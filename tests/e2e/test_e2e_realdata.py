@@ -210,6 +210,9 @@ def test_recipe_on_img2dataset_shards_with_a_wordpiece_tokenizer(img2dataset_sha
     for split in SPLITS:
         tars = sorted((shards / split).glob("*.tar"))
         assert tars and all(t.with_suffix(".parquet").exists() and (t.parent / f"{t.stem}_stats.json").exists() for t in tars)
+        indexed = subprocess.run([sys.executable, "-m", "vlcluster.cli", "index", str(shards / split) + "/", "-o",
+                                  str(tmp_path / f"{split}.vlindex")], capture_output=True, text=True, timeout=120)
+        assert indexed.returncode == 0 and "warning" not in indexed.stderr, indexed.stderr  # the tool's own counts agree
     run_recipe(shards, tmp_path)
 
 

@@ -3,11 +3,14 @@ read by the loader instead of walking them, checked against hostile or stale con
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -216,3 +219,30 @@ def test_a_2_to_3_rank_resume_on_s3_reads_every_sample_once_and_little_else(s3_e
     assert sorted(before + after) == sorted(spans)  # 8 steps of 12: the epoch of 96, each sample once
     # Five readers' start-up (index header, listing, member tables) and HTTP overhead on 96 samples of ~3 KB.
     assert fetched / sum(spans.values()) < 1.6, fetched / sum(spans.values())
+
+
+def test_vlcluster_index_names_shards_that_disagree_with_img2dataset_stats(tmp_path: Path) -> None:
+    """img2dataset writes NNNNN_stats.json beside each NNNNN.tar: a shard
+    holding fewer samples than it says were written (an upload cut short) is
+    named; an intact one, or one with an unreadable record, is not."""
+    from PIL import Image
+
+    from tests.support.realdata import write_img2dataset_shards
+
+    samples = [(Image.new("RGB", (8, 8), (index * 20, 0, 0)), f"caption {index}") for index in range(12)]
+    shards = write_img2dataset_shards(tmp_path / "corpus", samples, per_shard=6)
+    short = Path(shards[1])
+    with tarfile.open(short) as whole:
+        members = [(member, whole.extractfile(member).read()) for member in whole.getmembers()[:12]]  # 4 of 6 samples
+    with tarfile.open(short, "w") as cut:
+        for member, data in members:
+            cut.addfile(member, io.BytesIO(data))
+    write_img2dataset_shards(tmp_path / "corpus", samples[:3], per_shard=6, first_shard=2)
+    (tmp_path / "corpus" / "00002_stats.json").write_text('{"successes": "three"}')  # a record that is not one
+    done = subprocess.run([sys.executable, "-m", "vlcluster.cli", "index", f"{tmp_path}/corpus/"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 00001.tar holds 4 readable samples; img2dataset's _stats.json beside it says it wrote 6 "
+                        "(copied or uploaded only in part?)"], done.stderr
+    assert "3 shards, 13 items" in done.stdout

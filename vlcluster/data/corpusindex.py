@@ -180,12 +180,31 @@ def _table_bytes(samples: Sequence[IndexedSample]) -> bytes:
     return zlib.compress(json.dumps(items, separators=(",", ":")).encode(), 6)
 
 
-def _walk(url: str) -> tuple[int, bool, list[IndexedSample]]:
+def _walk(url: str) -> tuple[int, bool, list[IndexedSample], int | None]:
     fs, path = fsspec.core.url_to_fs(url)
     size = fs.size(path)
     index = ShardIndex(url)
     index.close()
-    return size, index.compressed, index.samples
+    return size, index.compressed, index.samples, _written_by_img2dataset(fs, path)
+
+
+MAX_STATS_BYTES = 1 << 20
+
+
+def _written_by_img2dataset(fs, path: str) -> int | None:
+    """How many samples img2dataset says it wrote into the shard at ``path``
+    (``successes`` of the ``NNNNN_stats.json`` it writes beside ``NNNNN.tar``),
+    or None where there is no such record or it is not one."""
+    stem = path[: -len(".tar")] if path.endswith(".tar") else None
+    if stem is None:
+        return None
+    try:
+        with fs.open(f"{stem}_stats.json", "rb") as handle:
+            record = json.loads(handle.read(MAX_STATS_BYTES + 1)[:MAX_STATS_BYTES])
+    except (OSError, ValueError):
+        return None
+    successes = record.get("successes") if isinstance(record, dict) else None
+    return successes if isinstance(successes, int) and not isinstance(successes, bool) and successes >= 0 else None
 
 
 def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -193,11 +212,14 @@ def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], No
     names = [posixpath.basename(url.rstrip("/")) for url in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"{out}: one index covers shards of one directory; some of the {len(names)} shards share a name")
-    shards, tables, done = [], [], 0
+    shards, tables, done, disagree = [], [], 0, []
     with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(urls)))) as pool:
-        for name, (size, compressed, samples) in zip(names, pool.map(_walk, urls)):
+        for name, (size, compressed, samples, written) in zip(names, pool.map(_walk, urls)):
             tables.append(_table_bytes(samples))
+            items = sum(sample.error is None for sample in samples)
             shards.append({"name": name, "size": size, "items": len(samples), "compressed": compressed})
+            if written is not None and written != items:
+                disagree.append({"shard": name, "items": items, "img2dataset": written})
             done += 1
             if progress is not None:
                 progress(done, len(urls))
@@ -206,7 +228,8 @@ def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], No
         file.write(MAGIC + struct.pack("<Q", len(header)) + header)
         for table in tables:
             file.write(table)
-    return {"index": out, "shards": len(shards), "items": sum(s["items"] for s in shards), "bytes": len(MAGIC) + 8 + len(header) + sum(map(len, tables))}
+    return {"index": out, "shards": len(shards), "items": sum(s["items"] for s in shards),
+            "bytes": len(MAGIC) + 8 + len(header) + sum(map(len, tables)), "disagree_with_img2dataset": disagree}
 
 
 def _header_bytes(shards: list[dict], tables: list[bytes]) -> bytes:
