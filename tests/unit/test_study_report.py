@@ -47,9 +47,9 @@ stages:
 """
 
 
-def make_run(root: Path, name: str, k_seed: int, scores: dict[str, float], distances: dict[str, dict]) -> Path:
+def make_run(root: Path, name: str, k_seed: int, scores: dict[str, float], distances: dict[str, dict], study: str = STUDY) -> Path:
     job = root / f"{name}.yaml"
-    job.write_text(textwrap.dedent(STUDY.format(name=name, k_seed=k_seed, k_vl=8 - k_seed)))
+    job.write_text(textwrap.dedent(study.format(name=name, k_seed=k_seed, k_vl=8 - k_seed)))
     run_dir = root / name
     save_pipeline(run_dir, build_graph(load_pipeline(str(job), []), str(job)))
     for stage, score in scores.items():  # "eval_interp1" (alpha=1.0) is deliberately never finished
@@ -224,3 +224,15 @@ def test_recall_details_are_named_and_ordered_by_k():
     assert [label(name) for name in score_names([arm])] == [
         "VQA acc", "TR (mean R@1/5/10)", "IR (mean R@1/5/10)", "retrieval (mean of TR and IR)",
         "IR R@1", "IR R@5", "IR R@10", "TR R@1", "TR R@5", "TR R@10"]
+
+
+def test_one_architecture_draws_no_architecture_figure(tmp_path):
+    """Figure 4 compares architectures: with only the fully specific one there
+    is nothing to compare, so it says so instead of drawing Table 2 again."""
+    one = "\n".join(line for line in STUDY.splitlines() if "attn" not in line)
+    run = make_run(tmp_path, "one", 4, {"eval_msa": 80.0, "eval_interp": 70.0}, {}, study=one)
+    out = tmp_path / "report"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Fewer than two modality-specific architectures" in report and not (out / "architectures.png").exists()
+    assert (out / "k_seed.png").exists()

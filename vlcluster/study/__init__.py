@@ -80,7 +80,8 @@ SERIES_SECTIONS = (
      "No modality-specific models with a known K_seed in these runs.",
      views.by_k_seed, figures.line_figure, "Merging against K_seed (Figure 3)", "k_seed.png"),
     ("## Figure 4: architectures before and after merging",
-     "No modality-specific or shared-weight models at a common K_seed in these runs.",
+     "Fewer than two modality-specific architectures (fully specific, shared-weight variants) at a common K_seed "
+     "in these runs: nothing to compare.",
      views.by_arch, figures.bar_figure, "Architectures before and after merging (Figure 4)", "architectures.png"),
 )
 

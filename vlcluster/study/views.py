@@ -195,6 +195,8 @@ def by_arch(arms: list[Arm], name: str) -> Series:
     k_ref = reference_k_seed(arms)
     chosen = [a for a in arms if a.arch and a.arch != "agnostic" and a.k_seed == k_ref]
     archs = sorted({a.arch for a in chosen}, key=lambda arch: (arch != "specific", arch))
+    if len(archs) < 2:  # one architecture compares with nothing: the figure would only repeat Table 2
+        archs = []
     lines = {"before merging": _points(archs, [a for a in chosen if a.merge is None], lambda a: a.arch, name)}
     for setting in merge_settings(chosen):
         merged = [a for a in chosen if a.merge is not None and a.merge.describe() == setting]
