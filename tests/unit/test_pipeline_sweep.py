@@ -411,11 +411,10 @@ def test_paper_recipe_renders_for_kubernetes():
     assert job["sweep"]["zip"]["stages.seed.train.steps"] == [0, 50000, 100000, 150000]  # expanded on the head
 
 
-# Measured on 2 cores, one rank with both cores as threads (the quickstart at commit f3c780c,
-# docs/results/quickstart.md): seconds per pre-training step (batch 64) and per fine-tuning step
-# (batch 64; the study's are batch 32), start-up included; per eval, per merge / metrics / report
-# stage (the single-seed study's, which are slower than the quickstart's); the data stage once.
-STUDY_RATES = {"pretrain": 0.25, "finetune": 0.18, "eval": 3.7, "merge": 3.4, "metrics": 3.4, "report": 3.4, "data": 24.0}
+# Measured in the replicated run of the small study (docs/results/study.md: 2 cores, one rank per stage
+# with both cores as threads): seconds per pre-training step (batch 64) and per fine-tuning step
+# (batch 32), start-up included; per eval, per merge / metrics / report stage; the data stage once.
+STUDY_RATES = {"pretrain": 0.283, "finetune": 0.086, "eval": 2.0, "merge": 1.5, "metrics": 1.5, "report": 6.0, "data": 12.0}
 
 
 def test_paper_study_small_is_three_replicates_of_the_core_within_two_hours(paper_graph):
