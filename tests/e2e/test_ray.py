@@ -7,6 +7,7 @@ cluster started for it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -413,8 +414,6 @@ def test_a_lost_ray_worker_node_restarts_the_stage_on_another_node_bitwise(ray_c
     reference = tmp_path / "reference"
     done = cli(*submit_args(job, reference, ray_cluster.gcs_address)[3:], timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    ray_cluster.add_node(num_cpus=2)  # the node this trial loses
-    lost = ray_cluster.nodes[-1]
     run_dir = tmp_path / "run"
     with open(tmp_path / "submit.log", "w") as log:
         process = subprocess.Popen(submit_args(job, run_dir, ray_cluster.gcs_address), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -422,11 +421,14 @@ def test_a_lost_ray_worker_node_restarts_the_stage_on_another_node_bitwise(ray_c
         while not (latest_checkpoint_step(run_dir, "seed") and len(training_ranks(run_dir, "seed")) == 2):
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "submit.log").read_text()
             time.sleep(0.1)
-        on_lost = [pid for pid in training_ranks(run_dir, "seed") if os.getpgid(pid) == lost.pid or _descends(pid, lost.pid)]
+        # The worker node (not the head) that holds one of the stage's ranks: STRICT_SPREAD puts the two apart.
+        lost = next(node for node in ray_cluster.nodes if node.poll() is None
+                    and any(_descends(pid, node.pid) for pid in training_ranks(run_dir, "seed")))
         committed = committed_steps(run_dir)
-        os.killpg(lost.pid, signal.SIGKILL)  # the host is gone
-        for pid in on_lost:
-            os.kill(pid, signal.SIGKILL)
+        on_lost = [pid for pid in training_ranks(run_dir, "seed") if _descends(pid, lost.pid)]
+        for pid in [lost.pid, *_descendants(lost.pid)]:  # the host is gone: every process it ran
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         ray_cluster.add_node(num_cpus=2)  # a replacement joins
         assert process.wait(timeout=600) == 0, (tmp_path / "submit.log").read_text()
     log = (run_dir / "seed" / "logs" / "stage.log").read_text()
@@ -435,6 +437,10 @@ def test_a_lost_ray_worker_node_restarts_the_stage_on_another_node_bitwise(ray_c
     assert_bitwise(reference, run_dir)
     print(f"lost Ray worker node (ranks {on_lost}) after checkpoint {committed[-1] if committed else 0}: "
           f"resumed from step {resumed_from(log)} on a new node, bitwise")
+
+
+def _descendants(root: int) -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _descends(int(entry.name), root)]
 
 
 def _descends(pid: int, ancestor: int) -> bool:
