@@ -113,27 +113,30 @@ def note_failure(directory: StageDir, exc: BaseException, run_dir: str = "") -> 
     return named
 
 
+def _node_copy(directory: StageDir) -> Path | None:
+    """Where this node keeps a failure record of a remote run directory (None for a local one)."""
+    from vlcluster.storage.paths import is_remote, local_side
+
+    return local_side(directory.root) / failure_file(directory).name if is_remote(directory.root) else None
+
+
 def _keep_on_this_node(directory: StageDir, record: dict) -> None:
     """A record that could not reach a remote run directory (the store is what
     failed) is kept on this node's side of it, where the process that started
     the stage looks when it writes the stage's outcome."""
-    from vlcluster.storage.paths import is_remote, local_side
-
-    if not is_remote(directory.root):
+    if (copy := _node_copy(directory)) is None:
         return
     try:
-        write_json_atomic(local_side(directory.root) / failure_file(directory).name, record)
+        write_json_atomic(copy, record)
     except OSError:
         pass  # best effort: the log still has the paragraph
 
 
 def _recorded(directory: StageDir) -> Any:
     """The rank's failure record: in the run directory, else on this node's side of a remote one."""
-    from vlcluster.storage.paths import is_remote, local_side
-
     record = read_json(failure_file(directory))
-    if record is None and is_remote(directory.root):
-        record = read_json(local_side(directory.root) / failure_file(directory).name)
+    if record is None and (copy := _node_copy(directory)) is not None:
+        record = read_json(copy)
     return record
 
 
@@ -156,13 +159,13 @@ def begin_attempt(directory: StageDir) -> None:
     """Forget the failure records of earlier attempts (in the run directory and
     on this node's side of a remote one), so a record found when this attempt
     ends is its own, whatever the clocks of the nodes that wrote it said."""
-    from vlcluster.storage.paths import is_remote, local_side, remove_tree
+    from vlcluster.storage.paths import remove_tree
 
-    if is_remote(directory.root):
-        remove_tree(failure_file(directory))
-        (local_side(directory.root) / failure_file(directory).name).unlink(missing_ok=True)
-    else:
+    if (copy := _node_copy(directory)) is None:
         failure_file(directory).unlink(missing_ok=True)
+    else:
+        remove_tree(failure_file(directory))
+        copy.unlink(missing_ok=True)
 
 
 def failure_at_end(directory: StageDir, code: int, rank_codes: list[int]) -> dict[str, Any] | None:

@@ -183,13 +183,13 @@ STORE_WAIT_S = 900
 STORE_RETRY_S = 5.0
 
 
-def when_the_store_answers(action: Callable[[], None], root: Path, what: str, wait_s: float | None = None) -> None:
+def when_the_store_answers(action: Callable[[], None], root: Path, what: str, wait_s: float = STORE_WAIT_S) -> None:
     """``action()``; while the object store holding ``root`` is unavailable,
     again every few seconds (saying so once) until it answers or the wait ends."""
     from vlcluster.failure import STORAGE, cause_of
     from vlcluster.storage.paths import is_remote
 
-    deadline = time.monotonic() + (STORE_WAIT_S if wait_s is None else wait_s)
+    deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
@@ -200,7 +200,7 @@ def when_the_store_answers(action: Callable[[], None], root: Path, what: str, wa
                 raise
             if not said:  # stderr: the submit's terminal, a SLURM job's or a Ray job's log
                 print(f"warning: the object store of {root} does not answer: writing {what} when it does "
-                      f"(waiting up to {STORE_WAIT_S if wait_s is None else wait_s:.0f} s)", file=sys.stderr, flush=True)
+                      f"(waiting up to {wait_s:.0f} s)", file=sys.stderr, flush=True)
                 said = True
             time.sleep(STORE_RETRY_S)
 
