@@ -33,9 +33,11 @@ NON_IDENTITY_FIELDS = {
 }
 
 
-# Fields added after run directories existed: left out of a stage's identity at their default, so those
-# run directories keep their stage hashes (set, they change the stage as any field does).
-LATER_FIELDS = {"data": {"shuffle_run": 1}}
+# Fields added after run directories existed: left out of a stage's identity at these values, so those
+# run directories keep their stage hashes (set otherwise, they change the stage as any field does).
+# data.shuffle_run was 1 by default before auto: both keep the hashes (on an object store a checkpoint
+# of runs of 1 then refuses to resume under auto's 16, naming the field: data/order.py).
+LATER_FIELDS = {"data": {"shuffle_run": (1, "auto")}}
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,8 @@ def stage_identity(stage) -> dict:
     exclude = {**NON_IDENTITY_FIELDS, **{name: True for name in stage.unused_fields()}}
     identity = stage.model_dump(mode="json", by_alias=True, exclude=exclude)
     for section, fields in LATER_FIELDS.items():
-        for name, default in fields.items():
-            if isinstance(identity.get(section), dict) and identity[section].get(name) == default:
+        for name, defaults in fields.items():
+            if isinstance(identity.get(section), dict) and name in identity[section] and identity[section][name] in defaults:
                 del identity[section][name]
     return identity
 

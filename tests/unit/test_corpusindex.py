@@ -246,3 +246,46 @@ def test_vlcluster_index_names_shards_that_disagree_with_img2dataset_stats(tmp_p
     assert warnings == ["warning: 00001.tar holds 4 readable samples; img2dataset's _stats.json beside it says it wrote 6 "
                         "(copied or uploaded only in part?)"], done.stderr
     assert "3 shards, 13 items" in done.stdout
+
+
+def test_a_node_cache_fetches_the_coming_shards_ahead_once_each_and_within_its_limit(s3_env, s3_server, tmp_path: Path) -> None:
+    import time
+
+    import fsspec
+
+    from tests.support.countingproxy import CountingProxy
+    from vlcluster.storage import config
+
+    built = syn.build_dataset(str(tmp_path / "clean"), 96, 4, 12, 48, seed=5)  # 8 shards of 12: a window of 12 is a shard
+    config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
+    fsspec.filesystem("s3").put([*built["train_shards"], str(tmp_path / "clean" / INDEX_NAME)], "s3://data/ahead/")
+    remote = [f"s3://data/ahead/{Path(url).name}" for url in built["train_shards"]]
+    shard_bytes = max(Path(url).stat().st_size for url in built["train_shards"])
+    corpus_bytes = sum(Path(url).stat().st_size for url in built["train_shards"])
+    copies = tmp_path / "cache" / "shards"
+
+    def cached() -> set[str]:
+        return {path.name.split("-", 1)[1] for path in copies.glob("*.tar")} if copies.exists() else set()
+
+    with CountingProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        # Four copies fit: the window being read, the next one (being fetched by the second fetch thread), one ahead.
+        limit_gb = 4.5 * shard_bytes / 1e9
+        config.activate(config.StorageSpec(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"), cache_limit_gb=limit_gb))
+        fsspec.filesystem("s3").clear_instance_cache()
+        train = TrainLoader(remote, 0, 1, seed=3, shuffle_buffer=12, batch_size=6)
+        shard_order = [Path(remote[shard]).name for shard in train.order.sources[0].shard_order(0)]
+        keys = train.next_batch()["key"]  # step 0: half of the first window (shard); step 1, its other half, is fetched
+        deadline = time.monotonic() + 10
+        while shard_order[1] not in cached() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shard_order[1] in cached()  # the next window's shard: no step that reads it has been asked for
+        held = []
+        for _ in range(15):  # the rest of the epoch
+            keys += train.next_batch()["key"]
+            held.append(sum(path.stat().st_size for path in copies.glob("*.tar")))
+        train.close()
+        fetched = proxy.counts()[1]
+    indexes = [ShardIndex(url) for url in built["train_shards"]]
+    assert sorted(keys) == sorted(sample.key for index in indexes for sample in index.samples)  # the epoch, once each
+    assert max(held) <= 4.5 * shard_bytes + shard_bytes < corpus_bytes  # the limit, but for a download under way
+    assert corpus_bytes < fetched < 1.15 * corpus_bytes  # every shard downloaded once (and the index, HEADs)

@@ -77,7 +77,8 @@ def test_a_later_field_at_its_default_keeps_existing_hashes(write_job):
 
     base = graph_of(write_job)
     assert "shuffle_run" not in stage_identity(base.pipeline.stages["seed"])["data"]  # hashes as before the field
-    assert graph_of(write_job, overrides=["stages.seed.data.shuffle_run=1"]).hashes == base.hashes
+    assert graph_of(write_job, overrides=["stages.seed.data.shuffle_run=1"]).hashes == base.hashes  # the old default
+    assert graph_of(write_job, overrides=["stages.seed.data.shuffle_run=auto"]).hashes == base.hashes
     runs = graph_of(write_job, overrides=["stages.seed.data.shuffle_run=8"])
     assert runs.hashes["seed"] != base.hashes["seed"] and runs.hashes["data"] == base.hashes["data"]
 

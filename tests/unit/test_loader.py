@@ -232,6 +232,15 @@ def test_what_changes_the_order_is_refused_with_the_reason(shards: list[str], tm
     assert keys(loader_from(copies, 0, state), 3) == expected
 
 
+def test_shuffle_run_auto_is_16_on_an_object_store_and_1_on_a_file_system(shards: list[str]) -> None:
+    from vlcluster.data.loader import OBJECT_STORE_RUN, resolve_shuffle_run
+    from vlcluster.data.mixture import ShardSource
+
+    local, remote = ShardSource(tuple(shards)), ShardSource(("s3://bucket/corpus/00000.tar",))
+    assert resolve_shuffle_run("auto", [local]) == 1 and resolve_shuffle_run("auto", [local, remote]) == OBJECT_STORE_RUN == 16
+    assert resolve_shuffle_run(4, [remote]) == 4 and resolve_shuffle_run(1, [remote]) == 1
+
+
 def shard_item(key: str) -> tuple[int, int]:
     """(shard, item) of a synthetic train key: ``train-<global index>``, SHARD_SIZE per shard."""
     return divmod(int(key.rsplit("-", 1)[1]), SHARD_SIZE)
@@ -280,3 +289,13 @@ def test_shards_without_one_usable_sample_fail_clearly(tmp_path) -> None:
         Path(urls[-1]).write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(BadDataError, match="without one usable sample"):
         loader(urls, workers=0).next_batch()
+
+
+def test_coming_shards_are_the_windows_ahead_in_read_order_into_the_next_epoch() -> None:
+    from vlcluster.data.order import SourceOrder
+
+    order = SourceOrder([f"s{index}.tar" for index in range(4)], [10] * 4, seed=1, window=10)
+    assert order.coming_shards(3, 10) == order.shard_order(0)[:2]  # its window's shard and the next window's
+    at_the_end = [order.shard_order(0)[3], order.shard_order(1)[0]]
+    assert order.coming_shards(35, 10) == list(dict.fromkeys(at_the_end))  # the last window, then epoch 1's first
+    assert order.coming_shards(5, 25) == order.shard_order(0)  # items past its window: every shard they lie in

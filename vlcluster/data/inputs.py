@@ -19,7 +19,7 @@ class DataSources:
     tokenizer: str | None
     answers: str | None
     shuffle_buffer: int
-    shuffle_run: int = 1  # items per shuffled run (data.shuffle_run)
+    shuffle_run: int | str = 1  # items per shuffled run (data.shuffle_run; auto: data/loader.py resolves it)
     train_mixture: tuple[ShardSource, ...] = ()  # one per weighted source of data.train
     fields: FieldMap | None = None  # which files hold image, captions, task fields
     augment: Augment | None = None  # of training images

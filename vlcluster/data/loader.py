@@ -54,6 +54,7 @@ from vlcluster.data.rangedread import RangedReader, locate_shards
 from vlcluster.data.shards import DEFAULT_FIELDS, decode_fields, normalise_images
 from vlcluster.data.stream import RawSample
 from vlcluster.data.tarindex import ShardIndex
+from vlcluster.storage.paths import is_remote
 
 log = logging.getLogger("vlcluster.data")
 
@@ -77,6 +78,18 @@ def resolve_workers(requested: int | str, cpus_per_node: int | None, ranks_per_n
     cpus = cpus_per_node or len(os.sched_getaffinity(0))
     by_cpus = cpus // max(ranks_per_node, 1) - 1
     return max(0, min(by_cpus, MAX_AUTO_WORKERS))
+
+
+OBJECT_STORE_RUN = 16  # data.shuffle_run auto on an object store: a rank's slice of a step in a few requests
+
+
+def resolve_shuffle_run(requested: int | str, sources: Sequence[ShardSource]) -> int:
+    """``data.shuffle_run``: a number as given; ``auto``: ``OBJECT_STORE_RUN`` when any shard is on an object
+    store (one ranged request per item would cost more CPU than decoding it: tools/bench/loader_s3.py), else 1
+    (local reads cost nothing per item, and every item is shuffled on its own)."""
+    if requested != "auto":
+        return int(requested)
+    return OBJECT_STORE_RUN if any(is_remote(url) for source in sources for url in source.urls) else 1
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,7 @@ class _ItemReader:
             for source, position in served:
                 epoch, shard, item = self.order.sources[source].locate(position)
                 located.append((epoch, self.order.sources[source].urls[shard], item))
+        self._prefetch(served)
         ranged = [(url, item) for _, url, item in located if url in self.ranged.locations]
         fetched = iter(self.ranged.fetch(ranged, self.lock)) if ranged else iter(())
         raws = []
@@ -242,6 +256,21 @@ class _ItemReader:
             raws.append(raw)
         return raws
 
+    def _prefetch(self, served: list[tuple[int, int]]) -> None:
+        """Have the node cache fetch the shards of the window this step starts in and of one window after it."""
+        if self.ranged.cache.directory is None or not served:
+            return
+        first: dict[int, int] = {}
+        for source, position in served:
+            first.setdefault(source, position)
+        with self.lock:  # FETCH_AHEAD threads at once: one plans the downloads at a time
+            coming = [
+                self.order.sources[source].urls[shard]
+                for source, position in first.items()
+                for shard in self.order.sources[source].coming_shards(position, self.order.sources[source].window)
+            ]
+            self.ranged.cache.prefetch([url for url in coming if url in self.ranged.locations])
+
     def _walked(self, url: str) -> ShardIndex:
         if url in self.open:
             self.open[url] = self.open.pop(url)  # most recently used last
@@ -252,6 +281,7 @@ class _ItemReader:
         return self.open[url]
 
     def close(self) -> None:
+        self.ranged.close()
         for index in self.open.values():
             index.close()
         self.open.clear()

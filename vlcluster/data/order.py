@@ -106,6 +106,21 @@ class SourceOrder:
         index = bisect.bisect_right(starts, flat) - 1
         return epoch, order[index], flat - starts[index]
 
+    def coming_shards(self, position: int, items: int) -> list[int]:
+        """Shard indices, in the order they are read, holding the items of ``position``'s shuffle window
+        and of the ``items`` positions after that window (what a node cache fetches before the readers reach them)."""
+        shards: dict[int, None] = {}
+        start = position - position % self.epoch_items % self.window  # the window's first position
+        end = start + self.window + items
+        while start < end:
+            epoch, within = divmod(start, self.epoch_items)
+            last = min(end - epoch * self.epoch_items, self.epoch_items)
+            order, starts = self._epoch(epoch)
+            for index in range(bisect.bisect_right(starts, within) - 1, bisect.bisect_left(starts, last)):
+                shards.setdefault(order[index])
+            start = (epoch + 1) * self.epoch_items
+        return list(shards)
+
     def shards_per_window(self) -> int:
         """The most shards one shuffle window can take items from."""
         smallest = min((count for count in self.counts if count), default=1)
@@ -208,7 +223,11 @@ def refusal(saved: dict, current: dict) -> str | None:
             "the canonical order shuffles within"
         )
     if saved.get("shuffle_run", 1) != current.get("shuffle_run", 1):
-        return f"data.shuffle_run changed ({saved.get('shuffle_run', 1)} -> {current.get('shuffle_run', 1)}): the window is shuffled in runs of it"
+        return (
+            f"data.shuffle_run changed ({saved.get('shuffle_run', 1)} -> {current.get('shuffle_run', 1)}): the window is "
+            "shuffled in runs of it (its default, auto, is 16 for shards on an object store and 1 on a file system: "
+            "set the checkpoint's value to resume)"
+        )
     old, new = saved.get("sources") or [], current["sources"]
     if len(old) != len(new):
         return f"data.train changed: it has {len(new)} source(s), the checkpoint's data had {len(old)}"

@@ -12,7 +12,8 @@ shards it touches (one ranged read of the index each, kept while used), and
 per item one byte range from the tar header of its first file to the end of
 its last, coalesced with neighbouring items of the same shard; all ranges of a
 batch go out as one concurrent ``cat_ranges``. A shard of the local node
-cache (``storage.cache_dir``) is read from its local copy the same way.
+cache (``storage.cache_dir``, ``nodecache.py``: the coming shards downloaded
+ahead) is read from its local copy the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import fsspec
 
+from vlcluster.data.nodecache import NodeCache
 from vlcluster.data.corpusindex import INDEX_NAME, CorpusIndex, IndexedSample, ShardEntry, parse_table, write_index
 from vlcluster.data.quality import BadDataError
 from vlcluster.data.stream import RawSample
@@ -166,7 +168,7 @@ class RangedReader:
     def __init__(self, locations: dict[str, ShardLocation]) -> None:
         self.locations = locations
         self.tables: OrderedDict[str, list[IndexedSample]] = OrderedDict()
-        self._local: dict[str, str] = {}
+        self.cache = NodeCache(lambda url: self.locations[url].entry.size)
 
     def _load_tables(self, urls: set[str]) -> None:
         wanted = [url for url in urls if url not in self.tables]
@@ -181,17 +183,8 @@ class RangedReader:
         while len(self.tables) > max(CACHED_TABLES, len(urls)):
             self.tables.popitem(last=False)
 
-    def _source(self, url: str) -> str:
-        """What to read ``url``'s bytes from: the node cache's local copy where one is configured."""
-        spec = active()
-        if not spec.cache_dir or "://" not in url or url.startswith("file://"):
-            return url
-        if url not in self._local or not Path(self._local[url]).exists():  # a bounded cache may have removed it
-            from vlcluster.storage.cache import cached_copy
-            from vlcluster.storage.shardlist import limit_bytes
-
-            self._local[url] = str(cached_copy(url, Path(spec.cache_dir).expanduser() / "shards", limit_bytes(spec)))
-        return self._local[url]
+    def close(self) -> None:
+        self.cache.close()
 
     def fetch(self, wanted: Sequence[tuple[str, int]], lock: AbstractContextManager | None = None) -> list[RawSample]:
         """The raw items ``(shard url, item index)``, in the order asked; ``lock``: held while the member tables
@@ -200,7 +193,7 @@ class RangedReader:
             self._load_tables({url for url, _ in wanted})
             samples = [self.tables[url][item] for url, item in wanted]
             for url, _ in wanted:
-                self._source(url)  # a node cache's copy, fetched under the lock too
+                self.cache.source(url)  # a node cache's copy, fetched under the lock too
         spans = {}
         for (url, item), sample in zip(wanted, samples):
             if sample.error is None:
@@ -221,16 +214,16 @@ class RangedReader:
         by_fs: dict[int, list] = {}
         fss = {}
         for block in blocks:
-            fs, path = fsspec.core.url_to_fs(self._source(block[0]))
+            fs, path = fsspec.core.url_to_fs(self.cache.source(block[0]))
             fss[id(fs)] = fs
             by_fs.setdefault(id(fs), []).append((path, block))
         out = {}
         for key, group in by_fs.items():
             results = fss[key].cat_ranges([p for p, _ in group], [b[1] for _, b in group], [b[2] for _, b in group], on_error="return")
             for (_, (url, start, end, members)), result in zip(group, results):
-                if isinstance(result, FileNotFoundError) and url in self._local:  # a node cache's copy removed meanwhile
-                    self._local.pop(url)
-                    fs, path = fsspec.core.url_to_fs(self._source(url))
+                if isinstance(result, FileNotFoundError) and self.cache.holds(url):  # its node copy removed meanwhile
+                    self.cache.forget(url)
+                    fs, path = fsspec.core.url_to_fs(self.cache.source(url))
                     result = fs.cat_file(path, start=start, end=end)
                 if isinstance(result, BaseException) and not isinstance(result, (EOFError, ValueError)):
                     raise result

@@ -156,9 +156,10 @@ class DataSpec(Strict):
     )
     augment_flip: bool = Field(False, description="random horizontal flips (off: captions say left and right)")
     shuffle_buffer: int = Field(256, ge=1)
-    shuffle_run: int = Field(
-        1, ge=1, le=4096, description="the shuffle window is permuted in runs of this many consecutive items of a "
-        "shard: a reader's slice of a step then comes from few shards in few ranged reads (1: every item on its own)"
+    shuffle_run: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        "auto", description="the shuffle window is permuted in runs of this many consecutive items of a "
+        "shard: a reader's slice of a step then comes from few shards in few ranged reads (1: every item on its own; "
+        "auto: 16 for shards on an object store, 1 on a file system)"
     )
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         0, description="data-loader worker processes per training rank (0: decode in the rank; auto: the node's "

@@ -62,7 +62,7 @@ class TaskTraining:
     uint8_images = False
     counts_flops = False  # FLOPs are counted for the pre-training objective's routes only
 
-    def __init__(self, task: Task, data: TaskData, shuffle_buffer: int, shuffle_run: int, where: str):
+    def __init__(self, task: Task, data: TaskData, shuffle_buffer: int, shuffle_run: int | str, where: str):
         self.task, self.data = task, data
         train = data.shards("train", where)
         # Image-caption fields and augmentation do not apply to a task's samples.

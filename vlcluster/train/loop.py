@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlcluster.data.inputs import DataSources
-from vlcluster.data.loader import TrainLoader, resolve_workers
+from vlcluster.data.loader import TrainLoader, resolve_shuffle_run, resolve_workers
 from vlcluster.data.quality import DataQuality, bad_fraction, check_bad_fraction
 from vlcluster.data.fields import FieldMap
 from vlcluster.model import ModelConfig, MultiwayTransformer
@@ -111,7 +111,8 @@ class Trainer:
             self.sources.train_mixture, env.rank, env.world_size, self.train.seed, self.sources.shuffle_buffer,
             self.rank_sizes[env.rank], config.image_size, self.loader_workers, recipe.fields,
             self.sources.augment, pin_memory=env.device.type == "cuda", uint8_images=recipe.uint8_images,
-            decode=recipe.decode, rank_sizes=self.rank_sizes, shuffle_run=self.sources.shuffle_run,
+            decode=recipe.decode, rank_sizes=self.rank_sizes,
+            shuffle_run=resolve_shuffle_run(self.sources.shuffle_run, self.sources.train_mixture),
         )
         self.keys = KeyRecorder(env.rank)
 
