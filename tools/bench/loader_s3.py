@@ -19,6 +19,12 @@ each R and each worker count it measures, without a node cache:
   against plain webdataset (``WebDataset(its 1/R of the shards).shuffle(256)``,
   the same decode) over the rank's share, measured in the same run.
 
+With ``--streaming-path DIR`` (where MosaicML Streaming 0.13 is installed apart: see
+``tools/bench/streaming_anchor.py``) the table also has Streaming's rows: its own MDS copy of the same
+samples (shards of about as many samples) on the same server, rank 0 of R nodes, 0 and 2 workers,
+the same decode, its bytes divided by the MDS bytes of the samples it trained on (the copy's mean per
+sample: MDS stores no per-sample padding).
+
 Then a 2 -> 3 rank resume mid-epoch (no workers): every sample of the epoch
 exactly once over the five readers, and their bytes over the samples they trained on.
 """
@@ -30,6 +36,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,6 +191,45 @@ def elastic_resume(urls, run: int, args, sizes: dict[str, int], proxy: CountingP
             f"bytes fetched / bytes trained on, all five readers: {fetched / trained:.2f}")
 
 
+ANCHOR = Path(__file__).with_name("streaming_anchor.py")
+
+
+def write_mds_copy(local: list[str], out: Path, per_shard: int, samples: int, streaming_path: str) -> int:
+    """Streaming's MDS copy of the shards, its shards sized to hold about ``per_shard`` samples; returns its bytes."""
+    payload = 0  # the samples' files, without the tar headers and padding MDS does not store
+    for url in local:
+        index = ShardIndex(url)
+        index.close()
+        payload += sum(size for sample in index.samples for _, _, size in sample.files)
+    shard_bytes = int(payload / samples * (per_shard + 0.5))
+    env = dict(os.environ, PYTHONPATH=streaming_path)
+    subprocess.run([sys.executable, str(ANCHOR), "write", *local, "--out", str(out), "--shard-bytes", str(shard_bytes)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return sum(path.stat().st_size for path in out.iterdir())
+
+
+def streaming_reader(remote: str, world: int, workers: int, args, mds_sample: float, proxy: CountingProxy, env: dict) -> dict:
+    """Rank 0 of ``world`` nodes in Streaming; the proxy's counters read at the anchor's two handshakes."""
+    proxy.reset()
+    command = [sys.executable, str(ANCHOR), "read", remote, "--ranks", str(world), "--workers", str(workers),
+               "--batch", str(args.batch), "--batches", str(args.batches), "--image-size", str(TRAINED)]
+    marks, result = {}, None
+    with subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            if line.strip() in ("first", "epoch"):
+                marks[line.strip()] = proxy.counts()[1]
+                process.stdin.write("\n")
+                process.stdin.flush()
+            elif line.startswith("{"):
+                result = json.loads(line)
+    if result is None:
+        raise RuntimeError(f"Streaming's reader failed (exit status {process.returncode}; its traceback is above)")
+    trained = result["trained_samples"] * mds_sample
+    first_trained = args.batch * mds_sample
+    return {"first": marks["first"], "ratio": marks["epoch"] / trained, "rate": result["rate"], "steps": result["steps"],
+            "after_first": (marks["epoch"] - marks["first"]) / (trained - first_trained) if trained > first_trained else float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=64)
@@ -195,6 +241,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12, help="timed batches at least (after the first)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--shuffle-runs", default="1,16", help="data.shuffle_run values of the TrainLoader rows")
+    parser.add_argument("--streaming-path", help="where mosaicml-streaming 0.13 is installed (pip --target): adds its rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="vlbench-loader-s3-"))
@@ -203,12 +250,17 @@ def main() -> None:
         write_index(local, str(scratch / "shards" / INDEX_NAME))
         sizes = sample_bytes(local)
         corpus = sum(os.path.getsize(url) for url in local)
+        mds_bytes = write_mds_copy(local, scratch / "mds", args.per_shard, len(sizes), args.streaming_path) if args.streaming_path else 0
         with S3Server(scratch / "s3", buckets=["data"]) as server:
             os.environ.update(server.env)
             config.activate(config.StorageSpec(endpoint_url=server.endpoint))
             fs = fsspec.filesystem("s3")
             fs.put([*local, str(scratch / "shards" / INDEX_NAME)], "s3://data/corpus/")
             urls = [f"s3://data/corpus/{Path(url).name}" for url in local]
+            if mds_bytes:
+                fs.put(str(scratch / "mds") + "/", "s3://data/mds/", recursive=True)
+                mds_shards = len(list((scratch / "mds").glob("*.mds")))
+                print(f"Streaming's MDS copy: {mds_shards} shards, {mds_bytes / 2**20:.1f} MB")
             index_bytes = fs.size(f"s3://data/corpus/{INDEX_NAME}")
             use_fsspec_for_s3_in_webdataset()
             print(f"{len(sizes)} samples ({STORED} px JPEG, jpg/txt/json) in {len(urls)} shards, {corpus / 2**20:.1f} MB; "
@@ -233,6 +285,16 @@ def main() -> None:
                                   f"{ours['first'] / 2**20:.2f} MB ({ours['first'] / (index_bytes + 2 * shard_mb * 2**20):.2f} of index + 2 shards) "
                                   f"| {ours['ratio']:.2f} ({ours['after_first']:.2f}) | {ours['rate']:.0f} | {ours['rate'] / plain['rate']:.2f} "
                                   f"| {ours['cpu_rate']:.0f} | {ours['cpu_rate'] / plain['cpu_rate']:.2f} |", flush=True)
+                        for workers in map(int, args.workers.split(",") if mds_bytes else ()):
+                            env = dict(os.environ, PYTHONPATH=args.streaming_path, S3_ENDPOINT_URL=proxy.endpoint)
+                            try:
+                                theirs = streaming_reader("s3://data/mds", world, workers, args, mds_bytes / len(sizes), proxy, env)
+                            except RuntimeError as failed:  # seen twice in ~20 runs: a shard read shorter than its index says
+                                print(f"| {latency} ms | {world} | MosaicML Streaming 0.13, {workers} workers: {failed}; again |")
+                                theirs = streaming_reader("s3://data/mds", world, workers, args, mds_bytes / len(sizes), proxy, env)
+                            print(f"| {latency} ms | {world} | MosaicML Streaming 0.13, {workers} workers ({theirs['steps']} steps/epoch) | "
+                                  f"{theirs['first'] / 2**20:.2f} MB | {theirs['ratio']:.2f} ({theirs['after_first']:.2f}) | {theirs['rate']:.0f} "
+                                  f"| {theirs['rate'] / plain['rate']:.2f} | – | – |", flush=True)
                 proxy.latency_s = 0
                 for run in map(int, args.shuffle_runs.split(",")):
                     print(elastic_resume(urls, run, args, sizes, proxy))
