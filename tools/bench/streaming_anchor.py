@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -60,11 +61,7 @@ def handshake(word: str) -> None:
 
 def read(args: argparse.Namespace) -> None:
     os.environ.update(RANK="0", WORLD_SIZE=str(args.ranks), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    import io
-
-    import numpy as np
     import torch
-    from PIL import Image
 
     streaming = import_streaming()
     # Rank 0 reads alone (the other ranks' processes are not started): nothing of its reading crosses ranks but
@@ -75,6 +72,19 @@ def read(args: argparse.Namespace) -> None:
     sys.modules["streaming.base.util"].clean_stale_shared_memory()
     torch.set_num_threads(1)
     local = tempfile.mkdtemp(prefix="vlbench-streaming-")
+    try:
+        measure(args, streaming, local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # the shards it downloaded
+
+
+def measure(args: argparse.Namespace, streaming, local: str) -> None:
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
     dataset = streaming.StreamingDataset(
         remote=args.remote, local=local, shuffle=True, num_canonical_nodes=args.ranks, batch_size=args.batch, shuffle_seed=0
     )
