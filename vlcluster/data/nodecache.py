@@ -2,7 +2,7 @@
 
 With a cache directory a reader reads a remote shard from a whole local copy
 (``storage/cache.py``: one download per node, the node's other readers wait
-for it on a lock; least recently downloaded copies removed beyond
+for it on a lock; least recently used copies removed beyond
 ``storage.cache_limit_gb``). The canonical order says which shards come next,
 so ``prefetch`` downloads them in a background thread, in the order they will
 be read, while the current ones are trained on: the first read of a shard then
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vlcluster.storage.config import active
 from vlcluster.storage.paths import is_remote
+from vlcluster.storage.shardlist import limit_bytes
 
 
 class NodeCache:
@@ -30,7 +31,7 @@ class NodeCache:
     def __init__(self, size_of: Callable[[str], int]) -> None:
         spec = active()
         self.directory = Path(spec.cache_dir).expanduser() / "shards" if spec.cache_dir else None
-        self.limit = None if spec.cache_limit_gb is None else int(spec.cache_limit_gb * 1e9)
+        self.limit = limit_bytes(spec)
         self.size_of = size_of
         self._local: dict[str, str] = {}
         self._coming: dict[str, Future] = {}

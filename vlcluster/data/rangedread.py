@@ -34,8 +34,8 @@ from pathlib import Path
 
 import fsspec
 
-from vlcluster.data.nodecache import NodeCache
 from vlcluster.data.corpusindex import INDEX_NAME, CorpusIndex, IndexedSample, ShardEntry, parse_table, write_index
+from vlcluster.data.nodecache import NodeCache
 from vlcluster.data.quality import BadDataError
 from vlcluster.data.stream import RawSample
 from vlcluster.data.tarindex import count_items
