@@ -256,12 +256,16 @@ def test_a_node_cache_fetches_the_coming_shards_ahead_once_each_and_within_its_l
     from tests.support.countingproxy import CountingProxy
     from vlcluster.storage import config
 
-    built = syn.build_dataset(str(tmp_path / "clean"), 96, 4, 12, 48, seed=5)  # 8 shards of 12: a window of 12 is a shard
+    from tests.support.realdata import scene, write_img2dataset_shards
+
+    # img2dataset's layout (jpg, txt, json, _stats.json), 8 shards of 12: a window of 12 is a shard
+    local = write_img2dataset_shards(tmp_path / "laion", [scene(index, 1) for index in range(96)], 12)
+    write_index(local, str(tmp_path / "laion" / INDEX_NAME))
     config.activate(config.StorageSpec(endpoint_url=s3_env.endpoint_url))
-    fsspec.filesystem("s3").put([*built["train_shards"], str(tmp_path / "clean" / INDEX_NAME)], "s3://data/ahead/")
-    remote = [f"s3://data/ahead/{Path(url).name}" for url in built["train_shards"]]
-    shard_bytes = max(Path(url).stat().st_size for url in built["train_shards"])
-    corpus_bytes = sum(Path(url).stat().st_size for url in built["train_shards"])
+    fsspec.filesystem("s3").put([*local, str(tmp_path / "laion" / INDEX_NAME)], "s3://data/ahead/")
+    remote = [f"s3://data/ahead/{Path(url).name}" for url in local]
+    shard_bytes = max(Path(url).stat().st_size for url in local)
+    corpus_bytes = sum(Path(url).stat().st_size for url in local)
     copies = tmp_path / "cache" / "shards"
 
     def cached() -> set[str]:
@@ -272,7 +276,7 @@ def test_a_node_cache_fetches_the_coming_shards_ahead_once_each_and_within_its_l
         limit_gb = 4.5 * shard_bytes / 1e9
         config.activate(config.StorageSpec(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"), cache_limit_gb=limit_gb))
         fsspec.filesystem("s3").clear_instance_cache()
-        train = TrainLoader(remote, 0, 1, seed=3, shuffle_buffer=12, batch_size=6)
+        train = TrainLoader(remote, 0, 1, seed=3, shuffle_buffer=12, batch_size=6, image_size=16)
         shard_order = [Path(remote[shard]).name for shard in train.order.sources[0].shard_order(0)]
         keys = train.next_batch()["key"]  # step 0: half of the first window (shard); step 1, its other half, is fetched
         deadline = time.monotonic() + 10
@@ -285,7 +289,7 @@ def test_a_node_cache_fetches_the_coming_shards_ahead_once_each_and_within_its_l
             held.append(sum(path.stat().st_size for path in copies.glob("*.tar")))
         train.close()
         fetched = proxy.counts()[1]
-    indexes = [ShardIndex(url) for url in built["train_shards"]]
+    indexes = [ShardIndex(url) for url in local]
     assert sorted(keys) == sorted(sample.key for index in indexes for sample in index.samples)  # the epoch, once each
     assert max(held) <= 4.5 * shard_bytes + shard_bytes < corpus_bytes  # the limit, but for a download under way
     assert corpus_bytes < fetched < 1.15 * corpus_bytes  # every shard downloaded once (and the index, HEADs)
