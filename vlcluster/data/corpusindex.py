@@ -8,15 +8,16 @@ index records it once, beside the shards, as one object per directory::
 
     vlcluster index 's3://bucket/laion/{000000..010459}.tar'   # -> s3://bucket/laion/shards.vlindex
 
-Layout of ``shards.vlindex`` (version 1): the magic line ``MAGIC``, the
-header's length (8 bytes, little-endian), the header (JSON: per shard its
-name, size in bytes, item count, whether it is compressed, and where its
-member table lies in this file), then the member tables, each zlib-compressed
-JSON: per item ``[key, [[suffix, data offset, size], ...]]``, or
-``[key, null, error]`` for the marker of a damaged shard (``tarindex.py``:
-the items are exactly what walking the shard gives). Start-up reads the
-header only; a reader fetches a shard's table (one ranged read) when it first
-needs one of its items.
+Layout of ``shards.vlindex``: the magic line ``MAGIC``, the header's length
+(8 bytes, little-endian), the header (JSON: the format version, and per shard
+its name, size in bytes, item count, whether it is compressed, and where its
+member table lies in this file), then the member tables (``membertable.py``:
+per item its key and its files' suffixes, data offsets and sizes, or the
+marker of a damaged shard; the items are exactly what walking the shard
+gives, ``tarindex.py``). Start-up reads the header only; a reader fetches a
+shard's table (one ranged read) when it first needs one of its items, and
+decodes only the items it uses. Version 2 is written; version 1 (JSON member
+tables, decoded whole) is still read.
 
 Everything read from an index is checked (lengths, types, bounds: it may be
 hostile or belong to other shards); a shard whose size differs from the
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import posixpath
 import struct
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,19 +38,19 @@ from typing import Any
 
 import fsspec
 
+from vlcluster.data import membertable
+from vlcluster.data.membertable import IndexFormatError, index_error as _fail
 from vlcluster.data.tarindex import IndexedSample, ShardIndex
+
+__all__ = ["INDEX_NAME", "CorpusIndex", "IndexFormatError", "ShardEntry", "index_beside", "write_index"]
 
 INDEX_NAME = "shards.vlindex"
 MAGIC = b"VLCLUSTER-SHARD-INDEX\n"
-VERSION = 1
+VERSION = 2  # written
+READABLE = (1, 2)
 MAX_HEADER_BYTES = 256 << 20
-MAX_TABLE_BYTES = 512 << 20  # decompressed, per shard
 FIRST_READ = 64 << 10  # one read usually holds the whole header
 INDEX_THREADS = 8  # shards walked at once when indexing (object-store reads are latency-bound)
-
-
-class IndexFormatError(ValueError):
-    """An index file that cannot be used; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,7 @@ class ShardEntry:
     items: int
     compressed: bool
     table: tuple[int, int]  # (offset, length) of the member table in the index file
-
-
-def _fail(url: str, problem: str) -> IndexFormatError:
-    return IndexFormatError(
-        f"{url}: not a usable shard index ({problem}). Write it again with `vlcluster index` over its shards, "
-        "or remove it to let the loader index the shards itself"
-    )
+    version: int  # of the index format: how the member table is laid out
 
 
 def _as_int(url: str, value: Any, field: str, low: int = 0) -> int:
@@ -78,9 +72,9 @@ def _as_int(url: str, value: Any, field: str, low: int = 0) -> int:
 
 
 def _parse_header(url: str, header: Any, file_size: int) -> dict[str, ShardEntry]:
-    if not isinstance(header, dict) or header.get("version") != VERSION:
-        version = header.get("version") if isinstance(header, dict) else None
-        raise _fail(url, f"version {version!r}, this vlcluster reads version {VERSION}")
+    version = header.get("version") if isinstance(header, dict) else None
+    if version not in READABLE or type(version) is not int:
+        raise _fail(url, f"version {version!r}, this vlcluster reads versions {', '.join(map(str, READABLE))}")
     shards = header.get("shards")
     if not isinstance(shards, list):
         raise _fail(url, "the header has no list of shards")
@@ -99,7 +93,7 @@ def _parse_header(url: str, header: Any, file_size: int) -> dict[str, ShardEntry
             raise _fail(url, f"{where}.name {shard['name']!r} is listed twice")
         entries[shard["name"]] = ShardEntry(
             shard["name"], _as_int(url, shard.get("size"), f"{where}.size"), _as_int(url, shard.get("items"), f"{where}.items"),
-            bool(shard.get("compressed", False)), (offset, length),
+            bool(shard.get("compressed", False)), (offset, length), version,
         )
     return entries
 
@@ -128,56 +122,12 @@ class CorpusIndex:
             raise _fail(url, f"the header is not JSON: {exc}") from None
         return cls(url, _parse_header(url, header, file_size))
 
-    def table(self, name: str) -> list[IndexedSample]:
-        """The items of shard ``name``, as walking its tar headers gives them (checked against the entry)."""
+    def table(self, name: str) -> Sequence[IndexedSample]:
+        """The items of shard ``name``, as walking its tar headers gives them (each checked when read)."""
         entry = self.entries[name]
         fs, path = fsspec.core.url_to_fs(self.url)
         offset, length = entry.table
-        data = fs.cat_file(path, start=offset, end=offset + length)
-        return parse_table(self.url, entry, data)
-
-
-def parse_table(url: str, entry: ShardEntry, data: bytes) -> list[IndexedSample]:
-    where = f"the table of {entry.name}"
-    try:
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(data, MAX_TABLE_BYTES)
-        if inflater.unconsumed_tail:
-            raise _fail(url, f"{where} inflates past {MAX_TABLE_BYTES} bytes")
-        items = json.loads(raw)
-    except (zlib.error, ValueError) as exc:
-        if isinstance(exc, IndexFormatError):
-            raise
-        raise _fail(url, f"{where} does not decode: {exc}") from None
-    if not isinstance(items, list) or len(items) != entry.items:
-        raise _fail(url, f"{where} does not list the {entry.items} items its header gives")
-    return [_parse_item(url, entry, number, item) for number, item in enumerate(items)]
-
-
-def _parse_item(url: str, entry: ShardEntry, number: int, item: Any) -> IndexedSample:
-    where = f"item {number} of {entry.name}"
-    if not isinstance(item, list) or len(item) not in (2, 3) or not isinstance(item[0], str):
-        raise _fail(url, f"{where} is not [key, files] or [key, null, error]")
-    if item[1] is None:
-        if len(item) != 3 or not isinstance(item[2], str):
-            raise _fail(url, f"{where} is a marker without its error")
-        return IndexedSample(item[0], error=item[2])
-    files = []
-    for member in item[1] if isinstance(item[1], list) else [None]:
-        if not isinstance(member, list) or len(member) != 3 or not isinstance(member[0], str):
-            raise _fail(url, f"{where}: a file is not [suffix, offset, size]")
-        offset, size = _as_int(url, member[1], f"{where} offset"), _as_int(url, member[2], f"{where} size")
-        if not entry.compressed and offset + size > entry.size:
-            raise _fail(url, f"{where}: {member[0]} lies past the end of the {entry.size}-byte shard")
-        files.append((member[0], offset, size))
-    if not files:
-        raise _fail(url, f"{where} has no files")
-    return IndexedSample(item[0], tuple(files))
-
-
-def _table_bytes(samples: Sequence[IndexedSample]) -> bytes:
-    items = [[s.key, None, s.error] if s.error is not None else [s.key, [list(f) for f in s.files]] for s in samples]
-    return zlib.compress(json.dumps(items, separators=(",", ":")).encode(), 6)
+        return membertable.decode(self.url, entry, fs.cat_file(path, start=offset, end=offset + length))
 
 
 def _walk(url: str) -> tuple[int, bool, list[IndexedSample], int | None]:
@@ -215,7 +165,7 @@ def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], No
     shards, tables, done, disagree = [], [], 0, []
     with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(urls)))) as pool:
         for name, (size, compressed, samples, written) in zip(names, pool.map(_walk, urls)):
-            tables.append(_table_bytes(samples))
+            tables.append(membertable.encode(samples))
             items = sum(sample.error is None for sample in samples)
             shards.append({"name": name, "size": size, "items": len(samples), "compressed": compressed})
             if written is not None and written != items:

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import fsspec
 
-from vlcluster.data.corpusindex import INDEX_NAME, CorpusIndex, IndexedSample, ShardEntry, parse_table, write_index
+from vlcluster.data import membertable
+from vlcluster.data.corpusindex import INDEX_NAME, CorpusIndex, ShardEntry, write_index
 from vlcluster.data.nodecache import NodeCache
 from vlcluster.data.quality import BadDataError
 from vlcluster.data.stream import RawSample
-from vlcluster.data.tarindex import count_items
+from vlcluster.data.tarindex import IndexedSample, count_items
 from vlcluster.storage.config import active
 
 log = logging.getLogger("vlcluster.data")
@@ -167,7 +168,7 @@ class RangedReader:
 
     def __init__(self, locations: dict[str, ShardLocation]) -> None:
         self.locations = locations
-        self.tables: OrderedDict[str, list[IndexedSample]] = OrderedDict()
+        self.tables: OrderedDict[str, Sequence[IndexedSample]] = OrderedDict()
         self.cache = NodeCache(lambda url: self.locations[url].entry.size)
 
     def _load_tables(self, urls: set[str]) -> None:
@@ -177,7 +178,7 @@ class RangedReader:
             spans = [self.locations[url].entry.table for url in group]
             blobs = fs.cat_ranges([path] * len(group), [s for s, _ in spans], [s + n for s, n in spans], on_error="raise")
             for url, blob in zip(group, blobs):
-                self.tables[url] = parse_table(index_url, self.locations[url].entry, blob)
+                self.tables[url] = membertable.decode(index_url, self.locations[url].entry, blob)
         for url in urls:
             self.tables.move_to_end(url)
         while len(self.tables) > max(CACHED_TABLES, len(urls)):
