@@ -311,13 +311,13 @@ class _WorkerBatches(IterableDataset):
         config = self.config
         reader = _ItemReader(self.order)
         steps = self._steps(worker, workers)
-        # The next steps' bytes are fetched while this one decodes, FETCH_AHEAD of them at once: object-store
+        # The next FETCH_AHEAD steps' bytes are fetched while this one is awaited and decoded: object-store
         # latency (two round trips a step: member tables, then items) hides behind the work.
         with ThreadPoolExecutor(FETCH_AHEAD) as fetcher:
             pending: deque = deque()
             try:
                 while True:
-                    while len(pending) < FETCH_AHEAD:
+                    while len(pending) < FETCH_AHEAD + 1:
                         following = next(steps)
                         pending.append((following, fetcher.submit(reader.read_many, following[3])))
                     (step, position, end, _), future = pending.popleft()
