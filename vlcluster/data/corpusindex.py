@@ -9,15 +9,16 @@ index records it once, beside the shards, as one object per directory::
     vlcluster index 's3://bucket/laion/{000000..010459}.tar'   # -> s3://bucket/laion/shards.vlindex
 
 Layout of ``shards.vlindex``: the magic line ``MAGIC``, the header's length
-(8 bytes, little-endian), the header (JSON: the format version, and per shard
-its name, size in bytes, item count, whether it is compressed, and where its
-member table lies in this file), then the member tables (``membertable.py``:
-per item its key and its files' suffixes, data offsets and sizes, or the
-marker of a damaged shard; the items are exactly what walking the shard
-gives, ``tarindex.py``). Start-up reads the header only; a reader fetches a
-shard's table (one ranged read) when it first needs one of its items, and
-decodes only the items it uses. Version 2 is written; version 1 (JSON member
-tables, decoded whole) is still read.
+(8 bytes, little-endian), the header (JSON: the format version, the file
+suffixes of the corpus, and per shard its name, size in bytes, item count,
+whether it is compressed, where its member records lie in this file and
+their width, and the messages of its damage markers), then the member
+records (``membertable.py``: per item its key and its files' suffixes, data
+offsets and sizes, or the marker of a damaged shard; the items are exactly
+what walking the shard gives, ``tarindex.py``). Start-up reads the header
+only; a reader fetches the records of the items it uses (one ranged read per
+run of nearby items). Version 2 is written; version 1 (a zlib-compressed JSON
+table per shard, fetched whole) is still read.
 
 Everything read from an index is checked (lengths, types, bounds: it may be
 hostile or belong to other shards); a shard whose size differs from the
@@ -30,16 +31,17 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shutil
 import struct
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
 from vlcluster.data import membertable
-from vlcluster.data.membertable import IndexFormatError, index_error as _fail
+from vlcluster.data.membertable import IndexFormatError, ShardEntry, index_error as _fail
 from vlcluster.data.tarindex import IndexedSample, ShardIndex
 
 __all__ = ["INDEX_NAME", "CorpusIndex", "IndexFormatError", "ShardEntry", "index_beside", "write_index"]
@@ -51,18 +53,6 @@ READABLE = (1, 2)
 MAX_HEADER_BYTES = 256 << 20
 FIRST_READ = 64 << 10  # one read usually holds the whole header
 INDEX_THREADS = 8  # shards walked at once when indexing (object-store reads are latency-bound)
-
-
-@dataclass(frozen=True)
-class ShardEntry:
-    """What the index records of one shard."""
-
-    name: str
-    size: int
-    items: int
-    compressed: bool
-    table: tuple[int, int]  # (offset, length) of the member table in the index file
-    version: int  # of the index format: how the member table is laid out
 
 
 def _as_int(url: str, value: Any, field: str, low: int = 0) -> int:
@@ -78,6 +68,7 @@ def _parse_header(url: str, header: Any, file_size: int) -> dict[str, ShardEntry
     shards = header.get("shards")
     if not isinstance(shards, list):
         raise _fail(url, "the header has no list of shards")
+    suffixes = membertable.parse_suffixes(url, header)
     entries: dict[str, ShardEntry] = {}
     for number, shard in enumerate(shards):
         where = f"shards[{number}]"
@@ -91,15 +82,17 @@ def _parse_header(url: str, header: Any, file_size: int) -> dict[str, ShardEntry
             raise _fail(url, f"{where}.table lies past the end of the file ({offset + length} > {file_size} bytes)")
         if shard["name"] in entries:
             raise _fail(url, f"{where}.name {shard['name']!r} is listed twice")
+        items = _as_int(url, shard.get("items"), f"{where}.items")
+        records = membertable.parse_layout(url, where, shard, items, length, suffixes) if version == 2 else {}
         entries[shard["name"]] = ShardEntry(
-            shard["name"], _as_int(url, shard.get("size"), f"{where}.size"), _as_int(url, shard.get("items"), f"{where}.items"),
-            bool(shard.get("compressed", False)), (offset, length), version,
+            shard["name"], _as_int(url, shard.get("size"), f"{where}.size"), items,
+            bool(shard.get("compressed", False)), (offset, length), version, **records,
         )
     return entries
 
 
 class CorpusIndex:
-    """The header of one index file: the shards it covers (their tables are read on demand)."""
+    """The header of one index file: the shards it covers (their member records are read on demand)."""
 
     def __init__(self, url: str, entries: dict[str, ShardEntry]) -> None:
         self.url, self.entries = url, entries
@@ -122,12 +115,9 @@ class CorpusIndex:
             raise _fail(url, f"the header is not JSON: {exc}") from None
         return cls(url, _parse_header(url, header, file_size))
 
-    def table(self, name: str) -> Sequence[IndexedSample]:
-        """The items of shard ``name``, as walking its tar headers gives them (each checked when read)."""
-        entry = self.entries[name]
-        fs, path = fsspec.core.url_to_fs(self.url)
-        offset, length = entry.table
-        return membertable.decode(self.url, entry, fs.cat_file(path, start=offset, end=offset + length))
+    def table(self, name: str) -> list[IndexedSample]:
+        """The items of shard ``name``, as walking its tar headers gives them (checked against the entry)."""
+        return membertable.read_all(self.url, self.entries[name])
 
 
 def _walk(url: str) -> tuple[int, bool, list[IndexedSample], int | None]:
@@ -162,35 +152,38 @@ def write_index(urls: Sequence[str], out: str, progress: Callable[[int, int], No
     names = [posixpath.basename(url.rstrip("/")) for url in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"{out}: one index covers shards of one directory; some of the {len(names)} shards share a name")
-    shards, tables, done, disagree = [], [], 0, []
-    with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(urls)))) as pool:
+    shards, done, disagree, suffixes = [], 0, [], {}
+    with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(urls)))) as pool, tempfile.TemporaryFile() as records:
         for name, (size, compressed, samples, written) in zip(names, pool.map(_walk, urls)):
-            tables.append(membertable.encode(samples))
+            shard = {"name": name, "size": size, "items": len(samples), "compressed": compressed, **membertable.layout(samples, suffixes)}
+            start = records.tell()
+            records.write(membertable.encode(samples, shard["record"], suffixes))
+            shards.append((shard, records.tell() - start))
             items = sum(sample.error is None for sample in samples)
-            shards.append({"name": name, "size": size, "items": len(samples), "compressed": compressed})
             if written is not None and written != items:
                 disagree.append({"shard": name, "items": items, "img2dataset": written})
             done += 1
             if progress is not None:
                 progress(done, len(urls))
-    header = _header_bytes(shards, tables)
-    with fsspec.open(out, "wb") as file:
-        file.write(MAGIC + struct.pack("<Q", len(header)) + header)
-        for table in tables:
-            file.write(table)
-    return {"index": out, "shards": len(shards), "items": sum(s["items"] for s in shards),
-            "bytes": len(MAGIC) + 8 + len(header) + sum(map(len, tables)), "disagree_with_img2dataset": disagree}
+        header = _header_bytes(shards, list(suffixes))
+        records.seek(0)
+        with fsspec.open(out, "wb") as file:
+            file.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(records, file, 1 << 20)
+    return {"index": out, "shards": len(shards), "items": sum(s["items"] for s, _ in shards),
+            "bytes": len(MAGIC) + 8 + len(header) + sum(length for _, length in shards), "disagree_with_img2dataset": disagree}
 
 
-def _header_bytes(shards: list[dict], tables: list[bytes]) -> bytes:
-    # The table offsets depend on the header's own length: lay out twice (the second pass only grows digits, rarely).
+def _header_bytes(shards: list[tuple[dict, int]], suffixes: list[str]) -> bytes:
+    # The record offsets depend on the header's own length: lay out twice (the second pass only grows digits, rarely).
     length = 0
     while True:
         offset = len(MAGIC) + 8 + length
-        for shard, table in zip(shards, tables):
-            shard["table"] = [offset, len(table)]
-            offset += len(table)
-        header = json.dumps({"version": VERSION, "shards": shards}, separators=(",", ":")).encode()
+        for shard, size in shards:
+            shard["table"] = [offset, size]
+            offset += size
+        header = json.dumps({"version": VERSION, "suffixes": suffixes, "shards": [shard for shard, _ in shards]},
+                            separators=(",", ":")).encode()
         if len(header) == length:
             return header
         length = len(header)

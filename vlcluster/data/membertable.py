@@ -1,39 +1,46 @@
-"""One shard's member table in a shard index: the items, and where each item's files lie.
+"""The member records of a shard index: per item its key and where its files lie.
 
-A reader at scale uses a few items of each shard it opens (rank r of 64 reads
-16-32 items of a 1,000-item shard per step), so a table costs what is read of
-it: version 2 (written) is fixed-width binary records, checked in full only
-for their counts and lengths when opened, and item by item when an item is
-used. Version 1 (JSON, still read) is decoded and checked whole.
+A reader at scale uses a few items of each shard it opens (a rank of 48 reads
+about 22 items a step, in runs of 16, from one to four shards of 1,000), so
+it fetches the records of those items only. Version 2 (written) lays out each
+shard's records at a fixed width, so the records of items ``a..b`` are one
+byte range of the index file; version 1 (still read) has one zlib-compressed
+JSON table per shard, fetched and decoded whole.
 
-Version 2, zlib-compressed, little-endian::
+A version-2 record, little-endian, ``3 + K + 18 F`` bytes (``K``, ``F``: the
+shard's ``record`` in the index header, its longest key and most files)::
 
-    COUNTS  items, files, text bytes
-    ITEM    per item: text start, key length, error length, first file, file count
-    FILE    per file: suffix start, suffix length, data offset, size
-    text    keys, error messages and suffixes (UTF-8, surrogate escapes for other bytes)
+    u16 key length, K bytes of key (UTF-8, surrogate escapes for other bytes; zero padded)
+    u8  file count (0: the marker of a damaged shard, its message in the header's ``errors``)
+    F x (u16 suffix number in the header's ``suffixes``, u64 data offset, u64 size)
 
-An item with no files is the marker of a damaged shard (``tarindex.py``):
-its error message follows its key in the text. Everything is checked before
-use: the table may be hostile or belong to another shard.
+Every record is checked when it is used (lengths, numbers, bounds: the index
+may be hostile or belong to other shards).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol, overload
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
 
 from vlcluster.data.tarindex import IndexedSample
 
-MAX_TABLE_BYTES = 512 << 20  # decompressed, per shard
+MAX_TABLE_BYTES = 512 << 20  # a version-1 table, decompressed
+MAX_KEY_BYTES = 4096
+MAX_FILES = 255
 HEADER = 512  # a file's data follows its tar header
-COUNTS = struct.Struct("<3I")
-ITEM = struct.Struct("<5I")
-FILE = struct.Struct("<2I2Q")
-TEXT = ("utf-8", "surrogateescape")
+KEY_LENGTH = struct.Struct("<H")
+FILE = struct.Struct("<HQQ")
+NEAR_RECORDS = 8  # records of one shard at most this many apart are read in one range
+WHOLE_TABLES = 64  # version-1 tables kept decoded
 
 
 class IndexFormatError(ValueError):
@@ -47,149 +54,215 @@ def index_error(url: str, problem: str) -> IndexFormatError:
     )
 
 
-def encode(samples: Sequence[IndexedSample]) -> bytes:
-    """The version-2 table of ``samples`` (the items of one shard, in order)."""
-    items, files, text = [], [], bytearray()
-    suffix_at: dict[bytes, int] = {}
-    for sample in samples:
-        key, error = sample.key.encode(*TEXT), (sample.error or "").encode(*TEXT)
-        items.append(ITEM.pack(len(text), len(key), len(error), len(files), len(sample.files)))
-        text += key + error
-        for suffix, offset, size in sample.files:
-            name = suffix.encode(*TEXT)
-            if name not in suffix_at:
-                suffix_at[name] = len(text)
-                text += name
-            files.append(FILE.pack(suffix_at[name], len(name), offset, size))
-    body = COUNTS.pack(len(items), len(files), len(text)) + b"".join(items) + b"".join(files) + bytes(text)
-    return zlib.compress(body, 6)
-
-
-class ShardFacts(Protocol):
-    """What the index header says of the shard a table belongs to (``corpusindex.ShardEntry``)."""
+@dataclass(frozen=True)
+class ShardEntry:
+    """What the index header records of one shard."""
 
     name: str
     size: int
     items: int
     compressed: bool
-    version: int
+    table: tuple[int, int]  # (offset, length) of its records (version 2) or table (version 1) in the index file
+    version: int = 2
+    record: tuple[int, int] = (0, 0)  # version 2: (key bytes, files) of its records
+    suffixes: tuple[str, ...] = ()  # version 2: the index's file suffixes, numbered
+    errors: tuple[tuple[int, str], ...] = ()  # version 2: (item, message) of its damage markers
+
+    @property
+    def width(self) -> int:
+        return 3 + self.record[0] + FILE.size * self.record[1]
 
 
-def decode(url: str, facts: ShardFacts, data: bytes) -> Sequence[IndexedSample]:
-    """The member table of the shard ``facts`` describes, from its bytes in the index file ``url``."""
-    shard = _Shard(url, facts)
-    raw = _inflate(shard, data)
-    return BinaryTable(shard, facts.items, raw) if facts.version == 2 else _json_table(shard, facts.items, raw)
+# -- writing ----------------------------------------------------------------------------------------------------
 
 
-class _Shard:
-    """What a table is checked against, and how its problems are named."""
-
-    def __init__(self, url: str, facts: ShardFacts) -> None:
-        self.url, self.name, self.size, self.compressed = url, facts.name, facts.size, facts.compressed
-
-    def fail(self, problem: str) -> IndexFormatError:
-        return index_error(self.url, problem)
-
-    def file(self, where: str, suffix: Any, offset: Any, size: Any) -> tuple[str, int, int]:
-        if not isinstance(suffix, str):
-            raise self.fail(f"{where}: a file's suffix is not text")
-        for field, value in (("offset", offset), ("size", size)):
-            if type(value) is not int or value < 0:
-                raise self.fail(f"{where} {field} is {value!r}, not an integer >= 0")
-        if offset < HEADER:
-            raise self.fail(f"{where}: {suffix} starts at {offset}, inside the tar header in front of it")
-        if not self.compressed and offset + size > self.size:
-            raise self.fail(f"{where}: {suffix} lies past the end of the {self.size}-byte shard")
-        return suffix, offset, size
+def layout(samples: Sequence[IndexedSample], suffixes: dict[str, int]) -> dict:
+    """The header fields of a shard's records (``record``, ``errors``); numbers new suffixes into ``suffixes``."""
+    for sample in samples:
+        for suffix, _, _ in sample.files:
+            suffixes.setdefault(suffix, len(suffixes))
+    keys = max((len(sample.key.encode("utf-8", "surrogateescape")) for sample in samples), default=0)
+    files = max((len(sample.files) for sample in samples), default=0)
+    errors = {str(number): sample.error for number, sample in enumerate(samples) if sample.error is not None}
+    return {"record": [keys, files], **({"errors": errors} if errors else {})}
 
 
-def _inflate(shard: _Shard, data: bytes) -> bytes:
+def encode(samples: Sequence[IndexedSample], record: Sequence[int], suffixes: dict[str, int]) -> bytes:
+    """The fixed-width records of ``samples`` (one shard's items, in order)."""
+    keys, files = record
+    out = bytearray()
+    for sample in samples:
+        key = sample.key.encode("utf-8", "surrogateescape")
+        out += KEY_LENGTH.pack(len(key)) + key.ljust(keys, b"\0") + bytes([len(sample.files)])
+        for suffix, offset, size in sample.files:
+            out += FILE.pack(suffixes[suffix], offset, size)
+        out += bytes(FILE.size * (files - len(sample.files)))
+    return bytes(out)
+
+
+# -- the header's fields ------------------------------------------------------------------------------------------
+
+
+def parse_layout(url: str, where: str, shard: dict, items: int, length: int, suffixes: tuple[str, ...]) -> dict:
+    """The version-2 fields of a header's shard entry, checked."""
+    record = shard.get("record")
+    if not (isinstance(record, list) and len(record) == 2 and all(type(x) is int for x in record)
+            and 0 <= record[0] <= MAX_KEY_BYTES and 0 <= record[1] <= MAX_FILES):
+        raise index_error(url, f"{where}.record is {record!r}, not [key bytes <= {MAX_KEY_BYTES}, files <= {MAX_FILES}]")
+    if items * (3 + record[0] + FILE.size * record[1]) != length:
+        raise index_error(url, f"{where}.table holds {length} bytes, not {items} records of its record width")
+    errors = shard.get("errors", {})
+    if not isinstance(errors, dict) or not all(
+        isinstance(k, str) and k.isdigit() and int(k) < items and isinstance(v, str) for k, v in errors.items()
+    ):
+        raise index_error(url, f"{where}.errors is not a map of item numbers to messages")
+    return {"record": tuple(record), "suffixes": suffixes, "errors": tuple(sorted((int(k), v) for k, v in errors.items()))}
+
+
+def parse_suffixes(url: str, header: dict) -> tuple[str, ...]:
+    suffixes = header.get("suffixes", [])
+    if not isinstance(suffixes, list) or not all(isinstance(s, str) for s in suffixes):
+        raise index_error(url, "suffixes is not a list of file suffixes")
+    return tuple(suffixes)
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordReader:
+    """The records of the items a step reads: one ranged read of the index file per run of nearby items
+    (version 2), or the shard's whole table, kept decoded while used (version 1). Safe from several threads."""
+
+    whole: OrderedDict = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self, wanted: dict[str, tuple[str, ShardEntry, list[int]]]) -> dict[tuple[str, int], IndexedSample]:
+        """``wanted``: per shard URL its (index URL, entry, item numbers); returns the items' records."""
+        found: dict[tuple[str, int], IndexedSample] = {}
+        requests: list[tuple[str, str, ShardEntry, int, int, list[int]]] = []
+        for shard, (index, entry, items) in wanted.items():
+            if entry.version == 1:
+                table = self._whole(shard, index, entry)
+                found.update(((shard, item), table[item]) for item in items)
+            else:
+                requests += [(shard, index, entry, *span) for span in _record_spans(entry, items)]
+        by_index: dict[str, list] = {}
+        for request in requests:
+            by_index.setdefault(request[1], []).append(request)
+        for index, group in by_index.items():
+            fs, path = fsspec.core.url_to_fs(index)
+            blobs = fs.cat_ranges([path] * len(group), [r[3] for r in group], [r[4] for r in group], on_error="raise")
+            for (shard, _, entry, start, _, items), blob in zip(group, blobs):
+                for item in items:
+                    at = entry.table[0] + item * entry.width - start
+                    found[(shard, item)] = _record(index, entry, item, blob[at : at + entry.width])
+        return found
+
+    def _whole(self, shard: str, index: str, entry: ShardEntry) -> Sequence[IndexedSample]:
+        with self.lock:
+            if shard in self.whole:
+                self.whole.move_to_end(shard)
+                return self.whole[shard]
+        fs, path = fsspec.core.url_to_fs(index)
+        table = decode_whole(index, entry, fs.cat_file(path, start=entry.table[0], end=sum(entry.table)))
+        with self.lock:
+            self.whole[shard] = table
+            while len(self.whole) > WHOLE_TABLES:
+                self.whole.popitem(last=False)
+        return table
+
+
+def read_all(index: str, entry: ShardEntry) -> list[IndexedSample]:
+    """Every item of one shard (tests, tools)."""
+    found = RecordReader().read({entry.name: (index, entry, list(range(entry.items)))})
+    return [found[(entry.name, item)] for item in range(entry.items)]
+
+
+def _record_spans(entry: ShardEntry, items: list[int]) -> list[tuple[int, int, list[int]]]:
+    """Byte ranges of the index file holding the records of ``items``: (start, end, items), nearby ones merged."""
+    spans: list[tuple[int, int, list[int]]] = []
+    for item in sorted(set(items)):
+        start = entry.table[0] + item * entry.width
+        if spans and start <= spans[-1][1] + NEAR_RECORDS * entry.width:
+            spans[-1] = (spans[-1][0], start + entry.width, spans[-1][2] + [item])
+        else:
+            spans.append((start, start + entry.width, [item]))
+    return spans
+
+
+def _record(index: str, entry: ShardEntry, item: int, raw: bytes) -> IndexedSample:
+    where = f"item {item} of {entry.name}"
+    if len(raw) != entry.width:
+        raise index_error(index, f"{where}: its record lies past the end of the file")
+    keys, slots = entry.record
+    (length,) = KEY_LENGTH.unpack_from(raw)
+    if length > keys:
+        raise index_error(index, f"{where}: a key of {length} bytes in a record holding {keys}")
+    key = raw[2 : 2 + length].decode("utf-8", "surrogateescape")
+    count = raw[2 + keys]
+    error = dict(entry.errors).get(item)
+    if count == 0 or error is not None:
+        if count or error is None:
+            raise index_error(index, f"{where} has {count} files and {'an' if error else 'no'} error")
+        return IndexedSample(key, error=error)
+    if count > slots:
+        raise index_error(index, f"{where}: {count} files in a record holding {slots}")
+    files = []
+    for slot in range(count):
+        number, offset, size = FILE.unpack_from(raw, 3 + keys + slot * FILE.size)
+        if number >= len(entry.suffixes):
+            raise index_error(index, f"{where}: suffix number {number} of the index's {len(entry.suffixes)}")
+        files.append(check_file(index, entry, where, entry.suffixes[number], offset, size))
+    return IndexedSample(key, tuple(files))
+
+
+def check_file(index: str, entry: ShardEntry, where: str, suffix: Any, offset: Any, size: Any) -> tuple[str, int, int]:
+    if not isinstance(suffix, str):
+        raise index_error(index, f"{where}: a file's suffix is not text")
+    for name, value in (("offset", offset), ("size", size)):
+        if type(value) is not int or value < 0:
+            raise index_error(index, f"{where} {name} is {value!r}, not an integer >= 0")
+    if offset < HEADER:
+        raise index_error(index, f"{where}: {suffix} starts at {offset}, inside the tar header in front of it")
+    if not entry.compressed and offset + size > entry.size:
+        raise index_error(index, f"{where}: {suffix} lies past the end of the {entry.size}-byte shard")
+    return suffix, offset, size
+
+
+# -- version 1 ----------------------------------------------------------------------------------------------------
+
+
+def decode_whole(index: str, entry: ShardEntry, data: bytes) -> list[IndexedSample]:
+    """A version-1 table: zlib-compressed JSON, per item ``[key, [[suffix, offset, size], ...]]`` or ``[key, null, error]``."""
+    where = f"the table of {entry.name}"
     try:
         inflater = zlib.decompressobj()
         raw = inflater.decompress(data, MAX_TABLE_BYTES)
-    except zlib.error as exc:
-        raise shard.fail(f"the table of {shard.name} does not decode: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise shard.fail(f"the table of {shard.name} inflates past {MAX_TABLE_BYTES} bytes")
-    if not inflater.eof or inflater.unused_data:
-        raise shard.fail(f"the table of {shard.name} does not decode: its compressed stream is cut short or followed by other bytes")
-    return raw
-
-
-class BinaryTable(Sequence[IndexedSample]):
-    """A version-2 table: its lengths checked now, each item when it is used."""
-
-    def __init__(self, shard: _Shard, items: int, raw: bytes) -> None:
-        self.shard, self.raw = shard, raw
-        if len(raw) < COUNTS.size:
-            raise shard.fail(f"the table of {shard.name} is {len(raw)} bytes, shorter than its counts")
-        self.count, self.files, self.text_bytes = COUNTS.unpack_from(raw)
-        if self.count != items:
-            raise shard.fail(f"the table of {shard.name} does not list the {items} items its header gives")
-        self.files_at = COUNTS.size + self.count * ITEM.size
-        self.text_at = self.files_at + self.files * FILE.size
-        if self.text_at + self.text_bytes != len(raw):
-            raise shard.fail(f"the table of {shard.name} is {len(raw)} bytes, not the {self.text_at + self.text_bytes} its counts give")
-
-    def __len__(self) -> int:
-        return self.count
-
-    @overload
-    def __getitem__(self, number: int) -> IndexedSample: ...
-    @overload
-    def __getitem__(self, number: slice) -> list[IndexedSample]: ...
-    def __getitem__(self, number):
-        if isinstance(number, slice):
-            return [self[at] for at in range(*number.indices(self.count))]
-        number += self.count if number < 0 else 0
-        if not 0 <= number < self.count:
-            raise IndexError(f"item {number} of a {self.count}-item shard")
-        where = f"item {number} of {self.shard.name}"
-        start, key_length, error_length, first, files = ITEM.unpack_from(self.raw, COUNTS.size + number * ITEM.size)
-        key = self._text(where, start, key_length)
-        if files == 0:
-            if error_length == 0:
-                raise self.shard.fail(f"{where} has no files and no error")
-            return IndexedSample(key, error=self._text(where, start + key_length, error_length))
-        if error_length or first + files > self.files:
-            raise self.shard.fail(f"{where}: its files {first}..{first + files} are not among the table's {self.files}")
-        return IndexedSample(key, tuple(self._file(where, first + at) for at in range(files)))
-
-    def _file(self, where: str, number: int) -> tuple[str, int, int]:
-        start, length, offset, size = FILE.unpack_from(self.raw, self.files_at + number * FILE.size)
-        return self.shard.file(where, self._text(where, start, length), offset, size)
-
-    def _text(self, where: str, start: int, length: int) -> str:
-        if start + length > self.text_bytes:
-            raise self.shard.fail(f"{where}: text at {start}..{start + length} lies past the table's {self.text_bytes} bytes")
-        at = self.text_at + start
-        return self.raw[at : at + length].decode(*TEXT)
-
-
-def _json_table(shard: _Shard, items: int, raw: bytes) -> list[IndexedSample]:
-    """A version-1 table: per item ``[key, [[suffix, offset, size], ...]]`` or ``[key, null, error]``."""
-    try:
+        if inflater.unconsumed_tail:
+            raise index_error(index, f"{where} inflates past {MAX_TABLE_BYTES} bytes")
         listed = json.loads(raw)
-    except ValueError as exc:
-        raise shard.fail(f"the table of {shard.name} does not decode: {exc}") from None
-    if not isinstance(listed, list) or len(listed) != items:
-        raise shard.fail(f"the table of {shard.name} does not list the {items} items its header gives")
-    return [_json_item(shard, f"item {number} of {shard.name}", item) for number, item in enumerate(listed)]
+    except (zlib.error, ValueError) as exc:
+        if isinstance(exc, IndexFormatError):
+            raise
+        raise index_error(index, f"{where} does not decode: {exc}") from None
+    if not isinstance(listed, list) or len(listed) != entry.items:
+        raise index_error(index, f"{where} does not list the {entry.items} items its header gives")
+    return [_json_item(index, entry, f"item {number} of {entry.name}", item) for number, item in enumerate(listed)]
 
 
-def _json_item(shard: _Shard, where: str, item: Any) -> IndexedSample:
+def _json_item(index: str, entry: ShardEntry, where: str, item: Any) -> IndexedSample:
     if not isinstance(item, list) or len(item) not in (2, 3) or not isinstance(item[0], str):
-        raise shard.fail(f"{where} is not [key, files] or [key, null, error]")
+        raise index_error(index, f"{where} is not [key, files] or [key, null, error]")
     if item[1] is None:
         if len(item) != 3 or not isinstance(item[2], str):
-            raise shard.fail(f"{where} is a marker without its error")
+            raise index_error(index, f"{where} is a marker without its error")
         return IndexedSample(item[0], error=item[2])
     files = []
     for member in item[1] if isinstance(item[1], list) else [None]:
         if not isinstance(member, list) or len(member) != 3:
-            raise shard.fail(f"{where}: a file is not [suffix, offset, size]")
-        files.append(shard.file(where, *member))
+            raise index_error(index, f"{where}: a file is not [suffix, offset, size]")
+        files.append(check_file(index, entry, where, *member))
     if not files:
-        raise shard.fail(f"{where} has no files")
+        raise index_error(index, f"{where} has no files")
     return IndexedSample(item[0], tuple(files))

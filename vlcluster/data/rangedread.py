@@ -7,8 +7,8 @@ node into ``storage.cache_dir`` (one rank walks them while the node's other
 ranks wait on a file lock), or, with no cache directory, walked by every rank
 as before (logged: it reads every shard).
 
-``RangedReader.fetch`` then reads a batch of items: the member tables of the
-shards it touches (one ranged read of the index each, kept while used), and
+``RangedReader.fetch`` then reads a batch of items: their member records
+(``membertable.py``: one ranged read of the index per run of nearby items), and
 per item one byte range from the tar header of its first file to the end of
 its last, coalesced with neighbouring items of the same shard; all ranges of a
 batch go out as one concurrent ``cat_ranges``. A shard of the local node
@@ -25,7 +25,6 @@ import os
 import posixpath
 import tarfile
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,6 @@ log = logging.getLogger("vlcluster.data")
 
 HEADER = 512  # the tar header in front of a member's data
 MAX_GAP = 4096  # items of one shard at most this far apart are fetched in one range (padding, headers)
-CACHED_TABLES = 64
 
 
 @dataclass(frozen=True)
@@ -168,32 +166,22 @@ class RangedReader:
 
     def __init__(self, locations: dict[str, ShardLocation]) -> None:
         self.locations = locations
-        self.tables: OrderedDict[str, Sequence[IndexedSample]] = OrderedDict()
+        self.records = membertable.RecordReader()
         self.cache = NodeCache(lambda url: self.locations[url].entry.size)
-
-    def _load_tables(self, urls: set[str]) -> None:
-        wanted = [url for url in urls if url not in self.tables]
-        for index_url, group in _group(wanted, lambda url: self.locations[url].index).items():
-            fs, path = fsspec.core.url_to_fs(index_url)
-            spans = [self.locations[url].entry.table for url in group]
-            blobs = fs.cat_ranges([path] * len(group), [s for s, _ in spans], [s + n for s, n in spans], on_error="raise")
-            for url, blob in zip(group, blobs):
-                self.tables[url] = membertable.decode(index_url, self.locations[url].entry, blob)
-        for url in urls:
-            self.tables.move_to_end(url)
-        while len(self.tables) > max(CACHED_TABLES, len(urls)):
-            self.tables.popitem(last=False)
 
     def close(self) -> None:
         self.cache.close()
 
     def fetch(self, wanted: Sequence[tuple[str, int]], lock: AbstractContextManager | None = None) -> list[RawSample]:
-        """The raw items ``(shard url, item index)``, in the order asked; ``lock``: held while the member tables
-        are loaded (callers fetching from several threads), not while the items' bytes are read."""
+        """The raw items ``(shard url, item index)``, in the order asked; ``lock``: held while the node cache
+        is asked for its copies (callers fetching from several threads), not while bytes are read."""
+        items: dict[str, list[int]] = {}
+        for url, item in wanted:
+            items.setdefault(url, []).append(item)
+        records = self.records.read({url: (self.locations[url].index, self.locations[url].entry, numbers) for url, numbers in items.items()})
+        samples = [records[(url, item)] for url, item in wanted]
         with lock or nullcontext():
-            self._load_tables({url for url, _ in wanted})
-            samples = [self.tables[url][item] for url, item in wanted]
-            for url, _ in wanted:
+            for url in items:
                 self.cache.source(url)  # a node cache's copy, fetched under the lock too
         spans = {}
         for (url, item), sample in zip(wanted, samples):
