@@ -194,6 +194,12 @@ def test_a_reader_fetches_and_checks_the_records_of_the_items_it_uses_only(tmp_p
     assert [(end - start) // entry.width for start, end, _ in spans] == [16, 16]  # not the shard's 1,000 records
     with pytest.raises(IndexFormatError, match="item 500 of a.tar: suffix number 9"):
         reader.read({"a.tar": (index.url, entry, [499, 500])})
+    # Records read once are kept (with those between nearby items): a reader reading most of a shard over
+    # several steps fetches its records about once. With the index gone, they still read; others do not.
+    (tmp_path / INDEX_NAME).unlink()
+    assert reader.read({"a.tar": (index.url, entry, [3, 707])})[("a.tar", 707)] == IndexedSample("k", (("jpg", 600, 5),))
+    with pytest.raises(FileNotFoundError):
+        reader.read({"a.tar": (index.url, entry, [300])})
 
 
 def test_an_index_of_version_1_reads_the_items_it_lists(corpus: list[str], tmp_path: Path) -> None:

@@ -287,11 +287,16 @@ def main() -> None:
                                   f"| {ours['cpu_rate']:.0f} | {ours['cpu_rate'] / plain['cpu_rate']:.2f} |", flush=True)
                         for workers in map(int, args.workers.split(",") if mds_bytes else ()):
                             env = dict(os.environ, PYTHONPATH=args.streaming_path, S3_ENDPOINT_URL=proxy.endpoint)
-                            try:
-                                theirs = streaming_reader("s3://data/mds", world, workers, args, mds_bytes / len(sizes), proxy, env)
-                            except RuntimeError as failed:  # seen twice in ~20 runs: a shard read shorter than its index says
-                                print(f"| {latency} ms | {world} | MosaicML Streaming 0.13, {workers} workers: {failed}; again |")
-                                theirs = streaming_reader("s3://data/mds", world, workers, args, mds_bytes / len(sizes), proxy, env)
+                            theirs = None
+                            for attempt in range(3):  # it fails in ~1 of 4 runs at 20 ms (docs/design/data-order.md)
+                                try:
+                                    theirs = streaming_reader("s3://data/mds", world, workers, args, mds_bytes / len(sizes), proxy, env)
+                                    break
+                                except RuntimeError as failed:
+                                    then = "again" if attempt < 2 else "no row"
+                                    print(f"| {latency} ms | {world} | MosaicML Streaming 0.13, {workers} workers: {failed}; {then} |")
+                            if theirs is None:
+                                continue
                             print(f"| {latency} ms | {world} | MosaicML Streaming 0.13, {workers} workers ({theirs['steps']} steps/epoch) | "
                                   f"{theirs['first'] / 2**20:.2f} MB | {theirs['ratio']:.2f} ({theirs['after_first']:.2f}) | {theirs['rate']:.0f} "
                                   f"| {theirs['rate'] / plain['rate']:.2f} | – | – |", flush=True)

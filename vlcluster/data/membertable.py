@@ -39,7 +39,8 @@ MAX_FILES = 255
 HEADER = 512  # a file's data follows its tar header
 KEY_LENGTH = struct.Struct("<H")
 FILE = struct.Struct("<HQQ")
-NEAR_RECORDS = 8  # records of one shard at most this many apart are read in one range
+NEAR_BYTES = 4096  # records of one shard at most this far apart are read in one range (a request costs more)
+KEPT_RECORDS = 1 << 16  # records kept per reader (~4 MB): a few windows of shards
 WHOLE_TABLES = 64  # version-1 tables kept decoded
 
 
@@ -131,33 +132,50 @@ def parse_suffixes(url: str, header: dict) -> tuple[str, ...]:
 
 @dataclass
 class RecordReader:
-    """The records of the items a step reads: one ranged read of the index file per run of nearby items
-    (version 2), or the shard's whole table, kept decoded while used (version 1). Safe from several threads."""
+    """The records of the items a step reads (version 2): ranged reads of the index file, one per run of nearby
+    items (the records between them come along and are kept, so a reader that reads most of a shard fetches its
+    records about once); version 1: the shard's whole table, kept decoded while used. Safe from several threads."""
 
+    kept: OrderedDict = field(default_factory=OrderedDict)  # shard URL -> {item: record bytes}, least recently used first
+    kept_records: int = 0
     whole: OrderedDict = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def read(self, wanted: dict[str, tuple[str, ShardEntry, list[int]]]) -> dict[tuple[str, int], IndexedSample]:
         """``wanted``: per shard URL its (index URL, entry, item numbers); returns the items' records."""
         found: dict[tuple[str, int], IndexedSample] = {}
-        requests: list[tuple[str, str, ShardEntry, int, int, list[int]]] = []
+        missing: dict[str, list[tuple[str, ShardEntry, int, int, list[int]]]] = {}
         for shard, (index, entry, items) in wanted.items():
             if entry.version == 1:
                 table = self._whole(shard, index, entry)
                 found.update(((shard, item), table[item]) for item in items)
-            else:
-                requests += [(shard, index, entry, *span) for span in _record_spans(entry, items)]
-        by_index: dict[str, list] = {}
-        for request in requests:
-            by_index.setdefault(request[1], []).append(request)
-        for index, group in by_index.items():
+                continue
+            with self.lock:
+                kept = self.kept.setdefault(shard, {})
+                self.kept.move_to_end(shard)
+                raws = {item: kept[item] for item in items if item in kept}
+            found.update(((shard, item), _record(index, entry, item, raw)) for item, raw in raws.items())
+            unread = [item for item in items if item not in raws]
+            missing.setdefault(index, []).extend((shard, entry, *span) for span in _record_spans(entry, unread))
+        for index, spans in missing.items():
             fs, path = fsspec.core.url_to_fs(index)
-            blobs = fs.cat_ranges([path] * len(group), [r[3] for r in group], [r[4] for r in group], on_error="raise")
-            for (shard, _, entry, start, _, items), blob in zip(group, blobs):
-                for item in items:
-                    at = entry.table[0] + item * entry.width - start
-                    found[(shard, item)] = _record(index, entry, item, blob[at : at + entry.width])
+            blobs = fs.cat_ranges([path] * len(spans), [s[2] for s in spans], [s[3] for s in spans], on_error="raise")
+            for (shard, entry, start, end, items), blob in zip(spans, blobs):
+                raws = self._keep(shard, entry, start, blob)
+                found.update(((shard, item), _record(index, entry, item, raws.get(item, b""))) for item in items)
         return found
+
+    def _keep(self, shard: str, entry: ShardEntry, start: int, blob: bytes) -> dict[int, bytes]:
+        first = (start - entry.table[0]) // entry.width
+        raws = {first + at: blob[at * entry.width : (at + 1) * entry.width] for at in range(len(blob) // entry.width)}
+        with self.lock:
+            kept = self.kept.setdefault(shard, {})
+            self.kept_records -= len(kept)
+            kept.update(raws)
+            self.kept_records += len(kept)
+            while self.kept_records > KEPT_RECORDS and len(self.kept) > 1:
+                self.kept_records -= len(self.kept.popitem(last=False)[1])
+        return raws
 
     def _whole(self, shard: str, index: str, entry: ShardEntry) -> Sequence[IndexedSample]:
         with self.lock:
@@ -184,7 +202,7 @@ def _record_spans(entry: ShardEntry, items: list[int]) -> list[tuple[int, int, l
     spans: list[tuple[int, int, list[int]]] = []
     for item in sorted(set(items)):
         start = entry.table[0] + item * entry.width
-        if spans and start <= spans[-1][1] + NEAR_RECORDS * entry.width:
+        if spans and start <= spans[-1][1] + NEAR_BYTES:
             spans[-1] = (spans[-1][0], start + entry.width, spans[-1][2] + [item])
         else:
             spans.append((start, start + entry.width, [item]))
