@@ -34,3 +34,22 @@ def test_bench_measures_bytes_and_the_resume_on_a_tiny_corpus(s3_env, s3_server,
     assert 1.0 <= plain["ratio"] < 1.1 and plain["rate"] > 0  # a whole-shard stream: its tar and HTTP overhead
     assert ours["steps"] == 6 and 0 < ours["first"] and 1.0 < ours["ratio"] < 3 and ours["rate"] > 0
     assert "each once: True" in resume
+
+
+def test_the_at_scale_count_of_seed_100k_runs_and_adds_up() -> None:
+    """tools/bench/loader_at_scale.py on the shipped job: its counts come from the canonical order itself."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "tools/bench/loader_at_scale.py", "jobs/seed_100k.yaml", "--steps", "20"],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "9460 shards" in done.stdout and "48 ranks x 8 workers" in done.stdout and "shuffle_run 16" in done.stdout
+    samples = float(re.search(r"\| samples \| ([\d.]+) \|", done.stdout).group(1))
+    opened = float(re.search(r"\| shards opened \| ([\d.]+) \|", done.stdout).group(1))
+    assert 21 <= samples <= 22  # 1,024 over 48 ranks
+    assert 1 <= opened <= 6  # runs of 16 from four sources: a rank step opens a few shards, not one per sample
+    requests = float(re.search(r"\(([\d.]+) a sample\)", done.stdout).group(1))
+    assert 0.1 < requests < 1
