@@ -12,8 +12,10 @@ float tensor in [-1, 1], JSON metadata, caption tokenisation per batch:
 - (a) plain webdataset: ``WebDataset(urls).shuffle(256).decode("pil")``, a
   ``map`` to tensors, ``batched``, then the tokenizer (baseline);
 - (b) vlcluster's ``TrainLoader`` without workers + ``BatchBuilder``: the
-  canonical order (shard headers indexed, windowed shuffle, items read by
-  seeking), exact position on any topology, bad-data accounting;
+  canonical order (the shard index written beside the shards, as the data
+  stage writes it; windowed shuffle; each step's member records, then its
+  items, read by ranged reads of the files), exact position on any
+  topology, bad-data accounting;
 - (c) the same with ``--workers`` data-loader worker processes.
 
 b/a is what the canonical order, exact resume and bad-data accounting cost (goal >= 0.9); c/b is
@@ -46,6 +48,7 @@ from PIL import Image
 
 from vlcluster.data import synthetic as syn
 from vlcluster.data.augment import AUGMENTS, Augment
+from vlcluster.data.corpusindex import INDEX_NAME, write_index
 from vlcluster.data.loader import TrainLoader
 from vlcluster.data.tokenizer import TextEncoder, build_word_tokenizer
 from vlcluster.train.batches import BatchBuilder
@@ -65,6 +68,7 @@ def write_jpeg_shards(root: Path, samples: int, size: int) -> list[str]:
                     jpeg = io.BytesIO()
                     Image.open(io.BytesIO(sample.pop("png"))).save(jpeg, format="JPEG", quality=90)
                     tar.write({**sample, "jpg": jpeg.getvalue()})
+    write_index(urls, str(root / INDEX_NAME))  # as the data stage does: (b) and (c) read items by their member records
     return urls
 
 
