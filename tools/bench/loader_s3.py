@@ -10,7 +10,7 @@ through a TCP proxy on 127.0.0.1 that counts requests and bytes and adds a
 fixed latency to every request (``tests/support/countingproxy.py``). For rank 0 of
 each R and each worker count it measures, without a node cache:
 
-- bytes fetched before the first batch (start-up: index header, member tables, first items);
+- bytes fetched before the first batch (start-up: index header, member records, first items);
 - bytes fetched until the rank's last batch of epoch 0 arrived (prefetched later steps
   included), divided by the bytes the samples it trained on in that epoch take in the
   shards (files, tar headers, padding: ``sample_bytes``); in brackets the same from the

@@ -236,7 +236,7 @@ class _ItemReader:
 
     def read_many(self, served: list[tuple[int, int]]) -> list[RawSample]:
         """The items at ``(source, source position)``, in that order (from FETCH_AHEAD threads at once:
-        the order's caches, member tables and walked shards are used under ``lock``, the ranged reads not)."""
+        the order's caches, the node cache and walked shards are used under ``lock``, the ranged reads not)."""
         with self.lock:
             located = []
             for source, position in served:
@@ -312,7 +312,7 @@ class _WorkerBatches(IterableDataset):
         reader = _ItemReader(self.order)
         steps = self._steps(worker, workers)
         # The next FETCH_AHEAD steps' bytes are fetched while this one is awaited and decoded: object-store
-        # latency (two round trips a step: member tables, then items) hides behind the work.
+        # latency (two round trips a step: member records, then items) hides behind the work.
         with ThreadPoolExecutor(FETCH_AHEAD) as fetcher:
             pending: deque = deque()
             try:

@@ -219,7 +219,7 @@ def _record(index: str, entry: ShardEntry, item: int, raw: bytes) -> IndexedSamp
         raise index_error(index, f"{where}: a key of {length} bytes in a record holding {keys}")
     key = raw[2 : 2 + length].decode("utf-8", "surrogateescape")
     count = raw[2 + keys]
-    error = dict(entry.errors).get(item)
+    error = dict(entry.errors).get(item) if entry.errors else None  # markers are rare: most shards have none
     if count == 0 or error is not None:
         if count or error is None:
             raise index_error(index, f"{where} has {count} files and {'an' if error else 'no'} error")

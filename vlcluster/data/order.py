@@ -164,7 +164,7 @@ class CanonicalOrder:
         run: int = 1,
     ) -> None:
         self.sources, self.weights, self.seed, self.window, self.run = tuple(sources), tuple(weights), seed, window, run
-        self.locations = dict(locations or {})  # shard URL -> rangedread.ShardLocation: where its member table lies
+        self.locations = dict(locations or {})  # shard URL -> rangedread.ShardLocation: where its member records lie
         total = sum(weights)
         self.cumulative = list(itertools.accumulate(weight / total for weight in weights))
         self._block: tuple[int, list[int]] | None = None

@@ -34,6 +34,7 @@ from pathlib import Path
 import fsspec
 
 from vlcluster.data import membertable
+from vlcluster.data.membertable import HEADER
 from vlcluster.data.corpusindex import INDEX_NAME, CorpusIndex, ShardEntry, write_index
 from vlcluster.data.nodecache import NodeCache
 from vlcluster.data.quality import BadDataError
@@ -43,13 +44,12 @@ from vlcluster.storage.config import active
 
 log = logging.getLogger("vlcluster.data")
 
-HEADER = 512  # the tar header in front of a member's data
 MAX_GAP = 4096  # items of one shard at most this far apart are fetched in one range (padding, headers)
 
 
 @dataclass(frozen=True)
 class ShardLocation:
-    """Where an indexed shard's member table lies."""
+    """Where an indexed shard's member records lie."""
 
     index: str
     entry: ShardEntry
@@ -96,7 +96,7 @@ def _check(index: CorpusIndex, urls: Sequence[str], sizes: dict[str, int]) -> di
 
 
 def locate_shards(urls: Sequence[str]) -> tuple[tuple[int, ...], dict[str, ShardLocation]]:
-    """Items per shard of ``urls``, and where the indexed ones' member tables lie."""
+    """Items per shard of ``urls``, and where the indexed ones' member records lie."""
     locations: dict[str, ShardLocation] = {}
     for directory, group in _by_directory(urls).items():
         index = _index_of(directory)
@@ -220,13 +220,6 @@ class RangedReader:
                 for member, span in members:
                     out[(url, member)] = (blob[span[0] - start : span[1] - start], span)
         return out
-
-
-def _group(items, key) -> dict:
-    groups: dict = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return groups
 
 
 def _coalesce(spans: dict[tuple[str, int], tuple[int, int]]) -> list[tuple[str, int, int, list]]:
